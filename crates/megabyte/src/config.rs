@@ -1,0 +1,205 @@
+//! Typed model configuration, named presets and compute accounting.
+//!
+//! Letters (see MEGABYTE.md): B batch, T bytes per sequence, P patch size, K = T/P patches,
+//! D_G per-byte global width (the global model is P·D_G wide), D_L local width, V = 256.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The vocabulary: every byte value is a real target.
+pub const V: usize = 256;
+
+/// Normalisation used inside the transformer blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// The paper's choice: LayerNorm with weight and bias.
+    LayerNorm,
+    /// RMSNorm with a weight only.
+    RmsNorm,
+}
+
+/// One decoder-only causal transformer (pre-norm, attention + 4× MLP, no biases).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransformerConfig {
+    /// Model width (the global model's is P·D_G, the local model's D_L).
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+}
+
+impl TransformerConfig {
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads
+    }
+
+    /// Parameters of the blocks and final norm (the matrices dominate: 12·width² per layer).
+    pub fn params(&self, norm: NormKind) -> usize {
+        let d = self.width;
+        let norm_params = match norm {
+            NormKind::LayerNorm => 2 * d,
+            NormKind::RmsNorm => d,
+        };
+        self.layers * (12 * d * d + 2 * norm_params) + norm_params
+    }
+
+    /// Matrix parameters only, the ones that cost 2 FLOPs each per position in a forward pass.
+    pub fn matmul_params(&self) -> usize {
+        self.layers * 12 * self.width * self.width
+    }
+}
+
+/// The whole MEGABYTE architecture. Saved with every checkpoint; there is deliberately no
+/// `Default`: pick a preset or write every field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// P: bytes per patch.
+    pub patch_size: usize,
+    /// T: bytes per sequence, a multiple of P.
+    pub context: usize,
+    /// The global model, `P·D_G` wide, one position per patch.
+    pub global: TransformerConfig,
+    /// The local model, `D_L` wide, one position per byte of a patch.
+    pub local: TransformerConfig,
+    pub norm: NormKind,
+    /// Head weight-tied to the local byte embedding (the paper) or a separate matrix.
+    pub tied_head: bool,
+    /// Standard deviation of the truncated (at 2σ) normal initialisation.
+    pub init_std: f64,
+}
+
+pub const PRESETS: &[&str] = &["tiny", "enwik8", "paper-arxiv", "paper-pg19"];
+
+impl ModelConfig {
+    /// A named preset. `tiny` is the CPU shape; `enwik8` the 88.6M shape of the GPU issue;
+    /// `paper-arxiv` and `paper-pg19` are Table 15's compute-matched and generation models.
+    pub fn preset(name: &str) -> Result<Self> {
+        let tf = |width, layers, heads| TransformerConfig { width, layers, heads };
+        let cfg = match name {
+            "tiny" => ModelConfig {
+                patch_size: 8,
+                context: 256,
+                global: tf(128, 2, 2),
+                local: tf(32, 2, 2),
+                norm: NormKind::LayerNorm,
+                tied_head: true,
+                init_std: 0.02,
+            },
+            "enwik8" => ModelConfig {
+                patch_size: 8,
+                context: 4096,
+                global: tf(768, 12, 12),
+                local: tf(256, 4, 4),
+                norm: NormKind::LayerNorm,
+                tied_head: true,
+                init_std: 0.02,
+            },
+            "paper-arxiv" => ModelConfig {
+                patch_size: 8,
+                context: 8192,
+                global: tf(2048, 14, 32),
+                local: tf(1024, 18, 16),
+                norm: NormKind::LayerNorm,
+                tied_head: true,
+                init_std: 0.006,
+            },
+            "paper-pg19" => ModelConfig {
+                patch_size: 8,
+                context: 8192,
+                global: tf(2048, 24, 32),
+                local: tf(1024, 15, 16),
+                norm: NormKind::LayerNorm,
+                tied_head: true,
+                init_std: 0.006,
+            },
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown preset `{other}`; choose one of: {}",
+                    PRESETS.join(", ")
+                )))
+            }
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// D_G: the per-byte slice of the global width.
+    pub fn d_global(&self) -> usize {
+        self.global.width / self.patch_size
+    }
+
+    /// K: patches per sequence.
+    pub fn patches(&self) -> usize {
+        self.context / self.patch_size
+    }
+
+    /// Checks every shape constraint, with a message that says what to change.
+    pub fn validate(&self) -> Result<()> {
+        let p = self.patch_size;
+        let bad = |msg: String| Err(Error::Config(msg));
+        if p == 0 {
+            return bad("patch_size must be at least 1".into());
+        }
+        if self.context == 0 || self.context % p != 0 {
+            return bad(format!(
+                "context (T = {}) must be a positive multiple of patch_size (P = {p})",
+                self.context
+            ));
+        }
+        for (name, t) in [("global", &self.global), ("local", &self.local)] {
+            if t.width == 0 || t.layers == 0 || t.heads == 0 {
+                return bad(format!("{name}: width, layers and heads must all be at least 1"));
+            }
+            if t.width % t.heads != 0 {
+                return bad(format!(
+                    "{name}.width ({}) must be divisible by {name}.heads ({})",
+                    t.width, t.heads
+                ));
+            }
+        }
+        if self.global.width % p != 0 {
+            return bad(format!(
+                "global.width ({}) must be divisible by patch_size (P = {p}): it is P·D_G",
+                self.global.width
+            ));
+        }
+        if !(self.init_std > 0.0 && self.init_std.is_finite()) {
+            return bad(format!("init_std must be positive, got {}", self.init_std));
+        }
+        Ok(())
+    }
+
+    /// Parameter counts, as the model allocates them.
+    pub fn param_counts(&self) -> ParamCounts {
+        let (p, t, dg, dl) = (self.patch_size, self.context, self.d_global(), self.local.width);
+        // patch embedder: byte table, byte positions, global pad; plus the global transformer
+        let global = V * dg + t * dg + p * dg + self.global.params(self.norm);
+        // w_GL, local byte table, local positions, local pad, local transformer, untied head
+        let head = if self.tied_head { 0 } else { V * dl };
+        let local = dg * dl + V * dl + p * dl + dl + self.local.params(self.norm) + head;
+        ParamCounts { global, local, total: global + local }
+    }
+
+    /// Training FLOPs per byte: paper §3's `6(m_G/P + m_L)` over matrix parameters (w_GL and
+    /// the head counted in m_L), plus attention in the PaLM convention (`12·L·D·ctx` per
+    /// position, causal masking not discounted).
+    pub fn train_flops_per_byte(&self) -> f64 {
+        let p = self.patch_size as f64;
+        let k = self.patches() as f64;
+        let m_g = self.global.matmul_params() as f64;
+        let m_l = (self.local.matmul_params() + self.d_global() * self.local.width + V * self.local.width)
+            as f64;
+        let dense = 6.0 * (m_g / p + m_l);
+        let attn_global = 12.0 * (self.global.layers * self.global.width) as f64 * k / p;
+        let attn_local = 12.0 * (self.local.layers * self.local.width) as f64 * p;
+        dense + attn_global + attn_local
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ParamCounts {
+    pub global: usize,
+    pub local: usize,
+    pub total: usize,
+}

@@ -1,0 +1,262 @@
+//! MEGABYTE (Yu et al., 2023, arXiv 2305.07185, section 2), in the paper's order:
+//! patch embedder → global model → global-to-local → local model → head.
+//!
+//! Letters: B batch, T bytes per sequence, P patch size, K = T/P patches, D_G per-byte global
+//! width (the global model is P·D_G wide), D_L local width, V = 256 byte values.
+//!
+//! Invariant protected by the two shifts below: the logits for byte t depend only on bytes < t.
+
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::config::{ModelConfig, V};
+use crate::error::{Error, Result};
+use crate::nn::{log_softmax_last, Init, KvCache, Linear, Params, Transformer};
+
+/// §2.2.1: byte embeddings plus learned byte positions, concatenated into patches.
+#[derive(Clone, Debug)]
+pub struct PatchEmbedder {
+    byte_embed: Tensor, // E_global_embed [V, D_G]
+    pos_embed: Tensor,  // E_pos [T, D_G]
+    global_pad: Tensor, // E_global_pad [P·D_G]
+    patch_size: usize,
+}
+
+impl PatchEmbedder {
+    /// bytes [B, n·P] at positions start..start+n·P → patch embeddings [B, n, P·D_G].
+    fn forward(&self, bytes: &Tensor, start: usize) -> Result<Tensor> {
+        let (b, len) = bytes.dims2()?;
+        let dg = self.byte_embed.dim(1)?;
+        let h = embed(&self.byte_embed, bytes)?; // [B, len, D_G]
+        let h = h.broadcast_add(&self.pos_embed.narrow(0, start, len)?)?;
+        Ok(h.reshape((b, len / self.patch_size, self.patch_size * dg))?) // [B, n, P·D_G]
+    }
+}
+
+/// The global model's input for patch k is patch k−1's embedding; patch 0 gets the trainable
+/// pad and the last patch's bytes never enter. Protects: the global state of patch k sees only
+/// bytes < k·P. h: [B, K, P·D_G] → [B, K, P·D_G].
+pub fn shift_one_patch(h: &Tensor, global_pad: &Tensor) -> Result<Tensor> {
+    let (b, k, w) = h.dims3()?;
+    let pad = global_pad.reshape((1, 1, w))?.broadcast_as((b, 1, w))?; // [B, 1, P·D_G]
+    Ok(Tensor::cat(&[&pad, &h.narrow(1, 0, k - 1)?], 1)?)
+}
+
+/// The local input at position p of a patch is the embedding of byte p−1 of the same patch;
+/// position 0 gets the trainable local pad. Protects: position p sees only bytes < p of its
+/// patch. e: [N, P, D_L] → [N, P, D_L].
+pub fn shift_one_byte(e: &Tensor, local_pad: &Tensor) -> Result<Tensor> {
+    let (n, p, dl) = e.dims3()?;
+    let pad = local_pad.reshape((1, 1, dl))?.broadcast_as((n, 1, dl))?; // [N, 1, D_L]
+    Ok(Tensor::cat(&[&pad, &e.narrow(1, 0, p - 1)?], 1)?)
+}
+
+/// §2.2.3: the local model's own byte embedding, position table and pad.
+#[derive(Clone, Debug)]
+pub struct LocalEmbedder {
+    byte_embed: Tensor, // E_local_embed [V, D_L], also the tied head
+    pos_embed: Tensor,  // [P, D_L]
+    local_pad: Tensor,  // E_local_pad [D_L]
+}
+
+impl LocalEmbedder {
+    /// bytes [N, P] → local inputs [N, P, D_L]: previous byte's embedding + position.
+    fn forward(&self, bytes: &Tensor) -> Result<Tensor> {
+        let e = embed(&self.byte_embed, bytes)?; // [N, P, D_L]
+        let e = shift_one_byte(&e, &self.local_pad)?;
+        Ok(e.broadcast_add(&self.pos_embed)?)
+    }
+}
+
+/// The whole model. `forward`-style methods take `&self`; generation state lives in the
+/// caches the caller holds.
+#[derive(Clone, Debug)]
+pub struct MegaByte {
+    cfg: ModelConfig,
+    patch_embedder: PatchEmbedder,
+    global: Transformer,
+    global_to_local: Linear, // w_GL [D_L, D_G]
+    local_embedder: LocalEmbedder,
+    local: Transformer,
+    head: Option<Linear>, // untied head [V, D_L]; None = tied to E_local_embed
+}
+
+impl MegaByte {
+    /// Creates every parameter in `params` (random or to be loaded) and the model over them.
+    pub fn new(cfg: &ModelConfig, params: &mut Params) -> Result<Self> {
+        cfg.validate()?;
+        let (p, t, dg, dl, std) = (cfg.patch_size, cfg.context, cfg.d_global(), cfg.local.width, cfg.init_std);
+        let n = Init::TruncNormal(std);
+        let patch_embedder = PatchEmbedder {
+            byte_embed: params.get("patch_embedder.byte_embed.weight", &[V, dg], n)?,
+            pos_embed: params.get("patch_embedder.pos_embed.weight", &[t, dg], n)?,
+            global_pad: params.get("patch_embedder.global_pad", &[p * dg], n)?,
+            patch_size: p,
+        };
+        let global = Transformer::new(params, "global", &cfg.global, cfg.norm, std)?;
+        let global_to_local = Linear::new(params, "global_to_local", dg, dl, std)?;
+        let local_embedder = LocalEmbedder {
+            byte_embed: params.get("local_embedder.byte_embed.weight", &[V, dl], n)?,
+            pos_embed: params.get("local_embedder.pos_embed.weight", &[p, dl], n)?,
+            local_pad: params.get("local_embedder.local_pad", &[dl], n)?,
+        };
+        let local = Transformer::new(params, "local", &cfg.local, cfg.norm, std)?;
+        let head = if cfg.tied_head { None } else { Some(Linear::new(params, "head", dl, V, std)?) };
+        Ok(MegaByte { cfg: cfg.clone(), patch_embedder, global, global_to_local, local_embedder, local, head })
+    }
+
+    /// A freshly initialised model and its parameters.
+    pub fn init(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<(Self, Params)> {
+        let mut params = Params::random(seed, dtype, device);
+        let model = MegaByte::new(cfg, &mut params)?;
+        Ok((model, params))
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Logits for every byte: bytes [B, T'] (T' ≤ T, a multiple of P) → [B, T', V].
+    /// `logits[:, t]` is the prediction of byte t from bytes < t.
+    pub fn logits(&self, bytes: &Tensor) -> Result<Tensor> {
+        let (b, t) = self.check_input(bytes)?;
+        let (p, k) = (self.cfg.patch_size, t / self.cfg.patch_size);
+        let h = self.patch_embedder.forward(bytes, 0)?; // [B, K, P·D_G]
+        let h = shift_one_patch(&h, &self.patch_embedder.global_pad)?; // [B, K, P·D_G]
+        let h = self.global.forward(&h)?; // [B, K, P·D_G]
+        let context = self.global_to_local(&h)?; // [B·K, P, D_L]
+        let local_in = self.local_embedder.forward(&bytes.reshape((b * k, p))?)?; // [B·K, P, D_L]
+        let h = self.local.forward(&(context + local_in)?)?; // [B·K, P, D_L]
+        let logits = self.head(&h)?; // [B·K, P, V]
+        Ok(logits.reshape((b, t, V))?)
+    }
+
+    /// Cross-entropy in nats of every byte given the bytes before it: [B, T'] → [B, T'].
+    pub fn byte_losses(&self, bytes: &Tensor) -> Result<Tensor> {
+        let (b, t) = bytes.dims2()?;
+        let logp = log_softmax_last(&self.logits(bytes)?.to_dtype(DType::F32)?)?; // [B, T', V]
+        let target = bytes.reshape((b, t, 1))?;
+        Ok(logp.gather(&target, 2)?.squeeze(2)?.neg()?)
+    }
+
+    /// Mean cross-entropy (nats per byte) over all bytes of the batch: the training loss.
+    pub fn loss(&self, bytes: &Tensor) -> Result<Tensor> {
+        Ok(self.byte_losses(bytes)?.mean_all()?)
+    }
+
+    /// §2.2.2: every D_G slice of a global output projected by the shared w_GL.
+    /// [B, K, P·D_G] → [B·K, P, D_L].
+    fn global_to_local(&self, h: &Tensor) -> Result<Tensor> {
+        let (b, k, _) = h.dims3()?;
+        let h = h.reshape((b * k, self.cfg.patch_size, self.cfg.d_global()))?; // [B·K, P, D_G]
+        Ok(self.global_to_local.forward(&h)?)
+    }
+
+    /// h [.., D_L] → logits [.., V], through the tied or untied head.
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let head = match &self.head {
+            Some(head) => head.clone(),
+            None => Linear { weight: self.local_embedder.byte_embed.clone() },
+        };
+        Ok(head.forward(h)?)
+    }
+
+    fn check_input(&self, bytes: &Tensor) -> Result<(usize, usize)> {
+        let (b, t) = bytes.dims2()?;
+        let p = self.cfg.patch_size;
+        if t == 0 || t % p != 0 || t > self.cfg.context || bytes.dtype() != DType::U32 || b == 0 {
+            return Err(Error::Input(format!(
+                "model input must be u32 bytes [B, T'] with 0 < T' ≤ {} and T' a multiple of P = {p}; got {:?} {:?}",
+                self.cfg.context,
+                bytes.dims(),
+                bytes.dtype()
+            )));
+        }
+        Ok((b, t))
+    }
+
+    // ---- Cached decoding (paper section 3): the global model steps once per patch, the local
+    // ---- model once per byte. The caller owns both caches.
+
+    /// An empty global cache.
+    pub fn global_cache(&self) -> KvCache {
+        KvCache::new(self.global.layers())
+    }
+
+    /// An empty local cache; reset it at every patch boundary.
+    pub fn local_cache(&self) -> KvCache {
+        KvCache::new(self.local.layers())
+    }
+
+    /// Feeds completed patches to the global model and returns the local contexts of the
+    /// patch that follows them, [B, P, D_L].
+    ///
+    /// With an empty cache, `patches` are the first patches of the sequence (`None` for none
+    /// yet) and the pad is fed first. Otherwise they continue where the cache stopped.
+    /// patches: [B, m·P] u32.
+    pub fn global_step(&self, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        let p = self.cfg.patch_size;
+        let start_pos = cache.len(); // global positions already cached
+        let input = match patches {
+            Some(bytes) => {
+                let (_, len) = bytes.dims2()?;
+                // byte position of the first given byte: patch (start_pos − 1), or 0 with the pad
+                let first_byte = start_pos.saturating_sub(1) * p;
+                if len == 0 || len % p != 0 || first_byte + len + p > self.cfg.context + p {
+                    return Err(Error::Input(format!(
+                        "global_step: {len} bytes after {first_byte} do not fit the context of {} bytes",
+                        self.cfg.context
+                    )));
+                }
+                let h = self.patch_embedder.forward(bytes, first_byte)?; // [B, m, P·D_G]
+                if start_pos == 0 {
+                    let (b, _, w) = h.dims3()?;
+                    let pad = self.patch_embedder.global_pad.reshape((1, 1, w))?.broadcast_as((b, 1, w))?;
+                    Tensor::cat(&[&pad, &h], 1)? // [B, m+1, P·D_G]
+                } else {
+                    h
+                }
+            }
+            None if start_pos == 0 => {
+                let w = self.cfg.global.width;
+                self.patch_embedder.global_pad.reshape((1, 1, w))? // [1, 1, P·D_G]
+            }
+            None => return Err(Error::Input("global_step: no new patch given".into())),
+        };
+        if cache.len() + input.dim(1)? > self.cfg.patches() {
+            return Err(Error::Input(format!(
+                "global_step: past the context of {} bytes; start a new window",
+                self.cfg.context
+            )));
+        }
+        let h = self.global.forward_cached(&input, cache)?; // [B, s, P·D_G]
+        let s = h.dim(1)?;
+        let last = h.narrow(1, s - 1, 1)?; // [B, 1, P·D_G]
+        self.global_to_local(&last) // [B, P, D_L]
+    }
+
+    /// One local position: `context` [B, D_L] is the global context of this position,
+    /// `prev` [B] the previous byte of the patch (`None` at position 0, which gets the pad).
+    /// The position within the patch is the local cache's length. Returns logits [B, V].
+    pub fn local_step(&self, context: &Tensor, prev: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        let pos = cache.len();
+        if pos >= self.cfg.patch_size {
+            return Err(Error::Input("local_step: the patch is complete; reset the local cache".into()));
+        }
+        let b = context.dim(0)?;
+        let dl = self.cfg.local.width;
+        let e = match prev {
+            Some(prev) => embed(&self.local_embedder.byte_embed, prev)?, // [B, D_L]
+            None => self.local_embedder.local_pad.reshape((1, dl))?.broadcast_as((b, dl))?,
+        };
+        let x = (context + e)?.broadcast_add(&self.local_embedder.pos_embed.narrow(0, pos, 1)?)?; // [B, D_L]
+        let h = self.local.forward_cached(&x.reshape((b, 1, dl))?, cache)?; // [B, 1, D_L]
+        Ok(self.head(&h.squeeze(1)?)?) // [B, V]
+    }
+}
+
+/// Embedding lookup: table [V, D] and ids [..] → [.., D].
+fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let mut shape = ids.dims().to_vec();
+    shape.push(table.dim(1)?);
+    Ok(table.index_select(&ids.flatten_all()?, 0)?.reshape(shape)?)
+}

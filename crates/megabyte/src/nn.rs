@@ -1,0 +1,371 @@
+//! Transformer building blocks, written with candle's differentiable primitives only.
+//!
+//! candle-nn's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward pass
+//! (gradients silently stop), so norms and softmax here are composed from ops that do; the
+//! gradient tests cover every parameter kind.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::config::{NormKind, TransformerConfig};
+use crate::error::{Error, Result};
+
+/// How a new parameter is filled.
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    /// Normal(0, std) truncated at ±2σ (the paper's initialisation).
+    TruncNormal(f64),
+    Ones,
+    Zeros,
+}
+
+/// All trainable tensors of a model by checkpoint name (`global.blocks.3.attn.qkv.weight`).
+/// The names are the checkpoint contract (ARCHITECTURE.md lists them).
+pub struct Params {
+    vars: BTreeMap<String, Var>,
+    rng: Option<ChaCha8Rng>,
+    device: Device,
+    dtype: DType,
+}
+
+impl Params {
+    /// A store whose new parameters are drawn from a seeded RNG.
+    pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
+        Params { vars: BTreeMap::new(), rng: Some(ChaCha8Rng::seed_from_u64(seed)), device: device.clone(), dtype }
+    }
+
+    /// A store whose parameters are zeros, to be overwritten by `load` (no RNG cost).
+    pub fn for_loading(dtype: DType, device: &Device) -> Self {
+        Params { vars: BTreeMap::new(), rng: None, device: device.clone(), dtype }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Creates the parameter `name` (once) and returns its tensor.
+    pub fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        if self.vars.contains_key(name) {
+            return Err(Error::Config(format!("parameter `{name}` created twice")));
+        }
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = match (init, self.rng.as_mut()) {
+            (Init::Ones, _) => vec![1.0; n],
+            (Init::Zeros, _) | (Init::TruncNormal(_), None) => vec![0.0; n],
+            (Init::TruncNormal(std), Some(rng)) => (0..n).map(|_| trunc_normal(rng) * std as f32).collect(),
+        };
+        let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?;
+        let var = Var::from_tensor(&t)?;
+        let t = var.as_tensor().clone();
+        self.vars.insert(name.to_string(), var);
+        Ok(t)
+    }
+
+    pub fn vars(&self) -> &BTreeMap<String, Var> {
+        &self.vars
+    }
+
+    /// Number of scalars over all parameters.
+    pub fn count(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Overwrites every parameter from `tensors`; names and shapes must match exactly.
+    pub fn assign(&self, tensors: &std::collections::HashMap<String, Tensor>) -> std::result::Result<(), String> {
+        let missing: Vec<&str> =
+            self.vars.keys().filter(|k| !tensors.contains_key(*k)).map(|s| s.as_str()).collect();
+        if !missing.is_empty() {
+            return Err(format!("missing tensors: {}", abbreviate(&missing)));
+        }
+        let extra: Vec<&str> =
+            tensors.keys().filter(|k| !self.vars.contains_key(*k)).map(|s| s.as_str()).collect();
+        if !extra.is_empty() {
+            return Err(format!("unexpected tensors: {}", abbreviate(&extra)));
+        }
+        for (name, var) in &self.vars {
+            let t = &tensors[name];
+            if t.dims() != var.dims() {
+                return Err(format!("tensor `{name}` has shape {:?}, the config expects {:?}", t.dims(), var.dims()));
+            }
+            let t = t.to_dtype(self.dtype).and_then(|t| t.to_device(&self.device)).map_err(|e| e.to_string())?;
+            var.set(&t).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+fn abbreviate(names: &[&str]) -> String {
+    let shown: Vec<&str> = names.iter().take(4).copied().collect();
+    let more = names.len().saturating_sub(4);
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// A standard normal sample rejected outside ±2σ.
+fn trunc_normal(rng: &mut ChaCha8Rng) -> f32 {
+    loop {
+        // Box–Muller; one of the pair is enough here.
+        let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+        let u2: f64 = rng.random::<f64>();
+        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        if z.abs() <= 2.0 {
+            return z as f32;
+        }
+    }
+}
+
+/// A bias-free linear map `y = x Wᵀ`, W of shape [out, in].
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+}
+
+impl Linear {
+    pub fn new(p: &mut Params, name: &str, d_in: usize, d_out: usize, std: f64) -> Result<Self> {
+        Ok(Linear { weight: p.get(&format!("{name}.weight"), &[d_out, d_in], Init::TruncNormal(std))? })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Flatten leading dims so the matmul is one GEMM: [N, in] · [in, out].
+        let dims = x.dims();
+        let d_in = dims[dims.len() - 1];
+        let n = x.elem_count() / d_in;
+        let y = x.reshape((n, d_in))?.matmul(&self.weight.t()?)?;
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("non-scalar input") = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+}
+
+/// LayerNorm or RMSNorm over the last dimension, composed from differentiable ops.
+#[derive(Clone, Debug)]
+pub struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+const NORM_EPS: f64 = 1e-5;
+
+impl Norm {
+    pub fn new(p: &mut Params, name: &str, kind: NormKind, d: usize) -> Result<Self> {
+        let weight = p.get(&format!("{name}.weight"), &[d], Init::Ones)?;
+        let bias = match kind {
+            NormKind::LayerNorm => Some(p.get(&format!("{name}.bias"), &[d], Init::Zeros)?),
+            NormKind::RmsNorm => None,
+        };
+        Ok(Norm { weight, bias })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        // Statistics in fp32 whatever the activation dtype.
+        let x = x.to_dtype(DType::F32)?;
+        let x = match &self.bias {
+            Some(_) => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
+            None => x,
+        };
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let x = x.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?.to_dtype(dtype)?;
+        let x = x.broadcast_mul(&self.weight)?;
+        match &self.bias {
+            Some(b) => x.broadcast_add(b),
+            None => Ok(x),
+        }
+    }
+}
+
+/// Softmax over the last dimension with a detached max (same gradient, fewer backward ops).
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// log-softmax over the last dimension, max detached.
+pub fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// Keys and values of every layer of one transformer for the positions seen so far.
+/// The global cache grows one patch per step; the local one is reset at each patch boundary.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        KvCache { layers: vec![None; layers] }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+}
+
+/// Multi-head causal self-attention with fused qkv projection.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, std: f64) -> Result<Self> {
+        let d = cfg.width;
+        Ok(Attention {
+            qkv: Linear::new(p, &format!("{name}.qkv"), d, 3 * d, std)?,
+            proj: Linear::new(p, &format!("{name}.proj"), d, d, std)?,
+            heads: cfg.heads,
+        })
+    }
+
+    /// x: [N, S, D] → [N, S, D]. With a cache, the S new positions follow the cached ones.
+    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> candle_core::Result<Tensor> {
+        let (n, s, d) = x.dims3()?;
+        let (h, hd) = (self.heads, d / self.heads);
+        let qkv = self.qkv.forward(x)?.reshape((n, s, 3, h, hd))?; // [N, S, 3, H, hd]
+        let head = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous(); // [N, H, S, hd]
+        let (q, mut k, mut v) = (head(0)?, head(1)?, head(2)?);
+        let offset = match cache {
+            Some(slot) => {
+                let offset = match slot {
+                    Some((ck, cv)) => {
+                        let offset = ck.dim(2)?;
+                        k = Tensor::cat(&[&*ck, &k], 2)?;
+                        v = Tensor::cat(&[&*cv, &v], 2)?;
+                        offset
+                    }
+                    None => 0,
+                };
+                *slot = Some((k.clone(), v.clone()));
+                offset
+            }
+            None => 0,
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [N, H, S, offset+S]
+        let scores = if s > 1 { scores.broadcast_add(&causal_mask(s, offset, x.dtype(), x.device())?)? } else { scores };
+        let y = softmax_last(&scores)?.matmul(&v)?; // [N, H, S, hd]
+        let y = y.transpose(1, 2)?.reshape((n, s, d))?; // [N, S, D]
+        self.proj.forward(&y)
+    }
+}
+
+/// Additive mask [S, offset+S]: query i (at position offset+i) sees keys ≤ offset+i.
+fn causal_mask(s: usize, offset: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let total = offset + s;
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| (0..total).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Tensor::from_vec(mask, (s, total), device)?.to_dtype(dtype)
+}
+
+/// The 4× feed-forward layer with exact (erf) GELU.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    up: Linear,
+    down: Linear,
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.down.forward(&self.up.forward(x)?.gelu_erf()?)
+    }
+}
+
+/// Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+#[derive(Clone, Debug)]
+pub struct Block {
+    attn_norm: Norm,
+    attn: Attention,
+    mlp_norm: Norm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, norm: NormKind, std: f64) -> Result<Self> {
+        let d = cfg.width;
+        Ok(Block {
+            attn_norm: Norm::new(p, &format!("{name}.attn_norm"), norm, d)?,
+            attn: Attention::new(p, &format!("{name}.attn"), cfg, std)?,
+            mlp_norm: Norm::new(p, &format!("{name}.mlp_norm"), norm, d)?,
+            mlp: Mlp {
+                up: Linear::new(p, &format!("{name}.mlp.up"), d, 4 * d, std)?,
+                down: Linear::new(p, &format!("{name}.mlp.down"), 4 * d, d, std)?,
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.attn_norm.forward(x)?, cache)?)?;
+        &x + self.mlp.forward(&self.mlp_norm.forward(&x)?)?
+    }
+}
+
+/// A decoder-only causal transformer: blocks then a final norm.
+#[derive(Clone, Debug)]
+pub struct Transformer {
+    blocks: Vec<Block>,
+    norm: Norm,
+}
+
+impl Transformer {
+    pub fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, norm: NormKind, std: f64) -> Result<Self> {
+        let blocks = (0..cfg.layers)
+            .map(|i| Block::new(p, &format!("{name}.blocks.{i}"), cfg, norm, std))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Transformer { blocks, norm: Norm::new(p, &format!("{name}.norm"), norm, cfg.width)? })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// x: [N, S, D] → [N, S, D], causal over S.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for block in &self.blocks {
+            x = block.forward(&x, None)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Like `forward`, for S new positions after those in `cache`, which it extends.
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for (block, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward(&x, Some(slot))?;
+        }
+        self.norm.forward(&x)
+    }
+}
