@@ -1,1 +1,103 @@
-fn main(){}
+//! The `megabyte` command: a thin layer over the `megabyte` library. Arguments are validated
+//! into library configs before any work starts; each subcommand lives in its own module.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod eval;
+mod fetch;
+mod generate;
+mod info;
+mod plot;
+mod train;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// MEGABYTE byte-level language models: train, evaluate and sample on any bytes.
+#[derive(Parser)]
+#[command(name = "megabyte", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model (or resume a run) and save checkpoints, metrics and a loss curve.
+    Train(train::Args),
+    /// Bits-per-byte of a checkpoint over every byte of a file or folder.
+    Eval(eval::Args),
+    /// Sample bytes from a checkpoint, streamed to stdout.
+    Generate(generate::Args),
+    /// Parameter counts and training FLOPs per byte of a preset or config.
+    Info(info::Args),
+    /// Measure training and generation speed.
+    Bench(bench::Args),
+    /// Data sets.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Download a known data set, verify its checksum and write its splits.
+    Fetch {
+        /// Data set name (enwik8).
+        name: String,
+        /// Folder to write into (the set gets a subfolder).
+        #[arg(long, default_value = "data")]
+        dir: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::Info(args) => info::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Data { command: DataCommand::Fetch { name, dir } } => fetch::run(&name, &dir),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Options shared by commands that build a model: a preset, optionally overridden by a JSON
+/// model config.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// Named architecture: tiny, enwik8, paper-arxiv, paper-pg19.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// A model config JSON file (as saved in checkpoints as config.json); overrides --preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn resolve(&self) -> Result<megabyte::ModelConfig> {
+        use anyhow::Context;
+        let cfg = match &self.config {
+            Some(path) => {
+                let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let cfg: megabyte::ModelConfig = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not a valid model config", path.display()))?;
+                cfg
+            }
+            None => megabyte::ModelConfig::preset(&self.preset)?,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+

@@ -192,8 +192,8 @@ impl MegaByte {
     ///
     /// With an empty cache, `patches` are the first patches of the sequence (`None` for none
     /// yet) and the pad is fed first. Otherwise they continue where the cache stopped.
-    /// patches: [B, m·P] u32.
-    pub fn global_step(&self, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+    /// patches: [B, m·P] u32; `batch` is B (needed when only the pad is fed).
+    pub fn global_step(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
         let p = self.cfg.patch_size;
         let start_pos = cache.len(); // global positions already cached
         let input = match patches {
@@ -218,7 +218,7 @@ impl MegaByte {
             }
             None if start_pos == 0 => {
                 let w = self.cfg.global.width;
-                self.patch_embedder.global_pad.reshape((1, 1, w))? // [1, 1, P·D_G]
+                self.patch_embedder.global_pad.reshape((1, 1, w))?.broadcast_as((batch, 1, w))? // [B, 1, P·D_G]
             }
             None => return Err(Error::Input("global_step: no new patch given".into())),
         };

@@ -1,0 +1,75 @@
+//! `megabyte eval`: bits-per-byte of a checkpoint over every byte of a file or folder.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Result;
+use indicatif::{ProgressBar, ProgressStyle};
+use megabyte::data::{ByteStream, Split};
+use megabyte::eval::{evaluate, EvalSettings};
+use megabyte::DType;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A checkpoint folder, or a run folder (its newest checkpoint).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The bytes to score: a file or a folder of files.
+    #[arg(long)]
+    data: PathBuf,
+    /// Strided inference (paper §2.3): a second pass offset by P/2; 2× cost.
+    #[arg(long)]
+    strided: bool,
+    /// Sliding windows advancing by STRIDE bytes, scoring only the last STRIDE of each.
+    #[arg(long, value_name = "STRIDE")]
+    sliding: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let device = megabyte::device(&args.device)?;
+    let dir = megabyte::checkpoint::resolve(&args.checkpoint)?;
+    let (model, _) = megabyte::checkpoint::load_model(&dir, DType::F32, &device)?;
+    let split = Split::all(Arc::new(ByteStream::open(&args.data)?));
+    let settings = EvalSettings { strided: args.strided, sliding: args.sliding, batch_size: args.batch_size };
+    let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(ProgressStyle::with_template("{wide_bar} {pos}/{len} windows ETA {eta}").expect("valid template"));
+    let report = evaluate(&model, &split, settings, None, &device, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    if args.json {
+        let out = serde_json::json!({
+            "bpb": report.bpb,
+            "bytes": report.bytes,
+            "windows": report.windows,
+            "checkpoint": dir,
+            "data": args.data,
+            "strided": args.strided,
+            "sliding": args.sliding,
+            "context": model.config().context,
+            "patch_size": model.config().patch_size,
+        });
+        println!("{out}");
+    } else {
+        println!(
+            "bpb {:.3} over {} bytes ({} windows of {} bytes{}{})",
+            report.bpb,
+            report.bytes,
+            report.windows,
+            model.config().context,
+            args.sliding.map_or(String::new(), |s| format!(", sliding stride {s}")),
+            if args.strided { ", strided" } else { "" },
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! `megabyte info`: parameter counts and training FLOPs per byte.
+
+use anyhow::Result;
+
+use crate::ModelArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let cfg = args.model.resolve()?;
+    let counts = cfg.param_counts();
+    let flops = cfg.train_flops_per_byte();
+    if args.json {
+        let out = serde_json::json!({
+            "preset": args.model.config.is_none().then_some(&args.model.preset),
+            "config": cfg,
+            "params": counts,
+            "train_flops_per_byte": flops,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    let d_g = cfg.d_global();
+    println!("P = {}, T = {}, K = {}, D_G = {d_g}", cfg.patch_size, cfg.context, cfg.patches());
+    println!(
+        "global: {} wide × {} layers ({} heads)   local: {} wide × {} layers ({} heads)",
+        cfg.global.width, cfg.global.layers, cfg.global.heads, cfg.local.width, cfg.local.layers, cfg.local.heads
+    );
+    println!("parameters: global {}  local {}  total {}", human(counts.global), human(counts.local), human(counts.total));
+    println!("training FLOPs per byte: {:.4e}  (6·(m_G/P + m_L) + attention)", flops);
+    Ok(())
+}
+
+fn human(n: usize) -> String {
+    if n >= 1_000_000 {
+        format!("{:.2}M", n as f64 / 1e6)
+    } else {
+        format!("{:.1}K", n as f64 / 1e3)
+    }
+}

@@ -1,0 +1,270 @@
+//! Bytes to train on: any file or folder of files as one memory-mapped byte stream, split
+//! into training and validation ranges, and seeded random windows over a split.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+
+/// The small real text corpus shipped with the crate: the first 2,000,000 bytes of enwik8
+/// (English Wikipedia, CC BY-SA 3.0 / GFDL), so the quick start needs no download.
+pub const EMBEDDED_CORPUS: &[u8] = include_bytes!("../corpus/enwik8-head.txt");
+
+/// Name under which the embedded corpus is reported.
+pub const EMBEDDED_NAME: &str = "embedded:enwik8-head";
+
+enum Part {
+    Mapped(Mmap),
+    Static(&'static [u8]),
+}
+
+impl Part {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Part::Mapped(m) => m,
+            Part::Static(s) => s,
+        }
+    }
+}
+
+/// One or more files read as a single stream of bytes, never loaded whole into memory.
+pub struct ByteStream {
+    name: String,
+    parts: Vec<Part>,
+    /// Offset of each part in the stream.
+    starts: Vec<u64>,
+    len: u64,
+}
+
+impl ByteStream {
+    /// A file, or every file under a folder (recursively, in path order), memory-mapped.
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::Data {
+            path: path.into(),
+            msg: format!("cannot read it ({e}); pass an existing file or folder"),
+        })?;
+        let files = if meta.is_dir() {
+            let mut files = Vec::new();
+            collect_files(path, &mut files)?;
+            files.sort();
+            files
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let mut parts = Vec::new();
+        for file in &files {
+            let f = std::fs::File::open(file).io_context(|| format!("opening {}", file.display()))?;
+            let len = f.metadata().io_context(|| format!("reading {}", file.display()))?.len();
+            if len == 0 {
+                continue; // an empty file adds nothing (and cannot be mapped)
+            }
+            // SAFETY: the file is only read; a concurrent writer could change what we read,
+            // which the user controls, as with any reader.
+            let map = unsafe { Mmap::map(&f) }.io_context(|| format!("mapping {}", file.display()))?;
+            parts.push(Part::Mapped(map));
+        }
+        let stream = Self::from_parts(path.display().to_string(), parts);
+        if stream.len == 0 {
+            return Err(Error::Data {
+                path: path.into(),
+                msg: if meta.is_dir() { "the folder holds no bytes".into() } else { "the file is empty".into() },
+            });
+        }
+        Ok(stream)
+    }
+
+    /// The embedded corpus (see [`EMBEDDED_CORPUS`]).
+    pub fn embedded() -> Self {
+        Self::from_parts(EMBEDDED_NAME.into(), vec![Part::Static(EMBEDDED_CORPUS)])
+    }
+
+    /// In-memory bytes (tests, generated data).
+    pub fn from_static(name: &str, bytes: &'static [u8]) -> Self {
+        Self::from_parts(name.into(), vec![Part::Static(bytes)])
+    }
+
+    fn from_parts(name: String, parts: Vec<Part>) -> Self {
+        let mut starts = Vec::with_capacity(parts.len());
+        let mut len = 0u64;
+        for p in &parts {
+            starts.push(len);
+            len += p.bytes().len() as u64;
+        }
+        ByteStream { name, parts, starts, len }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies bytes [offset, offset + out.len()) into `out`, across file boundaries.
+    fn read(&self, offset: u64, out: &mut [u8]) {
+        let mut pos = offset;
+        let mut filled = 0;
+        let mut i = self.starts.partition_point(|&s| s <= pos) - 1;
+        while filled < out.len() {
+            let part = self.parts[i].bytes();
+            let within = (pos - self.starts[i]) as usize;
+            let n = (part.len() - within).min(out.len() - filled);
+            out[filled..filled + n].copy_from_slice(&part[within..within + n]);
+            filled += n;
+            pos += n as u64;
+            i += 1;
+        }
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).io_context(|| format!("listing {}", dir.display()))?;
+    for entry in entries {
+        let path = entry.io_context(|| format!("listing {}", dir.display()))?.path();
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else if path.is_file() {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// A contiguous byte range of a stream: the training or the validation bytes.
+#[derive(Clone)]
+pub struct Split {
+    stream: Arc<ByteStream>,
+    start: u64,
+    len: u64,
+}
+
+impl Split {
+    /// The whole stream.
+    pub fn all(stream: Arc<ByteStream>) -> Self {
+        let len = stream.len();
+        Split { stream, start: 0, len }
+    }
+
+    /// Bytes [start, end) of the stream.
+    pub fn range(stream: Arc<ByteStream>, start: u64, end: u64) -> Result<Self> {
+        if start >= end || end > stream.len() {
+            return Err(Error::Data {
+                path: stream.name().into(),
+                msg: format!("byte range {start}..{end} is empty or outside the {} bytes", stream.len()),
+            });
+        }
+        Ok(Split { stream, start, len: end - start })
+    }
+
+    /// Holds out the last `valid_bytes` of a stream: (train, valid).
+    pub fn holdout(stream: Arc<ByteStream>, valid_bytes: u64) -> Result<(Self, Self)> {
+        let len = stream.len();
+        if valid_bytes == 0 || valid_bytes >= len {
+            return Err(Error::Data {
+                path: stream.name().into(),
+                msg: format!("cannot hold out {valid_bytes} validation bytes of {len}"),
+            });
+        }
+        let cut = len - valid_bytes;
+        Ok((Self::range(stream.clone(), 0, cut)?, Self::range(stream, cut, len)?))
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn name(&self) -> &str {
+        self.stream.name()
+    }
+
+    /// Bytes [offset, offset + len) of this split, zero-padded past its end.
+    pub fn window(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        let avail = self.len.saturating_sub(offset).min(len as u64) as usize;
+        if avail > 0 {
+            self.stream.read(self.start + offset, &mut out[..avail]);
+        }
+        out
+    }
+
+    /// Errors unless the split holds at least one window of `context` bytes.
+    pub fn require(&self, context: usize, what: &str) -> Result<()> {
+        if self.len < context as u64 {
+            return Err(Error::Data {
+                path: self.name().into(),
+                msg: format!(
+                    "{what} has {} bytes, fewer than one window of {context} bytes; use more data or a shorter context",
+                    self.len
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Seeded uniform random windows over a split. Its state is the seed and the position in the
+/// RNG's stream, so a checkpoint restores it exactly.
+pub struct WindowSampler {
+    rng: ChaCha8Rng,
+    seed: u64,
+}
+
+/// What a checkpoint stores of a [`WindowSampler`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SamplerState {
+    pub seed: u64,
+    /// ChaCha's word position (a u128) in two halves: JSON numbers stop at 64 bits.
+    pub word_pos_hi: u64,
+    pub word_pos_lo: u64,
+}
+
+impl WindowSampler {
+    pub fn new(seed: u64) -> Self {
+        WindowSampler { rng: ChaCha8Rng::seed_from_u64(seed), seed }
+    }
+
+    pub fn state(&self) -> SamplerState {
+        let pos = self.rng.get_word_pos();
+        SamplerState { seed: self.seed, word_pos_hi: (pos >> 64) as u64, word_pos_lo: pos as u64 }
+    }
+
+    pub fn restore(state: SamplerState) -> Self {
+        let mut s = Self::new(state.seed);
+        s.rng.set_word_pos(((state.word_pos_hi as u128) << 64) | state.word_pos_lo as u128);
+        s
+    }
+
+    /// A batch of `batch` random windows of `context` bytes: u32 [B, T] on `device`.
+    pub fn batch(&mut self, split: &Split, batch: usize, context: usize, device: &Device) -> Result<Tensor> {
+        split.require(context, "the training data")?;
+        let max_start = split.len() - context as u64;
+        let mut ids = Vec::with_capacity(batch * context);
+        for _ in 0..batch {
+            let start = self.rng.random_range(0..=max_start);
+            ids.extend(split.window(start, context).into_iter().map(u32::from));
+        }
+        Ok(Tensor::from_vec(ids, (batch, context), device)?)
+    }
+}
+
+/// Bytes as a u32 tensor [B, len] on `device`.
+pub fn bytes_to_tensor(rows: &[Vec<u8>], device: &Device) -> Result<Tensor> {
+    let len = rows.first().map_or(0, |r| r.len());
+    let ids: Vec<u32> = rows.iter().flat_map(|r| r.iter().map(|&b| u32::from(b))).collect();
+    Ok(Tensor::from_vec(ids, (rows.len(), len), device)?)
+}

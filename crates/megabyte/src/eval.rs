@@ -1,0 +1,117 @@
+//! Bits-per-byte over every byte of a split, in deterministic windows.
+//!
+//! Three settings (paper §2.3), combinable:
+//! - plain: non-overlapping windows of T bytes; every byte scored once.
+//! - sliding (`stride` S < T): windows advance by S and, after the first, score only their
+//!   last S bytes, so each byte is predicted with at least T−S bytes of context.
+//! - strided: a second pass with windows offset by P/2; each pass keeps, of every patch, only
+//!   its first P/2 positions, which avoids the rise of loss toward the end of a patch. 2× cost.
+
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::data::Split;
+use crate::error::{Error, Result};
+use crate::model::MegaByte;
+
+/// How to evaluate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct EvalSettings {
+    /// Score with windows offset by P/2 too, keeping the first half of every patch per pass.
+    pub strided: bool,
+    /// Advance windows by this many bytes and score only the last `stride` bytes of each.
+    pub sliding: Option<usize>,
+    /// Windows per forward pass.
+    pub batch_size: usize,
+}
+
+/// The result: bits per byte over `bytes` scored bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct EvalReport {
+    pub bpb: f64,
+    pub bytes: u64,
+    /// Forward passes over full windows: the cost.
+    pub windows: u64,
+}
+
+/// One window: where it starts in the split and which of its positions are scored.
+struct Window {
+    start: u64,
+    score: Vec<f32>,
+}
+
+/// Scores every byte of `split` exactly once (settings as above), `limit` bytes at most.
+pub fn evaluate(
+    model: &MegaByte,
+    split: &Split,
+    settings: EvalSettings,
+    limit: Option<u64>,
+    device: &Device,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<EvalReport> {
+    let cfg = model.config();
+    let (t, p) = (cfg.context, cfg.patch_size);
+    let len = limit.map_or(split.len(), |l| l.min(split.len()));
+    let stride = settings.sliding.unwrap_or(t);
+    if stride == 0 || stride > t {
+        return Err(Error::Input(format!("sliding stride must be in 1..={t}, got {stride}")));
+    }
+    let offsets: Vec<usize> = if settings.strided {
+        if p % 2 != 0 || stride % p != 0 {
+            return Err(Error::Input(format!(
+                "strided evaluation needs an even patch size and a sliding stride that is a multiple of P = {p}"
+            )));
+        }
+        vec![0, p / 2]
+    } else {
+        vec![0]
+    };
+    let batch = settings.batch_size.max(1);
+    let windows: Vec<Window> = offsets.iter().flat_map(|&o| plan(len, t, p, stride, o, settings.strided)).collect();
+    let total = windows.len() as u64;
+    let (mut nats, mut bytes) = (0f64, 0u64);
+    for (i, chunk) in windows.chunks(batch).enumerate() {
+        let ids: Vec<u32> =
+            chunk.iter().flat_map(|w| split.window(w.start, t).into_iter().map(u32::from)).collect();
+        let x = Tensor::from_vec(ids, (chunk.len(), t), device)?; // [B, T]
+        let mask: Vec<f32> = chunk.iter().flat_map(|w| w.score.iter().copied()).collect();
+        let mask = Tensor::from_vec(mask, (chunk.len(), t), device)?;
+        let losses = model.byte_losses(&x)?; // [B, T] nats
+        nats += (losses * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
+        bytes += chunk.iter().map(|w| w.score.iter().filter(|&&s| s > 0.0).count() as u64).sum::<u64>();
+        progress(((i + 1) * batch).min(windows.len()) as u64, total);
+    }
+    if bytes != len {
+        return Err(Error::Input(format!("evaluation scored {bytes} of {len} bytes (an internal bug)")));
+    }
+    Ok(EvalReport { bpb: nats / bytes as f64 / std::f64::consts::LN_2, bytes, windows: total })
+}
+
+/// The windows of one pass starting at `offset`: each scores the bytes it is responsible for.
+fn plan(len: u64, t: usize, p: usize, stride: usize, offset: usize, strided: bool) -> Vec<Window> {
+    let mut out = Vec::new();
+    let mut start = offset as u64;
+    let mut first = true;
+    while start < len {
+        // The first window scores all of itself; later ones only their last `stride` bytes.
+        let from = if first { 0 } else { t - stride };
+        let score: Vec<f32> = (0..t)
+            .map(|i| {
+                let in_file = start + (i as u64) < len;
+                let half = !strided || i % p < p / 2;
+                if i >= from && in_file && half {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        out.push(Window { start, score });
+        if start + t as u64 >= len {
+            break;
+        }
+        start += stride as u64;
+        first = false;
+    }
+    out
+}

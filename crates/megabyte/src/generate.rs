@@ -1,0 +1,260 @@
+//! KV-cached sampling (paper section 3, "parallelism in decoding"): the global model steps
+//! once per completed patch, the local model once per byte, and the local cache is reset at
+//! every patch boundary.
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::bytes_to_tensor;
+use crate::error::{Error, Result};
+use crate::model::MegaByte;
+use crate::nn::KvCache;
+
+/// How the next byte is chosen from the logits.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// The most likely byte.
+    Greedy,
+    /// Sample from softmax(logits / temperature).
+    Temperature { temperature: f64 },
+    /// Sample among the `k` most likely bytes.
+    TopK { k: usize, temperature: f64 },
+    /// Sample among the smallest set of bytes whose probability reaches `p` (nucleus).
+    TopP { p: f64, temperature: f64 },
+}
+
+impl Sampling {
+    pub fn validate(&self) -> Result<()> {
+        let t = match *self {
+            Sampling::Greedy => return Ok(()),
+            Sampling::Temperature { temperature } => temperature,
+            Sampling::TopK { k, temperature } => {
+                if k == 0 {
+                    return Err(Error::Config("top-k needs k ≥ 1".into()));
+                }
+                temperature
+            }
+            Sampling::TopP { p, temperature } => {
+                if !(p > 0.0 && p <= 1.0) {
+                    return Err(Error::Config(format!("top-p needs 0 < p ≤ 1, got {p}")));
+                }
+                temperature
+            }
+        };
+        if !(t > 0.0 && t.is_finite()) {
+            return Err(Error::Config(format!("temperature must be positive, got {t}")));
+        }
+        Ok(())
+    }
+}
+
+/// A sampling rule with its seeded RNG.
+pub struct Sampler {
+    sampling: Sampling,
+    rng: ChaCha8Rng,
+}
+
+impl Sampler {
+    pub fn new(sampling: Sampling, seed: u64) -> Result<Self> {
+        sampling.validate()?;
+        Ok(Sampler { sampling, rng: ChaCha8Rng::seed_from_u64(seed) })
+    }
+
+    /// Picks a byte from one row of 256 logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u8 {
+        let (temperature, keep_k, keep_p) = match self.sampling {
+            Sampling::Greedy => return argmax(logits),
+            Sampling::Temperature { temperature } => (temperature, logits.len(), 1.0),
+            Sampling::TopK { k, temperature } => (temperature, k.min(logits.len()), 1.0),
+            Sampling::TopP { p, temperature } => (temperature, logits.len(), p),
+        };
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut probs: Vec<(usize, f64)> =
+            logits.iter().enumerate().map(|(i, &l)| (i, ((l as f64 - max) / temperature).exp())).collect();
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+        probs.truncate(keep_k);
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        if keep_p < 1.0 {
+            let mut acc = 0.0;
+            let mut n = 0;
+            for (_, w) in &probs {
+                acc += w / total;
+                n += 1;
+                if acc >= keep_p {
+                    break;
+                }
+            }
+            probs.truncate(n);
+        }
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        let mut u = self.rng.random::<f64>() * total;
+        for &(i, w) in &probs {
+            if u < w {
+                return i as u8;
+            }
+            u -= w;
+        }
+        probs.last().map_or(0, |p| p.0 as u8)
+    }
+}
+
+fn argmax(logits: &[f32]) -> u8 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u8
+}
+
+/// The decoding state of a batch of sequences: both caches, the current patch's local
+/// contexts, and the bytes so far. Drive it with [`Decoder::logits`] and [`Decoder::push`].
+pub struct Decoder<'m> {
+    model: &'m MegaByte,
+    device: Device,
+    /// Every byte of each sequence so far (prompt and generated).
+    history: Vec<Vec<u8>>,
+    /// Where the current context window starts in `history` (patch-aligned).
+    window_start: usize,
+    global: KvCache,
+    local: KvCache,
+    /// Local contexts of the current patch, [B, P, D_L].
+    context: Tensor,
+}
+
+impl<'m> Decoder<'m> {
+    /// Prefills both caches from equal-length prompts (possibly empty).
+    pub fn new(model: &'m MegaByte, prompts: &[Vec<u8>], device: &Device) -> Result<Self> {
+        let t = model.config().context;
+        let len = prompts.first().map(|p| p.len()).ok_or_else(|| Error::Input("no prompt given".into()))?;
+        if prompts.iter().any(|p| p.len() != len) {
+            return Err(Error::Input("prompts of one batch must have the same length".into()));
+        }
+        if len >= t {
+            return Err(Error::Input(format!(
+                "the prompt is {len} bytes but the model's context is {t} bytes: give a prompt of at most {} bytes",
+                t - 1
+            )));
+        }
+        let mut d = Decoder {
+            model,
+            device: device.clone(),
+            history: prompts.to_vec(),
+            window_start: 0,
+            global: model.global_cache(),
+            local: model.local_cache(),
+            context: Tensor::zeros(1, DType::F32, device)?, // set by prefill
+        };
+        d.prefill()?;
+        Ok(d)
+    }
+
+    pub fn history(&self) -> &[Vec<u8>] {
+        &self.history
+    }
+
+    /// Runs the window's complete patches through the global model and the current partial
+    /// patch's bytes through the local model.
+    fn prefill(&mut self) -> Result<()> {
+        let p = self.model.config().patch_size;
+        let window: Vec<Vec<u8>> = self.history.iter().map(|h| h[self.window_start..].to_vec()).collect();
+        let n = window[0].len();
+        let complete = n / p * p;
+        self.global.reset();
+        self.local.reset();
+        let patches = if complete > 0 {
+            let rows: Vec<Vec<u8>> = window.iter().map(|w| w[..complete].to_vec()).collect();
+            Some(bytes_to_tensor(&rows, &self.device)?)
+        } else {
+            None
+        };
+        self.context = self.model.global_step(window.len(), patches.as_ref(), &mut self.global)?;
+        // Local positions 0..r−1 of the partial patch; position r is computed by `logits`.
+        for i in 0..(n - complete) {
+            let prev = self.prev_byte(&window, complete + i, i)?;
+            self.model.local_step(&self.context_at(i)?, prev.as_ref(), &mut self.local)?;
+        }
+        Ok(())
+    }
+
+    /// The input byte of local position `pos` (byte `at − 1`), or `None` at position 0.
+    fn prev_byte(&self, window: &[Vec<u8>], at: usize, pos: usize) -> Result<Option<Tensor>> {
+        if pos == 0 {
+            return Ok(None);
+        }
+        let prev: Vec<u32> = window.iter().map(|w| u32::from(w[at - 1])).collect();
+        Ok(Some(Tensor::from_vec(prev, window.len(), &self.device)?))
+    }
+
+    fn context_at(&self, pos: usize) -> Result<Tensor> {
+        Ok(self.context.narrow(1, pos, 1)?.squeeze(1)?) // [B, D_L]
+    }
+
+    /// Logits [B, V] for the next byte of every sequence.
+    pub fn logits(&mut self) -> Result<Tensor> {
+        let pos = self.local.len();
+        let prev = if pos == 0 {
+            None
+        } else {
+            let last: Vec<u32> = self.history.iter().map(|h| u32::from(*h.last().expect("pos > 0"))).collect();
+            Some(Tensor::from_vec(last, self.history.len(), &self.device)?)
+        };
+        self.model.local_step(&self.context_at(pos)?, prev.as_ref(), &mut self.local)
+    }
+
+    /// Appends one byte per sequence (after a call to `logits`). At a patch boundary the
+    /// completed patch goes through one global step and the local cache is reset; when the
+    /// context window is full, it slides to its last half and is prefilled again.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() != self.history.len() {
+            return Err(Error::Input("push needs one byte per sequence".into()));
+        }
+        for (h, &b) in self.history.iter_mut().zip(bytes) {
+            h.push(b);
+        }
+        let cfg = self.model.config();
+        let p = cfg.patch_size;
+        if self.local.len() < p {
+            return Ok(());
+        }
+        let n = self.history[0].len() - self.window_start; // bytes in the window, a multiple of P
+        if n + p > cfg.context {
+            // The next global position would not fit: keep the last half of the window.
+            self.window_start += (n - cfg.context / 2 / p * p).min(n);
+            return self.prefill();
+        }
+        let rows: Vec<Vec<u8>> = self.history.iter().map(|h| h[h.len() - p..].to_vec()).collect();
+        let patch = bytes_to_tensor(&rows, &self.device)?; // [B, P]
+        self.context = self.model.global_step(rows.len(), Some(&patch), &mut self.global)?;
+        self.local.reset();
+        Ok(())
+    }
+}
+
+/// Generates `n` bytes after each prompt, calling `on_bytes` with each new byte of every
+/// sequence as soon as it is chosen. Returns the generated bytes (prompts excluded).
+pub fn generate(
+    model: &MegaByte,
+    prompts: &[Vec<u8>],
+    n: usize,
+    sampler: &mut Sampler,
+    device: &Device,
+    on_bytes: &mut dyn FnMut(&[u8]),
+) -> Result<Vec<Vec<u8>>> {
+    let mut decoder = Decoder::new(model, prompts, device)?;
+    let mut out = vec![Vec::with_capacity(n); prompts.len()];
+    for _ in 0..n {
+        let logits = decoder.logits()?.to_dtype(DType::F32)?.to_vec2::<f32>()?; // [B][V]
+        let next: Vec<u8> = logits.iter().map(|row| sampler.sample(row)).collect();
+        for (o, &b) in out.iter_mut().zip(&next) {
+            o.push(b);
+        }
+        on_bytes(&next);
+        decoder.push(&next)?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,452 @@
+//! The training loop: AdamW, warm-up then decay, clipping, accumulation, periodic validation,
+//! atomic checkpoints and exact resume. Progress is reported through events; nothing prints.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, CheckpointData};
+use crate::config::ModelConfig;
+use crate::data::{ByteStream, SamplerState, Split, WindowSampler};
+use crate::error::{Error, IoContext, Result};
+use crate::eval::{self, EvalSettings};
+use crate::model::MegaByte;
+use crate::nn::Params;
+use crate::optim::{self, AdamW, AdamWConfig};
+
+/// How the learning rate falls after warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decay {
+    Cosine,
+    Linear,
+}
+
+/// Everything about a training run except the model's shape. Saved in every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the decay.
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub decay: Decay,
+    /// Stop after this many optimizer steps…
+    pub steps: Option<u64>,
+    /// …or after this many minutes of wall time, whichever comes first.
+    pub time_minutes: Option<f64>,
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub grad_clip: f64,
+    /// Validate every N steps (and at the start and the end).
+    pub eval_every: u64,
+    /// Validation bytes scored each time (the first ones of the validation split).
+    pub eval_bytes: u64,
+    /// Save a checkpoint every N steps (and at the end).
+    pub checkpoint_every: u64,
+    /// Checkpoints kept in the run folder.
+    pub keep_checkpoints: usize,
+    /// Seeds the initial weights and the data windows.
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The paper's optimiser settings (Adam β = (0.9, 0.98), clip 1.0, decay 0.1) with
+    /// defaults suited to a short run.
+    pub fn standard(batch_size: usize, lr: f64) -> Self {
+        TrainConfig {
+            batch_size,
+            grad_accum: 1,
+            lr,
+            min_lr: lr / 10.0,
+            warmup_steps: 100,
+            decay: Decay::Cosine,
+            steps: None,
+            time_minutes: None,
+            adamw: AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 },
+            grad_clip: 1.0,
+            eval_every: 500,
+            eval_bytes: 100_000,
+            checkpoint_every: 1000,
+            keep_checkpoints: 3,
+            seed: 0,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("batch size and gradient accumulation must be at least 1".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
+            return bad(format!("need 0 ≤ min_lr ≤ lr and lr > 0; got lr {} min_lr {}", self.lr, self.min_lr));
+        }
+        if self.steps.is_none() && self.time_minutes.is_none() {
+            return bad("give a stopping rule: a number of steps, a time limit, or both".into());
+        }
+        if self.steps == Some(0) || self.time_minutes.is_some_and(|m| !(m > 0.0)) {
+            return bad("steps and minutes must be positive".into());
+        }
+        if self.eval_every == 0 || self.checkpoint_every == 0 || self.keep_checkpoints == 0 {
+            return bad("eval_every, checkpoint_every and keep_checkpoints must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The learning rate at `step` (0-based) and run progress in [0, 1]: linear warm-up over
+/// `warmup_steps`, then cosine or linear decay from `lr` to `min_lr` as progress goes to 1.
+pub fn learning_rate(cfg: &TrainConfig, step: u64, progress: f64) -> f64 {
+    if step < cfg.warmup_steps {
+        return cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64;
+    }
+    let x = progress.clamp(0.0, 1.0);
+    let shape = match cfg.decay {
+        Decay::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * x).cos()),
+        Decay::Linear => 1.0 - x,
+    };
+    cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
+}
+
+/// Where the bytes come from, recorded so that `--resume` reopens the same data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataSpec {
+    /// A file or folder; `None` for the embedded corpus.
+    pub train: Option<PathBuf>,
+    /// A separate validation file or folder; `None` to hold out the end of `train`.
+    pub valid: Option<PathBuf>,
+    /// Bytes held out from the end of `train` when `valid` is `None`.
+    pub holdout_bytes: u64,
+}
+
+/// Opened training and validation splits.
+pub struct TrainData {
+    pub train: Split,
+    pub valid: Split,
+}
+
+impl DataSpec {
+    pub fn open(&self) -> Result<TrainData> {
+        let stream = Arc::new(match &self.train {
+            Some(path) => ByteStream::open(path)?,
+            None => ByteStream::embedded(),
+        });
+        match &self.valid {
+            Some(path) => {
+                let valid = Split::all(Arc::new(ByteStream::open(path)?));
+                Ok(TrainData { train: Split::all(stream), valid })
+            }
+            None => {
+                let (train, valid) = Split::holdout(stream, self.holdout_bytes)?;
+                Ok(TrainData { train, valid })
+            }
+        }
+    }
+}
+
+/// The run's progress, saved in `train.json` with the configs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainRecord {
+    pub format: u32,
+    pub step: u64,
+    pub bytes_seen: u64,
+    pub elapsed_secs: f64,
+    pub sampler: SamplerState,
+    pub train: TrainConfig,
+    pub data: DataSpec,
+}
+
+const RECORD_FORMAT: u32 = 1;
+
+/// One optimizer step's figures.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct StepStats {
+    pub step: u64,
+    pub loss: f64,
+    pub bpb: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub bytes_per_sec: f64,
+    pub elapsed_secs: f64,
+}
+
+/// A model being trained with its optimizer, data sampler and progress.
+pub struct Trainer {
+    model: MegaByte,
+    params: Params,
+    opt: AdamW,
+    sampler: WindowSampler,
+    record: TrainRecord,
+    device: Device,
+}
+
+impl Trainer {
+    /// A new run: weights drawn from `train.seed`.
+    pub fn new(model_cfg: &ModelConfig, train: TrainConfig, data: DataSpec, device: &Device) -> Result<Self> {
+        train.validate()?;
+        let (model, params) = MegaByte::init(model_cfg, train.seed, DType::F32, device)?;
+        let opt = AdamW::new(params.vars(), train.adamw)?;
+        // A distinct stream for data: the weights used the seed itself.
+        let sampler = WindowSampler::new(train.seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
+        let record =
+            TrainRecord { format: RECORD_FORMAT, step: 0, bytes_seen: 0, elapsed_secs: 0.0, sampler: sampler.state(), train, data };
+        Ok(Trainer { model, params, opt, sampler, record, device: device.clone() })
+    }
+
+    /// Continues from a training checkpoint (or a run folder's newest one) exactly.
+    /// `limits` replaces the recorded stopping rules when given.
+    pub fn resume(path: &Path, limits: Option<(Option<u64>, Option<f64>)>, device: &Device) -> Result<Self> {
+        let dir = checkpoint::resolve(path)?;
+        let (model, params) = checkpoint::load_model(&dir, DType::F32, device)?;
+        let record_path = dir.join(checkpoint::TRAIN_FILE);
+        let text = std::fs::read(&record_path).map_err(|e| Error::Checkpoint {
+            path: record_path.clone(),
+            msg: format!("cannot read ({e}); only a training checkpoint can be resumed"),
+        })?;
+        let mut record: TrainRecord = serde_json::from_slice(&text)
+            .map_err(|e| Error::Checkpoint { path: record_path.clone(), msg: format!("corrupt: {e}") })?;
+        if record.format != RECORD_FORMAT {
+            return Err(Error::Checkpoint {
+                path: record_path,
+                msg: format!("format {} is not the supported {RECORD_FORMAT}", record.format),
+            });
+        }
+        if let Some((steps, minutes)) = limits {
+            record.train.steps = steps;
+            record.train.time_minutes = minutes;
+        }
+        record.train.validate()?;
+        let mut opt = AdamW::new(params.vars(), record.train.adamw)?;
+        let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
+        let moments = checkpoint::load_tensors(&opt_path)?;
+        opt.load_state(&moments, record.step)
+            .map_err(|msg| Error::Checkpoint { path: opt_path, msg })?;
+        let sampler = WindowSampler::restore(record.sampler);
+        Ok(Trainer { model, params, opt, sampler, record, device: device.clone() })
+    }
+
+    pub fn model(&self) -> &MegaByte {
+        &self.model
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn record(&self) -> &TrainRecord {
+        &self.record
+    }
+
+    pub fn step(&self) -> u64 {
+        self.record.step
+    }
+
+    fn progress(&self) -> f64 {
+        let t = &self.record.train;
+        let by_steps = t.steps.map_or(0.0, |s| self.record.step as f64 / s as f64);
+        let by_time = t.time_minutes.map_or(0.0, |m| self.record.elapsed_secs / (m * 60.0));
+        by_steps.max(by_time)
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches of random windows.
+    pub fn train_step(&mut self, train: &Split) -> Result<StepStats> {
+        let started = Instant::now();
+        let t = self.record.train.clone();
+        let context = self.model.config().context;
+        let lr = learning_rate(&t, self.record.step, self.progress());
+        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut loss_sum = 0.0;
+        for _ in 0..t.grad_accum {
+            let x = self.sampler.batch(train, t.batch_size, context, &self.device)?; // [B, T]
+            let loss = self.model.loss(&x)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let g = (loss / t.grad_accum as f64)?.backward()?;
+            match grads.as_mut() {
+                None => grads = Some(g),
+                Some(acc) => optim::add_grads(acc, g, self.params.vars())?,
+            }
+        }
+        let mut grads = grads.expect("grad_accum ≥ 1");
+        let grad_norm = optim::grad_norm(&grads, self.params.vars())?;
+        if !grad_norm.is_finite() {
+            return Err(Error::Input(format!(
+                "the gradient norm is {grad_norm} at step {}: training diverged; lower the learning rate",
+                self.record.step
+            )));
+        }
+        if t.grad_clip > 0.0 && grad_norm > t.grad_clip {
+            optim::scale_grads(&mut grads, self.params.vars(), t.grad_clip / grad_norm)?;
+        }
+        self.opt.step(&grads, lr)?;
+        let secs = started.elapsed().as_secs_f64();
+        let bytes = (t.batch_size * t.grad_accum * context) as u64;
+        self.record.step += 1;
+        self.record.bytes_seen += bytes;
+        self.record.elapsed_secs += secs;
+        self.record.sampler = self.sampler.state();
+        let loss = loss_sum / t.grad_accum as f64;
+        Ok(StepStats {
+            step: self.record.step,
+            loss,
+            bpb: loss / std::f64::consts::LN_2,
+            lr,
+            grad_norm,
+            bytes_per_sec: bytes as f64 / secs,
+            elapsed_secs: self.record.elapsed_secs,
+        })
+    }
+
+    /// Validation bpb over the first `eval_bytes` bytes of `valid`.
+    pub fn validate(&self, valid: &Split) -> Result<eval::EvalReport> {
+        let settings = EvalSettings { strided: false, sliding: None, batch_size: self.record.train.batch_size };
+        eval::evaluate(&self.model, valid, settings, Some(self.record.train.eval_bytes), &self.device, &mut |_, _| {})
+    }
+
+    /// Writes a resumable checkpoint into `run_dir` and prunes old ones.
+    pub fn save(&self, run_dir: &Path) -> Result<PathBuf> {
+        let data = CheckpointData {
+            step: self.record.step,
+            config: self.model.config(),
+            params: &self.params,
+            training: Some((self.opt.state_tensors(), serde_json::to_value(&self.record)?)),
+        };
+        let path = checkpoint::save(run_dir, &data)?;
+        checkpoint::prune(run_dir, self.record.train.keep_checkpoints)?;
+        Ok(path)
+    }
+
+    fn finished(&self) -> Option<StopReason> {
+        let t = &self.record.train;
+        if t.steps.is_some_and(|s| self.record.step >= s) {
+            return Some(StopReason::Steps);
+        }
+        if t.time_minutes.is_some_and(|m| self.record.elapsed_secs >= m * 60.0) {
+            return Some(StopReason::Time);
+        }
+        None
+    }
+}
+
+/// Why a run stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Steps,
+    Time,
+    Interrupted,
+}
+
+/// What the loop reports as it goes.
+#[derive(Debug)]
+pub enum Event<'a> {
+    Step(&'a StepStats),
+    Eval { step: u64, report: &'a eval::EvalReport },
+    Checkpoint { step: u64, path: &'a Path },
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub reason: StopReason,
+    pub steps: u64,
+    pub bytes_seen: u64,
+    pub first_valid_bpb: Option<f64>,
+    pub final_valid_bpb: f64,
+    pub checkpoint: PathBuf,
+}
+
+/// Prepares a run folder: creates it and proves it writable. A folder that already holds
+/// checkpoints is refused unless resuming, so nothing is overwritten.
+pub fn prepare_run_dir(run_dir: &Path, resuming: bool) -> Result<()> {
+    std::fs::create_dir_all(run_dir).io_context(|| format!("creating the output folder {}", run_dir.display()))?;
+    if !resuming && !checkpoint::list(run_dir)?.is_empty() {
+        return Err(Error::Input(format!(
+            "{} already holds a run; resume it with --resume or choose another output folder",
+            run_dir.display()
+        )));
+    }
+    let probe = run_dir.join(".write-test");
+    std::fs::write(&probe, b"ok")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .io_context(|| format!("the output folder {} is not writable", run_dir.display()))
+}
+
+/// Trains until a stopping rule fires or `stop` is set (Ctrl-C), validating every
+/// `eval_every` steps, checkpointing every `checkpoint_every` steps and at the end, and
+/// appending one JSON line per step and per validation to `run_dir/metrics.jsonl`.
+pub fn run(
+    trainer: &mut Trainer,
+    data: &TrainData,
+    run_dir: &Path,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<RunSummary> {
+    let context = trainer.model.config().context;
+    data.train.require(context, "the training data")?;
+    data.valid.require(1, "the validation data")?;
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .io_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut log = |value: serde_json::Value| -> Result<()> {
+        writeln!(metrics, "{value}").io_context(|| format!("writing {}", metrics_path.display()))
+    };
+    let wall = Instant::now();
+    let wall_before = trainer.record.elapsed_secs;
+
+    let mut first_valid_bpb = None;
+    if trainer.step() == 0 {
+        let report = trainer.validate(&data.valid)?;
+        log(serde_json::json!({"step": 0, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
+        on_event(Event::Eval { step: 0, report: &report });
+        first_valid_bpb = Some(report.bpb);
+    }
+    let reason = loop {
+        if let Some(reason) = trainer.finished() {
+            break reason;
+        }
+        if stop.load(Ordering::SeqCst) {
+            break StopReason::Interrupted;
+        }
+        let stats = trainer.train_step(&data.train)?;
+        // Wall time, not compute time, drives the time limit: evaluation and saving count.
+        trainer.record.elapsed_secs = wall_before + wall.elapsed().as_secs_f64();
+        log(serde_json::to_value(stats)?)?;
+        on_event(Event::Step(&stats));
+        let step = trainer.step();
+        if step % trainer.record.train.eval_every == 0 && trainer.finished().is_none() {
+            let report = trainer.validate(&data.valid)?;
+            log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
+            on_event(Event::Eval { step, report: &report });
+        }
+        if step % trainer.record.train.checkpoint_every == 0 && trainer.finished().is_none() {
+            let path = trainer.save(run_dir)?;
+            on_event(Event::Checkpoint { step, path: &path });
+        }
+    };
+    let report = trainer.validate(&data.valid)?;
+    let step = trainer.step();
+    log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
+    on_event(Event::Eval { step, report: &report });
+    let checkpoint = trainer.save(run_dir)?;
+    on_event(Event::Checkpoint { step, path: &checkpoint });
+    Ok(RunSummary {
+        reason,
+        steps: step,
+        bytes_seen: trainer.record.bytes_seen,
+        first_valid_bpb,
+        final_valid_bpb: report.bpb,
+        checkpoint,
+    })
+}
