@@ -4,15 +4,15 @@ use std::path::Path;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use megabyte::fetch::{fetch, Dataset, FetchEvent};
+use megabyte::fetch::{fetch, fetch_enwik8_from_file_with_progress, Dataset, FetchEvent};
 
-pub fn run(name: &str, dir: &Path) -> Result<()> {
+pub fn run(name: &str, dir: &Path, from: Option<&Path>) -> Result<()> {
     let dataset = Dataset::parse(name)?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}").expect("valid template"),
     );
-    let report = fetch(dataset, dir, &mut |event| match event {
+    let mut on_event = |event| match event {
         FetchEvent::Trying { url } => bar.println(format!("trying {url}")),
         FetchEvent::Downloading { bytes_done, bytes_total } => {
             if let Some(total) = bytes_total {
@@ -24,7 +24,11 @@ pub fn run(name: &str, dir: &Path) -> Result<()> {
         FetchEvent::Verifying => bar.set_message("verifying md5"),
         FetchEvent::Writing { file } => bar.set_message(format!("writing {}", file.display())),
         _ => {}
-    })?;
+    };
+    let report = match (dataset, from) {
+        (Dataset::Enwik8, Some(src)) => fetch_enwik8_from_file_with_progress(src, dir, &mut on_event)?,
+        (_, None) => fetch(dataset, dir, &mut on_event)?,
+    };
     bar.finish_and_clear();
     if report.already_present {
         println!("already present, checksum verified earlier:");

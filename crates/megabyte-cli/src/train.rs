@@ -93,7 +93,6 @@ pub fn run(args: Args) -> Result<()> {
         (None, Some(resume)) => run_folder_of(resume),
         (None, None) => bail!("--out is required"),
     };
-    train::prepare_run_dir(&out, resuming)?;
     let mut trainer = match &args.resume {
         Some(path) => {
             let limits = (args.steps.is_some() || args.time.is_some()).then_some((args.steps, args.time));
@@ -108,6 +107,9 @@ pub fn run(args: Args) -> Result<()> {
     };
     let data = trainer.record().data.open()?;
     let cfg = trainer.model().config().clone();
+    data.train.require(cfg.context, "the training data")?;
+    data.valid.require(1, "the validation data")?;
+    train::prepare_run_dir(&out, resuming)?;
     let counts = cfg.param_counts();
     eprintln!(
         "model: {:.2}M parameters (global {:.2}M, local {:.2}M), P = {}, T = {}; data: {} ({} train / {} valid bytes)",

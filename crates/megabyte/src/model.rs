@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{ModelConfig, V};
 use crate::error::{Error, Result};
-use crate::nn::{log_softmax_last, Init, KvCache, Linear, Params, Transformer};
+use crate::nn::{accumulation_dtype, log_softmax_last, Init, KvCache, Linear, Params, Transformer};
 
 /// §2.2.1: byte embeddings plus learned byte positions, concatenated into patches.
 #[derive(Clone, Debug)]
@@ -133,7 +133,8 @@ impl MegaByte {
     /// Cross-entropy in nats of every byte given the bytes before it: [B, T'] → [B, T'].
     pub fn byte_losses(&self, bytes: &Tensor) -> Result<Tensor> {
         let (b, t) = bytes.dims2()?;
-        let logp = log_softmax_last(&self.logits(bytes)?.to_dtype(DType::F32)?)?; // [B, T', V]
+        let logits = self.logits(bytes)?;
+        let logp = log_softmax_last(&logits.to_dtype(accumulation_dtype(logits.dtype()))?)?; // [B, T', V]
         let target = bytes.reshape((b, t, 1))?;
         Ok(logp.gather(&target, 2)?.squeeze(2)?.neg()?)
     }

@@ -172,8 +172,8 @@ impl Norm {
 impl Module for Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        // Statistics in fp32 whatever the activation dtype.
-        let x = x.to_dtype(DType::F32)?;
+        // Statistics in at least fp32 whatever the activation dtype.
+        let x = x.to_dtype(accumulation_dtype(dtype))?;
         let x = match &self.bias {
             Some(_) => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
             None => x,
@@ -185,6 +185,14 @@ impl Module for Norm {
             Some(b) => x.broadcast_add(b),
             None => Ok(x),
         }
+    }
+}
+
+/// The dtype reductions run in: fp32 for half-precision activations, else the same.
+pub fn accumulation_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
     }
 }
 

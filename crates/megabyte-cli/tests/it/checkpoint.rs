@@ -1,0 +1,97 @@
+//! Checkpoints reload to identical logits, and a resumed run equals an uninterrupted one.
+
+use std::sync::atomic::AtomicBool;
+
+use megabyte::checkpoint::{self, CheckpointData};
+use megabyte::train::{self, DataSpec, TrainConfig, Trainer};
+use megabyte::{DType, Device, ModelConfig};
+
+use crate::{bytes_tensor, random_bytes, temp_dir, tiny};
+
+#[test]
+fn checkpoint_round_trip_gives_identical_logits() {
+    let dir = temp_dir("roundtrip");
+    let (model, params) = tiny(9);
+    let data = CheckpointData { step: 7, config: model.config(), params: &params, training: None };
+    let path = checkpoint::save(&dir, &data).unwrap();
+    assert_eq!(path, dir.join("step-00000007"));
+    let (loaded, _) = checkpoint::load_model(&checkpoint::resolve(&dir).unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let x = bytes_tensor(&[random_bytes(256, 4)]);
+    assert_eq!(crate::max_abs_diff(&model.logits(&x).unwrap(), &loaded.logits(&x).unwrap()), 0.0);
+    // No temporary folder is left behind.
+    let names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names, vec!["step-00000007".to_string()]);
+}
+
+fn config(steps: u64) -> (ModelConfig, TrainConfig, DataSpec) {
+    let mut tc = TrainConfig::standard(2, 3e-3);
+    tc.steps = Some(steps);
+    tc.warmup_steps = 2;
+    tc.eval_every = 1000;
+    tc.eval_bytes = 2048;
+    tc.checkpoint_every = 1000;
+    tc.seed = 5;
+    let data = DataSpec { train: None, valid: None, holdout_bytes: 10_000 };
+    (ModelConfig::preset("tiny").unwrap(), tc, data)
+}
+
+fn weights(trainer: &Trainer) -> Vec<(String, Vec<f32>)> {
+    trainer
+        .params()
+        .vars()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn resumed_training_equals_uninterrupted_training() {
+    let (n, k) = (6, 2);
+    let (mcfg, tc, spec) = config(n);
+    let data = spec.open().unwrap();
+
+    let mut straight = Trainer::new(&mcfg, tc.clone(), spec.clone(), &Device::Cpu).unwrap();
+    for _ in 0..n {
+        straight.train_step(&data.train).unwrap();
+    }
+
+    let dir = temp_dir("resume");
+    let mut first = Trainer::new(&mcfg, tc, spec, &Device::Cpu).unwrap();
+    for _ in 0..k {
+        first.train_step(&data.train).unwrap();
+    }
+    first.save(&dir).unwrap();
+    drop(first);
+    let mut resumed = Trainer::resume(&dir, None, &Device::Cpu).unwrap();
+    assert_eq!(resumed.step(), k);
+    for _ in k..n {
+        resumed.train_step(&data.train).unwrap();
+    }
+    assert!(weights(&straight) == weights(&resumed), "resumed weights differ from the uninterrupted run");
+}
+
+#[test]
+fn the_training_loop_validates_checkpoints_and_logs() {
+    let (mcfg, mut tc, spec) = config(4);
+    tc.eval_every = 2;
+    tc.checkpoint_every = 2;
+    tc.keep_checkpoints = 1;
+    let dir = temp_dir("loop");
+    train::prepare_run_dir(&dir, false).unwrap();
+    let mut trainer = Trainer::new(&mcfg, tc, spec.clone(), &Device::Cpu).unwrap();
+    let mut evals = 0;
+    let summary = train::run(&mut trainer, &spec.open().unwrap(), &dir, &AtomicBool::new(false), &mut |e| {
+        if let train::Event::Eval { .. } = e {
+            evals += 1
+        }
+    })
+    .unwrap();
+    assert_eq!(summary.steps, 4);
+    assert_eq!(evals, 3, "start, step 2, end");
+    assert_eq!(checkpoint::list(&dir).unwrap().len(), 1, "only the newest checkpoint is kept");
+    let lines = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 4 + 3);
+    // A run folder that holds a run is not overwritten by a new run.
+    assert!(train::prepare_run_dir(&dir, false).is_err());
+}

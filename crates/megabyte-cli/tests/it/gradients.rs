@@ -1,0 +1,66 @@
+//! Autograd against central finite differences, in f64, for every parameter kind: each
+//! distinct parameter name with its block index removed, under both norms and both heads.
+
+use std::collections::BTreeMap;
+
+use megabyte::{DType, Device, MegaByte, NormKind, Tensor};
+
+use crate::{random_bytes, small_config};
+
+fn check(norm: NormKind, tied_head: bool) {
+    let cfg = small_config(norm, tied_head);
+    let (model, params) = MegaByte::init(&cfg, 7, DType::F64, &Device::Cpu).unwrap();
+    let rows = vec![random_bytes(cfg.context, 1), random_bytes(cfg.context, 2)];
+    let x = crate::bytes_tensor(&rows);
+    let loss = |m: &MegaByte| m.loss(&x).unwrap().to_scalar::<f64>().unwrap();
+    let grads = model.loss(&x).unwrap().backward().unwrap();
+
+    // One representative per kind: `global.blocks.1.attn.qkv.weight` → `global.blocks.*.attn.qkv.weight`.
+    let mut kinds: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for name in params.vars().keys() {
+        let kind: Vec<&str> = name.split('.').map(|s| if s.parse::<usize>().is_ok() { "*" } else { s }).collect();
+        kinds.entry(kind.join(".")).or_default().push(name.clone());
+    }
+    let used: Vec<usize> = rows.iter().flatten().map(|&b| b as usize).collect();
+    for (kind, names) in &kinds {
+        let name = names.last().unwrap();
+        let var = &params.vars()[name];
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let w0 = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let cols = *var.dims().last().unwrap();
+        // Probe 3 entries; for byte tables pick rows of bytes that occur in the input.
+        for probe in 0..3usize {
+            let idx = if name.ends_with("byte_embed.weight") {
+                used[probe * 7] * cols + probe % cols
+            } else {
+                (probe * 7919 + 13) % w0.len()
+            };
+            let eps = 1e-5;
+            let set = |delta: f64| {
+                let mut w = w0.clone();
+                w[idx] += delta;
+                var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            };
+            set(eps);
+            let up = loss(&model);
+            set(-eps);
+            let down = loss(&model);
+            set(0.0);
+            let fd = (up - down) / (2.0 * eps);
+            let err = (fd - g[idx]).abs() / (fd.abs() + g[idx].abs()).max(1e-6);
+            assert!(err < 1e-4, "{kind} ({name}[{idx}]): autograd {} vs finite difference {fd}", g[idx]);
+        }
+    }
+    assert!(kinds.len() >= 14, "only {} parameter kinds checked", kinds.len());
+}
+
+#[test]
+fn gradients_match_finite_differences_layernorm_tied() {
+    check(NormKind::LayerNorm, true);
+}
+
+#[test]
+fn gradients_match_finite_differences_rmsnorm_untied() {
+    check(NormKind::RmsNorm, false);
+}

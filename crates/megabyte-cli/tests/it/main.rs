@@ -1,0 +1,68 @@
+//! The invariants of megabyte, in one test binary (modules by topic).
+//!
+//! Slow or GPU tests would sit behind an environment variable; everything here runs on CPU in
+//! seconds to a minute.
+
+mod bad_inputs;
+mod cached;
+mod causality;
+mod checkpoint;
+mod eval;
+mod golden;
+mod gradients;
+mod overfit;
+mod sampling;
+
+use std::path::PathBuf;
+
+use megabyte::nn::Params;
+use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, Tensor, TransformerConfig};
+
+/// The `tiny` preset with random weights.
+pub fn tiny(seed: u64) -> (MegaByte, Params) {
+    MegaByte::init(&ModelConfig::preset("tiny").unwrap(), seed, DType::F32, &Device::Cpu).unwrap()
+}
+
+/// A small shape for exhaustive checks: P = 4, T = 32.
+pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
+    ModelConfig {
+        patch_size: 4,
+        context: 32,
+        global: TransformerConfig { width: 16, layers: 2, heads: 2 },
+        local: TransformerConfig { width: 8, layers: 2, heads: 2 },
+        norm,
+        tied_head,
+        init_std: 0.2,
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
+pub fn bytes_tensor(rows: &[Vec<u8>]) -> Tensor {
+    megabyte::data::bytes_to_tensor(rows, &Device::Cpu).unwrap()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// A fresh empty folder under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("megabyte-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../megabyte/tests/fixtures").join(name)
+}
