@@ -14,9 +14,6 @@ mod info;
 mod plot;
 mod train;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// MEGABYTE byte-level language models: train, evaluate and sample on any bytes.
 #[derive(Parser)]
 #[command(name = "megabyte", version, about)]

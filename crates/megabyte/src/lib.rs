@@ -15,12 +15,13 @@ pub mod fetch;
 pub mod generate;
 pub mod model;
 pub mod nn;
+pub mod ops;
 pub mod optim;
 pub mod train;
 
 pub use config::{ModelConfig, NormKind, TransformerConfig, V};
 pub use error::{Error, Result};
-pub use candle_core::{DType, Device, Tensor};
+pub use candle_core::{DType, Device, Tensor, Var};
 pub use model::MegaByte;
 
 /// A device from `cpu`, `cuda` or `cuda:N`.

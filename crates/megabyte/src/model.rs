@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{ModelConfig, V};
 use crate::error::{Error, Result};
-use crate::nn::{accumulation_dtype, log_softmax_last, Init, KvCache, Linear, Params, Transformer};
+use crate::nn::{accumulation_dtype, Init, KvCache, Linear, Params, Transformer};
 
 /// §2.2.1: byte embeddings plus learned byte positions, concatenated into patches.
 #[derive(Clone, Debug)]
@@ -134,9 +134,8 @@ impl MegaByte {
     pub fn byte_losses(&self, bytes: &Tensor) -> Result<Tensor> {
         let (b, t) = bytes.dims2()?;
         let logits = self.logits(bytes)?;
-        let logp = log_softmax_last(&logits.to_dtype(accumulation_dtype(logits.dtype()))?)?; // [B, T', V]
-        let target = bytes.reshape((b, t, 1))?;
-        Ok(logp.gather(&target, 2)?.squeeze(2)?.neg()?)
+        let logits = logits.to_dtype(accumulation_dtype(logits.dtype()))?.reshape((b * t, V))?; // [B·T', V]
+        Ok(crate::ops::cross_entropy(&logits, &bytes.flatten_all()?)?.reshape((b, t))?)
     }
 
     /// Mean cross-entropy (nats per byte) over all bytes of the batch: the training loss.

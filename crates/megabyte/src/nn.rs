@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_core::{DType, Device, Module, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -171,20 +171,7 @@ impl Norm {
 
 impl Module for Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        // Statistics in at least fp32 whatever the activation dtype.
-        let x = x.to_dtype(accumulation_dtype(dtype))?;
-        let x = match &self.bias {
-            Some(_) => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
-            None => x,
-        };
-        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let x = x.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?.to_dtype(dtype)?;
-        let x = x.broadcast_mul(&self.weight)?;
-        match &self.bias {
-            Some(b) => x.broadcast_add(b),
-            None => Ok(x),
-        }
+        crate::ops::norm(x, &self.weight, self.bias.as_ref(), NORM_EPS)
     }
 }
 
@@ -194,20 +181,6 @@ pub fn accumulation_dtype(dtype: DType) -> DType {
         DType::BF16 | DType::F16 => DType::F32,
         other => other,
     }
-}
-
-/// Softmax over the last dimension with a detached max (same gradient, fewer backward ops).
-pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
-/// log-softmax over the last dimension, max detached.
-pub fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let shifted = x.broadcast_sub(&max)?;
-    shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)
 }
 
 /// Keys and values of every layer of one transformer for the positions seen so far.
@@ -225,7 +198,7 @@ impl KvCache {
     /// Positions cached so far.
     pub fn len(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dim(2).unwrap_or(0),
+            Some(Some((k, _))) => k.dim(1).unwrap_or(0), // k: [N, S, D]
             _ => 0,
         }
     }
@@ -259,43 +232,20 @@ impl Attention {
 
     /// x: [N, S, D] → [N, S, D]. With a cache, the S new positions follow the cached ones.
     fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> candle_core::Result<Tensor> {
-        let (n, s, d) = x.dims3()?;
-        let (h, hd) = (self.heads, d / self.heads);
-        let qkv = self.qkv.forward(x)?.reshape((n, s, 3, h, hd))?; // [N, S, 3, H, hd]
-        let head = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous(); // [N, H, S, hd]
-        let (q, mut k, mut v) = (head(0)?, head(1)?, head(2)?);
-        let offset = match cache {
-            Some(slot) => {
-                let offset = match slot {
-                    Some((ck, cv)) => {
-                        let offset = ck.dim(2)?;
-                        k = Tensor::cat(&[&*ck, &k], 2)?;
-                        v = Tensor::cat(&[&*cv, &v], 2)?;
-                        offset
-                    }
-                    None => 0,
-                };
-                *slot = Some((k.clone(), v.clone()));
-                offset
+        let d = x.dim(2)?;
+        let qkv = self.qkv.forward(x)?; // [N, S, 3D]
+        let q = qkv.narrow(2, 0, d)?; // [N, S, D], heads as column blocks
+        let (mut k, mut v) = (qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
+        if let Some(slot) = cache {
+            if let Some((ck, cv)) = slot.as_ref() {
+                k = Tensor::cat(&[ck, &k], 1)?; // [N, offset+S, D]
+                v = Tensor::cat(&[cv, &v], 1)?;
             }
-            None => 0,
-        };
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // [N, H, S, offset+S]
-        let scores = if s > 1 { scores.broadcast_add(&causal_mask(s, offset, x.dtype(), x.device())?)? } else { scores };
-        let y = softmax_last(&scores)?.matmul(&v)?; // [N, H, S, hd]
-        let y = y.transpose(1, 2)?.reshape((n, s, d))?; // [N, S, D]
+            *slot = Some((k.contiguous()?, v.contiguous()?));
+        }
+        let y = crate::ops::causal_attention(&q, &k, &v, self.heads)?; // [N, S, D]
         self.proj.forward(&y)
     }
-}
-
-/// Additive mask [S, offset+S]: query i (at position offset+i) sees keys ≤ offset+i.
-fn causal_mask(s: usize, offset: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-    let total = offset + s;
-    let mask: Vec<f32> = (0..s)
-        .flat_map(|i| (0..total).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    Tensor::from_vec(mask, (s, total), device)?.to_dtype(dtype)
 }
 
 /// The 4× feed-forward layer with exact (erf) GELU.
@@ -307,7 +257,7 @@ pub struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.down.forward(&self.up.forward(x)?.gelu_erf()?)
+        self.down.forward(&crate::ops::gelu(&self.up.forward(x)?)?)
     }
 }
 

@@ -4,6 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
+
+use crate::ops::AdamWStep;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -17,18 +19,14 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
-/// One parameter's moments.
-struct Moments {
-    m: Var,
-    v: Var,
-}
-
 /// AdamW over a fixed set of named parameters. Weight decay applies to tensors of rank ≥ 2
-/// (the matrices and embedding tables), never to norms, pads or other vectors.
+/// (the matrices and embedding tables), never to norms, pads or other vectors. Each update is
+/// one fused kernel per parameter ([`crate::ops::adamw_step`]).
 pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<(String, Var)>,
-    moments: Vec<Moments>,
+    /// Per parameter, the f32 moments [m | v] (2·numel).
+    moments: Vec<Tensor>,
     /// Optimizer steps taken (for bias correction).
     t: u64,
 }
@@ -38,10 +36,7 @@ impl AdamW {
         let params: Vec<(String, Var)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let moments = params
             .iter()
-            .map(|(_, p)| {
-                let zeros = || Var::zeros(p.shape(), DType::F32, p.device());
-                Ok(Moments { m: zeros()?, v: zeros()? })
-            })
+            .map(|(_, p)| Ok(Tensor::zeros(2 * p.elem_count(), DType::F32, p.device())?))
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { cfg, params, moments, t: 0 })
     }
@@ -50,38 +45,36 @@ impl AdamW {
         self.t
     }
 
-    /// One update with learning rate `lr` from the gradients in `grads`.
-    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+    /// One update with learning rate `lr` from the gradients in `grads`, each multiplied by
+    /// `grad_scale` first (1.0, or the clipping factor).
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.t as i32);
         let bc2 = 1.0 - beta2.powi(self.t as i32);
-        for ((name, p), mo) in self.params.iter().zip(&self.moments) {
+        for ((name, p), mv) in self.params.iter().zip(self.moments.iter_mut()) {
             let g = grads
                 .get(p.as_tensor())
-                .ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))?
-                .to_dtype(DType::F32)?;
-            let m = ((mo.m.as_tensor() * beta1)? + (&g * (1.0 - beta1))?)?;
-            let v = ((mo.v.as_tensor() * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + eps)?)?;
-            let w = p.as_tensor().to_dtype(DType::F32)?;
-            let w = if p.rank() >= 2 && weight_decay > 0.0 { (w * (1.0 - lr * weight_decay))? } else { w };
-            let w = (w - (update * lr)?)?;
-            p.set(&w.to_dtype(p.dtype())?)?;
-            mo.m.set(&m)?;
-            mo.v.set(&v)?;
+                .ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))?;
+            let weight_decay = if p.rank() >= 2 { weight_decay } else { 0.0 };
+            let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale };
+            let out = crate::ops::adamw_step(p.as_tensor(), g, mv, hp)?; // [w' | m' | v']
+            let n = p.elem_count();
+            p.set(&out.narrow(0, 0, n)?.reshape(p.shape())?.to_dtype(p.dtype())?)?;
+            *mv = out.narrow(0, n, 2 * n)?;
         }
         Ok(())
     }
 
     /// Moments by name (`m.{param}`, `v.{param}`) for a checkpoint.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
-        for ((name, _), mo) in self.params.iter().zip(&self.moments) {
-            out.insert(format!("m.{name}"), mo.m.as_tensor().clone());
-            out.insert(format!("v.{name}"), mo.v.as_tensor().clone());
+        for ((name, p), mv) in self.params.iter().zip(&self.moments) {
+            let n = p.elem_count();
+            out.insert(format!("m.{name}"), mv.narrow(0, 0, n)?.reshape(p.shape())?);
+            out.insert(format!("v.{name}"), mv.narrow(0, n, n)?.reshape(p.shape())?);
         }
-        out
+        Ok(out)
     }
 
     /// Restores the moments written by [`AdamW::state_tensors`] and the step count.
@@ -93,15 +86,19 @@ impl AdamW {
                 2 * self.params.len()
             ));
         }
-        for ((name, p), mo) in self.params.iter().zip(&self.moments) {
-            for (key, var) in [(format!("m.{name}"), &mo.m), (format!("v.{name}"), &mo.v)] {
+        for ((name, p), mv) in self.params.iter().zip(self.moments.iter_mut()) {
+            let mut halves = Vec::new();
+            for key in [format!("m.{name}"), format!("v.{name}")] {
                 let t = tensors.get(&key).ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
                 if t.dims() != p.dims() {
                     return Err(format!("optimizer tensor `{key}` has shape {:?}, expected {:?}", t.dims(), p.dims()));
                 }
-                let t = t.to_dtype(DType::F32).and_then(|t| t.to_device(p.device())).map_err(|e| e.to_string())?;
-                var.set(&t).map_err(|e| e.to_string())?;
+                halves.push(t.flatten_all().map_err(|e| e.to_string())?);
             }
+            *mv = Tensor::cat(&halves, 0)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.to_device(p.device()))
+                .map_err(|e| e.to_string())?;
         }
         self.t = t;
         Ok(())
@@ -118,16 +115,6 @@ pub fn grad_norm(grads: &GradStore, params: &BTreeMap<String, Var>) -> Result<f6
     }
     let total = Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f32>()?;
     Ok((total as f64).sqrt())
-}
-
-/// Multiplies every gradient by `scale` in place of the store's entries.
-pub fn scale_grads(grads: &mut GradStore, params: &BTreeMap<String, Var>, scale: f64) -> Result<()> {
-    for p in params.values() {
-        if let Some(g) = grads.remove(p.as_tensor()) {
-            grads.insert(p.as_tensor(), (g * scale)?);
-        }
-    }
-    Ok(())
 }
 
 /// Adds `other`'s gradients into `acc` (gradient accumulation).

@@ -275,7 +275,7 @@ impl Trainer {
                 Some(acc) => optim::add_grads(acc, g, self.params.vars())?,
             }
         }
-        let mut grads = grads.expect("grad_accum ≥ 1");
+        let grads = grads.expect("grad_accum ≥ 1");
         let grad_norm = optim::grad_norm(&grads, self.params.vars())?;
         if !grad_norm.is_finite() {
             return Err(Error::Input(format!(
@@ -283,10 +283,8 @@ impl Trainer {
                 self.record.step
             )));
         }
-        if t.grad_clip > 0.0 && grad_norm > t.grad_clip {
-            optim::scale_grads(&mut grads, self.params.vars(), t.grad_clip / grad_norm)?;
-        }
-        self.opt.step(&grads, lr)?;
+        let grad_scale = if t.grad_clip > 0.0 && grad_norm > t.grad_clip { t.grad_clip / grad_norm } else { 1.0 };
+        self.opt.step(&grads, lr, grad_scale)?;
         let secs = started.elapsed().as_secs_f64();
         let bytes = (t.batch_size * t.grad_accum * context) as u64;
         self.record.step += 1;
@@ -317,7 +315,7 @@ impl Trainer {
             step: self.record.step,
             config: self.model.config(),
             params: &self.params,
-            training: Some((self.opt.state_tensors(), serde_json::to_value(&self.record)?)),
+            training: Some((self.opt.state_tensors()?, serde_json::to_value(&self.record)?)),
         };
         let path = checkpoint::save(run_dir, &data)?;
         checkpoint::prune(run_dir, self.record.train.keep_checkpoints)?;

@@ -10,6 +10,7 @@ mod checkpoint;
 mod eval;
 mod golden;
 mod gradients;
+mod ops;
 mod overfit;
 mod sampling;
 

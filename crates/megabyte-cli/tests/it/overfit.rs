@@ -18,7 +18,7 @@ fn tiny_model_overfits_one_batch() {
         if last < 0.02 {
             break;
         }
-        opt.step(&loss.backward().unwrap(), 3e-3).unwrap();
+        opt.step(&loss.backward().unwrap(), 3e-3, 1.0).unwrap();
     }
     assert!(first > 5.0, "random init should start near ln 256, got {first}");
     assert!(last < 0.05, "loss only fell from {first} to {last}");

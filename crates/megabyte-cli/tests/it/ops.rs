@@ -1,0 +1,91 @@
+//! Each fused op against its plain candle composition (`megabyte::ops::reference`) on random
+//! inputs: forward values and the gradients of every input, by relative error.
+
+use megabyte::ops::{self, reference};
+use megabyte::{DType, Device, Tensor, Var};
+
+fn rand(shape: &[usize], seed: u64) -> Var {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = crate::random_bytes(n, seed).iter().map(|&b| (b as f32 - 127.5) / 64.0).collect();
+    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    crate::max_abs_diff(a, b) / scale
+}
+
+/// Compares `fused` and `plain` on `inputs`: outputs, then gradients of Σ out·w for a fixed
+/// random w.
+fn compare(inputs: &[Var], fused: impl Fn(&[Tensor]) -> Tensor, plain: impl Fn(&[Tensor]) -> Tensor, what: &str) {
+    let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+    let (yf, yp) = (fused(&xs), plain(&xs));
+    let err = rel_err(&yf, &yp);
+    assert!(err < 1e-5, "{what}: forward relative error {err}");
+    let w = rand(yf.dims(), 99).as_tensor().clone();
+    let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gp = (yp * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    for (i, x) in xs.iter().enumerate() {
+        let (a, b) = (gf.get(x).unwrap(), gp.get(x).unwrap());
+        let err = rel_err(a, b);
+        assert!(err < 1e-4, "{what}: gradient of input {i} relative error {err}");
+    }
+}
+
+#[test]
+fn fused_attention_matches_composition() {
+    for (n, sq, sk, d, h) in [(3, 8, 8, 32, 2), (2, 5, 12, 24, 3), (4, 1, 9, 16, 4)] {
+        let qkv = rand(&[n, sk, 3 * d], 1);
+        let q = rand(&[n, sq, d], 2);
+        // k, v as column blocks of one projection (strided views), q separate.
+        let split = |xs: &[Tensor]| (xs[0].clone(), xs[1].narrow(2, d, d).unwrap(), xs[1].narrow(2, 2 * d, d).unwrap());
+        compare(
+            &[q, qkv],
+            |xs| {
+                let (q, k, v) = split(xs);
+                ops::causal_attention(&q, &k, &v, h).unwrap()
+            },
+            |xs| {
+                let (q, k, v) = split(xs);
+                reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h).unwrap()
+            },
+            &format!("attention n{n} sq{sq} sk{sk} d{d} h{h}"),
+        );
+    }
+}
+
+#[test]
+fn fused_norms_match_composition() {
+    let (x, w, b) = (rand(&[6, 5, 48], 3), rand(&[48], 4), rand(&[48], 5));
+    compare(
+        &[x.clone(), w.clone(), b],
+        |xs| ops::norm(&xs[0], &xs[1], Some(&xs[2]), 1e-5).unwrap(),
+        |xs| reference::norm(&xs[0], &xs[1], Some(&xs[2]), 1e-5).unwrap(),
+        "layer norm",
+    );
+    compare(
+        &[x, w],
+        |xs| ops::norm(&xs[0], &xs[1], None, 1e-5).unwrap(),
+        |xs| reference::norm(&xs[0], &xs[1], None, 1e-5).unwrap(),
+        "rms norm",
+    );
+}
+
+#[test]
+fn fused_cross_entropy_matches_composition() {
+    let logits = rand(&[37, 256], 6);
+    let targets: Vec<u32> = crate::random_bytes(37, 7).into_iter().map(u32::from).collect();
+    let targets = Tensor::from_vec(targets, 37, &Device::Cpu).unwrap();
+    compare(
+        &[logits],
+        |xs| ops::cross_entropy(&xs[0], &targets).unwrap(),
+        |xs| reference::cross_entropy(&xs[0], &targets).unwrap(),
+        "cross-entropy",
+    );
+    assert_eq!(ops::cross_entropy(&rand(&[2, 256], 1).as_tensor().to_dtype(DType::F64).unwrap(), &targets.narrow(0, 0, 2).unwrap()).unwrap().dtype(), DType::F64);
+}
+
+#[test]
+fn fused_gelu_matches_composition() {
+    compare(&[rand(&[7, 33], 8)], |xs| ops::gelu(&xs[0]).unwrap(), |xs| xs[0].gelu_erf().unwrap(), "gelu");
+}

@@ -1,0 +1,721 @@
+//! Fused operations as candle CustomOps, each with its own backward pass: causal attention,
+//! LayerNorm/RMSNorm and softmax cross-entropy.
+//!
+//! Each replaces a chain of 10–30 small candle ops (and two to three times as many in the
+//! backward pass) by one forward and one backward kernel. On the CPU that op count, not the
+//! arithmetic, bounds the speed of small models. The CPU kernels here are also the reference
+//! that device kernels are tested against. Every op is checked against the plain candle
+//! composition and by finite differences (tests/it/ops.rs, tests/it/gradients.rs).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor, WithDType};
+use num_traits::Float;
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+/// What the kernels need of an element type (f32 and f64 on the CPU).
+trait Elem: WithDType + Float + Send + Sync {
+    fn erf(self) -> Self;
+}
+
+impl Elem for f32 {
+    /// Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7, below f32 resolution near 1): about
+    /// 4× faster than libm's erff, which was 5% of a tiny-model training step.
+    fn erf(self) -> f32 {
+        let x = self.abs();
+        let t = 1.0 / (1.0 + 0.327_591_1 * x);
+        let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+        (1.0 - poly * (-x * x).exp()).copysign(self)
+    }
+}
+
+impl Elem for f64 {
+    fn erf(self) -> f64 {
+        libm::erf(self)
+    }
+}
+
+/// Rank-3 view [N, S, D] whose last dimension is contiguous: element (n, s, d) lives at
+/// `offset + n·sn + s·ss + d`.
+#[derive(Clone, Copy)]
+struct View3 {
+    offset: usize,
+    sn: usize,
+    ss: usize,
+}
+
+fn view3(layout: &Layout, what: &str) -> CResult<(View3, [usize; 3])> {
+    let dims = layout.dims();
+    let stride = layout.stride();
+    if dims.len() != 3 || (stride[2] != 1 && dims[2] > 1) {
+        candle_core::bail!("{what}: expected a rank-3 tensor with a contiguous last dim, got {dims:?} {stride:?}");
+    }
+    Ok((View3 { offset: layout.start_offset(), sn: stride[0], ss: stride[1] }, [dims[0], dims[1], dims[2]]))
+}
+
+fn contiguous<'a, T>(s: &'a [T], layout: &Layout, what: &str) -> CResult<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+fn cpu_storage(t: &Tensor) -> CResult<(CpuStorage, Layout)> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => Ok((c.clone(), l.clone())),
+        _ => candle_core::bail!("this fused op runs on the CPU only so far"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal multi-head attention.
+
+/// softmax(q kᵀ / √hd + causal mask) v for q [N, Sq, D] and k, v [N, Sk, D] (Sk ≥ Sq), with
+/// `heads` heads as contiguous column blocks of D. Query i sits at position Sk − Sq + i and
+/// sees keys ≤ that position (Sk > Sq when a KV cache precedes the queries). Never builds
+/// the [Sq, Sk] score matrix of more than one query at a time.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> CResult<Tensor> {
+    // The kernel reads any rank-3 view whose last dimension is contiguous (such as the q, k
+    // and v column blocks of one qkv projection); anything else is copied first.
+    let rows = |t: &Tensor| if t.stride()[2] == 1 { Ok(t.clone()) } else { t.contiguous() };
+    rows(q)?.apply_op3(&rows(k)?, &rows(v)?, Attention { heads })
+}
+
+struct Attention {
+    heads: usize,
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    n: usize,
+    sq: usize,
+    sk: usize,
+    d: usize,
+    heads: usize,
+}
+
+impl AttnDims {
+    fn hd(&self) -> usize {
+        self.d / self.heads
+    }
+    fn scale(&self) -> f64 {
+        1.0 / (self.hd() as f64).sqrt()
+    }
+}
+
+fn attn_dims(lq: &Layout, lk: &Layout, lv: &Layout, heads: usize) -> CResult<(AttnDims, View3, View3, View3)> {
+    let (vq, [n, sq, d]) = view3(lq, "attention q")?;
+    let (vk, [nk, sk, dk]) = view3(lk, "attention k")?;
+    let (vv, dv) = view3(lv, "attention v")?;
+    if nk != n || dk != d || dv != [nk, sk, dk] || sk < sq || d % heads != 0 {
+        candle_core::bail!("attention: incompatible shapes q {:?} k {:?} v {:?}", lq.dims(), lk.dims(), lv.dims());
+    }
+    Ok((AttnDims { n, sq, sk, d, heads }, vq, vk, vv))
+}
+
+/// Probabilities of query `i` of head `h` in sequence `n` over keys 0..=limit, into `p`.
+#[allow(clippy::too_many_arguments)]
+fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n: usize, h: usize, i: usize, p: &mut [T]) -> usize {
+    let hd = dims.hd();
+    let scale = T::from(dims.scale()).expect("scale fits");
+    let limit = dims.sk - dims.sq + i;
+    let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
+    let mut max = T::neg_infinity();
+    for (j, pj) in p.iter_mut().enumerate().take(limit + 1) {
+        let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
+        let s = qi.iter().zip(kj).fold(T::zero(), |acc, (&a, &b)| acc + a * b) * scale;
+        *pj = s;
+        max = Float::max(max, s);
+    }
+    let mut sum = T::zero();
+    for pj in p.iter_mut().take(limit + 1) {
+        *pj = (*pj - max).exp();
+        sum = sum + *pj;
+    }
+    let inv = sum.recip();
+    for pj in p.iter_mut().take(limit + 1) {
+        *pj = *pj * inv;
+    }
+    limit + 1
+}
+
+fn attn_fwd<T: Elem>(q: &[T], k: &[T], v: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims) -> Vec<T> {
+    let (sq, d, hd) = (dims.sq, dims.d, dims.hd());
+    let mut y = vec![T::zero(); dims.n * sq * d];
+    y.par_chunks_mut(sq * d).enumerate().for_each(|(n, yn)| {
+        let mut p = vec![T::zero(); dims.sk];
+        for h in 0..dims.heads {
+            for i in 0..sq {
+                let len = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
+                let yi = &mut yn[i * d + h * hd..][..hd];
+                for (j, &pj) in p.iter().enumerate().take(len) {
+                    let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
+                    for (o, &x) in yi.iter_mut().zip(vj) {
+                        *o = *o + pj * x;
+                    }
+                }
+            }
+        }
+    });
+    y
+}
+
+/// Gradients [dq | dk | dv] (contiguous, concatenated) from dy [N, Sq, D] contiguous.
+#[allow(clippy::too_many_arguments)]
+fn attn_bwd<T: Elem>(q: &[T], k: &[T], v: &[T], dy: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims) -> Vec<T> {
+    let (n_all, sq, sk, d, hd) = (dims.n, dims.sq, dims.sk, dims.d, dims.hd());
+    let scale = T::from(dims.scale()).expect("scale fits");
+    let mut out = vec![T::zero(); n_all * (sq + 2 * sk) * d];
+    let (dq, rest) = out.split_at_mut(n_all * sq * d);
+    let (dk, dv) = rest.split_at_mut(n_all * sk * d);
+    dq.par_chunks_mut(sq * d)
+        .zip(dk.par_chunks_mut(sk * d))
+        .zip(dv.par_chunks_mut(sk * d))
+        .enumerate()
+        .for_each(|(n, ((dqn, dkn), dvn))| {
+            let mut p = vec![T::zero(); sk];
+            let mut dp = vec![T::zero(); sk];
+            for h in 0..dims.heads {
+                for i in 0..sq {
+                    let len = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
+                    let dyi = &dy[(n * sq + i) * d + h * hd..][..hd];
+                    // dP_ij = dy_i · v_j, and Σ_j P_ij dP_ij = dy_i · y_i.
+                    let mut row = T::zero();
+                    for j in 0..len {
+                        let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
+                        dp[j] = dyi.iter().zip(vj).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                        row = row + p[j] * dp[j];
+                    }
+                    let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
+                    for j in 0..len {
+                        let ds = p[j] * (dp[j] - row) * scale; // dScore_ij
+                        let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
+                        let dqi = &mut dqn[i * d + h * hd..][..hd];
+                        for (o, &x) in dqi.iter_mut().zip(kj) {
+                            *o = *o + ds * x;
+                        }
+                        let dkj = &mut dkn[j * d + h * hd..][..hd];
+                        for (o, &x) in dkj.iter_mut().zip(qi) {
+                            *o = *o + ds * x;
+                        }
+                        let dvj = &mut dvn[j * d + h * hd..][..hd];
+                        for (o, &x) in dvj.iter_mut().zip(dyi) {
+                            *o = *o + p[j] * x;
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "megabyte-causal-attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (dims, vq, vk, vv) = attn_dims(l1, l2, l3, self.heads)?;
+        let shape = Shape::from((dims.n, dims.sq, dims.d));
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(attn_fwd(q, k, v, vq, vk, vv, dims)),
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => CpuStorage::F64(attn_fwd(q, k, v, vq, vk, vv, dims)),
+            _ => candle_core::bail!("attention: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, sq, d) = q.dims3()?;
+        let sk = k.dim(1)?;
+        let all = q.apply_op3_no_bwd(k, v, &AttentionBackward { heads: self.heads, dy: grad.contiguous()? })?;
+        let dq = all.narrow(0, 0, n * sq * d)?.reshape((n, sq, d))?;
+        let dk = all.narrow(0, n * sq * d, n * sk * d)?.reshape((n, sk, d))?;
+        let dv = all.narrow(0, n * (sq + sk) * d, n * sk * d)?.reshape((n, sk, d))?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The backward kernel: recomputes the probabilities (nothing but q, k, v is kept).
+struct AttentionBackward {
+    heads: usize,
+    dy: Tensor,
+}
+
+impl CustomOp3 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "megabyte-causal-attention-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (dims, vq, vk, vv) = attn_dims(l1, l2, l3, self.heads)?;
+        let (sdy, ldy) = cpu_storage(&self.dy)?;
+        let len = dims.n * (dims.sq + 2 * dims.sk) * dims.d;
+        let out = match (s1, s2, s3, &sdy) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v), CpuStorage::F32(dy)) => {
+                CpuStorage::F32(attn_bwd(q, k, v, contiguous(dy, &ldy, "dy")?, vq, vk, vv, dims))
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v), CpuStorage::F64(dy)) => {
+                CpuStorage::F64(attn_bwd(q, k, v, contiguous(dy, &ldy, "dy")?, vq, vk, vv, dims))
+            }
+            _ => candle_core::bail!("attention backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, Shape::from(len)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU (exact, erf form).
+
+/// GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)), elementwise.
+pub fn gelu(x: &Tensor) -> CResult<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+struct Gelu;
+
+const FRAC_1_SQRT_2: f64 = std::f64::consts::FRAC_1_SQRT_2;
+/// 1/√(2π)
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+fn gelu_fwd<T: Elem>(x: &[T]) -> Vec<T> {
+    let (half, c) = (T::from(0.5).expect("fits"), T::from(FRAC_1_SQRT_2).expect("fits"));
+    x.par_iter().map(|&x| half * x * (T::one() + (x * c).erf())).collect()
+}
+
+/// dGELU/dx = Φ(x) + x·φ(x).
+fn gelu_bwd<T: Elem>(x: &[T], dy: &[T]) -> Vec<T> {
+    let (half, c, k) =
+        (T::from(0.5).expect("fits"), T::from(FRAC_1_SQRT_2).expect("fits"), T::from(FRAC_1_SQRT_2PI).expect("fits"));
+    x.par_iter()
+        .zip(dy.par_iter())
+        .map(|(&x, &g)| g * (half * (T::one() + (x * c).erf()) + x * k * (-half * x * x).exp()))
+        .collect()
+}
+
+impl candle_core::CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "megabyte-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(gelu_fwd(contiguous(x, l, "gelu")?)),
+            CpuStorage::F64(x) => CpuStorage::F64(gelu_fwd(contiguous(x, l, "gelu")?)),
+            _ => candle_core::bail!("gelu: unsupported dtype {:?} on the CPU", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?))
+    }
+}
+
+struct GeluBackward;
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "megabyte-gelu-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(gelu_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?)),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(gelu_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?)),
+            _ => candle_core::bail!("gelu backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm / RMSNorm over the last dimension.
+
+/// LayerNorm (`bias` given: centre, scale, shift) or RMSNorm (`bias` None) of x [.., D].
+pub fn norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
+    let x = x.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3(weight, b, Norm { eps }),
+        None => x.apply_op2(weight, RmsNorm { eps }),
+    }
+}
+
+struct Norm {
+    eps: f64,
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+/// Mean (0 for RMS) and 1/σ of one row.
+fn row_stats<T: Elem>(x: &[T], center: bool, eps: f64) -> (T, T) {
+    let d = T::from(x.len()).expect("len fits");
+    let mean = if center { x.iter().fold(T::zero(), |a, &b| a + b) / d } else { T::zero() };
+    let var = x.iter().fold(T::zero(), |a, &b| a + (b - mean) * (b - mean)) / d;
+    (mean, (var + T::from(eps).expect("eps fits")).sqrt().recip())
+}
+
+fn norm_fwd<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
+        let (mean, rstd) = row_stats(xr, b.is_some(), eps);
+        for i in 0..d {
+            let shift = b.map_or(T::zero(), |b| b[i]);
+            yr[i] = (xr[i] - mean) * rstd * w[i] + shift;
+        }
+    });
+    y
+}
+
+/// [dx | dw | db] (db only with a bias).
+fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], center: bool, eps: f64) -> Vec<T> {
+    let d = w.len();
+    let rows = x.len() / d;
+    let mut dx = vec![T::zero(); x.len()];
+    let chunk = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
+    let partials: Vec<(Vec<T>, Vec<T>)> = dx
+        .par_chunks_mut(chunk * d)
+        .enumerate()
+        .map(|(c, dxc)| {
+            let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
+            let inv_d = T::from(d).expect("d fits").recip();
+            for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                let row = c * chunk + r;
+                let (xr, dyr) = (&x[row * d..][..d], &dy[row * d..][..d]);
+                let (mean, rstd) = row_stats(xr, center, eps);
+                // dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), g = dy·w (mean(g) dropped for RMS).
+                let (mut mg, mut mgx) = (T::zero(), T::zero());
+                for i in 0..d {
+                    let xh = (xr[i] - mean) * rstd;
+                    let g = dyr[i] * w[i];
+                    mg = mg + g;
+                    mgx = mgx + g * xh;
+                    dw[i] = dw[i] + dyr[i] * xh;
+                    db[i] = db[i] + dyr[i];
+                }
+                let mg = if center { mg * inv_d } else { T::zero() };
+                let mgx = mgx * inv_d;
+                for i in 0..d {
+                    let xh = (xr[i] - mean) * rstd;
+                    dxr[i] = rstd * (dyr[i] * w[i] - mg - xh * mgx);
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
+    for (pw, pb) in partials {
+        for i in 0..d {
+            dw[i] = dw[i] + pw[i];
+            db[i] = db[i] + pb[i];
+        }
+    }
+    dx.extend(dw);
+    if center {
+        dx.extend(db);
+    }
+    dx
+}
+
+fn norm_cpu_fwd(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<(&CpuStorage, &Layout)>, eps: f64) -> CResult<(CpuStorage, Shape)> {
+    let shape = x.1.shape().clone();
+    let out = match (x.0, w.0, b.map(|b| b.0)) {
+        (CpuStorage::F32(xs), CpuStorage::F32(ws), bias) => {
+            let bias = match bias {
+                Some(CpuStorage::F32(bs)) => Some(contiguous(bs, b.expect("some").1, "norm bias")?),
+                Some(_) => candle_core::bail!("norm: dtype mismatch"),
+                None => None,
+            };
+            CpuStorage::F32(norm_fwd(contiguous(xs, x.1, "norm x")?, contiguous(ws, w.1, "norm weight")?, bias, eps))
+        }
+        (CpuStorage::F64(xs), CpuStorage::F64(ws), bias) => {
+            let bias = match bias {
+                Some(CpuStorage::F64(bs)) => Some(contiguous(bs, b.expect("some").1, "norm bias")?),
+                Some(_) => candle_core::bail!("norm: dtype mismatch"),
+                None => None,
+            };
+            CpuStorage::F64(norm_fwd(contiguous(xs, x.1, "norm x")?, contiguous(ws, w.1, "norm weight")?, bias, eps))
+        }
+        _ => candle_core::bail!("norm: unsupported dtype {:?} on the CPU", x.0.dtype()),
+    };
+    Ok((out, shape))
+}
+
+/// Runs the norm backward kernel and splits its output into (dx, dw, db).
+fn norm_grads(x: &Tensor, w: &Tensor, grad: &Tensor, center: bool, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+    let x = x.contiguous()?;
+    let all = x.apply_op2_no_bwd(w, &NormBackward { center, eps, dy: grad.contiguous()? })?;
+    let (n, d) = (x.elem_count(), w.elem_count());
+    let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+    let dw = all.narrow(0, n, d)?;
+    let db = if center { Some(all.narrow(0, n + d, d)?) } else { None };
+    Ok((dx, dw, db))
+}
+
+impl CustomOp3 for Norm {
+    fn name(&self) -> &'static str {
+        "megabyte-layer-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        norm_cpu_fwd((s1, l1), (s2, l2), Some((s3, l3)), self.eps)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = norm_grads(x, w, grad, true, self.eps)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "megabyte-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        norm_cpu_fwd((s1, l1), (s2, l2), None, self.eps)
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = norm_grads(x, w, grad, false, self.eps)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+struct NormBackward {
+    center: bool,
+    eps: f64,
+    dy: Tensor,
+}
+
+impl CustomOp2 for NormBackward {
+    fn name(&self) -> &'static str {
+        "megabyte-norm-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (sdy, ldy) = cpu_storage(&self.dy)?;
+        let d = l2.shape().elem_count();
+        let n = l1.shape().elem_count();
+        let out = match (s1, s2, &sdy) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => CpuStorage::F32(norm_bwd(
+                contiguous(x, l1, "x")?,
+                contiguous(w, l2, "w")?,
+                contiguous(dy, &ldy, "dy")?,
+                self.center,
+                self.eps,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => CpuStorage::F64(norm_bwd(
+                contiguous(x, l1, "x")?,
+                contiguous(w, l2, "w")?,
+                contiguous(dy, &ldy, "dy")?,
+                self.center,
+                self.eps,
+            )),
+            _ => candle_core::bail!("norm backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, Shape::from(n + d * if self.center { 2 } else { 1 })))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax cross-entropy over the 256 byte logits.
+
+/// Per-row cross-entropy in nats: logits [N, V], targets [N] u32 → [N] (logits' dtype).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
+}
+
+struct CrossEntropy;
+
+/// log Σ exp of a row, stably.
+fn log_sum_exp<T: Elem>(row: &[T]) -> T {
+    let max = row.iter().fold(T::neg_infinity(), |a, &b| Float::max(a, b));
+    max + row.iter().fold(T::zero(), |a, &b| a + (b - max).exp()).ln()
+}
+
+fn ce_fwd<T: Elem>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
+    logits.par_chunks(v).zip(targets.par_iter()).map(|(row, &t)| log_sum_exp(row) - row[t as usize]).collect()
+}
+
+fn ce_bwd<T: Elem>(logits: &[T], targets: &[u32], dloss: &[T], v: usize) -> Vec<T> {
+    let mut out = vec![T::zero(); logits.len()];
+    out.par_chunks_mut(v).zip(logits.par_chunks(v)).enumerate().for_each(|(r, (o, row))| {
+        let lse = log_sum_exp(row);
+        for (oi, &l) in o.iter_mut().zip(row) {
+            *oi = (l - lse).exp() * dloss[r];
+        }
+        o[targets[r] as usize] = o[targets[r] as usize] - dloss[r];
+    });
+    out
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "megabyte-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (n, v) = l1.shape().dims2()?;
+        let CpuStorage::U32(t) = s2 else { candle_core::bail!("cross-entropy: targets must be u32") };
+        let t = contiguous(t, l2, "targets")?;
+        if t.len() != n || t.iter().any(|&x| x as usize >= v) {
+            candle_core::bail!("cross-entropy: need {n} targets below {v}");
+        }
+        let out = match s1 {
+            CpuStorage::F32(l) => CpuStorage::F32(ce_fwd(contiguous(l, l1, "logits")?, t, v)),
+            CpuStorage::F64(l) => CpuStorage::F64(ce_fwd(contiguous(l, l1, "logits")?, t, v)),
+            _ => candle_core::bail!("cross-entropy: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, Shape::from(n)))
+    }
+
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.apply_op2_no_bwd(targets, &CrossEntropyBackward { dloss: grad.contiguous()? })?;
+        Ok((Some(g), None))
+    }
+}
+
+struct CrossEntropyBackward {
+    dloss: Tensor,
+}
+
+impl CustomOp2 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "megabyte-cross-entropy-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (_, v) = l1.shape().dims2()?;
+        let CpuStorage::U32(t) = s2 else { candle_core::bail!("cross-entropy: targets must be u32") };
+        let t = contiguous(t, l2, "targets")?;
+        let (sd, ld) = cpu_storage(&self.dloss)?;
+        let out = match (s1, &sd) {
+            (CpuStorage::F32(l), CpuStorage::F32(d)) => CpuStorage::F32(ce_bwd(contiguous(l, l1, "logits")?, t, contiguous(d, &ld, "dloss")?, v)),
+            (CpuStorage::F64(l), CpuStorage::F64(d)) => CpuStorage::F64(ce_bwd(contiguous(l, l1, "logits")?, t, contiguous(d, &ld, "dloss")?, v)),
+            _ => candle_core::bail!("cross-entropy backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// The same operations composed from plain candle ops: slower, but differentiable by candle
+/// itself. The fused ops are tested against these.
+pub mod reference {
+    use candle_core::{Device, Tensor, D};
+
+    /// Softmax over the last dimension with a detached max.
+    pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    }
+
+    /// Causal attention as in [`super::causal_attention`].
+    pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+        let (n, sq, d) = q.dims3()?;
+        let sk = k.dim(1)?;
+        let hd = d / heads;
+        let split = |t: &Tensor, s: usize| t.reshape((n, s, heads, hd))?.transpose(1, 2)?.contiguous(); // [N, H, S, hd]
+        let (q, k, v) = (split(q, sq)?, split(k, sk)?, split(v, sk)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [N, H, Sq, Sk]
+        let offset = sk - sq;
+        let mask: Vec<f32> = (0..sq)
+            .flat_map(|i| (0..sk).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (sq, sk), &Device::Cpu)?.to_dtype(q.dtype())?.to_device(q.device())?;
+        let y = softmax_last(&scores.broadcast_add(&mask)?)?.matmul(&v)?; // [N, H, Sq, hd]
+        y.transpose(1, 2)?.reshape((n, sq, d))
+    }
+
+    /// LayerNorm (with bias) or RMSNorm (without) over the last dimension.
+    pub fn norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
+        let x = match b {
+            Some(_) => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
+            None => x.clone(),
+        };
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?;
+        match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Per-row cross-entropy of logits [N, V] against u32 targets [N].
+    pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+        let max = logits.max_keepdim(D::Minus1)?.detach();
+        let shifted = logits.broadcast_sub(&max)?;
+        let logp = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
+        logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW step.
+
+/// One AdamW update of a parameter, fused: from weights w, gradient g and moments
+/// `mv` = [m | v] (f32, 2·numel) returns [w' | m' | v'] (f32, 3·numel).
+/// `grad_scale` multiplies g first (gradient clipping); decay applies when `decay` is set.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// 1 − β1ᵗ and 1 − β2ᵗ (bias corrections).
+    pub bc1: f64,
+    pub bc2: f64,
+    pub grad_scale: f64,
+}
+
+pub fn adamw_step(w: &Tensor, g: &Tensor, mv: &Tensor, hp: AdamWStep) -> CResult<Tensor> {
+    w.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, &mv.contiguous()?, &hp)
+}
+
+fn adamw_cpu<W: Elem>(w: &[W], g: &[W], mv: &[f32], hp: &AdamWStep) -> Vec<f32> {
+    let n = w.len();
+    let mut out = vec![0f32; 3 * n];
+    let (wo, rest) = out.split_at_mut(n);
+    let (mo, vo) = rest.split_at_mut(n);
+    let (m, v) = mv.split_at(n);
+    let decay = 1.0 - hp.lr * hp.weight_decay;
+    wo.par_iter_mut().zip(mo.par_iter_mut()).zip(vo.par_iter_mut()).enumerate().for_each(|(i, ((wo, mo), vo))| {
+        let gi = WithDType::to_f64(g[i]) * hp.grad_scale;
+        let mi = hp.beta1 * m[i] as f64 + (1.0 - hp.beta1) * gi;
+        let vi = hp.beta2 * v[i] as f64 + (1.0 - hp.beta2) * gi * gi;
+        let update = (mi / hp.bc1) / ((vi / hp.bc2).sqrt() + hp.eps);
+        *wo = (WithDType::to_f64(w[i]) * decay - hp.lr * update) as f32;
+        *mo = mi as f32;
+        *vo = vi as f32;
+    });
+    out
+}
+
+impl CustomOp3 for AdamWStep {
+    fn name(&self) -> &'static str {
+        "megabyte-adamw"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let n = l1.shape().elem_count();
+        let CpuStorage::F32(mv) = s3 else { candle_core::bail!("adamw: moments must be f32") };
+        let mv = contiguous(mv, l3, "moments")?;
+        if l2.shape().elem_count() != n || mv.len() != 2 * n {
+            candle_core::bail!("adamw: shapes of weight, gradient and moments disagree");
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(w), CpuStorage::F32(g)) => adamw_cpu(contiguous(w, l1, "w")?, contiguous(g, l2, "g")?, mv, self),
+            (CpuStorage::F64(w), CpuStorage::F64(g)) => adamw_cpu(contiguous(w, l1, "w")?, contiguous(g, l2, "g")?, mv, self),
+            _ => candle_core::bail!("adamw: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((CpuStorage::F32(out), Shape::from(3 * n)))
+    }
+}
