@@ -13,14 +13,14 @@ pub fn run(name: &str, dir: &Path, from: Option<&Path>) -> Result<()> {
         ProgressStyle::with_template("{bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}").expect("valid template"),
     );
     let mut on_event = |event| match event {
-        FetchEvent::Trying { url } => bar.println(format!("trying {url}")),
+        FetchEvent::Trying { url } => crate::train::say(&bar, format!("trying {url}")),
         FetchEvent::Downloading { bytes_done, bytes_total } => {
             if let Some(total) = bytes_total {
                 bar.set_length(total);
             }
             bar.set_position(bytes_done);
         }
-        FetchEvent::SourceFailed { url, msg } => bar.println(format!("{url}: {msg}")),
+        FetchEvent::SourceFailed { url, msg } => crate::train::say(&bar, format!("{url}: {msg}")),
         FetchEvent::Verifying => bar.set_message("verifying md5"),
         FetchEvent::Writing { file } => bar.set_message(format!("writing {}", file.display())),
         _ => {}

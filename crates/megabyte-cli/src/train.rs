@@ -29,7 +29,8 @@ pub struct Args {
     /// Run folder: checkpoints, metrics.jsonl, loss.png [default with --resume: the resumed run's].
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
-    /// Continue the run in this folder (or from this checkpoint) exactly where it stopped.
+    /// Continue the run in this folder (or from this checkpoint) exactly where it stopped,
+    /// with its recorded settings; only --steps and --time may be changed.
     #[arg(long, conflicts_with_all = ["data", "valid", "valid_bytes", "config"])]
     resume: Option<PathBuf>,
     /// Stop after this many optimizer steps.
@@ -151,9 +152,9 @@ pub fn run(args: Args) -> Result<()> {
             ));
         }
         Event::Eval { step, report } => {
-            bar.println(format!("step {step:>6}: valid bpb {:.3} ({} bytes)", report.bpb, report.bytes))
+            say(&bar, format!("step {step:>6}: valid bpb {:.3} ({} bytes)", report.bpb, report.bytes))
         }
-        Event::Checkpoint { path, .. } => bar.println(format!("saved {}", path.display())),
+        Event::Checkpoint { path, .. } => say(&bar, format!("saved {}", path.display())),
     };
     let summary = train::run(&mut trainer, &data, &out, &stop, &mut on_event)?;
     bar.finish_and_clear();
@@ -181,6 +182,15 @@ pub fn run(args: Args) -> Result<()> {
         println!("sample (prompt in brackets):\n[{}]{}", String::from_utf8_lossy(&prompt), String::from_utf8_lossy(&sample[0]));
     }
     Ok(())
+}
+
+/// A line above the progress bar, or on stderr when there is no terminal to draw it on.
+pub fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
 }
 
 /// The run folder of a checkpoint folder (its parent) or of a run folder (itself).

@@ -42,12 +42,19 @@ pub fn save(run_dir: &Path, data: &CheckpointData) -> Result<PathBuf> {
     let name = format!("{PREFIX}{:08}", data.step);
     let final_dir = run_dir.join(&name);
     let tmp = run_dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let old = run_dir.join(format!(".{name}.old-{}", std::process::id()));
     let result = write_into(&tmp, data).and_then(|()| {
-        if final_dir.exists() {
-            std::fs::remove_dir_all(&final_dir).io_context(|| format!("replacing {}", final_dir.display()))?;
+        // Replacing a checkpoint of the same step: move the old one aside first, so that a
+        // crash at any point leaves one complete `step-*` folder or the hidden copy.
+        let replacing = final_dir.exists();
+        if replacing {
+            std::fs::rename(&final_dir, &old).io_context(|| format!("moving aside {}", final_dir.display()))?;
         }
         std::fs::rename(&tmp, &final_dir).io_context(|| format!("renaming into {}", final_dir.display()))?;
         sync_dir(run_dir);
+        if replacing {
+            std::fs::remove_dir_all(&old).io_context(|| format!("removing {}", old.display()))?;
+        }
         Ok(())
     });
     if result.is_err() {
@@ -113,6 +120,18 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Removes hidden temporary folders that an interrupted save left in a run folder.
+pub fn remove_stale_temps(run_dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(run_dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&format!(".{PREFIX}")) && (name.contains(".tmp-") || name.contains(".old-")) {
+            std::fs::remove_dir_all(entry.path()).io_context(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Deletes all but the newest `keep` checkpoints of a run.

@@ -34,10 +34,10 @@ pub struct EvalReport {
     pub windows: u64,
 }
 
-/// One window: where it starts in the split and which of its positions are scored.
-struct Window {
-    start: u64,
-    score: Vec<f32>,
+/// One window: where it starts in the split and which of its positions are scored (1.0).
+pub struct Window {
+    pub start: u64,
+    pub score: Vec<f32>,
 }
 
 /// Scores every byte of `split` exactly once (settings as above), `limit` bytes at most.
@@ -67,7 +67,7 @@ pub fn evaluate(
         vec![0]
     };
     let batch = settings.batch_size.max(1);
-    let windows: Vec<Window> = offsets.iter().flat_map(|&o| plan(len, t, p, stride, o, settings.strided)).collect();
+    let windows = windows(len, t, p, stride, &offsets, settings.strided);
     let total = windows.len() as u64;
     let (mut nats, mut bytes) = (0f64, 0u64);
     for (i, chunk) in windows.chunks(batch).enumerate() {
@@ -85,6 +85,11 @@ pub fn evaluate(
         return Err(Error::Input(format!("evaluation scored {bytes} of {len} bytes (an internal bug)")));
     }
     Ok(EvalReport { bpb: nats / bytes as f64 / std::f64::consts::LN_2, bytes, windows: total })
+}
+
+/// Every window of every pass (one pass per offset) over `len` bytes.
+pub fn windows(len: u64, t: usize, p: usize, stride: usize, offsets: &[usize], strided: bool) -> Vec<Window> {
+    offsets.iter().flat_map(|&o| plan(len, t, p, stride, o, strided)).collect()
 }
 
 /// The windows of one pass starting at `offset`: each scores the bytes it is responsible for.

@@ -124,6 +124,8 @@ pub struct Decoder<'m> {
     local: KvCache,
     /// Local contexts of the current patch, [B, P, D_L].
     context: Tensor,
+    /// `logits` was called and its byte not pushed yet.
+    awaiting_push: bool,
 }
 
 impl<'m> Decoder<'m> {
@@ -148,6 +150,7 @@ impl<'m> Decoder<'m> {
             global: model.global_cache(),
             local: model.local_cache(),
             context: Tensor::zeros(1, DType::F32, device)?, // set by prefill
+            awaiting_push: false,
         };
         d.prefill()?;
         Ok(d)
@@ -194,16 +197,22 @@ impl<'m> Decoder<'m> {
         Ok(self.context.narrow(1, pos, 1)?.squeeze(1)?) // [B, D_L]
     }
 
-    /// Logits [B, V] for the next byte of every sequence.
+    /// Logits [B, V] for the next byte of every sequence. Runs one local step, so each call
+    /// must be followed by a [`Decoder::push`] of the chosen bytes.
     pub fn logits(&mut self) -> Result<Tensor> {
+        if self.awaiting_push {
+            return Err(Error::Input("Decoder::logits called twice: push the chosen bytes first".into()));
+        }
         let pos = self.local.len();
         let prev = if pos == 0 {
             None
         } else {
-            let last: Vec<u32> = self.history.iter().map(|h| u32::from(*h.last().expect("pos > 0"))).collect();
+            let last: Vec<u32> = self.history.iter().map(|h| h.last().map_or(0, |&b| u32::from(b))).collect();
             Some(Tensor::from_vec(last, self.history.len(), &self.device)?)
         };
-        self.model.local_step(&self.context_at(pos)?, prev.as_ref(), &mut self.local)
+        let logits = self.model.local_step(&self.context_at(pos)?, prev.as_ref(), &mut self.local)?;
+        self.awaiting_push = true;
+        Ok(logits)
     }
 
     /// Appends one byte per sequence (after a call to `logits`). At a patch boundary the
@@ -213,6 +222,10 @@ impl<'m> Decoder<'m> {
         if bytes.len() != self.history.len() {
             return Err(Error::Input("push needs one byte per sequence".into()));
         }
+        if !self.awaiting_push {
+            return Err(Error::Input("Decoder::push without logits: call logits first".into()));
+        }
+        self.awaiting_push = false;
         for (h, &b) in self.history.iter_mut().zip(bytes) {
             h.push(b);
         }

@@ -144,7 +144,7 @@ impl Module for Linear {
         let n = x.elem_count() / d_in;
         let y = x.reshape((n, d_in))?.matmul(&self.weight.t()?)?;
         let mut out = dims.to_vec();
-        *out.last_mut().expect("non-scalar input") = self.weight.dim(0)?;
+        out[dims.len() - 1] = self.weight.dim(0)?;
         y.reshape(out)
     }
 }

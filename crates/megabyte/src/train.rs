@@ -250,9 +250,11 @@ impl Trainer {
         self.record.step
     }
 
+    /// How far the decay has gone, in [0, 1]: by steps after warm-up, or by wall time.
     fn progress(&self) -> f64 {
         let t = &self.record.train;
-        let by_steps = t.steps.map_or(0.0, |s| self.record.step as f64 / s as f64);
+        let after_warmup = |n: u64| n.saturating_sub(t.warmup_steps) as f64;
+        let by_steps = t.steps.map_or(0.0, |s| after_warmup(self.record.step) / after_warmup(s).max(1.0));
         let by_time = t.time_minutes.map_or(0.0, |m| self.record.elapsed_secs / (m * 60.0));
         by_steps.max(by_time)
     }
@@ -275,7 +277,7 @@ impl Trainer {
                 Some(acc) => optim::add_grads(acc, g, self.params.vars())?,
             }
         }
-        let grads = grads.expect("grad_accum ≥ 1");
+        let grads = grads.ok_or_else(|| Error::Config("grad_accum must be at least 1".into()))?;
         let grad_norm = optim::grad_norm(&grads, self.params.vars())?;
         if !grad_norm.is_finite() {
             return Err(Error::Input(format!(
@@ -372,6 +374,7 @@ pub fn prepare_run_dir(run_dir: &Path, resuming: bool) -> Result<()> {
             run_dir.display()
         )));
     }
+    checkpoint::remove_stale_temps(run_dir)?;
     let probe = run_dir.join(".write-test");
     std::fs::write(&probe, b"ok")
         .and_then(|()| std::fs::remove_file(&probe))

@@ -39,3 +39,24 @@ fn plain_evaluation_equals_the_mean_training_loss_on_whole_windows() {
     let loss = model.loss(&x).unwrap().to_scalar::<f32>().unwrap() as f64;
     assert!((r.bpb - loss / std::f64::consts::LN_2).abs() < 1e-5);
 }
+
+#[test]
+fn window_plans_cover_each_byte_exactly_once() {
+    use megabyte::eval::windows;
+    let (t, p) = (64, 8);
+    for len in [1u64, 5, 63, 64, 65, 200, 1000] {
+        for (stride, offsets, strided) in
+            [(64, vec![0], false), (16, vec![0], false), (7, vec![0], false), (64, vec![0, 4], true), (24, vec![0, 4], true)]
+        {
+            let mut count = vec![0u32; len as usize];
+            for w in windows(len, t, p, stride, &offsets, strided) {
+                for (i, &s) in w.score.iter().enumerate() {
+                    if s > 0.0 {
+                        count[(w.start + i as u64) as usize] += 1;
+                    }
+                }
+            }
+            assert!(count.iter().all(|&c| c == 1), "len {len} stride {stride} strided {strided}: {count:?}");
+        }
+    }
+}
