@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Independent NumPy reference of the MEGABYTE model (Yu et al., 2023, arXiv 2305.07185, §2),
-written from /work/shared/MEGABYTE.md and the checkpoint contract, not translated from the Rust
+written from the paper's section 2 (as ARCHITECTURE.md summarises it) and the checkpoint contract, not translated from the Rust
 code. It exists to produce golden fixtures that the Rust model must reproduce.
 
 Letters: B batch, T bytes per sequence, P patch size, K = T/P patches, D_G per-byte global width

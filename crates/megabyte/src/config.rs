@@ -1,6 +1,6 @@
 //! Typed model configuration, named presets and compute accounting.
 //!
-//! Letters (see MEGABYTE.md): B batch, T bytes per sequence, P patch size, K = T/P patches,
+//! Letters: B batch, T bytes per sequence, P patch size, K = T/P patches,
 //! D_G per-byte global width (the global model is P·D_G wide), D_L local width, V = 256.
 
 use serde::{Deserialize, Serialize};

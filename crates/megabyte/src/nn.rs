@@ -1,8 +1,7 @@
-//! Transformer building blocks, written with candle's differentiable primitives only.
-//!
-//! candle-nn's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward pass
-//! (gradients silently stop), so norms and softmax here are composed from ops that do; the
-//! gradient tests cover every parameter kind.
+//! Transformer building blocks: parameters, linear layers, norms, attention, MLP, blocks and
+//! the KV cache. Norms, attention and GELU run as the fused ops of `ops.rs`, which carry their
+//! own backward passes (candle-nn's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have
+//! none: gradients would silently stop). The gradient tests cover every parameter kind.
 
 use std::collections::BTreeMap;
 
@@ -149,7 +148,7 @@ impl Module for Linear {
     }
 }
 
-/// LayerNorm or RMSNorm over the last dimension, composed from differentiable ops.
+/// LayerNorm or RMSNorm over the last dimension (the fused [`crate::ops::norm`]).
 #[derive(Clone, Debug)]
 pub struct Norm {
     weight: Tensor,

@@ -95,3 +95,36 @@ fn the_training_loop_validates_checkpoints_and_logs() {
     // A run folder that holds a run is not overwritten by a new run.
     assert!(train::prepare_run_dir(&dir, false).is_err());
 }
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = temp_dir("ctrlc");
+    let run = dir.join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_megabyte"))
+        .args(["train", "--time", "5", "--eval-every", "20", "--eval-bytes", "4096", "--sample-bytes", "0", "--out"])
+        .arg(&run)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training is under way (the first validation after step 0), then interrupt.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap() > 0 && !line.contains("step     20: valid bpb") {
+        line.clear();
+    }
+    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let rest: String = stderr.lines().map(|l| l.unwrap() + "\n").collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit {status}: {rest}");
+    assert!(rest.contains("interrupted at step"), "{rest}");
+    let saved = checkpoint::list(&run).unwrap();
+    assert_eq!(saved.len(), 1);
+    let (step, path) = &saved[0];
+    assert!(*step >= 20);
+    // The interrupted run resumes.
+    assert!(Trainer::resume(path, Some((Some(step + 1), None)), &Device::Cpu).is_ok());
+}

@@ -89,3 +89,42 @@ fn fused_cross_entropy_matches_composition() {
 fn fused_gelu_matches_composition() {
     compare(&[rand(&[7, 33], 8)], |xs| ops::gelu(&xs[0]).unwrap(), |xs| xs[0].gelu_erf().unwrap(), "gelu");
 }
+
+#[test]
+fn fused_adamw_step_matches_the_textbook_update() {
+    use megabyte::optim::{AdamW, AdamWConfig};
+    let cfg = AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 };
+    let (w, b) = (rand(&[5, 7], 11), rand(&[7], 12));
+    let params: std::collections::BTreeMap<String, Var> =
+        [("w".to_string(), w.clone()), ("b".to_string(), b.clone())].into_iter().collect();
+    let mut opt = AdamW::new(&params, cfg).unwrap();
+    let (w0, b0) = (w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let x = rand(&[7], 13).as_tensor().clone();
+    let loss = |w: &Tensor, b: &Tensor| w.broadcast_mul(&(b + &x).unwrap()).unwrap().sqr().unwrap().sum_all().unwrap();
+    let (lr, scale) = (0.01, 0.5);
+    // Two steps, then the same two steps by hand in f64.
+    let mut m = [vec![0f64; 35], vec![0f64; 7]];
+    let mut v = m.clone();
+    let mut p = [w0.iter().map(|&x| x as f64).collect::<Vec<_>>(), b0.iter().map(|&x| x as f64).collect::<Vec<_>>()];
+    for t in 1..=2 {
+        let grads = loss(w.as_tensor(), b.as_tensor()).backward().unwrap();
+        let gs = [grads.get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap()];
+        opt.step(&grads, lr, scale).unwrap();
+        for k in 0..2 {
+            let wd = if k == 0 { 0.1 } else { 0.0 }; // decay on matrices only
+            for i in 0..p[k].len() {
+                let g = gs[k][i] as f64 * scale;
+                m[k][i] = 0.9 * m[k][i] + 0.1 * g;
+                v[k][i] = 0.98 * v[k][i] + 0.02 * g * g;
+                let update = (m[k][i] / (1.0 - 0.9f64.powi(t))) / ((v[k][i] / (1.0 - 0.98f64.powi(t))).sqrt() + 1e-8);
+                p[k][i] = p[k][i] * (1.0 - lr * wd) - lr * update;
+            }
+        }
+    }
+    let got = [w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.as_tensor().to_vec1::<f32>().unwrap()];
+    for k in 0..2 {
+        for (a, e) in got[k].iter().zip(&p[k]) {
+            assert!((*a as f64 - e).abs() < 1e-5, "param {k}: fused {a} vs textbook {e}");
+        }
+    }
+}
