@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::backprop::GradStore;
+use rayon::prelude::*;
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointData};
@@ -187,6 +189,9 @@ pub struct Trainer {
     sampler: WindowSampler,
     record: TrainRecord,
     device: Device,
+    /// Threads a CPU micro-batch is split over (one per core).
+    cpu_workers: usize,
+    cpu_pool: Arc<rayon::ThreadPool>,
 }
 
 impl Trainer {
@@ -199,7 +204,8 @@ impl Trainer {
         let sampler = WindowSampler::new(train.seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
         let record =
             TrainRecord { format: RECORD_FORMAT, step: 0, bytes_seen: 0, elapsed_secs: 0.0, sampler: sampler.state(), train, data };
-        Ok(Trainer { model, params, opt, sampler, record, device: device.clone() })
+        let (cpu_workers, cpu_pool) = cpu_pool()?;
+        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), cpu_workers, cpu_pool })
     }
 
     /// Continues from a training checkpoint (or a run folder's newest one) exactly.
@@ -231,7 +237,8 @@ impl Trainer {
         opt.load_state(&moments, record.step)
             .map_err(|msg| Error::Checkpoint { path: opt_path, msg })?;
         let sampler = WindowSampler::restore(record.sampler);
-        Ok(Trainer { model, params, opt, sampler, record, device: device.clone() })
+        let (cpu_workers, cpu_pool) = cpu_pool()?;
+        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), cpu_workers, cpu_pool })
     }
 
     pub fn model(&self) -> &MegaByte {
@@ -265,16 +272,16 @@ impl Trainer {
         let t = self.record.train.clone();
         let context = self.model.config().context;
         let lr = learning_rate(&t, self.record.step, self.progress());
-        let mut grads: Option<candle_core::backprop::GradStore> = None;
+        let mut grads: Option<GradStore> = None;
         let mut loss_sum = 0.0;
         for _ in 0..t.grad_accum {
             let x = self.sampler.batch(train, t.batch_size, context, &self.device)?; // [B, T]
-            let loss = self.model.loss(&x)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let g = (loss / t.grad_accum as f64)?.backward()?;
-            match grads.as_mut() {
-                None => grads = Some(g),
-                Some(acc) => optim::add_grads(acc, g, self.params.vars())?,
+            for (loss, g) in self.shard_grads(&x, t.grad_accum)? {
+                loss_sum += loss;
+                match grads.as_mut() {
+                    None => grads = Some(g),
+                    Some(acc) => optim::add_grads(acc, g, self.params.vars())?,
+                }
             }
         }
         let grads = grads.ok_or_else(|| Error::Config("grad_accum must be at least 1".into()))?;
@@ -303,6 +310,29 @@ impl Trainer {
             bytes_per_sec: bytes as f64 / secs,
             elapsed_secs: self.record.elapsed_secs,
         })
+    }
+
+    /// Loss (its share of the step's mean) and gradients of one micro-batch x [B, T].
+    ///
+    /// On the CPU the batch is split into one shard per core, each run forward and backward
+    /// on its own thread: the small ops of a small model are serial, so this data
+    /// parallelism is what fills the cores (measured in BENCHMARKS.md). The shards' losses
+    /// are weighted by their share of the batch, so the summed gradient is the batch's.
+    fn shard_grads(&self, x: &Tensor, accum: usize) -> Result<Vec<(f64, GradStore)>> {
+        let b = x.dim(0)?;
+        let shards = if self.device.is_cpu() { self.cpu_workers.min(b) } else { 1 };
+        let sizes: Vec<usize> = (0..shards).map(|i| b / shards + usize::from(i < b % shards)).collect();
+        let run = |start: usize, len: usize| -> Result<(f64, GradStore)> {
+            let weight = len as f64 / (b * accum) as f64;
+            let loss = (self.model.loss(&x.narrow(0, start, len)?)? * weight)?;
+            Ok((loss.to_scalar::<f32>()? as f64, loss.backward()?))
+        };
+        if shards == 1 {
+            return Ok(vec![run(0, b)?]);
+        }
+        let starts: Vec<usize> = sizes.iter().scan(0, |acc, &n| { let s = *acc; *acc += n; Some(s) }).collect();
+        // One pool thread per shard; the fused ops' own parallel loops share the same pool.
+        self.cpu_pool.install(|| starts.par_iter().zip(&sizes).map(|(&s, &n)| run(s, n)).collect())
     }
 
     /// Validation bpb over the first `eval_bytes` bytes of `valid`.
@@ -334,6 +364,16 @@ impl Trainer {
         }
         None
     }
+}
+
+/// One CPU training worker per core, in a pool of their own.
+fn cpu_pool() -> Result<(usize, Arc<rayon::ThreadPool>)> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(workers)
+        .build()
+        .map_err(|e| Error::Input(format!("cannot start {workers} training threads: {e}")))?;
+    Ok((workers, Arc::new(pool)))
 }
 
 /// Why a run stopped.
