@@ -4,7 +4,8 @@
 //! Each replaces a chain of 5–30 small candle ops (and two to three times as many in the
 //! backward pass) by one forward and one backward kernel. On the CPU that op count, not the
 //! arithmetic, bounds the speed of small models (measured: 17K → 23K training bytes/s for the
-//! `tiny` preset, BENCHMARKS.md). Kernels exist for the CPU (f32, f64) so far. Each op is
+//! `tiny` preset, BENCHMARKS.md). Kernels exist for the CPU (f32, f64) so far; on other devices
+each op falls back to its plain composition in [`reference`] (correct, not fast). Each op is
 //! checked against the plain candle composition in [`reference`] (GELU against candle's
 //! `gelu_erf`, AdamW against the textbook update) and by finite differences through the whole
 //! model (tests/it/ops.rs, tests/it/gradients.rs).
@@ -81,6 +82,9 @@ fn cpu_storage(t: &Tensor) -> CResult<(CpuStorage, Layout)> {
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> CResult<Tensor> {
     // The kernel reads any rank-3 view whose last dimension is contiguous (such as the q, k
     // and v column blocks of one qkv projection); anything else is copied first.
+    if !q.device().is_cpu() {
+        return reference::causal_attention(q, &k.contiguous()?, &v.contiguous()?, heads);
+    }
     let rows = |t: &Tensor| if t.stride()[2] == 1 { Ok(t.clone()) } else { t.contiguous() };
     rows(q)?.apply_op3(&rows(k)?, &rows(v)?, Attention { heads })
 }
@@ -274,6 +278,9 @@ impl CustomOp3 for AttentionBackward {
 
 /// GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)), elementwise.
 pub fn gelu(x: &Tensor) -> CResult<Tensor> {
+    if !x.device().is_cpu() {
+        return x.gelu_erf();
+    }
     x.contiguous()?.apply_op1(Gelu)
 }
 
@@ -339,6 +346,9 @@ impl CustomOp2 for GeluBackward {
 
 /// LayerNorm (`bias` given: centre, scale, shift) or RMSNorm (`bias` None) of x [.., D].
 pub fn norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
+    if !x.device().is_cpu() {
+        return reference::norm(x, weight, bias, eps);
+    }
     let x = x.contiguous()?;
     match bias {
         Some(b) => x.apply_op3(weight, b, Norm { eps }),
@@ -531,6 +541,9 @@ impl CustomOp2 for NormBackward {
 
 /// Per-row cross-entropy in nats: logits [N, V], targets [N] u32 → [N] (logits' dtype).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    if !logits.device().is_cpu() {
+        return reference::cross_entropy(logits, targets);
+    }
     logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
 }
 
@@ -610,7 +623,7 @@ impl CustomOp2 for CrossEntropyBackward {
 /// The same operations composed from plain candle ops: slower, but differentiable by candle
 /// itself. The fused ops are tested against these.
 pub mod reference {
-    use candle_core::{Device, Tensor, D};
+    use candle_core::{DType, Device, Tensor, D};
 
     /// Softmax over the last dimension with a detached max.
     pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -650,6 +663,18 @@ pub mod reference {
         }
     }
 
+    /// The AdamW update of [`super::adamw_step`], one tensor op at a time.
+    pub fn adamw_step(w: &Tensor, g: &Tensor, mv: &Tensor, hp: super::AdamWStep) -> candle_core::Result<Tensor> {
+        let n = w.elem_count();
+        let g = (g.flatten_all()?.to_dtype(DType::F32)? * hp.grad_scale)?;
+        let (m, v) = (mv.narrow(0, 0, n)?, mv.narrow(0, n, n)?);
+        let m = ((m * hp.beta1)? + (&g * (1.0 - hp.beta1))?)?;
+        let v = ((v * hp.beta2)? + (g.sqr()? * (1.0 - hp.beta2))?)?;
+        let update = ((&m / hp.bc1)? / ((&v / hp.bc2)?.sqrt()? + hp.eps)?)?;
+        let w = ((w.flatten_all()?.to_dtype(DType::F32)? * (1.0 - hp.lr * hp.weight_decay))? - (update * hp.lr)?)?;
+        Tensor::cat(&[w, m, v], 0)
+    }
+
     /// Per-row cross-entropy of logits [N, V] against u32 targets [N].
     pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
         let max = logits.max_keepdim(D::Minus1)?.detach();
@@ -679,6 +704,9 @@ pub struct AdamWStep {
 }
 
 pub fn adamw_step(w: &Tensor, g: &Tensor, mv: &Tensor, hp: AdamWStep) -> CResult<Tensor> {
+    if !w.device().is_cpu() {
+        return reference::adamw_step(w, g, mv, hp);
+    }
     w.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, &mv.contiguous()?, &hp)
 }
 

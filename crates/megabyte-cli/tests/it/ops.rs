@@ -128,3 +128,13 @@ fn fused_adamw_step_matches_the_textbook_update() {
         }
     }
 }
+
+#[test]
+fn reference_adamw_step_matches_the_fused_one() {
+    let (w, g) = (rand(&[6, 5], 21), rand(&[6, 5], 22));
+    let mv = Tensor::cat(&[rand(&[30], 23).as_tensor().abs().unwrap(), rand(&[30], 24).as_tensor().abs().unwrap()], 0).unwrap();
+    let hp = ops::AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1, bc1: 0.19, bc2: 0.0396, grad_scale: 0.7 };
+    let fused = ops::adamw_step(w.as_tensor(), g.as_tensor(), &mv, hp).unwrap();
+    let plain = reference::adamw_step(w.as_tensor(), g.as_tensor(), &mv, hp).unwrap();
+    assert!(rel_err(&fused, &plain) < 1e-6);
+}
