@@ -5,7 +5,7 @@
 //! backward pass) by one forward and one backward kernel. On the CPU that op count, not the
 //! arithmetic, bounds the speed of small models (measured: 17K → 23K training bytes/s for the
 //! `tiny` preset, BENCHMARKS.md). Kernels exist for the CPU (f32, f64) so far; on other devices
-each op falls back to its plain composition in [`reference`] (correct, not fast). Each op is
+//! each op falls back to its plain composition in [`reference`] (correct, not fast). Each op is
 //! checked against the plain candle composition in [`reference`] (GELU against candle's
 //! `gelu_erf`, AdamW against the textbook update) and by finite differences through the whole
 //! model (tests/it/ops.rs, tests/it/gradients.rs).
