@@ -137,14 +137,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        // Flatten leading dims so the matmul is one GEMM: [N, in] · [in, out].
-        let dims = x.dims();
-        let d_in = dims[dims.len() - 1];
-        let n = x.elem_count() / d_in;
-        let y = x.reshape((n, d_in))?.matmul(&self.weight.t()?)?;
-        let mut out = dims.to_vec();
-        out[dims.len() - 1] = self.weight.dim(0)?;
-        y.reshape(out)
+        crate::ops::linear(x, &self.weight)
     }
 }
 
@@ -231,18 +224,21 @@ impl Attention {
 
     /// x: [N, S, D] → [N, S, D]. With a cache, the S new positions follow the cached ones.
     fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> candle_core::Result<Tensor> {
-        let d = x.dim(2)?;
-        let qkv = self.qkv.forward(x)?; // [N, S, 3D]
-        let q = qkv.narrow(2, 0, d)?; // [N, S, D], heads as column blocks
-        let (mut k, mut v) = (qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
-        if let Some(slot) = cache {
-            if let Some((ck, cv)) = slot.as_ref() {
-                k = Tensor::cat(&[ck, &k], 1)?; // [N, offset+S, D]
-                v = Tensor::cat(&[cv, &v], 1)?;
+        let qkv = self.qkv.forward(x)?; // [N, S, 3D]: q, k, v as column blocks, heads within each
+        let y = match cache {
+            None => crate::ops::causal_self_attention(&qkv, self.heads)?, // [N, S, D]
+            Some(slot) => {
+                let d = x.dim(2)?;
+                let q = qkv.narrow(2, 0, d)?; // [N, S, D]
+                let (mut k, mut v) = (qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
+                if let Some((ck, cv)) = slot.as_ref() {
+                    k = Tensor::cat(&[ck, &k], 1)?; // [N, offset+S, D]
+                    v = Tensor::cat(&[cv, &v], 1)?;
+                }
+                *slot = Some((k.contiguous()?, v.contiguous()?));
+                crate::ops::causal_attention(&q, &k, &v, self.heads)?
             }
-            *slot = Some((k.contiguous()?, v.contiguous()?));
-        }
-        let y = crate::ops::causal_attention(&q, &k, &v, self.heads)?; // [N, S, D]
+        };
         self.proj.forward(&y)
     }
 }

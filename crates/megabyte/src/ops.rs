@@ -75,22 +75,49 @@ fn cpu_storage(t: &Tensor) -> CResult<(CpuStorage, Layout)> {
 // ---------------------------------------------------------------------------------------------
 // Causal multi-head attention.
 
-/// softmax(q kᵀ / √hd + causal mask) v for q [N, Sq, D] and k, v [N, Sk, D] (Sk ≥ Sq), with
-/// `heads` heads as contiguous column blocks of D. Query i sits at position Sk − Sq + i and
-/// sees keys ≤ that position (Sk > Sq when a KV cache precedes the queries). Never builds
-/// the [Sq, Sk] score matrix of more than one query at a time.
+/// Causal self-attention of one fused projection: qkv [N, S, 3D] (q, k, v as column blocks,
+/// `heads` heads as contiguous column blocks of each) → [N, S, D]. Differentiable: its backward
+/// writes d(qkv) in one piece, so the three column views cost nothing in the backward pass.
+/// Never holds more than one query's row of scores.
+pub fn causal_self_attention(qkv: &Tensor, heads: usize) -> CResult<Tensor> {
+    if !qkv.device().is_cpu() {
+        let d = qkv.dim(2)? / 3;
+        let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
+        return reference::causal_attention(&q, &k.contiguous()?, &v.contiguous()?, heads);
+    }
+    let qkv = if qkv.stride()[2] == 1 { qkv.clone() } else { qkv.contiguous()? };
+    qkv.apply_op1(SelfAttention { heads })
+}
+
+/// softmax(q kᵀ / √hd + causal mask) v for q [N, Sq, D] and k, v [N, Sk, D] (Sk ≥ Sq): query i
+/// sits at position Sk − Sq + i, after the Sk − Sq positions of a KV cache, and sees keys up
+/// to it. For cached decoding: no backward pass.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> CResult<Tensor> {
-    // The kernel reads any rank-3 view whose last dimension is contiguous (such as the q, k
-    // and v column blocks of one qkv projection); anything else is copied first.
     if !q.device().is_cpu() {
         return reference::causal_attention(q, &k.contiguous()?, &v.contiguous()?, heads);
     }
+    // The kernel reads any rank-3 view whose last dimension is contiguous.
     let rows = |t: &Tensor| if t.stride()[2] == 1 { Ok(t.clone()) } else { t.contiguous() };
-    rows(q)?.apply_op3(&rows(k)?, &rows(v)?, Attention { heads })
+    rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads })
 }
 
 struct Attention {
     heads: usize,
+}
+
+struct SelfAttention {
+    heads: usize,
+}
+
+/// The q, k and v views of a qkv [N, S, 3D] layout, and the shapes.
+fn qkv_views(l: &Layout, heads: usize) -> CResult<(AttnDims, View3, View3, View3)> {
+    let (v, [n, s, d3]) = view3(l, "attention qkv")?;
+    if d3 % 3 != 0 || (d3 / 3) % heads != 0 {
+        candle_core::bail!("attention: qkv width {d3} is not 3 × a multiple of {heads} heads");
+    }
+    let d = d3 / 3;
+    let at = |col: usize| View3 { offset: v.offset + col, ..v };
+    Ok((AttnDims { n, sq: s, sk: s, d, heads }, at(0), at(d), at(2 * d)))
 }
 
 /// Shapes of one attention call.
@@ -169,52 +196,45 @@ fn attn_fwd<T: Elem>(q: &[T], k: &[T], v: &[T], vq: View3, vk: View3, vv: View3,
     y
 }
 
-/// Gradients [dq | dk | dv] (contiguous, concatenated) from dy [N, Sq, D] contiguous.
-#[allow(clippy::too_many_arguments)]
-fn attn_bwd<T: Elem>(q: &[T], k: &[T], v: &[T], dy: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims) -> Vec<T> {
-    let (n_all, sq, sk, d, hd) = (dims.n, dims.sq, dims.sk, dims.d, dims.hd());
+/// d(qkv) [N, S, 3D] (contiguous) of self-attention from dy [N, S, D] contiguous.
+/// Recomputes the probabilities: nothing but qkv is kept from the forward pass.
+fn attn_bwd<T: Elem>(qkv: &[T], dy: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims) -> Vec<T> {
+    let (n_all, s, d, hd) = (dims.n, dims.sq, dims.d, dims.hd());
     let scale = T::from(dims.scale()).expect("scale fits");
-    let mut out = vec![T::zero(); n_all * (sq + 2 * sk) * d];
-    let (dq, rest) = out.split_at_mut(n_all * sq * d);
-    let (dk, dv) = rest.split_at_mut(n_all * sk * d);
-    dq.par_chunks_mut(sq * d)
-        .zip(dk.par_chunks_mut(sk * d))
-        .zip(dv.par_chunks_mut(sk * d))
-        .enumerate()
-        .for_each(|(n, ((dqn, dkn), dvn))| {
-            let mut p = vec![T::zero(); sk];
-            let mut dp = vec![T::zero(); sk];
-            for h in 0..dims.heads {
-                for i in 0..sq {
-                    let len = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
-                    let dyi = &dy[(n * sq + i) * d + h * hd..][..hd];
-                    // dP_ij = dy_i · v_j, and Σ_j P_ij dP_ij = dy_i · y_i.
-                    let mut row = T::zero();
-                    for j in 0..len {
-                        let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
-                        dp[j] = dyi.iter().zip(vj).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-                        row = row + p[j] * dp[j];
+    let (q, k, v) = (qkv, qkv, qkv);
+    let mut out = vec![T::zero(); n_all * s * 3 * d];
+    out.par_chunks_mut(s * 3 * d).enumerate().for_each(|(n, dn)| {
+        let mut p = vec![T::zero(); s];
+        let mut dp = vec![T::zero(); s];
+        for h in 0..dims.heads {
+            for i in 0..s {
+                let len = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
+                let dyi = &dy[(n * s + i) * d + h * hd..][..hd];
+                // dP_ij = dy_i · v_j, and Σ_j P_ij dP_ij = dy_i · y_i.
+                let mut row = T::zero();
+                for j in 0..len {
+                    let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
+                    dp[j] = dyi.iter().zip(vj).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                    row = row + p[j] * dp[j];
+                }
+                let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
+                for j in 0..len {
+                    let ds = p[j] * (dp[j] - row) * scale; // dScore_ij
+                    let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
+                    // Row r of dn holds [dq_r | dk_r | dv_r].
+                    for (o, &x) in dn[i * 3 * d + h * hd..][..hd].iter_mut().zip(kj) {
+                        *o = *o + ds * x;
                     }
-                    let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
-                    for j in 0..len {
-                        let ds = p[j] * (dp[j] - row) * scale; // dScore_ij
-                        let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
-                        let dqi = &mut dqn[i * d + h * hd..][..hd];
-                        for (o, &x) in dqi.iter_mut().zip(kj) {
-                            *o = *o + ds * x;
-                        }
-                        let dkj = &mut dkn[j * d + h * hd..][..hd];
-                        for (o, &x) in dkj.iter_mut().zip(qi) {
-                            *o = *o + ds * x;
-                        }
-                        let dvj = &mut dvn[j * d + h * hd..][..hd];
-                        for (o, &x) in dvj.iter_mut().zip(dyi) {
-                            *o = *o + p[j] * x;
-                        }
+                    for (o, &x) in dn[j * 3 * d + d + h * hd..][..hd].iter_mut().zip(qi) {
+                        *o = *o + ds * x;
+                    }
+                    for (o, &x) in dn[j * 3 * d + 2 * d + h * hd..][..hd].iter_mut().zip(dyi) {
+                        *o = *o + p[j] * x;
                     }
                 }
             }
-        });
+        }
+    });
     out
 }
 
@@ -234,40 +254,150 @@ impl CustomOp3 for Attention {
         Ok((out, shape))
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (n, sq, d) = q.dims3()?;
-        let sk = k.dim(1)?;
-        let all = q.apply_op3_no_bwd(k, v, &AttentionBackward { heads: self.heads, dy: grad.contiguous()? })?;
-        let dq = all.narrow(0, 0, n * sq * d)?.reshape((n, sq, d))?;
-        let dk = all.narrow(0, n * sq * d, n * sk * d)?.reshape((n, sk, d))?;
-        let dv = all.narrow(0, n * (sq + sk) * d, n * sk * d)?.reshape((n, sk, d))?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+}
+
+impl candle_core::CustomOp1 for SelfAttention {
+    fn name(&self) -> &'static str {
+        "megabyte-causal-self-attention"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (dims, vq, vk, vv) = qkv_views(l, self.heads)?;
+        let out = match st {
+            CpuStorage::F32(x) => CpuStorage::F32(attn_fwd(x, x, x, vq, vk, vv, dims)),
+            CpuStorage::F64(x) => CpuStorage::F64(attn_fwd(x, x, x, vq, vk, vv, dims)),
+            _ => candle_core::bail!("attention: unsupported dtype {:?} on the CPU", st.dtype()),
+        };
+        Ok((out, Shape::from((dims.n, dims.sq, dims.d))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &SelfAttentionBackward { heads: self.heads })?))
     }
 }
 
-/// The backward kernel: recomputes the probabilities (nothing but q, k, v is kept).
-struct AttentionBackward {
+struct SelfAttentionBackward {
     heads: usize,
-    dy: Tensor,
 }
 
-impl CustomOp3 for AttentionBackward {
+impl CustomOp2 for SelfAttentionBackward {
     fn name(&self) -> &'static str {
-        "megabyte-causal-attention-backward"
+        "megabyte-causal-self-attention-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (dims, vq, vk, vv) = qkv_views(l1, self.heads)?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(attn_bwd(x, contiguous(dy, l2, "dy")?, vq, vk, vv, dims)),
+            (CpuStorage::F64(x), CpuStorage::F64(dy)) => CpuStorage::F64(attn_bwd(x, contiguous(dy, l2, "dy")?, vq, vk, vv, dims)),
+            _ => candle_core::bail!("attention backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, Shape::from((dims.n, dims.sq, 3 * dims.d))))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear map without bias.
+
+/// y = x Wᵀ for x [.., in] and W [out, in] → [.., out], as one graph node. The plain form
+/// (reshape, transpose, matmul, reshape) is four nodes, and candle's backward pass allocates
+/// and adds a zero tensor per node; this op's backward writes dx and dW directly.
+pub fn linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
+    let dims = x.dims();
+    let d_in = dims[dims.len() - 1];
+    let mut out = dims.to_vec();
+    out[dims.len() - 1] = w.dim(0)?;
+    if !x.device().is_cpu() {
+        let m = x.elem_count() / d_in;
+        return x.reshape((m, d_in))?.matmul(&w.t()?)?.reshape(out);
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?.reshape(out)
+}
+
+struct Linear;
+
+/// C = A·B for row-major views given by their (row, column) strides; dst is [m, n] contiguous.
+#[allow(clippy::too_many_arguments)]
+fn matmul_into<T: Elem>(dst: &mut [T], m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs: usize, b: &[T], b_rs: usize, b_cs: usize) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    assert!(dst.len() >= m * n);
+    // SAFETY: the strides describe views inside `a` and `b` (checked by the callers' shapes)
+    // and `dst` holds m·n elements.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, n as isize, false,
+            a.as_ptr(), a_cs as isize, a_rs as isize,
+            b.as_ptr(), b_cs as isize, b_rs as isize,
+            T::zero(), T::one(), false, false, false, parallelism,
+        )
+    }
+}
+
+/// x [M, in] · W [out, in]ᵀ → [M, out].
+fn linear_fwd<T: Elem>(x: &[T], w: &[T], d_in: usize, d_out: usize) -> Vec<T> {
+    let m = x.len() / d_in;
+    let mut y = vec![T::zero(); m * d_out];
+    matmul_into(&mut y, m, d_out, d_in, x, d_in, 1, w, 1, d_in);
+    y
+}
+
+/// [dx (M·in) | dW (out·in)] from dy [M, out].
+fn linear_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], d_in: usize, d_out: usize) -> Vec<T> {
+    let m = x.len() / d_in;
+    let mut out = vec![T::zero(); m * d_in + d_out * d_in];
+    let (dx, dw) = out.split_at_mut(m * d_in);
+    matmul_into(dx, m, d_in, d_out, dy, d_out, 1, w, d_in, 1); // dy · W
+    matmul_into(dw, d_out, d_in, m, dy, 1, d_out, x, d_in, 1); // dyᵀ · x
+    out
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "megabyte-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (d_out, d_in) = l2.shape().dims2()?;
+        let x_dims = l1.dims();
+        if x_dims[x_dims.len() - 1] != d_in {
+            candle_core::bail!("linear: input {x_dims:?} does not end in {d_in}");
+        }
+        let m = l1.shape().elem_count() / d_in;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(linear_fwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, d_in, d_out)),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(linear_fwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, d_in, d_out)),
+            _ => candle_core::bail!("linear: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, Shape::from((m, d_out))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LinearBackward)?;
+        let n = x.elem_count();
+        Ok((Some(all.narrow(0, 0, n)?.reshape(x.shape())?), Some(all.narrow(0, n, w.elem_count())?.reshape(w.shape())?)))
+    }
+}
+
+struct LinearBackward;
+
+impl CustomOp3 for LinearBackward {
+    fn name(&self) -> &'static str {
+        "megabyte-linear-backward"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (dims, vq, vk, vv) = attn_dims(l1, l2, l3, self.heads)?;
-        let (sdy, ldy) = cpu_storage(&self.dy)?;
-        let len = dims.n * (dims.sq + 2 * dims.sk) * dims.d;
-        let out = match (s1, s2, s3, &sdy) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v), CpuStorage::F32(dy)) => {
-                CpuStorage::F32(attn_bwd(q, k, v, contiguous(dy, &ldy, "dy")?, vq, vk, vv, dims))
-            }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v), CpuStorage::F64(dy)) => {
-                CpuStorage::F64(attn_bwd(q, k, v, contiguous(dy, &ldy, "dy")?, vq, vk, vv, dims))
-            }
-            _ => candle_core::bail!("attention backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+        let (d_out, d_in) = l2.shape().dims2()?;
+        let len = l1.shape().elem_count() + d_out * d_in;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => CpuStorage::F32(linear_bwd(
+                contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, contiguous(dy, l3, "dy")?, d_in, d_out,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => CpuStorage::F64(linear_bwd(
+                contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, contiguous(dy, l3, "dy")?, d_in, d_out,
+            )),
+            _ => candle_core::bail!("linear backward: unsupported dtype {:?} on the CPU", s1.dtype()),
         };
         Ok((out, Shape::from(len)))
     }

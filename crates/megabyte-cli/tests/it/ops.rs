@@ -33,25 +33,31 @@ fn compare(inputs: &[Var], fused: impl Fn(&[Tensor]) -> Tensor, plain: impl Fn(&
 }
 
 #[test]
-fn fused_attention_matches_composition() {
-    for (n, sq, sk, d, h) in [(3, 8, 8, 32, 2), (2, 5, 12, 24, 3), (4, 1, 9, 16, 4)] {
-        let qkv = rand(&[n, sk, 3 * d], 1);
-        let q = rand(&[n, sq, d], 2);
-        // k, v as column blocks of one projection (strided views), q separate.
-        let split = |xs: &[Tensor]| (xs[0].clone(), xs[1].narrow(2, d, d).unwrap(), xs[1].narrow(2, 2 * d, d).unwrap());
+fn fused_self_attention_matches_composition() {
+    for (n, s, d, h) in [(3, 8, 32, 2), (2, 12, 24, 3), (4, 1, 16, 4)] {
+        let split = |qkv: &Tensor| {
+            let (q, k, v) = (qkv.narrow(2, 0, d).unwrap(), qkv.narrow(2, d, d).unwrap(), qkv.narrow(2, 2 * d, d).unwrap());
+            reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h).unwrap()
+        };
         compare(
-            &[q, qkv],
-            |xs| {
-                let (q, k, v) = split(xs);
-                ops::causal_attention(&q, &k, &v, h).unwrap()
-            },
-            |xs| {
-                let (q, k, v) = split(xs);
-                reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h).unwrap()
-            },
-            &format!("attention n{n} sq{sq} sk{sk} d{d} h{h}"),
+            &[rand(&[n, s, 3 * d], 1)],
+            |xs| ops::causal_self_attention(&xs[0], h).unwrap(),
+            |xs| split(&xs[0]),
+            &format!("self-attention n{n} s{s} d{d} h{h}"),
         );
     }
+}
+
+#[test]
+fn cached_attention_matches_composition() {
+    // Queries after a cache (Sk > Sq), k and v as strided column views.
+    let (n, sq, sk, d, h) = (2, 3, 11, 24, 3);
+    let q = rand(&[n, sq, d], 2).as_tensor().clone();
+    let kv = rand(&[n, sk, 2 * d], 3).as_tensor().clone();
+    let (k, v) = (kv.narrow(2, 0, d).unwrap(), kv.narrow(2, d, d).unwrap());
+    let fused = ops::causal_attention(&q, &k, &v, h).unwrap();
+    let plain = reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h).unwrap();
+    assert!(rel_err(&fused, &plain) < 1e-5);
 }
 
 #[test]
@@ -137,4 +143,14 @@ fn reference_adamw_step_matches_the_fused_one() {
     let fused = ops::adamw_step(w.as_tensor(), g.as_tensor(), &mv, hp).unwrap();
     let plain = reference::adamw_step(w.as_tensor(), g.as_tensor(), &mv, hp).unwrap();
     assert!(rel_err(&fused, &plain) < 1e-6);
+}
+
+#[test]
+fn fused_linear_matches_composition() {
+    compare(
+        &[rand(&[3, 5, 24], 31), rand(&[40, 24], 32)],
+        |xs| ops::linear(&xs[0], &xs[1]).unwrap(),
+        |xs| xs[0].reshape((15, 24)).unwrap().matmul(&xs[1].t().unwrap()).unwrap().reshape((3, 5, 40)).unwrap(),
+        "linear",
+    );
 }
