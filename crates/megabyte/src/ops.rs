@@ -1,5 +1,6 @@
-//! Fused operations as candle CustomOps, each with its own backward pass: causal attention,
-//! LayerNorm/RMSNorm, GELU and softmax cross-entropy; and the fused AdamW update.
+//! Fused operations as candle CustomOps, each with its own backward pass: bias-free linear
+//! maps, causal self-attention on a fused qkv projection, LayerNorm/RMSNorm, GELU and softmax
+//! cross-entropy; plus forward-only attention after a KV cache and the fused AdamW update.
 //!
 //! Each replaces a chain of 5–30 small candle ops (and two to three times as many in the
 //! backward pass) by one forward and one backward kernel. On the CPU that op count, not the

@@ -300,7 +300,7 @@ impl Trainer {
         self.record.bytes_seen += bytes;
         self.record.elapsed_secs += secs;
         self.record.sampler = self.sampler.state();
-        let loss = loss_sum / t.grad_accum as f64;
+        let loss = loss_sum; // the shards' losses are already weighted by their share of the step
         Ok(StepStats {
             step: self.record.step,
             loss,

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Makes `cargo build --release --features cuda` work on a machine with no CUDA toolkit, from
+# pinned CUDA 13.0 PyPI wheels (the H200 driver is CUDA 13.0: stay on the 13.0 line).
+#
+#   eval "$(scripts/cuda-toolchain.sh)"     # installs into .cuda/ once, prints the exports
+#   cargo build --release --features cuda
+#
+# With a system CUDA 13.0 toolkit instead: export CUDA_HOME (and CUDA_COMPUTE_CAP=90 for H100/H200)
+# and build directly.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+D=$root/.cuda
+export CUDA_HOME=$D/nvidia/cu13
+if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+    python3 -m pip install -q --target "$D" >&2 \
+        nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+        nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.0.19 nvidia-cuda-nvrtc==13.0.88 \
+        nvidia-curand==10.4.0.35 nvidia-cuda-cccl==13.0.85
+fi
+# CCCL headers (nv/target, cub, thrust, cuda) must sit under $CUDA_HOME/include.
+if [ ! -e "$CUDA_HOME/include/nv/target" ]; then
+    for dir in $(find "$D/nvidia" -path '*/include/nv' -o -path '*/include/cccl' -o -path '*/include/cub' -o -path '*/include/thrust' -o -path '*/include/cuda' | grep -v "^$CUDA_HOME/include/"); do
+        cp -rn "$dir" "$CUDA_HOME/include/" 2>/dev/null || true
+    done
+fi
+# Unversioned library names for the linker.
+for lib in cublas cublasLt nvrtc curand cudart; do
+    real=$(ls "$CUDA_HOME"/lib/lib$lib.so.* 2>/dev/null | head -1 || true)
+    [ -n "$real" ] && ln -sf "$(basename "$real")" "$CUDA_HOME/lib/lib$lib.so"
+done
+# A stub libcuda.so.1 for linking (the driver's real one is used at run time).
+if [ ! -e "$CUDA_HOME/lib/stubs/libcuda.so" ]; then
+    (cd "$root" && cargo fetch -q >&2)
+    src=$(ls -d ~/.cargo/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | tail -1)
+    mkdir -p "$CUDA_HOME/lib/stubs"
+    grep -o 'pub unsafe fn cu[A-Za-z0-9_]*' "$src" | sed 's/pub unsafe fn //' | sort -u |
+        sed 's/.*/int &(void){return 999;}/' > "$D/cuda_stub.c"
+    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CUDA_HOME/lib/stubs/libcuda.so.1" "$D/cuda_stub.c"
+    ln -sf libcuda.so.1 "$CUDA_HOME/lib/stubs/libcuda.so"
+fi
+cat <<ENV
+export CUDA_HOME=$CUDA_HOME CUDA_PATH=$CUDA_HOME PATH=$CUDA_HOME/bin:\$PATH
+export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90} CUDARC_CUDA_VERSION=13000
+export LIBRARY_PATH=$CUDA_HOME/lib:$CUDA_HOME/lib/stubs
+ENV
