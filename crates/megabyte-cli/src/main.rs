@@ -74,10 +74,10 @@ fn main() {
 }
 
 /// Process-wide CPU settings, made before any thread starts. Measured on 2 cores with the
-/// `tiny` preset (BENCHMARKS.md): 22K → 30K training bytes/s.
+/// `tiny` preset (BENCHMARKS.md): with the shards, 13K bytes/s with these pools on, 30K off.
 fn tune_cpu_runtime() {
     // Training splits each batch over one thread per core (`megabyte::train`); candle's own
-    // per-op thread pools would only compete with those threads (12K bytes/s with them on).
+    // per-op thread pools would only compete with those threads.
     // A user's explicit setting wins.
     for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
         if std::env::var_os(var).is_none() {

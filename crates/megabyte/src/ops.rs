@@ -4,8 +4,8 @@
 //!
 //! Each replaces a chain of 5–30 small candle ops (and two to three times as many in the
 //! backward pass) by one forward and one backward kernel. On the CPU that op count, not the
-//! arithmetic, bounds the speed of small models (measured: 17K → 23K training bytes/s for the
-//! `tiny` preset, BENCHMARKS.md). Kernels exist for the CPU (f32, f64) so far; on other devices
+//! arithmetic, bounds the speed of small models (`tiny`: 17K → 23K training bytes/s from
+//! fusing alone; BENCHMARKS.md has the whole log). Kernels exist for the CPU (f32, f64) so far; on other devices
 //! each op falls back to its plain composition in [`reference`] (correct, not fast). Each op is
 //! checked against the plain candle composition in [`reference`] (GELU against candle's
 //! `gelu_erf`, AdamW against the textbook update) and by finite differences through the whole
