@@ -17,12 +17,17 @@ if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
         nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.0.19 nvidia-cuda-nvrtc==13.0.88 \
         nvidia-curand==10.4.0.35 nvidia-cuda-cccl==13.0.85
 fi
-# CCCL headers (nv/target, cub, thrust, cuda) must sit under $CUDA_HOME/include.
-if [ ! -e "$CUDA_HOME/include/nv/target" ]; then
-    for dir in $(find "$D/nvidia" -path '*/include/nv' -o -path '*/include/cccl' -o -path '*/include/cub' -o -path '*/include/thrust' -o -path '*/include/cuda' | grep -v "^$CUDA_HOME/include/"); do
-        cp -rn "$dir" "$CUDA_HOME/include/" 2>/dev/null || true
-    done
-fi
+# CCCL headers (nv/target, cub, thrust, cuda) must be found under $CUDA_HOME/include; the
+# 13.0 wheels put them in include/cccl/ or in a package of their own.
+for sub in nv cub thrust cuda; do
+    [ -e "$CUDA_HOME/include/$sub" ] && continue
+    if [ -e "$CUDA_HOME/include/cccl/$sub" ]; then
+        ln -s "cccl/$sub" "$CUDA_HOME/include/$sub"
+    else
+        found=$(find "$D/nvidia" -type d -path "*/include/$sub" | grep -v "^$CUDA_HOME/" | head -1)
+        [ -n "$found" ] && cp -r "$found" "$CUDA_HOME/include/$sub"
+    fi
+done
 # Unversioned library names for the linker.
 for lib in cublas cublasLt nvrtc curand cudart; do
     real=$(ls "$CUDA_HOME"/lib/lib$lib.so.* 2>/dev/null | head -1 || true)
