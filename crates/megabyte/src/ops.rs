@@ -835,6 +835,9 @@ pub mod reference {
 
     /// The AdamW update of [`super::adamw_step`], one tensor op at a time.
     pub fn adamw_step(w: &Tensor, g: &Tensor, mv: &Tensor, hp: super::AdamWStep) -> candle_core::Result<Tensor> {
+        // Detached: `w` is a Var, and a tracked result would chain every step's moments to the
+        // previous step's through the graph (found as a GPU out-of-memory after 15 steps).
+        let (w, g, mv) = (w.detach(), g.detach(), mv.detach());
         let n = w.elem_count();
         let g = (g.flatten_all()?.to_dtype(DType::F32)? * hp.grad_scale)?;
         let (m, v) = (mv.narrow(0, 0, n)?, mv.narrow(0, n, n)?);

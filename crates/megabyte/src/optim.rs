@@ -61,7 +61,7 @@ impl AdamW {
             let out = crate::ops::adamw_step(p.as_tensor(), g, mv, hp)?; // [w' | m' | v']
             let n = p.elem_count();
             p.set(&out.narrow(0, 0, n)?.reshape(p.shape())?.to_dtype(p.dtype())?)?;
-            *mv = out.narrow(0, n, 2 * n)?;
+            *mv = out.narrow(0, n, 2 * n)?.detach(); // never part of a graph
         }
         Ok(())
     }

@@ -154,3 +154,16 @@ fn fused_linear_matches_composition() {
         "linear",
     );
 }
+
+#[test]
+fn optimizer_state_holds_no_graph() {
+    // The plain (non-CPU) AdamW path must not chain each step's moments to the last step's:
+    // a tracked result kept every step alive and ran the GPU out of memory.
+    let w = rand(&[4, 4], 41);
+    let mv = Tensor::zeros(32, DType::F32, &Device::Cpu).unwrap();
+    let hp = ops::AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1, bc1: 0.1, bc2: 0.02, grad_scale: 1.0 };
+    let out = reference::adamw_step(w.as_tensor(), rand(&[4, 4], 42).as_tensor(), &mv, hp).unwrap();
+    let grads = (out.sum_all().unwrap() + w.as_tensor().sum_all().unwrap()).unwrap().backward().unwrap();
+    let g = grads.get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(g.iter().all(|&x| x == 1.0), "the update must not be differentiable through w: {g:?}");
+}
