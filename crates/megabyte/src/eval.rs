@@ -10,6 +10,8 @@
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
+use rayon::prelude::*;
+
 use crate::data::Split;
 use crate::error::{Error, Result};
 use crate::model::MegaByte;
@@ -69,17 +71,35 @@ pub fn evaluate(
     let batch = settings.batch_size.max(1);
     let windows = windows(len, t, p, stride, &offsets, settings.strided);
     let total = windows.len() as u64;
-    let (mut nats, mut bytes) = (0f64, 0u64);
-    for (i, chunk) in windows.chunks(batch).enumerate() {
+    // Scores one batch of windows: (nats, bytes scored).
+    let score = |chunk: &[Window]| -> Result<(f64, u64)> {
         let ids: Vec<u32> =
             chunk.iter().flat_map(|w| split.window(w.start, t).into_iter().map(u32::from)).collect();
         let x = Tensor::from_vec(ids, (chunk.len(), t), device)?; // [B, T]
         let mask: Vec<f32> = chunk.iter().flat_map(|w| w.score.iter().copied()).collect();
         let mask = Tensor::from_vec(mask, (chunk.len(), t), device)?;
         let losses = model.byte_losses(&x)?; // [B, T] nats
-        nats += (losses * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-        bytes += chunk.iter().map(|w| w.score.iter().filter(|&&s| s > 0.0).count() as u64).sum::<u64>();
-        progress(((i + 1) * batch).min(windows.len()) as u64, total);
+        let nats = (losses * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
+        Ok((nats, chunk.iter().map(|w| w.score.iter().filter(|&&s| s > 0.0).count() as u64).sum()))
+    };
+    // On the CPU, one batch per core at a time (small models are serial op by op); results are
+    // summed in window order, so the figure does not depend on the thread count.
+    let threads = if device.is_cpu() { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { 1 };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Input(format!("cannot start {threads} evaluation threads: {e}")))?;
+    let batches: Vec<&[Window]> = windows.chunks(batch).collect();
+    let (mut nats, mut bytes, mut done) = (0f64, 0u64, 0u64);
+    for round in batches.chunks(threads) {
+        let results: Vec<Result<(f64, u64)>> = pool.install(|| round.par_iter().map(|c| score(c)).collect());
+        for r in results {
+            let (n, b) = r?;
+            nats += n;
+            bytes += b;
+        }
+        done += round.iter().map(|c| c.len() as u64).sum::<u64>();
+        progress(done, total);
     }
     if bytes != len {
         return Err(Error::Input(format!("evaluation scored {bytes} of {len} bytes (an internal bug)")));
