@@ -57,7 +57,7 @@ enum DataCommand {
 }
 
 fn main() {
-    tune_cpu_runtime();
+    megabyte::tune_cpu_runtime();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train::run(args),
@@ -70,28 +70,6 @@ fn main() {
     if let Err(err) = result {
         eprintln!("error: {err:#}");
         std::process::exit(1);
-    }
-}
-
-/// Process-wide CPU settings, made before any thread starts. Measured on 2 cores with the
-/// `tiny` preset (BENCHMARKS.md): with the shards, 13K bytes/s with these pools on, 30K off.
-fn tune_cpu_runtime() {
-    // Training splits each batch over one thread per core (`megabyte::train`); candle's own
-    // per-op thread pools would only compete with those threads.
-    // A user's explicit setting wins.
-    for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
-        if std::env::var_os(var).is_none() {
-            std::env::set_var(var, "1");
-        }
-    }
-    // glibc hands blocks above 128 KiB back to the OS when freed; re-faulting them on the
-    // next step serialises the training threads on the kernel. Keep them instead.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator tuning; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
     }
 }
 
