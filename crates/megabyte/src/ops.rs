@@ -87,10 +87,11 @@ fn contiguous<'a, T>(s: &'a [T], layout: &Layout, what: &str) -> CResult<&'a [T]
     }
 }
 
-fn cpu_storage(t: &Tensor) -> CResult<(CpuStorage, Layout)> {
+/// Runs `f` on a CPU tensor's storage, borrowed under its read lock (no copy).
+fn with_cpu_storage<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> CResult<R>) -> CResult<R> {
     let (s, l) = t.storage_and_layout();
     match &*s {
-        Storage::Cpu(c) => Ok((c.clone(), l.clone())),
+        Storage::Cpu(c) => f(c, l),
         _ => candle_core::bail!("this fused op runs on the CPU only so far"),
     }
 }
@@ -661,27 +662,28 @@ impl CustomOp2 for NormBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (sdy, ldy) = cpu_storage(&self.dy)?;
-        let d = l2.shape().elem_count();
-        let n = l1.shape().elem_count();
-        let out = match (s1, s2, &sdy) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => CpuStorage::F32(norm_bwd(
-                contiguous(x, l1, "x")?,
-                contiguous(w, l2, "w")?,
-                contiguous(dy, &ldy, "dy")?,
-                self.center,
-                self.eps,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => CpuStorage::F64(norm_bwd(
-                contiguous(x, l1, "x")?,
-                contiguous(w, l2, "w")?,
-                contiguous(dy, &ldy, "dy")?,
-                self.center,
-                self.eps,
-            )),
-            _ => candle_core::bail!("norm backward: unsupported dtype {:?} on the CPU", s1.dtype()),
-        };
-        Ok((out, Shape::from(n + d * if self.center { 2 } else { 1 })))
+        with_cpu_storage(&self.dy, |sdy, ldy| {
+            let d = l2.shape().elem_count();
+            let n = l1.shape().elem_count();
+            let out = match (s1, s2, sdy) {
+                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => CpuStorage::F32(norm_bwd(
+                    contiguous(x, l1, "x")?,
+                    contiguous(w, l2, "w")?,
+                    contiguous(dy, ldy, "dy")?,
+                    self.center,
+                    self.eps,
+                )),
+                (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => CpuStorage::F64(norm_bwd(
+                    contiguous(x, l1, "x")?,
+                    contiguous(w, l2, "w")?,
+                    contiguous(dy, ldy, "dy")?,
+                    self.center,
+                    self.eps,
+                )),
+                _ => candle_core::bail!("norm backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+            };
+            Ok((out, Shape::from(n + d * if self.center { 2 } else { 1 })))
+        })
     }
 }
 
@@ -776,17 +778,18 @@ impl CustomOp3 for CrossEntropyBackward {
         let (_, v) = l1.shape().dims2()?;
         let CpuStorage::U32(t) = s2 else { candle_core::bail!("cross-entropy: targets must be u32") };
         let t = contiguous(t, l2, "targets")?;
-        let (sd, ld) = cpu_storage(&self.dloss)?;
-        let out = match (s1, s3, &sd) {
-            (CpuStorage::F32(l), CpuStorage::F32(loss), CpuStorage::F32(d)) => CpuStorage::F32(ce_bwd(
-                contiguous(l, l1, "logits")?, t, contiguous(loss, l3, "losses")?, contiguous(d, &ld, "dloss")?, v,
-            )),
-            (CpuStorage::F64(l), CpuStorage::F64(loss), CpuStorage::F64(d)) => CpuStorage::F64(ce_bwd(
-                contiguous(l, l1, "logits")?, t, contiguous(loss, l3, "losses")?, contiguous(d, &ld, "dloss")?, v,
-            )),
-            _ => candle_core::bail!("cross-entropy backward: unsupported dtype {:?} on the CPU", s1.dtype()),
-        };
-        Ok((out, l1.shape().clone()))
+        with_cpu_storage(&self.dloss, |sd, ld| {
+            let out = match (s1, s3, sd) {
+                (CpuStorage::F32(l), CpuStorage::F32(loss), CpuStorage::F32(d)) => CpuStorage::F32(ce_bwd(
+                    contiguous(l, l1, "logits")?, t, contiguous(loss, l3, "losses")?, contiguous(d, ld, "dloss")?, v,
+                )),
+                (CpuStorage::F64(l), CpuStorage::F64(loss), CpuStorage::F64(d)) => CpuStorage::F64(ce_bwd(
+                    contiguous(l, l1, "logits")?, t, contiguous(loss, l3, "losses")?, contiguous(d, ld, "dloss")?, v,
+                )),
+                _ => candle_core::bail!("cross-entropy backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+            };
+            Ok((out, l1.shape().clone()))
+        })
     }
 }
 
