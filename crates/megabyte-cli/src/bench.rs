@@ -33,6 +33,9 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Activations' format: f32, bf16 (mixed precision, CUDA only) or auto (bf16 on CUDA).
+    #[arg(long, default_value = "auto")]
+    precision: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -47,6 +50,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut tc = TrainConfig::standard(args.batch_size, 1e-3);
     tc.steps = Some(args.warmup + args.steps);
     tc.warmup_steps = 1;
+    tc.precision = megabyte::Precision::parse(&args.precision, &device)?;
     let data = DataSpec { train: None, valid: None, holdout_bytes: 100_000 };
     let splits = data.open()?;
     let mut trainer = Trainer::new(&cfg, tc, data, &device)?;

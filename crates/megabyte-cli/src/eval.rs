@@ -32,12 +32,16 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Activations' format: f32, bf16 (CUDA only) or auto (bf16 on CUDA, f32 on the CPU).
+    #[arg(long, default_value = "auto")]
+    precision: String,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let device = megabyte::device(&args.device)?;
     let dir = megabyte::checkpoint::resolve(&args.checkpoint)?;
     let (model, _) = megabyte::checkpoint::load_model(&dir, DType::F32, &device)?;
+    let model = model.with_activations(megabyte::Precision::parse(&args.precision, &device)?.dtype());
     let split = Split::all(Arc::new(ByteStream::open(&args.data)?));
     let settings = EvalSettings { strided: args.strided, sliding: args.sliding, batch_size: args.batch_size };
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(0) };

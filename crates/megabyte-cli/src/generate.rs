@@ -40,6 +40,9 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Activations' format: f32, bf16 (CUDA only) or auto (bf16 on CUDA, f32 on the CPU).
+    #[arg(long, default_value = "auto")]
+    precision: String,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -59,6 +62,7 @@ pub fn run(args: Args) -> Result<()> {
     let device = megabyte::device(&args.device)?;
     let dir = megabyte::checkpoint::resolve(&args.checkpoint)?;
     let (model, _) = megabyte::checkpoint::load_model(&dir, DType::F32, &device)?;
+    let model = model.with_activations(megabyte::Precision::parse(&args.precision, &device)?.dtype());
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if args.echo {

@@ -81,6 +81,9 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Activations' format: f32, bf16 (mixed precision, CUDA only) or auto (bf16 on CUDA).
+    #[arg(long, default_value = "auto")]
+    precision: String,
     /// Bytes to sample from the trained model at the end (0 = none).
     #[arg(long, default_value_t = 300)]
     sample_bytes: usize,
@@ -101,7 +104,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => {
             let model_cfg = args.model.resolve()?;
-            let cfg = train_config(&args)?;
+            let cfg = train_config(&args, &device)?;
             let data = data_spec(&args)?;
             Trainer::new(&model_cfg, cfg, data, &device)?
         }
@@ -202,7 +205,7 @@ fn run_folder_of(path: &std::path::Path) -> PathBuf {
     }
 }
 
-fn train_config(args: &Args) -> Result<TrainConfig> {
+fn train_config(args: &Args, device: &megabyte::Device) -> Result<TrainConfig> {
     let mut cfg = TrainConfig::standard(args.batch_size, args.lr);
     cfg.grad_accum = args.grad_accum;
     cfg.min_lr = args.min_lr.unwrap_or(args.lr / 10.0);
@@ -217,6 +220,7 @@ fn train_config(args: &Args) -> Result<TrainConfig> {
     cfg.checkpoint_every = args.checkpoint_every;
     cfg.keep_checkpoints = args.keep;
     cfg.seed = args.seed;
+    cfg.precision = megabyte::Precision::parse(&args.precision, device)?;
     cfg.validate()?;
     Ok(cfg)
 }

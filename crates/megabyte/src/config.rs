@@ -203,3 +203,52 @@ pub struct ParamCounts {
     pub local: usize,
     pub total: usize,
 }
+
+/// The activations' number format. Parameters and optimizer state are always f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Mixed precision (CUDA only): bf16 activations and matmuls from the f32 master weights;
+    /// norm, softmax and loss statistics in f32.
+    Bf16,
+}
+
+impl Precision {
+    /// `f32`, `bf16`, or `auto` (bf16 on CUDA, f32 on the CPU).
+    pub fn parse(spec: &str, device: &candle_core::Device) -> Result<Self> {
+        let p = match spec.trim() {
+            "f32" => Precision::F32,
+            "bf16" => Precision::Bf16,
+            "auto" => Precision::default_for(device),
+            other => return Err(Error::Config(format!("unknown precision `{other}`: use f32, bf16 or auto"))),
+        };
+        p.check(device)?;
+        Ok(p)
+    }
+
+    pub fn default_for(device: &candle_core::Device) -> Self {
+        if device.is_cuda() {
+            Precision::Bf16
+        } else {
+            Precision::F32
+        }
+    }
+
+    /// bf16 needs the CUDA kernels.
+    pub fn check(self, device: &candle_core::Device) -> Result<()> {
+        if self == Precision::Bf16 && !device.is_cuda() {
+            return Err(Error::Config("precision bf16 runs on CUDA only; use f32 on the CPU".into()));
+        }
+        Ok(())
+    }
+
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}

@@ -22,12 +22,12 @@ pub struct PatchEmbedder {
 }
 
 impl PatchEmbedder {
-    /// bytes [B, n·P] at positions start..start+n·P → patch embeddings [B, n, P·D_G].
-    fn forward(&self, bytes: &Tensor, start: usize) -> Result<Tensor> {
+    /// bytes [B, n·P] at positions start..start+n·P → patch embeddings [B, n, P·D_G] in `act`.
+    fn forward(&self, bytes: &Tensor, start: usize, act: DType) -> Result<Tensor> {
         let (b, len) = bytes.dims2()?;
         let dg = self.byte_embed.dim(1)?;
         let h = embed(&self.byte_embed, bytes)?; // [B, len, D_G]
-        let h = h.broadcast_add(&self.pos_embed.narrow(0, start, len)?)?;
+        let h = h.broadcast_add(&self.pos_embed.narrow(0, start, len)?)?.to_dtype(act)?;
         Ok(h.reshape((b, len / self.patch_size, self.patch_size * dg))?) // [B, n, P·D_G]
     }
 }
@@ -37,7 +37,7 @@ impl PatchEmbedder {
 /// bytes < k·P. h: [B, K, P·D_G] → [B, K, P·D_G].
 pub fn shift_one_patch(h: &Tensor, global_pad: &Tensor) -> Result<Tensor> {
     let (b, k, w) = h.dims3()?;
-    let pad = global_pad.reshape((1, 1, w))?.broadcast_as((b, 1, w))?; // [B, 1, P·D_G]
+    let pad = global_pad.to_dtype(h.dtype())?.reshape((1, 1, w))?.broadcast_as((b, 1, w))?; // [B, 1, P·D_G]
     Ok(Tensor::cat(&[&pad, &h.narrow(1, 0, k - 1)?], 1)?)
 }
 
@@ -59,11 +59,11 @@ pub struct LocalEmbedder {
 }
 
 impl LocalEmbedder {
-    /// bytes [N, P] → local inputs [N, P, D_L]: previous byte's embedding + position.
-    fn forward(&self, bytes: &Tensor) -> Result<Tensor> {
+    /// bytes [N, P] → local inputs [N, P, D_L] in `act`: previous byte's embedding + position.
+    fn forward(&self, bytes: &Tensor, act: DType) -> Result<Tensor> {
         let e = embed(&self.byte_embed, bytes)?; // [N, P, D_L]
         let e = shift_one_byte(&e, &self.local_pad)?;
-        Ok(e.broadcast_add(&self.pos_embed)?)
+        Ok(e.broadcast_add(&self.pos_embed)?.to_dtype(act)?)
     }
 }
 
@@ -78,6 +78,9 @@ pub struct MegaByte {
     local_embedder: LocalEmbedder,
     local: Transformer,
     head: Option<Linear>, // untied head [V, D_L]; None = tied to E_local_embed
+    /// The activations' dtype: the parameters' (f32) or bf16 (mixed precision: matmuls in
+    /// bf16 from the f32 master weights, norm and softmax statistics in f32).
+    act: DType,
 }
 
 impl MegaByte {
@@ -101,7 +104,8 @@ impl MegaByte {
         };
         let local = Transformer::new(params, "local", &cfg.local, cfg.norm, std)?;
         let head = if cfg.tied_head { None } else { Some(Linear::new(params, "head", dl, V, std)?) };
-        Ok(MegaByte { cfg: cfg.clone(), patch_embedder, global, global_to_local, local_embedder, local, head })
+        let act = params.dtype();
+        Ok(MegaByte { cfg: cfg.clone(), patch_embedder, global, global_to_local, local_embedder, local, head, act })
     }
 
     /// A freshly initialised model and its parameters.
@@ -115,16 +119,28 @@ impl MegaByte {
         &self.cfg
     }
 
-    /// Logits for every byte: bytes [B, T'] (T' ≤ T, a multiple of P) → [B, T', V].
+    /// The same model computing its activations in `dtype` (bf16 for mixed precision); the
+    /// parameters keep theirs.
+    pub fn with_activations(mut self, dtype: DType) -> Self {
+        self.act = dtype;
+        self
+    }
+
+    pub fn activation_dtype(&self) -> DType {
+        self.act
+    }
+
+    /// Logits for every byte: bytes [B, T'] (T' ≤ T, a multiple of P) → [B, T', V] (in the
+    /// activations' dtype).
     /// `logits[:, t]` is the prediction of byte t from bytes < t.
     pub fn logits(&self, bytes: &Tensor) -> Result<Tensor> {
         let (b, t) = self.check_input(bytes)?;
         let (p, k) = (self.cfg.patch_size, t / self.cfg.patch_size);
-        let h = self.patch_embedder.forward(bytes, 0)?; // [B, K, P·D_G]
+        let h = self.patch_embedder.forward(bytes, 0, self.act)?; // [B, K, P·D_G]
         let h = shift_one_patch(&h, &self.patch_embedder.global_pad)?; // [B, K, P·D_G]
         let h = self.global.forward(&h)?; // [B, K, P·D_G]
         let context = self.global_to_local(&h)?; // [B·K, P, D_L]
-        let local_in = self.local_embedder.forward(&bytes.reshape((b * k, p))?)?; // [B·K, P, D_L]
+        let local_in = self.local_embedder.forward(&bytes.reshape((b * k, p))?, self.act)?; // [B·K, P, D_L]
         let h = self.local.forward(&(context + local_in)?)?; // [B·K, P, D_L]
         let logits = self.head(&h)?; // [B·K, P, V]
         Ok(logits.reshape((b, t, V))?)
@@ -133,9 +149,10 @@ impl MegaByte {
     /// Cross-entropy in nats of every byte given the bytes before it: [B, T'] → [B, T'].
     pub fn byte_losses(&self, bytes: &Tensor) -> Result<Tensor> {
         let (b, t) = bytes.dims2()?;
-        let logits = self.logits(bytes)?;
-        let logits = logits.to_dtype(accumulation_dtype(logits.dtype()))?.reshape((b * t, V))?; // [B·T', V]
-        Ok(crate::ops::cross_entropy(&logits, &bytes.flatten_all()?)?.reshape((b, t))?)
+        let logits = self.logits(bytes)?.reshape((b * t, V))?; // [B·T', V]
+        // Statistics in f32 (or f64) whatever the logits' dtype.
+        let losses = crate::ops::cross_entropy(&logits, &bytes.flatten_all()?)?;
+        Ok(losses.to_dtype(accumulation_dtype(losses.dtype()))?.reshape((b, t))?)
     }
 
     /// Mean cross-entropy (nats per byte) over all bytes of the batch: the training loss.
@@ -207,10 +224,10 @@ impl MegaByte {
                         self.cfg.context
                     )));
                 }
-                let h = self.patch_embedder.forward(bytes, first_byte)?; // [B, m, P·D_G]
+                let h = self.patch_embedder.forward(bytes, first_byte, self.act)?; // [B, m, P·D_G]
                 if start_pos == 0 {
                     let (b, _, w) = h.dims3()?;
-                    let pad = self.patch_embedder.global_pad.reshape((1, 1, w))?.broadcast_as((b, 1, w))?;
+                    let pad = self.patch_embedder.global_pad.to_dtype(self.act)?.reshape((1, 1, w))?.broadcast_as((b, 1, w))?;
                     Tensor::cat(&[&pad, &h], 1)? // [B, m+1, P·D_G]
                 } else {
                     h
@@ -218,7 +235,7 @@ impl MegaByte {
             }
             None if start_pos == 0 => {
                 let w = self.cfg.global.width;
-                self.patch_embedder.global_pad.reshape((1, 1, w))?.broadcast_as((batch, 1, w))? // [B, 1, P·D_G]
+                self.patch_embedder.global_pad.to_dtype(self.act)?.reshape((1, 1, w))?.broadcast_as((batch, 1, w))? // [B, 1, P·D_G]
             }
             None => return Err(Error::Input("global_step: no new patch given".into())),
         };
@@ -248,7 +265,8 @@ impl MegaByte {
             Some(prev) => embed(&self.local_embedder.byte_embed, prev)?, // [B, D_L]
             None => self.local_embedder.local_pad.reshape((1, dl))?.broadcast_as((b, dl))?,
         };
-        let x = (context + e)?.broadcast_add(&self.local_embedder.pos_embed.narrow(0, pos, 1)?)?; // [B, D_L]
+        let e = e.broadcast_add(&self.local_embedder.pos_embed.narrow(0, pos, 1)?)?.to_dtype(self.act)?;
+        let x = (context + e)?; // [B, D_L]
         let h = self.local.forward_cached(&x.reshape((b, 1, dl))?, cache)?; // [B, 1, D_L]
         Ok(self.head(&h.squeeze(1)?)?) // [B, V]
     }

@@ -18,6 +18,31 @@ use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
+/// True when `t` lives on a CUDA device in a dtype the fused CUDA kernels take (f32, bf16).
+#[cfg(feature = "cuda")]
+fn fused_cuda(t: &Tensor) -> bool {
+    t.device().is_cuda() && cuda::supports(t.dtype())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_cuda(_: &Tensor) -> bool {
+    false
+}
+
+/// Head dimension `hd` has a CUDA attention kernel.
+#[cfg(feature = "cuda")]
+fn cuda_head_dim(hd: usize) -> bool {
+    cuda::attention_supported(hd)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_head_dim(_: usize) -> bool {
+    false
+}
+
 /// What the kernels need of an element type (f32 and f64 on the CPU).
 trait Elem: WithDType + Float + Send + Sync {
     /// The standard normal's CDF Φ(x) and density φ(x), as GELU and its derivative need them.
@@ -104,24 +129,30 @@ fn with_cpu_storage<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> CResu
 /// writes d(qkv) in one piece, so the three column views cost nothing in the backward pass.
 /// Never holds more than one query's row of scores.
 pub fn causal_self_attention(qkv: &Tensor, heads: usize) -> CResult<Tensor> {
+    if fused_cuda(qkv) && cuda_head_dim(qkv.dim(2)? / 3 / heads) && qkv.stride()[2] == 1 {
+        return qkv.apply_op1(SelfAttention { heads, lse: Default::default() });
+    }
     if !qkv.device().is_cpu() {
         let d = qkv.dim(2)? / 3;
         let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
         return reference::causal_attention(&q, &k.contiguous()?, &v.contiguous()?, heads);
     }
     let qkv = if qkv.stride()[2] == 1 { qkv.clone() } else { qkv.contiguous()? };
-    qkv.apply_op1(SelfAttention { heads })
+    qkv.apply_op1(SelfAttention { heads, lse: Default::default() })
 }
 
 /// softmax(q kᵀ / √hd + causal mask) v for q [N, Sq, D] and k, v [N, Sk, D] (Sk ≥ Sq): query i
 /// sits at position Sk − Sq + i, after the Sk − Sq positions of a KV cache, and sees keys up
 /// to it. For cached decoding: no backward pass.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> CResult<Tensor> {
+    // The kernels read any rank-3 view whose last dimension is contiguous.
+    let rows = |t: &Tensor| if t.stride()[2] == 1 { Ok(t.clone()) } else { t.contiguous() };
+    if fused_cuda(q) && cuda_head_dim(q.dim(2)? / heads) {
+        return rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads });
+    }
     if !q.device().is_cpu() {
         return reference::causal_attention(q, &k.contiguous()?, &v.contiguous()?, heads);
     }
-    // The kernel reads any rank-3 view whose last dimension is contiguous.
-    let rows = |t: &Tensor| if t.stride()[2] == 1 { Ok(t.clone()) } else { t.contiguous() };
     rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads })
 }
 
@@ -131,6 +162,9 @@ struct Attention {
 
 struct SelfAttention {
     heads: usize,
+    /// The CUDA forward's per-row log Σ exp [N, H, S] (f32), kept for its backward.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    lse: std::sync::Mutex<Option<Tensor>>,
 }
 
 /// The q, k and v views of a qkv [N, S, 3D] layout, and the shapes.
@@ -278,6 +312,18 @@ impl CustomOp3 for Attention {
         Ok((out, shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::attention_fwd3((s1, l1), (s2, l2), (s3, l3), self.heads)
+    }
 }
 
 impl candle_core::CustomOp1 for SelfAttention {
@@ -295,7 +341,21 @@ impl candle_core::CustomOp1 for SelfAttention {
         Ok((out, Shape::from((dims.n, dims.sq, dims.d))))
     }
 
-    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        let (y, shape, lse) = cuda::self_attention_fwd(s, l, self.heads)?;
+        *self.lse.lock().expect("lse lock") = Some(lse);
+        Ok((y, shape))
+    }
+
+    fn bwd(&self, qkv: &Tensor, res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if qkv.device().is_cuda() {
+            let lse = self.lse.lock().expect("lse lock").clone();
+            let lse = lse.ok_or_else(|| candle_core::Error::Msg("attention backward: no forward statistics".into()))?;
+            return Ok(Some(cuda::self_attention_bwd(qkv, res, grad, &lse, self.heads)?));
+        }
+        let _ = res;
         Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &SelfAttentionBackward { heads: self.heads })?))
     }
 }
@@ -332,8 +392,9 @@ pub fn linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
     let mut out = dims.to_vec();
     out[dims.len() - 1] = w.dim(0)?;
     if !x.device().is_cpu() {
+        // cuBLAS, in the activations' dtype (bf16 weights cast from the f32 masters).
         let m = x.elem_count() / d_in;
-        return x.reshape((m, d_in))?.matmul(&w.t()?)?.reshape(out);
+        return x.reshape((m, d_in))?.matmul(&w.to_dtype(x.dtype())?.t()?)?.reshape(out);
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?.reshape(out)
 }
@@ -432,6 +493,9 @@ impl CustomOp3 for LinearBackward {
 
 /// GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)), elementwise.
 pub fn gelu(x: &Tensor) -> CResult<Tensor> {
+    if fused_cuda(x) {
+        return x.contiguous()?.apply_op1(Gelu);
+    }
     if !x.device().is_cpu() {
         return x.gelu_erf();
     }
@@ -466,6 +530,11 @@ impl candle_core::CustomOp1 for Gelu {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::gelu_fwd((s, l))
+    }
+
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?))
     }
@@ -486,6 +555,11 @@ impl CustomOp2 for GeluBackward {
         };
         Ok((out, l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::gelu_bwd((s1, l1), (s2, l2))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -493,8 +567,18 @@ impl CustomOp2 for GeluBackward {
 
 /// LayerNorm (`bias` given: centre, scale, shift) or RMSNorm (`bias` None) of x [.., D].
 pub fn norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
+    if fused_cuda(x) {
+        // Weights stay f32 whatever the activations' dtype; statistics are f32 in the kernel.
+        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+        let x = x.contiguous()?;
+        return match bias {
+            Some(b) => x.apply_op3(&f32(weight)?, &f32(b)?, Norm { eps }),
+            None => x.apply_op2(&f32(weight)?, RmsNorm { eps }),
+        };
+    }
     if !x.device().is_cpu() {
-        return reference::norm(x, weight, bias, eps);
+        let cast = |t: &Tensor| t.to_dtype(x.dtype());
+        return reference::norm(x, &cast(weight)?, bias.map(cast).transpose()?.as_ref(), eps);
     }
     let x = x.contiguous()?;
     match bias {
@@ -611,6 +695,10 @@ fn norm_cpu_fwd(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<
 
 /// Runs the norm backward kernel and splits its output into (dx, dw, db).
 fn norm_grads(x: &Tensor, w: &Tensor, grad: &Tensor, center: bool, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::norm_bwd(&x.contiguous()?, w, &grad.contiguous()?, center, eps);
+    }
     let x = x.contiguous()?;
     let all = x.apply_op2_no_bwd(w, &NormBackward { center, eps, dy: grad.contiguous()? })?;
     let (n, d) = (x.elem_count(), w.elem_count());
@@ -629,6 +717,19 @@ impl CustomOp3 for Norm {
         norm_cpu_fwd((s1, l1), (s2, l2), Some((s3, l3)), self.eps)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::norm_fwd((s1, l1), (s2, l2), Some((s3, l3)), self.eps)
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = norm_grads(x, w, grad, true, self.eps)?;
         Ok((Some(dx), Some(dw), db))
@@ -642,6 +743,11 @@ impl CustomOp2 for RmsNorm {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         norm_cpu_fwd((s1, l1), (s2, l2), None, self.eps)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::norm_fwd((s1, l1), (s2, l2), None, self.eps)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
@@ -690,8 +796,13 @@ impl CustomOp2 for NormBackward {
 // ---------------------------------------------------------------------------------------------
 // Softmax cross-entropy over the 256 byte logits.
 
-/// Per-row cross-entropy in nats: logits [N, V], targets [N] u32 → [N] (logits' dtype).
+/// Per-row cross-entropy in nats: logits [N, V], targets [N] u32 → [N] (logits' dtype, f32
+/// for bf16 logits).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    if fused_cuda(logits) {
+        return logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy);
+    }
+    let logits = &logits.to_dtype(crate::nn::accumulation_dtype(logits.dtype()))?;
     if !logits.device().is_cpu() {
         return reference::cross_entropy(logits, targets);
     }
@@ -759,6 +870,11 @@ impl CustomOp2 for CrossEntropy {
         Ok((out, Shape::from(n)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::ce_fwd((s1, l1), (s2, l2))
+    }
+
     fn bwd(&self, logits: &Tensor, targets: &Tensor, losses: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let g = logits.apply_op3_no_bwd(targets, losses, &CrossEntropyBackward { dloss: grad.contiguous()? })?;
         Ok((Some(g), None))
@@ -790,6 +906,19 @@ impl CustomOp3 for CrossEntropyBackward {
             };
             Ok((out, l1.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::ce_bwd((s1, l1), (s2, l2), (s3, l3), &self.dloss)
     }
 }
 
@@ -877,6 +1006,20 @@ pub struct AdamWStep {
     pub bc1: f64,
     pub bc2: f64,
     pub grad_scale: f64,
+}
+
+/// Applies one AdamW update to the parameter `p` and its moments `mv` (see [`adamw_step`]).
+/// On CUDA the kernel updates both in place; elsewhere they are replaced.
+pub fn adamw_update(p: &candle_core::Var, g: &Tensor, mv: &mut Tensor, hp: AdamWStep) -> CResult<()> {
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() && p.dtype() == candle_core::DType::F32 {
+        return cuda::adamw_in_place(p.as_tensor(), &g.to_dtype(candle_core::DType::F32)?, mv, &hp);
+    }
+    let out = adamw_step(p.as_tensor(), g, mv, hp)?; // [w' | m' | v']
+    let n = p.elem_count();
+    p.set(&out.narrow(0, 0, n)?.reshape(p.shape())?.to_dtype(p.dtype())?)?;
+    *mv = out.narrow(0, n, 2 * n)?.detach(); // never part of a graph
+    Ok(())
 }
 
 pub fn adamw_step(w: &Tensor, g: &Tensor, mv: &Tensor, hp: AdamWStep) -> CResult<Tensor> {

@@ -58,10 +58,7 @@ impl AdamW {
                 .ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))?;
             let weight_decay = if p.rank() >= 2 { weight_decay } else { 0.0 };
             let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale };
-            let out = crate::ops::adamw_step(p.as_tensor(), g, mv, hp)?; // [w' | m' | v']
-            let n = p.elem_count();
-            p.set(&out.narrow(0, 0, n)?.reshape(p.shape())?.to_dtype(p.dtype())?)?;
-            *mv = out.narrow(0, n, 2 * n)?.detach(); // never part of a graph
+            crate::ops::adamw_update(p, g, mv, hp)?;
         }
         Ok(())
     }

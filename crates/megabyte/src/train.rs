@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointData};
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Precision};
 use crate::data::{ByteStream, SamplerState, Split, WindowSampler};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::{self, EvalSettings};
@@ -59,6 +59,9 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     /// Seeds the initial weights and the data windows.
     pub seed: u64,
+    /// The activations' format (bf16 mixed precision on CUDA).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl TrainConfig {
@@ -81,6 +84,7 @@ impl TrainConfig {
             checkpoint_every: 1000,
             keep_checkpoints: 3,
             seed: 0,
+            precision: Precision::F32,
         }
     }
 
@@ -198,7 +202,9 @@ impl Trainer {
     /// A new run: weights drawn from `train.seed`.
     pub fn new(model_cfg: &ModelConfig, train: TrainConfig, data: DataSpec, device: &Device) -> Result<Self> {
         train.validate()?;
+        train.precision.check(device)?;
         let (model, params) = MegaByte::init(model_cfg, train.seed, DType::F32, device)?;
+        let model = model.with_activations(train.precision.dtype());
         let opt = AdamW::new(params.vars(), train.adamw)?;
         // A distinct stream for data: the weights used the seed itself.
         let sampler = WindowSampler::new(train.seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
@@ -231,6 +237,8 @@ impl Trainer {
             record.train.time_minutes = minutes;
         }
         record.train.validate()?;
+        record.train.precision.check(device)?;
+        let model = model.with_activations(record.train.precision.dtype());
         let mut opt = AdamW::new(params.vars(), record.train.adamw)?;
         let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
         let moments = checkpoint::load_tensors(&opt_path)?;

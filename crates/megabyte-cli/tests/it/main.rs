@@ -1,12 +1,14 @@
 //! The invariants of megabyte, in one test binary (modules by topic).
 //!
-//! Slow or GPU tests would sit behind an environment variable; everything here runs on CPU in
-//! seconds to a minute.
+//! Everything runs on the CPU in seconds to a minute, except `cuda` (built with `--features
+//! cuda`), which needs an NVIDIA GPU.
 
 mod bad_inputs;
 mod cached;
 mod causality;
 mod checkpoint;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod eval;
 mod golden;
 mod gradients;

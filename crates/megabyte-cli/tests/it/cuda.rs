@@ -1,0 +1,248 @@
+//! The CUDA kernels (built with `--features cuda`, run on a machine with an NVIDIA GPU) against
+//! the CPU kernels, which tests/it/ops.rs checks against plain candle compositions: forward
+//! values and every input's gradient, by relative error, in f32 (tight) and bf16 (loose).
+//! Then the whole model: CPU and CUDA losses and gradients agree, bf16 stays close to f32,
+//! and cached decoding on CUDA equals the full forward pass.
+
+use megabyte::generate::Decoder;
+use megabyte::ops;
+use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, Tensor, TransformerConfig, Var};
+
+use crate::{bytes_tensor, random_bytes};
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device (these tests need an NVIDIA GPU)")
+}
+
+/// Values in about ±2, deterministic.
+fn values(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = random_bytes(n, seed).iter().map(|&b| (b as f32 - 127.5) / 64.0).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let (a, b) = (f32_cpu(a), f32_cpu(b));
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+    crate::max_abs_diff(&a, &b) / scale
+}
+
+fn f32_cpu(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap()
+}
+
+/// Tolerances (forward, gradients) by dtype: f32 differs from the CPU by summation order only;
+/// bf16 rounds inputs, outputs and intermediate activations to 8 bits of mantissa.
+fn tolerance(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::F32 => (2e-5, 2e-4),
+        _ => (2e-2, 5e-2),
+    }
+}
+
+/// Runs `op` on `inputs` on the CPU (f32) and on CUDA (`dtype`; inputs listed in `keep_f32`
+/// stay f32, as norm weights do) and compares outputs and the gradients of Σ out·w.
+fn compare(inputs: &[Tensor], keep_f32: &[usize], dtype: DType, op: impl Fn(&[Tensor]) -> Tensor, what: &str) {
+    let dev = gpu();
+    let run = |device: &Device, dt: DType| {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                let dt = if keep_f32.contains(&i) { DType::F32 } else { dt };
+                Var::from_tensor(&x.to_dtype(dt).unwrap().to_device(device).unwrap()).unwrap()
+            })
+            .collect();
+        let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = op(&xs);
+        let w = values(y.dims(), 99).to_dtype(y.dtype()).unwrap().to_device(device).unwrap();
+        let grads = (y.clone() * w).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<Tensor> = xs.iter().map(|x| f32_cpu(grads.get(x).expect("every input gets a gradient"))).collect();
+        (f32_cpu(&y), g)
+    };
+    let (y_cpu, g_cpu) = run(&Device::Cpu, DType::F32);
+    let (y_gpu, g_gpu) = run(&dev, dtype);
+    let (tf, tg) = tolerance(dtype);
+    let err = rel_err(&y_gpu, &y_cpu);
+    assert!(err < tf, "{what} {dtype:?}: forward relative error {err}");
+    for (i, (a, b)) in g_gpu.iter().zip(&g_cpu).enumerate() {
+        let err = rel_err(a, b);
+        assert!(err < tg, "{what} {dtype:?}: gradient of input {i} relative error {err}");
+    }
+}
+
+const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+#[test]
+fn cuda_self_attention_matches_cpu() {
+    // (n, s, heads, head dim): small kernels both ways, small forward with flash backward,
+    // flash both ways, for head dims 16, 32 and 64.
+    for (n, s, h, hd) in [(6, 8, 4, 64), (3, 40, 2, 64), (2, 100, 4, 16), (2, 200, 2, 64), (2, 130, 3, 32), (5, 1, 2, 16)] {
+        let d = h * hd;
+        for dtype in DTYPES {
+            compare(
+                &[values(&[n, s, 3 * d], 1)],
+                &[],
+                dtype,
+                |xs| ops::causal_self_attention(&xs[0], h).unwrap(),
+                &format!("self-attention n{n} s{s} h{h} hd{hd}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn cuda_cached_attention_matches_cpu() {
+    let dev = gpu();
+    for (n, sq, sk, h, hd) in [(2, 1, 50, 2, 64), (2, 3, 130, 2, 64), (3, 1, 8, 4, 64), (2, 5, 9, 2, 16)] {
+        let d = h * hd;
+        let q = values(&[n, sq, d], 2);
+        let kv = values(&[n, sk, 2 * d], 3);
+        let run = |device: &Device, dtype: DType| {
+            let (q, kv) = (q.to_dtype(dtype).unwrap().to_device(device).unwrap(), kv.to_dtype(dtype).unwrap().to_device(device).unwrap());
+            // k and v as strided column views of one tensor, as the KV cache never is but could be.
+            let (k, v) = (kv.narrow(2, 0, d).unwrap(), kv.narrow(2, d, d).unwrap());
+            f32_cpu(&ops::causal_attention(&q, &k, &v, h).unwrap())
+        };
+        let want = run(&Device::Cpu, DType::F32);
+        for dtype in DTYPES {
+            let err = rel_err(&run(&dev, dtype), &want);
+            assert!(err < tolerance(dtype).0, "cached attention sq{sq} sk{sk} {dtype:?}: relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn cuda_norms_match_cpu() {
+    for (rows, d) in [(37, 768), (5, 2048), (300, 32)] {
+        let (x, w, b) = (values(&[rows, d], 4), values(&[d], 5), values(&[d], 6));
+        for dtype in DTYPES {
+            compare(&[x.clone(), w.clone(), b.clone()], &[1, 2], dtype, |xs| ops::norm(&xs[0], &xs[1], Some(&xs[2]), 1e-5).unwrap(), &format!("layer norm {rows}x{d}"));
+            compare(&[x.clone(), w.clone()], &[1], dtype, |xs| ops::norm(&xs[0], &xs[1], None, 1e-5).unwrap(), &format!("rms norm {rows}x{d}"));
+        }
+    }
+}
+
+#[test]
+fn cuda_gelu_matches_cpu() {
+    for dtype in DTYPES {
+        compare(&[values(&[1000, 3], 7)], &[], dtype, |xs| ops::gelu(&xs[0]).unwrap(), "gelu");
+    }
+}
+
+#[test]
+fn cuda_cross_entropy_matches_cpu() {
+    let logits = (values(&[300, 256], 8) * 3.0).unwrap();
+    let targets: Vec<u32> = random_bytes(300, 9).iter().map(|&b| b as u32).collect();
+    for dtype in DTYPES {
+        let dev = gpu();
+        let t_cpu = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let t_gpu = t_cpu.to_device(&dev).unwrap();
+        compare(
+            &[logits.clone()],
+            &[],
+            dtype,
+            |xs| {
+                let t = if xs[0].device().is_cuda() { &t_gpu } else { &t_cpu };
+                ops::cross_entropy(&xs[0], t).unwrap()
+            },
+            "cross-entropy",
+        );
+    }
+}
+
+#[test]
+fn cuda_adamw_in_place_matches_cpu() {
+    let dev = gpu();
+    let n = 5000;
+    let hp = |t: i32| ops::AdamWStep {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.98,
+        eps: 1e-8,
+        weight_decay: 0.1,
+        bc1: 1.0 - 0.9f64.powi(t),
+        bc2: 1.0 - 0.98f64.powi(t),
+        grad_scale: 0.5,
+    };
+    let w0 = values(&[50, 100], 10);
+    let (w_cpu, w_gpu) = (Var::from_tensor(&w0).unwrap(), Var::from_tensor(&w0.to_device(&dev).unwrap()).unwrap());
+    let (mut mv_cpu, mut mv_gpu) = (Tensor::zeros(2 * n, DType::F32, &Device::Cpu).unwrap(), Tensor::zeros(2 * n, DType::F32, &dev).unwrap());
+    for t in 1..=3 {
+        let g = values(&[50, 100], 10 + t as u64);
+        ops::adamw_update(&w_cpu, &g, &mut mv_cpu, hp(t)).unwrap();
+        ops::adamw_update(&w_gpu, &g.to_device(&dev).unwrap(), &mut mv_gpu, hp(t)).unwrap();
+    }
+    assert!(rel_err(w_gpu.as_tensor(), w_cpu.as_tensor()) < 1e-6, "weights differ");
+    assert!(rel_err(&mv_gpu, &mv_cpu) < 1e-6, "moments differ");
+}
+
+/// A shape with the `enwik8` preset's head dimension (64) in both models, small enough to run
+/// on the CPU in a moment.
+fn model_config() -> ModelConfig {
+    ModelConfig {
+        patch_size: 8,
+        context: 256,
+        global: TransformerConfig { width: 128, layers: 2, heads: 2 },
+        local: TransformerConfig { width: 64, layers: 2, heads: 1 },
+        norm: NormKind::LayerNorm,
+        tied_head: true,
+        init_std: 0.02,
+    }
+}
+
+/// Loss and the gradient of every parameter, as f32 on the CPU.
+fn loss_and_grads(cfg: &ModelConfig, device: &Device, act: DType, bytes: &Tensor) -> (f32, Vec<(String, Tensor)>) {
+    let (model, params) = MegaByte::init(cfg, 3, DType::F32, device).unwrap();
+    let model = model.with_activations(act);
+    let loss = model.loss(&bytes.to_device(device).unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    let g = params.vars().iter().map(|(name, v)| (name.clone(), f32_cpu(grads.get(v.as_tensor()).expect("gradient")))).collect();
+    (loss.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap(), g)
+}
+
+#[test]
+fn cuda_model_loss_and_gradients_match_cpu() {
+    let dev = gpu();
+    for cfg in [model_config(), ModelConfig::preset("tiny").unwrap()] {
+        let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(cfg.context, 20 + i)).collect();
+        let bytes = bytes_tensor(&rows);
+        let (l_cpu, g_cpu) = loss_and_grads(&cfg, &Device::Cpu, DType::F32, &bytes);
+        let (l_gpu, g_gpu) = loss_and_grads(&cfg, &dev, DType::F32, &bytes);
+        assert!((l_cpu - l_gpu).abs() < 1e-5 * l_cpu, "f32 loss: CPU {l_cpu} vs CUDA {l_gpu}");
+        for ((name, a), (_, b)) in g_gpu.iter().zip(&g_cpu) {
+            let err = rel_err(a, b);
+            assert!(err < 1e-3, "f32 gradient of {name}: relative error {err}");
+        }
+        let (l_bf16, g_bf16) = loss_and_grads(&cfg, &dev, DType::BF16, &bytes);
+        assert!((l_cpu - l_bf16).abs() < 1e-2 * l_cpu, "bf16 loss {l_bf16} vs f32 {l_cpu}");
+        for ((name, a), (_, b)) in g_bf16.iter().zip(&g_cpu) {
+            let err = rel_err(a, b);
+            assert!(err < 0.1, "bf16 gradient of {name}: relative error {err}");
+        }
+    }
+}
+
+#[test]
+fn cuda_cached_decoding_equals_full_forward() {
+    let dev = gpu();
+    let cfg = model_config();
+    let (model, _) = MegaByte::init(&cfg, 4, DType::F32, &dev).unwrap();
+    for (act, tol) in [(DType::F32, 1e-4), (DType::BF16, 5e-2)] {
+        let model = model.clone().with_activations(act);
+        let t = cfg.context;
+        let rows = vec![random_bytes(t, 11), random_bytes(t, 12)];
+        let full = f32_cpu(&model.logits(&bytes_tensor(&rows).to_device(&dev).unwrap()).unwrap());
+        let prompt_len = 13;
+        let prompts: Vec<Vec<u8>> = rows.iter().map(|r| r[..prompt_len].to_vec()).collect();
+        let mut decoder = Decoder::new(&model, &prompts, &dev).unwrap();
+        for pos in prompt_len..t {
+            let step = f32_cpu(&decoder.logits().unwrap());
+            let want = full.narrow(1, pos, 1).unwrap().squeeze(1).unwrap();
+            let err = rel_err(&step, &want);
+            assert!(err < tol, "{act:?}: position {pos} differs by {err} (relative)");
+            let next: Vec<u8> = rows.iter().map(|r| r[pos]).collect();
+            decoder.push(&next).unwrap();
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! With the `cuda` feature, compiles kernels/megabyte.cu to PTX with nvcc (from `CUDA_HOME`,
+//! `CUDA_PATH` or the PATH; `scripts/cuda-toolchain.sh` provides one). The target architecture
+//! is `CUDA_COMPUTE_CAP` (default 90, the H100/H200). CPU builds need nothing.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=kernels/megabyte.cu");
+    println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("megabyte.ptx");
+    let nvcc = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|home| PathBuf::from(home).join("bin").join("nvcc"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}"), "kernels/megabyte.cu", "-o"])
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e} (set CUDA_HOME, or eval \"$(scripts/cuda-toolchain.sh)\")", nvcc.display()));
+    assert!(status.success(), "nvcc failed on kernels/megabyte.cu");
+}

@@ -1,0 +1,411 @@
+//! Launchers for the CUDA kernels of `kernels/megabyte.cu` (built to PTX by build.rs).
+//!
+//! Activations may be f32 or bf16 (`T` in the kernels); norm weights, losses, softmax
+//! statistics and optimizer state are f32. Inputs are read in place through their layouts;
+//! outputs are fresh contiguous buffers. Everything runs on the tensor's device stream, so
+//! ordering with candle's own kernels is kept without synchronising.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
+
+type CResult<T> = candle_core::Result<T>;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/megabyte.ptx"));
+
+/// Head dimensions the attention kernels are built for.
+pub(super) const HEAD_DIMS: [usize; 3] = [16, 32, 64];
+
+/// Threads (= rows) of one block of the small attention kernels: a group of S positions fits
+/// in one block when S ≤ this (kernels/megabyte.cu, SMALL_R and SMALL_RB).
+fn small_rows(hd: usize, backward: bool) -> usize {
+    let budget = if backward { 2048 } else { 4096 };
+    (budget / hd).min(128)
+}
+
+/// Queries (and keys) per block of the flash kernels (BQ in the kernels).
+const BQ: usize = 64;
+
+fn suffix(dtype: DType) -> CResult<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        other => candle_core::bail!("no CUDA kernel for {other:?} (f32 and bf16 only)"),
+    }
+}
+
+/// True when the fused CUDA kernels handle tensors of this dtype.
+pub(super) fn supports(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16)
+}
+
+fn launch_cfg(grid: (u32, u32), block: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: shared }
+}
+
+/// Blocks for an elementwise kernel over n elements (grid-stride loops cover the rest).
+fn elementwise_blocks(n: usize) -> u32 {
+    n.div_ceil(256).clamp(1, 132 * 16) as u32
+}
+
+/// Device address of element `offset` of a storage.
+fn address(s: &CudaStorage, offset: usize) -> CResult<u64> {
+    let stream = s.device.cuda_stream();
+    let (base, size) = match &s.slice {
+        CudaStorageSlice::F32(x) => (x.device_ptr(&stream).0, 4),
+        CudaStorageSlice::BF16(x) => (x.device_ptr(&stream).0, 2),
+        CudaStorageSlice::U32(x) => (x.device_ptr(&stream).0, 4),
+        _ => candle_core::bail!("megabyte CUDA kernels: unsupported storage dtype {:?}", s.dtype()),
+    };
+    Ok(base + (offset * size) as u64)
+}
+
+/// Address of a layout's first element.
+fn at(s: &CudaStorage, l: &Layout) -> CResult<u64> {
+    address(s, l.start_offset())
+}
+
+/// Address of a contiguous layout's first element, or an error naming `what`.
+fn contiguous_at(s: &CudaStorage, l: &Layout, what: &str) -> CResult<u64> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{what}: expected a contiguous tensor");
+    }
+    at(s, l)
+}
+
+/// A fresh uninitialised buffer of n elements and its address.
+fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> CResult<(CudaStorage, u64)> {
+    // SAFETY: every caller's kernel writes all n elements before anything reads them.
+    let slice = unsafe {
+        match dtype {
+            DType::F32 => CudaStorageSlice::F32(dev.alloc::<f32>(n.max(1))?),
+            DType::BF16 => CudaStorageSlice::BF16(dev.alloc::<half::bf16>(n.max(1))?),
+            other => candle_core::bail!("alloc: unsupported dtype {other:?}"),
+        }
+    };
+    let s = CudaStorage { slice, device: dev.clone() };
+    let p = address(&s, 0)?;
+    Ok((s, p))
+}
+
+fn tensor(s: CudaStorage, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
+}
+
+/// Runs `f` on a tensor's CUDA storage and layout under its read lock.
+fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> CResult<R>) -> CResult<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cuda(c) => f(c, l),
+        _ => candle_core::bail!("expected a CUDA tensor"),
+    }
+}
+
+/// Launches kernel `$name` of the PTX module with config `$cfg` and the given arguments
+/// (variables: the launch borrows them), returning early on a launch error.
+macro_rules! launch {
+    ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let func = $dev.get_or_load_custom_func(&$name, "megabyte", PTX)?;
+        let mut args = func.builder();
+        $( args.arg(&$arg); )*
+        // SAFETY: the argument lists match the kernel signatures in kernels/megabyte.cu, and
+        // the callers check shapes and sizes.
+        unsafe { args.launch($cfg) }.w()?;
+    }};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Norms.
+
+/// y = norm(x) for x [rows, d] (contiguous, T), weight and bias f32 [d].
+pub(super) fn norm_fwd(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), b: Option<(&CudaStorage, &Layout)>, eps: f64) -> CResult<(CudaStorage, Shape)> {
+    let dev = &x.0.device;
+    let d = w.1.shape().elem_count();
+    let n = x.1.shape().elem_count();
+    if w.0.dtype() != DType::F32 || b.is_some_and(|b| b.0.dtype() != DType::F32) {
+        candle_core::bail!("norm: weights must be f32 on CUDA");
+    }
+    let rows = (n / d.max(1)) as i32;
+    let (px, pw) = (contiguous_at(x.0, x.1, "norm x")?, contiguous_at(w.0, w.1, "norm weight")?);
+    let pb = match b {
+        Some(b) => contiguous_at(b.0, b.1, "norm bias")?,
+        None => 0u64,
+    };
+    let (out, py) = alloc(dev, x.0.dtype(), n)?;
+    let (d32, eps32) = (d as i32, eps as f32);
+    launch!(dev, format!("norm_fwd_{}", suffix(x.0.dtype())?), launch_cfg(((rows as u32).div_ceil(8), 1), 256, 0), px, pw, pb, py, rows, d32, eps32);
+    Ok((out, x.1.shape().clone()))
+}
+
+/// (dx, dw, db) of a norm; db only when `center` (LayerNorm).
+pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, center: bool, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+    let d = w.elem_count();
+    let n = x.elem_count();
+    let rows = n / d;
+    let groups = rows.div_ceil(8).clamp(1, 264);
+    let dev = match x.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("expected a CUDA tensor"),
+    };
+    let (dx, pdx) = alloc(&dev, x.dtype(), n)?;
+    let (part, ppart) = alloc(&dev, DType::F32, groups * 2 * d)?;
+    let (sums, psums) = alloc(&dev, DType::F32, 2 * d)?;
+    with_cuda(x, |xs, xl| {
+        with_cuda(w, |ws, wl| {
+            with_cuda(dy, |gs, gl| {
+                let (px, pw, pg) = (contiguous_at(xs, xl, "x")?, contiguous_at(ws, wl, "w")?, contiguous_at(gs, gl, "dy")?);
+                let (rows32, d32, eps32, c32) = (rows as i32, d as i32, eps as f32, center as i32);
+                launch!(&dev, format!("norm_bwd_{}", suffix(x.dtype())?), launch_cfg((groups as u32, 1), 256, (2 * d * 4) as u32), px, pw, pg, pdx, ppart, rows32, d32, eps32, c32);
+                Ok(())
+            })
+        })
+    })?;
+    let (g32, stride, total) = (groups as i32, (2 * d) as i32, (2 * d) as i32);
+    launch!(&dev, "sum_partials", launch_cfg(((2 * d).div_ceil(256) as u32, 1), 256, 0), ppart, psums, g32, stride, total);
+    drop(part);
+    let sums = tensor(sums, 2 * d);
+    let db = if center { Some(sums.narrow(0, d, d)?) } else { None };
+    Ok((tensor(dx, x.shape().clone()), sums.narrow(0, 0, d)?, db))
+}
+
+// ---------------------------------------------------------------------------------------------
+// GELU.
+
+pub(super) fn gelu_fwd(x: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shape)> {
+    let dev = &x.0.device;
+    let n = x.1.shape().elem_count();
+    let px = contiguous_at(x.0, x.1, "gelu x")?;
+    let (out, py) = alloc(dev, x.0.dtype(), n)?;
+    let n64 = n as u64;
+    launch!(dev, format!("gelu_fwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n), 1), 256, 0), px, py, n64);
+    Ok((out, x.1.shape().clone()))
+}
+
+pub(super) fn gelu_bwd(x: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shape)> {
+    let dev = &x.0.device;
+    let n = x.1.shape().elem_count();
+    let (px, pg) = (contiguous_at(x.0, x.1, "gelu x")?, contiguous_at(dy.0, dy.1, "gelu dy")?);
+    let (out, pdx) = alloc(dev, x.0.dtype(), n)?;
+    let n64 = n as u64;
+    launch!(dev, format!("gelu_bwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n), 1), 256, 0), px, pg, pdx, n64);
+    Ok((out, x.1.shape().clone()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy.
+
+/// f32 losses [rows] of logits [rows, v] (T) against u32 targets.
+pub(super) fn ce_fwd(logits: (&CudaStorage, &Layout), targets: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shape)> {
+    let dev = &logits.0.device;
+    let (rows, v) = logits.1.shape().dims2()?;
+    if targets.1.shape().elem_count() != rows || targets.0.dtype() != DType::U32 {
+        candle_core::bail!("cross-entropy: need {rows} u32 targets");
+    }
+    let (pl, pt) = (contiguous_at(logits.0, logits.1, "logits")?, contiguous_at(targets.0, targets.1, "targets")?);
+    let (out, po) = alloc(dev, DType::F32, rows)?;
+    let (r32, v32) = (rows as i32, v as i32);
+    launch!(dev, format!("ce_fwd_{}", suffix(logits.0.dtype())?), launch_cfg((rows.div_ceil(8) as u32, 1), 256, 0), pl, pt, po, r32, v32);
+    Ok((out, Shape::from(rows)))
+}
+
+/// d logits (T) from logits, targets, the forward's f32 losses and f32 d losses.
+pub(super) fn ce_bwd(logits: (&CudaStorage, &Layout), targets: (&CudaStorage, &Layout), losses: (&CudaStorage, &Layout), dloss: &Tensor) -> CResult<(CudaStorage, Shape)> {
+    let dev = &logits.0.device;
+    let (rows, v) = logits.1.shape().dims2()?;
+    let pl = contiguous_at(logits.0, logits.1, "logits")?;
+    let pt = contiguous_at(targets.0, targets.1, "targets")?;
+    let pls = contiguous_at(losses.0, losses.1, "losses")?;
+    let dloss = dloss.to_dtype(DType::F32)?.contiguous()?;
+    let (out, po) = alloc(dev, logits.0.dtype(), rows * v)?;
+    let (r32, v32) = (rows as i32, v as i32);
+    with_cuda(&dloss, |ds, dl| {
+        let pd = contiguous_at(ds, dl, "dloss")?;
+        launch!(dev, format!("ce_bwd_{}", suffix(logits.0.dtype())?), launch_cfg((rows.div_ceil(8) as u32, 1), 256, 0), pl, pt, pls, pd, po, r32, v32);
+        Ok(())
+    })?;
+    Ok((out, logits.1.shape().clone()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW.
+
+/// One AdamW update in place: w (f32), moments mv = [m | v] (f32), gradient g (f32).
+pub(super) fn adamw_in_place(w: &Tensor, g: &Tensor, mv: &Tensor, hp: &super::AdamWStep) -> CResult<()> {
+    let n = w.elem_count();
+    if w.dtype() != DType::F32 || g.dtype() != DType::F32 || mv.dtype() != DType::F32 || g.elem_count() != n || mv.elem_count() != 2 * n {
+        candle_core::bail!("adamw: weights, gradient and moments must be f32 of matching sizes");
+    }
+    let g = g.contiguous()?;
+    let f = |x: f64| x as f32;
+    let (lr, b1, b2, eps, scale) = (f(hp.lr), f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.grad_scale));
+    let (decay, inv_bc1, inv_bc2) = (f(1.0 - hp.lr * hp.weight_decay), f(1.0 / hp.bc1), f(1.0 / hp.bc2));
+    with_cuda(w, |ws, wl| {
+        with_cuda(&g, |gs, gl| {
+            with_cuda(mv, |ms, ml| {
+                // The kernel writes w and the moments in place: both are plain buffers that
+                // only the optimizer updates, between steps, on this stream.
+                let pw = contiguous_at(ws, wl, "adamw weight")?;
+                let pg = contiguous_at(gs, gl, "adamw gradient")?;
+                let pm = contiguous_at(ms, ml, "adamw moments")?;
+                let pv = pm + 4 * n as u64;
+                let n64 = n as u64;
+                launch!(&ws.device, "adamw_f32", launch_cfg((elementwise_blocks(n), 1), 256, 0), pw, pg, pm, pv, n64, lr, b1, b2, eps, decay, inv_bc1, inv_bc2, scale);
+                Ok(())
+            })
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention.
+
+/// Element strides (n, s) of a rank-3 view; the kernels take it by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct View {
+    sn: i64,
+    ss: i64,
+}
+
+// SAFETY: two i64s, laid out as the kernels' `struct View`.
+unsafe impl DeviceRepr for View {}
+
+fn view(l: &Layout, what: &str) -> CResult<View> {
+    let (dims, stride) = (l.dims(), l.stride());
+    if dims.len() != 3 || (stride[2] != 1 && dims[2] > 1) {
+        candle_core::bail!("{what}: expected a rank-3 view with a contiguous last dim, got {dims:?} {stride:?}");
+    }
+    Ok(View { sn: stride[0] as i64, ss: stride[1] as i64 })
+}
+
+/// Shapes of one attention call: q [n, sq, d], k and v [n, sk, d], `heads` heads of hd.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Dims {
+    pub n: usize,
+    pub sq: usize,
+    pub sk: usize,
+    pub heads: usize,
+    pub hd: usize,
+}
+
+impl Dims {
+    fn scale(&self) -> f32 {
+        1.0 / (self.hd as f32).sqrt()
+    }
+}
+
+/// True when the CUDA attention kernels take this head dimension.
+pub(super) fn attention_supported(hd: usize) -> bool {
+    HEAD_DIMS.contains(&hd)
+}
+
+/// Causal attention forward: y [n, sq, heads·hd] (T) and the f32 row log Σ exp [n, heads, sq].
+/// q, k, v are (storage, element offset, view).
+fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), dims: Dims) -> CResult<(CudaStorage, CudaStorage)> {
+    let dev = &q.0.device;
+    let dtype = q.0.dtype();
+    let (n, sq, sk, h, hd) = (dims.n, dims.sq, dims.sk, dims.heads, dims.hd);
+    let (y, py) = alloc(dev, dtype, n * sq * h * hd)?;
+    let (lse, plse) = alloc(dev, DType::F32, n * h * sq)?;
+    let (n32, sq32, sk32, h32, scale) = (n as i32, sq as i32, sk as i32, h as i32, dims.scale());
+    let rows = small_rows(hd, false);
+    let s = sq.max(sk);
+    let (name, cfg) = if s <= rows {
+        let groups_per_block = rows / s;
+        (format!("attn_small_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(groups_per_block) as u32, 1), rows as u32, 0))
+    } else {
+        (format!("attn_flash_fwd_{}_{hd}", suffix(dtype)?), launch_cfg((sq.div_ceil(BQ) as u32, (n * h) as u32), BQ as u32, 0))
+    };
+    launch!(dev, name, cfg, q.1, q.2, k.0, k.1, v.0, v.1, py, plse, n32, sq32, sk32, h32, scale);
+    Ok((y, lse))
+}
+
+/// The views of q, k and v inside a fused qkv [N, S, 3D] layout.
+fn qkv_views(s: &CudaStorage, l: &Layout, heads: usize) -> CResult<(Dims, [(u64, View); 3])> {
+    let dims = l.dims();
+    if dims.len() != 3 || dims[2] % 3 != 0 || (dims[2] / 3) % heads != 0 {
+        candle_core::bail!("attention: qkv {dims:?} is not [N, S, 3·heads·hd]");
+    }
+    let d = dims[2] / 3;
+    let vw = view(l, "qkv")?;
+    let base = at(s, l)?;
+    let esize = s.dtype().size_in_bytes() as u64;
+    let col = |c: usize| (base + (c * d) as u64 * esize, vw);
+    Ok((Dims { n: dims[0], sq: dims[1], sk: dims[1], heads, hd: d / heads }, [col(0), col(1), col(2)]))
+}
+
+/// Self-attention forward on a fused qkv: (y, lse).
+pub(super) fn self_attention_fwd(s: &CudaStorage, l: &Layout, heads: usize) -> CResult<(CudaStorage, Shape, Tensor)> {
+    let (dims, [q, k, v]) = qkv_views(s, l, heads)?;
+    let (y, lse) = attention_fwd((s, q.0, q.1), k, v, dims)?;
+    let lse = tensor(lse, (dims.n, dims.heads, dims.sq));
+    Ok((y, Shape::from((dims.n, dims.sq, dims.heads * dims.hd)), lse))
+}
+
+/// Cached-decoding attention forward: q [N, Sq, D], k, v [N, Sk, D] (any views with a
+/// contiguous last dim).
+pub(super) fn attention_fwd3(q: (&CudaStorage, &Layout), k: (&CudaStorage, &Layout), v: (&CudaStorage, &Layout), heads: usize) -> CResult<(CudaStorage, Shape)> {
+    let (qd, kd) = (q.1.dims(), k.1.dims());
+    if qd.len() != 3 || kd.len() != 3 || v.1.dims() != kd || qd[0] != kd[0] || qd[2] != kd[2] || kd[1] < qd[1] || qd[2] % heads != 0 {
+        candle_core::bail!("attention: incompatible shapes q {qd:?} k {kd:?} v {:?}", v.1.dims());
+    }
+    let dims = Dims { n: qd[0], sq: qd[1], sk: kd[1], heads, hd: qd[2] / heads };
+    let (y, _lse) = attention_fwd(
+        (q.0, at(q.0, q.1)?, view(q.1, "q")?),
+        (at(k.0, k.1)?, view(k.1, "k")?),
+        (at(v.0, v.1)?, view(v.1, "v")?),
+        dims,
+    )?;
+    Ok((y, Shape::from((dims.n, dims.sq, dims.heads * dims.hd))))
+}
+
+/// d(qkv) [N, S, 3D] (contiguous) of self-attention, from qkv, the forward's y and lse, and dy.
+pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Tensor, heads: usize) -> CResult<Tensor> {
+    let dy = dy.contiguous()?;
+    let dev = match qkv.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("expected a CUDA tensor"),
+    };
+    let dtype = qkv.dtype();
+    if dy.dtype() != dtype || y.dtype() != dtype {
+        candle_core::bail!("attention backward: dtypes of qkv, y and dy differ");
+    }
+    let (n, s, d3) = qkv.dims3()?;
+    let (out, pout) = alloc(&dev, dtype, n * s * d3)?;
+    let d = d3 / 3;
+    let esize = dtype.size_in_bytes() as u64;
+    let ov = View { sn: (s * d3) as i64, ss: d3 as i64 };
+    let (dq, dk, dv) = ((pout, ov), (pout + d as u64 * esize, ov), (pout + 2 * d as u64 * esize, ov));
+    with_cuda(qkv, |qs, ql| {
+        let (dims, [q, k, v]) = qkv_views(qs, ql, heads)?;
+        with_cuda(y, |ys, yl| {
+            with_cuda(&dy, |gs, gl| {
+                let (py, pg) = (contiguous_at(ys, yl, "y")?, contiguous_at(gs, gl, "dy")?);
+                let (n32, s32, h32, scale) = (dims.n as i32, dims.sq as i32, dims.heads as i32, dims.scale());
+                let hd = dims.hd;
+                let rows = small_rows(hd, true);
+                let tn = suffix(dtype)?;
+                if s <= rows {
+                    let groups_per_block = rows / s;
+                    let cfg = launch_cfg(((n * heads).div_ceil(groups_per_block) as u32, 1), rows as u32, 0);
+                    launch!(&dev, format!("attn_small_bwd_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, py, pg, dq.0, dq.1, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
+                    return Ok(());
+                }
+                let lse = lse.contiguous()?;
+                let (dbuf, pdbuf) = alloc(&dev, DType::F32, n * heads * s)?;
+                with_cuda(&lse, |ls, ll| {
+                    let plse = contiguous_at(ls, ll, "lse")?;
+                    let cfg = launch_cfg((s.div_ceil(BQ) as u32, (n * heads) as u32), BQ as u32, 0);
+                    launch!(&dev, format!("attn_flash_bwd_dq_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, py, pg, plse, pdbuf, dq.0, dq.1, n32, s32, h32, scale);
+                    launch!(&dev, format!("attn_flash_bwd_dkdv_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
+                    Ok(())
+                })?;
+                drop(dbuf);
+                Ok(())
+            })
+        })
+    })?;
+    Ok(tensor(out, (n, s, d3)))
+}
