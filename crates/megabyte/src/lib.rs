@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
+pub mod gpu;
 pub mod model;
 pub mod nn;
 pub mod ops;
@@ -43,7 +44,10 @@ pub fn device(spec: &str) -> Result<Device> {
             "device `{spec}` needs a build with `--features cuda` (this one is CPU-only)"
         )));
     }
-    Ok(Device::new_cuda(ordinal)?)
+    let device = Device::new_cuda(ordinal)?;
+    gpu::single_stream(&device);
+    gpu::keep_freed_memory(&device);
+    Ok(device)
 }
 
 /// Process-wide CPU settings for training and generation on the CPU; call it first thing in

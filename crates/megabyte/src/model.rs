@@ -274,7 +274,5 @@ impl MegaByte {
 
 /// Embedding lookup: table [V, D] and ids [..] → [.., D].
 fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let mut shape = ids.dims().to_vec();
-    shape.push(table.dim(1)?);
-    Ok(table.index_select(&ids.flatten_all()?, 0)?.reshape(shape)?)
+    Ok(crate::ops::embedding(table, ids)?)
 }

@@ -246,3 +246,16 @@ fn cuda_cached_decoding_equals_full_forward() {
         }
     }
 }
+
+#[test]
+fn cuda_embedding_matches_cpu() {
+    // 5000 ids over 256 rows: many repeats, as bytes have; 40 columns: a partial column block.
+    let ids: Vec<u32> = random_bytes(5000, 31).iter().map(|&b| b as u32).collect();
+    compare(
+        &[values(&[256, 40], 30)],
+        &[0],
+        DType::F32,
+        |xs| ops::embedding(&xs[0], &Tensor::new(ids.as_slice(), xs[0].device()).unwrap().reshape((50, 100)).unwrap()).unwrap(),
+        "embedding",
+    );
+}

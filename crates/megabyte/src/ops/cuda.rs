@@ -171,6 +171,46 @@ pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, center: bool, eps: f
 }
 
 // ---------------------------------------------------------------------------------------------
+// Embedding.
+
+/// table [v, d] (T) at u32 ids [rows] → [rows, d].
+pub(super) fn embed_fwd(table: (&CudaStorage, &Layout), ids: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shape)> {
+    let dev = &table.0.device;
+    let (_, d) = table.1.shape().dims2()?;
+    let rows = ids.1.shape().elem_count();
+    let (pt, pi) = (contiguous_at(table.0, table.1, "embedding table")?, contiguous_at(ids.0, ids.1, "embedding ids")?);
+    let (out, po) = alloc(dev, table.0.dtype(), rows * d)?;
+    let (r32, d32) = (rows as i32, d as i32);
+    launch!(dev, format!("embed_fwd_{}", suffix(table.0.dtype())?), launch_cfg((elementwise_blocks(rows * d), 1), 256, 0), pt, pi, po, r32, d32);
+    Ok((out, Shape::from((rows, d))))
+}
+
+/// The f32 gradient [v, d] of an embedding table from dy [rows, d] (T) and the ids.
+pub(super) fn embed_bwd(dy: &Tensor, ids: &Tensor, v: usize) -> CResult<Tensor> {
+    let dy = dy.contiguous()?;
+    let (rows, d) = dy.dims2()?;
+    let dev = match dy.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("expected a CUDA tensor"),
+    };
+    let dtable = Tensor::zeros((v, d), DType::F32, dy.device())?;
+    const COLS: usize = 32;
+    let rows_per_block = 2048;
+    let grid = (d.div_ceil(COLS) as u32, rows.div_ceil(rows_per_block).max(1) as u32);
+    with_cuda(&dy, |gs, gl| {
+        with_cuda(ids, |is, il| {
+            with_cuda(&dtable, |ts, tl| {
+                let (pg, pi, pt) = (contiguous_at(gs, gl, "dy")?, contiguous_at(is, il, "ids")?, contiguous_at(ts, tl, "dtable")?);
+                let (r32, v32, d32, rpb) = (rows as i32, v as i32, d as i32, rows_per_block as i32);
+                launch!(&dev, format!("embed_bwd_{}", suffix(dy.dtype())?), launch_cfg(grid, 256, (v * COLS * 4) as u32), pg, pi, pt, r32, v32, d32, rpb);
+                Ok(())
+            })
+        })
+    })?;
+    Ok(dtable)
+}
+
+// ---------------------------------------------------------------------------------------------
 // GELU.
 
 pub(super) fn gelu_fwd(x: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shape)> {

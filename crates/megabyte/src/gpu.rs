@@ -1,0 +1,73 @@
+//! CUDA memory: the allocator's pool settings and peak-memory statistics. Without the `cuda`
+//! feature (or on the CPU) these do nothing and report nothing.
+
+use candle_core::Device;
+
+/// Keeps memory freed to CUDA's stream-ordered pool (which candle allocates from) for reuse
+/// instead of returning it to the driver at every synchronisation, as the default threshold of
+/// 0 does; a training step then reallocates nothing from the driver after the first.
+pub fn keep_freed_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = pool(device) {
+        let mut threshold = u64::MAX;
+        // SAFETY: a valid pool and a u64 value, as the attribute requires.
+        unsafe {
+            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _);
+        }
+    }
+    let _ = device;
+}
+
+/// Turns off cudarc's per-buffer event recording, which guards buffers shared between
+/// streams: megabyte runs everything on the device's one stream, and the events cost host
+/// time at every kernel launch (several per launch, thousands of launches per step).
+pub fn single_stream(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        // SAFETY: every tensor of this device is used on its one stream only.
+        unsafe { d.disable_event_tracking() }
+    }
+    let _ = device;
+}
+
+/// Bytes of device memory in use at the peak since the last [`reset_peak_memory`] (CUDA only).
+pub fn peak_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = pool(device) {
+        device.synchronize().ok()?;
+        let mut high = 0u64;
+        // SAFETY: as above.
+        let r = unsafe { sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut high as *mut u64 as *mut _) };
+        return (r == sys::CUresult::CUDA_SUCCESS).then_some(high);
+    }
+    let _ = device;
+    None
+}
+
+/// Starts a new peak-memory measurement.
+pub fn reset_peak_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = pool(device) {
+        let _ = device.synchronize();
+        let mut zero = 0u64;
+        // SAFETY: as above; the driver accepts only 0 for this attribute.
+        unsafe {
+            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _);
+        }
+    }
+    let _ = device;
+}
+
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::sys;
+
+/// The default memory pool of a CUDA device.
+#[cfg(feature = "cuda")]
+fn pool(device: &Device) -> Option<sys::CUmemoryPool> {
+    let Device::Cuda(d) = device else { return None };
+    let cu_device = d.cuda_stream().context().cu_device();
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: an out-pointer for the device's default pool.
+    let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+}
