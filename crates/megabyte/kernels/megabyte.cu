@@ -531,6 +531,368 @@ __device__ void attn_flash_bwd_dkdv(const T* q, View vq, const T* k, View vk, co
     }
 }
 
+// --- Long sequences in bf16 on tensor cores (mma.sync m16n8k16, f32 accumulators). --------
+// FlashAttention-2's scheme: a block of 4 warps owns 64 rows (queries for the forward and dq,
+// keys for dk/dv); each warp owns 16 of them and streams the other side through shared memory
+// 64 at a time. Scores stay in registers: an accumulator tile of one product is re-packed as
+// the A operand of the next (the m16n8 C layout matches the m16k16 A layout). Row statistics
+// per query (log Σ exp L, and D = dy·y) come from the forward and attn_bwd_prep.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): lane = 4g + t;
+//   A (16×16, row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
+//   B (16×8, k×n):        b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
+//   C (16×8):             c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
+
+constexpr int TC_ROWS = 64;   // rows per block (4 warps × 16)
+constexpr int TC_TILE = 64;   // streamed rows per tile
+constexpr int TC_PAD = 8;     // bf16 padding per shared row: rows land 4 banks apart
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major shared array (leading dim ld).
+__device__ __forceinline__ void load_a(uint32_t* a, const bf16* x, int ld, int r0, int k0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    a[0] = *reinterpret_cast<const uint32_t*>(x + (r0 + g) * ld + k0 + 2 * t);
+    a[1] = *reinterpret_cast<const uint32_t*>(x + (r0 + g + 8) * ld + k0 + 2 * t);
+    a[2] = *reinterpret_cast<const uint32_t*>(x + (r0 + g) * ld + k0 + 2 * t + 8);
+    a[3] = *reinterpret_cast<const uint32_t*>(x + (r0 + g + 8) * ld + k0 + 2 * t + 8);
+}
+
+// B fragment (k0..k0+15 × n0..n0+7) from a shared array stored n-major: element (k, n) at
+// y[n·ld + k].
+__device__ __forceinline__ void load_b(uint32_t* b, const bf16* y, int ld, int n0, int k0) {
+    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    b[0] = *reinterpret_cast<const uint32_t*>(y + (n0 + g) * ld + k0 + 2 * t);
+    b[1] = *reinterpret_cast<const uint32_t*>(y + (n0 + g) * ld + k0 + 2 * t + 8);
+}
+
+// The A fragments (4 k-steps of 16) of a 16×64 accumulator tile c[8][4].
+__device__ __forceinline__ void c_to_a(uint32_t (*a)[4], const float (*c)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        a[kk][0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+        a[kk][1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+        a[kk][2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+        a[kk][3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+    }
+}
+
+// Copies rows r0..r0+63 (zeros past `rows`) of a [.., HD] bf16 view into shared memory,
+// row-major (dst[r·(HD+PAD) + d]) and/or transposed (dst_t[d·(64+PAD) + r]). 16-byte loads:
+// the host checks the view's alignment.
+template <int HD>
+__device__ __forceinline__ void load_tile(bf16* dst, bf16* dst_t, const bf16* src, long ss, int r0, int rows) {
+    constexpr int V = 8;  // bf16 per 16-byte load
+    for (int idx = threadIdx.x; idx < TC_TILE * HD / V; idx += blockDim.x) {
+        const int r = idx / (HD / V), c = (idx % (HD / V)) * V;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (r0 + r < rows) val = *reinterpret_cast<const uint4*>(src + (long)(r0 + r) * ss + c);
+        if (dst) *reinterpret_cast<uint4*>(dst + r * (HD + TC_PAD) + c) = val;
+        if (dst_t) {
+            const bf16* e = reinterpret_cast<const bf16*>(&val);
+#pragma unroll
+            for (int i = 0; i < V; i++) dst_t[(c + i) * (TC_TILE + TC_PAD) + r] = e[i];
+        }
+    }
+}
+
+template <int HD>
+__device__ void attn_tc_fwd(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, bf16* y, float* lse,
+                            int N, int Sq, int Sk, int H, float scale) {
+    constexpr int LD = HD + TC_PAD, LDT = TC_TILE + TC_PAD;
+    __shared__ __align__(16) bf16 qs[TC_ROWS * LD];
+    __shared__ __align__(16) bf16 ks[TC_TILE * LD];
+    __shared__ __align__(16) bf16 vt[HD * LDT];
+    const long id = blockIdx.y;
+    const long n = id / H, h = id % H;
+    const int i0 = blockIdx.x * TC_ROWS;
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    load_tile<HD>(qs, nullptr, q + n * vq.sn + h * HD, vq.ss, i0, Sq);
+    __syncthreads();
+    uint32_t qa[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) load_a(qa[kk], qs, LD, warp * 16, kk * 16);
+    float o[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    const int row0 = i0 + warp * 16 + g;        // this lane's rows: row0 and row0 + 8
+    const int off = Sk - Sq;                    // query i sits at position off + i
+    const int last = min(Sk - 1, off + i0 + TC_ROWS - 1);
+    for (int kt = 0; kt <= last; kt += TC_TILE) {
+        __syncthreads();
+        load_tile<HD>(ks, nullptr, k + n * vk.sn + h * HD, vk.ss, kt, Sk);
+        load_tile<HD>(nullptr, vt, v + n * vv.sn + h * HD, vv.ss, kt, Sk);
+        __syncthreads();
+        float s[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                uint32_t b[2];
+                load_b(b, ks, LD, j * 8, kk * 16);
+                mma16816(s[j], qa[kk], b);
+            }
+        }
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int col = kt + j * 8 + 2 * t + (e & 1);
+                const int pos = off + row0 + 8 * (e >> 1);
+                s[j][e] = (col <= pos && col < Sk) ? s[j][e] * scale : -INFINITY;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+            }
+        float corr[2], sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+            const float base = mx[r] == -INFINITY ? 0.f : mx[r];
+            corr[r] = __expf(m[r] - base);
+            m[r] = mx[r];
+            mx[r] = base;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[j][e] = __expf(s[j][e] - mx[e >> 1]);
+                sum[e >> 1] += s[j][e];
+            }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            sum[r] += __shfl_xor_sync(0xffffffff, sum[r], 1);
+            sum[r] += __shfl_xor_sync(0xffffffff, sum[r], 2);
+            l[r] = l[r] * corr[r] + sum[r];
+        }
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) {
+            o[j][0] *= corr[0]; o[j][1] *= corr[0];
+            o[j][2] *= corr[1]; o[j][3] *= corr[1];
+        }
+        uint32_t pa[4][4];
+        c_to_a(pa, s);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+            for (int j = 0; j < HD / 8; j++) {
+                uint32_t b[2];
+                load_b(b, vt, LDT, j * 8, kk * 16);
+                mma16816(o[j], pa[kk], b);
+            }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = row0 + 8 * r;
+        if (i >= Sq) continue;
+        const float inv = 1.f / l[r];
+        bf16* yr = y + (n * Sq + i) * (long)(H * HD) + h * HD;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++)
+            *reinterpret_cast<uint32_t*>(yr + j * 8 + 2 * t) = pack_bf16(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+        if (lse && t == 0) lse[id * Sq + i] = m[r] + logf(l[r]);
+    }
+}
+
+// D = Σ_d dy·y per row, into Dbuf [N, H, S]; one warp per (row, head).
+template <typename T>
+__device__ void attn_bwd_prep(const T* y, const T* dy, float* Dbuf, int N, int S, int H, int HD) {
+    const long w = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (w >= (long)N * S * H) return;
+    const long h = w % H, i = (w / H) % S, n = w / ((long)H * S);
+    const long base = (n * S + i) * (long)H * HD + h * HD;
+    float d = 0.f;
+    for (int c = lane; c < HD; c += 32) d += to_f(y[base + c]) * to_f(dy[base + c]);
+    d = warp_sum(d);
+    if (lane == 0) Dbuf[(n * H + h) * S + i] = d;
+}
+
+// dq for 64 queries per block (self-attention, S = Sq = Sk); dy is [N, S, H·HD] contiguous.
+template <int HD>
+__device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy,
+                               const float* lse, const float* Dbuf, bf16* dq, View vdq, int N, int S, int H, float scale) {
+    constexpr int LD = HD + TC_PAD, LDT = TC_TILE + TC_PAD;
+    __shared__ __align__(16) bf16 xs[TC_ROWS * LD];  // q, then dy: staging for the A fragments
+    __shared__ __align__(16) bf16 ks[TC_TILE * LD];
+    __shared__ __align__(16) bf16 vs[TC_TILE * LD];
+    __shared__ __align__(16) bf16 kt_s[HD * LDT];
+    const long id = blockIdx.y;
+    const long n = id / H, h = id % H;
+    const long W = (long)H * HD;
+    const int i0 = blockIdx.x * TC_ROWS;
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    uint32_t qa[HD / 16][4], ga[HD / 16][4];
+    load_tile<HD>(xs, nullptr, q + n * vq.sn + h * HD, vq.ss, i0, S);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) load_a(qa[kk], xs, LD, warp * 16, kk * 16);
+    __syncthreads();
+    load_tile<HD>(xs, nullptr, dy + n * S * W + h * HD, W, i0, S);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) load_a(ga[kk], xs, LD, warp * 16, kk * 16);
+    const int row0 = i0 + warp * 16 + g;
+    float L[2], D[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = min(row0 + 8 * r, S - 1);
+        L[r] = lse[id * S + i];
+        D[r] = Dbuf[id * S + i];
+    }
+    float acc[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    const int last = min(S - 1, i0 + TC_ROWS - 1);
+    for (int kt = 0; kt <= last; kt += TC_TILE) {
+        __syncthreads();
+        load_tile<HD>(ks, kt_s, k + n * vk.sn + h * HD, vk.ss, kt, S);
+        load_tile<HD>(vs, nullptr, v + n * vv.sn + h * HD, vv.ss, kt, S);
+        __syncthreads();
+        float p[8][4], dp[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            p[j][0] = p[j][1] = p[j][2] = p[j][3] = 0.f;
+            dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                uint32_t b[2];
+                load_b(b, ks, LD, j * 8, kk * 16);
+                mma16816(p[j], qa[kk], b);
+                load_b(b, vs, LD, j * 8, kk * 16);
+                mma16816(dp[j], ga[kk], b);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int col = kt + j * 8 + 2 * t + (e & 1), row = row0 + 8 * (e >> 1);
+                const float pe = (col <= row && row < S) ? __expf(p[j][e] * scale - L[e >> 1]) : 0.f;
+                p[j][e] = pe * (dp[j][e] - D[e >> 1]);  // dS
+            }
+        }
+        uint32_t da[4][4];
+        c_to_a(da, p);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+            for (int j = 0; j < HD / 8; j++) {
+                uint32_t b[2];
+                load_b(b, kt_s, LDT, j * 8, kk * 16);
+                mma16816(acc[j], da[kk], b);
+            }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = row0 + 8 * r;
+        if (i >= S) continue;
+        bf16* o = dq + n * vdq.sn + (long)i * vdq.ss + h * HD;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++)
+            *reinterpret_cast<uint32_t*>(o + j * 8 + 2 * t) = pack_bf16(acc[j][2 * r] * scale, acc[j][2 * r + 1] * scale);
+    }
+}
+
+// dk and dv for 64 keys per block; queries at or after each key stream through.
+template <int HD>
+__device__ void attn_tc_bwd_dkdv(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy,
+                                 const float* lse, const float* Dbuf, bf16* dk, View vdk, bf16* dv, View vdv, int N, int S,
+                                 int H, float scale) {
+    constexpr int LD = HD + TC_PAD, LDT = TC_TILE + TC_PAD;
+    __shared__ __align__(16) bf16 qs[TC_TILE * LD];
+    __shared__ __align__(16) bf16 gs[TC_TILE * LD];
+    __shared__ __align__(16) bf16 qt[HD * LDT];
+    __shared__ __align__(16) bf16 gt[HD * LDT];
+    __shared__ float Ls[TC_TILE], Ds[TC_TILE];
+    const long id = blockIdx.y;
+    const long n = id / H, h = id % H;
+    const long W = (long)H * HD;
+    const int j0 = blockIdx.x * TC_ROWS;
+    const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    uint32_t ka[HD / 16][4], va[HD / 16][4];
+    load_tile<HD>(qs, nullptr, k + n * vk.sn + h * HD, vk.ss, j0, S);
+    load_tile<HD>(gs, nullptr, v + n * vv.sn + h * HD, vv.ss, j0, S);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        load_a(ka[kk], qs, LD, warp * 16, kk * 16);
+        load_a(va[kk], gs, LD, warp * 16, kk * 16);
+    }
+    float ak[HD / 8][4], av[HD / 8][4];
+#pragma unroll
+    for (int j = 0; j < HD / 8; j++) {
+        ak[j][0] = ak[j][1] = ak[j][2] = ak[j][3] = 0.f;
+        av[j][0] = av[j][1] = av[j][2] = av[j][3] = 0.f;
+    }
+    const int key0 = j0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
+    for (int it = (j0 / TC_TILE) * TC_TILE; it < S; it += TC_TILE) {
+        __syncthreads();
+        load_tile<HD>(qs, qt, q + n * vq.sn + h * HD, vq.ss, it, S);
+        load_tile<HD>(gs, gt, dy + n * S * W + h * HD, W, it, S);
+        for (int r = threadIdx.x; r < TC_TILE; r += blockDim.x) {
+            Ls[r] = it + r < S ? lse[id * S + it + r] : 0.f;
+            Ds[r] = it + r < S ? Dbuf[id * S + it + r] : 0.f;
+        }
+        __syncthreads();
+        float p[8][4], ds[8][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            p[j][0] = p[j][1] = p[j][2] = p[j][3] = 0.f;
+            ds[j][0] = ds[j][1] = ds[j][2] = ds[j][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                uint32_t b[2];
+                load_b(b, qs, LD, j * 8, kk * 16);
+                mma16816(p[j], ka[kk], b);
+                load_b(b, gs, LD, j * 8, kk * 16);
+                mma16816(ds[j], va[kk], b);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int cq = j * 8 + 2 * t + (e & 1), qi = it + cq, key = key0 + 8 * (e >> 1);
+                const float pe = (qi >= key && qi < S && key < S) ? __expf(p[j][e] * scale - Ls[cq]) : 0.f;
+                p[j][e] = pe;
+                ds[j][e] = pe * (ds[j][e] - Ds[cq]);
+            }
+        }
+        uint32_t pa[4][4], da[4][4];
+        c_to_a(pa, p);
+        c_to_a(da, ds);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+            for (int j = 0; j < HD / 8; j++) {
+                uint32_t b[2];
+                load_b(b, gt, LDT, j * 8, kk * 16);
+                mma16816(av[j], pa[kk], b);
+                load_b(b, qt, LDT, j * 8, kk * 16);
+                mma16816(ak[j], da[kk], b);
+            }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int key = key0 + 8 * r;
+        if (key >= S) continue;
+        bf16* ok = dk + n * vdk.sn + (long)key * vdk.ss + h * HD;
+        bf16* ov = dv + n * vdv.sn + (long)key * vdv.ss + h * HD;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j++) {
+            *reinterpret_cast<uint32_t*>(ok + j * 8 + 2 * t) = pack_bf16(ak[j][2 * r] * scale, ak[j][2 * r + 1] * scale);
+            *reinterpret_cast<uint32_t*>(ov + j * 8 + 2 * t) = pack_bf16(av[j][2 * r], av[j][2 * r + 1]);
+        }
+    }
+}
+
 // -------------------------------------------------------------------------------------------
 // Embedding lookup: out [rows, d] = table [v, d] at ids [rows]; backward scatter-adds dy into
 // a zeroed float dtable. Each backward block owns 32 columns and a chunk of rows and sums in
@@ -627,6 +989,34 @@ ELEMENTWISE(bf16, bf16)
         const float* Dbuf, T* dk, View vdk, T* dv, View vdv, int N, int S, int H, float scale) {                       \
         attn_flash_bwd_dkdv<T, HD>(q, vq, k, vk, v, vv, dy, lse, Dbuf, dk, vdk, dv, vdv, N, S, H, scale);              \
     }
+
+#define ATTENTION_TC(HD)                                                                                                \
+    extern "C" __global__ void __launch_bounds__(128) attn_tc_fwd_##HD(                                                \
+        const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, bf16* y, float* lse, int N, int Sq,  \
+        int Sk, int H, float scale) {                                                                                  \
+        attn_tc_fwd<HD>(q, vq, k, vk, v, vv, y, lse, N, Sq, Sk, H, scale);                                             \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) attn_tc_bwd_dq_##HD(                                             \
+        const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy, const float* lse,     \
+        const float* Dbuf, bf16* dq, View vdq, int N, int S, int H, float scale) {                                     \
+        attn_tc_bwd_dq<HD>(q, vq, k, vk, v, vv, dy, lse, Dbuf, dq, vdq, N, S, H, scale);                               \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) attn_tc_bwd_dkdv_##HD(                                           \
+        const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy, const float* lse,     \
+        const float* Dbuf, bf16* dk, View vdk, bf16* dv, View vdv, int N, int S, int H, float scale) {                 \
+        attn_tc_bwd_dkdv<HD>(q, vq, k, vk, v, vv, dy, lse, Dbuf, dk, vdk, dv, vdv, N, S, H, scale);                    \
+    }
+
+ATTENTION_TC(16)
+ATTENTION_TC(32)
+ATTENTION_TC(64)
+
+extern "C" __global__ void attn_bwd_prep_f32(const float* y, const float* dy, float* Dbuf, int N, int S, int H, int HD) {
+    attn_bwd_prep<float>(y, dy, Dbuf, N, S, H, HD);
+}
+extern "C" __global__ void attn_bwd_prep_bf16(const bf16* y, const bf16* dy, float* Dbuf, int N, int S, int H, int HD) {
+    attn_bwd_prep<bf16>(y, dy, Dbuf, N, S, H, HD);
+}
 
 #define ATTENTION_ALL(TN, T) ATTENTION(TN, T, 16) ATTENTION(TN, T, 32) ATTENTION(TN, T, 64)
 

@@ -28,6 +28,15 @@ fn small_rows(hd: usize, backward: bool) -> usize {
 /// Queries (and keys) per block of the flash kernels (BQ in the kernels).
 const BQ: usize = 64;
 
+/// Rows per block of the tensor-core kernels (TC_ROWS).
+const TC_ROWS: usize = 64;
+
+/// The tensor-core kernels load rows 16 bytes at a time: every address and row stride must be
+/// a multiple of 16 bytes (8 bf16).
+fn tensor_core_ready(addresses: &[u64], views: &[View]) -> bool {
+    addresses.iter().all(|a| a % 16 == 0) && views.iter().all(|v| v.sn % 8 == 0 && v.ss % 8 == 0)
+}
+
 fn suffix(dtype: DType) -> CResult<&'static str> {
     match dtype {
         DType::F32 => Ok("f32"),
@@ -355,6 +364,8 @@ fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), d
     let (name, cfg) = if s <= rows {
         let groups_per_block = rows / s;
         (format!("attn_small_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(groups_per_block) as u32, 1), rows as u32, 0))
+    } else if dtype == DType::BF16 && tensor_core_ready(&[q.1, k.0, v.0], &[q.2, k.1, v.1]) {
+        (format!("attn_tc_fwd_{hd}"), launch_cfg((sq.div_ceil(TC_ROWS) as u32, (n * h) as u32), 128, 0))
     } else {
         (format!("attn_flash_fwd_{}_{hd}", suffix(dtype)?), launch_cfg((sq.div_ceil(BQ) as u32, (n * h) as u32), BQ as u32, 0))
     };
@@ -435,8 +446,18 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                 }
                 let lse = lse.contiguous()?;
                 let (dbuf, pdbuf) = alloc(&dev, DType::F32, n * heads * s)?;
+                let tc = dtype == DType::BF16 && tensor_core_ready(&[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov]);
                 with_cuda(&lse, |ls, ll| {
                     let plse = contiguous_at(ls, ll, "lse")?;
+                    if tc {
+                        let hd32 = hd as i32;
+                        let warps = n * s * heads;
+                        launch!(&dev, format!("attn_bwd_prep_{tn}"), launch_cfg((warps.div_ceil(8) as u32, 1), 256, 0), py, pg, pdbuf, n32, s32, h32, hd32);
+                        let cfg = launch_cfg((s.div_ceil(TC_ROWS) as u32, (n * heads) as u32), 128, 0);
+                        launch!(&dev, format!("attn_tc_bwd_dq_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dq.0, dq.1, n32, s32, h32, scale);
+                        launch!(&dev, format!("attn_tc_bwd_dkdv_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
+                        return Ok(());
+                    }
                     let cfg = launch_cfg((s.div_ceil(BQ) as u32, (n * heads) as u32), BQ as u32, 0);
                     launch!(&dev, format!("attn_flash_bwd_dq_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, py, pg, plse, pdbuf, dq.0, dq.1, n32, s32, h32, scale);
                     launch!(&dev, format!("attn_flash_bwd_dkdv_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
