@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
+pub mod grad;
 pub mod gpu;
 pub mod model;
 pub mod nn;

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::config::{ModelConfig, V};
 use crate::error::{Error, Result};
+use crate::grad::{sum_rows, Grads};
 use crate::nn::{accumulation_dtype, Init, KvCache, Linear, Params, Transformer};
 
 /// §2.2.1: byte embeddings plus learned byte positions, concatenated into patches.
@@ -160,6 +161,62 @@ impl MegaByte {
         Ok(self.byte_losses(bytes)?.mean_all()?)
     }
 
+    /// The mean loss over the batch (a scalar tensor, f32 or the parameters' dtype) and the
+    /// gradients of `weight`·loss for every parameter, by the explicit backward pass
+    /// (grad.rs): the same result as `loss(bytes).backward()`, without candle's autograd.
+    pub fn loss_and_grads(&self, bytes: &Tensor, weight: f64) -> Result<(Tensor, Grads)> {
+        let (b, t) = self.check_input(bytes)?;
+        let (p, k, dg, dl) = (self.cfg.patch_size, t / self.cfg.patch_size, self.cfg.d_global(), self.cfg.local.width);
+        let pe = &self.patch_embedder;
+        let le = &self.local_embedder;
+        let head = match &self.head {
+            Some(head) => head.clone(),
+            None => Linear { weight: le.byte_embed.clone() },
+        };
+        // Forward, keeping what the backward pass reads.
+        let h0 = pe.forward(bytes, 0, self.act)?.detach(); // [B, K, P·D_G]
+        let hin = shift_one_patch(&h0, &pe.global_pad.detach())?;
+        let (hg, global_saved) = self.global.forward_saved(&hin)?;
+        let hg = hg.reshape((b * k, p, dg))?; // [B·K, P, D_G]
+        let context = self.global_to_local.fwd(&hg)?; // [B·K, P, D_L]
+        let local_bytes = bytes.reshape((b * k, p))?;
+        let local_in = le.forward(&local_bytes, self.act)?.detach();
+        let (hl, local_saved) = self.local.forward_saved(&(context + local_in)?)?;
+        let logits = head.fwd(&hl)?.reshape((b * t, V))?; // [B·T, V]
+        let targets = bytes.flatten_all()?;
+        let losses = crate::ops::cross_entropy_forward(&logits, &targets)?; // [B·T]
+        let losses = losses.to_dtype(accumulation_dtype(losses.dtype()))?;
+        let loss = losses.mean_all()?;
+
+        // Backward.
+        let mut grads = Grads::new();
+        let n = b * t;
+        let dloss = Tensor::full((weight / n as f64) as f32, n, losses.device())?.to_dtype(losses.dtype())?;
+        let dlogits = crate::ops::cross_entropy_backward(&logits, &targets, &losses, &dloss)?;
+        drop((logits, losses));
+        let dhl = head.bwd(&hl, &dlogits.reshape((b * k, p, V))?, &mut grads)?;
+        let dx = self.local.backward(local_saved, &dhl, &mut grads)?; // [B·K, P, D_L]
+        // x = context + (shift_one_byte(E_local[bytes]) + local positions)
+        let pdt = le.byte_embed.dtype();
+        let dlocal = dx.to_dtype(pdt)?;
+        grads.add(&le.pos_embed, sum_rows(&dlocal.reshape((b * k, p * dl))?)?)?;
+        grads.add(&le.local_pad, sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((b * k, dl))?)?)?;
+        let dembed = shift_back(&dlocal)?; // byte j's embedding fed position j + 1
+        grads.add(&le.byte_embed, crate::ops::embedding_backward(&le.byte_embed, &local_bytes, &dembed)?)?;
+        let dhg = self.global_to_local.bwd(&hg, &dx, &mut grads)?;
+        let dhin = self.global.backward(global_saved, &dhg.reshape((b, k, p * dg))?, &mut grads)?;
+        // hin = shift_one_patch(E_global[bytes] + positions)
+        let dhin = dhin.to_dtype(pdt)?;
+        grads.add(&pe.global_pad, sum_rows(&dhin.narrow(1, 0, 1)?.reshape((b, p * dg))?)?)?;
+        let dh0 = shift_back(&dhin)?.reshape((b, t, dg))?; // [B, T, D_G]
+        let dpos = sum_rows(&dh0.reshape((b, t * dg))?)?.reshape((t, dg))?;
+        let context_len = self.cfg.context;
+        let dpos = if t < context_len { Tensor::cat(&[&dpos, &Tensor::zeros((context_len - t, dg), pdt, dpos.device())?], 0)? } else { dpos };
+        grads.add(&pe.pos_embed, dpos)?;
+        grads.add(&pe.byte_embed, crate::ops::embedding_backward(&pe.byte_embed, bytes, &dh0)?)?;
+        Ok((loss, grads))
+    }
+
     /// §2.2.2: every D_G slice of a global output projected by the shared w_GL.
     /// [B, K, P·D_G] → [B·K, P, D_L].
     fn global_to_local(&self, h: &Tensor) -> Result<Tensor> {
@@ -270,6 +327,17 @@ impl MegaByte {
         let h = self.local.forward_cached(&x.reshape((b, 1, dl))?, cache)?; // [B, 1, D_L]
         Ok(self.head(&h.squeeze(1)?)?) // [B, V]
     }
+}
+
+/// The gradient of a shift by one along dim 1 (`shift_one_patch`, `shift_one_byte`):
+/// d[:, j] = dy[:, j + 1], and 0 for the last position. dy: [N, S, D].
+fn shift_back(dy: &Tensor) -> Result<Tensor> {
+    let (n, s, d) = dy.dims3()?;
+    let zero = Tensor::zeros((n, 1, d), dy.dtype(), dy.device())?;
+    if s == 1 {
+        return Ok(zero);
+    }
+    Ok(Tensor::cat(&[&dy.narrow(1, 1, s - 1)?, &zero], 1)?)
 }
 
 /// Embedding lookup: table [V, D] and ids [..] → [.., D].

@@ -11,6 +11,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::config::{NormKind, TransformerConfig};
 use crate::error::{Error, Result};
+use crate::grad::Grads;
+use crate::ops;
 
 /// How a new parameter is filled.
 #[derive(Clone, Copy, Debug)]
@@ -320,5 +322,104 @@ impl Transformer {
             x = block.forward(&x, Some(slot))?;
         }
         self.norm.forward(&x)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Explicit forward (keeping activations) and backward passes; see grad.rs.
+
+impl Linear {
+    pub(crate) fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::linear_forward(x, &self.weight)?)
+    }
+
+    /// dx, adding dW to `grads`.
+    pub(crate) fn bwd(&self, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let (dx, dw) = ops::linear_backward(x, &self.weight, dy)?;
+        grads.add(&self.weight, dw)?;
+        Ok(dx)
+    }
+}
+
+impl Norm {
+    pub(crate) fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(ops::norm_forward(x, &self.weight, self.bias.as_ref(), NORM_EPS)?)
+    }
+
+    pub(crate) fn bwd(&self, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let (dx, dw, db) = ops::norm_backward(x, &self.weight, self.bias.as_ref(), dy, NORM_EPS)?;
+        grads.add(&self.weight, dw)?;
+        if let (Some(b), Some(db)) = (&self.bias, db) {
+            grads.add(b, db)?;
+        }
+        Ok(dx)
+    }
+}
+
+/// What a block's backward pass reads of its forward pass.
+pub(crate) struct BlockSaved {
+    x: Tensor,
+    h1: Tensor,
+    qkv: Tensor,
+    y: Tensor,
+    lse: Option<Tensor>,
+    x1: Tensor,
+    h2: Tensor,
+    u: Tensor,
+    g: Tensor,
+}
+
+impl Block {
+    fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, BlockSaved)> {
+        let h1 = self.attn_norm.fwd(x)?;
+        let qkv = self.attn.qkv.fwd(&h1)?;
+        let (y, lse) = ops::self_attention_forward(&qkv, self.attn.heads)?;
+        let x1 = (x + self.attn.proj.fwd(&y)?)?;
+        let h2 = self.mlp_norm.fwd(&x1)?;
+        let u = self.mlp.up.fwd(&h2)?;
+        let g = ops::gelu_forward(&u)?;
+        let out = (&x1 + self.mlp.down.fwd(&g)?)?;
+        Ok((out, BlockSaved { x: x.clone(), h1, qkv, y, lse, x1, h2, u, g }))
+    }
+
+    fn backward(&self, s: BlockSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let dg = self.mlp.down.bwd(&s.g, dout, grads)?;
+        let du = ops::gelu_backward(&s.u, &dg)?;
+        let dh2 = self.mlp.up.bwd(&s.h2, &du, grads)?;
+        let dx1 = (dout + self.mlp_norm.bwd(&s.x1, &dh2, grads)?)?;
+        let dy = self.attn.proj.bwd(&s.y, &dx1, grads)?;
+        let dqkv = ops::self_attention_backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads)?;
+        let dh1 = self.attn.qkv.bwd(&s.h1, &dqkv, grads)?;
+        Ok((dx1 + self.attn_norm.bwd(&s.x, &dh1, grads)?)?)
+    }
+}
+
+/// What a transformer's backward pass reads of its forward pass.
+pub(crate) struct TransformerSaved {
+    blocks: Vec<BlockSaved>,
+    before_norm: Tensor,
+}
+
+impl Transformer {
+    pub(crate) fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, TransformerSaved)> {
+        let mut x = x.clone();
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let (out, saved) = block.forward_saved(&x)?;
+            blocks.push(saved);
+            x = out;
+        }
+        Ok((self.norm.fwd(&x)?, TransformerSaved { blocks, before_norm: x }))
+    }
+
+    /// dx from d(output), adding every parameter's gradient to `grads`; frees each block's
+    /// activations once used.
+    pub(crate) fn backward(&self, mut saved: TransformerSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let mut dx = self.norm.bwd(&saved.before_norm, dout, grads)?;
+        for block in self.blocks.iter().rev() {
+            let s = saved.blocks.pop().expect("one saved state per block");
+            dx = block.backward(s, &dx, grads)?;
+        }
+        Ok(dx)
     }
 }

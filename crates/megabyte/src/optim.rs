@@ -2,9 +2,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use crate::grad::Grads;
 use crate::ops::AdamWStep;
 use serde::{Deserialize, Serialize};
 
@@ -47,7 +47,7 @@ impl AdamW {
 
     /// One update with learning rate `lr` from the gradients in `grads`, each multiplied by
     /// `grad_scale` first (1.0, or the clipping factor).
-    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step(&mut self, grads: &Grads, lr: f64, grad_scale: f64) -> Result<()> {
         self.t += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.t as i32);
@@ -103,7 +103,7 @@ impl AdamW {
 }
 
 /// Global L2 norm of all gradients of `params`.
-pub fn grad_norm(grads: &GradStore, params: &BTreeMap<String, Var>) -> Result<f64> {
+pub fn grad_norm(grads: &Grads, params: &BTreeMap<String, Var>) -> Result<f64> {
     let mut sq = Vec::new();
     for p in params.values() {
         if let Some(g) = grads.get(p.as_tensor()) {
@@ -112,19 +112,4 @@ pub fn grad_norm(grads: &GradStore, params: &BTreeMap<String, Var>) -> Result<f6
     }
     let total = Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f32>()?;
     Ok((total as f64).sqrt())
-}
-
-/// Adds `other`'s gradients into `acc` (gradient accumulation).
-pub fn add_grads(acc: &mut GradStore, other: GradStore, params: &BTreeMap<String, Var>) -> Result<()> {
-    let mut other = other;
-    for p in params.values() {
-        if let Some(g) = other.remove(p.as_tensor()) {
-            let sum = match acc.remove(p.as_tensor()) {
-                Some(a) => (a + g)?,
-                None => g,
-            };
-            acc.insert(p.as_tensor(), sum);
-        }
-    }
-    Ok(())
 }

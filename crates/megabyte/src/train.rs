@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::backprop::GradStore;
 use rayon::prelude::*;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -17,6 +16,7 @@ use crate::config::{ModelConfig, Precision};
 use crate::data::{ByteStream, SamplerState, Split, WindowSampler};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::{self, EvalSettings};
+use crate::grad::Grads;
 use crate::model::MegaByte;
 use crate::nn::Params;
 use crate::optim::{self, AdamW, AdamWConfig};
@@ -280,7 +280,7 @@ impl Trainer {
         let t = self.record.train.clone();
         let context = self.model.config().context;
         let lr = learning_rate(&t, self.record.step, self.progress());
-        let mut grads: Option<GradStore> = None;
+        let mut grads: Option<Grads> = None;
         let mut loss_sum = 0.0;
         for _ in 0..t.grad_accum {
             let x = self.sampler.batch(train, t.batch_size, context, &self.device)?; // [B, T]
@@ -288,7 +288,7 @@ impl Trainer {
                 loss_sum += loss;
                 match grads.as_mut() {
                     None => grads = Some(g),
-                    Some(acc) => optim::add_grads(acc, g, self.params.vars())?,
+                    Some(acc) => acc.merge(g)?,
                 }
             }
         }
@@ -326,14 +326,14 @@ impl Trainer {
     /// on its own thread: the small ops of a small model are serial, so this data
     /// parallelism is what fills the cores (measured in BENCHMARKS.md). The shards' losses
     /// are weighted by their share of the batch, so the summed gradient is the batch's.
-    fn shard_grads(&self, x: &Tensor, accum: usize) -> Result<Vec<(f64, GradStore)>> {
+    fn shard_grads(&self, x: &Tensor, accum: usize) -> Result<Vec<(f64, Grads)>> {
         let b = x.dim(0)?;
         let shards = if self.device.is_cpu() { self.cpu_workers.min(b) } else { 1 };
         let sizes: Vec<usize> = (0..shards).map(|i| b / shards + usize::from(i < b % shards)).collect();
-        let run = |start: usize, len: usize| -> Result<(f64, GradStore)> {
+        let run = |start: usize, len: usize| -> Result<(f64, Grads)> {
             let weight = len as f64 / (b * accum) as f64;
-            let loss = (self.model.loss(&x.narrow(0, start, len)?)? * weight)?;
-            Ok((loss.to_scalar::<f32>()? as f64, loss.backward()?))
+            let (loss, grads) = self.model.loss_and_grads(&x.narrow(0, start, len)?, weight)?;
+            Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * weight, grads))
         };
         if shards == 1 {
             return Ok(vec![run(0, b)?]);

@@ -64,3 +64,31 @@ fn gradients_match_finite_differences_layernorm_tied() {
 fn gradients_match_finite_differences_rmsnorm_untied() {
     check(NormKind::RmsNorm, false);
 }
+
+/// The explicit backward pass (`loss_and_grads`, what training runs) against candle's
+/// autograd, which the finite differences above check: every parameter, f64, both norms and
+/// heads, with a partial sequence (T' < T) and a loss weight.
+#[test]
+fn explicit_backward_equals_autograd() {
+    for (norm, tied) in [(NormKind::LayerNorm, true), (NormKind::RmsNorm, false)] {
+        let cfg = small_config(norm, tied);
+        let (model, params) = MegaByte::init(&cfg, 9, DType::F64, &Device::Cpu).unwrap();
+        for t in [cfg.context, cfg.context / 2] {
+            let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(t, 40 + i)).collect();
+            let x = crate::bytes_tensor(&rows);
+            let weight = 0.75;
+            let auto_loss = model.loss(&x).unwrap();
+            let auto = (auto_loss.clone() * weight).unwrap().backward().unwrap();
+            let (loss, grads) = model.loss_and_grads(&x, weight).unwrap();
+            let (a, b) = (auto_loss.to_scalar::<f64>().unwrap(), loss.to_scalar::<f64>().unwrap());
+            assert!((a - b).abs() < 1e-12, "loss {a} vs {b}");
+            for (name, var) in params.vars() {
+                let want = auto.get(var.as_tensor()).unwrap();
+                let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no explicit gradient for {name}"));
+                let diff = crate::max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap());
+                let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+                assert!(diff <= 1e-6 * scale.max(1e-3), "{norm:?} tied={tied} T'={t}: gradient of {name} differs by {diff} (scale {scale})");
+            }
+        }
+    }
+}

@@ -115,7 +115,7 @@ fn fused_adamw_step_matches_the_textbook_update() {
     for t in 1..=2 {
         let grads = loss(w.as_tensor(), b.as_tensor()).backward().unwrap();
         let gs = [grads.get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap()];
-        opt.step(&grads, lr, scale).unwrap();
+        opt.step(&megabyte::grad::Grads::from_store(&grads, &params).unwrap(), lr, scale).unwrap();
         for k in 0..2 {
             let wd = if k == 0 { 0.1 } else { 0.0 }; // decay on matrices only
             for i in 0..p[k].len() {

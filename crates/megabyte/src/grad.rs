@@ -1,0 +1,71 @@
+//! Gradients by parameter, and the model's explicit backward pass (`MegaByte::loss_and_grads`).
+//!
+//! candle's autograd adds every gradient into a fresh zero tensor, one memset and one add per
+//! graph edge; on the H200 that was 40% of an `enwik8` training step (BENCHMARKS.md). The
+//! explicit pass runs the same fused kernels (`ops::*_backward`) in reverse order over the
+//! activations its forward pass kept, and frees each block's activations as it goes.
+//! tests/it/gradients.rs checks it against candle's autograd and finite differences.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, TensorId, Var};
+
+use crate::error::{Error, Result};
+
+/// Gradients keyed by their parameter's tensor.
+#[derive(Clone, Debug, Default)]
+pub struct Grads {
+    map: HashMap<TensorId, Tensor>,
+}
+
+impl Grads {
+    pub fn new() -> Self {
+        Grads::default()
+    }
+
+    /// Adds `g` to the gradient of `param`.
+    pub fn add(&mut self, param: &Tensor, g: Tensor) -> Result<()> {
+        let g = g.to_dtype(param.dtype())?.reshape(param.shape())?;
+        let sum = match self.map.remove(&param.id()) {
+            Some(acc) => (acc + g)?,
+            None => g,
+        };
+        self.map.insert(param.id(), sum);
+        Ok(())
+    }
+
+    pub fn get(&self, param: &Tensor) -> Option<&Tensor> {
+        self.map.get(&param.id())
+    }
+
+    /// Adds all of `other` into `self` (gradient accumulation).
+    pub fn merge(&mut self, other: Grads) -> Result<()> {
+        for (id, g) in other.map {
+            let sum = match self.map.remove(&id) {
+                Some(acc) => (acc + g)?,
+                None => g,
+            };
+            self.map.insert(id, sum);
+        }
+        Ok(())
+    }
+
+    /// The gradients of `params` from candle's autograd; every parameter must have one.
+    pub fn from_store(store: &GradStore, params: &std::collections::BTreeMap<String, Var>) -> Result<Self> {
+        let mut out = Grads::new();
+        for (name, p) in params {
+            let g = store.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))?;
+            out.map.insert(p.as_tensor().id(), g.clone());
+        }
+        Ok(out)
+    }
+}
+
+/// Σ over the rows of x [m, n] → [n], as a matrix product (candle's reductions over a
+/// leading dimension are slow on CUDA).
+pub(crate) fn sum_rows(x: &Tensor) -> Result<Tensor> {
+    let (m, _) = x.dims2()?;
+    let ones = Tensor::ones((1, m), x.dtype(), x.device())?;
+    Ok(ones.matmul(&x.contiguous()?)?.squeeze(0)?)
+}
