@@ -30,25 +30,44 @@ __device__ __forceinline__ float warp_max(float x) {
 }
 
 // -------------------------------------------------------------------------------------------
-// LayerNorm (b != null: centre, scale, shift) / RMSNorm (b == null) over rows of d. One warp
-// per row. x, y: [rows, d] contiguous.
+// Pairs of elements: every norm width and GELU size here is even.
+
+template <typename T>
+__device__ __forceinline__ float2 load2(const T* p);
+template <>
+__device__ __forceinline__ float2 load2<float>(const float* p) { return *reinterpret_cast<const float2*>(p); }
+template <>
+__device__ __forceinline__ float2 load2<bf16>(const bf16* p) { return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p)); }
+template <typename T>
+__device__ __forceinline__ void store2(T* p, float a, float b);
+template <>
+__device__ __forceinline__ void store2<float>(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
+template <>
+__device__ __forceinline__ void store2<bf16>(bf16* p, float a, float b) { *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b); }
+
+// -------------------------------------------------------------------------------------------
+// LayerNorm (b != null: centre, scale, shift) / RMSNorm (b == null) over rows of d (even).
+// One warp per row, two elements per lane at a time. x, y: [rows, d] contiguous.
 
 template <typename T>
 __device__ __forceinline__ void row_stats(const T* xr, int d, bool center, float eps, float& mean, float& rstd) {
     const int lane = threadIdx.x & 31;
     float s = 0.f;
     if (center) {
-        for (int c = lane; c < d; c += 32) s += to_f(xr[c]);
+        for (int c = 2 * lane; c < d; c += 64) {
+            float2 v = load2(xr + c);
+            s += v.x + v.y;
+        }
         s = warp_sum(s) / d;
     }
-    float v = 0.f;
-    for (int c = lane; c < d; c += 32) {
-        float t = to_f(xr[c]) - s;
-        v += t * t;
+    float var = 0.f;
+    for (int c = 2 * lane; c < d; c += 64) {
+        float2 v = load2(xr + c);
+        var += (v.x - s) * (v.x - s) + (v.y - s) * (v.y - s);
     }
-    v = warp_sum(v) / d;
+    var = warp_sum(var) / d;
     mean = s;
-    rstd = rsqrtf(v + eps);
+    rstd = rsqrtf(var + eps);
 }
 
 template <typename T>
@@ -60,17 +79,23 @@ __device__ void norm_fwd(const T* x, const float* w, const float* b, T* y, int r
     T* yr = y + (size_t)row * d;
     float mean, rstd;
     row_stats(xr, d, b != nullptr, eps, mean, rstd);
-    for (int c = lane; c < d; c += 32) {
-        float v = (to_f(xr[c]) - mean) * rstd * w[c];
-        if (b) v += b[c];
-        yr[c] = from_f<T>(v);
+    for (int c = 2 * lane; c < d; c += 64) {
+        float2 v = load2(xr + c);
+        float a0 = (v.x - mean) * rstd * w[c], a1 = (v.y - mean) * rstd * w[c + 1];
+        if (b) {
+            a0 += b[c];
+            a1 += b[c + 1];
+        }
+        store2(yr + c, a0, a1);
     }
 }
 
-// dx [rows, d] and per-block partial sums of dw (and db when centred) into part [gridDim.x, 2d].
-// Dynamic shared memory: 2d floats.
+// dx [rows, d] (plus dres when given: the residual stream's gradient, fused) and per-block
+// partial sums of dw (and db when centred) into part [gridDim.x, 2d]. Dynamic shared memory:
+// 2d floats.
 template <typename T>
-__device__ void norm_bwd(const T* x, const float* w, const T* dy, T* dx, float* part, int rows, int d, float eps, int center) {
+__device__ void norm_bwd(const T* x, const float* w, const T* dy, const T* dres, T* dx, float* part, int rows, int d,
+                         float eps, int center) {
     extern __shared__ float acc[];
     for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) acc[i] = 0.f;
     __syncthreads();
@@ -82,21 +107,31 @@ __device__ void norm_bwd(const T* x, const float* w, const T* dy, T* dx, float* 
         float mean, rstd;
         row_stats(xr, d, center, eps, mean, rstd);
         float mg = 0.f, mgx = 0.f;
-        for (int c = lane; c < d; c += 32) {
-            float xh = (to_f(xr[c]) - mean) * rstd;
-            float g = to_f(gr[c]) * w[c];
-            mg += g;
-            mgx += g * xh;
+        for (int c = 2 * lane; c < d; c += 64) {
+            float2 xv = load2(xr + c), gv = load2(gr + c);
+            float g0 = gv.x * w[c], g1 = gv.y * w[c + 1];
+            mg += g0 + g1;
+            mgx += g0 * (xv.x - mean) * rstd + g1 * (xv.y - mean) * rstd;
         }
         mg = center ? warp_sum(mg) / d : 0.f;
         mgx = warp_sum(mgx) / d;
         T* dxr = dx + (size_t)row * d;
-        for (int c = lane; c < d; c += 32) {
-            float xh = (to_f(xr[c]) - mean) * rstd;
-            float g = to_f(gr[c]);
-            dxr[c] = from_f<T>(rstd * (g * w[c] - mg - xh * mgx));
-            atomicAdd(&acc[c], g * xh);
-            if (center) atomicAdd(&acc[d + c], g);
+        for (int c = 2 * lane; c < d; c += 64) {
+            float2 xv = load2(xr + c), gv = load2(gr + c);
+            float h0 = (xv.x - mean) * rstd, h1 = (xv.y - mean) * rstd;
+            float d0 = rstd * (gv.x * w[c] - mg - h0 * mgx), d1 = rstd * (gv.y * w[c + 1] - mg - h1 * mgx);
+            if (dres) {
+                float2 r = load2(dres + (size_t)row * d + c);
+                d0 += r.x;
+                d1 += r.y;
+            }
+            store2(dxr + c, d0, d1);
+            atomicAdd(&acc[c], gv.x * h0);
+            atomicAdd(&acc[c + 1], gv.y * h1);
+            if (center) {
+                atomicAdd(&acc[d + c], gv.x);
+                atomicAdd(&acc[d + c + 1], gv.y);
+            }
         }
     }
     __syncthreads();
@@ -112,24 +147,43 @@ extern "C" __global__ void sum_partials(const float* part, float* out, int group
     out[i] = s;
 }
 
+// *out += Σ x² (the global gradient norm's square, accumulated over parameters).
+extern "C" __global__ void sum_squares_f32(const float* x, size_t n, float* out) {
+    float s = 0.f;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) s += x[i] * x[i];
+    s = warp_sum(s);
+    __shared__ float part[32];
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        s = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
+        s = warp_sum(s);
+        if (threadIdx.x == 0) atomicAdd(out, s);
+    }
+}
+
 // -------------------------------------------------------------------------------------------
-// GELU, exact (erf) form.
+// GELU, exact (erf) form; n even.
 
 template <typename T>
 __device__ void gelu_fwd(const T* x, T* y, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float v = to_f(x[i]);
-        y[i] = from_f<T>(0.5f * v * (1.f + erff(v * 0.70710678118654752f)));
+    for (size_t i = 2 * (blockIdx.x * (size_t)blockDim.x + threadIdx.x); i < n; i += 2 * (size_t)gridDim.x * blockDim.x) {
+        float2 v = load2(x + i);
+        store2(y + i, 0.5f * v.x * (1.f + erff(v.x * 0.70710678118654752f)), 0.5f * v.y * (1.f + erff(v.y * 0.70710678118654752f)));
     }
+}
+
+__device__ __forceinline__ float gelu_grad(float v) {
+    float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
+    float pdf = __expf(-0.5f * v * v) * 0.39894228040143268f;
+    return cdf + v * pdf;
 }
 
 template <typename T>
 __device__ void gelu_bwd(const T* x, const T* dy, T* dx, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float v = to_f(x[i]);
-        float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
-        float pdf = __expf(-0.5f * v * v) * 0.39894228040143268f;
-        dx[i] = from_f<T>(to_f(dy[i]) * (cdf + v * pdf));
+    for (size_t i = 2 * (blockIdx.x * (size_t)blockDim.x + threadIdx.x); i < n; i += 2 * (size_t)gridDim.x * blockDim.x) {
+        float2 v = load2(x + i), g = load2(dy + i);
+        store2(dx + i, g.x * gelu_grad(v.x), g.y * gelu_grad(v.y));
     }
 }
 
@@ -187,6 +241,11 @@ extern "C" __global__ void adamw_f32(float* w, const float* g, float* m, float* 
 
 // -------------------------------------------------------------------------------------------
 // Causal multi-head attention.
+
+__device__ __forceinline__ uint32_t pack_bf16_(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
 //
 // q is [N, Sq, H·HD], k and v [N, Sk, H·HD], each given as a pointer with strides (sn, ss) in
 // elements and a contiguous last dimension; head h is columns h·HD..(h+1)·HD. Query i sits at
@@ -213,145 +272,202 @@ __device__ __forceinline__ float dot(const float* a, const float* b) {
 
 // --- Small sequences (Sk ≤ 64: the local model's patches, decoding steps). ----------------
 // A block of R threads holds G = R / S whole (n, h) groups, S = max(Sq, Sk); thread r of a
-// group is query r (forward) or key r (backward's second half). K and V of the groups sit in
-// shared memory.
+// group is query r (forward, backward's first half) or key r (backward's second half). The
+// groups' rows sit in shared memory as float, each group's block offset by 4 floats so that
+// the groups of one warp read different banks. Rows are loaded 8 elements (16 bytes of bf16)
+// at a time: the host checks alignment.
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* src, float* dst);
+template <>
+__device__ __forceinline__ void load8<float>(const float* src, float* dst) {
+    float4 a = *reinterpret_cast<const float4*>(src), b = *reinterpret_cast<const float4*>(src + 4);
+    dst[0] = a.x; dst[1] = a.y; dst[2] = a.z; dst[3] = a.w; dst[4] = b.x; dst[5] = b.y; dst[6] = b.z; dst[7] = b.w;
+}
+template <>
+__device__ __forceinline__ void load8<bf16>(const bf16* src, float* dst) {
+    uint4 v = *reinterpret_cast<const uint4*>(src);
+    const bf16* e = reinterpret_cast<const bf16*>(&v);
+#pragma unroll
+    for (int i = 0; i < 8; i++) dst[i] = __bfloat162float(e[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const float* src);
+template <>
+__device__ __forceinline__ void store8<float>(float* dst, const float* src) {
+    *reinterpret_cast<float4*>(dst) = make_float4(src[0], src[1], src[2], src[3]);
+    *reinterpret_cast<float4*>(dst + 4) = make_float4(src[4], src[5], src[6], src[7]);
+}
+template <>
+__device__ __forceinline__ void store8<bf16>(bf16* dst, const float* src) {
+    uint4 v;
+    v.x = pack_bf16_(src[0], src[1]); v.y = pack_bf16_(src[2], src[3]);
+    v.z = pack_bf16_(src[4], src[5]); v.w = pack_bf16_(src[6], src[7]);
+    *reinterpret_cast<uint4*>(dst) = v;
+}
+
+// Copies `rows` rows of HD elements per group for G groups into shared memory (group stride
+// `gs` floats), from a view with strides (sn, ss).
+template <typename T, int HD>
+__device__ __forceinline__ void load_groups(float* dst, int gs, const T* src, long sn, long ss, long first, long groups, int H,
+                                            int rows, int G, int nthreads) {
+    for (int idx = threadIdx.x; idx < G * rows * (HD / 8); idx += nthreads) {
+        const int c = (idx % (HD / 8)) * 8, row = idx / (HD / 8);
+        const int gi = row / rows, j = row % rows;
+        const long id = first + gi;
+        if (id >= groups) continue;
+        const long n = id / H, h = id % H;
+        load8<T>(src + n * sn + j * ss + h * HD + c, dst + gi * gs + j * HD + c);
+    }
+}
+
+template <int HD>
+__device__ __forceinline__ float dot4(const float* a, const float* b) {
+    float s = 0.f;
+#pragma unroll
+    for (int d = 0; d < HD; d += 4) {
+        float4 x = *reinterpret_cast<const float4*>(a + d), y = *reinterpret_cast<const float4*>(b + d);
+        s = fmaf(x.x, y.x, s); s = fmaf(x.y, y.y, s); s = fmaf(x.z, y.z, s); s = fmaf(x.w, y.w, s);
+    }
+    return s;
+}
 
 template <typename T, int HD, int R>
 __device__ void attn_small_fwd(const T* q, View vq, const T* k, View vk, const T* v, View vv, T* y, float* lse, int N,
                                int Sq, int Sk, int H, float scale) {
-    __shared__ float ks[R * HD];
-    __shared__ float vs[R * HD];
+    extern __shared__ __align__(16) float smem[];
     const int S = max(Sq, Sk);
     const int G = R / S;
+    const int gs = Sk * HD + 4;
+    float* ks = smem;
+    float* vs = smem + G * gs;
     const int g = threadIdx.x / S, r = threadIdx.x % S;
     const long groups = (long)N * H;
     const long first = (long)blockIdx.x * G;
-    for (int idx = threadIdx.x; idx < G * Sk * HD; idx += R) {
-        int gi = idx / (Sk * HD), j = (idx / HD) % Sk, d = idx % HD;
-        long id = first + gi;
-        if (id >= groups) continue;
-        long n = id / H, h = id % H;
-        ks[(gi * Sk + j) * HD + d] = to_f(k[n * vk.sn + j * vk.ss + h * HD + d]);
-        vs[(gi * Sk + j) * HD + d] = to_f(v[n * vv.sn + j * vv.ss + h * HD + d]);
-    }
+    load_groups<T, HD>(ks, gs, k, vk.sn, vk.ss, first, groups, H, Sk, G, R);
+    load_groups<T, HD>(vs, gs, v, vv.sn, vv.ss, first, groups, H, Sk, G, R);
     __syncthreads();
     const long id = first + g;
     if (g >= G || r >= Sq || id >= groups) return;
     const long n = id / H, h = id % H;
     float qr[HD], acc[HD];
-    load_row<T, HD>(qr, q + n * vq.sn + r * vq.ss + h * HD);
+#pragma unroll
+    for (int d = 0; d < HD; d += 8) load8<T>(q + n * vq.sn + r * vq.ss + h * HD + d, qr + d);
 #pragma unroll
     for (int d = 0; d < HD; d++) acc[d] = 0.f;
     float m = -INFINITY, l = 0.f;
     const int last = Sk - Sq + r;
     for (int j = 0; j <= last; j++) {
-        const float* kj = ks + (g * Sk + j) * HD;
-        const float* vj = vs + (g * Sk + j) * HD;
-        float s = dot<HD>(qr, kj) * scale;
+        const float* kj = ks + g * gs + j * HD;
+        const float* vj = vs + g * gs + j * HD;
+        float s = dot4<HD>(qr, kj) * scale;
         float mn = fmaxf(m, s);
         float corr = __expf(m - mn), p = __expf(s - mn);
         l = l * corr + p;
 #pragma unroll
-        for (int d = 0; d < HD; d++) acc[d] = fmaf(p, vj[d], acc[d] * corr);
+        for (int d = 0; d < HD; d += 4) {
+            float4 x = *reinterpret_cast<const float4*>(vj + d);
+            acc[d] = fmaf(p, x.x, acc[d] * corr); acc[d + 1] = fmaf(p, x.y, acc[d + 1] * corr);
+            acc[d + 2] = fmaf(p, x.z, acc[d + 2] * corr); acc[d + 3] = fmaf(p, x.w, acc[d + 3] * corr);
+        }
         m = mn;
     }
     T* yr = y + ((n * Sq) + r) * (long)(H * HD) + h * HD;
     const float inv = 1.f / l;
 #pragma unroll
-    for (int d = 0; d < HD; d++) yr[d] = from_f<T>(acc[d] * inv);
+    for (int d = 0; d < HD; d++) acc[d] *= inv;
+#pragma unroll
+    for (int d = 0; d < HD; d += 8) store8<T>(yr + d, acc + d);
     if (lse) lse[id * Sq + r] = m + logf(l);
 }
 
 // Self-attention backward (Sq = Sk = S ≤ 64). dy and y: [N, S, H·HD] contiguous; dq, dk, dv
 // written through views like q, k, v. Shared: Q, K, V, dY of the block's groups, and per-row
-// log Σ exp and D = dy·y.
+// log Σ exp and D = dy·y. One accumulator row at a time keeps registers (and spills) down.
 template <typename T, int HD, int R>
 __device__ void attn_small_bwd(const T* q, View vq, const T* k, View vk, const T* v, View vv, const T* y, const T* dy,
                                T* dq, View vdq, T* dk, View vdk, T* dv, View vdv, int N, int S, int H, float scale) {
-    __shared__ float qs[R * HD];
-    __shared__ float ks[R * HD];
-    __shared__ float vs[R * HD];
-    __shared__ float gs[R * HD];
-    __shared__ float lse_s[R];
-    __shared__ float D_s[R];
+    extern __shared__ __align__(16) float smem[];
     const int G = R / S;
+    const int gs = S * HD + 4;
+    float* qs = smem;
+    float* ks = qs + G * gs;
+    float* vs = ks + G * gs;
+    float* gsm = vs + G * gs;
+    float* lse_s = gsm + G * gs;
+    float* D_s = lse_s + R;
     const int g = threadIdx.x / S, r = threadIdx.x % S;
     const long groups = (long)N * H;
     const long first = (long)blockIdx.x * G;
     const long W = (long)H * HD;
-    for (int idx = threadIdx.x; idx < G * S * HD; idx += R) {
-        int gi = idx / (S * HD), j = (idx / HD) % S, d = idx % HD;
-        long id = first + gi;
-        if (id >= groups) continue;
-        long n = id / H, h = id % H;
-        int o = (gi * S + j) * HD + d;
-        qs[o] = to_f(q[n * vq.sn + j * vq.ss + h * HD + d]);
-        ks[o] = to_f(k[n * vk.sn + j * vk.ss + h * HD + d]);
-        vs[o] = to_f(v[n * vv.sn + j * vv.ss + h * HD + d]);
-        gs[o] = to_f(dy[(n * S + j) * W + h * HD + d]);
-    }
+    load_groups<T, HD>(qs, gs, q, vq.sn, vq.ss, first, groups, H, S, G, R);
+    load_groups<T, HD>(ks, gs, k, vk.sn, vk.ss, first, groups, H, S, G, R);
+    load_groups<T, HD>(vs, gs, v, vv.sn, vv.ss, first, groups, H, S, G, R);
+    load_groups<T, HD>(gsm, gs, dy, (long)S * W, W, first, groups, H, S, G, R);
     __syncthreads();
     const long id = first + g;
-    const bool live = g < G && id >= 0 && id < groups;
+    const bool live = g < G && id < groups;
     const long n = id / H, h = id % H;
-    const float* qi = qs + (g * S + r) * HD;
-    const float* gi = gs + (g * S + r) * HD;
+    const float* qi = qs + g * gs + r * HD;
+    const float* gi = gsm + g * gs + r * HD;
+    float acc[HD];
     if (live) {
         // Pass 1, thread = query r: row statistics, D, and dq.
         float m = -INFINITY, l = 0.f;
         for (int j = 0; j <= r; j++) {
-            float s = dot<HD>(qi, ks + (g * S + j) * HD) * scale;
+            float s = dot4<HD>(qi, ks + g * gs + j * HD) * scale;
             float mn = fmaxf(m, s);
             l = l * __expf(m - mn) + __expf(s - mn);
             m = mn;
         }
         const float L = m + logf(l);
-        float D = 0.f;
-        const T* yr = y + (n * S + r) * W + h * HD;
 #pragma unroll
-        for (int d = 0; d < HD; d++) D = fmaf(gi[d], to_f(yr[d]), D);
-        lse_s[g * S + r] = L;
-        D_s[g * S + r] = D;
-        float acc[HD];
+        for (int d = 0; d < HD; d += 8) load8<T>(y + (n * S + r) * W + h * HD + d, acc + d);
+        float D = 0.f;
+#pragma unroll
+        for (int d = 0; d < HD; d++) D = fmaf(gi[d], acc[d], D);
+        lse_s[threadIdx.x] = L;
+        D_s[threadIdx.x] = D;
 #pragma unroll
         for (int d = 0; d < HD; d++) acc[d] = 0.f;
         for (int j = 0; j <= r; j++) {
-            const float* kj = ks + (g * S + j) * HD;
-            float p = __expf(dot<HD>(qi, kj) * scale - L);
-            float ds = p * (dot<HD>(gi, vs + (g * S + j) * HD) - D);
+            const float* kj = ks + g * gs + j * HD;
+            float p = __expf(dot4<HD>(qi, kj) * scale - L);
+            float ds = p * (dot4<HD>(gi, vs + g * gs + j * HD) - D) * scale;
 #pragma unroll
             for (int d = 0; d < HD; d++) acc[d] = fmaf(ds, kj[d], acc[d]);
         }
-        T* o = dq + n * vdq.sn + r * vdq.ss + h * HD;
 #pragma unroll
-        for (int d = 0; d < HD; d++) o[d] = from_f<T>(acc[d] * scale);
+        for (int d = 0; d < HD; d += 8) store8<T>(dq + n * vdq.sn + r * vdq.ss + h * HD + d, acc + d);
     }
     __syncthreads();
     if (!live) return;
-    // Pass 2, thread = key r: dk and dv over the queries that see it.
-    const float* kj = ks + (g * S + r) * HD;
-    const float* vj = vs + (g * S + r) * HD;
-    float ak[HD], av[HD];
+    // Pass 2, thread = key r: dv, then dk, over the queries that see it.
+    const float* kj = ks + g * gs + r * HD;
+    const float* vj = vs + g * gs + r * HD;
+    const int row0 = g * S;
 #pragma unroll
-    for (int d = 0; d < HD; d++) ak[d] = av[d] = 0.f;
+    for (int d = 0; d < HD; d++) acc[d] = 0.f;
     for (int i = r; i < S; i++) {
-        const float* qq = qs + (g * S + i) * HD;
-        const float* gg = gs + (g * S + i) * HD;
-        float p = __expf(dot<HD>(qq, kj) * scale - lse_s[g * S + i]);
-        float ds = p * (dot<HD>(gg, vj) - D_s[g * S + i]);
+        const float p = __expf(dot4<HD>(qs + g * gs + i * HD, kj) * scale - lse_s[row0 + i]);
+        const float* gg = gsm + g * gs + i * HD;
 #pragma unroll
-        for (int d = 0; d < HD; d++) {
-            ak[d] = fmaf(ds, qq[d], ak[d]);
-            av[d] = fmaf(p, gg[d], av[d]);
-        }
+        for (int d = 0; d < HD; d++) acc[d] = fmaf(p, gg[d], acc[d]);
     }
-    T* ok = dk + n * vdk.sn + r * vdk.ss + h * HD;
-    T* ov = dv + n * vdv.sn + r * vdv.ss + h * HD;
 #pragma unroll
-    for (int d = 0; d < HD; d++) {
-        ok[d] = from_f<T>(ak[d] * scale);
-        ov[d] = from_f<T>(av[d]);
+    for (int d = 0; d < HD; d += 8) store8<T>(dv + n * vdv.sn + r * vdv.ss + h * HD + d, acc + d);
+#pragma unroll
+    for (int d = 0; d < HD; d++) acc[d] = 0.f;
+    for (int i = r; i < S; i++) {
+        const float* qq = qs + g * gs + i * HD;
+        const float p = __expf(dot4<HD>(qq, kj) * scale - lse_s[row0 + i]);
+        const float ds = p * (dot4<HD>(gsm + g * gs + i * HD, vj) - D_s[row0 + i]) * scale;
+#pragma unroll
+        for (int d = 0; d < HD; d++) acc[d] = fmaf(ds, qq[d], acc[d]);
     }
+#pragma unroll
+    for (int d = 0; d < HD; d += 8) store8<T>(dk + n * vdk.sn + r * vdk.ss + h * HD + d, acc + d);
 }
 
 // --- Long sequences: flash-style tiles. ---------------------------------------------------
@@ -936,9 +1052,9 @@ __device__ void embed_bwd(const T* dy, const uint32_t* ids, float* dtable, int r
                                                float eps) {                                                           \
         norm_fwd<T>(x, w, b, y, rows, d, eps);                                                                        \
     }                                                                                                                 \
-    extern "C" __global__ void norm_bwd_##TN(const T* x, const float* w, const T* dy, T* dx, float* part, int rows,  \
-                                               int d, float eps, int center) {                                        \
-        norm_bwd<T>(x, w, dy, dx, part, rows, d, eps, center);                                                        \
+    extern "C" __global__ void norm_bwd_##TN(const T* x, const float* w, const T* dy, const T* dres, T* dx,          \
+                                               float* part, int rows, int d, float eps, int center) {                 \
+        norm_bwd<T>(x, w, dy, dres, dx, part, rows, d, eps, center);                                                  \
     }                                                                                                                 \
     extern "C" __global__ void embed_fwd_##TN(const T* table, const uint32_t* ids, T* out, int rows, int d) {       \
         embed_fwd<T>(table, ids, out, rows, d);                                                                       \
@@ -961,7 +1077,7 @@ ELEMENTWISE(f32, float)
 ELEMENTWISE(bf16, bf16)
 
 #define SMALL_R(HD) ((4096 / (HD)) < 128 ? (4096 / (HD)) : 128)
-#define SMALL_RB(HD) ((2048 / (HD)) < 128 ? (2048 / (HD)) : 128)
+#define SMALL_RB(HD) ((2048 / (HD)) < 128 ? (2048 / (HD)) : 128)  /* 4 float arrays of R·HD: 32 KiB */
 
 #define ATTENTION(TN, T, HD)                                                                                            \
     extern "C" __global__ void __launch_bounds__(SMALL_R(HD)) attn_small_fwd_##TN##_##HD(                             \

@@ -346,8 +346,9 @@ impl Norm {
         Ok(ops::norm_forward(x, &self.weight, self.bias.as_ref(), NORM_EPS)?)
     }
 
-    pub(crate) fn bwd(&self, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let (dx, dw, db) = ops::norm_backward(x, &self.weight, self.bias.as_ref(), dy, NORM_EPS)?;
+    /// dx (+ dres, the residual stream's gradient, when given).
+    pub(crate) fn bwd(&self, x: &Tensor, dy: &Tensor, dres: Option<&Tensor>, grads: &mut Grads) -> Result<Tensor> {
+        let (dx, dw, db) = ops::norm_backward(x, &self.weight, self.bias.as_ref(), dy, dres, NORM_EPS)?;
         grads.add(&self.weight, dw)?;
         if let (Some(b), Some(db)) = (&self.bias, db) {
             grads.add(b, db)?;
@@ -386,11 +387,11 @@ impl Block {
         let dg = self.mlp.down.bwd(&s.g, dout, grads)?;
         let du = ops::gelu_backward(&s.u, &dg)?;
         let dh2 = self.mlp.up.bwd(&s.h2, &du, grads)?;
-        let dx1 = (dout + self.mlp_norm.bwd(&s.x1, &dh2, grads)?)?;
+        let dx1 = self.mlp_norm.bwd(&s.x1, &dh2, Some(dout), grads)?;
         let dy = self.attn.proj.bwd(&s.y, &dx1, grads)?;
         let dqkv = ops::self_attention_backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads)?;
         let dh1 = self.attn.qkv.bwd(&s.h1, &dqkv, grads)?;
-        Ok((dx1 + self.attn_norm.bwd(&s.x, &dh1, grads)?)?)
+        self.attn_norm.bwd(&s.x, &dh1, Some(&dx1), grads)
     }
 }
 
@@ -415,7 +416,7 @@ impl Transformer {
     /// dx from d(output), adding every parameter's gradient to `grads`; frees each block's
     /// activations once used.
     pub(crate) fn backward(&self, mut saved: TransformerSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let mut dx = self.norm.bwd(&saved.before_norm, dout, grads)?;
+        let mut dx = self.norm.bwd(&saved.before_norm, dout, None, grads)?;
         for block in self.blocks.iter().rev() {
             let s = saved.blocks.pop().expect("one saved state per block");
             dx = block.backward(s, &dx, grads)?;

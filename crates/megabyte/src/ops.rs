@@ -536,7 +536,7 @@ impl CustomOp2 for Embedding {
 
 /// GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)), elementwise.
 pub fn gelu(x: &Tensor) -> CResult<Tensor> {
-    if fused_cuda(x) {
+    if fused_cuda(x) && x.elem_count() % 2 == 0 {
         return x.contiguous()?.apply_op1(Gelu);
     }
     if !x.device().is_cpu() {
@@ -610,7 +610,7 @@ impl CustomOp2 for GeluBackward {
 
 /// LayerNorm (`bias` given: centre, scale, shift) or RMSNorm (`bias` None) of x [.., D].
 pub fn norm(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
-    if fused_cuda(x) {
+    if fused_cuda(x) && x.dim(candle_core::D::Minus1)? % 2 == 0 {
         // Weights stay f32 whatever the activations' dtype; statistics are f32 in the kernel.
         let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
         let x = x.contiguous()?;
@@ -740,7 +740,7 @@ fn norm_cpu_fwd(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<
 fn norm_grads(x: &Tensor, w: &Tensor, grad: &Tensor, center: bool, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
-        return cuda::norm_bwd(&x.contiguous()?, w, &grad.contiguous()?, center, eps);
+        return cuda::norm_bwd(&x.contiguous()?, w, &grad.contiguous()?, None, center, eps);
     }
     let x = x.contiguous()?;
     let all = x.apply_op2_no_bwd(w, &NormBackward { center, eps, dy: grad.contiguous()? })?;
@@ -1168,8 +1168,24 @@ pub fn norm_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CRe
     norm(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref(), eps)
 }
 
-/// (dx, dw, db) of [`norm`]; db only with a bias.
-pub fn norm_backward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+/// (dx + dres, dw, db) of [`norm`]: `dres` is the residual stream's gradient, added to dx
+/// (in the kernel on CUDA); db only with a bias.
+pub fn norm_backward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor, dres: Option<&Tensor>, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if fused_cuda(x) && x.dim(candle_core::D::Minus1)? % 2 == 0 {
+        let w32 = w.to_dtype(candle_core::DType::F32)?;
+        let (dx, dw, db) = cuda::norm_bwd(&x.contiguous()?, &w32, &dy.contiguous()?, dres, b.is_some(), eps)?;
+        return Ok((dx, dw.to_dtype(w.dtype())?, db.map(|d| d.to_dtype(w.dtype())).transpose()?));
+    }
+    let (dx, dw, db) = norm_backward_plain(x, w, b, dy, eps)?;
+    let dx = match dres {
+        Some(r) => (dx + r)?,
+        None => dx,
+    };
+    Ok((dx, dw, db))
+}
+
+fn norm_backward_plain(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
     let center = b.is_some();
     let native = fused_cuda(x) || (x.device().is_cpu() && x.dtype() == w.dtype());
     if native {
@@ -1190,7 +1206,7 @@ pub fn gelu_forward(x: &Tensor) -> CResult<Tensor> {
 
 /// dx of GELU.
 pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> CResult<Tensor> {
-    if fused_cuda(x) || (x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)) {
+    if (fused_cuda(x) && x.elem_count() % 2 == 0) || (x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)) {
         return x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &GeluBackward);
     }
     Ok(vjp(&[x], dy, |t| gelu(&t[0]))?.remove(0))
@@ -1248,4 +1264,15 @@ pub fn embedding_backward(table: &Tensor, ids: &Tensor, dy: &Tensor) -> CResult<
         return cuda::embed_bwd(&dy, &ids, v);
     }
     Tensor::zeros((v, d), table.dtype(), table.device())?.index_add(&ids, &dy.to_dtype(table.dtype())?, 0)
+}
+
+/// Σ of the squares of every element of `tensors` (gradients), as a scalar f32 tensor on their
+/// device: one kernel per tensor and no host synchronisation on CUDA.
+pub fn sum_squares(tensors: &[&Tensor]) -> CResult<Tensor> {
+    #[cfg(feature = "cuda")]
+    if tensors.first().is_some_and(|t| t.device().is_cuda()) && tensors.iter().all(|t| t.dtype() == candle_core::DType::F32) {
+        return cuda::sum_squares(tensors)?.squeeze(0);
+    }
+    let parts = tensors.iter().map(|t| t.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()).collect::<CResult<Vec<_>>>()?;
+    Tensor::stack(&parts, 0)?.sum_all()
 }

@@ -104,12 +104,7 @@ impl AdamW {
 
 /// Global L2 norm of all gradients of `params`.
 pub fn grad_norm(grads: &Grads, params: &BTreeMap<String, Var>) -> Result<f64> {
-    let mut sq = Vec::new();
-    for p in params.values() {
-        if let Some(g) = grads.get(p.as_tensor()) {
-            sq.push(g.to_dtype(DType::F32)?.sqr()?.sum_all()?);
-        }
-    }
-    let total = Tensor::stack(&sq, 0)?.sum_all()?.to_scalar::<f32>()?;
+    let gs: Vec<&Tensor> = params.values().filter_map(|p| grads.get(p.as_tensor())).collect();
+    let total = crate::ops::sum_squares(&gs)?.to_scalar::<f32>()?;
     Ok((total as f64).sqrt())
 }

@@ -191,12 +191,11 @@ fn model_config() -> ModelConfig {
     }
 }
 
-/// Loss and the gradient of every parameter, as f32 on the CPU.
+/// Loss and the gradient of every parameter by the training pass, as f32 on the CPU.
 fn loss_and_grads(cfg: &ModelConfig, device: &Device, act: DType, bytes: &Tensor) -> (f32, Vec<(String, Tensor)>) {
     let (model, params) = MegaByte::init(cfg, 3, DType::F32, device).unwrap();
     let model = model.with_activations(act);
-    let loss = model.loss(&bytes.to_device(device).unwrap()).unwrap();
-    let grads = loss.backward().unwrap();
+    let (loss, grads) = model.loss_and_grads(&bytes.to_device(device).unwrap(), 1.0).unwrap();
     let g = params.vars().iter().map(|(name, v)| (name.clone(), f32_cpu(grads.get(v.as_tensor()).expect("gradient")))).collect();
     (loss.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap(), g)
 }

@@ -28,6 +28,12 @@ fn small_rows(hd: usize, backward: bool) -> usize {
 /// Queries (and keys) per block of the flash kernels (BQ in the kernels).
 const BQ: usize = 64;
 
+/// The small attention kernels move rows 16 bytes at a time.
+fn rows_aligned(addresses: &[u64], views: &[View], dtype: DType) -> bool {
+    let per16 = (16 / dtype.size_in_bytes()) as i64;
+    addresses.iter().all(|a| a % 16 == 0) && views.iter().all(|v| v.sn % per16 == 0 && v.ss % per16 == 0)
+}
+
 /// Rows per block of the tensor-core kernels (TC_ROWS).
 const TC_ROWS: usize = 64;
 
@@ -149,11 +155,14 @@ pub(super) fn norm_fwd(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), b
 }
 
 /// (dx, dw, db) of a norm; db only when `center` (LayerNorm).
-pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, center: bool, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+/// With `dres`, dx also includes it (the residual stream's gradient, added in the kernel).
+pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, dres: Option<&Tensor>, center: bool, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
     let d = w.elem_count();
     let n = x.elem_count();
     let rows = n / d;
-    let groups = rows.div_ceil(8).clamp(1, 264);
+    // Blocks of 8 rows, at most 8 per multiprocessor; each writes one partial row of sums.
+    let groups = rows.div_ceil(8).clamp(1, 132 * 8);
+    let dres = dres.map(|t| t.contiguous()).transpose()?;
     let dev = match x.device() {
         candle_core::Device::Cuda(d) => d.clone(),
         _ => candle_core::bail!("expected a CUDA tensor"),
@@ -166,8 +175,14 @@ pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, center: bool, eps: f
             with_cuda(dy, |gs, gl| {
                 let (px, pw, pg) = (contiguous_at(xs, xl, "x")?, contiguous_at(ws, wl, "w")?, contiguous_at(gs, gl, "dy")?);
                 let (rows32, d32, eps32, c32) = (rows as i32, d as i32, eps as f32, center as i32);
-                launch!(&dev, format!("norm_bwd_{}", suffix(x.dtype())?), launch_cfg((groups as u32, 1), 256, (2 * d * 4) as u32), px, pw, pg, pdx, ppart, rows32, d32, eps32, c32);
-                Ok(())
+                let run = |pres: u64| -> CResult<()> {
+                    launch!(&dev, format!("norm_bwd_{}", suffix(x.dtype())?), launch_cfg((groups as u32, 1), 256, (2 * d * 4) as u32), px, pw, pg, pres, pdx, ppart, rows32, d32, eps32, c32);
+                    Ok(())
+                };
+                match &dres {
+                    Some(r) => with_cuda(r, |rs, rl| run(contiguous_at(rs, rl, "dres")?)),
+                    None => run(0),
+                }
             })
         })
     })?;
@@ -228,7 +243,7 @@ pub(super) fn gelu_fwd(x: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shap
     let px = contiguous_at(x.0, x.1, "gelu x")?;
     let (out, py) = alloc(dev, x.0.dtype(), n)?;
     let n64 = n as u64;
-    launch!(dev, format!("gelu_fwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n), 1), 256, 0), px, py, n64);
+    launch!(dev, format!("gelu_fwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n / 2), 1), 256, 0), px, py, n64);
     Ok((out, x.1.shape().clone()))
 }
 
@@ -238,7 +253,7 @@ pub(super) fn gelu_bwd(x: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout)) 
     let (px, pg) = (contiguous_at(x.0, x.1, "gelu x")?, contiguous_at(dy.0, dy.1, "gelu dy")?);
     let (out, pdx) = alloc(dev, x.0.dtype(), n)?;
     let n64 = n as u64;
-    launch!(dev, format!("gelu_bwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n), 1), 256, 0), px, pg, pdx, n64);
+    launch!(dev, format!("gelu_bwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n / 2), 1), 256, 0), px, pg, pdx, n64);
     Ok((out, x.1.shape().clone()))
 }
 
@@ -362,8 +377,12 @@ fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), d
     let rows = small_rows(hd, false);
     let s = sq.max(sk);
     let (name, cfg) = if s <= rows {
+        if !rows_aligned(&[q.1, k.0, v.0], &[q.2, k.1, v.1], dtype) {
+            candle_core::bail!("attention: rows must start on 16-byte boundaries");
+        }
         let groups_per_block = rows / s;
-        (format!("attn_small_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(groups_per_block) as u32, 1), rows as u32, 0))
+        let shared = 2 * groups_per_block * (sk * hd + 4) * 4;
+        (format!("attn_small_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(groups_per_block) as u32, 1), rows as u32, shared as u32))
     } else if dtype == DType::BF16 && tensor_core_ready(&[q.1, k.0, v.0], &[q.2, k.1, v.1]) {
         (format!("attn_tc_fwd_{hd}"), launch_cfg((sq.div_ceil(TC_ROWS) as u32, (n * h) as u32), 128, 0))
     } else {
@@ -439,8 +458,12 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                 let rows = small_rows(hd, true);
                 let tn = suffix(dtype)?;
                 if s <= rows {
+                    if !rows_aligned(&[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov], dtype) {
+                        candle_core::bail!("attention backward: rows must start on 16-byte boundaries");
+                    }
                     let groups_per_block = rows / s;
-                    let cfg = launch_cfg(((n * heads).div_ceil(groups_per_block) as u32, 1), rows as u32, 0);
+                    let shared = (4 * groups_per_block * (s * hd + 4) + 2 * rows) * 4;
+                    let cfg = launch_cfg(((n * heads).div_ceil(groups_per_block) as u32, 1), rows as u32, shared as u32);
                     launch!(&dev, format!("attn_small_bwd_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, py, pg, dq.0, dq.1, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
                     return Ok(());
                 }
@@ -469,4 +492,30 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
         })
     })?;
     Ok(tensor(out, (n, s, d3)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient norm.
+
+/// Σ of the squares of all elements of f32 tensors, as a [1] f32 tensor (no host sync).
+pub(super) fn sum_squares(tensors: &[&Tensor]) -> CResult<Tensor> {
+    let first = tensors.first().ok_or_else(|| candle_core::Error::Msg("sum_squares of nothing".into()))?;
+    let out = Tensor::zeros(1, DType::F32, first.device())?;
+    with_cuda(&out, |os, ol| {
+        let po = contiguous_at(os, ol, "sum")?;
+        for t in tensors {
+            let t = t.contiguous()?;
+            if t.dtype() != DType::F32 {
+                candle_core::bail!("sum_squares: f32 only");
+            }
+            with_cuda(&t, |ts, tl| {
+                let pt = contiguous_at(ts, tl, "x")?;
+                let n = t.elem_count() as u64;
+                launch!(&os.device, "sum_squares_f32", launch_cfg((elementwise_blocks(t.elem_count()).min(264), 1), 256, 0), pt, n, po);
+                Ok(())
+            })?;
+        }
+        Ok(())
+    })?;
+    Ok(out)
 }
