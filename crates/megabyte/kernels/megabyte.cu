@@ -70,13 +70,25 @@ __device__ __forceinline__ void row_stats(const T* xr, int d, bool center, float
     rstd = rsqrtf(var + eps);
 }
 
+// With `a` (the residual branch), first x1 = x + a, written to `xsum` and normalised instead
+// of x: the residual add fused with the norm that follows it.
 template <typename T>
-__device__ void norm_fwd(const T* x, const float* w, const float* b, T* y, int rows, int d, float eps) {
+__device__ void norm_fwd(const T* x, const T* a, T* xsum, const float* w, const float* b, T* y, int rows, int d, float eps) {
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (row >= rows) return;
     const T* xr = x + (size_t)row * d;
     T* yr = y + (size_t)row * d;
+    if (a) {
+        const T* ar = a + (size_t)row * d;
+        T* sr = xsum + (size_t)row * d;
+        for (int c = 2 * lane; c < d; c += 64) {
+            float2 u = load2(xr + c), v = load2(ar + c);
+            store2(sr + c, u.x + v.x, u.y + v.y);
+        }
+        __syncwarp();
+        xr = sr;
+    }
     float mean, rstd;
     row_stats(xr, d, b != nullptr, eps, mean, rstd);
     for (int c = 2 * lane; c < d; c += 64) {
@@ -136,15 +148,6 @@ __device__ void norm_bwd(const T* x, const float* w, const T* dy, const T* dres,
     }
     __syncthreads();
     for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) part[(size_t)blockIdx.x * 2 * d + i] = acc[i];
-}
-
-// out[i] = Σ_g part[g, i] for i < n (n = 2d, or d for RMS).
-extern "C" __global__ void sum_partials(const float* part, float* out, int groups, int stride, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float s = 0.f;
-    for (int g = 0; g < groups; g++) s += part[(size_t)g * stride + i];
-    out[i] = s;
 }
 
 // *out += Σ x² (the global gradient norm's square, accumulated over parameters).
@@ -1048,9 +1051,9 @@ __device__ void embed_bwd(const T* dy, const uint32_t* ids, float* dtable, int r
 // extern "C" entry points, one per element type (and head dimension for attention).
 
 #define ELEMENTWISE(TN, T)                                                                                               \
-    extern "C" __global__ void norm_fwd_##TN(const T* x, const float* w, const float* b, T* y, int rows, int d,      \
-                                               float eps) {                                                           \
-        norm_fwd<T>(x, w, b, y, rows, d, eps);                                                                        \
+    extern "C" __global__ void norm_fwd_##TN(const T* x, const T* a, T* xsum, const float* w, const float* b, T* y,  \
+                                               int rows, int d, float eps) {                                          \
+        norm_fwd<T>(x, a, xsum, w, b, y, rows, d, eps);                                                               \
     }                                                                                                                 \
     extern "C" __global__ void norm_bwd_##TN(const T* x, const float* w, const T* dy, const T* dres, T* dx,          \
                                                float* part, int rows, int d, float eps, int center) {                 \

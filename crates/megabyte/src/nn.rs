@@ -342,8 +342,12 @@ impl Linear {
 }
 
 impl Norm {
-    pub(crate) fn fwd(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(ops::norm_forward(x, &self.weight, self.bias.as_ref(), NORM_EPS)?)
+    /// The residual stream x (= base + delta when a delta is given) and norm(x).
+    pub(crate) fn fwd(&self, base: &Tensor, delta: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        Ok(match delta {
+            Some(a) => ops::add_norm_forward(base, a, &self.weight, self.bias.as_ref(), NORM_EPS)?,
+            None => (base.clone(), ops::norm_forward(base, &self.weight, self.bias.as_ref(), NORM_EPS)?),
+        })
     }
 
     /// dx (+ dres, the residual stream's gradient, when given).
@@ -371,16 +375,18 @@ pub(crate) struct BlockSaved {
 }
 
 impl Block {
-    fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, BlockSaved)> {
-        let h1 = self.attn_norm.fwd(x)?;
+    /// The block on x = base + delta (delta: the previous block's MLP output, added here in
+    /// one pass with the norm). Returns the block's output as (x1, mlp output): the next block
+    /// or the final norm adds them.
+    fn forward_saved(&self, base: &Tensor, delta: Option<&Tensor>) -> Result<((Tensor, Tensor), BlockSaved)> {
+        let (x, h1) = self.attn_norm.fwd(base, delta)?;
         let qkv = self.attn.qkv.fwd(&h1)?;
         let (y, lse) = ops::self_attention_forward(&qkv, self.attn.heads)?;
-        let x1 = (x + self.attn.proj.fwd(&y)?)?;
-        let h2 = self.mlp_norm.fwd(&x1)?;
+        let (x1, h2) = self.mlp_norm.fwd(&x, Some(&self.attn.proj.fwd(&y)?))?;
         let u = self.mlp.up.fwd(&h2)?;
         let g = ops::gelu_forward(&u)?;
-        let out = (&x1 + self.mlp.down.fwd(&g)?)?;
-        Ok((out, BlockSaved { x: x.clone(), h1, qkv, y, lse, x1, h2, u, g }))
+        let m = self.mlp.down.fwd(&g)?;
+        Ok(((x1.clone(), m), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g }))
     }
 
     fn backward(&self, s: BlockSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
@@ -403,14 +409,15 @@ pub(crate) struct TransformerSaved {
 
 impl Transformer {
     pub(crate) fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, TransformerSaved)> {
-        let mut x = x.clone();
+        let (mut base, mut delta) = (x.clone(), None);
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            let (out, saved) = block.forward_saved(&x)?;
+            let ((b, d), saved) = block.forward_saved(&base, delta.as_ref())?;
             blocks.push(saved);
-            x = out;
+            (base, delta) = (b, Some(d));
         }
-        Ok((self.norm.fwd(&x)?, TransformerSaved { blocks, before_norm: x }))
+        let (x, out) = self.norm.fwd(&base, delta.as_ref())?;
+        Ok((out, TransformerSaved { blocks, before_norm: x }))
     }
 
     /// dx from d(output), adding every parameter's gradient to `grads`; frees each block's

@@ -1159,6 +1159,10 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> CResult<(Tensor, 
     let (x2, dy2) = (x.reshape((m, d_in))?, dy.reshape((m, d_out))?);
     let wc = w.to_dtype(x.dtype())?;
     let dx = dy2.matmul(&wc)?.reshape(x.shape())?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() == candle_core::DType::BF16 && w.dtype() == candle_core::DType::F32 {
+        return Ok((dx, cuda::weight_grad_f32(&x2, &dy2)?));
+    }
     let dw = dy2.t()?.matmul(&x2)?.to_dtype(w.dtype())?;
     Ok((dx, dw))
 }
@@ -1166,6 +1170,19 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> CResult<(Tensor, 
 /// Norm forward without a graph (see [`norm`]).
 pub fn norm_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
     norm(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref(), eps)
+}
+
+/// (x + a, norm(x + a)) without a graph: the residual add and the norm after it, in one
+/// pass on CUDA.
+pub fn add_norm_forward(x: &Tensor, a: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if fused_cuda(x) && x.dim(candle_core::D::Minus1)? % 2 == 0 {
+        let f32 = |t: &Tensor| t.detach().to_dtype(candle_core::DType::F32);
+        return cuda::add_norm_fwd(&x.detach(), &a.detach(), &f32(w)?, b.map(f32).transpose()?.as_ref(), eps);
+    }
+    let sum = (x.detach() + a.detach())?;
+    let y = norm_forward(&sum, w, b, eps)?;
+    Ok((sum, y))
 }
 
 /// (dx + dres, dw, db) of [`norm`]: `dres` is the residual stream's gradient, added to dx

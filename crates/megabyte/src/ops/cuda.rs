@@ -149,9 +149,43 @@ pub(super) fn norm_fwd(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), b
         None => 0u64,
     };
     let (out, py) = alloc(dev, x.0.dtype(), n)?;
-    let (d32, eps32) = (d as i32, eps as f32);
-    launch!(dev, format!("norm_fwd_{}", suffix(x.0.dtype())?), launch_cfg(((rows as u32).div_ceil(8), 1), 256, 0), px, pw, pb, py, rows, d32, eps32);
+    let (d32, eps32, none) = (d as i32, eps as f32, 0u64);
+    launch!(dev, format!("norm_fwd_{}", suffix(x.0.dtype())?), launch_cfg(((rows as u32).div_ceil(8), 1), 256, 0), px, none, none, pw, pb, py, rows, d32, eps32);
     Ok((out, x.1.shape().clone()))
+}
+
+/// (x + a, norm(x + a)) in one pass: x, a [rows, d] (T), weight and bias f32 [d].
+pub(super) fn add_norm_fwd(x: &Tensor, a: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<(Tensor, Tensor)> {
+    let (x, a) = (x.contiguous()?, a.contiguous()?);
+    let d = w.elem_count();
+    let n = x.elem_count();
+    if a.elem_count() != n || a.dtype() != x.dtype() || w.dtype() != DType::F32 || b.is_some_and(|b| b.dtype() != DType::F32) {
+        candle_core::bail!("add_norm: shapes or dtypes disagree");
+    }
+    let dev = match x.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("expected a CUDA tensor"),
+    };
+    let (xsum, psum) = alloc(&dev, x.dtype(), n)?;
+    let (y, py) = alloc(&dev, x.dtype(), n)?;
+    let b = b.map(|b| b.contiguous()).transpose()?;
+    with_cuda(&x, |xs, xl| {
+        with_cuda(&a, |as_, al| {
+            with_cuda(w, |ws, wl| {
+                let (px, pa, pw) = (contiguous_at(xs, xl, "x")?, contiguous_at(as_, al, "a")?, contiguous_at(ws, wl, "w")?);
+                let run = |pb: u64| -> CResult<()> {
+                    let (rows, d32, eps32) = ((n / d) as i32, d as i32, eps as f32);
+                    launch!(&dev, format!("norm_fwd_{}", suffix(x.dtype())?), launch_cfg(((rows as u32).div_ceil(8), 1), 256, 0), px, pa, psum, pw, pb, py, rows, d32, eps32);
+                    Ok(())
+                };
+                match &b {
+                    Some(b) => with_cuda(b, |bs, bl| run(contiguous_at(bs, bl, "b")?)),
+                    None => run(0),
+                }
+            })
+        })
+    })?;
+    Ok((tensor(xsum, x.shape().clone()), tensor(y, x.shape().clone())))
 }
 
 /// (dx, dw, db) of a norm; db only when `center` (LayerNorm).
@@ -169,7 +203,6 @@ pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, dres: Option<&Tensor
     };
     let (dx, pdx) = alloc(&dev, x.dtype(), n)?;
     let (part, ppart) = alloc(&dev, DType::F32, groups * 2 * d)?;
-    let (sums, psums) = alloc(&dev, DType::F32, 2 * d)?;
     with_cuda(x, |xs, xl| {
         with_cuda(w, |ws, wl| {
             with_cuda(dy, |gs, gl| {
@@ -186,10 +219,9 @@ pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, dres: Option<&Tensor
             })
         })
     })?;
-    let (g32, stride, total) = (groups as i32, (2 * d) as i32, (2 * d) as i32);
-    launch!(&dev, "sum_partials", launch_cfg(((2 * d).div_ceil(256) as u32, 1), 256, 0), ppart, psums, g32, stride, total);
-    drop(part);
-    let sums = tensor(sums, 2 * d);
+    // Column sums of the partials as a matrix product (one partial row per block).
+    let part = tensor(part, (groups, 2 * d));
+    let sums = Tensor::ones((1, groups), DType::F32, x.device())?.matmul(&part)?.squeeze(0)?;
     let db = if center { Some(sums.narrow(0, d, d)?) } else { None };
     Ok((tensor(dx, x.shape().clone()), sums.narrow(0, 0, d)?, db))
 }
@@ -518,4 +550,60 @@ pub(super) fn sum_squares(tensors: &[&Tensor]) -> CResult<Tensor> {
         Ok(())
     })?;
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight gradients.
+
+/// dW [out, in] (f32) = dyᵀ · x for bf16 x [m, in] and dy [m, out], by one cuBLAS GEMM with
+/// f32 output (no bf16 rounding of dW and no cast kernel).
+pub(super) fn weight_grad_f32(x: &Tensor, dy: &Tensor) -> CResult<Tensor> {
+    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+    let (m, d_in) = x.dims2()?;
+    let (m2, d_out) = dy.dims2()?;
+    if m != m2 || x.dtype() != DType::BF16 || dy.dtype() != DType::BF16 {
+        candle_core::bail!("weight_grad_f32: bf16 x [m, in] and dy [m, out] expected");
+    }
+    let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+    let dev = match x.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("expected a CUDA tensor"),
+    };
+    let (out, pout) = alloc(&dev, DType::F32, d_out * d_in)?;
+    with_cuda(&x, |xs, xl| {
+        with_cuda(&dy, |gs, gl| {
+            let (px, pg) = (contiguous_at(xs, xl, "x")?, contiguous_at(gs, gl, "dy")?);
+            let blas = dev.cublas_handle();
+            let (alpha, beta) = (1f32, 0f32);
+            // Column-major: C [in × out] = x_cm [in × m] · dy_cm [out × m]ᵀ.
+            // SAFETY: the pointers cover [m, in], [m, out] and [out, in] elements on this
+            // device, and cuBLAS runs on candle's stream (its handle is bound to it).
+            unsafe {
+                gemm_ex(
+                    *blas.handle(),
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    sys::cublasOperation_t::CUBLAS_OP_T,
+                    d_in as i32,
+                    d_out as i32,
+                    m as i32,
+                    &alpha as *const f32 as *const _,
+                    px as *const _,
+                    sys::cudaDataType::CUDA_R_16BF,
+                    d_in as i32,
+                    pg as *const _,
+                    sys::cudaDataType::CUDA_R_16BF,
+                    d_out as i32,
+                    &beta as *const f32 as *const _,
+                    pout as *mut _,
+                    sys::cudaDataType::CUDA_R_32F,
+                    d_in as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+                .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))?;
+            }
+            Ok(())
+        })
+    })?;
+    Ok(tensor(out, (d_out, d_in)))
 }
