@@ -1,5 +1,6 @@
-//! `megabyte bench`: training bytes/s and achieved FLOP/s, and generation bytes/s, on random
-//! weights over the embedded corpus. The device is synchronised before every clock read.
+//! `megabyte bench`: training bytes/s, achieved FLOP/s and MFU, peak GPU memory and GPU idle
+//! time between steps, and generation bytes/s, on random weights over the embedded corpus.
+//! The device is synchronised before every clock read.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,6 +37,10 @@ pub struct Args {
     /// Activations' format: f32, bf16 (mixed precision, CUDA only) or auto (bf16 on CUDA).
     #[arg(long, default_value = "auto")]
     precision: String,
+    /// The device's dense bf16 rate in TFLOP/s, for MFU (default: 790 on CUDA, the H200's
+    /// measured rate; none on the CPU).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -58,24 +63,42 @@ pub fn run(args: Args) -> Result<()> {
         trainer.train_step(&splits.train)?;
     }
     device.synchronize()?;
+    megabyte::gpu::reset_peak_memory(&device);
     let start = Instant::now();
+    // GPU idle between steps: from the GPU finishing one step's work to it receiving the next
+    // step's first (the host's data sampling, logging and bookkeeping, where not overlapped).
+    let mut idle_ms = 0.0;
+    let mut last_end: Option<megabyte::gpu::Mark> = None;
     for _ in 0..args.steps {
+        let begin = megabyte::gpu::Mark::now(&device);
+        if let (Some(end), Some(begin)) = (&last_end, &begin) {
+            idle_ms += end.ms_until(begin).unwrap_or(0.0).max(0.0);
+        }
         trainer.train_step(&splits.train)?;
+        last_end = megabyte::gpu::Mark::now(&device);
     }
     device.synchronize()?;
     let secs = start.elapsed().as_secs_f64();
+    let peak_memory = megabyte::gpu::peak_memory(&device);
+    let peak_tflops = args.peak_tflops.or(device.is_cuda().then_some(790.0));
     let train_bytes_per_sec = (args.steps as usize * args.batch_size * cfg.context) as f64 / secs;
     let flops_per_byte = cfg.train_flops_per_byte();
+    let train_tflops = train_bytes_per_sec * flops_per_byte / 1e12;
+    let mfu = peak_tflops.map(|p| train_tflops / p);
+    let idle_per_step = device.is_cuda().then(|| idle_ms / (args.steps.max(2) - 1) as f64);
     let mut generation = Vec::new();
     if args.gen_bytes > 0 {
+        // Sampling runs on parameters in the activations' dtype, as `megabyte generate` loads them.
+        let act = trainer.model().activation_dtype();
+        let (gen_model, _gen_params) = trainer.model().converted(trainer.params(), act)?;
         for &b in &args.gen_batch {
             let mut sampler = Sampler::new(Sampling::Greedy, 0)?;
             let prompts = vec![Vec::new(); b];
             // One untimed short run warms caches and kernels.
-            generate(trainer.model(), &prompts, cfg.patch_size * 2, &mut sampler, &device, &mut |_| {})?;
+            generate(&gen_model, &prompts, cfg.patch_size * 2, &mut sampler, &device, &mut |_| {})?;
             device.synchronize()?;
             let start = Instant::now();
-            generate(trainer.model(), &prompts, args.gen_bytes, &mut sampler, &device, &mut |_| {})?;
+            generate(&gen_model, &prompts, args.gen_bytes, &mut sampler, &device, &mut |_| {})?;
             device.synchronize()?;
             let secs = start.elapsed().as_secs_f64();
             generation.push(serde_json::json!({
@@ -90,6 +113,7 @@ pub fn run(args: Args) -> Result<()> {
     let record = serde_json::json!({
         "preset": args.model.config.is_none().then_some(&args.model.preset),
         "device": args.device,
+        "precision": format!("{:?}", trainer.record().train.precision).to_lowercase(),
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "params": counts.total,
         "batch_size": args.batch_size,
@@ -97,7 +121,11 @@ pub fn run(args: Args) -> Result<()> {
         "steps": args.steps,
         "train_bytes_per_sec": train_bytes_per_sec,
         "train_step_ms": secs * 1e3 / args.steps as f64,
-        "train_tflops": train_bytes_per_sec * flops_per_byte / 1e12,
+        "train_tflops": train_tflops,
+        "mfu": mfu,
+        "peak_tflops": peak_tflops,
+        "peak_memory_gib": peak_memory.map(|b| b as f64 / (1u64 << 30) as f64),
+        "gpu_idle_ms_per_step": idle_per_step,
         "flops_per_byte": flops_per_byte,
         "generation": generation,
     });
@@ -119,7 +147,16 @@ pub fn run(args: Args) -> Result<()> {
     println!("{:<28} {} × {} bytes", "training batch", args.batch_size, cfg.context);
     println!("{:<28} {:.0}", "training bytes/s", train_bytes_per_sec);
     println!("{:<28} {:.1}", "training step ms", secs * 1e3 / args.steps as f64);
-    println!("{:<28} {:.3}", "training TFLOP/s", train_bytes_per_sec * flops_per_byte / 1e12);
+    println!("{:<28} {:.3}", "training TFLOP/s", train_tflops);
+    if let (Some(mfu), Some(peak)) = (mfu, peak_tflops) {
+        println!("{:<28} {:.1}% of {peak} TFLOP/s", "MFU", 100.0 * mfu);
+    }
+    if let Some(bytes) = peak_memory {
+        println!("{:<28} {:.2} GiB", "peak GPU memory", bytes as f64 / (1u64 << 30) as f64);
+    }
+    if let Some(idle) = idle_per_step {
+        println!("{:<28} {:.2}", "GPU idle ms between steps", idle);
+    }
     for g in &generation {
         println!("{:<28} {:.0}", format!("generation bytes/s (B={})", g["batch"]), g["bytes_per_sec"].as_f64().unwrap_or(0.0));
     }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use megabyte::generate::{generate, Sampler, Sampling};
-use megabyte::DType;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -61,8 +60,10 @@ pub fn run(args: Args) -> Result<()> {
     };
     let device = megabyte::device(&args.device)?;
     let dir = megabyte::checkpoint::resolve(&args.checkpoint)?;
-    let (model, _) = megabyte::checkpoint::load_model(&dir, DType::F32, &device)?;
-    let model = model.with_activations(megabyte::Precision::parse(&args.precision, &device)?.dtype());
+    // Parameters in the activations' dtype: no weight casts at each decoding step.
+    let dtype = megabyte::Precision::parse(&args.precision, &device)?.dtype();
+    let (model, _) = megabyte::checkpoint::load_model(&dir, dtype, &device)?;
+    let model = model.with_activations(dtype);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if args.echo {

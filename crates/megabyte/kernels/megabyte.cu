@@ -227,10 +227,18 @@ __device__ void ce_bwd(const T* logits, const uint32_t* targets, const float* lo
 }
 
 // -------------------------------------------------------------------------------------------
-// AdamW, in place on float weights and moments; g is multiplied by `scale` first (clipping).
+// AdamW, in place on float weights and moments; g is multiplied by `scale` first (clipping),
+// or, when `clip` > 0, by min(1, clip / √sumsq[0]) from the device (no host round trip). A
+// non-finite norm leaves everything unchanged: the host reports the divergence.
 
 extern "C" __global__ void adamw_f32(float* w, const float* g, float* m, float* v, size_t n, float lr, float b1, float b2,
-                                     float eps, float decay, float inv_bc1, float inv_bc2, float scale) {
+                                     float eps, float decay, float inv_bc1, float inv_bc2, float scale, const float* sumsq,
+                                     float clip) {
+    if (sumsq) {
+        const float norm = sqrtf(sumsq[0]);
+        if (!isfinite(norm)) return;
+        scale = (clip > 0.f && norm > clip) ? clip / norm : 1.f;
+    }
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float gi = g[i] * scale;
         float mi = b1 * m[i] + (1.f - b1) * gi;

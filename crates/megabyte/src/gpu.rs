@@ -71,3 +71,33 @@ fn pool(device: &Device) -> Option<sys::CUmemoryPool> {
     let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) };
     (r == sys::CUresult::CUDA_SUCCESS).then_some(pool)
 }
+
+/// A point on the device's stream timeline (CUDA events with timing); `None` elsewhere.
+pub struct Mark {
+    #[cfg(feature = "cuda")]
+    event: candle_core::cuda_backend::cudarc::driver::CudaEvent,
+}
+
+impl Mark {
+    /// Marks the current end of the device's queue: the time the GPU reaches it.
+    pub fn now(device: &Device) -> Option<Mark> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = device {
+            let flags = candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+            return d.cuda_stream().record_event(Some(flags)).ok().map(|event| Mark { event });
+        }
+        let _ = device;
+        None
+    }
+
+    /// Milliseconds on the GPU from this mark to `later` (waits for both).
+    pub fn ms_until(&self, later: &Mark) -> Option<f64> {
+        #[cfg(feature = "cuda")]
+        return self.event.elapsed_ms(&later.event).ok().map(f64::from);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = later;
+            None
+        }
+    }
+}

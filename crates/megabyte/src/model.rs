@@ -131,6 +131,17 @@ impl MegaByte {
         self.act
     }
 
+    /// A copy whose parameters (and activations) are `dtype`: bf16 for sampling on CUDA, where
+    /// casting f32 weights at every decoding step would cost more than the step.
+    pub fn converted(&self, params: &Params, dtype: DType) -> Result<(MegaByte, Params)> {
+        let mut copy = Params::for_loading(dtype, params.device());
+        let model = MegaByte::new(&self.cfg, &mut copy)?;
+        let tensors: std::collections::HashMap<String, Tensor> =
+            params.vars().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        copy.assign(&tensors).map_err(Error::Config)?;
+        Ok((model.with_activations(dtype), copy))
+    }
+
     /// Logits for every byte: bytes [B, T'] (T' ≤ T, a multiple of P) → [B, T', V] (in the
     /// activations' dtype).
     /// `logits[:, t]` is the prediction of byte t from bytes < t.

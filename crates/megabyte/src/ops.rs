@@ -1054,9 +1054,24 @@ pub struct AdamWStep {
 /// Applies one AdamW update to the parameter `p` and its moments `mv` (see [`adamw_step`]).
 /// On CUDA the kernel updates both in place; elsewhere they are replaced.
 pub fn adamw_update(p: &candle_core::Var, g: &Tensor, mv: &mut Tensor, hp: AdamWStep) -> CResult<()> {
+    adamw_update_clipped(p, g, mv, hp, None)
+}
+
+/// [`adamw_update`] with gradient clipping by the global norm given on the device:
+/// `clip` = (Σ g² [1] f32, max norm). On CUDA the kernel reads the sum itself (no host
+/// round trip); elsewhere it is read here.
+pub fn adamw_update_clipped(p: &candle_core::Var, g: &Tensor, mv: &mut Tensor, hp: AdamWStep, clip: Option<(&Tensor, f64)>) -> CResult<()> {
     #[cfg(feature = "cuda")]
     if p.device().is_cuda() && p.dtype() == candle_core::DType::F32 {
-        return cuda::adamw_in_place(p.as_tensor(), &g.to_dtype(candle_core::DType::F32)?, mv, &hp);
+        return cuda::adamw_in_place(p.as_tensor(), &g.to_dtype(candle_core::DType::F32)?, mv, &hp, clip);
+    }
+    let mut hp = hp;
+    if let Some((sumsq, max_norm)) = clip {
+        let norm = (sumsq.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0]).sqrt();
+        if !norm.is_finite() {
+            return Ok(());
+        }
+        hp.grad_scale = if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 };
     }
     let out = adamw_step(p.as_tensor(), g, mv, hp)?; // [w' | m' | v']
     let n = p.elem_count();

@@ -63,6 +63,32 @@ impl AdamW {
         Ok(())
     }
 
+    /// One update with the gradients clipped to global norm `max_norm` (0: no clipping);
+    /// returns the norm before clipping. On CUDA the norm never leaves the device until every
+    /// update is queued. A non-finite norm changes nothing and is returned for the caller to
+    /// report.
+    pub fn step_clipped(&mut self, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
+        let mut gs = Vec::with_capacity(self.params.len());
+        for (name, p) in &self.params {
+            gs.push(grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))?);
+        }
+        let sumsq = crate::ops::sum_squares(&gs)?;
+        self.t += 1;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        let bc1 = 1.0 - beta1.powi(self.t as i32);
+        let bc2 = 1.0 - beta2.powi(self.t as i32);
+        for (((_, p), mv), g) in self.params.iter().zip(self.moments.iter_mut()).zip(&gs) {
+            let weight_decay = if p.rank() >= 2 { weight_decay } else { 0.0 };
+            let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale: 1.0 };
+            crate::ops::adamw_update_clipped(p, g, mv, hp, Some((&sumsq, max_norm)))?;
+        }
+        let norm = (sumsq.to_dtype(DType::F64)?.to_scalar::<f64>()?).sqrt();
+        if !norm.is_finite() {
+            self.t -= 1;
+        }
+        Ok(norm)
+    }
+
     /// Moments by name (`m.{param}`, `v.{param}`) for a checkpoint.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();

@@ -19,7 +19,7 @@ use crate::eval::{self, EvalSettings};
 use crate::grad::Grads;
 use crate::model::MegaByte;
 use crate::nn::Params;
-use crate::optim::{self, AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig};
 
 /// How the learning rate falls after warm-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,11 +281,11 @@ impl Trainer {
         let context = self.model.config().context;
         let lr = learning_rate(&t, self.record.step, self.progress());
         let mut grads: Option<Grads> = None;
-        let mut loss_sum = 0.0;
+        let mut losses = Vec::new();
         for _ in 0..t.grad_accum {
             let x = self.sampler.batch(train, t.batch_size, context, &self.device)?; // [B, T]
             for (loss, g) in self.shard_grads(&x, t.grad_accum)? {
-                loss_sum += loss;
+                losses.push(loss);
                 match grads.as_mut() {
                     None => grads = Some(g),
                     Some(acc) => acc.merge(g)?,
@@ -293,15 +293,16 @@ impl Trainer {
             }
         }
         let grads = grads.ok_or_else(|| Error::Config("grad_accum must be at least 1".into()))?;
-        let grad_norm = optim::grad_norm(&grads, self.params.vars())?;
+        // Everything is queued before the first read back: the GPU never waits on the host
+        // within a step.
+        let grad_norm = self.opt.step_clipped(&grads, lr, t.grad_clip)?;
         if !grad_norm.is_finite() {
             return Err(Error::Input(format!(
                 "the gradient norm is {grad_norm} at step {}: training diverged; lower the learning rate",
                 self.record.step
             )));
         }
-        let grad_scale = if t.grad_clip > 0.0 && grad_norm > t.grad_clip { t.grad_clip / grad_norm } else { 1.0 };
-        self.opt.step(&grads, lr, grad_scale)?;
+        let loss_sum = Tensor::stack(&losses, 0)?.sum_all()?.to_scalar::<f64>()?;
         let secs = started.elapsed().as_secs_f64();
         let bytes = (t.batch_size * t.grad_accum * context) as u64;
         self.record.step += 1;
@@ -326,14 +327,14 @@ impl Trainer {
     /// on its own thread: the small ops of a small model are serial, so this data
     /// parallelism is what fills the cores (measured in BENCHMARKS.md). The shards' losses
     /// are weighted by their share of the batch, so the summed gradient is the batch's.
-    fn shard_grads(&self, x: &Tensor, accum: usize) -> Result<Vec<(f64, Grads)>> {
+    fn shard_grads(&self, x: &Tensor, accum: usize) -> Result<Vec<(Tensor, Grads)>> {
         let b = x.dim(0)?;
         let shards = if self.device.is_cpu() { self.cpu_workers.min(b) } else { 1 };
         let sizes: Vec<usize> = (0..shards).map(|i| b / shards + usize::from(i < b % shards)).collect();
-        let run = |start: usize, len: usize| -> Result<(f64, Grads)> {
+        let run = |start: usize, len: usize| -> Result<(Tensor, Grads)> {
             let weight = len as f64 / (b * accum) as f64;
             let (loss, grads) = self.model.loss_and_grads(&x.narrow(0, start, len)?, weight)?;
-            Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * weight, grads))
+            Ok(((loss.to_dtype(DType::F64)? * weight)?, grads))
         };
         if shards == 1 {
             return Ok(vec![run(0, b)?]);

@@ -327,8 +327,10 @@ pub(super) fn ce_bwd(logits: (&CudaStorage, &Layout), targets: (&CudaStorage, &L
 // ---------------------------------------------------------------------------------------------
 // AdamW.
 
-/// One AdamW update in place: w (f32), moments mv = [m | v] (f32), gradient g (f32).
-pub(super) fn adamw_in_place(w: &Tensor, g: &Tensor, mv: &Tensor, hp: &super::AdamWStep) -> CResult<()> {
+/// One AdamW update in place: w (f32), moments mv = [m | v] (f32), gradient g (f32). With
+/// `clip` = (Σ g² over all parameters [1], max norm) the kernel computes the clipping factor
+/// itself (hp.grad_scale is then ignored).
+pub(super) fn adamw_in_place(w: &Tensor, g: &Tensor, mv: &Tensor, hp: &super::AdamWStep, clip: Option<(&Tensor, f64)>) -> CResult<()> {
     let n = w.elem_count();
     if w.dtype() != DType::F32 || g.dtype() != DType::F32 || mv.dtype() != DType::F32 || g.elem_count() != n || mv.elem_count() != 2 * n {
         candle_core::bail!("adamw: weights, gradient and moments must be f32 of matching sizes");
@@ -347,8 +349,14 @@ pub(super) fn adamw_in_place(w: &Tensor, g: &Tensor, mv: &Tensor, hp: &super::Ad
                 let pm = contiguous_at(ms, ml, "adamw moments")?;
                 let pv = pm + 4 * n as u64;
                 let n64 = n as u64;
-                launch!(&ws.device, "adamw_f32", launch_cfg((elementwise_blocks(n), 1), 256, 0), pw, pg, pm, pv, n64, lr, b1, b2, eps, decay, inv_bc1, inv_bc2, scale);
-                Ok(())
+                let run = |psum: u64, max_norm: f32| -> CResult<()> {
+                    launch!(&ws.device, "adamw_f32", launch_cfg((elementwise_blocks(n), 1), 256, 0), pw, pg, pm, pv, n64, lr, b1, b2, eps, decay, inv_bc1, inv_bc2, scale, psum, max_norm);
+                    Ok(())
+                };
+                match clip {
+                    Some((sumsq, max_norm)) => with_cuda(sumsq, |ss, sl| run(contiguous_at(ss, sl, "sumsq")?, max_norm as f32)),
+                    None => run(0, 0.0),
+                }
             })
         })
     })
