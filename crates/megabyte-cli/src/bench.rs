@@ -22,7 +22,7 @@ pub struct Args {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 3)]
     warmup: u64,
-    /// Timed training steps.
+    /// Timed training steps (0: measure generation only).
     #[arg(long, default_value_t = 20)]
     steps: u64,
     /// Bytes generated per generation measurement (0 = skip generation).
@@ -53,7 +53,7 @@ pub fn run(args: Args) -> Result<()> {
     let cfg = args.model.resolve()?;
     let device = megabyte::device(&args.device)?;
     let mut tc = TrainConfig::standard(args.batch_size, 1e-3);
-    tc.steps = Some(args.warmup + args.steps);
+    tc.steps = Some((args.warmup + args.steps).max(1));
     tc.warmup_steps = 1;
     tc.precision = megabyte::Precision::parse(&args.precision, &device)?;
     let data = DataSpec { train: None, valid: None, holdout_bytes: 100_000 };
@@ -81,11 +81,12 @@ pub fn run(args: Args) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let peak_memory = megabyte::gpu::peak_memory(&device);
     let peak_tflops = args.peak_tflops.or(device.is_cuda().then_some(790.0));
-    let train_bytes_per_sec = (args.steps as usize * args.batch_size * cfg.context) as f64 / secs;
+    let trained = args.steps > 0;
+    let train_bytes_per_sec = (args.steps as usize * args.batch_size * cfg.context) as f64 / secs.max(1e-9);
     let flops_per_byte = cfg.train_flops_per_byte();
     let train_tflops = train_bytes_per_sec * flops_per_byte / 1e12;
-    let mfu = peak_tflops.map(|p| train_tflops / p);
-    let idle_per_step = device.is_cuda().then(|| idle_ms / (args.steps.max(2) - 1) as f64);
+    let mfu = peak_tflops.filter(|_| trained).map(|p| train_tflops / p);
+    let idle_per_step = (device.is_cuda() && trained).then(|| idle_ms / (args.steps.max(2) - 1) as f64);
     let mut generation = Vec::new();
     if args.gen_bytes > 0 {
         // Sampling runs on parameters in the activations' dtype, as `megabyte generate` loads them.
@@ -119,9 +120,9 @@ pub fn run(args: Args) -> Result<()> {
         "batch_size": args.batch_size,
         "context": cfg.context,
         "steps": args.steps,
-        "train_bytes_per_sec": train_bytes_per_sec,
-        "train_step_ms": secs * 1e3 / args.steps as f64,
-        "train_tflops": train_tflops,
+        "train_bytes_per_sec": trained.then_some(train_bytes_per_sec),
+        "train_step_ms": trained.then(|| secs * 1e3 / args.steps as f64),
+        "train_tflops": trained.then_some(train_tflops),
         "mfu": mfu,
         "peak_tflops": peak_tflops,
         "peak_memory_gib": peak_memory.map(|b| b as f64 / (1u64 << 30) as f64),
@@ -144,10 +145,12 @@ pub fn run(args: Args) -> Result<()> {
     println!("{:<28} {}", "model", args.model.config.as_ref().map_or(args.model.preset.clone(), |p| p.display().to_string()));
     println!("{:<28} {:.2}M", "parameters", counts.total as f64 / 1e6);
     println!("{:<28} {}", "device", args.device);
-    println!("{:<28} {} × {} bytes", "training batch", args.batch_size, cfg.context);
-    println!("{:<28} {:.0}", "training bytes/s", train_bytes_per_sec);
-    println!("{:<28} {:.1}", "training step ms", secs * 1e3 / args.steps as f64);
-    println!("{:<28} {:.3}", "training TFLOP/s", train_tflops);
+    if trained {
+        println!("{:<28} {} × {} bytes", "training batch", args.batch_size, cfg.context);
+        println!("{:<28} {:.0}", "training bytes/s", train_bytes_per_sec);
+        println!("{:<28} {:.1}", "training step ms", secs * 1e3 / args.steps as f64);
+        println!("{:<28} {:.3}", "training TFLOP/s", train_tflops);
+    }
     if let (Some(mfu), Some(peak)) = (mfu, peak_tflops) {
         println!("{:<28} {:.1}% of {peak} TFLOP/s", "MFU", 100.0 * mfu);
     }
@@ -158,7 +161,13 @@ pub fn run(args: Args) -> Result<()> {
         println!("{:<28} {:.2}", "GPU idle ms between steps", idle);
     }
     for g in &generation {
-        println!("{:<28} {:.0}", format!("generation bytes/s (B={})", g["batch"]), g["bytes_per_sec"].as_f64().unwrap_or(0.0));
+        println!(
+            "{:<28} {:.0} ({} bytes in {:.2} s)",
+            format!("generation bytes/s (B={})", g["batch"]),
+            g["bytes_per_sec"].as_f64().unwrap_or(0.0),
+            g["bytes"],
+            g["secs"].as_f64().unwrap_or(0.0)
+        );
     }
     Ok(())
 }

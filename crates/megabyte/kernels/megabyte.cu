@@ -702,6 +702,14 @@ __device__ __forceinline__ void load_b(uint32_t* b, const bf16* y, int ld, int n
     b[1] = *reinterpret_cast<const uint32_t*>(y + (n0 + g) * ld + k0 + 2 * t + 8);
 }
 
+// B fragment (k0..k0+15 × n0..n0+7) from a row-major [k][n] shared array (leading dim ld),
+// transposed on the fly by ldmatrix: no transposed copies in shared memory.
+__device__ __forceinline__ void load_b_trans(uint32_t* b, const bf16* y, int ld, int n0, int k0) {
+    const int lane = threadIdx.x & 31;
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(y + (k0 + (lane & 15)) * ld + n0));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
+}
+
 // The A fragments (4 k-steps of 16) of a 16×64 accumulator tile c[8][4].
 __device__ __forceinline__ void c_to_a(uint32_t (*a)[4], const float (*c)[4]) {
 #pragma unroll
@@ -735,10 +743,10 @@ __device__ __forceinline__ void load_tile(bf16* dst, bf16* dst_t, const bf16* sr
 template <int HD>
 __device__ void attn_tc_fwd(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, bf16* y, float* lse,
                             int N, int Sq, int Sk, int H, float scale) {
-    constexpr int LD = HD + TC_PAD, LDT = TC_TILE + TC_PAD;
+    constexpr int LD = HD + TC_PAD;
     __shared__ __align__(16) bf16 qs[TC_ROWS * LD];
     __shared__ __align__(16) bf16 ks[TC_TILE * LD];
-    __shared__ __align__(16) bf16 vt[HD * LDT];
+    __shared__ __align__(16) bf16 vs[TC_TILE * LD];
     const long id = blockIdx.y;
     const long n = id / H, h = id % H;
     const int i0 = blockIdx.x * TC_ROWS;
@@ -758,7 +766,7 @@ __device__ void attn_tc_fwd(const bf16* q, View vq, const bf16* k, View vk, cons
     for (int kt = 0; kt <= last; kt += TC_TILE) {
         __syncthreads();
         load_tile<HD>(ks, nullptr, k + n * vk.sn + h * HD, vk.ss, kt, Sk);
-        load_tile<HD>(nullptr, vt, v + n * vv.sn + h * HD, vv.ss, kt, Sk);
+        load_tile<HD>(vs, nullptr, v + n * vv.sn + h * HD, vv.ss, kt, Sk);
         __syncthreads();
         float s[8][4];
 #pragma unroll
@@ -816,7 +824,7 @@ __device__ void attn_tc_fwd(const bf16* q, View vq, const bf16* k, View vk, cons
 #pragma unroll
             for (int j = 0; j < HD / 8; j++) {
                 uint32_t b[2];
-                load_b(b, vt, LDT, j * 8, kk * 16);
+                load_b_trans(b, vs, LD, j * 8, kk * 16);
                 mma16816(o[j], pa[kk], b);
             }
     }
@@ -851,11 +859,10 @@ __device__ void attn_bwd_prep(const T* y, const T* dy, float* Dbuf, int N, int S
 template <int HD>
 __device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy,
                                const float* lse, const float* Dbuf, bf16* dq, View vdq, int N, int S, int H, float scale) {
-    constexpr int LD = HD + TC_PAD, LDT = TC_TILE + TC_PAD;
+    constexpr int LD = HD + TC_PAD;
     __shared__ __align__(16) bf16 xs[TC_ROWS * LD];  // q, then dy: staging for the A fragments
     __shared__ __align__(16) bf16 ks[TC_TILE * LD];
     __shared__ __align__(16) bf16 vs[TC_TILE * LD];
-    __shared__ __align__(16) bf16 kt_s[HD * LDT];
     const long id = blockIdx.y;
     const long n = id / H, h = id % H;
     const long W = (long)H * HD;
@@ -885,7 +892,7 @@ __device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, c
     const int last = min(S - 1, i0 + TC_ROWS - 1);
     for (int kt = 0; kt <= last; kt += TC_TILE) {
         __syncthreads();
-        load_tile<HD>(ks, kt_s, k + n * vk.sn + h * HD, vk.ss, kt, S);
+        load_tile<HD>(ks, nullptr, k + n * vk.sn + h * HD, vk.ss, kt, S);
         load_tile<HD>(vs, nullptr, v + n * vv.sn + h * HD, vv.ss, kt, S);
         __syncthreads();
         float p[8][4], dp[8][4];
@@ -915,7 +922,7 @@ __device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, c
 #pragma unroll
             for (int j = 0; j < HD / 8; j++) {
                 uint32_t b[2];
-                load_b(b, kt_s, LDT, j * 8, kk * 16);
+                load_b_trans(b, ks, LD, j * 8, kk * 16);
                 mma16816(acc[j], da[kk], b);
             }
     }
@@ -935,11 +942,9 @@ template <int HD>
 __device__ void attn_tc_bwd_dkdv(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy,
                                  const float* lse, const float* Dbuf, bf16* dk, View vdk, bf16* dv, View vdv, int N, int S,
                                  int H, float scale) {
-    constexpr int LD = HD + TC_PAD, LDT = TC_TILE + TC_PAD;
+    constexpr int LD = HD + TC_PAD;
     __shared__ __align__(16) bf16 qs[TC_TILE * LD];
     __shared__ __align__(16) bf16 gs[TC_TILE * LD];
-    __shared__ __align__(16) bf16 qt[HD * LDT];
-    __shared__ __align__(16) bf16 gt[HD * LDT];
     __shared__ float Ls[TC_TILE], Ds[TC_TILE];
     const long id = blockIdx.y;
     const long n = id / H, h = id % H;
@@ -964,8 +969,8 @@ __device__ void attn_tc_bwd_dkdv(const bf16* q, View vq, const bf16* k, View vk,
     const int key0 = j0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
     for (int it = (j0 / TC_TILE) * TC_TILE; it < S; it += TC_TILE) {
         __syncthreads();
-        load_tile<HD>(qs, qt, q + n * vq.sn + h * HD, vq.ss, it, S);
-        load_tile<HD>(gs, gt, dy + n * S * W + h * HD, W, it, S);
+        load_tile<HD>(qs, nullptr, q + n * vq.sn + h * HD, vq.ss, it, S);
+        load_tile<HD>(gs, nullptr, dy + n * S * W + h * HD, W, it, S);
         for (int r = threadIdx.x; r < TC_TILE; r += blockDim.x) {
             Ls[r] = it + r < S ? lse[id * S + it + r] : 0.f;
             Ds[r] = it + r < S ? Dbuf[id * S + it + r] : 0.f;
@@ -1000,9 +1005,9 @@ __device__ void attn_tc_bwd_dkdv(const bf16* q, View vq, const bf16* k, View vk,
 #pragma unroll
             for (int j = 0; j < HD / 8; j++) {
                 uint32_t b[2];
-                load_b(b, gt, LDT, j * 8, kk * 16);
+                load_b_trans(b, gs, LD, j * 8, kk * 16);
                 mma16816(av[j], pa[kk], b);
-                load_b(b, qt, LDT, j * 8, kk * 16);
+                load_b_trans(b, qs, LD, j * 8, kk * 16);
                 mma16816(ak[j], da[kk], b);
             }
     }
@@ -1123,12 +1128,12 @@ ELEMENTWISE(bf16, bf16)
         int Sk, int H, float scale) {                                                                                  \
         attn_tc_fwd<HD>(q, vq, k, vk, v, vv, y, lse, N, Sq, Sk, H, scale);                                             \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) attn_tc_bwd_dq_##HD(                                             \
+    extern "C" __global__ void __launch_bounds__(128, 3) attn_tc_bwd_dq_##HD(                                             \
         const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy, const float* lse,     \
         const float* Dbuf, bf16* dq, View vdq, int N, int S, int H, float scale) {                                     \
         attn_tc_bwd_dq<HD>(q, vq, k, vk, v, vv, dy, lse, Dbuf, dq, vdq, N, S, H, scale);                               \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) attn_tc_bwd_dkdv_##HD(                                           \
+    extern "C" __global__ void __launch_bounds__(128, 3) attn_tc_bwd_dkdv_##HD(                                           \
         const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy, const float* lse,     \
         const float* Dbuf, bf16* dk, View vdk, bf16* dv, View vdv, int N, int S, int H, float scale) {                 \
         attn_tc_bwd_dkdv<HD>(q, vq, k, vk, v, vv, dy, lse, Dbuf, dk, vdk, dv, vdv, N, S, H, scale);                    \

@@ -47,7 +47,7 @@ pub fn shift_one_patch(h: &Tensor, global_pad: &Tensor) -> Result<Tensor> {
 /// patch. e: [N, P, D_L] → [N, P, D_L].
 pub fn shift_one_byte(e: &Tensor, local_pad: &Tensor) -> Result<Tensor> {
     let (n, p, dl) = e.dims3()?;
-    let pad = local_pad.reshape((1, 1, dl))?.broadcast_as((n, 1, dl))?; // [N, 1, D_L]
+    let pad = local_pad.to_dtype(e.dtype())?.reshape((1, 1, dl))?.broadcast_as((n, 1, dl))?; // [N, 1, D_L]
     Ok(Tensor::cat(&[&pad, &e.narrow(1, 0, p - 1)?], 1)?)
 }
 
@@ -330,10 +330,10 @@ impl MegaByte {
         let b = context.dim(0)?;
         let dl = self.cfg.local.width;
         let e = match prev {
-            Some(prev) => embed(&self.local_embedder.byte_embed, prev)?, // [B, D_L]
-            None => self.local_embedder.local_pad.reshape((1, dl))?.broadcast_as((b, dl))?,
+            Some(prev) => embed(&self.local_embedder.byte_embed, prev)?.to_dtype(self.act)?, // [B, D_L]
+            None => self.local_embedder.local_pad.to_dtype(self.act)?.reshape((1, dl))?.broadcast_as((b, dl))?,
         };
-        let e = e.broadcast_add(&self.local_embedder.pos_embed.narrow(0, pos, 1)?)?.to_dtype(self.act)?;
+        let e = e.broadcast_add(&self.local_embedder.pos_embed.narrow(0, pos, 1)?.to_dtype(self.act)?)?;
         let x = (context + e)?; // [B, D_L]
         let h = self.local.forward_cached(&x.reshape((b, 1, dl))?, cache)?; // [B, 1, D_L]
         Ok(self.head(&h.squeeze(1)?)?) // [B, V]

@@ -62,11 +62,21 @@ impl Params {
             (Init::Zeros, _) | (Init::TruncNormal(_), None) => vec![0.0; n],
             (Init::TruncNormal(std), Some(rng)) => (0..n).map(|_| trunc_normal(rng) * std as f32).collect(),
         };
-        let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(self.dtype)?;
+        let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(Self::dtype_of(self.dtype, shape.len()))?;
         let var = Var::from_tensor(&t)?;
         let t = var.as_tensor().clone();
         self.vars.insert(name.to_string(), var);
         Ok(t)
+    }
+
+    /// Vectors (norm weights and biases, pads) stay f32 in a half-precision store: the norm
+    /// kernels read f32 weights, and casting them at every decoding step costs launches.
+    fn dtype_of(dtype: DType, rank: usize) -> DType {
+        if rank == 1 {
+            accumulation_dtype(dtype)
+        } else {
+            dtype
+        }
     }
 
     pub fn vars(&self) -> &BTreeMap<String, Var> {
@@ -95,7 +105,7 @@ impl Params {
             if t.dims() != var.dims() {
                 return Err(format!("tensor `{name}` has shape {:?}, the config expects {:?}", t.dims(), var.dims()));
             }
-            let t = t.to_dtype(self.dtype).and_then(|t| t.to_device(&self.device)).map_err(|e| e.to_string())?;
+            let t = t.to_dtype(var.dtype()).and_then(|t| t.to_device(&self.device)).map_err(|e| e.to_string())?;
             var.set(&t).map_err(|e| e.to_string())?;
         }
         Ok(())
