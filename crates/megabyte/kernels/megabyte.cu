@@ -481,6 +481,153 @@ __device__ void attn_small_bwd(const T* q, View vq, const T* k, View vk, const T
     for (int d = 0; d < HD; d += 8) store8<T>(dk + n * vdk.sn + r * vdk.ss + h * HD + d, acc + d);
 }
 
+// --- Patches of at most 8 positions with head dim 32 or 64: one warp per (n, h) group. -----
+// The local model's shape (P ≤ 8). Each lane holds DPL = HD/32 dimensions of every row in
+// registers; a dot product is a lane-local partial plus a warp sum. No shared memory, no
+// block-wide synchronisation, full occupancy.
+
+template <typename T, int DPL>
+__device__ __forceinline__ void load_lane(float* dst, const T* row, int lane) {
+    if constexpr (DPL == 2) {
+        float2 v = load2(row + 2 * lane);
+        dst[0] = v.x;
+        dst[1] = v.y;
+    } else {
+        dst[0] = to_f(row[lane]);
+    }
+}
+
+template <typename T, int DPL>
+__device__ __forceinline__ void store_lane(T* row, const float* src, int lane) {
+    if constexpr (DPL == 2) {
+        store2(row + 2 * lane, src[0], src[1]);
+    } else {
+        row[lane] = from_f<T>(src[0]);
+    }
+}
+
+template <int DPL>
+__device__ __forceinline__ float dot_lane(const float* a, const float* b) {
+    float s = 0.f;
+#pragma unroll
+    for (int d = 0; d < DPL; d++) s = fmaf(a[d], b[d], s);
+    return warp_sum(s);
+}
+
+constexpr int WARP_S = 8;
+
+template <typename T, int HD>
+__device__ void attn_warp_fwd(const T* q, View vq, const T* k, View vk, const T* v, View vv, T* y, float* lse, int N,
+                              int Sq, int Sk, int H, float scale) {
+    constexpr int DPL = HD / 32;
+    const long id = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (id >= (long)N * H) return;
+    const long n = id / H, h = id % H;
+    float kr[WARP_S][DPL], vr[WARP_S][DPL];
+#pragma unroll
+    for (int j = 0; j < WARP_S; j++) {
+        if (j < Sk) {
+            load_lane<T, DPL>(kr[j], k + n * vk.sn + j * vk.ss + h * HD, lane);
+            load_lane<T, DPL>(vr[j], v + n * vv.sn + j * vv.ss + h * HD, lane);
+        }
+    }
+    const int off = Sk - Sq;
+    for (int i = 0; i < Sq; i++) {
+        float qi[DPL], acc[DPL];
+        load_lane<T, DPL>(qi, q + n * vq.sn + i * vq.ss + h * HD, lane);
+#pragma unroll
+        for (int d = 0; d < DPL; d++) acc[d] = 0.f;
+        float m = -INFINITY, l = 0.f;
+#pragma unroll
+        for (int j = 0; j < WARP_S; j++) {
+            if (j <= off + i) {
+                const float s = dot_lane<DPL>(qi, kr[j]) * scale;
+                const float mn = fmaxf(m, s), corr = __expf(m - mn), p = __expf(s - mn);
+                l = l * corr + p;
+#pragma unroll
+                for (int d = 0; d < DPL; d++) acc[d] = fmaf(p, vr[j][d], acc[d] * corr);
+                m = mn;
+            }
+        }
+        const float inv = 1.f / l;
+#pragma unroll
+        for (int d = 0; d < DPL; d++) acc[d] *= inv;
+        store_lane<T, DPL>(y + (n * Sq + i) * (long)(H * HD) + h * HD, acc, lane);
+        if (lse && lane == 0) lse[id * Sq + i] = m + logf(l);
+    }
+}
+
+template <typename T, int HD>
+__device__ void attn_warp_bwd(const T* q, View vq, const T* k, View vk, const T* v, View vv, const T* y, const T* dy,
+                              T* dq, View vdq, T* dk, View vdk, T* dv, View vdv, int N, int S, int H, float scale) {
+    constexpr int DPL = HD / 32;
+    const long id = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (id >= (long)N * H) return;
+    const long n = id / H, h = id % H;
+    const long W = (long)H * HD;
+    float qr[WARP_S][DPL], kr[WARP_S][DPL], vr[WARP_S][DPL], gr[WARP_S][DPL];
+    float ak[WARP_S][DPL], av[WARP_S][DPL];
+    float L[WARP_S], D[WARP_S];
+#pragma unroll
+    for (int j = 0; j < WARP_S; j++) {
+        if (j < S) {
+            load_lane<T, DPL>(qr[j], q + n * vq.sn + j * vq.ss + h * HD, lane);
+            load_lane<T, DPL>(kr[j], k + n * vk.sn + j * vk.ss + h * HD, lane);
+            load_lane<T, DPL>(vr[j], v + n * vv.sn + j * vv.ss + h * HD, lane);
+            load_lane<T, DPL>(gr[j], dy + (n * S + j) * W + h * HD, lane);
+            float yr[DPL];
+            load_lane<T, DPL>(yr, y + (n * S + j) * W + h * HD, lane);
+            D[j] = dot_lane<DPL>(gr[j], yr);
+        }
+#pragma unroll
+        for (int d = 0; d < DPL; d++) ak[j][d] = av[j][d] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < WARP_S; i++) {
+        if (i >= S) break;
+        // Row statistics of query i, then its probabilities and score gradients.
+        float s[WARP_S], m = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < WARP_S; j++) {
+            s[j] = j <= i ? dot_lane<DPL>(qr[i], kr[j]) * scale : -INFINITY;
+            m = fmaxf(m, s[j]);
+        }
+        float l = 0.f;
+#pragma unroll
+        for (int j = 0; j < WARP_S; j++) {
+            s[j] = j <= i ? __expf(s[j] - m) : 0.f;
+            l += s[j];
+        }
+        const float inv = 1.f / l;
+        float aq[DPL];
+#pragma unroll
+        for (int d = 0; d < DPL; d++) aq[d] = 0.f;
+#pragma unroll
+        for (int j = 0; j < WARP_S; j++) {
+            if (j <= i) {
+                const float p = s[j] * inv;
+                const float ds = p * (dot_lane<DPL>(gr[i], vr[j]) - D[i]) * scale;
+#pragma unroll
+                for (int d = 0; d < DPL; d++) {
+                    aq[d] = fmaf(ds, kr[j][d], aq[d]);
+                    ak[j][d] = fmaf(ds, qr[i][d], ak[j][d]);
+                    av[j][d] = fmaf(p, gr[i][d], av[j][d]);
+                }
+            }
+        }
+        store_lane<T, DPL>(dq + n * vdq.sn + i * vdq.ss + h * HD, aq, lane);
+    }
+#pragma unroll
+    for (int j = 0; j < WARP_S; j++) {
+        if (j < S) {
+            store_lane<T, DPL>(dk + n * vdk.sn + j * vdk.ss + h * HD, ak[j], lane);
+            store_lane<T, DPL>(dv + n * vdv.sn + j * vdv.ss + h * HD, av[j], lane);
+        }
+    }
+}
+
 // --- Long sequences: flash-style tiles. ---------------------------------------------------
 // Forward: a block of BQ threads = BQ consecutive queries of one (n, h); keys stream through
 // shared memory BK at a time with an online softmax. Grid (ceil(Sq / BQ), N·H).
@@ -1149,6 +1296,23 @@ extern "C" __global__ void attn_bwd_prep_f32(const float* y, const float* dy, fl
 extern "C" __global__ void attn_bwd_prep_bf16(const bf16* y, const bf16* dy, float* Dbuf, int N, int S, int H, int HD) {
     attn_bwd_prep<bf16>(y, dy, Dbuf, N, S, H, HD);
 }
+
+#define ATTENTION_WARP(TN, T, HD)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) attn_warp_fwd_##TN##_##HD(                                       \
+        const T* q, View vq, const T* k, View vk, const T* v, View vv, T* y, float* lse, int N, int Sq, int Sk, int H, \
+        float scale) {                                                                                                 \
+        attn_warp_fwd<T, HD>(q, vq, k, vk, v, vv, y, lse, N, Sq, Sk, H, scale);                                        \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) attn_warp_bwd_##TN##_##HD(                                       \
+        const T* q, View vq, const T* k, View vk, const T* v, View vv, const T* y, const T* dy, T* dq, View vdq,      \
+        T* dk, View vdk, T* dv, View vdv, int N, int S, int H, float scale) {                                          \
+        attn_warp_bwd<T, HD>(q, vq, k, vk, v, vv, y, dy, dq, vdq, dk, vdk, dv, vdv, N, S, H, scale);                   \
+    }
+
+ATTENTION_WARP(f32, float, 32)
+ATTENTION_WARP(f32, float, 64)
+ATTENTION_WARP(bf16, bf16, 32)
+ATTENTION_WARP(bf16, bf16, 64)
 
 #define ATTENTION_ALL(TN, T) ATTENTION(TN, T, 16) ATTENTION(TN, T, 32) ATTENTION(TN, T, 64)
 

@@ -25,6 +25,12 @@ fn small_rows(hd: usize, backward: bool) -> usize {
     (budget / hd).min(128)
 }
 
+/// One warp per (sequence, head) for sequences of at most 8 positions (WARP_S) with head dim
+/// 32 or 64: the local model's patches.
+fn warp_kernel(s: usize, hd: usize) -> bool {
+    s <= 8 && matches!(hd, 32 | 64)
+}
+
 /// Queries (and keys) per block of the flash kernels (BQ in the kernels).
 const BQ: usize = 64;
 
@@ -416,7 +422,9 @@ fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), d
     let (n32, sq32, sk32, h32, scale) = (n as i32, sq as i32, sk as i32, h as i32, dims.scale());
     let rows = small_rows(hd, false);
     let s = sq.max(sk);
-    let (name, cfg) = if s <= rows {
+    let (name, cfg) = if warp_kernel(s, hd) {
+        (format!("attn_warp_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(4) as u32, 1), 128, 0))
+    } else if s <= rows {
         if !rows_aligned(&[q.1, k.0, v.0], &[q.2, k.1, v.1], dtype) {
             candle_core::bail!("attention: rows must start on 16-byte boundaries");
         }
@@ -497,6 +505,11 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                 let hd = dims.hd;
                 let rows = small_rows(hd, true);
                 let tn = suffix(dtype)?;
+                if warp_kernel(s, hd) {
+                    let cfg = launch_cfg(((n * heads).div_ceil(4) as u32, 1), 128, 0);
+                    launch!(&dev, format!("attn_warp_bwd_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, py, pg, dq.0, dq.1, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
+                    return Ok(());
+                }
                 if s <= rows {
                     if !rows_aligned(&[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov], dtype) {
                         candle_core::bail!("attention backward: rows must start on 16-byte boundaries");
