@@ -150,6 +150,91 @@ __device__ void norm_bwd(const T* x, const float* w, const T* dy, const T* dres,
     for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) part[(size_t)blockIdx.x * 2 * d + i] = acc[i];
 }
 
+// The same with the row width d = 64·NP fixed: each lane keeps its columns' dw and db sums
+// in registers across all the rows its warp visits, and adds them to shared memory once.
+template <typename T, int NP>
+__device__ void norm_bwd_reg(const T* x, const float* w, const T* dy, const T* dres, T* dx, float* part, int rows,
+                             float eps, int center) {
+    constexpr int d = 64 * NP;
+    __shared__ float acc[2 * d];
+    for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) acc[i] = 0.f;
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    const int wpb = blockDim.x >> 5;
+    float sw[NP][2], sb[NP][2], wr[NP][2];
+#pragma unroll
+    for (int k = 0; k < NP; k++) {
+        sw[k][0] = sw[k][1] = sb[k][0] = sb[k][1] = 0.f;
+        wr[k][0] = w[64 * k + 2 * lane];
+        wr[k][1] = w[64 * k + 2 * lane + 1];
+    }
+    for (int row = blockIdx.x * wpb + (threadIdx.x >> 5); row < rows; row += gridDim.x * wpb) {
+        const T* xr = x + (size_t)row * d;
+        const T* gr = dy + (size_t)row * d;
+        float xv[NP][2], gv[NP][2];
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < NP; k++) {
+            float2 a = load2(xr + 64 * k + 2 * lane), b = load2(gr + 64 * k + 2 * lane);
+            xv[k][0] = a.x; xv[k][1] = a.y; gv[k][0] = b.x; gv[k][1] = b.y;
+            s += a.x + a.y;
+        }
+        const float mean = center ? warp_sum(s) / d : 0.f;
+        float var = 0.f;
+#pragma unroll
+        for (int k = 0; k < NP; k++) var += (xv[k][0] - mean) * (xv[k][0] - mean) + (xv[k][1] - mean) * (xv[k][1] - mean);
+        const float rstd = rsqrtf(warp_sum(var) / d + eps);
+        float mg = 0.f, mgx = 0.f;
+#pragma unroll
+        for (int k = 0; k < NP; k++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                xv[k][e] = (xv[k][e] - mean) * rstd;  // x̂
+                const float g = gv[k][e] * wr[k][e];
+                mg += g;
+                mgx += g * xv[k][e];
+                sw[k][e] += gv[k][e] * xv[k][e];
+                sb[k][e] += gv[k][e];
+            }
+        mg = center ? warp_sum(mg) / d : 0.f;
+        mgx = warp_sum(mgx) / d;
+        T* dxr = dx + (size_t)row * d;
+#pragma unroll
+        for (int k = 0; k < NP; k++) {
+            const int c = 64 * k + 2 * lane;
+            float d0 = rstd * (gv[k][0] * wr[k][0] - mg - xv[k][0] * mgx);
+            float d1 = rstd * (gv[k][1] * wr[k][1] - mg - xv[k][1] * mgx);
+            if (dres) {
+                float2 r = load2(dres + (size_t)row * d + c);
+                d0 += r.x;
+                d1 += r.y;
+            }
+            store2(dxr + c, d0, d1);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < NP; k++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            atomicAdd(&acc[64 * k + 2 * lane + e], sw[k][e]);
+            if (center) atomicAdd(&acc[d + 64 * k + 2 * lane + e], sb[k][e]);
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 2 * d; i += blockDim.x) part[(size_t)blockIdx.x * 2 * d + i] = acc[i];
+}
+
+#define NORM_BWD_REG(TN, T, NP)                                                                                        \
+    extern "C" __global__ void norm_bwd_reg_##TN##_##NP(const T* x, const float* w, const T* dy, const T* dres, T* dx, \
+                                                         float* part, int rows, float eps, int center) {               \
+        norm_bwd_reg<T, NP>(x, w, dy, dres, dx, part, rows, eps, center);                                             \
+    }
+NORM_BWD_REG(f32, float, 4)
+NORM_BWD_REG(f32, float, 12)
+NORM_BWD_REG(bf16, bf16, 4)
+NORM_BWD_REG(bf16, bf16, 8)
+NORM_BWD_REG(bf16, bf16, 12)
+NORM_BWD_REG(bf16, bf16, 16)
+
 // *out += Σ x² (the global gradient norm's square, accumulated over parameters).
 extern "C" __global__ void sum_squares_f32(const float* x, size_t n, float* out) {
     float s = 0.f;

@@ -114,7 +114,7 @@ fn cuda_cached_attention_matches_cpu() {
 
 #[test]
 fn cuda_norms_match_cpu() {
-    for (rows, d) in [(37, 768), (5, 2048), (300, 32)] {
+    for (rows, d) in [(37, 768), (100, 256), (5, 2048), (300, 32)] {
         let (x, w, b) = (values(&[rows, d], 4), values(&[d], 5), values(&[d], 6));
         for dtype in DTYPES {
             compare(&[x.clone(), w.clone(), b.clone()], &[1, 2], dtype, |xs| ops::norm(&xs[0], &xs[1], Some(&xs[2]), 1e-5).unwrap(), &format!("layer norm {rows}x{d}"));
