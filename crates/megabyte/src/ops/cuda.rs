@@ -215,10 +215,11 @@ pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, dres: Option<&Tensor
                 let (px, pw, pg) = (contiguous_at(xs, xl, "x")?, contiguous_at(ws, wl, "w")?, contiguous_at(gs, gl, "dy")?);
                 let (rows32, d32, eps32, c32) = (rows as i32, d as i32, eps as f32, center as i32);
                 let run = |pres: u64| -> CResult<()> {
-                    // Widths 256, 512, 768 and 1024 (bf16) keep their column sums in registers.
+                    // Width 256 keeps its column sums in registers (BENCHMARKS.md: +4% on
+                    // `enwik8`; wider rows lose more occupancy than they gain).
                     let tn = suffix(x.dtype())?;
-                    let np = d / 64;
-                    let reg = d % 64 == 0 && matches!((tn, np), ("bf16", 4 | 8 | 12 | 16) | ("f32", 4 | 12));
+                    let reg = d == 256;
+                    let np = 4;
                     if reg {
                         launch!(&dev, format!("norm_bwd_reg_{tn}_{np}"), launch_cfg((groups as u32, 1), 256, 0), px, pw, pg, pres, pdx, ppart, rows32, eps32, c32);
                     } else {
