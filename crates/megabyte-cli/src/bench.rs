@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(long, default_value_t = 512)]
     gen_bytes: usize,
     /// Batch sizes for generation, comma-separated.
-    #[arg(long, default_value = "1", value_delimiter = ',')]
+    #[arg(long, default_value = "1,16", value_delimiter = ',')]
     gen_batch: Vec<usize>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
