@@ -1256,6 +1256,21 @@ __device__ void attn_tc_bwd_dkdv(const bf16* q, View vq, const bf16* k, View vk,
 }
 
 // -------------------------------------------------------------------------------------------
+// KV cache append: k[n, len + i, c] = qkv[n, i, D + c] and v[n, len + i, c] = qkv[n, i, 2D + c]
+// for cache buffers [N, cap, D].
+
+template <typename T>
+__device__ void kv_append(const T* qkv, View vq, T* k, T* v, int N, int S, int D, long cap, int len) {
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < (size_t)N * S * D; idx += (size_t)gridDim.x * blockDim.x) {
+        const long c = idx % D, i = (idx / D) % S, n = idx / ((size_t)D * S);
+        const T* row = qkv + n * vq.sn + i * vq.ss;
+        const long dst = (n * cap + len + i) * D + c;
+        k[dst] = row[D + c];
+        v[dst] = row[2 * D + c];
+    }
+}
+
+// -------------------------------------------------------------------------------------------
 // Embedding lookup: out [rows, d] = table [v, d] at ids [rows]; backward scatter-adds dy into
 // a zeroed float dtable. Each backward block owns 32 columns and a chunk of rows and sums in
 // shared memory first (candle's index_add loops over all ids in one thread per column).
@@ -1308,6 +1323,10 @@ __device__ void embed_bwd(const T* dy, const uint32_t* ids, float* dtable, int r
     extern "C" __global__ void embed_bwd_##TN(const T* dy, const uint32_t* ids, float* dtable, int rows, int v,     \
                                                 int d, int rpb) {                                                     \
         embed_bwd<T>(dy, ids, dtable, rows, v, d, rpb);                                                               \
+    }                                                                                                                 \
+    extern "C" __global__ void kv_append_##TN(const T* qkv, View vq, T* k, T* v, int N, int S, int D, long cap,       \
+                                                int len) {                                                            \
+        kv_append<T>(qkv, vq, k, v, N, S, D, cap, len);                                                               \
     }                                                                                                                 \
     extern "C" __global__ void gelu_fwd_##TN(const T* x, T* y, size_t n) { gelu_fwd<T>(x, y, n); }                   \
     extern "C" __global__ void gelu_bwd_##TN(const T* x, const T* dy, T* dx, size_t n) { gelu_bwd<T>(x, dy, dx, n); } \

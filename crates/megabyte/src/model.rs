@@ -264,12 +264,12 @@ impl MegaByte {
 
     /// An empty global cache.
     pub fn global_cache(&self) -> KvCache {
-        KvCache::new(self.global.layers())
+        KvCache::new(self.global.layers(), self.cfg.patches())
     }
 
     /// An empty local cache; reset it at every patch boundary.
     pub fn local_cache(&self) -> KvCache {
-        KvCache::new(self.local.layers())
+        KvCache::new(self.local.layers(), self.cfg.patch_size)
     }
 
     /// Feeds completed patches to the global model and returns the local contexts of the

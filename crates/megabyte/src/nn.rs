@@ -187,22 +187,33 @@ pub fn accumulation_dtype(dtype: DType) -> DType {
     }
 }
 
-/// Keys and values of every layer of one transformer for the positions seen so far.
-/// The global cache grows one patch per step; the local one is reset at each patch boundary.
-#[derive(Clone, Debug)]
+/// Keys and values of every layer of one transformer for the positions seen so far, in
+/// buffers of `capacity` positions allocated at the first step and written in place (one
+/// kernel per layer and step on CUDA, no growing copies). The global cache grows one patch
+/// per step; the local one is reset at each patch boundary.
+#[derive(Debug)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+    capacity: usize,
+}
+
+/// One layer's keys and values: buffers [N, capacity, D], the first `len` positions valid.
+#[derive(Debug)]
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
 }
 
 impl KvCache {
-    pub fn new(layers: usize) -> Self {
-        KvCache { layers: vec![None; layers] }
+    pub fn new(layers: usize, capacity: usize) -> Self {
+        KvCache { layers: (0..layers).map(|_| None).collect(), capacity }
     }
 
     /// Positions cached so far.
     pub fn len(&self) -> usize {
         match self.layers.first() {
-            Some(Some((k, _))) => k.dim(1).unwrap_or(0), // k: [N, S, D]
+            Some(Some(l)) => l.len,
             _ => 0,
         }
     }
@@ -211,8 +222,9 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Forgets every position (the buffers are kept for the next use).
     pub fn reset(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
+        self.layers.iter_mut().flatten().for_each(|l| l.len = 0);
     }
 }
 
@@ -234,24 +246,35 @@ impl Attention {
         })
     }
 
-    /// x: [N, S, D] → [N, S, D]. With a cache, the S new positions follow the cached ones.
-    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> candle_core::Result<Tensor> {
+    /// x: [N, S, D] → [N, S, D], causal over S.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]: q, k, v as column blocks, heads within each
-        let y = match cache {
-            None => crate::ops::causal_self_attention(&qkv, self.heads)?, // [N, S, D]
-            Some(slot) => {
-                let d = x.dim(2)?;
-                let q = qkv.narrow(2, 0, d)?; // [N, S, D]
-                let (mut k, mut v) = (qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
-                if let Some((ck, cv)) = slot.as_ref() {
-                    k = Tensor::cat(&[ck, &k], 1)?; // [N, offset+S, D]
-                    v = Tensor::cat(&[cv, &v], 1)?;
-                }
-                *slot = Some((k.contiguous()?, v.contiguous()?));
-                crate::ops::causal_attention(&q, &k, &v, self.heads)?
+        self.proj.forward(&crate::ops::causal_self_attention(&qkv, self.heads)?) // [N, S, D]
+    }
+
+    /// The S new positions of x [N, S, D] after those in the layer's cache, which they extend
+    /// (a buffer of `capacity` positions, allocated here the first time).
+    fn forward_cached(&self, x: &Tensor, slot: &mut Option<LayerCache>, capacity: usize) -> Result<Tensor> {
+        let (n, s, d) = x.dims3()?;
+        let qkv = self.qkv.forward(x)?; // [N, S, 3D]
+        if slot.as_ref().is_some_and(|l| l.k.dim(0).ok() != Some(n)) {
+            *slot = None; // another batch size: new buffers
+        }
+        let layer = match slot {
+            Some(layer) => layer,
+            None => {
+                let zeros = || Tensor::zeros((n, capacity, d), qkv.dtype(), qkv.device());
+                slot.insert(LayerCache { k: zeros()?, v: zeros()?, len: 0 })
             }
         };
-        self.proj.forward(&y)
+        if layer.len + s > capacity {
+            return Err(Error::Input(format!("KV cache: {} + {s} positions exceed its {capacity}", layer.len)));
+        }
+        ops::kv_append(&qkv, &layer.k, &layer.v, layer.len)?;
+        layer.len += s;
+        let (k, v) = (layer.k.narrow(1, 0, layer.len)?, layer.v.narrow(1, 0, layer.len)?);
+        let y = ops::causal_attention(&qkv.narrow(2, 0, d)?, &k, &v, self.heads)?;
+        Ok(self.proj.forward(&y)?)
     }
 }
 
@@ -291,9 +314,17 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> candle_core::Result<Tensor> {
-        let x = (x + self.attn.forward(&self.attn_norm.forward(x)?, cache)?)?;
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (x + self.attn.forward(&self.attn_norm.forward(x)?)?)?;
         &x + self.mlp.forward(&self.mlp_norm.forward(&x)?)?
+    }
+
+    /// One cached step on x = base + delta (as `forward_saved`): returns (x1, mlp output).
+    fn step(&self, base: &Tensor, delta: Option<&Tensor>, slot: &mut Option<LayerCache>, capacity: usize) -> Result<(Tensor, Tensor)> {
+        let (x, h1) = self.attn_norm.fwd(base, delta)?;
+        let a = self.attn.forward_cached(&h1, slot, capacity)?;
+        let (x1, h2) = self.mlp_norm.fwd(&x, Some(&a))?;
+        Ok((x1, self.mlp.forward(&h2)?))
     }
 }
 
@@ -320,18 +351,20 @@ impl Transformer {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
         for block in &self.blocks {
-            x = block.forward(&x, None)?;
+            x = block.forward(&x)?;
         }
         self.norm.forward(&x)
     }
 
-    /// Like `forward`, for S new positions after those in `cache`, which it extends.
-    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
+    /// Like `forward`, for S new positions after those in `cache`, which it extends. Each
+    /// residual add runs in one pass with the norm after it.
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (mut base, mut delta) = (x.clone(), None);
         for (block, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(&x, Some(slot))?;
+            let (b, d) = block.step(&base, delta.as_ref(), slot, cache.capacity)?;
+            (base, delta) = (b, Some(d));
         }
-        self.norm.forward(&x)
+        Ok(self.norm.fwd(&base, delta.as_ref())?.1)
     }
 }
 

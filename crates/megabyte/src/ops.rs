@@ -1298,6 +1298,18 @@ pub fn embedding_backward(table: &Tensor, ids: &Tensor, dy: &Tensor) -> CResult<
     Tensor::zeros((v, d), table.dtype(), table.device())?.index_add(&ids, &dy.to_dtype(table.dtype())?, 0)
 }
 
+/// Writes the k and v column blocks of qkv [N, S, 3D] into the cache buffers k, v
+/// [N, capacity, D] at positions len..len + S, in place (one kernel on CUDA).
+pub fn kv_append(qkv: &Tensor, k: &Tensor, v: &Tensor, len: usize) -> CResult<()> {
+    let d = k.dim(2)?;
+    #[cfg(feature = "cuda")]
+    if fused_cuda(qkv) && qkv.dtype() == k.dtype() && qkv.stride()[2] == 1 {
+        return cuda::kv_append(qkv, k, v, len);
+    }
+    k.slice_set(&qkv.narrow(2, d, d)?.contiguous()?, 1, len)?;
+    v.slice_set(&qkv.narrow(2, 2 * d, d)?.contiguous()?, 1, len)
+}
+
 /// Σ of the squares of every element of `tensors` (gradients), as a scalar f32 tensor on their
 /// device: one kernel per tensor and no host synchronisation on CUDA.
 pub fn sum_squares(tensors: &[&Tensor]) -> CResult<Tensor> {

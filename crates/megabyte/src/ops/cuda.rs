@@ -557,6 +557,33 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
 }
 
 // ---------------------------------------------------------------------------------------------
+// KV cache.
+
+/// k[:, len..len+S] = qkv[:, :, D..2D] and v likewise from 2D..3D, into contiguous cache
+/// buffers [N, capacity, D], in place.
+pub(super) fn kv_append(qkv: &Tensor, k: &Tensor, v: &Tensor, len: usize) -> CResult<()> {
+    let (n, s, d3) = qkv.dims3()?;
+    let (nk, cap, d) = k.dims3()?;
+    if d3 != 3 * d || nk != n || v.dims() != k.dims() || len + s > cap || !k.is_contiguous() || !v.is_contiguous() {
+        candle_core::bail!("kv_append: qkv {:?} does not fit cache {:?} at {len}", qkv.dims(), k.dims());
+    }
+    with_cuda(qkv, |qs, ql| {
+        with_cuda(k, |ks, kl| {
+            with_cuda(v, |vs, vl| {
+                // The kernel writes the cache buffers in place: they belong to one KvCache,
+                // which holds no other reference into them while it appends.
+                let (pq, vq) = (at(qs, ql)?, view(ql, "qkv")?);
+                let (pk, pv) = (contiguous_at(ks, kl, "k cache")?, contiguous_at(vs, vl, "v cache")?);
+                let (n32, s32, d32, cap64, len32) = (n as i32, s as i32, d as i32, cap as i64, len as i32);
+                let total = n * s * d;
+                launch!(&qs.device, format!("kv_append_{}", suffix(qkv.dtype())?), launch_cfg((elementwise_blocks(total), 1), 256, 0), pq, vq, pk, pv, n32, s32, d32, cap64, len32);
+                Ok(())
+            })
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Gradient norm.
 
 /// Σ of the squares of all elements of f32 tensors, as a [1] f32 tensor (no host sync).
