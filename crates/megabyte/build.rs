@@ -9,6 +9,8 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=kernels/megabyte.cu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo::rerun-if-env-changed=CUDA_HOME");
+    println!("cargo::rerun-if-env-changed=CUDA_PATH");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -20,6 +22,8 @@ fn main() {
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    // The attention kernels use mma.sync bf16 and ldmatrix: Ampere (8.0) or newer.
+    assert!(cap.parse::<u32>().is_ok_and(|c| c >= 80), "CUDA_COMPUTE_CAP={cap}: megabyte's kernels need compute capability 80 or newer");
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}"), "kernels/megabyte.cu", "-o"])
         .arg(&out)

@@ -257,8 +257,11 @@ impl Attention {
     fn forward_cached(&self, x: &Tensor, slot: &mut Option<LayerCache>, capacity: usize) -> Result<Tensor> {
         let (n, s, d) = x.dims3()?;
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]
-        if slot.as_ref().is_some_and(|l| l.k.dim(0).ok() != Some(n)) {
-            *slot = None; // another batch size: new buffers
+        if let Some(l) = slot.as_ref().filter(|l| l.k.dim(0).ok() != Some(n)) {
+            if l.len > 0 {
+                return Err(Error::Input(format!("KV cache holds {} sequences, the step gives {n}: reset it first", l.k.dim(0)?)));
+            }
+            *slot = None; // an empty cache for another batch size: new buffers
         }
         let layer = match slot {
             Some(layer) => layer,
@@ -271,9 +274,10 @@ impl Attention {
             return Err(Error::Input(format!("KV cache: {} + {s} positions exceed its {capacity}", layer.len)));
         }
         ops::kv_append(&qkv, &layer.k, &layer.v, layer.len)?;
-        layer.len += s;
-        let (k, v) = (layer.k.narrow(1, 0, layer.len)?, layer.v.narrow(1, 0, layer.len)?);
+        let len = layer.len + s;
+        let (k, v) = (layer.k.narrow(1, 0, len)?, layer.v.narrow(1, 0, len)?);
         let y = ops::causal_attention(&qkv.narrow(2, 0, d)?, &k, &v, self.heads)?;
+        layer.len = len; // only once the step has succeeded
         Ok(self.proj.forward(&y)?)
     }
 }

@@ -80,7 +80,12 @@ impl AdamW {
         for (((_, p), mv), g) in self.params.iter().zip(self.moments.iter_mut()).zip(&gs) {
             let weight_decay = if p.rank() >= 2 { weight_decay } else { 0.0 };
             let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale: 1.0 };
-            crate::ops::adamw_update_clipped(p, g, mv, hp, Some((&sumsq, max_norm)))?;
+            if let Err(e) = crate::ops::adamw_update_clipped(p, g, mv, hp, Some((&sumsq, max_norm))) {
+                // Some parameters may be updated already: the step count stays as it was and
+                // the error ends training (the last checkpoint is intact).
+                self.t -= 1;
+                return Err(e.into());
+            }
         }
         let norm = (sumsq.to_dtype(DType::F64)?.to_scalar::<f64>()?).sqrt();
         if !norm.is_finite() {

@@ -50,3 +50,17 @@ fn decoding_past_the_context_slides_the_window() {
     }
     assert_eq!(decoder.history()[0].len(), 3 + 2 * t + 5);
 }
+
+#[test]
+fn a_cache_refuses_steps_of_another_batch() {
+    // Positions cached for 2 sequences cannot be continued by a step over 3: that would drop
+    // them silently.
+    let (model, _) = tiny(5);
+    let mut cache = model.global_cache();
+    model.global_step(2, None, &mut cache).unwrap();
+    let p = model.config().patch_size;
+    let three = crate::bytes_tensor(&vec![vec![7u8; p]; 3]);
+    let err = model.global_step(3, Some(&three), &mut cache).unwrap_err().to_string();
+    assert!(err.contains("reset it first"), "{err}");
+    assert_eq!(cache.len(), 1, "the refused step changed the cache");
+}

@@ -26,9 +26,20 @@ fn small_rows(hd: usize, backward: bool) -> usize {
 }
 
 /// One warp per (sequence, head) for sequences of at most 8 positions (WARP_S) with head dim
-/// 32 or 64: the local model's patches.
-fn warp_kernel(s: usize, hd: usize) -> bool {
-    s <= 8 && matches!(hd, 32 | 64)
+/// 32 or 64: the local model's patches. At head dim 64 each lane reads element pairs.
+fn warp_kernel(s: usize, hd: usize, addresses: &[u64], views: &[View], dtype: DType) -> bool {
+    let pair = 2 * dtype.size_in_bytes() as u64;
+    let pairs_ok = hd == 32 || (addresses.iter().all(|a| a % pair == 0) && views.iter().all(|v| v.sn % 2 == 0 && v.ss % 2 == 0));
+    s <= 8 && matches!(hd, 32 | 64) && pairs_ok
+}
+
+/// The flash and tensor-core kernels put the (sequence, head) pairs on the grid's y axis,
+/// which CUDA caps at 65,535.
+fn grid_y(pairs: usize) -> CResult<u32> {
+    if pairs > 65_535 {
+        candle_core::bail!("attention: {pairs} (sequence, head) pairs exceed the 65,535 this kernel's grid takes; use a smaller batch");
+    }
+    Ok(pairs as u32)
 }
 
 /// Queries (and keys) per block of the flash kernels (BQ in the kernels).
@@ -71,7 +82,10 @@ fn elementwise_blocks(n: usize) -> u32 {
     n.div_ceil(256).clamp(1, 132 * 16) as u32
 }
 
-/// Device address of element `offset` of a storage.
+/// Device address of element `offset` of a storage. The guard cudarc returns is dropped at
+/// once, so no stream events are recorded for the launch that uses it: sound because megabyte
+/// runs everything on the device's one stream (`gpu::single_stream`); a second stream would
+/// need the guards kept across the launch.
 fn address(s: &CudaStorage, offset: usize) -> CResult<u64> {
     let stream = s.device.cuda_stream();
     let (base, size) = match &s.slice {
@@ -94,6 +108,24 @@ fn contiguous_at(s: &CudaStorage, l: &Layout, what: &str) -> CResult<u64> {
         candle_core::bail!("{what}: expected a contiguous tensor");
     }
     at(s, l)
+}
+
+/// The norm and GELU kernels move two elements at a time: rows of even width starting on a
+/// two-element boundary.
+fn paired(addresses: &[u64], width: usize, dtype: DType, what: &str) -> CResult<()> {
+    let pair = 2 * dtype.size_in_bytes() as u64;
+    if width % 2 != 0 || addresses.iter().any(|a| a % pair != 0) {
+        candle_core::bail!("{what}: the CUDA kernel needs an even width and element pairs aligned");
+    }
+    Ok(())
+}
+
+/// `what` must have the dtype and element count of the tensor it goes with.
+fn same(t: &Tensor, dtype: DType, n: usize, what: &str) -> CResult<()> {
+    if t.dtype() != dtype || t.elem_count() != n {
+        candle_core::bail!("{what}: expected {n} elements of {dtype:?}, got {:?} {:?}", t.dims(), t.dtype());
+    }
+    Ok(())
 }
 
 /// A fresh uninitialised buffer of n elements and its address.
@@ -148,8 +180,12 @@ pub(super) fn norm_fwd(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), b
     if w.0.dtype() != DType::F32 || b.is_some_and(|b| b.0.dtype() != DType::F32) {
         candle_core::bail!("norm: weights must be f32 on CUDA");
     }
+    if x.1.dims().last() != Some(&d) {
+        candle_core::bail!("norm: input {:?} does not end in the weight's {d}", x.1.dims());
+    }
     let rows = (n / d.max(1)) as i32;
     let (px, pw) = (contiguous_at(x.0, x.1, "norm x")?, contiguous_at(w.0, w.1, "norm weight")?);
+    paired(&[px], d, x.0.dtype(), "norm")?;
     let pb = match b {
         Some(b) => contiguous_at(b.0, b.1, "norm bias")?,
         None => 0u64,
@@ -172,6 +208,9 @@ pub(super) fn add_norm_fwd(x: &Tensor, a: &Tensor, w: &Tensor, b: Option<&Tensor
         candle_core::Device::Cuda(d) => d.clone(),
         _ => candle_core::bail!("expected a CUDA tensor"),
     };
+    if x.dims().last() != Some(&d) {
+        candle_core::bail!("add_norm: input {:?} does not end in the weight's {d}", x.dims());
+    }
     let (xsum, psum) = alloc(&dev, x.dtype(), n)?;
     let (y, py) = alloc(&dev, x.dtype(), n)?;
     let b = b.map(|b| b.contiguous()).transpose()?;
@@ -179,6 +218,7 @@ pub(super) fn add_norm_fwd(x: &Tensor, a: &Tensor, w: &Tensor, b: Option<&Tensor
         with_cuda(&a, |as_, al| {
             with_cuda(w, |ws, wl| {
                 let (px, pa, pw) = (contiguous_at(xs, xl, "x")?, contiguous_at(as_, al, "a")?, contiguous_at(ws, wl, "w")?);
+                paired(&[px, pa], d, x.dtype(), "add_norm")?;
                 let run = |pb: u64| -> CResult<()> {
                     let (rows, d32, eps32) = ((n / d) as i32, d as i32, eps as f32);
                     launch!(&dev, format!("norm_fwd_{}", suffix(x.dtype())?), launch_cfg(((rows as u32).div_ceil(8), 1), 256, 0), px, pa, psum, pw, pb, py, rows, d32, eps32);
@@ -203,6 +243,13 @@ pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, dres: Option<&Tensor
     // Blocks of 8 rows, at most 8 per multiprocessor; each writes one partial row of sums.
     let groups = rows.div_ceil(8).clamp(1, 132 * 8);
     let dres = dres.map(|t| t.contiguous()).transpose()?;
+    if x.dims().last() != Some(&d) || w.dtype() != DType::F32 {
+        candle_core::bail!("norm backward: input {:?} and f32 weight [{d}] expected", x.dims());
+    }
+    same(dy, x.dtype(), n, "norm backward dy")?;
+    if let Some(r) = &dres {
+        same(r, x.dtype(), n, "norm backward residual gradient")?;
+    }
     let dev = match x.device() {
         candle_core::Device::Cuda(d) => d.clone(),
         _ => candle_core::bail!("expected a CUDA tensor"),
@@ -213,8 +260,10 @@ pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, dres: Option<&Tensor
         with_cuda(w, |ws, wl| {
             with_cuda(dy, |gs, gl| {
                 let (px, pw, pg) = (contiguous_at(xs, xl, "x")?, contiguous_at(ws, wl, "w")?, contiguous_at(gs, gl, "dy")?);
+                paired(&[px, pg], d, x.dtype(), "norm backward")?;
                 let (rows32, d32, eps32, c32) = (rows as i32, d as i32, eps as f32, center as i32);
                 let run = |pres: u64| -> CResult<()> {
+                    paired(&[pres], d, x.dtype(), "norm backward residual gradient")?;
                     // Width 256 keeps its column sums in registers (BENCHMARKS.md: +4% on
                     // `enwik8`; wider rows lose more occupancy than they gain).
                     let tn = suffix(x.dtype())?;
@@ -288,6 +337,7 @@ pub(super) fn gelu_fwd(x: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shap
     let dev = &x.0.device;
     let n = x.1.shape().elem_count();
     let px = contiguous_at(x.0, x.1, "gelu x")?;
+    paired(&[px], n, x.0.dtype(), "gelu")?;
     let (out, py) = alloc(dev, x.0.dtype(), n)?;
     let n64 = n as u64;
     launch!(dev, format!("gelu_fwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n / 2), 1), 256, 0), px, py, n64);
@@ -298,6 +348,10 @@ pub(super) fn gelu_bwd(x: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout)) 
     let dev = &x.0.device;
     let n = x.1.shape().elem_count();
     let (px, pg) = (contiguous_at(x.0, x.1, "gelu x")?, contiguous_at(dy.0, dy.1, "gelu dy")?);
+    if dy.0.dtype() != x.0.dtype() || dy.1.shape().elem_count() != n {
+        candle_core::bail!("gelu backward: dy must match x");
+    }
+    paired(&[px, pg], n, x.0.dtype(), "gelu backward")?;
     let (out, pdx) = alloc(dev, x.0.dtype(), n)?;
     let n64 = n as u64;
     launch!(dev, format!("gelu_bwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n / 2), 1), 256, 0), px, pg, pdx, n64);
@@ -325,6 +379,9 @@ pub(super) fn ce_fwd(logits: (&CudaStorage, &Layout), targets: (&CudaStorage, &L
 pub(super) fn ce_bwd(logits: (&CudaStorage, &Layout), targets: (&CudaStorage, &Layout), losses: (&CudaStorage, &Layout), dloss: &Tensor) -> CResult<(CudaStorage, Shape)> {
     let dev = &logits.0.device;
     let (rows, v) = logits.1.shape().dims2()?;
+    if targets.0.dtype() != DType::U32 || targets.1.shape().elem_count() != rows || losses.0.dtype() != DType::F32 || losses.1.shape().elem_count() != rows {
+        candle_core::bail!("cross-entropy backward: need {rows} u32 targets and {rows} f32 losses");
+    }
     let pl = contiguous_at(logits.0, logits.1, "logits")?;
     let pt = contiguous_at(targets.0, targets.1, "targets")?;
     let pls = contiguous_at(losses.0, losses.1, "losses")?;
@@ -431,7 +488,7 @@ fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), d
     let (n32, sq32, sk32, h32, scale) = (n as i32, sq as i32, sk as i32, h as i32, dims.scale());
     let rows = small_rows(hd, false);
     let s = sq.max(sk);
-    let (name, cfg) = if warp_kernel(s, hd) {
+    let (name, cfg) = if warp_kernel(s, hd, &[q.1, k.0, v.0], &[q.2, k.1, v.1], dtype) {
         (format!("attn_warp_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(4) as u32, 1), 128, 0))
     } else if s <= rows {
         if !rows_aligned(&[q.1, k.0, v.0], &[q.2, k.1, v.1], dtype) {
@@ -441,9 +498,9 @@ fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), d
         let shared = 2 * groups_per_block * (sk * hd + 4) * 4;
         (format!("attn_small_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(groups_per_block) as u32, 1), rows as u32, shared as u32))
     } else if dtype == DType::BF16 && tensor_core_ready(&[q.1, k.0, v.0], &[q.2, k.1, v.1]) {
-        (format!("attn_tc_fwd_{hd}"), launch_cfg((sq.div_ceil(TC_ROWS) as u32, (n * h) as u32), 128, 0))
+        (format!("attn_tc_fwd_{hd}"), launch_cfg((sq.div_ceil(TC_ROWS) as u32, grid_y(n * h)?), 128, 0))
     } else {
-        (format!("attn_flash_fwd_{}_{hd}", suffix(dtype)?), launch_cfg((sq.div_ceil(BQ) as u32, (n * h) as u32), BQ as u32, 0))
+        (format!("attn_flash_fwd_{}_{hd}", suffix(dtype)?), launch_cfg((sq.div_ceil(BQ) as u32, grid_y(n * h)?), BQ as u32, 0))
     };
     launch!(dev, name, cfg, q.1, q.2, k.0, k.1, v.0, v.1, py, plse, n32, sq32, sk32, h32, scale);
     Ok((y, lse))
@@ -475,7 +532,8 @@ pub(super) fn self_attention_fwd(s: &CudaStorage, l: &Layout, heads: usize) -> C
 /// contiguous last dim).
 pub(super) fn attention_fwd3(q: (&CudaStorage, &Layout), k: (&CudaStorage, &Layout), v: (&CudaStorage, &Layout), heads: usize) -> CResult<(CudaStorage, Shape)> {
     let (qd, kd) = (q.1.dims(), k.1.dims());
-    if qd.len() != 3 || kd.len() != 3 || v.1.dims() != kd || qd[0] != kd[0] || qd[2] != kd[2] || kd[1] < qd[1] || qd[2] % heads != 0 {
+    let dtypes_differ = k.0.dtype() != q.0.dtype() || v.0.dtype() != q.0.dtype();
+    if dtypes_differ || qd.len() != 3 || kd.len() != 3 || v.1.dims() != kd || qd[0] != kd[0] || qd[2] != kd[2] || kd[1] < qd[1] || qd[2] % heads != 0 {
         candle_core::bail!("attention: incompatible shapes q {qd:?} k {kd:?} v {:?}", v.1.dims());
     }
     let dims = Dims { n: qd[0], sq: qd[1], sk: kd[1], heads, hd: qd[2] / heads };
@@ -514,7 +572,7 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                 let hd = dims.hd;
                 let rows = small_rows(hd, true);
                 let tn = suffix(dtype)?;
-                if warp_kernel(s, hd) {
+                if warp_kernel(s, hd, &[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov], dtype) {
                     let cfg = launch_cfg(((n * heads).div_ceil(4) as u32, 1), 128, 0);
                     launch!(&dev, format!("attn_warp_bwd_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, py, pg, dq.0, dq.1, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
                     return Ok(());
@@ -538,12 +596,12 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                         let hd32 = hd as i32;
                         let warps = n * s * heads;
                         launch!(&dev, format!("attn_bwd_prep_{tn}"), launch_cfg((warps.div_ceil(8) as u32, 1), 256, 0), py, pg, pdbuf, n32, s32, h32, hd32);
-                        let cfg = launch_cfg((s.div_ceil(TC_ROWS) as u32, (n * heads) as u32), 128, 0);
+                        let cfg = launch_cfg((s.div_ceil(TC_ROWS) as u32, grid_y(n * heads)?), 128, 0);
                         launch!(&dev, format!("attn_tc_bwd_dq_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dq.0, dq.1, n32, s32, h32, scale);
                         launch!(&dev, format!("attn_tc_bwd_dkdv_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
                         return Ok(());
                     }
-                    let cfg = launch_cfg((s.div_ceil(BQ) as u32, (n * heads) as u32), BQ as u32, 0);
+                    let cfg = launch_cfg((s.div_ceil(BQ) as u32, grid_y(n * heads)?), BQ as u32, 0);
                     launch!(&dev, format!("attn_flash_bwd_dq_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, py, pg, plse, pdbuf, dq.0, dq.1, n32, s32, h32, scale);
                     launch!(&dev, format!("attn_flash_bwd_dkdv_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
                     Ok(())
