@@ -97,6 +97,9 @@ fn invalid_configs_are_refused() {
     fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "2", "--lr=-1"], "lr");
     fails_with(&["train", "--out", s(&dir.join("run"))], "stopping rule");
     fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "1", "--device", "tpu"], "bad device");
+    fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "1", "--precision", "bf16"], "CUDA only");
+    fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "1", "--precision", "fp8"], "unknown precision");
+    assert!(!dir.join("run").exists(), "a refused run created its folder");
 }
 
 #[test]
