@@ -180,20 +180,18 @@ impl MegaByte {
         let (p, k, dg, dl) = (self.cfg.patch_size, t / self.cfg.patch_size, self.cfg.d_global(), self.cfg.local.width);
         let pe = &self.patch_embedder;
         let le = &self.local_embedder;
-        let head = match &self.head {
-            Some(head) => head.clone(),
-            None => Linear { weight: le.byte_embed.clone() },
-        };
+        let head = self.head_linear();
         // Forward, keeping what the backward pass reads.
         let h0 = pe.forward(bytes, 0, self.act)?.detach(); // [B, K, P·D_G]
         let hin = shift_one_patch(&h0, &pe.global_pad.detach())?;
         let (hg, global_saved) = self.global.forward_saved(&hin)?;
         let hg = hg.reshape((b * k, p, dg))?; // [B·K, P, D_G]
-        let context = self.global_to_local.fwd(&hg)?; // [B·K, P, D_L]
+        let (w_gl, context) = self.global_to_local.fwd(&hg)?; // [B·K, P, D_L]
         let local_bytes = bytes.reshape((b * k, p))?;
         let local_in = le.forward(&local_bytes, self.act)?.detach();
         let (hl, local_saved) = self.local.forward_saved(&(context + local_in)?)?;
-        let logits = head.fwd(&hl)?.reshape((b * t, V))?; // [B·T, V]
+        let (w_head, logits) = head.fwd(&hl)?;
+        let logits = logits.reshape((b * t, V))?; // [B·T, V]
         let targets = bytes.flatten_all()?;
         let losses = crate::ops::cross_entropy_forward(&logits, &targets)?; // [B·T]
         let losses = losses.to_dtype(accumulation_dtype(losses.dtype()))?;
@@ -205,7 +203,7 @@ impl MegaByte {
         let dloss = Tensor::full((weight / n as f64) as f32, n, losses.device())?.to_dtype(losses.dtype())?;
         let dlogits = crate::ops::cross_entropy_backward(&logits, &targets, &losses, &dloss)?;
         drop((logits, losses));
-        let dhl = head.bwd(&hl, &dlogits.reshape((b * k, p, V))?, &mut grads)?;
+        let dhl = head.bwd(&hl, &w_head, &dlogits.reshape((b * k, p, V))?, &mut grads)?;
         let dx = self.local.backward(local_saved, &dhl, &mut grads)?; // [B·K, P, D_L]
         // x = context + (shift_one_byte(E_local[bytes]) + local positions)
         let pdt = le.byte_embed.dtype();
@@ -214,7 +212,7 @@ impl MegaByte {
         grads.add(&le.local_pad, sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((b * k, dl))?)?)?;
         let dembed = shift_back(&dlocal)?; // byte j's embedding fed position j + 1
         grads.add(&le.byte_embed, crate::ops::embedding_backward(&le.byte_embed, &local_bytes, &dembed)?)?;
-        let dhg = self.global_to_local.bwd(&hg, &dx, &mut grads)?;
+        let dhg = self.global_to_local.bwd(&hg, &w_gl, &dx, &mut grads)?;
         let dhin = self.global.backward(global_saved, &dhg.reshape((b, k, p * dg))?, &mut grads)?;
         // hin = shift_one_patch(E_global[bytes] + positions)
         let dhin = dhin.to_dtype(pdt)?;
@@ -238,11 +236,15 @@ impl MegaByte {
 
     /// h [.., D_L] → logits [.., V], through the tied or untied head.
     fn head(&self, h: &Tensor) -> Result<Tensor> {
-        let head = match &self.head {
+        Ok(self.head_linear().forward(h)?)
+    }
+
+    /// The output projection: the untied head, or E_local_embed (tied).
+    fn head_linear(&self) -> Linear {
+        match &self.head {
             Some(head) => head.clone(),
             None => Linear { weight: self.local_embedder.byte_embed.clone() },
-        };
-        Ok(head.forward(h)?)
+        }
     }
 
     fn check_input(&self, bytes: &Tensor) -> Result<(usize, usize)> {

@@ -376,13 +376,14 @@ impl Transformer {
 // Explicit forward (keeping activations) and backward passes; see grad.rs.
 
 impl Linear {
-    pub(crate) fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+    /// (the weight in x's dtype, y): the backward reuses that cast.
+    pub(crate) fn fwd(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok(ops::linear_forward(x, &self.weight)?)
     }
 
-    /// dx, adding dW to `grads`.
-    pub(crate) fn bwd(&self, x: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let (dx, dw) = ops::linear_backward(x, &self.weight, dy)?;
+    /// dx from the forward's input and weight cast, adding dW to `grads`.
+    pub(crate) fn bwd(&self, x: &Tensor, w_act: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let (dx, dw) = ops::linear_backward(x, w_act, dy, self.weight.dtype())?;
         grads.add(&self.weight, dw)?;
         Ok(dx)
     }
@@ -419,6 +420,8 @@ pub(crate) struct BlockSaved {
     h2: Tensor,
     u: Tensor,
     g: Tensor,
+    /// The four weights in the activations' dtype: qkv, proj, up, down.
+    w: [Tensor; 4],
 }
 
 impl Block {
@@ -427,23 +430,26 @@ impl Block {
     /// or the final norm adds them.
     fn forward_saved(&self, base: &Tensor, delta: Option<&Tensor>) -> Result<((Tensor, Tensor), BlockSaved)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?;
-        let qkv = self.attn.qkv.fwd(&h1)?;
+        let (w_qkv, qkv) = self.attn.qkv.fwd(&h1)?;
         let (y, lse) = ops::self_attention_forward(&qkv, self.attn.heads)?;
-        let (x1, h2) = self.mlp_norm.fwd(&x, Some(&self.attn.proj.fwd(&y)?))?;
-        let u = self.mlp.up.fwd(&h2)?;
+        let (w_proj, a) = self.attn.proj.fwd(&y)?;
+        let (x1, h2) = self.mlp_norm.fwd(&x, Some(&a))?;
+        let (w_up, u) = self.mlp.up.fwd(&h2)?;
         let g = ops::gelu_forward(&u)?;
-        let m = self.mlp.down.fwd(&g)?;
-        Ok(((x1.clone(), m), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g }))
+        let (w_down, m) = self.mlp.down.fwd(&g)?;
+        let w = [w_qkv, w_proj, w_up, w_down];
+        Ok(((x1.clone(), m), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g, w }))
     }
 
     fn backward(&self, s: BlockSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let dg = self.mlp.down.bwd(&s.g, dout, grads)?;
+        let [w_qkv, w_proj, w_up, w_down] = &s.w;
+        let dg = self.mlp.down.bwd(&s.g, w_down, dout, grads)?;
         let du = ops::gelu_backward(&s.u, &dg)?;
-        let dh2 = self.mlp.up.bwd(&s.h2, &du, grads)?;
+        let dh2 = self.mlp.up.bwd(&s.h2, w_up, &du, grads)?;
         let dx1 = self.mlp_norm.bwd(&s.x1, &dh2, Some(dout), grads)?;
-        let dy = self.attn.proj.bwd(&s.y, &dx1, grads)?;
+        let dy = self.attn.proj.bwd(&s.y, w_proj, &dx1, grads)?;
         let dqkv = ops::self_attention_backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads)?;
-        let dh1 = self.attn.qkv.bwd(&s.h1, &dqkv, grads)?;
+        let dh1 = self.attn.qkv.bwd(&s.h1, w_qkv, &dqkv, grads)?;
         self.attn_norm.bwd(&s.x, &dh1, Some(&dx1), grads)
     }
 }

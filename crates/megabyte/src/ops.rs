@@ -1155,30 +1155,33 @@ pub fn vjp(inputs: &[&Tensor], dy: &Tensor, f: impl Fn(&[Tensor]) -> CResult<Ten
         .collect()
 }
 
-/// y = x Wᵀ without a graph; W is cast to x's dtype.
-pub fn linear_forward(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
-    linear(&x.detach(), &w.detach())
+/// The weight W in x's dtype, cast once for both passes of y = x Wᵀ: (W_act, y), no graph.
+pub fn linear_forward(x: &Tensor, w: &Tensor) -> CResult<(Tensor, Tensor)> {
+    let w_act = w.detach().to_dtype(x.dtype())?;
+    let y = linear(&x.detach(), &w_act)?;
+    Ok((w_act, y))
 }
 
-/// (dx, dW) of y = x Wᵀ; dW in W's dtype (the f32 master's).
-pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor) -> CResult<(Tensor, Tensor)> {
+/// (dx, dW) of y = x W_actᵀ, with W_act the forward's weight in x's dtype
+/// ([`linear_forward`]); dW in `dw_dtype` (the master weight's).
+pub fn linear_backward(x: &Tensor, w_act: &Tensor, dy: &Tensor, dw_dtype: candle_core::DType) -> CResult<(Tensor, Tensor)> {
     let dims = x.dims();
     let d_in = dims[dims.len() - 1];
     let m = x.elem_count() / d_in;
-    let d_out = w.dim(0)?;
-    if x.device().is_cpu() && x.dtype() == w.dtype() {
-        let all = x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &dy.contiguous()?, &LinearBackward)?;
+    let d_out = w_act.dim(0)?;
+    if x.device().is_cpu() {
+        let all = x.contiguous()?.apply_op3_no_bwd(&w_act.contiguous()?, &dy.contiguous()?, &LinearBackward)?;
         let n = x.elem_count();
-        return Ok((all.narrow(0, 0, n)?.reshape(x.shape())?, all.narrow(0, n, w.elem_count())?.reshape(w.shape())?));
+        let dw = all.narrow(0, n, w_act.elem_count())?.reshape(w_act.shape())?.to_dtype(dw_dtype)?;
+        return Ok((all.narrow(0, 0, n)?.reshape(x.shape())?, dw));
     }
     let (x2, dy2) = (x.reshape((m, d_in))?, dy.reshape((m, d_out))?);
-    let wc = w.to_dtype(x.dtype())?;
-    let dx = dy2.matmul(&wc)?.reshape(x.shape())?;
+    let dx = dy2.matmul(w_act)?.reshape(x.shape())?;
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && x.dtype() == candle_core::DType::BF16 && w.dtype() == candle_core::DType::F32 {
+    if x.device().is_cuda() && x.dtype() == candle_core::DType::BF16 && dw_dtype == candle_core::DType::F32 {
         return Ok((dx, cuda::weight_grad_f32(&x2, &dy2)?));
     }
-    let dw = dy2.t()?.matmul(&x2)?.to_dtype(w.dtype())?;
+    let dw = dy2.t()?.matmul(&x2)?.to_dtype(dw_dtype)?;
     Ok((dx, dw))
 }
 

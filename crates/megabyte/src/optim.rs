@@ -46,21 +46,10 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr` from the gradients in `grads`, each multiplied by
-    /// `grad_scale` first (1.0, or the clipping factor).
+    /// `grad_scale` first (1.0, or a clipping factor computed by the caller).
     pub fn step(&mut self, grads: &Grads, lr: f64, grad_scale: f64) -> Result<()> {
-        self.t += 1;
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
-        let bc1 = 1.0 - beta1.powi(self.t as i32);
-        let bc2 = 1.0 - beta2.powi(self.t as i32);
-        for ((name, p), mv) in self.params.iter().zip(self.moments.iter_mut()) {
-            let g = grads
-                .get(p.as_tensor())
-                .ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))?;
-            let weight_decay = if p.rank() >= 2 { weight_decay } else { 0.0 };
-            let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale };
-            crate::ops::adamw_update(p, g, mv, hp)?;
-        }
-        Ok(())
+        let gs = self.gradients(grads)?;
+        self.update(&gs, lr, grad_scale, None)
     }
 
     /// One update with the gradients clipped to global norm `max_norm` (0: no clipping);
@@ -68,30 +57,41 @@ impl AdamW {
     /// update is queued. A non-finite norm changes nothing and is returned for the caller to
     /// report.
     pub fn step_clipped(&mut self, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
-        let mut gs = Vec::with_capacity(self.params.len());
-        for (name, p) in &self.params {
-            gs.push(grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))?);
-        }
+        let gs = self.gradients(grads)?;
         let sumsq = crate::ops::sum_squares(&gs)?;
+        self.update(&gs, lr, 1.0, Some((&sumsq, max_norm)))?;
+        let norm = (sumsq.to_dtype(DType::F64)?.to_scalar::<f64>()?).sqrt();
+        if !norm.is_finite() {
+            self.t -= 1;
+        }
+        Ok(norm)
+    }
+
+    /// Each parameter's gradient, in parameter order.
+    fn gradients<'g>(&self, grads: &'g Grads) -> Result<Vec<&'g Tensor>> {
+        self.params
+            .iter()
+            .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
+            .collect()
+    }
+
+    /// Applies one AdamW step to every parameter (fused, `ops::adamw_update_clipped`).
+    fn update(&mut self, gs: &[&Tensor], lr: f64, grad_scale: f64, clip: Option<(&Tensor, f64)>) -> Result<()> {
         self.t += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.t as i32);
         let bc2 = 1.0 - beta2.powi(self.t as i32);
-        for (((_, p), mv), g) in self.params.iter().zip(self.moments.iter_mut()).zip(&gs) {
+        for (((_, p), mv), g) in self.params.iter().zip(self.moments.iter_mut()).zip(gs) {
             let weight_decay = if p.rank() >= 2 { weight_decay } else { 0.0 };
-            let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale: 1.0 };
-            if let Err(e) = crate::ops::adamw_update_clipped(p, g, mv, hp, Some((&sumsq, max_norm))) {
+            let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale };
+            if let Err(e) = crate::ops::adamw_update_clipped(p, g, mv, hp, clip) {
                 // Some parameters may be updated already: the step count stays as it was and
                 // the error ends training (the last checkpoint is intact).
                 self.t -= 1;
                 return Err(e.into());
             }
         }
-        let norm = (sumsq.to_dtype(DType::F64)?.to_scalar::<f64>()?).sqrt();
-        if !norm.is_finite() {
-            self.t -= 1;
-        }
-        Ok(norm)
+        Ok(())
     }
 
     /// Moments by name (`m.{param}`, `v.{param}`) for a checkpoint.
@@ -131,11 +131,4 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
-}
-
-/// Global L2 norm of all gradients of `params`.
-pub fn grad_norm(grads: &Grads, params: &BTreeMap<String, Var>) -> Result<f64> {
-    let gs: Vec<&Tensor> = params.values().filter_map(|p| grads.get(p.as_tensor())).collect();
-    let total = crate::ops::sum_squares(&gs)?.to_scalar::<f32>()?;
-    Ok((total as f64).sqrt())
 }

@@ -28,9 +28,15 @@ fn small_rows(hd: usize, backward: bool) -> usize {
 /// One warp per (sequence, head) for sequences of at most 8 positions (WARP_S) with head dim
 /// 32 or 64: the local model's patches. At head dim 64 each lane reads element pairs.
 fn warp_kernel(s: usize, hd: usize, addresses: &[u64], views: &[View], dtype: DType) -> bool {
-    let pair = 2 * dtype.size_in_bytes() as u64;
-    let pairs_ok = hd == 32 || (addresses.iter().all(|a| a % pair == 0) && views.iter().all(|v| v.sn % 2 == 0 && v.ss % 2 == 0));
+    let pairs_ok = hd == 32 || aligned(addresses, views, 2 * dtype.size_in_bytes(), dtype);
     s <= 8 && matches!(hd, 32 | 64) && pairs_ok
+}
+
+/// Every address and row stride is a multiple of `bytes` (the kernels' load width): the small
+/// and tensor-core attention kernels move rows 16 bytes at a time, the warp kernel pairs.
+fn aligned(addresses: &[u64], views: &[View], bytes: usize, dtype: DType) -> bool {
+    let elems = (bytes / dtype.size_in_bytes()).max(1) as i64;
+    addresses.iter().all(|a| a % bytes as u64 == 0) && views.iter().all(|v| v.sn % elems == 0 && v.ss % elems == 0)
 }
 
 /// The flash and tensor-core kernels put the (sequence, head) pairs on the grid's y axis,
@@ -45,20 +51,8 @@ fn grid_y(pairs: usize) -> CResult<u32> {
 /// Queries (and keys) per block of the flash kernels (BQ in the kernels).
 const BQ: usize = 64;
 
-/// The small attention kernels move rows 16 bytes at a time.
-fn rows_aligned(addresses: &[u64], views: &[View], dtype: DType) -> bool {
-    let per16 = (16 / dtype.size_in_bytes()) as i64;
-    addresses.iter().all(|a| a % 16 == 0) && views.iter().all(|v| v.sn % per16 == 0 && v.ss % per16 == 0)
-}
-
 /// Rows per block of the tensor-core kernels (TC_ROWS).
 const TC_ROWS: usize = 64;
-
-/// The tensor-core kernels load rows 16 bytes at a time: every address and row stride must be
-/// a multiple of 16 bytes (8 bf16).
-fn tensor_core_ready(addresses: &[u64], views: &[View]) -> bool {
-    addresses.iter().all(|a| a % 16 == 0) && views.iter().all(|v| v.sn % 8 == 0 && v.ss % 8 == 0)
-}
 
 fn suffix(dtype: DType) -> CResult<&'static str> {
     match dtype {
@@ -147,6 +141,14 @@ fn tensor(s: CudaStorage, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(Storage::Cuda(s), shape, BackpropOp::none(), false)
 }
 
+/// The CUDA device a tensor lives on.
+fn cuda_device(t: &Tensor) -> CResult<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => candle_core::bail!("expected a CUDA tensor"),
+    }
+}
+
 /// Runs `f` on a tensor's CUDA storage and layout under its read lock.
 fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> CResult<R>) -> CResult<R> {
     let (s, l) = t.storage_and_layout();
@@ -204,10 +206,7 @@ pub(super) fn add_norm_fwd(x: &Tensor, a: &Tensor, w: &Tensor, b: Option<&Tensor
     if a.elem_count() != n || a.dtype() != x.dtype() || w.dtype() != DType::F32 || b.is_some_and(|b| b.dtype() != DType::F32) {
         candle_core::bail!("add_norm: shapes or dtypes disagree");
     }
-    let dev = match x.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => candle_core::bail!("expected a CUDA tensor"),
-    };
+    let dev = cuda_device(&x)?;
     if x.dims().last() != Some(&d) {
         candle_core::bail!("add_norm: input {:?} does not end in the weight's {d}", x.dims());
     }
@@ -250,10 +249,7 @@ pub(super) fn norm_bwd(x: &Tensor, w: &Tensor, dy: &Tensor, dres: Option<&Tensor
     if let Some(r) = &dres {
         same(r, x.dtype(), n, "norm backward residual gradient")?;
     }
-    let dev = match x.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => candle_core::bail!("expected a CUDA tensor"),
-    };
+    let dev = cuda_device(x)?;
     let (dx, pdx) = alloc(&dev, x.dtype(), n)?;
     let (part, ppart) = alloc(&dev, DType::F32, groups * 2 * d)?;
     with_cuda(x, |xs, xl| {
@@ -309,10 +305,7 @@ pub(super) fn embed_fwd(table: (&CudaStorage, &Layout), ids: (&CudaStorage, &Lay
 pub(super) fn embed_bwd(dy: &Tensor, ids: &Tensor, v: usize) -> CResult<Tensor> {
     let dy = dy.contiguous()?;
     let (rows, d) = dy.dims2()?;
-    let dev = match dy.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => candle_core::bail!("expected a CUDA tensor"),
-    };
+    let dev = cuda_device(&dy)?;
     let dtable = Tensor::zeros((v, d), DType::F32, dy.device())?;
     const COLS: usize = 32;
     let rows_per_block = 2048;
@@ -477,27 +470,30 @@ pub(super) fn attention_supported(hd: usize) -> bool {
     HEAD_DIMS.contains(&hd)
 }
 
-/// Causal attention forward: y [n, sq, heads·hd] (T) and the f32 row log Σ exp [n, heads, sq].
-/// q, k, v are (storage, element offset, view).
-fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), dims: Dims) -> CResult<(CudaStorage, CudaStorage)> {
+/// Causal attention forward: y [n, sq, heads·hd] (T) and, when `with_lse` (a backward will
+/// follow), the f32 row log Σ exp [n, heads, sq]. q, k, v are (storage, element offset, view).
+fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), dims: Dims, with_lse: bool) -> CResult<(CudaStorage, Option<CudaStorage>)> {
     let dev = &q.0.device;
     let dtype = q.0.dtype();
     let (n, sq, sk, h, hd) = (dims.n, dims.sq, dims.sk, dims.heads, dims.hd);
     let (y, py) = alloc(dev, dtype, n * sq * h * hd)?;
-    let (lse, plse) = alloc(dev, DType::F32, n * h * sq)?;
+    let (lse, plse) = match with_lse {
+        true => alloc(dev, DType::F32, n * h * sq).map(|(s, p)| (Some(s), p))?,
+        false => (None, 0), // the kernels skip a null lse
+    };
     let (n32, sq32, sk32, h32, scale) = (n as i32, sq as i32, sk as i32, h as i32, dims.scale());
     let rows = small_rows(hd, false);
     let s = sq.max(sk);
     let (name, cfg) = if warp_kernel(s, hd, &[q.1, k.0, v.0], &[q.2, k.1, v.1], dtype) {
         (format!("attn_warp_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(4) as u32, 1), 128, 0))
     } else if s <= rows {
-        if !rows_aligned(&[q.1, k.0, v.0], &[q.2, k.1, v.1], dtype) {
+        if !aligned(&[q.1, k.0, v.0], &[q.2, k.1, v.1], 16, dtype) {
             candle_core::bail!("attention: rows must start on 16-byte boundaries");
         }
         let groups_per_block = rows / s;
         let shared = 2 * groups_per_block * (sk * hd + 4) * 4;
         (format!("attn_small_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(groups_per_block) as u32, 1), rows as u32, shared as u32))
-    } else if dtype == DType::BF16 && tensor_core_ready(&[q.1, k.0, v.0], &[q.2, k.1, v.1]) {
+    } else if dtype == DType::BF16 && aligned(&[q.1, k.0, v.0], &[q.2, k.1, v.1], 16, dtype) {
         (format!("attn_tc_fwd_{hd}"), launch_cfg((sq.div_ceil(TC_ROWS) as u32, grid_y(n * h)?), 128, 0))
     } else {
         (format!("attn_flash_fwd_{}_{hd}", suffix(dtype)?), launch_cfg((sq.div_ceil(BQ) as u32, grid_y(n * h)?), BQ as u32, 0))
@@ -523,8 +519,8 @@ fn qkv_views(s: &CudaStorage, l: &Layout, heads: usize) -> CResult<(Dims, [(u64,
 /// Self-attention forward on a fused qkv: (y, lse).
 pub(super) fn self_attention_fwd(s: &CudaStorage, l: &Layout, heads: usize) -> CResult<(CudaStorage, Shape, Tensor)> {
     let (dims, [q, k, v]) = qkv_views(s, l, heads)?;
-    let (y, lse) = attention_fwd((s, q.0, q.1), k, v, dims)?;
-    let lse = tensor(lse, (dims.n, dims.heads, dims.sq));
+    let (y, lse) = attention_fwd((s, q.0, q.1), k, v, dims, true)?;
+    let lse = tensor(lse.expect("asked for"), (dims.n, dims.heads, dims.sq));
     Ok((y, Shape::from((dims.n, dims.sq, dims.heads * dims.hd)), lse))
 }
 
@@ -542,6 +538,7 @@ pub(super) fn attention_fwd3(q: (&CudaStorage, &Layout), k: (&CudaStorage, &Layo
         (at(k.0, k.1)?, view(k.1, "k")?),
         (at(v.0, v.1)?, view(v.1, "v")?),
         dims,
+        false,
     )?;
     Ok((y, Shape::from((dims.n, dims.sq, dims.heads * dims.hd))))
 }
@@ -549,10 +546,7 @@ pub(super) fn attention_fwd3(q: (&CudaStorage, &Layout), k: (&CudaStorage, &Layo
 /// d(qkv) [N, S, 3D] (contiguous) of self-attention, from qkv, the forward's y and lse, and dy.
 pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Tensor, heads: usize) -> CResult<Tensor> {
     let dy = dy.contiguous()?;
-    let dev = match qkv.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => candle_core::bail!("expected a CUDA tensor"),
-    };
+    let dev = cuda_device(qkv)?;
     let dtype = qkv.dtype();
     if dy.dtype() != dtype || y.dtype() != dtype {
         candle_core::bail!("attention backward: dtypes of qkv, y and dy differ");
@@ -578,7 +572,7 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                     return Ok(());
                 }
                 if s <= rows {
-                    if !rows_aligned(&[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov], dtype) {
+                    if !aligned(&[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov], 16, dtype) {
                         candle_core::bail!("attention backward: rows must start on 16-byte boundaries");
                     }
                     let groups_per_block = rows / s;
@@ -589,7 +583,7 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                 }
                 let lse = lse.contiguous()?;
                 let (dbuf, pdbuf) = alloc(&dev, DType::F32, n * heads * s)?;
-                let tc = dtype == DType::BF16 && tensor_core_ready(&[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov]);
+                let tc = dtype == DType::BF16 && aligned(&[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov], 16, dtype);
                 with_cuda(&lse, |ls, ll| {
                     let plse = contiguous_at(ls, ll, "lse")?;
                     if tc {
@@ -680,10 +674,7 @@ pub(super) fn weight_grad_f32(x: &Tensor, dy: &Tensor) -> CResult<Tensor> {
         candle_core::bail!("weight_grad_f32: bf16 x [m, in] and dy [m, out] expected");
     }
     let (x, dy) = (x.contiguous()?, dy.contiguous()?);
-    let dev = match x.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => candle_core::bail!("expected a CUDA tensor"),
-    };
+    let dev = cuda_device(&x)?;
     let (out, pout) = alloc(&dev, DType::F32, d_out * d_in)?;
     with_cuda(&x, |xs, xl| {
         with_cuda(&dy, |gs, gl| {
