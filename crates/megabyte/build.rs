@@ -1,4 +1,4 @@
-//! With the `cuda` feature, compiles kernels/megabyte.cu to PTX with nvcc (from `CUDA_HOME`,
+//! With the `cuda` feature, compiles kernels/megabyte.cu and kernels/decode.cu to PTX with nvcc (from `CUDA_HOME`,
 //! `CUDA_PATH` or the PATH; `scripts/cuda-toolchain.sh` provides one). The target architecture
 //! is `CUDA_COMPUTE_CAP` (default 90, the H100/H200). CPU builds need nothing.
 
@@ -7,14 +7,16 @@ use std::process::Command;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-changed=kernels/megabyte.cu");
+    for file in ["kernels/common.cuh", "kernels/megabyte.cu", "kernels/decode.cu"] {
+        println!("cargo::rerun-if-changed={file}");
+    }
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
     println!("cargo::rerun-if-env-changed=CUDA_PATH");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("megabyte.ptx");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = ["CUDA_HOME", "CUDA_PATH"]
         .iter()
         .filter_map(std::env::var_os)
@@ -24,10 +26,12 @@ fn main() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     // The attention kernels use mma.sync bf16 and ldmatrix: Ampere (8.0) or newer.
     assert!(cap.parse::<u32>().is_ok_and(|c| c >= 80), "CUDA_COMPUTE_CAP={cap}: megabyte's kernels need compute capability 80 or newer");
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}"), "kernels/megabyte.cu", "-o"])
-        .arg(&out)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e} (set CUDA_HOME, or eval \"$(scripts/cuda-toolchain.sh)\")", nvcc.display()));
-    assert!(status.success(), "nvcc failed on kernels/megabyte.cu");
+    for module in ["megabyte", "decode"] {
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}"), &format!("kernels/{module}.cu"), "-o"])
+            .arg(out_dir.join(format!("{module}.ptx")))
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e} (set CUDA_HOME, or eval \"$(scripts/cuda-toolchain.sh)\")", nvcc.display()));
+        assert!(status.success(), "nvcc failed on kernels/{module}.cu");
+    }
 }

@@ -16,9 +16,9 @@ use crate::nn::{accumulation_dtype, Init, KvCache, Linear, Params, Transformer};
 /// §2.2.1: byte embeddings plus learned byte positions, concatenated into patches.
 #[derive(Clone, Debug)]
 pub struct PatchEmbedder {
-    byte_embed: Tensor, // E_global_embed [V, D_G]
-    pos_embed: Tensor,  // E_pos [T, D_G]
-    global_pad: Tensor, // E_global_pad [P·D_G]
+    pub(crate) byte_embed: Tensor, // E_global_embed [V, D_G]
+    pub(crate) pos_embed: Tensor,  // E_pos [T, D_G]
+    pub(crate) global_pad: Tensor, // E_global_pad [P·D_G]
     patch_size: usize,
 }
 
@@ -54,9 +54,9 @@ pub fn shift_one_byte(e: &Tensor, local_pad: &Tensor) -> Result<Tensor> {
 /// §2.2.3: the local model's own byte embedding, position table and pad.
 #[derive(Clone, Debug)]
 pub struct LocalEmbedder {
-    byte_embed: Tensor, // E_local_embed [V, D_L], also the tied head
-    pos_embed: Tensor,  // [P, D_L]
-    local_pad: Tensor,  // E_local_pad [D_L]
+    pub(crate) byte_embed: Tensor, // E_local_embed [V, D_L], also the tied head
+    pub(crate) pos_embed: Tensor,  // [P, D_L]
+    pub(crate) local_pad: Tensor,  // E_local_pad [D_L]
 }
 
 impl LocalEmbedder {
@@ -73,11 +73,11 @@ impl LocalEmbedder {
 #[derive(Clone, Debug)]
 pub struct MegaByte {
     cfg: ModelConfig,
-    patch_embedder: PatchEmbedder,
-    global: Transformer,
-    global_to_local: Linear, // w_GL [D_L, D_G]
-    local_embedder: LocalEmbedder,
-    local: Transformer,
+    pub(crate) patch_embedder: PatchEmbedder,
+    pub(crate) global: Transformer,
+    pub(crate) global_to_local: Linear, // w_GL [D_L, D_G]
+    pub(crate) local_embedder: LocalEmbedder,
+    pub(crate) local: Transformer,
     head: Option<Linear>, // untied head [V, D_L]; None = tied to E_local_embed
     /// The activations' dtype: the parameters' (f32) or bf16 (mixed precision: matmuls in
     /// bf16 from the f32 master weights, norm and softmax statistics in f32).
@@ -240,7 +240,7 @@ impl MegaByte {
     }
 
     /// The output projection: the untied head, or E_local_embed (tied).
-    fn head_linear(&self) -> Linear {
+    pub(crate) fn head_linear(&self) -> Linear {
         match &self.head {
             Some(head) => head.clone(),
             None => Linear { weight: self.local_embedder.byte_embed.clone() },

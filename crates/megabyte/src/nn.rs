@@ -156,11 +156,11 @@ impl Module for Linear {
 /// LayerNorm or RMSNorm over the last dimension (the fused [`crate::ops::norm`]).
 #[derive(Clone, Debug)]
 pub struct Norm {
-    weight: Tensor,
-    bias: Option<Tensor>,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
-const NORM_EPS: f64 = 1e-5;
+pub(crate) const NORM_EPS: f64 = 1e-5;
 
 impl Norm {
     pub fn new(p: &mut Params, name: &str, kind: NormKind, d: usize) -> Result<Self> {
@@ -226,14 +226,49 @@ impl KvCache {
     pub fn reset(&mut self) {
         self.layers.iter_mut().flatten().for_each(|l| l.len = 0);
     }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Every layer's key and value buffers [n, capacity, d], allocated here where missing:
+    /// the CUDA decoding engine writes them in place, then records the length it reached
+    /// with [`KvCache::set_len`].
+    pub(crate) fn buffers(&mut self, n: usize, d: usize, dtype: DType, device: &Device) -> Result<Vec<(Tensor, Tensor)>> {
+        let capacity = self.capacity;
+        self.layers
+            .iter_mut()
+            .map(|slot| {
+                if let Some(l) = slot.as_ref().filter(|l| l.k.dims() != [n, capacity, d] || l.k.dtype() != dtype) {
+                    if l.len > 0 {
+                        return Err(Error::Input(format!("KV cache holds {:?} {:?}, the decoder needs [{n}, {capacity}, {d}] {dtype:?}: reset it first", l.k.dims(), l.k.dtype())));
+                    }
+                    *slot = None;
+                }
+                let layer = match slot {
+                    Some(layer) => layer,
+                    None => {
+                        let zeros = || Tensor::zeros((n, capacity, d), dtype, device);
+                        slot.insert(LayerCache { k: zeros()?, v: zeros()?, len: 0 })
+                    }
+                };
+                Ok((layer.k.clone(), layer.v.clone()))
+            })
+            .collect()
+    }
+
+    /// Sets the number of valid positions of every allocated layer.
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.layers.iter_mut().flatten().for_each(|l| l.len = len);
+    }
 }
 
 /// Multi-head causal self-attention with fused qkv projection.
 #[derive(Clone, Debug)]
 pub struct Attention {
-    qkv: Linear,
-    proj: Linear,
-    heads: usize,
+    pub(crate) qkv: Linear,
+    pub(crate) proj: Linear,
+    pub(crate) heads: usize,
 }
 
 impl Attention {
@@ -285,8 +320,8 @@ impl Attention {
 /// The 4× feed-forward layer with exact (erf) GELU.
 #[derive(Clone, Debug)]
 pub struct Mlp {
-    up: Linear,
-    down: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
 }
 
 impl Module for Mlp {
@@ -298,10 +333,10 @@ impl Module for Mlp {
 /// Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
 #[derive(Clone, Debug)]
 pub struct Block {
-    attn_norm: Norm,
-    attn: Attention,
-    mlp_norm: Norm,
-    mlp: Mlp,
+    pub(crate) attn_norm: Norm,
+    pub(crate) attn: Attention,
+    pub(crate) mlp_norm: Norm,
+    pub(crate) mlp: Mlp,
 }
 
 impl Block {
@@ -335,8 +370,8 @@ impl Block {
 /// A decoder-only causal transformer: blocks then a final norm.
 #[derive(Clone, Debug)]
 pub struct Transformer {
-    blocks: Vec<Block>,
-    norm: Norm,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm: Norm,
 }
 
 impl Transformer {

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 type CResult<T> = candle_core::Result<T>;
 
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 
 /// True when `t` lives on a CUDA device in a dtype the fused CUDA kernels take (f32, bf16).
 #[cfg(feature = "cuda")]

@@ -11,6 +11,8 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
 
+pub(crate) mod decode;
+
 type CResult<T> = candle_core::Result<T>;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/megabyte.ptx"));
@@ -86,6 +88,7 @@ fn address(s: &CudaStorage, offset: usize) -> CResult<u64> {
         CudaStorageSlice::F32(x) => (x.device_ptr(&stream).0, 4),
         CudaStorageSlice::BF16(x) => (x.device_ptr(&stream).0, 2),
         CudaStorageSlice::U32(x) => (x.device_ptr(&stream).0, 4),
+        CudaStorageSlice::F64(x) => (x.device_ptr(&stream).0, 8),
         _ => candle_core::bail!("megabyte CUDA kernels: unsupported storage dtype {:?}", s.dtype()),
     };
     Ok(base + (offset * size) as u64)

@@ -1,0 +1,221 @@
+// The CUDA decoding engine's kernels (src/generate/cuda.rs): one new position for each of B
+// sequences per call, on buffers the engine allocated once. With megabyte.cu's norm and GELU
+// kernels and cuBLAS for the matrix products, a byte costs a few dozen launches and no host
+// round trip: the sampled byte stays on the device and feeds the next step.
+//
+// Rounding follows the stepwise path (src/model.rs local_step and global_step): every add that
+// candle does as a separate T-typed op is rounded to T here too.
+//
+// Bytes live in a time-major buffer seq [positions, B] (u32): byte t of sequence b is
+// seq[t·B + b], so one patch of every sequence is one contiguous range to read back.
+
+#include "common.cuh"
+
+// The local model's input at one position of the patch:
+//   x[b] = ctx[b] + ((E[prev[b]] or pad) + pos)
+// ctx: rows of the global model's context for this position (row stride ctx_stride); prev: the
+// previous bytes [B], or null at position 0, which gets the pad (f32, rounded to T first).
+template <typename T>
+__device__ void dec_local_in(const T* ctx, long ctx_stride, const T* table, const float* pad, const T* pos,
+                             const uint32_t* prev, T* x, int B, int D) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < (long)B * D; i += (long)gridDim.x * blockDim.x) {
+        const long b = i / D;
+        const int c = i % D;
+        const float e = prev ? to_f(table[(long)prev[b] * D + c]) : to_f(from_f<T>(pad[c]));
+        const float ep = to_f(from_f<T>(e + to_f(pos[c])));
+        x[i] = from_f<T>(to_f(ctx[b * ctx_stride + c]) + ep);
+    }
+}
+
+// The global model's input for one completed patch of P bytes per sequence:
+//   x[b, j·DG + c] = E[bytes[j·B + b]][c] + pos[j·DG + c]
+// bytes: the patch in seq (time-major); pos: the position table from the patch's first byte.
+template <typename T>
+__device__ void dec_patch_in(const T* table, const T* pos, const uint32_t* bytes, T* x, int B, int P, int DG) {
+    const long width = (long)P * DG;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < B * width; i += (long)gridDim.x * blockDim.x) {
+        const long b = i / width, r = i % width;
+        const int j = r / DG, c = r % DG;
+        x[i] = from_f<T>(to_f(table[(long)bytes[(long)j * B + b] * DG + c]) + to_f(pos[r]));
+    }
+}
+
+// Causal attention of one new position per sequence. qkv [B, 3D] holds its query, key and value
+// (column blocks, heads within each); the key and value are first written at position `len` of
+// the caches kc, vc [B, cap, D], then the query attends over positions 0..len.
+// One block per (sequence, head); each warp streams every (warps)-th key with an online softmax
+// (a lane holds HD/32 columns), and warp 0 merges the warps' partial results.
+constexpr int DEC_WARPS = 8;
+
+template <typename T, int HD>
+__device__ void dec_attn(const T* qkv, T* kc, T* vc, long cap, int len, T* y, int H, float scale) {
+    constexpr int E = (HD + 31) / 32;
+    __shared__ float part_m[DEC_WARPS], part_l[DEC_WARPS];
+    __shared__ float part_o[DEC_WARPS][E * 32];
+    const int b = blockIdx.x / H, h = blockIdx.x % H;
+    const long D = (long)H * HD;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const T* row = qkv + b * 3 * D;
+    T* kb = kc + b * cap * D + h * HD;
+    T* vb = vc + b * cap * D + h * HD;
+    for (int c = threadIdx.x; c < HD; c += blockDim.x) {
+        kb[len * D + c] = row[D + h * HD + c];
+        vb[len * D + c] = row[2 * D + h * HD + c];
+    }
+    __syncthreads();  // the new key and value are visible to every warp of the block
+    float q[E], o[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        const int c = lane + 32 * e;
+        q[e] = c < HD ? to_f(row[h * HD + c]) : 0.f;
+        o[e] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int j = warp; j <= len; j += DEC_WARPS) {
+        const T* kr = kb + j * D;
+        const T* vr = vb + j * D;
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            const int c = lane + 32 * e;
+            if (c < HD) s += q[e] * to_f(kr[c]);
+        }
+        s = warp_sum(s) * scale;
+        const float mn = fmaxf(m, s);
+        const float corr = __expf(m - mn), p = __expf(s - mn);
+        l = l * corr + p;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            const int c = lane + 32 * e;
+            o[e] = o[e] * corr + (c < HD ? p * to_f(vr[c]) : 0.f);
+        }
+        m = mn;
+    }
+    if (lane == 0) {
+        part_m[warp] = m;
+        part_l[warp] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++) part_o[warp][lane + 32 * e] = o[e];
+    __syncthreads();
+    if (warp != 0) return;
+    float mx = -INFINITY;
+    for (int w = 0; w < DEC_WARPS; w++) mx = fmaxf(mx, part_m[w]);  // finite: warp 0 saw key 0
+    float total = 0.f, acc[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) acc[e] = 0.f;
+    for (int w = 0; w < DEC_WARPS; w++) {
+        const float f = __expf(part_m[w] - mx);  // 0 for a warp that saw no key
+        total += part_l[w] * f;
+#pragma unroll
+        for (int e = 0; e < E; e++) acc[e] += part_o[w][lane + 32 * e] * f;
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        const int c = lane + 32 * e;
+        if (c < HD) y[b * D + h * HD + c] = from_f<T>(acc[e] / total);
+    }
+}
+
+// The next byte of each sequence from its 256 logits (one block of 256 threads per sequence),
+// chosen exactly as generate.rs's Sampler does on the host: mode 0 greedy (first maximum),
+// 1 temperature, 2 top-k, 3 top-p. Weights exp((l − max)/temperature) in double, sorted
+// descending (ties by byte value), truncated to k or to the nucleus, and the inverse CDF at
+// u[b]·total, the host's uniform draw for this sequence. Writes out[b].
+template <typename T>
+__device__ void dec_sample(const T* logits, uint32_t* out, const double* u, int mode, double temperature, int top_k,
+                           double top_p) {
+    __shared__ float best[256];
+    __shared__ int best_i[256];
+    __shared__ double w[256], sorted_w[256];
+    __shared__ int sorted_i[256];
+    const int b = blockIdx.x, i = threadIdx.x;
+    const float l = to_f(logits[(long)b * 256 + i]);
+    best[i] = l;
+    best_i[i] = i;
+    __syncthreads();
+    for (int s = 128; s > 0; s >>= 1) {
+        if (i < s) {
+            const float o = best[i + s];
+            const int oi = best_i[i + s];
+            if (o > best[i] || (o == best[i] && oi < best_i[i])) {
+                best[i] = o;
+                best_i[i] = oi;
+            }
+        }
+        __syncthreads();
+    }
+    if (mode == 0) {
+        if (i == 0) out[b] = best_i[0];
+        return;
+    }
+    const double wi = exp(((double)l - (double)best[0]) / temperature);
+    w[i] = wi;
+    __syncthreads();
+    int rank = 0;
+    for (int j = 0; j < 256; j++) rank += (w[j] > wi) || (w[j] == wi && j < i);
+    sorted_w[rank] = wi;
+    sorted_i[rank] = i;
+    __syncthreads();
+    if (i != 0) return;
+    int keep = mode == 2 ? min(top_k, 256) : 256;
+    double total = 0.0;
+    for (int r = 0; r < keep; r++) total += sorted_w[r];
+    if (mode == 3 && top_p < 1.0) {
+        double acc = 0.0;
+        int n = 0;
+        for (int r = 0; r < keep; r++) {
+            acc += sorted_w[r] / total;
+            n++;
+            if (acc >= top_p) break;
+        }
+        keep = n;
+        total = 0.0;
+        for (int r = 0; r < keep; r++) total += sorted_w[r];
+    }
+    double x = u[b] * total;
+    int pick = sorted_i[keep - 1];
+    for (int r = 0; r < keep; r++) {
+        if (x < sorted_w[r]) {
+            pick = sorted_i[r];
+            break;
+        }
+        x -= sorted_w[r];
+    }
+    out[b] = pick;
+}
+
+// -------------------------------------------------------------------------------------------
+// extern "C" entry points.
+
+#define DECODE(TN, T)                                                                                                  \
+    extern "C" __global__ void dec_local_in_##TN(const T* ctx, long ctx_stride, const T* table, const float* pad,     \
+                                                 const T* pos, const uint32_t* prev, T* x, int B, int D) {             \
+        dec_local_in<T>(ctx, ctx_stride, table, pad, pos, prev, x, B, D);                                              \
+    }                                                                                                                  \
+    extern "C" __global__ void dec_patch_in_##TN(const T* table, const T* pos, const uint32_t* bytes, T* x, int B,    \
+                                                 int P, int DG) {                                                      \
+        dec_patch_in<T>(table, pos, bytes, x, B, P, DG);                                                               \
+    }                                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(256) dec_sample_##TN(const T* logits, uint32_t* out, const double* u, \
+                                                                      int mode, double temperature, int top_k,         \
+                                                                      double top_p) {                                  \
+        dec_sample<T>(logits, out, u, mode, temperature, top_k, top_p);                                                \
+    }
+
+#define DECODE_ATTN(TN, T, HD)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) dec_attn_##TN##_##HD(                                 \
+        const T* qkv, T* kc, T* vc, long cap, int len, T* y, int H, float scale) {                                     \
+        dec_attn<T, HD>(qkv, kc, vc, cap, len, y, H, scale);                                                           \
+    }
+
+DECODE(f32, float)
+DECODE(bf16, bf16)
+DECODE_ATTN(f32, float, 16)
+DECODE_ATTN(f32, float, 32)
+DECODE_ATTN(f32, float, 64)
+DECODE_ATTN(f32, float, 128)
+DECODE_ATTN(bf16, bf16, 16)
+DECODE_ATTN(bf16, bf16, 32)
+DECODE_ATTN(bf16, bf16, 64)
+DECODE_ATTN(bf16, bf16, 128)

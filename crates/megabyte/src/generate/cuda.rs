@@ -1,0 +1,355 @@
+//! The CUDA decoding engine: [`super::generate`] on a GPU without a host round trip per byte.
+//!
+//! The stepwise path costs about a hundred candle ops and one read-back of the logits per
+//! byte; at batch 1 that host work, not the GPU, sets the speed. Here every buffer is
+//! allocated once, each step is a fixed list of launches on raw addresses (kernels/decode.cu,
+//! the norm and GELU kernels, cuBLAS), the byte is sampled on the device into a time-major
+//! byte buffer that feeds the next step, and the host reads bytes back once per patch.
+//!
+//! Prefill and window slides stay on the stepwise path ([`Decoder`]), whose caches and state
+//! the engine continues: its KV buffers are written in place here and their lengths kept.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::{Decoder, Sampler, Sampling};
+use crate::config::V;
+use crate::error::{Error, Result};
+use crate::model::MegaByte;
+use crate::nn::{Norm, Transformer, NORM_EPS};
+use crate::ops::cuda::decode::{address_of, head_dim_supported, Kernels, SampleRule};
+
+/// True when the engine runs `model` on `device`: CUDA, f32 or bf16 activations with every
+/// matrix in that dtype (sampling models are converted so), f32 norm weights and pads, and
+/// head dimensions `dec_attn` is built for.
+pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
+    let act = model.activation_dtype();
+    let cfg = model.config();
+    let is = |t: &Tensor, dtype: DType| t.dtype() == dtype;
+    let stack_ok = |t: &Transformer, heads: usize| {
+        let width = t.norm.weight.dim(0).unwrap_or(0);
+        let norm_ok = |n: &Norm| is(&n.weight, DType::F32) && n.bias.as_ref().is_none_or(|b| is(b, DType::F32));
+        width % 2 == 0
+            && head_dim_supported(width / heads.max(1))
+            && norm_ok(&t.norm)
+            && t.blocks.iter().all(|b| {
+                [&b.attn.qkv.weight, &b.attn.proj.weight, &b.mlp.up.weight, &b.mlp.down.weight].iter().all(|w| is(w, act))
+                    && norm_ok(&b.attn_norm)
+                    && norm_ok(&b.mlp_norm)
+            })
+    };
+    let pe = &model.patch_embedder;
+    let le = &model.local_embedder;
+    device.is_cuda()
+        && matches!(act, DType::F32 | DType::BF16)
+        && [&pe.byte_embed, &pe.pos_embed, &le.byte_embed, &le.pos_embed, &model.global_to_local.weight, &model.head_linear().weight].iter().all(|t| is(t, act))
+        && is(&le.local_pad, DType::F32)
+        && stack_ok(&model.global, cfg.global.heads)
+        && stack_ok(&model.local, cfg.local.heads)
+}
+
+/// [`super::generate`] through the engine (the caller checked [`supported`]).
+pub(super) fn generate(
+    model: &MegaByte,
+    prompts: &[Vec<u8>],
+    n: usize,
+    sampler: &mut Sampler,
+    device: &Device,
+    on_bytes: &mut dyn FnMut(&[u8]),
+) -> Result<Vec<Vec<u8>>> {
+    let mut dec = Decoder::new(model, prompts, device)?; // prefill, stepwise
+    let rows = prompts.len();
+    let p = model.config().patch_size;
+    let start = dec.history[0].len();
+    let engine = Engine::new(model, rows, start + n, device)?;
+    engine.write_bytes(0, &dec.history)?;
+    engine.set_context(&dec.context)?;
+    let rule = sample_rule(sampler.rule());
+    let mut out = vec![Vec::with_capacity(n); rows];
+    let mut t = start; // index of the next byte
+    while t < start + n {
+        let pos0 = dec.local.len();
+        let steps = (p - pos0).min(start + n - t);
+        if rule.mode != 0 {
+            let draws: Vec<f64> = (0..steps * rows).map(|_| sampler.uniform()).collect();
+            engine.k.write(engine.u, &draws)?;
+        }
+        let local = engine.cache_addresses(&mut dec.local, model.config().local.width)?;
+        for s in 0..steps {
+            engine.local_step(&local, pos0 + s, t + s, s, rule)?;
+        }
+        dec.local.set_len(pos0 + steps);
+        let bytes = engine.read_bytes(t, steps)?;
+        for step in bytes.chunks(rows) {
+            let next: Vec<u8> = step.iter().map(|&b| b as u8).collect();
+            for ((o, h), &b) in out.iter_mut().zip(dec.history.iter_mut()).zip(&next) {
+                o.push(b);
+                h.push(b);
+            }
+            on_bytes(&next);
+        }
+        t += steps;
+        if dec.local.len() < p || t == start + n {
+            continue;
+        }
+        // A patch is complete: one global step, or a window slide (stepwise prefill).
+        if dec.slide_if_full()? {
+            engine.set_context(&dec.context)?;
+            continue;
+        }
+        let first = t - p - dec.window_start; // the patch's first byte within the window
+        let len = dec.global.len();
+        if first != len.saturating_sub(1) * p {
+            return Err(Error::Input(format!("CUDA decoder: patch at window byte {first} after {len} global positions")));
+        }
+        let global = engine.cache_addresses(&mut dec.global, model.config().global.width)?;
+        engine.global_step(&global, t - p, first, len)?;
+        dec.global.set_len(len + 1);
+        dec.local.reset();
+    }
+    Ok(out)
+}
+
+fn sample_rule(s: Sampling) -> SampleRule {
+    let all = V as i32;
+    match s {
+        Sampling::Greedy => SampleRule { mode: 0, temperature: 1.0, top_k: all, top_p: 1.0 },
+        Sampling::Temperature { temperature } => SampleRule { mode: 1, temperature, top_k: all, top_p: 1.0 },
+        Sampling::TopK { k, temperature } => SampleRule { mode: 2, temperature, top_k: k.min(V) as i32, top_p: 1.0 },
+        Sampling::TopP { p, temperature } => SampleRule { mode: 3, temperature, top_k: all, top_p: p },
+    }
+}
+
+/// Addresses of a norm's f32 weight and optional bias.
+type NormAddrs = (u64, Option<u64>);
+
+fn norm_addrs(n: &Norm) -> Result<NormAddrs> {
+    Ok((address_of(&n.weight)?, n.bias.as_ref().map(address_of).transpose()?))
+}
+
+/// One block's weights, as addresses.
+struct LayerAddrs {
+    attn_norm: NormAddrs,
+    qkv: u64,
+    proj: u64,
+    mlp_norm: NormAddrs,
+    up: u64,
+    down: u64,
+}
+
+/// One transformer: its blocks, final norm and shape, and its scratch buffers for the
+/// engine's rows (one position each).
+struct Stack {
+    layers: Vec<LayerAddrs>,
+    norm: NormAddrs,
+    width: usize,
+    heads: usize,
+    /// Residual stream, norm output, qkv, attention output, attention projection, MLP hidden,
+    /// MLP output: [rows, width] except qkv (3×) and the MLP hidden (4×).
+    x: u64,
+    h: u64,
+    qkv: u64,
+    y: u64,
+    a: u64,
+    u: u64,
+    delta: u64,
+}
+
+/// Per-layer (key, value) buffer addresses of a KV cache and its capacity.
+struct CacheAddrs {
+    layers: Vec<(u64, u64)>,
+    capacity: usize,
+}
+
+/// Addresses of the model's non-block parameters.
+struct Tables {
+    patch_bytes: u64,
+    patch_pos: u64,
+    global_to_local: u64,
+    local_bytes: u64,
+    local_pos: u64,
+    local_pad: u64,
+    head: u64,
+}
+
+struct Engine<'m> {
+    k: Kernels,
+    model: &'m MegaByte,
+    rows: usize,
+    global: Stack,
+    local: Stack,
+    /// The global output [rows, P·D_G], the local contexts of the current patch
+    /// [rows, P, D_L], the local output [rows, D_L] and the logits [rows, V].
+    global_out: u64,
+    context: u64,
+    local_out: u64,
+    logits: u64,
+    /// Every byte so far, time-major [positions, rows] u32; the uniform draws of one patch
+    /// [P, rows] f64.
+    seq: u64,
+    u: u64,
+    /// The embedding tables, position tables, local pad, head and w_GL.
+    tables: Tables,
+    device: Device,
+    /// The buffers behind the addresses above, kept alive.
+    _buffers: Vec<Tensor>,
+}
+
+impl<'m> Engine<'m> {
+    fn new(model: &'m MegaByte, rows: usize, positions: usize, device: &Device) -> Result<Self> {
+        let candle_core::Device::Cuda(dev) = device else {
+            return Err(Error::Input("the CUDA decoder needs a CUDA device".into()));
+        };
+        let act = model.activation_dtype();
+        let k = Kernels::new(dev, act)?;
+        let cfg = model.config();
+        let mut buffers = Vec::new();
+        let mut buffer = |n: usize, dtype: DType| -> Result<u64> {
+            let t = Tensor::zeros(n.max(1), dtype, device)?;
+            let a = address_of(&t)?;
+            buffers.push(t);
+            Ok(a)
+        };
+        let mut stack = |t: &Transformer, heads: usize| -> Result<Stack> {
+            let width = t.norm.weight.dim(0)?;
+            let layers = t
+                .blocks
+                .iter()
+                .map(|b| {
+                    Ok(LayerAddrs {
+                        attn_norm: norm_addrs(&b.attn_norm)?,
+                        qkv: address_of(&b.attn.qkv.weight)?,
+                        proj: address_of(&b.attn.proj.weight)?,
+                        mlp_norm: norm_addrs(&b.mlp_norm)?,
+                        up: address_of(&b.mlp.up.weight)?,
+                        down: address_of(&b.mlp.down.weight)?,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let w = rows * width;
+            Ok(Stack {
+                layers,
+                norm: norm_addrs(&t.norm)?,
+                width,
+                heads,
+                x: buffer(w, act)?,
+                h: buffer(w, act)?,
+                qkv: buffer(3 * w, act)?,
+                y: buffer(w, act)?,
+                a: buffer(w, act)?,
+                u: buffer(4 * w, act)?,
+                delta: buffer(w, act)?,
+            })
+        };
+        let global = stack(&model.global, cfg.global.heads)?;
+        let local = stack(&model.local, cfg.local.heads)?;
+        let (p, dl) = (cfg.patch_size, cfg.local.width);
+        let global_out = buffer(rows * cfg.global.width, act)?;
+        let context = buffer(rows * p * dl, act)?;
+        let local_out = buffer(rows * dl, act)?;
+        let logits = buffer(rows * V, act)?;
+        let seq = buffer(positions * rows, DType::U32)?;
+        let u = buffer(p * rows, DType::F64)?;
+        let (pe, le) = (&model.patch_embedder, &model.local_embedder);
+        let tables = Tables {
+            patch_bytes: address_of(&pe.byte_embed)?,
+            patch_pos: address_of(&pe.pos_embed)?,
+            global_to_local: address_of(&model.global_to_local.weight)?,
+            local_bytes: address_of(&le.byte_embed)?,
+            local_pos: address_of(&le.pos_embed)?,
+            local_pad: address_of(&le.local_pad)?,
+            head: address_of(&model.head_linear().weight)?,
+        };
+        Ok(Engine { k, model, rows, global, local, global_out, context, local_out, logits, seq, u, tables, device: device.clone(), _buffers: buffers })
+    }
+
+    fn esize(&self) -> u64 {
+        self.k.dtype().size_in_bytes() as u64
+    }
+
+    /// Writes the bytes of every sequence from position `from` on into `seq`.
+    fn write_bytes(&self, from: usize, history: &[Vec<u8>]) -> Result<()> {
+        let len = history[0].len();
+        let mut tm = Vec::with_capacity(len * self.rows);
+        for t in 0..len {
+            tm.extend(history.iter().map(|h| u32::from(h[t])));
+        }
+        if !tm.is_empty() {
+            self.k.write(self.seq + (from * self.rows * 4) as u64, &tm)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes t0..t0+steps of every sequence, time-major (waits for the GPU).
+    fn read_bytes(&self, t0: usize, steps: usize) -> Result<Vec<u32>> {
+        Ok(self.k.read_u32(self.seq + (t0 * self.rows * 4) as u64, steps * self.rows)?)
+    }
+
+    /// Takes the local contexts [rows, P, D_L] the stepwise path computed (after a prefill).
+    fn set_context(&self, context: &Tensor) -> Result<()> {
+        let c = context.contiguous()?;
+        if c.dtype() != self.k.dtype() || c.elem_count() != self.rows * self.model.config().patch_size * self.model.config().local.width {
+            return Err(Error::Input(format!("CUDA decoder: unexpected context {:?} {:?}", c.dims(), c.dtype())));
+        }
+        self.k.copy(self.context, address_of(&c)?, c.elem_count() * c.dtype().size_in_bytes())?;
+        Ok(())
+    }
+
+    fn cache_addresses(&self, cache: &mut crate::nn::KvCache, width: usize) -> Result<CacheAddrs> {
+        let layers = cache
+            .buffers(self.rows, width, self.k.dtype(), &self.device)?
+            .iter()
+            .map(|(k, v)| Ok((address_of(k)?, address_of(v)?)))
+            .collect::<Result<_>>()?;
+        Ok(CacheAddrs { layers, capacity: cache.capacity() })
+    }
+
+    /// One position of a transformer: the input in `s.x`, cache positions 0..len before it;
+    /// the final norm's output goes to `out`.
+    fn stack_step(&self, s: &Stack, cache: &CacheAddrs, len: usize, out: u64) -> Result<()> {
+        let (k, rows, d) = (&self.k, self.rows, s.width);
+        let eps = NORM_EPS as f32;
+        let mut delta = None;
+        for (l, &(kc, vc)) in s.layers.iter().zip(&cache.layers) {
+            k.norm(s.x, delta, l.attn_norm.0, l.attn_norm.1, s.h, rows, d, eps)?;
+            k.linear(s.h, l.qkv, s.qkv, rows, 3 * d, d)?;
+            k.attention(s.qkv, kc, vc, cache.capacity, len, s.y, rows, s.heads, d / s.heads)?;
+            k.linear(s.y, l.proj, s.a, rows, d, d)?;
+            k.norm(s.x, Some(s.a), l.mlp_norm.0, l.mlp_norm.1, s.h, rows, d, eps)?;
+            k.linear(s.h, l.up, s.u, rows, 4 * d, d)?;
+            k.gelu(s.u, rows * 4 * d)?;
+            k.linear(s.u, l.down, s.delta, rows, d, 4 * d)?;
+            delta = Some(s.delta);
+        }
+        k.norm(s.x, delta, s.norm.0, s.norm.1, out, rows, d, eps)?;
+        Ok(())
+    }
+
+    /// Local position `pos` of the patch, whose byte is sequence index `t`: samples it into
+    /// `seq` with the patch's draw `draw` (its index among this patch's steps).
+    fn local_step(&self, cache: &CacheAddrs, pos: usize, t: usize, draw: usize, rule: SampleRule) -> Result<()> {
+        let (k, rows, es, tb) = (&self.k, self.rows, self.esize(), &self.tables);
+        let cfg = self.model.config();
+        let (p, dl) = (cfg.patch_size, cfg.local.width);
+        let prev = (pos > 0).then(|| self.seq + ((t - 1) * rows * 4) as u64);
+        let at_pos = (pos * dl) as u64 * es;
+        k.local_input(self.context + at_pos, p * dl, tb.local_bytes, tb.local_pad, tb.local_pos + at_pos, prev, self.local.x, rows, dl)?;
+        self.stack_step(&self.local, cache, pos, self.local_out)?;
+        k.linear(self.local_out, tb.head, self.logits, rows, V, dl)?;
+        let out = self.seq + (t * rows * 4) as u64;
+        k.sample(self.logits, out, self.u + (draw * rows * 8) as u64, rows, rule)?;
+        Ok(())
+    }
+
+    /// The global step for the patch at sequence index t0 (window byte `first`), at global
+    /// position `len`; leaves the next patch's local contexts in `context`.
+    fn global_step(&self, cache: &CacheAddrs, t0: usize, first: usize, len: usize) -> Result<()> {
+        let (k, rows, es, tb) = (&self.k, self.rows, self.esize(), &self.tables);
+        let cfg = self.model.config();
+        let (p, dg, dl) = (cfg.patch_size, cfg.d_global(), cfg.local.width);
+        let bytes = self.seq + (t0 * rows * 4) as u64;
+        k.patch_input(tb.patch_bytes, tb.patch_pos + (first * dg) as u64 * es, bytes, self.global.x, rows, p, dg)?;
+        self.stack_step(&self.global, cache, len, self.global_out)?;
+        k.linear(self.global_out, tb.global_to_local, self.context, rows * p, dl, dg)?;
+        Ok(())
+    }
+}
