@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU time per kernel of one megabyte command, by Nsight Compute (ncu), summed by kernel name
-# and divided by N (the steps or bytes the command ran). Runs on the CUDA machine after
+# and divided by N (the steps or bytes the command ran); kernels inside CUDA graphs (the
+# decoding engine) count one by one. Runs on the CUDA machine after
 # `source scripts/device-env.sh`.
 #   usage: scripts/profile-kernels.sh N MEGABYTE-ARGS...
 #   e.g.   scripts/profile-kernels.sh 1 bench --preset enwik8 --device cuda --batch-size 24 --warmup 0 --steps 1 --gen-bytes 0
@@ -8,7 +9,7 @@ set -euo pipefail
 div=$1
 shift
 csv=/tmp/ncu-$$.csv
-ncu --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$csv" /tmp/mb/megabyte "$@" >/dev/null
+ncu --graph-profiling node --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$csv" /tmp/mb/megabyte "$@" >/dev/null
 python3 - "$csv" "$div" <<'PY'
 import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]

@@ -6,8 +6,11 @@
 // Rounding follows the stepwise path (src/model.rs local_step and global_step): every add that
 // candle does as a separate T-typed op is rounded to T here too.
 //
-// Bytes live in a time-major buffer seq [positions, B] (u32): byte t of sequence b is
-// seq[t·B + b], so one patch of every sequence is one contiguous range to read back.
+// The bytes of the current patch live in a time-major buffer cur [P, B] (u32): byte j of
+// sequence b's patch is cur[j·B + b], so the patch is one contiguous range to read back.
+// Steps are captured once into CUDA graphs (one per local position, one for the global step)
+// and replayed: what changes from patch to patch, the global position and the position-table
+// row of the patch's first byte, is read from a device state the global step advances.
 
 #include "common.cuh"
 
@@ -28,11 +31,13 @@ __device__ void dec_local_in(const T* ctx, long ctx_stride, const T* table, cons
 }
 
 // The global model's input for one completed patch of P bytes per sequence:
-//   x[b, j·DG + c] = E[bytes[j·B + b]][c] + pos[j·DG + c]
-// bytes: the patch in seq (time-major); pos: the position table from the patch's first byte.
+//   x[b, j·DG + c] = E[bytes[j·B + b]][c] + pos[(first + j)·DG + c]
+// bytes: the patch (time-major); first = state[1], the window position of its first byte.
 template <typename T>
-__device__ void dec_patch_in(const T* table, const T* pos, const uint32_t* bytes, T* x, int B, int P, int DG) {
+__device__ void dec_patch_in(const T* table, const T* pos_table, const int* state, const uint32_t* bytes, T* x, int B,
+                             int P, int DG) {
     const long width = (long)P * DG;
+    const T* pos = pos_table + (long)state[1] * DG;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < B * width; i += (long)gridDim.x * blockDim.x) {
         const long b = i / width, r = i % width;
         const int j = r / DG, c = r % DG;
@@ -42,14 +47,16 @@ __device__ void dec_patch_in(const T* table, const T* pos, const uint32_t* bytes
 
 // Causal attention of one new position per sequence. qkv [B, 3D] holds its query, key and value
 // (column blocks, heads within each); the key and value are first written at position `len` of
-// the caches kc, vc [B, cap, D], then the query attends over positions 0..len.
+// the caches kc, vc [B, cap, D], then the query attends over positions 0..len. len is
+// *len_dev when given (the global step's position, state[0]), else len_arg.
 // One block per (sequence, head); each warp streams every (warps)-th key with an online softmax
 // (a lane holds HD/32 columns), and warp 0 merges the warps' partial results.
 constexpr int DEC_WARPS = 8;
 
 template <typename T, int HD>
-__device__ void dec_attn(const T* qkv, T* kc, T* vc, long cap, int len, T* y, int H, float scale) {
+__device__ void dec_attn(const T* qkv, T* kc, T* vc, long cap, const int* len_dev, int len_arg, T* y, int H, float scale) {
     constexpr int E = (HD + 31) / 32;
+    const int len = len_dev ? *len_dev : len_arg;
     __shared__ float part_m[DEC_WARPS], part_l[DEC_WARPS];
     __shared__ float part_o[DEC_WARPS][E * 32];
     const int b = blockIdx.x / H, h = blockIdx.x % H;
@@ -185,17 +192,74 @@ __device__ void dec_sample(const T* logits, uint32_t* out, const double* u, int 
     out[b] = pick;
 }
 
+// y[r, n] = Σ_k x[r, k]·W[n, k] for rows r < R (R ≤ 8): a matrix-vector product for the few
+// rows of a decoding step, bound by reading W once. One warp per output column n streams the
+// weight row in 16-byte loads, U of them in flight per lane; the x rows come through L1.
+// With gelu, y = GELU(round_T(Σ)), as a product followed by the GELU kernel rounds it.
+// K·sizeof(T) must be a multiple of 16 and the rows 16-byte aligned (the host checks).
+template <typename T, int R>
+__device__ void dec_gemv(const T* x, const T* W, T* y, int rows, int N, int K, int gelu) {
+    constexpr int V = 16 / sizeof(T), U = 4;
+    const long n = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (n >= N) return;
+    const T* w = W + n * K;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.f;
+    for (int k0 = lane * V; k0 < K; k0 += 32 * V * U) {
+        uint4 wv[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int k = k0 + u * 32 * V;
+            wv[u] = k < K ? *reinterpret_cast<const uint4*>(w + k) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int k = k0 + u * 32 * V;
+            if (k >= K) break;
+            const T* we = reinterpret_cast<const T*>(&wv[u]);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                if (r >= rows) break;
+                const uint4 xv = *reinterpret_cast<const uint4*>(x + (long)r * K + k);
+                const T* xe = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+                for (int e = 0; e < V; e++) acc[r] += to_f(we[e]) * to_f(xe[e]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (r >= rows) break;
+        float v = warp_sum(acc[r]);
+        if (lane == 0) {
+            if (gelu) {
+                v = to_f(from_f<T>(v));
+                v = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+            }
+            y[(long)r * N + n] = from_f<T>(v);
+        }
+    }
+}
+
 // -------------------------------------------------------------------------------------------
 // extern "C" entry points.
+
+// After a global step: one more global position, and the next patch starts P bytes later.
+extern "C" __global__ void dec_advance(int* state, int P) {
+    state[0] += 1;
+    state[1] += P;
+}
 
 #define DECODE(TN, T)                                                                                                  \
     extern "C" __global__ void dec_local_in_##TN(const T* ctx, long ctx_stride, const T* table, const float* pad,     \
                                                  const T* pos, const uint32_t* prev, T* x, int B, int D) {             \
         dec_local_in<T>(ctx, ctx_stride, table, pad, pos, prev, x, B, D);                                              \
     }                                                                                                                  \
-    extern "C" __global__ void dec_patch_in_##TN(const T* table, const T* pos, const uint32_t* bytes, T* x, int B,    \
-                                                 int P, int DG) {                                                      \
-        dec_patch_in<T>(table, pos, bytes, x, B, P, DG);                                                               \
+    extern "C" __global__ void dec_patch_in_##TN(const T* table, const T* pos, const int* state,                     \
+                                                 const uint32_t* bytes, T* x, int B, int P, int DG) {                  \
+        dec_patch_in<T>(table, pos, state, bytes, x, B, P, DG);                                                        \
     }                                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256) dec_sample_##TN(const T* logits, uint32_t* out, const double* u, \
                                                                       int mode, double temperature, int top_k,         \
@@ -205,12 +269,22 @@ __device__ void dec_sample(const T* logits, uint32_t* out, const double* u, int 
 
 #define DECODE_ATTN(TN, T, HD)                                                                                         \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) dec_attn_##TN##_##HD(                                 \
-        const T* qkv, T* kc, T* vc, long cap, int len, T* y, int H, float scale) {                                     \
-        dec_attn<T, HD>(qkv, kc, vc, cap, len, y, H, scale);                                                           \
+        const T* qkv, T* kc, T* vc, long cap, const int* len_dev, int len, T* y, int H, float scale) {                \
+        dec_attn<T, HD>(qkv, kc, vc, cap, len_dev, len, y, H, scale);                                                  \
+    }
+
+#define DECODE_GEMV(TN, T, R)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) dec_gemv_##TN##_##R(const T* x, const T* W, T* y, int rows,      \
+                                                                          int N, int K, int gelu) {                    \
+        dec_gemv<T, R>(x, W, y, rows, N, K, gelu);                                                                     \
     }
 
 DECODE(f32, float)
 DECODE(bf16, bf16)
+DECODE_GEMV(f32, float, 2)
+DECODE_GEMV(f32, float, 8)
+DECODE_GEMV(bf16, bf16, 2)
+DECODE_GEMV(bf16, bf16, 8)
 DECODE_ATTN(f32, float, 16)
 DECODE_ATTN(f32, float, 32)
 DECODE_ATTN(f32, float, 64)

@@ -3,8 +3,9 @@
 //! The stepwise path costs about a hundred candle ops and one read-back of the logits per
 //! byte; at batch 1 that host work, not the GPU, sets the speed. Here every buffer is
 //! allocated once, each step is a fixed list of launches on raw addresses (kernels/decode.cu,
-//! the norm and GELU kernels, cuBLAS), the byte is sampled on the device into a time-major
-//! byte buffer that feeds the next step, and the host reads bytes back once per patch.
+//! the norm and GELU kernels, cuBLAS) captured once into a CUDA graph and replayed, the byte
+//! is sampled on the device into the patch buffer that feeds the next step, and the host reads
+//! bytes back once per patch.
 //!
 //! Prefill and window slides stay on the stepwise path ([`Decoder`]), whose caches and state
 //! the engine continues: its KV buffers are written in place here and their lengths kept.
@@ -16,7 +17,8 @@ use crate::config::V;
 use crate::error::{Error, Result};
 use crate::model::MegaByte;
 use crate::nn::{Norm, Transformer, NORM_EPS};
-use crate::ops::cuda::decode::{address_of, head_dim_supported, Kernels, SampleRule};
+use crate::ops::cuda::decode::{address_of, head_dim_supported, Kernels, Position, SampleRule};
+use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 
 /// True when the engine runs `model` on `device`: CUDA, f32 or bf16 activations with every
 /// matrix in that dtype (sampling models are converted so), f32 norm weights and pads, and
@@ -60,10 +62,9 @@ pub(super) fn generate(
     let rows = prompts.len();
     let p = model.config().patch_size;
     let start = dec.history[0].len();
-    let engine = Engine::new(model, rows, start + n, device)?;
-    engine.write_bytes(0, &dec.history)?;
-    engine.set_context(&dec.context)?;
     let rule = sample_rule(sampler.rule());
+    let mut engine = Engine::new(model, rows, &mut dec, rule, device)?;
+    engine.restart(&dec)?;
     let mut out = vec![Vec::with_capacity(n); rows];
     let mut t = start; // index of the next byte
     while t < start + n {
@@ -71,14 +72,13 @@ pub(super) fn generate(
         let steps = (p - pos0).min(start + n - t);
         if rule.mode != 0 {
             let draws: Vec<f64> = (0..steps * rows).map(|_| sampler.uniform()).collect();
-            engine.k.write(engine.u, &draws)?;
+            engine.k.write(engine.u + (pos0 * rows * 8) as u64, &draws)?;
         }
-        let local = engine.cache_addresses(&mut dec.local, model.config().local.width)?;
-        for s in 0..steps {
-            engine.local_step(&local, pos0 + s, t + s, s, rule)?;
+        for pos in pos0..pos0 + steps {
+            engine.local_step(pos)?;
         }
         dec.local.set_len(pos0 + steps);
-        let bytes = engine.read_bytes(t, steps)?;
+        let bytes = engine.read_patch(pos0, steps)?;
         for step in bytes.chunks(rows) {
             let next: Vec<u8> = step.iter().map(|&b| b as u8).collect();
             for ((o, h), &b) in out.iter_mut().zip(dec.history.iter_mut()).zip(&next) {
@@ -93,16 +93,14 @@ pub(super) fn generate(
         }
         // A patch is complete: one global step, or a window slide (stepwise prefill).
         if dec.slide_if_full()? {
-            engine.set_context(&dec.context)?;
+            engine.restart(&dec)?;
             continue;
         }
-        let first = t - p - dec.window_start; // the patch's first byte within the window
         let len = dec.global.len();
-        if first != len.saturating_sub(1) * p {
-            return Err(Error::Input(format!("CUDA decoder: patch at window byte {first} after {len} global positions")));
+        if len >= dec.global.capacity() {
+            return Err(Error::Input(format!("CUDA decoder: global position {len} past the cache's {}", dec.global.capacity())));
         }
-        let global = engine.cache_addresses(&mut dec.global, model.config().global.width)?;
-        engine.global_step(&global, t - p, first, len)?;
+        engine.global_step()?;
         dec.global.set_len(len + 1);
         dec.local.reset();
     }
@@ -175,27 +173,34 @@ struct Engine<'m> {
     k: Kernels,
     model: &'m MegaByte,
     rows: usize,
+    rule: SampleRule,
     global: Stack,
     local: Stack,
+    global_cache: CacheAddrs,
+    local_cache: CacheAddrs,
     /// The global output [rows, P·D_G], the local contexts of the current patch
     /// [rows, P, D_L], the local output [rows, D_L] and the logits [rows, V].
     global_out: u64,
     context: u64,
     local_out: u64,
     logits: u64,
-    /// Every byte so far, time-major [positions, rows] u32; the uniform draws of one patch
-    /// [P, rows] f64.
-    seq: u64,
+    /// The current patch's bytes, time-major [P, rows] u32; its uniform draws [P, rows] f64;
+    /// the global state: i32 [global position, window byte of the next patch].
+    cur: u64,
     u: u64,
-    /// The embedding tables, position tables, local pad, head and w_GL.
+    state: u64,
     tables: Tables,
-    device: Device,
+    /// Captured on first use: one graph per local position, one for the global step.
+    local_graphs: Vec<Option<CudaGraph>>,
+    global_graph: Option<CudaGraph>,
     /// The buffers behind the addresses above, kept alive.
     _buffers: Vec<Tensor>,
 }
 
 impl<'m> Engine<'m> {
-    fn new(model: &'m MegaByte, rows: usize, positions: usize, device: &Device) -> Result<Self> {
+    /// Buffers for `rows` sequences, continuing the caches of `dec` (allocating the local
+    /// one's buffers when its prefill did not).
+    fn new(model: &'m MegaByte, rows: usize, dec: &mut Decoder, rule: SampleRule, device: &Device) -> Result<Self> {
         let candle_core::Device::Cuda(dev) = device else {
             return Err(Error::Input("the CUDA decoder needs a CUDA device".into()));
         };
@@ -247,8 +252,9 @@ impl<'m> Engine<'m> {
         let context = buffer(rows * p * dl, act)?;
         let local_out = buffer(rows * dl, act)?;
         let logits = buffer(rows * V, act)?;
-        let seq = buffer(positions * rows, DType::U32)?;
+        let cur = buffer(p * rows, DType::U32)?;
         let u = buffer(p * rows, DType::F64)?;
+        let state = buffer(2, DType::U32)?; // i32 values, never above 2³¹
         let (pe, le) = (&model.patch_embedder, &model.local_embedder);
         let tables = Tables {
             patch_bytes: address_of(&pe.byte_embed)?,
@@ -259,53 +265,66 @@ impl<'m> Engine<'m> {
             local_pad: address_of(&le.local_pad)?,
             head: address_of(&model.head_linear().weight)?,
         };
-        Ok(Engine { k, model, rows, global, local, global_out, context, local_out, logits, seq, u, tables, device: device.clone(), _buffers: buffers })
+        let global_cache = cache_addresses(&mut dec.global, rows, cfg.global.width, act, device)?;
+        let local_cache = cache_addresses(&mut dec.local, rows, dl, act, device)?;
+        Ok(Engine {
+            k,
+            model,
+            rows,
+            rule,
+            global,
+            local,
+            global_cache,
+            local_cache,
+            global_out,
+            context,
+            local_out,
+            logits,
+            cur,
+            u,
+            state,
+            tables,
+            local_graphs: (0..p).map(|_| None).collect(),
+            global_graph: None,
+            _buffers: buffers,
+        })
     }
 
     fn esize(&self) -> u64 {
         self.k.dtype().size_in_bytes() as u64
     }
 
-    /// Writes the bytes of every sequence from position `from` on into `seq`.
-    fn write_bytes(&self, from: usize, history: &[Vec<u8>]) -> Result<()> {
-        let len = history[0].len();
-        let mut tm = Vec::with_capacity(len * self.rows);
-        for t in 0..len {
-            tm.extend(history.iter().map(|h| u32::from(h[t])));
-        }
-        if !tm.is_empty() {
-            self.k.write(self.seq + (from * self.rows * 4) as u64, &tm)?;
-        }
-        Ok(())
-    }
-
-    /// Bytes t0..t0+steps of every sequence, time-major (waits for the GPU).
-    fn read_bytes(&self, t0: usize, steps: usize) -> Result<Vec<u32>> {
-        Ok(self.k.read_u32(self.seq + (t0 * self.rows * 4) as u64, steps * self.rows)?)
-    }
-
-    /// Takes the local contexts [rows, P, D_L] the stepwise path computed (after a prefill).
-    fn set_context(&self, context: &Tensor) -> Result<()> {
-        let c = context.contiguous()?;
-        if c.dtype() != self.k.dtype() || c.elem_count() != self.rows * self.model.config().patch_size * self.model.config().local.width {
+    /// Takes over from the stepwise path after a prefill: its local contexts, its global
+    /// position, and the bytes of a partial patch.
+    fn restart(&self, dec: &Decoder) -> Result<()> {
+        let c = dec.context.contiguous()?;
+        let cfg = self.model.config();
+        if c.dtype() != self.k.dtype() || c.elem_count() != self.rows * cfg.patch_size * cfg.local.width {
             return Err(Error::Input(format!("CUDA decoder: unexpected context {:?} {:?}", c.dims(), c.dtype())));
         }
         self.k.copy(self.context, address_of(&c)?, c.elem_count() * c.dtype().size_in_bytes())?;
+        let len = dec.global.len();
+        let first = len.saturating_sub(1) * cfg.patch_size; // window byte of the next patch
+        self.k.write(self.state, &[len as i32, first as i32])?;
+        let r = dec.local.len();
+        let partial: Vec<u32> = (0..r).flat_map(|j| dec.history.iter().map(move |h| u32::from(h[h.len() - r + j]))).collect();
+        if !partial.is_empty() {
+            self.k.write(self.cur, &partial)?;
+        }
+        // The copies above are ordered before the next launches; keep `c` alive until they ran.
+        self.k.synchronize()?;
         Ok(())
     }
 
-    fn cache_addresses(&self, cache: &mut crate::nn::KvCache, width: usize) -> Result<CacheAddrs> {
-        let layers = cache
-            .buffers(self.rows, width, self.k.dtype(), &self.device)?
-            .iter()
-            .map(|(k, v)| Ok((address_of(k)?, address_of(v)?)))
-            .collect::<Result<_>>()?;
-        Ok(CacheAddrs { layers, capacity: cache.capacity() })
+    /// Bytes pos0..pos0+steps of the current patch of every sequence, time-major (waits for
+    /// the GPU).
+    fn read_patch(&self, pos0: usize, steps: usize) -> Result<Vec<u32>> {
+        Ok(self.k.read_u32(self.cur + (pos0 * self.rows * 4) as u64, steps * self.rows)?)
     }
 
-    /// One position of a transformer: the input in `s.x`, cache positions 0..len before it;
-    /// the final norm's output goes to `out`.
-    fn stack_step(&self, s: &Stack, cache: &CacheAddrs, len: usize, out: u64) -> Result<()> {
+    /// One position of a transformer: the input in `s.x`, the new position `len`; the final
+    /// norm's output goes to `out`.
+    fn stack_step(&self, s: &Stack, cache: &CacheAddrs, len: Position, out: u64) -> Result<()> {
         let (k, rows, d) = (&self.k, self.rows, s.width);
         let eps = NORM_EPS as f32;
         let mut delta = None;
@@ -315,8 +334,7 @@ impl<'m> Engine<'m> {
             k.attention(s.qkv, kc, vc, cache.capacity, len, s.y, rows, s.heads, d / s.heads)?;
             k.linear(s.y, l.proj, s.a, rows, d, d)?;
             k.norm(s.x, Some(s.a), l.mlp_norm.0, l.mlp_norm.1, s.h, rows, d, eps)?;
-            k.linear(s.h, l.up, s.u, rows, 4 * d, d)?;
-            k.gelu(s.u, rows * 4 * d)?;
+            k.linear_gelu(s.h, l.up, s.u, rows, 4 * d, d)?;
             k.linear(s.u, l.down, s.delta, rows, d, 4 * d)?;
             delta = Some(s.delta);
         }
@@ -324,32 +342,56 @@ impl<'m> Engine<'m> {
         Ok(())
     }
 
-    /// Local position `pos` of the patch, whose byte is sequence index `t`: samples it into
-    /// `seq` with the patch's draw `draw` (its index among this patch's steps).
-    fn local_step(&self, cache: &CacheAddrs, pos: usize, t: usize, draw: usize, rule: SampleRule) -> Result<()> {
-        let (k, rows, es, tb) = (&self.k, self.rows, self.esize(), &self.tables);
-        let cfg = self.model.config();
-        let (p, dl) = (cfg.patch_size, cfg.local.width);
-        let prev = (pos > 0).then(|| self.seq + ((t - 1) * rows * 4) as u64);
-        let at_pos = (pos * dl) as u64 * es;
-        k.local_input(self.context + at_pos, p * dl, tb.local_bytes, tb.local_pad, tb.local_pos + at_pos, prev, self.local.x, rows, dl)?;
-        self.stack_step(&self.local, cache, pos, self.local_out)?;
-        k.linear(self.local_out, tb.head, self.logits, rows, V, dl)?;
-        let out = self.seq + (t * rows * 4) as u64;
-        k.sample(self.logits, out, self.u + (draw * rows * 8) as u64, rows, rule)?;
+    /// Runs local position `pos` of the current patch, sampling its byte into `cur[pos]` with
+    /// the draws `u[pos]`.
+    fn local_step(&mut self, pos: usize) -> Result<()> {
+        if self.local_graphs[pos].is_none() {
+            let graph = self.k.capture(|| self.enqueue_local_step(pos).map_err(candle_core::Error::wrap))?;
+            self.local_graphs[pos] = Some(graph);
+        }
+        self.local_graphs[pos].as_ref().expect("captured above").launch().map_err(candle_core::Error::wrap)?;
         Ok(())
     }
 
-    /// The global step for the patch at sequence index t0 (window byte `first`), at global
-    /// position `len`; leaves the next patch's local contexts in `context`.
-    fn global_step(&self, cache: &CacheAddrs, t0: usize, first: usize, len: usize) -> Result<()> {
+    fn enqueue_local_step(&self, pos: usize) -> Result<()> {
         let (k, rows, es, tb) = (&self.k, self.rows, self.esize(), &self.tables);
         let cfg = self.model.config();
-        let (p, dg, dl) = (cfg.patch_size, cfg.d_global(), cfg.local.width);
-        let bytes = self.seq + (t0 * rows * 4) as u64;
-        k.patch_input(tb.patch_bytes, tb.patch_pos + (first * dg) as u64 * es, bytes, self.global.x, rows, p, dg)?;
-        self.stack_step(&self.global, cache, len, self.global_out)?;
-        k.linear(self.global_out, tb.global_to_local, self.context, rows * p, dl, dg)?;
+        let (p, dl) = (cfg.patch_size, cfg.local.width);
+        let prev = (pos > 0).then(|| self.cur + ((pos - 1) * rows * 4) as u64);
+        let at_pos = (pos * dl) as u64 * es;
+        k.local_input(self.context + at_pos, p * dl, tb.local_bytes, tb.local_pad, tb.local_pos + at_pos, prev, self.local.x, rows, dl)?;
+        self.stack_step(&self.local, &self.local_cache, Position::Fixed(pos), self.local_out)?;
+        k.linear(self.local_out, tb.head, self.logits, rows, V, dl)?;
+        let out = self.cur + (pos * rows * 4) as u64;
+        k.sample(self.logits, out, self.u + (pos * rows * 8) as u64, rows, self.rule)?;
         Ok(())
     }
+
+    /// The global step for the completed patch in `cur`, at the global position and window
+    /// byte in `state` (which it advances); leaves the next patch's local contexts in `context`.
+    fn global_step(&mut self) -> Result<()> {
+        if self.global_graph.is_none() {
+            let graph = self.k.capture(|| self.enqueue_global_step().map_err(candle_core::Error::wrap))?;
+            self.global_graph = Some(graph);
+        }
+        self.global_graph.as_ref().expect("captured above").launch().map_err(candle_core::Error::wrap)?;
+        Ok(())
+    }
+
+    fn enqueue_global_step(&self) -> Result<()> {
+        let (k, rows, tb) = (&self.k, self.rows, &self.tables);
+        let cfg = self.model.config();
+        let (p, dg, dl) = (cfg.patch_size, cfg.d_global(), cfg.local.width);
+        k.patch_input(tb.patch_bytes, tb.patch_pos, self.state, self.cur, self.global.x, rows, p, dg)?;
+        self.stack_step(&self.global, &self.global_cache, Position::OnDevice(self.state), self.global_out)?;
+        k.linear(self.global_out, tb.global_to_local, self.context, rows * p, dl, dg)?;
+        k.advance(self.state, p)?;
+        Ok(())
+    }
+}
+
+/// The per-layer buffers of a KV cache (allocated where missing) as addresses.
+fn cache_addresses(cache: &mut crate::nn::KvCache, rows: usize, width: usize, dtype: DType, device: &Device) -> Result<CacheAddrs> {
+    let layers = cache.buffers(rows, width, dtype, device)?.iter().map(|(k, v)| Ok((address_of(k)?, address_of(v)?))).collect::<Result<_>>()?;
+    Ok(CacheAddrs { layers, capacity: cache.capacity() })
 }

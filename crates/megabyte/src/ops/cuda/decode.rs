@@ -1,11 +1,11 @@
 //! Raw launches for the CUDA decoding engine (`generate/cuda.rs`): the kernels of
 //! `kernels/decode.cu`, megabyte.cu's norm and GELU, and cuBLAS products, on device addresses of
 //! buffers the engine owns. Nothing here allocates or synchronises; each call enqueues one
-//! kernel on the device's stream. The functions are looked up once, so a launch costs the
-//! driver call and little else.
+//! kernel on the device's stream, so a sequence of calls can be captured into a CUDA graph
+//! ([`Kernels::capture`]) and replayed.
 
-use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys as blas};
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, PushKernelArg};
+use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys as blas, CudaBlas};
+use candle_core::cuda_backend::cudarc::driver::{sys as driver, CudaFunction, CudaGraph, CudaSlice, CudaStream, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Tensor};
 use std::sync::Arc;
@@ -40,10 +40,24 @@ pub(crate) struct SampleRule {
     pub top_p: f64,
 }
 
+/// cuBLAS workspace of the engine's own handle: set explicitly, so that no product allocates
+/// while a graph is being captured.
+const BLAS_WORKSPACE: usize = 32 << 20;
+
+/// Where `dec_attn` finds the new position.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Position {
+    Fixed(usize),
+    /// An i32 in device memory (read when the kernel runs).
+    OnDevice(u64),
+}
+
 /// The decoding kernels of one activation dtype on one device.
 pub(crate) struct Kernels {
-    dev: CudaDevice,
     stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _workspace: CudaSlice<u8>,
+    advance: CudaFunction,
     dtype: DType,
     norm: CudaFunction,
     gelu: CudaFunction,
@@ -52,7 +66,13 @@ pub(crate) struct Kernels {
     sample: CudaFunction,
     /// `dec_attn` by head dimension, in HEAD_DIMS order.
     attn: Vec<CudaFunction>,
+    /// `dec_gemv` by its row bound, in GEMV_ROWS order.
+    gemv: Vec<CudaFunction>,
 }
+
+/// Row bounds `dec_gemv` is built for: products of at most 8 rows skip cuBLAS, whose
+/// tensor-core tiles read the weights at a fraction of the memory bandwidth at these sizes.
+const GEMV_ROWS: [usize; 2] = [2, 8];
 
 /// Enqueues `$func` with the given arguments (variables: the launch borrows them).
 macro_rules! go {
@@ -70,9 +90,23 @@ impl Kernels {
         let tn = suffix(dtype)?;
         let main = |name: &str| Ok::<_, candle_core::Error>(dev.get_or_load_custom_func(name, "megabyte", PTX)?.into_cuda_function());
         let dec = |name: &str| Ok::<_, candle_core::Error>(dev.get_or_load_custom_func(name, "megabyte_decode", PTX_DECODE)?.into_cuda_function());
+        let stream = dev.cuda_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))?;
+        let workspace = dev.alloc_zeros::<u8>(BLAS_WORKSPACE)?;
+        {
+            use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+            let (ptr, _guard) = workspace.device_ptr(&stream);
+            // SAFETY: the workspace lives as long as the handle (both are fields of Kernels).
+            let status = unsafe { blas::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, BLAS_WORKSPACE) };
+            if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                candle_core::bail!("cuBLAS: setting the workspace failed: {status:?}");
+            }
+        }
         Ok(Kernels {
-            dev: dev.clone(),
-            stream: dev.cuda_stream(),
+            stream,
+            blas,
+            _workspace: workspace,
+            advance: dec("dec_advance")?,
             dtype,
             norm: main(&format!("norm_fwd_{tn}"))?,
             gelu: main(&format!("gelu_fwd_{tn}"))?,
@@ -80,6 +114,7 @@ impl Kernels {
             patch_in: dec(&format!("dec_patch_in_{tn}"))?,
             sample: dec(&format!("dec_sample_{tn}"))?,
             attn: HEAD_DIMS.iter().map(|hd| dec(&format!("dec_attn_{tn}_{hd}"))).collect::<CResult<_>>()?,
+            gemv: GEMV_ROWS.iter().map(|r| dec(&format!("dec_gemv_{tn}_{r}"))).collect::<CResult<_>>()?,
         })
     }
 
@@ -107,18 +142,45 @@ impl Kernels {
     /// y [m, n] = x [m, k] · Wᵀ for W [n, k], all row-major in the activations' dtype, f32
     /// accumulation (as candle's matmul).
     pub fn linear(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize) -> CResult<()> {
+        if !self.gemv(x, w, y, m, n, k, false)? {
+            self.blas_linear(x, w, y, m, n, k)?;
+        }
+        Ok(())
+    }
+
+    /// y = GELU(x · Wᵀ) (the MLP's first half), in one kernel where `dec_gemv` applies.
+    pub fn linear_gelu(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize) -> CResult<()> {
+        if !self.gemv(x, w, y, m, n, k, true)? {
+            self.blas_linear(x, w, y, m, n, k)?;
+            self.gelu(y, m * n)?;
+        }
+        Ok(())
+    }
+
+    /// `dec_gemv` when it takes the shape (few rows, 16-byte rows and addresses); false if not.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, gelu: bool) -> CResult<bool> {
+        let Some(i) = GEMV_ROWS.iter().position(|&r| m <= r) else { return Ok(false) };
+        if (k * self.dtype.size_in_bytes()) % 16 != 0 || x % 16 != 0 || w % 16 != 0 {
+            return Ok(false);
+        }
+        let (m32, n32, k32, g32) = (m as i32, n as i32, k as i32, gelu as i32);
+        go!(self, self.gemv[i], launch_cfg((n.div_ceil(8) as u32, 1), 256, 0), x, w, y, m32, n32, k32, g32);
+        Ok(true)
+    }
+
+    fn blas_linear(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize) -> CResult<()> {
         let ty = match self.dtype {
             DType::BF16 => blas::cudaDataType::CUDA_R_16BF,
             _ => blas::cudaDataType::CUDA_R_32F,
         };
         let (alpha, beta) = (1f32, 0f32);
-        let handle = self.dev.cublas_handle();
         // Column-major: yᵀ [n × m] = (Wᵀ stored k × n)ᵀ · (xᵀ stored k × m).
         // SAFETY: the engine's buffers hold m·k, n·k and m·n elements of this dtype, and the
         // handle is bound to the device's stream, so the product is ordered with the kernels.
         unsafe {
             gemm_ex(
-                *handle.handle(),
+                *self.blas.handle(),
                 blas::cublasOperation_t::CUBLAS_OP_T,
                 blas::cublasOperation_t::CUBLAS_OP_N,
                 n as i32,
@@ -144,15 +206,19 @@ impl Kernels {
     }
 
     /// Appends the key and value of qkv [rows, 3·heads·hd] at position `len` of the caches
-    /// [rows, cap, heads·hd] and writes the attention output y [rows, heads·hd].
+    /// [rows, cap, heads·hd] and writes the attention output y [rows, heads·hd]. The position
+    /// is `len`, or the i32 at device address `len_dev` when given (the caller checks it
+    /// against `cap`).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(&self, qkv: u64, kc: u64, vc: u64, cap: usize, len: usize, y: u64, rows: usize, heads: usize, hd: usize) -> CResult<()> {
+    pub fn attention(&self, qkv: u64, kc: u64, vc: u64, cap: usize, len: Position, y: u64, rows: usize, heads: usize, hd: usize) -> CResult<()> {
         let i = HEAD_DIMS.iter().position(|&h| h == hd).ok_or_else(|| candle_core::Error::Msg(format!("decoding attention: no kernel for head dim {hd}")))?;
-        if len >= cap {
-            candle_core::bail!("decoding attention: position {len} is past the cache's {cap}");
-        }
-        let (cap64, len32, h32, scale) = (cap as i64, len as i32, heads as i32, 1.0 / (hd as f32).sqrt());
-        go!(self, self.attn[i], launch_cfg(((rows * heads) as u32, 1), ATTN_THREADS, 0), qkv, kc, vc, cap64, len32, y, h32, scale);
+        let (len_dev, len) = match len {
+            Position::Fixed(len) if len >= cap => candle_core::bail!("decoding attention: position {len} is past the cache's {cap}"),
+            Position::Fixed(len) => (0u64, len as i32),
+            Position::OnDevice(address) => (address, 0),
+        };
+        let (cap64, h32, scale) = (cap as i64, heads as i32, 1.0 / (hd as f32).sqrt());
+        go!(self, self.attn[i], launch_cfg(((rows * heads) as u32, 1), ATTN_THREADS, 0), qkv, kc, vc, cap64, len_dev, len, y, h32, scale);
         Ok(())
     }
 
@@ -166,12 +232,29 @@ impl Kernels {
     }
 
     /// The global model's input x [rows, p·dg] for one patch of `bytes` [p, rows] (u32,
-    /// time-major), `pos` pointing at the position table row of its first byte.
+    /// time-major) whose first byte is at window position state[1] (i32 [2] at `state`).
     #[allow(clippy::too_many_arguments)]
-    pub fn patch_input(&self, table: u64, pos: u64, bytes: u64, x: u64, rows: usize, p: usize, dg: usize) -> CResult<()> {
+    pub fn patch_input(&self, table: u64, pos: u64, state: u64, bytes: u64, x: u64, rows: usize, p: usize, dg: usize) -> CResult<()> {
         let (r32, p32, dg32) = (rows as i32, p as i32, dg as i32);
-        go!(self, self.patch_in, launch_cfg((super::elementwise_blocks(rows * p * dg), 1), 256, 0), table, pos, bytes, x, r32, p32, dg32);
+        go!(self, self.patch_in, launch_cfg((super::elementwise_blocks(rows * p * dg), 1), 256, 0), table, pos, state, bytes, x, r32, p32, dg32);
         Ok(())
+    }
+
+    /// state[0] += 1 (the global position), state[1] += p (the next patch's first byte).
+    pub fn advance(&self, state: u64, p: usize) -> CResult<()> {
+        let p32 = p as i32;
+        go!(self, self.advance, launch_cfg((1, 1), 1, 0), state, p32);
+        Ok(())
+    }
+
+    /// Records the launches `enqueue` makes into a CUDA graph instead of running them.
+    pub fn capture(&self, enqueue: impl FnOnce() -> CResult<()>) -> CResult<CudaGraph> {
+        self.stream.begin_capture(driver::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+        let recorded = enqueue();
+        // End the capture even when a launch failed, so the stream is usable again.
+        let graph = self.stream.end_capture(driver::CUgraphInstantiate_flags(0)).w();
+        recorded?;
+        graph?.ok_or_else(|| candle_core::Error::Msg("CUDA graph capture recorded nothing".into()))
     }
 
     /// out[b] (u32) = the byte chosen from logits [rows, 256] by `rule`, with the uniform
@@ -204,6 +287,11 @@ impl Kernels {
             result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()).w()?;
         }
         Ok(())
+    }
+
+    /// Waits for everything enqueued so far.
+    pub fn synchronize(&self) -> CResult<()> {
+        self.stream.synchronize().w()
     }
 
     /// Copies host values to device address `dst` (ordered after the kernels enqueued before).
