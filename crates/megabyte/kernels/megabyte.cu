@@ -859,171 +859,262 @@ __device__ void attn_flash_bwd_dkdv(const T* q, View vq, const T* k, View vk, co
 // the A operand of the next (the m16n8 C layout matches the m16k16 A layout). Row statistics
 // per query (log Σ exp L, and D = dy·y) come from the forward and attn_bwd_prep.
 //
+// The streamed tiles are double-buffered: cp.async copies tile i+1 into one stage while the
+// warps multiply out of the other. Tiles stay row-major as in global memory; ldmatrix (x4,
+// .trans where the tile's rows are the product's k) builds the fragments. Softmax uses exp2
+// with scale·log2(e) folded into one fma; the causal mask is only evaluated on tiles that
+// cross the diagonal (or the sequence's end), and there each warp skips the 8-column blocks
+// that are masked for all of its 16 rows.
+//
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): lane = 4g + t;
 //   A (16×16, row-major): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
 //   B (16×8, k×n):        b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
 //   C (16×8):             c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
+// ldmatrix: lanes 8m..8m+7 give the row addresses of 8×8 matrix m; lane 4g+t receives row g,
+// columns 2t..2t+1 (with .trans: rows 2t..2t+1, column g) of each matrix.
 
-constexpr int TC_ROWS = 64;   // rows per block (4 warps × 16)
-constexpr int TC_TILE = 64;   // streamed rows per tile
-constexpr int TC_PAD = 8;     // bf16 padding per shared row: rows land 4 banks apart
+constexpr int TC_ROWS = 64;     // rows per block (4 warps × 16)
+constexpr int TC_TILE = 64;     // streamed rows per tile
+constexpr int TC_PAD = 8;       // bf16 padding per shared row (144-byte rows: the 8 rows of an
+                                // ldmatrix hit distinct 16-byte bank groups)
+constexpr int TC_THREADS = 128;
+constexpr float TC_LOG2E = 1.4426950408889634f;
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Not volatile: a pure register operation, so the compiler may schedule the (volatile)
+// ldmatrix loads around it.
 __device__ __forceinline__ void mma16816(float* c, const uint32_t* a, const uint32_t* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major shared array (leading dim ld).
+// 2^x on the special-function unit (2^-inf = 0); exp2f would add denormal handling.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t* r, const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// 16-byte global → shared copy that bypasses L1; when !ok it writes zeros and reads nothing
+// (src must still be a valid address).
+__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool ok) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(ok ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// A fragment of rows r0..r0+15, columns k0..k0+15 of a row-major shared array (leading dim
+// ld): matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) = a0..a3.
 __device__ __forceinline__ void load_a(uint32_t* a, const bf16* x, int ld, int r0, int k0) {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    a[0] = *reinterpret_cast<const uint32_t*>(x + (r0 + g) * ld + k0 + 2 * t);
-    a[1] = *reinterpret_cast<const uint32_t*>(x + (r0 + g + 8) * ld + k0 + 2 * t);
-    a[2] = *reinterpret_cast<const uint32_t*>(x + (r0 + g) * ld + k0 + 2 * t + 8);
-    a[3] = *reinterpret_cast<const uint32_t*>(x + (r0 + g + 8) * ld + k0 + 2 * t + 8);
-}
-
-// B fragment (k0..k0+15 × n0..n0+7) from a shared array stored n-major: element (k, n) at
-// y[n·ld + k].
-__device__ __forceinline__ void load_b(uint32_t* b, const bf16* y, int ld, int n0, int k0) {
-    const int g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    b[0] = *reinterpret_cast<const uint32_t*>(y + (n0 + g) * ld + k0 + 2 * t);
-    b[1] = *reinterpret_cast<const uint32_t*>(y + (n0 + g) * ld + k0 + 2 * t + 8);
-}
-
-// B fragment (k0..k0+15 × n0..n0+7) from a row-major [k][n] shared array (leading dim ld),
-// transposed on the fly by ldmatrix: no transposed copies in shared memory.
-__device__ __forceinline__ void load_b_trans(uint32_t* b, const bf16* y, int ld, int n0, int k0) {
     const int lane = threadIdx.x & 31;
-    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(y + (k0 + (lane & 15)) * ld + n0));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(b[0]), "=r"(b[1]) : "r"(addr));
+    ldsm_x4(a, x + (r0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8);
 }
 
-// The A fragments (4 k-steps of 16) of a 16×64 accumulator tile c[8][4].
-__device__ __forceinline__ void c_to_a(uint32_t (*a)[4], const float (*c)[4]) {
-#pragma unroll
-    for (int kk = 0; kk < 4; kk++) {
-        a[kk][0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
-        a[kk][1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
-        a[kk][2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-        a[kk][3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
-    }
-}
-
-// Copies rows r0..r0+63 (zeros past `rows`) of a [.., HD] bf16 view into shared memory,
-// row-major (dst[r·(HD+PAD) + d]) and/or transposed (dst_t[d·(64+PAD) + r]). 16-byte loads:
-// the host checks the view's alignment.
+// s = A·Bᵀ for the 8-column block j, where A (16 × HD) is in registers (a[HD/16]) and B is
+// rows n of a row-major [64][HD + PAD] tile: element (k, n) of the product's B operand is
+// tile[n][k], so the plain ldmatrix of rows j·8.. gives b0 (k 0-7) and b1 (k 8-15).
 template <int HD>
-__device__ __forceinline__ void load_tile(bf16* dst, bf16* dst_t, const bf16* src, long ss, int r0, int rows) {
-    constexpr int V = 8;  // bf16 per 16-byte load
-    for (int idx = threadIdx.x; idx < TC_TILE * HD / V; idx += blockDim.x) {
-        const int r = idx / (HD / V), c = (idx % (HD / V)) * V;
-        uint4 val = make_uint4(0, 0, 0, 0);
-        if (r0 + r < rows) val = *reinterpret_cast<const uint4*>(src + (long)(r0 + r) * ss + c);
-        if (dst) *reinterpret_cast<uint4*>(dst + r * (HD + TC_PAD) + c) = val;
-        if (dst_t) {
-            const bf16* e = reinterpret_cast<const bf16*>(&val);
+__device__ __forceinline__ void mma_abt1(float* s, const uint32_t (*a)[4], const bf16* tile, int j) {
+    constexpr int LD = HD + TC_PAD;
+    const int lane = threadIdx.x & 31;
+    s[0] = s[1] = s[2] = s[3] = 0.f;
+    const bf16* row = tile + (j * 8 + (lane & 7)) * LD;
+    if constexpr (HD == 16) {
+        uint32_t b[2];
+        ldsm_x2(b, row + ((lane >> 3) & 1) * 8);  // matrices: k 0-7, k 8-15
+        mma16816(s, a[0], b);
+    } else {
 #pragma unroll
-            for (int i = 0; i < V; i++) dst_t[(c + i) * (TC_TILE + TC_PAD) + r] = e[i];
+        for (int kk = 0; kk < HD / 16; kk += 2) {
+            uint32_t b[4];
+            ldsm_x4(b, row + kk * 16 + (lane >> 3) * 8);  // k 0-7, 8-15 of kk; of kk + 1
+            mma16816(s, a[kk], b);
+            mma16816(s, a[kk + 1], b + 2);
         }
     }
 }
 
+// s[j] = A·Bᵀ (as mma_abt1) for the blocks jlo <= j < jhi; the others are zero.
+template <int HD>
+__device__ __forceinline__ void mma_abt(float (*s)[4], const uint32_t (*a)[4], const bf16* tile, int jlo, int jhi) {
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        if (j >= jlo && j < jhi) mma_abt1<HD>(s[j], a, tile, j);
+        else s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    }
+}
+
+// acc (16 × HD) += A·B over the 16-row k-steps klo <= kk < khi, A (16 × 64) in registers
+// (a[4]) and B = a row-major [64][HD + PAD] tile (row = k, column = n), transposed by
+// ldmatrix.trans: matrices (k 0-7, n j·8), (k 8-15, n j·8), (k 0-7, n j·8+8), (k 8-15, n j·8+8).
+template <int HD>
+__device__ __forceinline__ void mma_ab(float (*acc)[4], const uint32_t (*a)[4], const bf16* tile, int klo, int khi) {
+    constexpr int LD = HD + TC_PAD;
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        if (kk < klo || kk >= khi) continue;
+        const bf16* row = tile + (kk * 16 + (lane & 15)) * LD + (lane >> 4) * 8;
+#pragma unroll
+        for (int j = 0; j < HD / 8; j += 2) {
+            uint32_t b[4];
+            ldsm_x4_t(b, row + j * 8);
+            mma16816(acc[j], a[kk], b);
+            mma16816(acc[j + 1], a[kk], b + 2);
+        }
+    }
+}
+
+// Stores accumulator block j (16 × 8, C layout) as half of the A fragment of k-step j / 2.
+__device__ __forceinline__ void c_to_a(uint32_t (*a)[4], const float* c, int j) {
+    a[j >> 1][(j & 1) * 2] = pack_bf16(c[0], c[1]);
+    a[j >> 1][(j & 1) * 2 + 1] = pack_bf16(c[2], c[3]);
+}
+
+// Starts copying rows r0..r0+63 (zeros past `rows`) of a [.., HD] bf16 view into a row-major
+// shared tile [64][HD + PAD]. 16-byte copies: the host checks the view's alignment.
+template <int HD>
+__device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, long ss, int r0, int rows) {
+    constexpr int V = 8;  // bf16 per 16-byte copy
+    static_assert(TC_TILE * HD / V % TC_THREADS == 0, "whole copies per thread");
+#pragma unroll
+    for (int i = 0; i < TC_TILE * HD / V / TC_THREADS; i++) {
+        const int idx = threadIdx.x + i * TC_THREADS;
+        const int r = idx / (HD / V), c = (idx % (HD / V)) * V;
+        const bool ok = r0 + r < rows;
+        cp_async16(dst + r * (HD + TC_PAD) + c, src + (ok ? (long)(r0 + r) * ss + c : 0), ok);
+    }
+}
+
+// Grid (N·H, ceil(Sq / 64)); the y index runs backwards so that the row blocks with the most
+// keys start first and the short ones fill in at the end.
 template <int HD>
 __device__ void attn_tc_fwd(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, bf16* y, float* lse,
                             int N, int Sq, int Sk, int H, float scale) {
-    constexpr int LD = HD + TC_PAD;
-    __shared__ __align__(16) bf16 qs[TC_ROWS * LD];
-    __shared__ __align__(16) bf16 ks[TC_TILE * LD];
-    __shared__ __align__(16) bf16 vs[TC_TILE * LD];
-    const long id = blockIdx.y;
+    constexpr int LD = HD + TC_PAD, TS = TC_TILE * LD;
+    // Stage s: K tile at kv + 2s·TS, V tile at kv + (2s + 1)·TS. Stage 1's K slot first holds q.
+    __shared__ __align__(128) bf16 kv[4 * TS];
+    const long id = blockIdx.x;
     const long n = id / H, h = id % H;
-    const int i0 = blockIdx.x * TC_ROWS;
+    const int i0 = (gridDim.y - 1 - blockIdx.y) * TC_ROWS;
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    load_tile<HD>(qs, nullptr, q + n * vq.sn + h * HD, vq.ss, i0, Sq);
+    const bf16* kp = k + n * vk.sn + h * HD;
+    const bf16* vp = v + n * vv.sn + h * HD;
+    const int off = Sk - Sq;  // query i sits at position off + i
+    const int last = min(Sk - 1, off + i0 + TC_ROWS - 1);
+    const int tiles = last / TC_TILE + 1;
+    load_tile_async<HD>(kv + 2 * TS, q + n * vq.sn + h * HD, vq.ss, i0, Sq);
+    cp_async_commit();
+    load_tile_async<HD>(kv, kp, vk.ss, 0, Sk);
+    load_tile_async<HD>(kv + TS, vp, vv.ss, 0, Sk);
+    cp_async_commit();
+    cp_async_wait<1>();  // q has landed (tile 0 may still be in flight)
     __syncthreads();
     uint32_t qa[HD / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) load_a(qa[kk], qs, LD, warp * 16, kk * 16);
+    for (int kk = 0; kk < HD / 16; kk++) load_a(qa[kk], kv + 2 * TS, LD, warp * 16, kk * 16);
+    __syncthreads();  // stage 1 is free for tile 1
     float o[HD / 8][4];
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    // m: running row max of the raw scores q·k; l: this lane's part of Σ exp(scale·(s − m)).
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    const int row0 = i0 + warp * 16 + g;        // this lane's rows: row0 and row0 + 8
-    const int off = Sk - Sq;                    // query i sits at position off + i
-    const int last = min(Sk - 1, off + i0 + TC_ROWS - 1);
-    for (int kt = 0; kt <= last; kt += TC_TILE) {
-        __syncthreads();
-        load_tile<HD>(ks, nullptr, k + n * vk.sn + h * HD, vk.ss, kt, Sk);
-        load_tile<HD>(vs, nullptr, v + n * vv.sn + h * HD, vv.ss, kt, Sk);
-        __syncthreads();
-        float s[8][4];
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                uint32_t b[2];
-                load_b(b, ks, LD, j * 8, kk * 16);
-                mma16816(s[j], qa[kk], b);
-            }
+    const float sl2 = scale * TC_LOG2E;
+    const int row0 = i0 + warp * 16 + g;         // this lane's rows: row0 and row0 + 8
+    const int wmax = off + i0 + warp * 16 + 15;  // the warp's last position
+    for (int it = 0; it < tiles; it++) {
+        const int kt = it * TC_TILE;
+        if (it + 1 < tiles) {
+            bf16* nx = kv + ((it + 1) & 1) * 2 * TS;
+            load_tile_async<HD>(nx, kp, vk.ss, kt + TC_TILE, Sk);
+            load_tile_async<HD>(nx + TS, vp, vv.ss, kt + TC_TILE, Sk);
         }
+        cp_async_commit();   // (an empty group on the last tile keeps the count uniform)
+        cp_async_wait<1>();  // tile it has landed
+        __syncthreads();
+        const bf16* ks = kv + (it & 1) * 2 * TS;
+        const bf16* vs = ks + TS;
+        // Some key of the tile lies after the block's first position (or past Sk): mask.
+        const bool diag = kt + TC_TILE - 1 > off + i0;
+        // 8-key blocks j >= jn are after all of this warp's positions (an upper bound).
+        const int jn = diag ? min(8, max(0, (wmax - kt) / 8 + 1)) : 8;
+        float s[8][4];
+        mma_abt<HD>(s, qa, ks, 0, jn);
         float mx[2] = {m[0], m[1]};
+        if (diag) {
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int col = kt + j * 8 + 2 * t + (e & 1);
+                    const int pos = off + row0 + 8 * (e >> 1);
+                    if (col > pos || col >= Sk) s[j][e] = -INFINITY;
+                }
+        }
 #pragma unroll
         for (int j = 0; j < 8; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int col = kt + j * 8 + 2 * t + (e & 1);
-                const int pos = off + row0 + 8 * (e >> 1);
-                s[j][e] = (col <= pos && col < Sk) ? s[j][e] * scale : -INFINITY;
-                mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
-            }
-        float corr[2], sum[2] = {0.f, 0.f};
+            for (int e = 0; e < 4; e++) mx[e >> 1] = fmaxf(mx[e >> 1], s[j][e]);
+        float corr[2], mb[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
             const float base = mx[r] == -INFINITY ? 0.f : mx[r];
-            corr[r] = __expf(m[r] - base);
+            corr[r] = ex2((m[r] - base) * sl2);
             m[r] = mx[r];
-            mx[r] = base;
+            mb[r] = base * sl2;
+        }
+        uint32_t pa[4][4];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[j][e] = ex2(fmaf(s[j][e], sl2, -mb[e >> 1]));
+            c_to_a(pa, s[j], j);
         }
 #pragma unroll
-        for (int j = 0; j < 8; j++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[j][e] = __expf(s[j][e] - mx[e >> 1]);
-                sum[e >> 1] += s[j][e];
-            }
-#pragma unroll
         for (int r = 0; r < 2; r++) {
-            sum[r] += __shfl_xor_sync(0xffffffff, sum[r], 1);
-            sum[r] += __shfl_xor_sync(0xffffffff, sum[r], 2);
-            l[r] = l[r] * corr[r] + sum[r];
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) sum += s[j][2 * r] + s[j][2 * r + 1];
+            l[r] = l[r] * corr[r] + sum;
         }
 #pragma unroll
         for (int j = 0; j < HD / 8; j++) {
             o[j][0] *= corr[0]; o[j][1] *= corr[0];
             o[j][2] *= corr[1]; o[j][3] *= corr[1];
         }
-        uint32_t pa[4][4];
-        c_to_a(pa, s);
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-            for (int j = 0; j < HD / 8; j++) {
-                uint32_t b[2];
-                load_b_trans(b, vs, LD, j * 8, kk * 16);
-                mma16816(o[j], pa[kk], b);
-            }
+        mma_ab<HD>(o, pa, vs, 0, (jn + 1) / 2);
+        __syncthreads();  // everyone is done with this stage before it is refilled
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffff, l[r], 2);
         const int i = row0 + 8 * r;
         if (i >= Sq) continue;
         const float inv = 1.f / l[r];
@@ -1031,7 +1122,7 @@ __device__ void attn_tc_fwd(const bf16* q, View vq, const bf16* k, View vk, cons
 #pragma unroll
         for (int j = 0; j < HD / 8; j++)
             *reinterpret_cast<uint32_t*>(yr + j * 8 + 2 * t) = pack_bf16(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
-        if (lse && t == 0) lse[id * Sq + i] = m[r] + logf(l[r]);
+        if (lse && t == 0) lse[id * Sq + i] = m[r] * scale + logf(l[r]);
     }
 }
 
@@ -1050,75 +1141,81 @@ __device__ void attn_bwd_prep(const T* y, const T* dy, float* Dbuf, int N, int S
 }
 
 // dq for 64 queries per block (self-attention, S = Sq = Sk); dy is [N, S, H·HD] contiguous.
+// Grid (N·H, ceil(S / 64)), row blocks backwards (longest first) as in the forward.
 template <int HD>
 __device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy,
                                const float* lse, const float* Dbuf, bf16* dq, View vdq, int N, int S, int H, float scale) {
-    constexpr int LD = HD + TC_PAD;
-    __shared__ __align__(16) bf16 xs[TC_ROWS * LD];  // q, then dy: staging for the A fragments
-    __shared__ __align__(16) bf16 ks[TC_TILE * LD];
-    __shared__ __align__(16) bf16 vs[TC_TILE * LD];
-    const long id = blockIdx.y;
+    constexpr int LD = HD + TC_PAD, TS = TC_TILE * LD;
+    // Stage s: K tile at kv + 2s·TS, V tile at kv + (2s + 1)·TS. Stage 1 first holds q and dy.
+    __shared__ __align__(128) bf16 kv[4 * TS];
+    const long id = blockIdx.x;
     const long n = id / H, h = id % H;
     const long W = (long)H * HD;
-    const int i0 = blockIdx.x * TC_ROWS;
+    const int i0 = (gridDim.y - 1 - blockIdx.y) * TC_ROWS;
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
+    const bf16* kp = k + n * vk.sn + h * HD;
+    const bf16* vp = v + n * vv.sn + h * HD;
+    const int last = min(S - 1, i0 + TC_ROWS - 1);
+    const int tiles = last / TC_TILE + 1;
+    load_tile_async<HD>(kv + 2 * TS, q + n * vq.sn + h * HD, vq.ss, i0, S);
+    load_tile_async<HD>(kv + 3 * TS, dy + n * S * W + h * HD, W, i0, S);
+    cp_async_commit();
+    load_tile_async<HD>(kv, kp, vk.ss, 0, S);
+    load_tile_async<HD>(kv + TS, vp, vv.ss, 0, S);
+    cp_async_commit();
+    cp_async_wait<1>();  // q and dy have landed
+    __syncthreads();
     uint32_t qa[HD / 16][4], ga[HD / 16][4];
-    load_tile<HD>(xs, nullptr, q + n * vq.sn + h * HD, vq.ss, i0, S);
-    __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) load_a(qa[kk], xs, LD, warp * 16, kk * 16);
-    __syncthreads();
-    load_tile<HD>(xs, nullptr, dy + n * S * W + h * HD, W, i0, S);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) load_a(ga[kk], xs, LD, warp * 16, kk * 16);
-    const int row0 = i0 + warp * 16 + g;
-    float L[2], D[2];
+    for (int kk = 0; kk < HD / 16; kk++) {
+        load_a(qa[kk], kv + 2 * TS, LD, warp * 16, kk * 16);
+        load_a(ga[kk], kv + 3 * TS, LD, warp * 16, kk * 16);
+    }
+    __syncthreads();  // stage 1 is free for tile 1
+    const int row0 = i0 + warp * 16 + g;  // this lane's rows: row0 and row0 + 8
+    const int wmax = i0 + warp * 16 + 15;
+    const float sl2 = scale * TC_LOG2E;
+    float L2[2], D[2];  // L2 = log2(e)·L
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-        const int i = min(row0 + 8 * r, S - 1);
-        L[r] = lse[id * S + i];
+        const int i = min(row0 + 8 * r, S - 1);  // rows past S compute garbage that is not stored
+        L2[r] = lse[id * S + i] * TC_LOG2E;
         D[r] = Dbuf[id * S + i];
     }
     float acc[HD / 8][4];
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    const int last = min(S - 1, i0 + TC_ROWS - 1);
-    for (int kt = 0; kt <= last; kt += TC_TILE) {
+    for (int it = 0; it < tiles; it++) {
+        const int kt = it * TC_TILE;
+        if (it + 1 < tiles) {
+            bf16* nx = kv + ((it + 1) & 1) * 2 * TS;
+            load_tile_async<HD>(nx, kp, vk.ss, kt + TC_TILE, S);
+            load_tile_async<HD>(nx + TS, vp, vv.ss, kt + TC_TILE, S);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();  // tile it has landed
         __syncthreads();
-        load_tile<HD>(ks, nullptr, k + n * vk.sn + h * HD, vk.ss, kt, S);
-        load_tile<HD>(vs, nullptr, v + n * vv.sn + h * HD, vv.ss, kt, S);
-        __syncthreads();
+        const bf16* ks = kv + (it & 1) * 2 * TS;
+        const bf16* vs = ks + TS;
+        const bool diag = kt + TC_TILE - 1 > i0;  // some key after the block's first query
+        const int jn = diag ? min(8, max(0, (wmax - kt) / 8 + 1)) : 8;
         float p[8][4], dp[8][4];
+        mma_abt<HD>(p, qa, ks, 0, jn);
+        mma_abt<HD>(dp, ga, vs, 0, jn);
+        uint32_t da[4][4];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            p[j][0] = p[j][1] = p[j][2] = p[j][3] = 0.f;
-            dp[j][0] = dp[j][1] = dp[j][2] = dp[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                uint32_t b[2];
-                load_b(b, ks, LD, j * 8, kk * 16);
-                mma16816(p[j], qa[kk], b);
-                load_b(b, vs, LD, j * 8, kk * 16);
-                mma16816(dp[j], ga[kk], b);
-            }
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int col = kt + j * 8 + 2 * t + (e & 1), row = row0 + 8 * (e >> 1);
-                const float pe = (col <= row && row < S) ? __expf(p[j][e] * scale - L[e >> 1]) : 0.f;
+                float pe = ex2(fmaf(p[j][e], sl2, -L2[e >> 1]));
+                if (diag && col > row) pe = 0.f;
                 p[j][e] = pe * (dp[j][e] - D[e >> 1]);  // dS
             }
+            c_to_a(da, p[j], j);
         }
-        uint32_t da[4][4];
-        c_to_a(da, p);
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-            for (int j = 0; j < HD / 8; j++) {
-                uint32_t b[2];
-                load_b_trans(b, ks, LD, j * 8, kk * 16);
-                mma16816(acc[j], da[kk], b);
-            }
+        mma_ab<HD>(acc, da, ks, 0, (jn + 1) / 2);
+        __syncthreads();  // everyone is done with this stage before it is refilled
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -1131,79 +1228,97 @@ __device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, c
     }
 }
 
-// dk and dv for 64 keys per block; queries at or after each key stream through.
+// dk and dv for 64 keys per block; queries at or after each key stream through. Grid
+// (N·H, ceil(S / 64)): the first key blocks, which see the most queries, start first.
 template <int HD>
 __device__ void attn_tc_bwd_dkdv(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy,
                                  const float* lse, const float* Dbuf, bf16* dk, View vdk, bf16* dv, View vdv, int N, int S,
                                  int H, float scale) {
-    constexpr int LD = HD + TC_PAD;
-    __shared__ __align__(16) bf16 qs[TC_TILE * LD];
-    __shared__ __align__(16) bf16 gs[TC_TILE * LD];
-    __shared__ float Ls[TC_TILE], Ds[TC_TILE];
-    const long id = blockIdx.y;
+    constexpr int LD = HD + TC_PAD, TS = TC_TILE * LD;
+    // Stage s: q tile at qg + 2s·TS, dy tile at qg + (2s + 1)·TS, with L and D in Ls[s], Ds[s].
+    // Stage 1 first holds k and v.
+    __shared__ __align__(128) bf16 qg[4 * TS];
+    __shared__ __align__(16) float Ls[2][TC_TILE], Ds[2][TC_TILE];
+    const long id = blockIdx.x;
     const long n = id / H, h = id % H;
     const long W = (long)H * HD;
-    const int j0 = blockIdx.x * TC_ROWS;
+    const int j0 = blockIdx.y * TC_ROWS;
     const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, t = threadIdx.x & 3;
-    uint32_t ka[HD / 16][4], va[HD / 16][4];
-    load_tile<HD>(qs, nullptr, k + n * vk.sn + h * HD, vk.ss, j0, S);
-    load_tile<HD>(gs, nullptr, v + n * vv.sn + h * HD, vv.ss, j0, S);
+    const bf16* qp = q + n * vq.sn + h * HD;
+    const bf16* gp = dy + n * S * W + h * HD;
+    const float* lp = lse + id * S;
+    const float* dp_ = Dbuf + id * S;
+    // Queries past S load as zeros with L = D = 0: their p = 1 meets a zero dy row and their
+    // dS = 1·(0 − 0) = 0, so they add nothing and need no mask.
+    auto load_stage = [&](int st, int it) {
+        load_tile_async<HD>(qg + 2 * st * TS, qp, vq.ss, it, S);
+        load_tile_async<HD>(qg + (2 * st + 1) * TS, gp, W, it, S);
+        const int r = threadIdx.x & (TC_TILE - 1);
+        const bool ok = it + r < S;
+        if (threadIdx.x < TC_TILE) cp_async4(&Ls[st][r], lp + (ok ? it + r : 0), ok);
+        else cp_async4(&Ds[st][r], dp_ + (ok ? it + r : 0), ok);
+    };
+    static_assert(TC_THREADS == 2 * TC_TILE, "one L or D per thread");
+    const int tiles = (S - 1 - j0) / TC_TILE + 1;
+    load_tile_async<HD>(qg + 2 * TS, k + n * vk.sn + h * HD, vk.ss, j0, S);
+    load_tile_async<HD>(qg + 3 * TS, v + n * vv.sn + h * HD, vv.ss, j0, S);
+    cp_async_commit();
+    load_stage(0, j0);
+    cp_async_commit();
+    cp_async_wait<1>();  // k and v have landed
     __syncthreads();
+    uint32_t ka[HD / 16][4], va[HD / 16][4];
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
-        load_a(ka[kk], qs, LD, warp * 16, kk * 16);
-        load_a(va[kk], gs, LD, warp * 16, kk * 16);
+        load_a(ka[kk], qg + 2 * TS, LD, warp * 16, kk * 16);
+        load_a(va[kk], qg + 3 * TS, LD, warp * 16, kk * 16);
     }
+    __syncthreads();  // stage 1 is free for tile 1
     float ak[HD / 8][4], av[HD / 8][4];
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) {
         ak[j][0] = ak[j][1] = ak[j][2] = ak[j][3] = 0.f;
         av[j][0] = av[j][1] = av[j][2] = av[j][3] = 0.f;
     }
+    const float sl2 = scale * TC_LOG2E;
     const int key0 = j0 + warp * 16 + g;  // this lane's keys: key0 and key0 + 8
-    for (int it = (j0 / TC_TILE) * TC_TILE; it < S; it += TC_TILE) {
+    for (int c = 0; c < tiles; c++) {
+        const int it = j0 + c * TC_TILE;
+        if (c + 1 < tiles) load_stage((c + 1) & 1, it + TC_TILE);
+        cp_async_commit();
+        cp_async_wait<1>();  // tile c has landed
         __syncthreads();
-        load_tile<HD>(qs, nullptr, q + n * vq.sn + h * HD, vq.ss, it, S);
-        load_tile<HD>(gs, nullptr, dy + n * S * W + h * HD, W, it, S);
-        for (int r = threadIdx.x; r < TC_TILE; r += blockDim.x) {
-            Ls[r] = it + r < S ? lse[id * S + it + r] : 0.f;
-            Ds[r] = it + r < S ? Dbuf[id * S + it + r] : 0.f;
-        }
-        __syncthreads();
-        float p[8][4], ds[8][4];
+        const int st = c & 1;
+        const bf16* qs = qg + 2 * st * TS;
+        const bf16* gs = qs + TS;
+        // Only the first tile (it = j0) has queries before keys; there the 8-query blocks
+        // j < 2·warp come before all of this warp's keys.
+        const bool diag = c == 0;
+        const int jlo = diag ? 2 * warp : 0;
+        // One 8-query block at a time, packed at once: 64 f32 scores would not fit beside the
+        // 96 registers of fragments and accumulators.
+        uint32_t pa[4][4], da[4][4];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            p[j][0] = p[j][1] = p[j][2] = p[j][3] = 0.f;
-            ds[j][0] = ds[j][1] = ds[j][2] = ds[j][3] = 0.f;
-#pragma unroll
-            for (int kk = 0; kk < HD / 16; kk++) {
-                uint32_t b[2];
-                load_b(b, qs, LD, j * 8, kk * 16);
-                mma16816(p[j], ka[kk], b);
-                load_b(b, gs, LD, j * 8, kk * 16);
-                mma16816(ds[j], va[kk], b);
+            float p[4] = {0.f, 0.f, 0.f, 0.f}, ds[4] = {0.f, 0.f, 0.f, 0.f};
+            if (j >= jlo) {
+                mma_abt1<HD>(p, ka, qs, j);
+                mma_abt1<HD>(ds, va, gs, j);
             }
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const int cq = j * 8 + 2 * t + (e & 1), qi = it + cq, key = key0 + 8 * (e >> 1);
-                const float pe = (qi >= key && qi < S && key < S) ? __expf(p[j][e] * scale - Ls[cq]) : 0.f;
-                p[j][e] = pe;
-                ds[j][e] = pe * (ds[j][e] - Ds[cq]);
+                const int cq = j * 8 + 2 * t + (e & 1), key = key0 + 8 * (e >> 1);
+                float pe = ex2(fmaf(p[e], sl2, -Ls[st][cq] * TC_LOG2E));
+                if (diag && it + cq < key) pe = 0.f;
+                p[e] = pe;
+                ds[e] = pe * (ds[e] - Ds[st][cq]);
             }
+            c_to_a(pa, p, j);
+            c_to_a(da, ds, j);
         }
-        uint32_t pa[4][4], da[4][4];
-        c_to_a(pa, p);
-        c_to_a(da, ds);
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-            for (int j = 0; j < HD / 8; j++) {
-                uint32_t b[2];
-                load_b_trans(b, gs, LD, j * 8, kk * 16);
-                mma16816(av[j], pa[kk], b);
-                load_b_trans(b, qs, LD, j * 8, kk * 16);
-                mma16816(ak[j], da[kk], b);
-            }
+        mma_ab<HD>(av, pa, gs, jlo / 2, 4);
+        mma_ab<HD>(ak, da, qs, jlo / 2, 4);
+        __syncthreads();  // everyone is done with this stage before it is refilled
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {

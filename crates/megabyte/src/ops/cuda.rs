@@ -41,13 +41,23 @@ fn aligned(addresses: &[u64], views: &[View], bytes: usize, dtype: DType) -> boo
     addresses.iter().all(|a| a % bytes as u64 == 0) && views.iter().all(|v| v.sn % elems == 0 && v.ss % elems == 0)
 }
 
-/// The flash and tensor-core kernels put the (sequence, head) pairs on the grid's y axis,
+/// The flash kernels put the (sequence, head) pairs on the grid's y axis,
 /// which CUDA caps at 65,535.
 fn grid_y(pairs: usize) -> CResult<u32> {
     if pairs > 65_535 {
         candle_core::bail!("attention: {pairs} (sequence, head) pairs exceed the 65,535 this kernel's grid takes; use a smaller batch");
     }
     Ok(pairs as u32)
+}
+
+/// The tensor-core kernels' grid: (sequence, head) pairs on x, blocks of TC_ROWS rows on y
+/// (the kernels order the row blocks longest first).
+fn tc_grid(pairs: usize, rows: usize) -> CResult<(u32, u32)> {
+    let blocks = rows.div_ceil(TC_ROWS);
+    if pairs > i32::MAX as usize || blocks > 65_535 {
+        candle_core::bail!("attention: {pairs} (sequence, head) pairs of {rows} rows exceed this kernel's grid");
+    }
+    Ok((pairs as u32, blocks as u32))
 }
 
 /// Queries (and keys) per block of the flash kernels (BQ in the kernels).
@@ -497,7 +507,7 @@ fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), d
         let shared = 2 * groups_per_block * (sk * hd + 4) * 4;
         (format!("attn_small_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(groups_per_block) as u32, 1), rows as u32, shared as u32))
     } else if dtype == DType::BF16 && aligned(&[q.1, k.0, v.0], &[q.2, k.1, v.1], 16, dtype) {
-        (format!("attn_tc_fwd_{hd}"), launch_cfg((sq.div_ceil(TC_ROWS) as u32, grid_y(n * h)?), 128, 0))
+        (format!("attn_tc_fwd_{hd}"), launch_cfg(tc_grid(n * h, sq)?, 128, 0))
     } else {
         (format!("attn_flash_fwd_{}_{hd}", suffix(dtype)?), launch_cfg((sq.div_ceil(BQ) as u32, grid_y(n * h)?), BQ as u32, 0))
     };
@@ -593,7 +603,7 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                         let hd32 = hd as i32;
                         let warps = n * s * heads;
                         launch!(&dev, format!("attn_bwd_prep_{tn}"), launch_cfg((warps.div_ceil(8) as u32, 1), 256, 0), py, pg, pdbuf, n32, s32, h32, hd32);
-                        let cfg = launch_cfg((s.div_ceil(TC_ROWS) as u32, grid_y(n * heads)?), 128, 0);
+                        let cfg = launch_cfg(tc_grid(n * heads, s)?, 128, 0);
                         launch!(&dev, format!("attn_tc_bwd_dq_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dq.0, dq.1, n32, s32, h32, scale);
                         launch!(&dev, format!("attn_tc_bwd_dkdv_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
                         return Ok(());
