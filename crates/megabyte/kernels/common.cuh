@@ -1,5 +1,5 @@
 // Helpers shared by megabyte.cu (training and the stepwise path) and decode.cu (the CUDA
-// decoding engine): element types, conversions, warp reductions, paired loads and stores.
+// decoding engine): element types, conversions, warp reductions, paired loads and stores, GELU.
 
 #pragma once
 
@@ -40,3 +40,6 @@ template <>
 __device__ __forceinline__ void store2<float>(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = make_float2(a, b); }
 template <>
 __device__ __forceinline__ void store2<bf16>(bf16* p, float a, float b) { *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b); }
+
+// GELU, exact (erf) form.
+__device__ __forceinline__ float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }

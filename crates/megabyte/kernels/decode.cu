@@ -195,10 +195,10 @@ __device__ void dec_sample(const T* logits, uint32_t* out, const double* u, int 
 // y[r, n] = Σ_k x[r, k]·W[n, k] for rows r < R (R ≤ 8): a matrix-vector product for the few
 // rows of a decoding step, bound by reading W once. One warp per output column n streams the
 // weight row in 16-byte loads, U of them in flight per lane; the x rows come through L1.
-// With gelu, y = GELU(round_T(Σ)), as a product followed by the GELU kernel rounds it.
+// With with_gelu, y = GELU(round_T(Σ)), as a product followed by the GELU kernel rounds it.
 // K·sizeof(T) must be a multiple of 16 and the rows 16-byte aligned (the host checks).
 template <typename T, int R>
-__device__ void dec_gemv(const T* x, const T* W, T* y, int rows, int N, int K, int gelu) {
+__device__ void dec_gemv(const T* x, const T* W, T* y, int rows, int N, int K, int with_gelu) {
     constexpr int V = 16 / sizeof(T), U = 4;
     const long n = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -234,9 +234,8 @@ __device__ void dec_gemv(const T* x, const T* W, T* y, int rows, int N, int K, i
         if (r >= rows) break;
         float v = warp_sum(acc[r]);
         if (lane == 0) {
-            if (gelu) {
-                v = to_f(from_f<T>(v));
-                v = 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
+            if (with_gelu) {
+                v = gelu(to_f(from_f<T>(v)));
             }
             y[(long)r * N + n] = from_f<T>(v);
         }
@@ -275,8 +274,8 @@ extern "C" __global__ void dec_advance(int* state, int P) {
 
 #define DECODE_GEMV(TN, T, R)                                                                                          \
     extern "C" __global__ void __launch_bounds__(256) dec_gemv_##TN##_##R(const T* x, const T* W, T* y, int rows,      \
-                                                                          int N, int K, int gelu) {                    \
-        dec_gemv<T, R>(x, W, y, rows, N, K, gelu);                                                                     \
+                                                                          int N, int K, int with_gelu) {               \
+        dec_gemv<T, R>(x, W, y, rows, N, K, with_gelu);                                                                \
     }
 
 DECODE(f32, float)

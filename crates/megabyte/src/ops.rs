@@ -1063,7 +1063,7 @@ pub fn adamw_update(p: &candle_core::Var, g: &Tensor, mv: &mut Tensor, hp: AdamW
 pub fn adamw_update_clipped(p: &candle_core::Var, g: &Tensor, mv: &mut Tensor, hp: AdamWStep, clip: Option<(&Tensor, f64)>) -> CResult<()> {
     #[cfg(feature = "cuda")]
     if p.device().is_cuda() && p.dtype() == candle_core::DType::F32 {
-        return cuda::adamw_in_place(p.as_tensor(), &g.to_dtype(candle_core::DType::F32)?, mv, &hp, clip);
+        return cuda::adamw_many(&[(p.as_tensor(), &g.to_dtype(candle_core::DType::F32)?, mv, hp.weight_decay)], &hp, clip);
     }
     let mut hp = hp;
     if let Some((sumsq, max_norm)) = clip {
@@ -1077,6 +1077,22 @@ pub fn adamw_update_clipped(p: &candle_core::Var, g: &Tensor, mv: &mut Tensor, h
     let n = p.elem_count();
     p.set(&out.narrow(0, 0, n)?.reshape(p.shape())?.to_dtype(p.dtype())?)?;
     *mv = out.narrow(0, n, 2 * n)?.detach(); // never part of a graph
+    Ok(())
+}
+
+/// [`adamw_update_clipped`] for many parameters: (parameter, gradient, moments, weight decay)
+/// each, `hp.weight_decay` unused. On CUDA one launch updates them all; elsewhere one update
+/// each, in order.
+pub fn adamw_update_many(items: &mut [(&candle_core::Var, &Tensor, &mut Tensor, f64)], hp: AdamWStep, clip: Option<(&Tensor, f64)>) -> CResult<()> {
+    #[cfg(feature = "cuda")]
+    if items.iter().all(|(p, ..)| p.device().is_cuda() && p.dtype() == candle_core::DType::F32) {
+        let grads = items.iter().map(|(_, g, ..)| g.to_dtype(candle_core::DType::F32)).collect::<CResult<Vec<_>>>()?;
+        let all: Vec<(&Tensor, &Tensor, &Tensor, f64)> = items.iter().zip(&grads).map(|((p, _, mv, wd), g)| (p.as_tensor(), g, &**mv, *wd)).collect();
+        return cuda::adamw_many(&all, &hp, clip);
+    }
+    for (p, g, mv, weight_decay) in items.iter_mut() {
+        adamw_update_clipped(p, g, mv, AdamWStep { weight_decay: *weight_decay, ..hp }, clip)?;
+    }
     Ok(())
 }
 

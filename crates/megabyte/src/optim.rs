@@ -20,8 +20,8 @@ pub struct AdamWConfig {
 }
 
 /// AdamW over a fixed set of named parameters. Weight decay applies to tensors of rank ≥ 2
-/// (the matrices and embedding tables), never to norms, pads or other vectors. Each update is
-/// one fused kernel per parameter ([`crate::ops::adamw_step`]).
+/// (the matrices and embedding tables), never to norms, pads or other vectors. On CUDA one
+/// fused kernel updates every parameter ([`crate::ops::adamw_update_many`]).
 pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<(String, Var)>,
@@ -81,15 +81,19 @@ impl AdamW {
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.t as i32);
         let bc2 = 1.0 - beta2.powi(self.t as i32);
-        for (((_, p), mv), g) in self.params.iter().zip(self.moments.iter_mut()).zip(gs) {
-            let weight_decay = if p.rank() >= 2 { weight_decay } else { 0.0 };
-            let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale };
-            if let Err(e) = crate::ops::adamw_update_clipped(p, g, mv, hp, clip) {
-                // Some parameters may be updated already: the step count stays as it was and
-                // the error ends training (the last checkpoint is intact).
-                self.t -= 1;
-                return Err(e.into());
-            }
+        let mut items: Vec<_> = self
+            .params
+            .iter()
+            .zip(self.moments.iter_mut())
+            .zip(gs)
+            .map(|(((_, p), mv), g)| (p, *g, mv, if p.rank() >= 2 { weight_decay } else { 0.0 }))
+            .collect();
+        let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale };
+        if let Err(e) = crate::ops::adamw_update_many(&mut items, hp, clip) {
+            // Some parameters may be updated already: the step count stays as it was and the
+            // error ends training (the last checkpoint is intact).
+            self.t -= 1;
+            return Err(e.into());
         }
         Ok(())
     }

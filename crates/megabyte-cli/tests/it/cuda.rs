@@ -157,6 +157,33 @@ fn cuda_cross_entropy_matches_cpu() {
 }
 
 #[test]
+fn cuda_adamw_many_with_clipping_matches_cpu() {
+    // Three parameters in one launch, one spanning several chunks (of 32,768 elements) with a
+    // ragged end, each with its own weight decay, clipped by the device-side global norm.
+    let dev = gpu();
+    let shapes: [&[usize]; 3] = [&[70_001], &[64, 48], &[10]];
+    let decays = [0.1, 0.0, 0.3];
+    let hp = ops::AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.0, bc1: 0.1, bc2: 0.02, grad_scale: 1.0 };
+    let run = |device: &Device| {
+        let ws: Vec<Var> = shapes.iter().enumerate().map(|(i, s)| Var::from_tensor(&values(s, 60 + i as u64).to_device(device).unwrap()).unwrap()).collect();
+        let mut mvs: Vec<Tensor> = ws.iter().map(|w| Tensor::zeros(2 * w.elem_count(), DType::F32, device).unwrap()).collect();
+        for t in 0..2u64 {
+            let gs: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| values(s, 70 + 10 * t + i as u64).to_device(device).unwrap()).collect();
+            let sumsq = ops::sum_squares(&gs.iter().collect::<Vec<_>>()).unwrap();
+            let mut items: Vec<_> = ws.iter().zip(&gs).zip(mvs.iter_mut()).zip(decays).map(|(((w, g), mv), d)| (w, g, mv, d)).collect();
+            ops::adamw_update_many(&mut items, hp, Some((&sumsq, 50.0))).unwrap();
+        }
+        (ws.iter().map(|w| f32_cpu(w.as_tensor())).collect::<Vec<_>>(), mvs.iter().map(f32_cpu).collect::<Vec<_>>())
+    };
+    let (w_cpu, mv_cpu) = run(&Device::Cpu);
+    let (w_gpu, mv_gpu) = run(&dev);
+    for i in 0..shapes.len() {
+        assert!(rel_err(&w_gpu[i], &w_cpu[i]) < 1e-5, "weights of parameter {i} differ");
+        assert!(rel_err(&mv_gpu[i], &mv_cpu[i]) < 1e-5, "moments of parameter {i} differ");
+    }
+}
+
+#[test]
 fn cuda_adamw_in_place_matches_cpu() {
     let dev = gpu();
     let n = 5000;

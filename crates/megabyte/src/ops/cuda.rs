@@ -99,6 +99,7 @@ fn address(s: &CudaStorage, offset: usize) -> CResult<u64> {
         CudaStorageSlice::BF16(x) => (x.device_ptr(&stream).0, 2),
         CudaStorageSlice::U32(x) => (x.device_ptr(&stream).0, 4),
         CudaStorageSlice::F64(x) => (x.device_ptr(&stream).0, 8),
+        CudaStorageSlice::I64(x) => (x.device_ptr(&stream).0, 8),
         _ => candle_core::bail!("megabyte CUDA kernels: unsupported storage dtype {:?}", s.dtype()),
     };
     Ok(base + (offset * size) as u64)
@@ -405,39 +406,62 @@ pub(super) fn ce_bwd(logits: (&CudaStorage, &Layout), targets: (&CudaStorage, &L
 // ---------------------------------------------------------------------------------------------
 // AdamW.
 
-/// One AdamW update in place: w (f32), moments mv = [m | v] (f32), gradient g (f32). With
-/// `clip` = (Σ g² over all parameters [1], max norm) the kernel computes the clipping factor
-/// itself (hp.grad_scale is then ignored).
-pub(super) fn adamw_in_place(w: &Tensor, g: &Tensor, mv: &Tensor, hp: &super::AdamWStep, clip: Option<(&Tensor, f64)>) -> CResult<()> {
-    let n = w.elem_count();
-    if w.dtype() != DType::F32 || g.dtype() != DType::F32 || mv.dtype() != DType::F32 || g.elem_count() != n || mv.elem_count() != 2 * n {
-        candle_core::bail!("adamw: weights, gradient and moments must be f32 of matching sizes");
-    }
-    let g = g.contiguous()?;
+/// Elements per chunk of the multi-tensor kernels: one block each.
+const CHUNK: usize = 1 << 15;
+
+/// A table of chunk records (each `words` u64 long) uploaded for one launch; the returned
+/// tensor must live until the kernel ran (stream-ordered frees make dropping it afterwards
+/// safe).
+fn chunk_table(records: Vec<u64>, dev: &candle_core::Device) -> CResult<(Tensor, u64)> {
+    let n = records.len();
+    let table = Tensor::from_vec(records.into_iter().map(|w| w as i64).collect::<Vec<_>>(), n, dev)?;
+    let address = with_cuda(&table, |s, l| contiguous_at(s, l, "chunk table"))?;
+    Ok((table, address))
+}
+
+/// One AdamW update in place for many parameters, in one launch: (w, g, mv = [m | v], weight
+/// decay) per parameter, all f32. With `clip` = (Σ g² over all parameters [1], max norm) the
+/// kernel computes the clipping factor itself (hp.grad_scale is then ignored; hp.weight_decay
+/// is unused, each parameter brings its own).
+pub(super) fn adamw_many(items: &[(&Tensor, &Tensor, &Tensor, f64)], hp: &super::AdamWStep, clip: Option<(&Tensor, f64)>) -> CResult<()> {
+    let Some(first) = items.first() else { return Ok(()) };
+    let dev = cuda_device(first.0)?;
     let f = |x: f64| x as f32;
+    let mut records = Vec::new();
+    let mut grads = Vec::with_capacity(items.len()); // contiguous copies, alive until the launch
+    for &(w, g, mv, weight_decay) in items {
+        let n = w.elem_count();
+        if w.dtype() != DType::F32 || g.dtype() != DType::F32 || mv.dtype() != DType::F32 || g.elem_count() != n || mv.elem_count() != 2 * n {
+            candle_core::bail!("adamw: weights, gradient and moments must be f32 of matching sizes");
+        }
+        let g = g.contiguous()?;
+        // The kernel writes w and the moments in place: plain buffers that only the optimizer
+        // updates, between steps, on this stream.
+        let pw = with_cuda(w, |s, l| contiguous_at(s, l, "adamw weight"))?;
+        let pg = with_cuda(&g, |s, l| contiguous_at(s, l, "adamw gradient"))?;
+        let pm = with_cuda(mv, |s, l| contiguous_at(s, l, "adamw moments"))?;
+        let pv = pm + 4 * n as u64;
+        let decay = f(1.0 - hp.lr * weight_decay).to_bits() as u64;
+        for start in (0..n).step_by(CHUNK) {
+            let (off, len) = (4 * start as u64, CHUNK.min(n - start) as u64);
+            records.extend([pw + off, pg + off, pm + off, pv + off, len, decay]);
+        }
+        grads.push(g);
+    }
+    let blocks = (records.len() / 6) as u32;
+    if blocks == 0 {
+        return Ok(()); // only empty parameters
+    }
+    let (table, ptable) = chunk_table(records, first.0.device())?;
     let (lr, b1, b2, eps, scale) = (f(hp.lr), f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.grad_scale));
-    let (decay, inv_bc1, inv_bc2) = (f(1.0 - hp.lr * hp.weight_decay), f(1.0 / hp.bc1), f(1.0 / hp.bc2));
-    with_cuda(w, |ws, wl| {
-        with_cuda(&g, |gs, gl| {
-            with_cuda(mv, |ms, ml| {
-                // The kernel writes w and the moments in place: both are plain buffers that
-                // only the optimizer updates, between steps, on this stream.
-                let pw = contiguous_at(ws, wl, "adamw weight")?;
-                let pg = contiguous_at(gs, gl, "adamw gradient")?;
-                let pm = contiguous_at(ms, ml, "adamw moments")?;
-                let pv = pm + 4 * n as u64;
-                let n64 = n as u64;
-                let run = |psum: u64, max_norm: f32| -> CResult<()> {
-                    launch!(&ws.device, "adamw_f32", launch_cfg((elementwise_blocks(n), 1), 256, 0), pw, pg, pm, pv, n64, lr, b1, b2, eps, decay, inv_bc1, inv_bc2, scale, psum, max_norm);
-                    Ok(())
-                };
-                match clip {
-                    Some((sumsq, max_norm)) => with_cuda(sumsq, |ss, sl| run(contiguous_at(ss, sl, "sumsq")?, max_norm as f32)),
-                    None => run(0, 0.0),
-                }
-            })
-        })
-    })
+    let (inv_bc1, inv_bc2) = (f(1.0 / hp.bc1), f(1.0 / hp.bc2));
+    let (psum, max_norm) = match clip {
+        Some((sumsq, max_norm)) => (with_cuda(sumsq, |s, l| contiguous_at(s, l, "sumsq"))?, max_norm as f32),
+        None => (0u64, 0f32),
+    };
+    launch!(&dev, "adamw_chunks_f32", launch_cfg((blocks, 1), 256, 0), ptable, lr, b1, b2, eps, inv_bc1, inv_bc2, scale, psum, max_norm);
+    drop((table, grads));
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -651,26 +675,32 @@ pub(super) fn kv_append(qkv: &Tensor, k: &Tensor, v: &Tensor, len: usize) -> CRe
 // ---------------------------------------------------------------------------------------------
 // Gradient norm.
 
-/// Σ of the squares of all elements of f32 tensors, as a [1] f32 tensor (no host sync).
+/// Σ of the squares of all elements of f32 tensors, as a [1] f32 tensor, in one launch (no
+/// host sync).
 pub(super) fn sum_squares(tensors: &[&Tensor]) -> CResult<Tensor> {
     let first = tensors.first().ok_or_else(|| candle_core::Error::Msg("sum_squares of nothing".into()))?;
+    let dev = cuda_device(first)?;
     let out = Tensor::zeros(1, DType::F32, first.device())?;
-    with_cuda(&out, |os, ol| {
-        let po = contiguous_at(os, ol, "sum")?;
-        for t in tensors {
-            let t = t.contiguous()?;
-            if t.dtype() != DType::F32 {
-                candle_core::bail!("sum_squares: f32 only");
-            }
-            with_cuda(&t, |ts, tl| {
-                let pt = contiguous_at(ts, tl, "x")?;
-                let n = t.elem_count() as u64;
-                launch!(&os.device, "sum_squares_f32", launch_cfg((elementwise_blocks(t.elem_count()).min(264), 1), 256, 0), pt, n, po);
-                Ok(())
-            })?;
+    let mut records = Vec::new();
+    let mut keep = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let t = t.contiguous()?;
+        if t.dtype() != DType::F32 {
+            candle_core::bail!("sum_squares: f32 only");
         }
-        Ok(())
-    })?;
+        let (p, n) = (with_cuda(&t, |s, l| contiguous_at(s, l, "x"))?, t.elem_count());
+        for start in (0..n).step_by(CHUNK) {
+            records.extend([p + 4 * start as u64, CHUNK.min(n - start) as u64]);
+        }
+        keep.push(t);
+    }
+    let blocks = (records.len() / 2) as u32;
+    let (table, ptable) = chunk_table(records, first.device())?;
+    let po = with_cuda(&out, |s, l| contiguous_at(s, l, "sum"))?;
+    if blocks > 0 {
+        launch!(&dev, "sum_squares_chunks_f32", launch_cfg((blocks, 1), 256, 0), ptable, po);
+    }
+    drop((table, keep));
     Ok(out)
 }
 
