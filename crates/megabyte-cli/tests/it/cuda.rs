@@ -164,12 +164,24 @@ fn cuda_adamw_many_with_clipping_matches_cpu() {
     let shapes: [&[usize]; 3] = [&[70_001], &[64, 48], &[10]];
     let decays = [0.1, 0.0, 0.3];
     let hp = ops::AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.0, bc1: 0.1, bc2: 0.02, grad_scale: 1.0 };
+    let grads = |t: u64| -> Vec<Tensor> { shapes.iter().enumerate().map(|(i, s)| values(s, 70 + 10 * t + i as u64)).collect() };
+    // Σ g² by each device's kernel: a sum of 75,000 squares, so f32 summation order shows.
+    for t in 0..2 {
+        let gs = grads(t);
+        let cpu = ops::sum_squares(&gs.iter().collect::<Vec<_>>()).unwrap();
+        let gpu_gs: Vec<Tensor> = gs.iter().map(|g| g.to_device(&dev).unwrap()).collect();
+        let gpu = ops::sum_squares(&gpu_gs.iter().collect::<Vec<_>>()).unwrap();
+        assert!(rel_err(&gpu, &cpu) < 1e-4, "Σ g²: CUDA {gpu} vs CPU {cpu}");
+    }
+    // The updates, given the same Σ g² (exact in f64 on the host), so that only the update
+    // kernels are compared.
     let run = |device: &Device| {
         let ws: Vec<Var> = shapes.iter().enumerate().map(|(i, s)| Var::from_tensor(&values(s, 60 + i as u64).to_device(device).unwrap()).unwrap()).collect();
         let mut mvs: Vec<Tensor> = ws.iter().map(|w| Tensor::zeros(2 * w.elem_count(), DType::F32, device).unwrap()).collect();
         for t in 0..2u64 {
-            let gs: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| values(s, 70 + 10 * t + i as u64).to_device(device).unwrap()).collect();
-            let sumsq = ops::sum_squares(&gs.iter().collect::<Vec<_>>()).unwrap();
+            let gs: Vec<Tensor> = grads(t).iter().map(|g| g.to_device(device).unwrap()).collect();
+            let exact: f64 = grads(t).iter().map(|g| g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()).sum();
+            let sumsq = Tensor::new(&[exact as f32], device).unwrap();
             let mut items: Vec<_> = ws.iter().zip(&gs).zip(mvs.iter_mut()).zip(decays).map(|(((w, g), mv), d)| (w, g, mv, d)).collect();
             ops::adamw_update_many(&mut items, hp, Some((&sumsq, 50.0))).unwrap();
         }
