@@ -227,10 +227,12 @@ impl KvCache {
         self.layers.iter_mut().flatten().for_each(|l| l.len = 0);
     }
 
+    #[cfg(feature = "cuda")]
     pub(crate) fn capacity(&self) -> usize {
         self.capacity
     }
 
+    #[cfg(feature = "cuda")]
     /// Every layer's key and value buffers [n, capacity, d], allocated here where missing:
     /// the CUDA decoding engine writes them in place, then records the length it reached
     /// with [`KvCache::set_len`].
@@ -258,6 +260,7 @@ impl KvCache {
     }
 
     /// Sets the number of valid positions of every allocated layer.
+    #[cfg(feature = "cuda")]
     pub(crate) fn set_len(&mut self, len: usize) {
         self.layers.iter_mut().flatten().for_each(|l| l.len = len);
     }
