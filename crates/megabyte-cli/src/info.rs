@@ -27,6 +27,9 @@ pub fn run(args: Args) -> Result<()> {
         println!("{out}");
         return Ok(());
     }
+    if cfg.is_byte_transformer() {
+        println!("byte transformer (one level: MEGABYTE with P = 1 and no local layers)");
+    }
     let d_g = cfg.d_global();
     println!("P = {}, T = {}, K = {}, D_G = {d_g}", cfg.patch_size, cfg.context, cfg.patches());
     println!(

@@ -69,11 +69,12 @@ pub struct ModelConfig {
     pub init_std: f64,
 }
 
-pub const PRESETS: &[&str] = &["tiny", "enwik8", "paper-arxiv", "paper-pg19"];
+pub const PRESETS: &[&str] = &["tiny", "enwik8", "paper-arxiv", "paper-pg19", "byte-enwik8", "byte-350m"];
 
 impl ModelConfig {
     /// A named preset. `tiny` is the CPU shape; `enwik8` the 88.6M shape of the GPU issue;
-    /// `paper-arxiv` and `paper-pg19` are Table 15's compute-matched and generation models.
+    /// `paper-arxiv` and `paper-pg19` are Table 15's compute-matched and generation models;
+    /// `byte-enwik8` and `byte-350m` are byte-transformer baselines (see [`ModelConfig::is_byte_transformer`]).
     pub fn preset(name: &str) -> Result<Self> {
         let tf = |width, layers, heads| TransformerConfig { width, layers, heads };
         let cfg = match name {
@@ -113,6 +114,28 @@ impl ModelConfig {
                 tied_head: true,
                 init_std: 0.006,
             },
+            // Byte-transformer baselines (paper §5, Table 2's "Transformer"): one level, full
+            // causal attention over bytes. Expressed as MEGABYTE with P = 1 and no local
+            // layers: the global model is then a decoder-only transformer over bytes, followed
+            // by w_GL and the local final norm before the tied head.
+            "byte-enwik8" => ModelConfig {
+                patch_size: 1,
+                context: 1024,
+                global: tf(768, 12, 12),
+                local: tf(768, 0, 12),
+                norm: NormKind::LayerNorm,
+                tied_head: true,
+                init_std: 0.02,
+            },
+            "byte-350m" => ModelConfig {
+                patch_size: 1,
+                context: 1024,
+                global: tf(1024, 24, 16),
+                local: tf(1024, 0, 16),
+                norm: NormKind::LayerNorm,
+                tied_head: true,
+                init_std: 0.02,
+            },
             other => {
                 return Err(Error::Config(format!(
                     "unknown preset `{other}`; choose one of: {}",
@@ -122,6 +145,12 @@ impl ModelConfig {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// True for the one-level baseline: P = 1 and no local layers, so the global model is a
+    /// decoder-only transformer over bytes.
+    pub fn is_byte_transformer(&self) -> bool {
+        self.patch_size == 1 && self.local.layers == 0
     }
 
     /// D_G: the per-byte slice of the global width.
@@ -148,8 +177,11 @@ impl ModelConfig {
             ));
         }
         for (name, t) in [("global", &self.global), ("local", &self.local)] {
-            if t.width == 0 || t.layers == 0 || t.heads == 0 {
-                return bad(format!("{name}: width, layers and heads must all be at least 1"));
+            if t.width == 0 || t.heads == 0 {
+                return bad(format!("{name}: width and heads must be at least 1"));
+            }
+            if t.layers == 0 && name == "global" {
+                return bad("global: layers must be at least 1 (only the local model may have none)".into());
             }
             if t.width % t.heads != 0 {
                 return bad(format!(

@@ -195,6 +195,8 @@ pub fn accumulation_dtype(dtype: DType) -> DType {
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     capacity: usize,
+    /// Positions cached so far (kept here too, for a transformer without layers).
+    len: usize,
 }
 
 /// One layer's keys and values: buffers [N, capacity, D], the first `len` positions valid.
@@ -207,15 +209,12 @@ struct LayerCache {
 
 impl KvCache {
     pub fn new(layers: usize, capacity: usize) -> Self {
-        KvCache { layers: (0..layers).map(|_| None).collect(), capacity }
+        KvCache { layers: (0..layers).map(|_| None).collect(), capacity, len: 0 }
     }
 
     /// Positions cached so far.
     pub fn len(&self) -> usize {
-        match self.layers.first() {
-            Some(Some(l)) => l.len,
-            _ => 0,
-        }
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -225,6 +224,7 @@ impl KvCache {
     /// Forgets every position (the buffers are kept for the next use).
     pub fn reset(&mut self) {
         self.layers.iter_mut().flatten().for_each(|l| l.len = 0);
+        self.len = 0;
     }
 
     #[cfg(feature = "cuda")]
@@ -263,6 +263,7 @@ impl KvCache {
     #[cfg(feature = "cuda")]
     pub(crate) fn set_len(&mut self, len: usize) {
         self.layers.iter_mut().flatten().for_each(|l| l.len = len);
+        self.len = len;
     }
 }
 
@@ -401,12 +402,18 @@ impl Transformer {
     /// Like `forward`, for S new positions after those in `cache`, which it extends. Each
     /// residual add runs in one pass with the norm after it.
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let s = x.dim(1)?;
+        if cache.len + s > cache.capacity {
+            return Err(Error::Input(format!("KV cache: {} + {s} positions exceed its {}", cache.len, cache.capacity)));
+        }
         let (mut base, mut delta) = (x.clone(), None);
         for (block, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
             let (b, d) = block.step(&base, delta.as_ref(), slot, cache.capacity)?;
             (base, delta) = (b, Some(d));
         }
-        Ok(self.norm.fwd(&base, delta.as_ref())?.1)
+        let out = self.norm.fwd(&base, delta.as_ref())?.1;
+        cache.len += s; // only once every layer has succeeded
+        Ok(out)
     }
 }
 

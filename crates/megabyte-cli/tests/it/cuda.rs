@@ -334,10 +334,17 @@ fn cuda_decoder_equals_stepwise_decoding() {
     // prompts end inside a patch and generation runs past several window slides. Batch 3 runs
     // the engine's own matrix-vector kernel, batch 9 cuBLAS.
     let dev = gpu();
-    let cfg = decoding_config();
-    let (model, _params) = MegaByte::init(&cfg, 5, DType::F32, &dev).unwrap();
     let n = 150;
-    for batch in [3, 9] {
+    // The byte-transformer baseline's shape too: P = 1, no local layers.
+    let byte = ModelConfig {
+        patch_size: 1,
+        context: 32,
+        global: TransformerConfig { width: 128, layers: 2, heads: 2 },
+        local: TransformerConfig { width: 64, layers: 0, heads: 1 },
+        ..decoding_config()
+    };
+    for (cfg, batch) in [(decoding_config(), 3), (decoding_config(), 9), (byte, 2)] {
+        let (model, _params) = MegaByte::init(&cfg, 5, DType::F32, &dev).unwrap();
         let prompts: Vec<Vec<u8>> = (0..batch).map(|i| random_bytes(6, 40 + i)).collect();
         for rule in RULES {
             let mut calls = 0;

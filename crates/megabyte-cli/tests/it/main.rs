@@ -4,6 +4,7 @@
 //! cuda`), which needs an NVIDIA GPU.
 
 mod bad_inputs;
+mod baseline;
 mod cached;
 mod causality;
 mod checkpoint;

@@ -31,7 +31,7 @@ pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
         let width = t.norm.weight.dim(0).unwrap_or(0);
         let norm_ok = |n: &Norm| is(&n.weight, DType::F32) && n.bias.as_ref().is_none_or(|b| is(b, DType::F32));
         width % 2 == 0
-            && head_dim_supported(width / heads.max(1))
+            && (t.blocks.is_empty() || head_dim_supported(width / heads.max(1)))
             && norm_ok(&t.norm)
             && t.blocks.iter().all(|b| {
                 [&b.attn.qkv.weight, &b.attn.proj.weight, &b.mlp.up.weight, &b.mlp.down.weight].iter().all(|w| is(w, act))
