@@ -77,12 +77,17 @@ fn main() {
 /// model config.
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
-    /// Named architecture: tiny, enwik8, paper-arxiv, paper-pg19.
+    /// Named architecture: tiny, enwik8, paper-arxiv, paper-pg19, or a byte-transformer
+    /// baseline: byte-enwik8, byte-350m.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// A model config JSON file (as saved in checkpoints as config.json); overrides --preset.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Bytes per sequence (T), replacing the preset's or config's: the same architecture at
+    /// another context length (a multiple of P).
+    #[arg(long)]
+    context: Option<usize>,
 }
 
 impl ModelArgs {
@@ -97,6 +102,10 @@ impl ModelArgs {
             }
             None => megabyte::ModelConfig::preset(&self.preset)?,
         };
+        let mut cfg = cfg;
+        if let Some(t) = self.context {
+            cfg.context = t;
+        }
         cfg.validate()?;
         Ok(cfg)
     }

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The paper-claims measurements (RESULTS.md), one subcommand per claim, on a CUDA machine.
+# Every run appends JSON lines to $OUT (default runs/claims/results.jsonl) with its command.
+#
+#   scripts/paper-claims.sh equal-time MINUTES PRESET [PRESET...] [-- TRAIN-ARGS...]
+#       Trains each preset from scratch on enwik8 for MINUTES of wall time (validation
+#       included), then scores the enwik8 test split (last 5M bytes) four ways: basic,
+#       sliding (stride T/2), strided (offset P/2) and both. Claims 1 and 2 (and 5).
+#   scripts/paper-claims.sh generation BYTES PRESET [PRESET...]
+#       Batch-1 KV-cached generation of BYTES bytes on random weights. Claim 3.
+#   scripts/paper-claims.sh long-context PRESET BYTES-PER-STEP T [T...]
+#       Training time per byte and peak memory of one architecture at each context T (batch
+#       BYTES-PER-STEP / T). Claim 4.
+#
+# Environment: MEGABYTE (the binary, default megabyte on the PATH), DATA (default data),
+# RUNS (default runs/claims), DEVICE (default cuda).
+set -euo pipefail
+mb=${MEGABYTE:-megabyte}
+data=${DATA:-data}
+runs=${RUNS:-runs/claims}
+device=${DEVICE:-cuda}
+out=${OUT:-$runs/results.jsonl}
+mkdir -p "$runs"
+
+# record CLAIM PRESET JSON: one line with the claim's name, the preset and the commit.
+record() {
+    local commit
+    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    python3 -c 'import json, sys; r = json.loads(sys.argv[3]); r.update(claim=sys.argv[1], preset=sys.argv[2], commit=sys.argv[4], device=sys.argv[5]); print(json.dumps(r))' \
+        "$1" "$2" "$3" "$commit" "$device" | tee -a "$out"
+}
+
+cmd=${1:?usage: see the header of $0}
+shift
+case "$cmd" in
+equal-time)
+    minutes=${1:?minutes}
+    shift
+    presets=()
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do presets+=("$1"); shift; done
+    [ "${1:-}" = "--" ] && shift
+    [ -f "$data/enwik8/test.bin" ] || "$mb" data fetch enwik8 --dir "$data"
+    for p in "${presets[@]}"; do
+        run="$runs/$p-${minutes}min"
+        start=$(date +%s)
+        "$mb" train --preset "$p" --device "$device" --data "$data/enwik8/train.bin" --valid "$data/enwik8/valid.bin" \
+            --time "$minutes" --out "$run" "$@"
+        trained=$(( $(date +%s) - start ))
+        t=$("$mb" info --preset "$p" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["config"]["context"])')
+        for mode in basic sliding strided both; do
+            flags=()
+            case $mode in
+            sliding) flags=(--sliding $((t / 2))) ;;
+            strided) flags=(--strided) ;;
+            both) flags=(--sliding $((t / 2)) --strided) ;;
+            esac
+            s=$(date +%s)
+            json=$("$mb" eval --checkpoint "$run" --data "$data/enwik8/test.bin" --device "$device" --json "${flags[@]}" || echo '{"error": "eval failed"}')
+            json=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); r.update(mode=sys.argv[2], eval_secs=int(sys.argv[3]), train_secs=int(sys.argv[4]), minutes=float(sys.argv[5])); print(json.dumps(r))' \
+                "$json" "$mode" $(( $(date +%s) - s )) "$trained" "$minutes")
+            record equal-time "$p" "$json"
+        done
+    done
+    ;;
+generation)
+    bytes=${1:?bytes}
+    shift
+    for p in "$@"; do
+        json=$("$mb" bench --preset "$p" --device "$device" --warmup 0 --steps 0 --gen-bytes "$bytes" --gen-batch 1 --json)
+        record generation "$p" "$json"
+    done
+    ;;
+long-context)
+    p=${1:?preset}
+    per_step=${2:?bytes per step}
+    shift 2
+    for t in "$@"; do
+        batch=$(( per_step / t ))
+        [ "$batch" -ge 1 ] || batch=1
+        json=$("$mb" bench --preset "$p" --context "$t" --device "$device" --batch-size "$batch" --warmup 2 --steps 5 --gen-bytes 0 --json \
+            || echo "{\"context\": $t, \"batch_size\": $batch, \"error\": \"did not run (see stderr)\"}")
+        record long-context "$p" "$json"
+    done
+    ;;
+*)
+    echo "unknown subcommand $cmd: equal-time, generation or long-context" >&2
+    exit 2
+    ;;
+esac
