@@ -36,6 +36,9 @@ pub fn run(args: Args) -> Result<()> {
         "global: {} wide × {} layers ({} heads)   local: {} wide × {} layers ({} heads)",
         cfg.global.width, cfg.global.layers, cfg.global.heads, cfg.local.width, cfg.local.layers, cfg.local.heads
     );
+    if let Some(w) = cfg.global.window {
+        println!("global attention: sliding window of {w} positions");
+    }
     println!("parameters: global {}  local {}  total {}", human(counts.global), human(counts.local), human(counts.total));
     println!("training FLOPs per byte: {:.4e}  (6·(m_G/P + m_L) + attention)", flops);
     Ok(())

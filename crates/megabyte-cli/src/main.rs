@@ -88,6 +88,10 @@ pub struct ModelArgs {
     /// another context length (a multiple of P).
     #[arg(long)]
     context: Option<usize>,
+    /// Sliding-window attention in the global model: each position sees only its last W
+    /// positions (patches; bytes for the byte-* presets). On CUDA it runs unfused.
+    #[arg(long, value_name = "W")]
+    window: Option<usize>,
 }
 
 impl ModelArgs {
@@ -105,6 +109,9 @@ impl ModelArgs {
         let mut cfg = cfg;
         if let Some(t) = self.context {
             cfg.context = t;
+        }
+        if self.window.is_some() {
+            cfg.global.window = self.window;
         }
         cfg.validate()?;
         Ok(cfg)

@@ -31,7 +31,7 @@ pub struct Args {
     out: Option<PathBuf>,
     /// Continue the run in this folder (or from this checkpoint) exactly where it stopped,
     /// with its recorded settings; only --steps and --time may be changed.
-    #[arg(long, conflicts_with_all = ["data", "valid", "valid_bytes", "config", "context"])]
+    #[arg(long, conflicts_with_all = ["data", "valid", "valid_bytes", "config", "context", "window"])]
     resume: Option<PathBuf>,
     /// Stop after this many optimizer steps.
     #[arg(long)]

@@ -27,6 +27,10 @@ pub struct TransformerConfig {
     pub width: usize,
     pub layers: usize,
     pub heads: usize,
+    /// Sliding-window attention: each position sees only the last `window` positions of
+    /// this transformer (itself included). None: all earlier positions (full causal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<usize>,
 }
 
 impl TransformerConfig {
@@ -76,7 +80,7 @@ impl ModelConfig {
     /// `paper-arxiv` and `paper-pg19` are Table 15's compute-matched and generation models;
     /// `byte-enwik8` and `byte-350m` are byte-transformer baselines (see [`ModelConfig::is_byte_transformer`]).
     pub fn preset(name: &str) -> Result<Self> {
-        let tf = |width, layers, heads| TransformerConfig { width, layers, heads };
+        let tf = |width, layers, heads| TransformerConfig { width, layers, heads, window: None };
         let cfg = match name {
             "tiny" => ModelConfig {
                 patch_size: 8,
@@ -180,6 +184,9 @@ impl ModelConfig {
             if t.width == 0 || t.heads == 0 {
                 return bad(format!("{name}: width and heads must be at least 1"));
             }
+            if t.window == Some(0) {
+                return bad(format!("{name}.window must be at least 1 (or absent for full attention)"));
+            }
             if t.layers == 0 && name == "global" {
                 return bad("global: layers must be at least 1 (only the local model may have none)".into());
             }
@@ -215,16 +222,16 @@ impl ModelConfig {
 
     /// Training FLOPs per byte: paper §3's `6(m_G/P + m_L)` over matrix parameters (w_GL and
     /// the head counted in m_L), plus attention in the PaLM convention (`12·L·D·ctx` per
-    /// position, causal masking not discounted).
+    /// position, causal masking not discounted; ctx is the window when there is one).
     pub fn train_flops_per_byte(&self) -> f64 {
         let p = self.patch_size as f64;
-        let k = self.patches() as f64;
+        let k = self.global.window.map_or(self.patches(), |w| w.min(self.patches())) as f64;
         let m_g = self.global.matmul_params() as f64;
         let m_l = (self.local.matmul_params() + self.d_global() * self.local.width + V * self.local.width)
             as f64;
         let dense = 6.0 * (m_g / p + m_l);
         let attn_global = 12.0 * (self.global.layers * self.global.width) as f64 * k / p;
-        let attn_local = 12.0 * (self.local.layers * self.local.width) as f64 * p;
+        let attn_local = 12.0 * (self.local.layers * self.local.width) as f64 * self.local.window.map_or(p, |w| (w as f64).min(p));
         dense + attn_global + attn_local
     }
 }

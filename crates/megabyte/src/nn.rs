@@ -273,6 +273,8 @@ pub struct Attention {
     pub(crate) qkv: Linear,
     pub(crate) proj: Linear,
     pub(crate) heads: usize,
+    /// Sliding window (positions seen, itself included); None: full causal.
+    pub(crate) window: Option<usize>,
 }
 
 impl Attention {
@@ -282,13 +284,14 @@ impl Attention {
             qkv: Linear::new(p, &format!("{name}.qkv"), d, 3 * d, std)?,
             proj: Linear::new(p, &format!("{name}.proj"), d, d, std)?,
             heads: cfg.heads,
+            window: cfg.window,
         })
     }
 
     /// x: [N, S, D] → [N, S, D], causal over S.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]: q, k, v as column blocks, heads within each
-        self.proj.forward(&crate::ops::causal_self_attention(&qkv, self.heads)?) // [N, S, D]
+        self.proj.forward(&crate::ops::causal_self_attention(&qkv, self.heads, self.window)?) // [N, S, D]
     }
 
     /// The S new positions of x [N, S, D] after those in the layer's cache, which they extend
@@ -315,7 +318,7 @@ impl Attention {
         ops::kv_append(&qkv, &layer.k, &layer.v, layer.len)?;
         let len = layer.len + s;
         let (k, v) = (layer.k.narrow(1, 0, len)?, layer.v.narrow(1, 0, len)?);
-        let y = ops::causal_attention(&qkv.narrow(2, 0, d)?, &k, &v, self.heads)?;
+        let y = ops::causal_attention(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window)?;
         layer.len = len; // only once the step has succeeded
         Ok(self.proj.forward(&y)?)
     }
@@ -476,7 +479,7 @@ impl Block {
     fn forward_saved(&self, base: &Tensor, delta: Option<&Tensor>) -> Result<((Tensor, Tensor), BlockSaved)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?;
         let (w_qkv, qkv) = self.attn.qkv.fwd(&h1)?;
-        let (y, lse) = ops::self_attention_forward(&qkv, self.attn.heads)?;
+        let (y, lse) = ops::self_attention_forward(&qkv, self.attn.heads, self.attn.window)?;
         let (w_proj, a) = self.attn.proj.fwd(&y)?;
         let (x1, h2) = self.mlp_norm.fwd(&x, Some(&a))?;
         let (w_up, u) = self.mlp.up.fwd(&h2)?;
@@ -493,7 +496,7 @@ impl Block {
         let dh2 = self.mlp.up.bwd(&s.h2, w_up, &du, grads)?;
         let dx1 = self.mlp_norm.bwd(&s.x1, &dh2, Some(dout), grads)?;
         let dy = self.attn.proj.bwd(&s.y, w_proj, &dx1, grads)?;
-        let dqkv = ops::self_attention_backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads)?;
+        let dqkv = ops::self_attention_backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads, self.attn.window)?;
         let dh1 = self.attn.qkv.bwd(&s.h1, w_qkv, &dqkv, grads)?;
         self.attn_norm.bwd(&s.x, &dh1, Some(&dx1), grads)
     }

@@ -128,54 +128,61 @@ fn with_cpu_storage<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> CResu
 /// `heads` heads as contiguous column blocks of each) → [N, S, D]. Differentiable: its backward
 /// writes d(qkv) in one piece, so the three column views cost nothing in the backward pass.
 /// Never holds more than one query's row of scores.
-pub fn causal_self_attention(qkv: &Tensor, heads: usize) -> CResult<Tensor> {
-    if fused_cuda(qkv) && cuda_head_dim(qkv.dim(2)? / 3 / heads) && qkv.stride()[2] == 1 {
-        return qkv.apply_op1(SelfAttention { heads, lse: Default::default() });
+///
+/// With `window` = Some(W), each query sees only the last W positions (itself included):
+/// sliding-window attention. The CUDA kernels do not take a window yet; there it runs the
+/// plain composition, which holds the [S, S] scores.
+pub fn causal_self_attention(qkv: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
+    if window.is_none() && fused_cuda(qkv) && cuda_head_dim(qkv.dim(2)? / 3 / heads) && qkv.stride()[2] == 1 {
+        return qkv.apply_op1(SelfAttention { heads, window, lse: Default::default() });
     }
     if !qkv.device().is_cpu() {
         let d = qkv.dim(2)? / 3;
         let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
-        return reference::causal_attention(&q, &k.contiguous()?, &v.contiguous()?, heads);
+        return reference::causal_attention(&q, &k.contiguous()?, &v.contiguous()?, heads, window);
     }
     let qkv = if qkv.stride()[2] == 1 { qkv.clone() } else { qkv.contiguous()? };
-    qkv.apply_op1(SelfAttention { heads, lse: Default::default() })
+    qkv.apply_op1(SelfAttention { heads, window, lse: Default::default() })
 }
 
 /// softmax(q kᵀ / √hd + causal mask) v for q [N, Sq, D] and k, v [N, Sk, D] (Sk ≥ Sq): query i
 /// sits at position Sk − Sq + i, after the Sk − Sq positions of a KV cache, and sees keys up
-/// to it. For cached decoding: no backward pass.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> CResult<Tensor> {
+/// to it (or, with `window`, the last W positions up to it). For cached decoding: no backward
+/// pass.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
     // The kernels read any rank-3 view whose last dimension is contiguous.
     let rows = |t: &Tensor| if t.stride()[2] == 1 { Ok(t.clone()) } else { t.contiguous() };
-    if fused_cuda(q) && cuda_head_dim(q.dim(2)? / heads) {
-        return rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads });
+    if window.is_none() && fused_cuda(q) && cuda_head_dim(q.dim(2)? / heads) {
+        return rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads, window });
     }
     if !q.device().is_cpu() {
-        return reference::causal_attention(q, &k.contiguous()?, &v.contiguous()?, heads);
+        return reference::causal_attention(q, &k.contiguous()?, &v.contiguous()?, heads, window);
     }
-    rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads })
+    rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads, window })
 }
 
 struct Attention {
     heads: usize,
+    window: Option<usize>,
 }
 
 struct SelfAttention {
     heads: usize,
+    window: Option<usize>,
     /// The CUDA forward's per-row log Σ exp [N, H, S] (f32), kept for its backward.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     lse: std::sync::Arc<std::sync::Mutex<Option<Tensor>>>,
 }
 
 /// The q, k and v views of a qkv [N, S, 3D] layout, and the shapes.
-fn qkv_views(l: &Layout, heads: usize) -> CResult<(AttnDims, View3, View3, View3)> {
+fn qkv_views(l: &Layout, heads: usize, window: Option<usize>) -> CResult<(AttnDims, View3, View3, View3)> {
     let (v, [n, s, d3]) = view3(l, "attention qkv")?;
     if d3 % 3 != 0 || (d3 / 3) % heads != 0 {
         candle_core::bail!("attention: qkv width {d3} is not 3 × a multiple of {heads} heads");
     }
     let d = d3 / 3;
     let at = |col: usize| View3 { offset: v.offset + col, ..v };
-    Ok((AttnDims { n, sq: s, sk: s, d, heads }, at(0), at(d), at(2 * d)))
+    Ok((AttnDims { n, sq: s, sk: s, d, heads, window: window.unwrap_or(usize::MAX) }, at(0), at(d), at(2 * d)))
 }
 
 /// Shapes of one attention call.
@@ -186,6 +193,8 @@ struct AttnDims {
     sk: usize,
     d: usize,
     heads: usize,
+    /// Keys a query sees, itself included (usize::MAX: all before it).
+    window: usize,
 }
 
 impl AttnDims {
@@ -197,40 +206,42 @@ impl AttnDims {
     }
 }
 
-fn attn_dims(lq: &Layout, lk: &Layout, lv: &Layout, heads: usize) -> CResult<(AttnDims, View3, View3, View3)> {
+fn attn_dims(lq: &Layout, lk: &Layout, lv: &Layout, heads: usize, window: Option<usize>) -> CResult<(AttnDims, View3, View3, View3)> {
     let (vq, [n, sq, d]) = view3(lq, "attention q")?;
     let (vk, [nk, sk, dk]) = view3(lk, "attention k")?;
     let (vv, dv) = view3(lv, "attention v")?;
     if nk != n || dk != d || dv != [nk, sk, dk] || sk < sq || d % heads != 0 {
         candle_core::bail!("attention: incompatible shapes q {:?} k {:?} v {:?}", lq.dims(), lk.dims(), lv.dims());
     }
-    Ok((AttnDims { n, sq, sk, d, heads }, vq, vk, vv))
+    Ok((AttnDims { n, sq, sk, d, heads, window: window.unwrap_or(usize::MAX) }, vq, vk, vv))
 }
 
-/// Probabilities of query `i` of head `h` in sequence `n` over keys 0..=limit, into `p`.
+/// Probabilities of query `i` of head `h` in sequence `n` over the keys it sees, lo..hi
+/// (returned; hi − 1 is its own position), into p[lo..hi].
 #[allow(clippy::too_many_arguments)]
-fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n: usize, h: usize, i: usize, p: &mut [T]) -> usize {
+fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n: usize, h: usize, i: usize, p: &mut [T]) -> (usize, usize) {
     let hd = dims.hd();
     let scale = T::from(dims.scale()).expect("scale fits");
-    let limit = dims.sk - dims.sq + i;
+    let hi = dims.sk - dims.sq + i + 1;
+    let lo = hi.saturating_sub(dims.window);
     let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
     let mut max = T::neg_infinity();
-    for (j, pj) in p.iter_mut().enumerate().take(limit + 1) {
+    for (j, pj) in p.iter_mut().enumerate().take(hi).skip(lo) {
         let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
         let s = qi.iter().zip(kj).fold(T::zero(), |acc, (&a, &b)| acc + a * b) * scale;
         *pj = s;
         max = Float::max(max, s);
     }
     let mut sum = T::zero();
-    for pj in p.iter_mut().take(limit + 1) {
+    for pj in &mut p[lo..hi] {
         *pj = (*pj - max).exp();
         sum = sum + *pj;
     }
     let inv = sum.recip();
-    for pj in p.iter_mut().take(limit + 1) {
+    for pj in &mut p[lo..hi] {
         *pj = *pj * inv;
     }
-    limit + 1
+    (lo, hi)
 }
 
 fn attn_fwd<T: Elem>(q: &[T], k: &[T], v: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims) -> Vec<T> {
@@ -240,9 +251,9 @@ fn attn_fwd<T: Elem>(q: &[T], k: &[T], v: &[T], vq: View3, vk: View3, vv: View3,
         let mut p = vec![T::zero(); dims.sk];
         for h in 0..dims.heads {
             for i in 0..sq {
-                let len = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
+                let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
                 let yi = &mut yn[i * d + h * hd..][..hd];
-                for (j, &pj) in p.iter().enumerate().take(len) {
+                for (j, &pj) in p.iter().enumerate().take(hi).skip(lo) {
                     let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
                     for (o, &x) in yi.iter_mut().zip(vj) {
                         *o = *o + pj * x;
@@ -266,17 +277,17 @@ fn attn_bwd<T: Elem>(qkv: &[T], dy: &[T], vq: View3, vk: View3, vv: View3, dims:
         let mut dp = vec![T::zero(); s];
         for h in 0..dims.heads {
             for i in 0..s {
-                let len = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
+                let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
                 let dyi = &dy[(n * s + i) * d + h * hd..][..hd];
                 // dP_ij = dy_i · v_j, and Σ_j P_ij dP_ij = dy_i · y_i.
                 let mut row = T::zero();
-                for j in 0..len {
+                for j in lo..hi {
                     let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
                     dp[j] = dyi.iter().zip(vj).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
                     row = row + p[j] * dp[j];
                 }
                 let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
-                for j in 0..len {
+                for j in lo..hi {
                     let ds = p[j] * (dp[j] - row) * scale; // dScore_ij
                     let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
                     // Row r of dn holds [dq_r | dk_r | dv_r].
@@ -302,7 +313,7 @@ impl CustomOp3 for Attention {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (dims, vq, vk, vv) = attn_dims(l1, l2, l3, self.heads)?;
+        let (dims, vq, vk, vv) = attn_dims(l1, l2, l3, self.heads, self.window)?;
         let shape = Shape::from((dims.n, dims.sq, dims.d));
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(attn_fwd(q, k, v, vq, vk, vv, dims)),
@@ -332,7 +343,7 @@ impl candle_core::CustomOp1 for SelfAttention {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (dims, vq, vk, vv) = qkv_views(l, self.heads)?;
+        let (dims, vq, vk, vv) = qkv_views(l, self.heads, self.window)?;
         let out = match st {
             CpuStorage::F32(x) => CpuStorage::F32(attn_fwd(x, x, x, vq, vk, vv, dims)),
             CpuStorage::F64(x) => CpuStorage::F64(attn_fwd(x, x, x, vq, vk, vv, dims)),
@@ -356,12 +367,13 @@ impl candle_core::CustomOp1 for SelfAttention {
             return Ok(Some(cuda::self_attention_bwd(qkv, res, grad, &lse, self.heads)?));
         }
         let _ = res;
-        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &SelfAttentionBackward { heads: self.heads })?))
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &SelfAttentionBackward { heads: self.heads, window: self.window })?))
     }
 }
 
 struct SelfAttentionBackward {
     heads: usize,
+    window: Option<usize>,
 }
 
 impl CustomOp2 for SelfAttentionBackward {
@@ -370,7 +382,7 @@ impl CustomOp2 for SelfAttentionBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let (dims, vq, vk, vv) = qkv_views(l1, self.heads)?;
+        let (dims, vq, vk, vv) = qkv_views(l1, self.heads, self.window)?;
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(attn_bwd(x, contiguous(dy, l2, "dy")?, vq, vk, vv, dims)),
             (CpuStorage::F64(x), CpuStorage::F64(dy)) => CpuStorage::F64(attn_bwd(x, contiguous(dy, l2, "dy")?, vq, vk, vv, dims)),
@@ -978,7 +990,7 @@ pub mod reference {
     }
 
     /// Causal attention as in [`super::causal_attention`].
-    pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, window: Option<usize>) -> candle_core::Result<Tensor> {
         let (n, sq, d) = q.dims3()?;
         let sk = k.dim(1)?;
         let hd = d / heads;
@@ -987,7 +999,10 @@ pub mod reference {
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [N, H, Sq, Sk]
         let offset = sk - sq;
         let mask: Vec<f32> = (0..sq)
-            .flat_map(|i| (0..sk).map(move |j| if j <= offset + i { 0.0 } else { f32::NEG_INFINITY }))
+            .flat_map(|i| {
+                let lo = (offset + i + 1).saturating_sub(window.unwrap_or(usize::MAX));
+                (0..sk).map(move |j| if (lo..=offset + i).contains(&j) { 0.0 } else { f32::NEG_INFINITY })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (sq, sk), &Device::Cpu)?.to_dtype(q.dtype())?.to_device(q.device())?;
         let y = softmax_last(&scores.broadcast_add(&mask)?)?.matmul(&v)?; // [N, H, Sq, hd]
@@ -1266,19 +1281,19 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> CResult<Tensor> {
 
 /// Self-attention forward without a graph: y and, on CUDA, the row statistics its backward
 /// reads (the CPU backward recomputes them).
-pub fn self_attention_forward(qkv: &Tensor, heads: usize) -> CResult<(Tensor, Option<Tensor>)> {
+pub fn self_attention_forward(qkv: &Tensor, heads: usize, window: Option<usize>) -> CResult<(Tensor, Option<Tensor>)> {
     let qkv = qkv.detach();
-    if fused_cuda(&qkv) && cuda_head_dim(qkv.dim(2)? / 3 / heads) && qkv.stride()[2] == 1 {
-        let op = SelfAttention { heads, lse: Default::default() };
+    if window.is_none() && fused_cuda(&qkv) && cuda_head_dim(qkv.dim(2)? / 3 / heads) && qkv.stride()[2] == 1 {
+        let op = SelfAttention { heads, window, lse: Default::default() };
         let y = qkv.apply_op1_no_bwd(&op)?;
         let lse = op.lse.lock().expect("lse lock").take();
         return Ok((y, lse));
     }
-    Ok((causal_self_attention(&qkv, heads)?, None))
+    Ok((causal_self_attention(&qkv, heads, window)?, None))
 }
 
 /// d(qkv) of self-attention from the forward's y (and row statistics) and dy.
-pub fn self_attention_backward(qkv: &Tensor, y: &Tensor, lse: Option<&Tensor>, dy: &Tensor, heads: usize) -> CResult<Tensor> {
+pub fn self_attention_backward(qkv: &Tensor, y: &Tensor, lse: Option<&Tensor>, dy: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(lse) = lse {
         return cuda::self_attention_bwd(qkv, y, dy, lse, heads);
@@ -1286,9 +1301,9 @@ pub fn self_attention_backward(qkv: &Tensor, y: &Tensor, lse: Option<&Tensor>, d
     let _ = (y, lse);
     if qkv.device().is_cpu() && matches!(qkv.dtype(), candle_core::DType::F32 | candle_core::DType::F64) {
         let qkv = if qkv.stride()[2] == 1 { qkv.clone() } else { qkv.contiguous()? };
-        return qkv.apply_op2_no_bwd(&dy.contiguous()?, &SelfAttentionBackward { heads });
+        return qkv.apply_op2_no_bwd(&dy.contiguous()?, &SelfAttentionBackward { heads, window });
     }
-    Ok(vjp(&[qkv], dy, |t| causal_self_attention(&t[0], heads))?.remove(0))
+    Ok(vjp(&[qkv], dy, |t| causal_self_attention(&t[0], heads, window))?.remove(0))
 }
 
 /// Cross-entropy forward without a graph (see [`cross_entropy`]).

@@ -12,8 +12,8 @@ fn byte_config() -> ModelConfig {
     ModelConfig {
         patch_size: 1,
         context: 32,
-        global: TransformerConfig { width: 32, layers: 2, heads: 2 },
-        local: TransformerConfig { width: 32, layers: 0, heads: 1 },
+        global: TransformerConfig { width: 32, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 32, layers: 0, heads: 1, window: None },
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.1,
@@ -41,7 +41,15 @@ fn byte_transformer_presets_are_one_level() {
 
 #[test]
 fn byte_transformer_is_causal_and_decodes_like_the_full_forward() {
-    let cfg = byte_config();
+    for window in [None, Some(5)] {
+        let mut cfg = byte_config();
+        cfg.global.window = window;
+        check_decoding(&cfg);
+    }
+}
+
+fn check_decoding(cfg: &ModelConfig) {
+    let cfg = cfg.clone();
     let (model, _params) = MegaByte::init(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
     let t = cfg.context;
     let rows = vec![random_bytes(t, 31), random_bytes(t, 32)];
@@ -53,6 +61,15 @@ fn byte_transformer_is_causal_and_decodes_like_the_full_forward() {
     let head = |x: &megabyte::Tensor| x.narrow(1, 0, 21).unwrap();
     assert!(crate::max_abs_diff(&head(&full), &head(&other)) < 1e-6);
     assert!(crate::max_abs_diff(&full, &other) > 1e-4, "byte 20 must matter after it");
+    if let Some(w) = cfg.global.window {
+        // ... and, with a window, not beyond the stack's reach: byte 20 is the input at
+        // position 21, and L layers of windows of w see back L·(w − 1) positions.
+        let reach = 22 + cfg.global.layers * (w - 1);
+        let far = |x: &megabyte::Tensor| x.narrow(1, reach, t - reach).unwrap();
+        assert!(crate::max_abs_diff(&far(&full), &far(&other)) < 1e-6, "byte 20 is out of reach of positions ≥ {reach}");
+        let near = |x: &megabyte::Tensor| x.narrow(1, reach - 1, 1).unwrap();
+        assert!(crate::max_abs_diff(&near(&full), &near(&other)) > 1e-6, "byte 20 is within reach of position {}", reach - 1);
+    }
     // Cached, from a prompt of 5 bytes, past the window's end.
     let prompts: Vec<Vec<u8>> = rows.iter().map(|r| r[..5].to_vec()).collect();
     let mut decoder = Decoder::new(&model, &prompts, &Device::Cpu).unwrap();

@@ -87,7 +87,7 @@ fn cuda_self_attention_matches_cpu() {
                 &[values(&[n, s, 3 * d], 1)],
                 &[],
                 dtype,
-                |xs| ops::causal_self_attention(&xs[0], h).unwrap(),
+                |xs| ops::causal_self_attention(&xs[0], h, None).unwrap(),
                 &format!("self-attention n{n} s{s} h{h} hd{hd}"),
             );
         }
@@ -107,7 +107,7 @@ fn cuda_cached_attention_matches_cpu() {
             let (q, kv) = (q.to_dtype(dtype).unwrap().to_device(device).unwrap(), kv.to_dtype(dtype).unwrap().to_device(device).unwrap());
             // k and v as strided column views of one tensor, as the KV cache never is but could be.
             let (k, v) = (kv.narrow(2, 0, d).unwrap(), kv.narrow(2, d, d).unwrap());
-            f32_cpu(&ops::causal_attention(&q, &k, &v, h).unwrap())
+            f32_cpu(&ops::causal_attention(&q, &k, &v, h, None).unwrap())
         };
         let want = run(&Device::Cpu, DType::F32);
         for dtype in DTYPES {
@@ -227,8 +227,8 @@ fn model_config() -> ModelConfig {
     ModelConfig {
         patch_size: 8,
         context: 256,
-        global: TransformerConfig { width: 128, layers: 2, heads: 2 },
-        local: TransformerConfig { width: 64, layers: 2, heads: 1 },
+        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 64, layers: 2, heads: 1, window: None },
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.02,
@@ -313,8 +313,8 @@ fn decoding_config() -> ModelConfig {
     ModelConfig {
         patch_size: 4,
         context: 64,
-        global: TransformerConfig { width: 128, layers: 2, heads: 2 },
-        local: TransformerConfig { width: 64, layers: 2, heads: 2 },
+        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 64, layers: 2, heads: 2, window: None },
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.2,
@@ -339,8 +339,8 @@ fn cuda_decoder_equals_stepwise_decoding() {
     let byte = ModelConfig {
         patch_size: 1,
         context: 32,
-        global: TransformerConfig { width: 128, layers: 2, heads: 2 },
-        local: TransformerConfig { width: 64, layers: 0, heads: 1 },
+        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 64, layers: 0, heads: 1, window: None },
         ..decoding_config()
     };
     for (cfg, batch) in [(decoding_config(), 3), (decoding_config(), 9), (byte, 2)] {

@@ -70,8 +70,10 @@ fn gradients_match_finite_differences_rmsnorm_untied() {
 /// heads, with a partial sequence (T' < T) and a loss weight.
 #[test]
 fn explicit_backward_equals_autograd() {
-    for (norm, tied) in [(NormKind::LayerNorm, true), (NormKind::RmsNorm, false)] {
-        let cfg = small_config(norm, tied);
+    // The last case gives the global model a sliding window of 2 patches.
+    for (norm, tied, window) in [(NormKind::LayerNorm, true, None), (NormKind::RmsNorm, false, None), (NormKind::LayerNorm, false, Some(2))] {
+        let mut cfg = small_config(norm, tied);
+        cfg.global.window = window;
         let (model, params) = MegaByte::init(&cfg, 9, DType::F64, &Device::Cpu).unwrap();
         for t in [cfg.context, cfg.context / 2] {
             let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(t, 40 + i)).collect();
@@ -87,7 +89,7 @@ fn explicit_backward_equals_autograd() {
                 let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no explicit gradient for {name}"));
                 let diff = crate::max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap());
                 let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
-                assert!(diff <= 1e-6 * scale.max(1e-3), "{norm:?} tied={tied} T'={t}: gradient of {name} differs by {diff} (scale {scale})");
+                assert!(diff <= 1e-6 * scale.max(1e-3), "{norm:?} tied={tied} window={window:?} T'={t}: gradient of {name} differs by {diff} (scale {scale})");
             }
         }
     }

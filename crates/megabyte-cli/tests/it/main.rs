@@ -32,8 +32,8 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
     ModelConfig {
         patch_size: 4,
         context: 32,
-        global: TransformerConfig { width: 16, layers: 2, heads: 2 },
-        local: TransformerConfig { width: 8, layers: 2, heads: 2 },
+        global: TransformerConfig { width: 16, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 8, layers: 2, heads: 2, window: None },
         norm,
         tied_head,
         init_std: 0.2,

@@ -34,30 +34,52 @@ fn compare(inputs: &[Var], fused: impl Fn(&[Tensor]) -> Tensor, plain: impl Fn(&
 
 #[test]
 fn fused_self_attention_matches_composition() {
-    for (n, s, d, h) in [(3, 8, 32, 2), (2, 12, 24, 3), (4, 1, 16, 4)] {
+    // Full causal, and sliding windows shorter than, equal to and longer than the sequence.
+    for (n, s, d, h, window) in [(3, 8, 32, 2, None), (2, 12, 24, 3, None), (4, 1, 16, 4, None), (2, 12, 24, 3, Some(1)), (2, 12, 24, 3, Some(5)), (3, 8, 32, 2, Some(8)), (1, 6, 16, 2, Some(40))] {
         let split = |qkv: &Tensor| {
             let (q, k, v) = (qkv.narrow(2, 0, d).unwrap(), qkv.narrow(2, d, d).unwrap(), qkv.narrow(2, 2 * d, d).unwrap());
-            reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h).unwrap()
+            reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h, window).unwrap()
         };
         compare(
             &[rand(&[n, s, 3 * d], 1)],
-            |xs| ops::causal_self_attention(&xs[0], h).unwrap(),
+            |xs| ops::causal_self_attention(&xs[0], h, window).unwrap(),
             |xs| split(&xs[0]),
-            &format!("self-attention n{n} s{s} d{d} h{h}"),
+            &format!("self-attention n{n} s{s} d{d} h{h} window {window:?}"),
         );
     }
 }
 
 #[test]
+fn a_sliding_window_hides_older_positions() {
+    // With window W, output i changes when key i − W + 1 changes and not when key i − W does.
+    let (n, s, d, h, w) = (1, 10, 8, 1, 4);
+    let qkv = rand(&[n, s, 3 * d], 7).as_tensor().clone();
+    let y = ops::causal_self_attention(&qkv, h, Some(w)).unwrap();
+    let bump = |pos: usize| {
+        let mut v = qkv.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for c in d..3 * d {
+            v[pos * 3 * d + c] += 1.0; // its key and value
+        }
+        ops::causal_self_attention(&Tensor::from_vec(v, (n, s, 3 * d), qkv.device()).unwrap(), h, Some(w)).unwrap()
+    };
+    let row = |t: &Tensor, i: usize| t.narrow(1, i, 1).unwrap();
+    let i = 9;
+    assert!(crate::max_abs_diff(&row(&bump(i - w), i), &row(&y, i)) == 0.0, "position {} is outside the window", i - w);
+    assert!(crate::max_abs_diff(&row(&bump(i - w + 1), i), &row(&y, i)) > 1e-6, "position {} is inside the window", i - w + 1);
+}
+
+#[test]
 fn cached_attention_matches_composition() {
-    // Queries after a cache (Sk > Sq), k and v as strided column views.
+    // Queries after a cache (Sk > Sq), k and v as strided column views; with and without a window.
     let (n, sq, sk, d, h) = (2, 3, 11, 24, 3);
     let q = rand(&[n, sq, d], 2).as_tensor().clone();
     let kv = rand(&[n, sk, 2 * d], 3).as_tensor().clone();
     let (k, v) = (kv.narrow(2, 0, d).unwrap(), kv.narrow(2, d, d).unwrap());
-    let fused = ops::causal_attention(&q, &k, &v, h).unwrap();
-    let plain = reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h).unwrap();
-    assert!(rel_err(&fused, &plain) < 1e-5);
+    for window in [None, Some(4)] {
+        let fused = ops::causal_attention(&q, &k, &v, h, window).unwrap();
+        let plain = reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h, window).unwrap();
+        assert!(rel_err(&fused, &plain) < 1e-5, "window {window:?}");
+    }
 }
 
 #[test]
