@@ -247,7 +247,11 @@ fn loss_and_grads(cfg: &ModelConfig, device: &Device, act: DType, bytes: &Tensor
 #[test]
 fn cuda_model_loss_and_gradients_match_cpu() {
     let dev = gpu();
-    for cfg in [model_config(), ModelConfig::preset("tiny").unwrap()] {
+    // The last: a byte transformer with a sliding window (the unfused path on CUDA).
+    let mut windowed = ModelConfig { patch_size: 1, context: 64, ..model_config() };
+    windowed.local.layers = 0;
+    windowed.global.window = Some(9);
+    for cfg in [model_config(), ModelConfig::preset("tiny").unwrap(), windowed] {
         let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(cfg.context, 20 + i)).collect();
         let bytes = bytes_tensor(&rows);
         let (l_cpu, g_cpu) = loss_and_grads(&cfg, &Device::Cpu, DType::F32, &bytes);
