@@ -3,7 +3,6 @@
 //! compute formula as the paper's transformer.
 
 use megabyte::generate::Decoder;
-use megabyte::optim::{AdamW, AdamWConfig};
 use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, TransformerConfig};
 
 use crate::{bytes_tensor, random_bytes};
@@ -92,16 +91,6 @@ fn byte_transformer_overfits_one_batch() {
     let cfg = byte_config();
     let (model, params) = MegaByte::init(&cfg, 8, DType::F32, &Device::Cpu).unwrap();
     let x = bytes_tensor(&[random_bytes(cfg.context, 41), random_bytes(cfg.context, 42)]);
-    let mut opt = AdamW::new(params.vars(), AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.0 }).unwrap();
-    let first = model.loss(&x).unwrap().to_scalar::<f32>().unwrap();
-    let mut last = first;
-    for _ in 0..400 {
-        let (loss, grads) = model.loss_and_grads(&x, 1.0).unwrap();
-        last = loss.to_scalar::<f32>().unwrap();
-        if last < 0.02 {
-            break;
-        }
-        opt.step(&grads, 3e-3, 1.0).unwrap();
-    }
+    let (first, last) = crate::overfit::overfit(&model, &params, &x);
     assert!(last < 0.05, "loss only fell from {first} to {last}");
 }
