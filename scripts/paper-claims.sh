@@ -10,7 +10,7 @@
 #       Batch-1 KV-cached generation of BYTES bytes on random weights. Claim 3.
 #   scripts/paper-claims.sh long-context PRESET BYTES-PER-STEP T [T...]
 #       Training time per byte and peak memory of one architecture at each context T (batch
-#       BYTES-PER-STEP / T). Claim 4.
+#       BYTES-PER-STEP / T), plotted to $RUNS/long-context.png. Claim 4.
 #
 # Environment: MEGABYTE (the binary, default megabyte on the PATH), DATA (default data),
 # RUNS (default runs/claims), DEVICE (default cuda).
@@ -79,8 +79,11 @@ long-context)
         [ "$batch" -ge 1 ] || batch=1
         json=$("$mb" bench --preset "$p" --context "$t" --device "$device" --batch-size "$batch" --warmup 2 --steps 5 --gen-bytes 0 --json \
             || echo "{\"context\": $t, \"batch_size\": $batch, \"error\": \"did not run (see stderr)\"}")
+        json=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); b = r.get("train_bytes_per_sec"); r["us_per_byte"] = 1e6 / b if b else None; print(json.dumps(r))' "$json")
         record long-context "$p" "$json"
     done
+    "$mb" plot "$out" --x context --y us_per_byte --y peak_memory_gib --by preset --log-x --out "$runs/long-context.png"
+    echo "plot: $runs/long-context.png"
     ;;
 *)
     echo "unknown subcommand $cmd: equal-time, generation or long-context" >&2

@@ -34,6 +34,8 @@ enum Command {
     Info(info::Args),
     /// Measure training and generation speed.
     Bench(bench::Args),
+    /// Plot fields of JSON-lines records (bench results, scaling runs) as a PNG.
+    Plot(plot::Args),
     /// Data sets.
     Data {
         #[command(subcommand)]
@@ -65,6 +67,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Plot(args) => plot::run(args),
         Command::Data { command: DataCommand::Fetch { name, dir, from } } => fetch::run(&name, &dir, from.as_deref()),
     };
     if let Err(err) = result {

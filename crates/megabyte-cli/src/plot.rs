@@ -1,6 +1,8 @@
-//! The loss curve: training bpb per step (smoothed) and validation bpb, from metrics.jsonl.
+//! Plots: the loss curve of a run (training bpb per step, smoothed, and validation bpb, from
+//! metrics.jsonl), and `megabyte plot`, numeric fields of JSON-lines records against another
+//! (a bench sweep over context lengths or GPU counts).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
@@ -65,4 +67,118 @@ fn smooth(points: &[(f64, f64)], beta: f64) -> Vec<(f64, f64)> {
             (x, avg / (1.0 - beta.powi(i as i32 + 1)))
         })
         .collect()
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// JSON-lines file: one record per line (e.g. `megabyte bench --jsonl` output).
+    input: PathBuf,
+    /// The field on the x axis.
+    #[arg(long)]
+    x: String,
+    /// A field on the y axis; give several for one panel each, side by side.
+    #[arg(long, required = true)]
+    y: Vec<String>,
+    /// One line per distinct value of this field (e.g. preset).
+    #[arg(long)]
+    by: Option<String>,
+    /// Logarithmic x axis.
+    #[arg(long)]
+    log_x: bool,
+    /// Logarithmic y axes.
+    #[arg(long)]
+    log_y: bool,
+    /// The PNG to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// A series: its label and (x, y) points sorted by x.
+type Series = (String, Vec<(f64, f64)>);
+
+pub fn run(args: Args) -> Result<()> {
+    let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {} is not JSON", args.input.display(), i + 1)))
+        .collect::<Result<_>>()?;
+    let panels: Vec<Vec<Series>> = args.y.iter().map(|y| series(&records, &args.x, y, args.by.as_deref())).collect();
+    if panels.iter().all(|p| p.iter().all(|s| s.1.is_empty())) {
+        anyhow::bail!("no record of {} has numeric `{}` and {}", args.input.display(), args.x, args.y.iter().map(|y| format!("`{y}`")).collect::<Vec<_>>().join(" or "));
+    }
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    let root = BitMapBackend::new(&args.out, (560 * panels.len() as u32, 460)).into_drawing_area();
+    root.fill(&WHITE)?;
+    for ((area, y), panel) in root.split_evenly((1, panels.len())).iter().zip(&args.y).zip(&panels) {
+        draw_panel(area, &args.x, y, panel, args.log_x, args.log_y)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// The records' (x, y) points where both fields are numbers, grouped by `by`.
+fn series(records: &[serde_json::Value], x: &str, y: &str, by: Option<&str>) -> Vec<Series> {
+    let mut out: Vec<Series> = Vec::new();
+    for r in records {
+        let (Some(px), Some(py)) = (r[x].as_f64(), r[y].as_f64()) else { continue };
+        let label = by.map(|b| r[b].as_str().map(str::to_string).unwrap_or_else(|| r[b].to_string())).unwrap_or_default();
+        match out.iter_mut().find(|s| s.0 == label) {
+            Some(s) => s.1.push((px, py)),
+            None => out.push((label, vec![(px, py)])),
+        }
+    }
+    for s in &mut out {
+        s.1.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    out
+}
+
+fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, x: &str, y: &str, series: &[Series], log_x: bool, log_y: bool) -> Result<()> {
+    let points = || series.iter().flat_map(|s| s.1.iter());
+    let (x0, x1) = bounds(points().map(|p| p.0), log_x);
+    let (y0, y1) = bounds(points().map(|p| p.1), log_y);
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let mut builder = ChartBuilder::on(area);
+    builder.caption(y, ("sans-serif", 20)).margin(14).x_label_area_size(40).y_label_area_size(64);
+    // The four axis combinations are four chart types; one macro draws them all alike.
+    macro_rules! draw {
+        ($xr:expr, $yr:expr) => {{
+            let mut chart = builder.build_cartesian_2d($xr, $yr)?;
+            chart.configure_mesh().x_desc(x).y_desc(y).label_style(("sans-serif", 13)).draw()?;
+            for (i, (label, pts)) in series.iter().enumerate() {
+                let color = colors[i % colors.len()];
+                let line = chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
+                if !label.is_empty() {
+                    line.label(label.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                }
+                chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+            }
+            if series.iter().any(|s| !s.0.is_empty()) {
+                chart.configure_series_labels().label_font(("sans-serif", 13)).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+            }
+        }};
+    }
+    match (log_x, log_y) {
+        (false, false) => draw!(x0..x1, y0..y1),
+        (true, false) => draw!((x0..x1).log_scale(), y0..y1),
+        (false, true) => draw!(x0..x1, (y0..y1).log_scale()),
+        (true, true) => draw!((x0..x1).log_scale(), (y0..y1).log_scale()),
+    }
+    Ok(())
+}
+
+/// An axis range covering the values with a margin (positive, for a log axis).
+fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
+    let (lo, hi) = values.filter(|v| !log || *v > 0.0).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    if !lo.is_finite() {
+        return (if log { 1.0 } else { 0.0 }, 1.0);
+    }
+    if log {
+        (lo / 1.5, hi * 1.5)
+    } else {
+        let pad = ((hi - lo) * 0.08).max(hi.abs() * 0.05).max(1e-9);
+        ((lo - pad).min(if lo >= 0.0 { 0.0 } else { lo - pad }), hi + pad)
+    }
 }

@@ -15,6 +15,7 @@ mod golden;
 mod gradients;
 mod ops;
 mod overfit;
+mod plot;
 mod sampling;
 
 use std::path::PathBuf;
