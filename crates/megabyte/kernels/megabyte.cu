@@ -1062,9 +1062,11 @@ __device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* src, long
 
 // Grid (N·H, ceil(Sq / 64)); the y index runs backwards so that the row blocks with the most
 // keys start first and the short ones fill in at the end.
-template <int HD>
+// WIN: the sliding-window instantiation (window > 0); without it every window term folds away.
+template <int HD, bool WIN>
 __device__ void attn_tc_fwd(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, bf16* y, float* lse,
-                            int N, int Sq, int Sk, int H, float scale) {
+                            int N, int Sq, int Sk, int H, float scale, int window_arg) {
+    const int window = WIN ? window_arg : 0;
     constexpr int LD = HD + TC_PAD, TS = TC_TILE * LD;
     // Stage s: K tile at kv + 2s·TS, V tile at kv + (2s + 1)·TS. Stage 1's K slot first holds q.
     __shared__ __align__(128) bf16 kv[4 * TS];
@@ -1077,10 +1079,13 @@ __device__ void attn_tc_fwd(const bf16* q, View vq, const bf16* k, View vk, cons
     const int off = Sk - Sq;  // query i sits at position off + i
     const int last = min(Sk - 1, off + i0 + TC_ROWS - 1);
     const int tiles = last / TC_TILE + 1;
+    // With a sliding window (window > 0) position p sees keys p − window < c ≤ p: the block's
+    // first tile is the one holding its first row's oldest key.
+    const int first = window > 0 ? max(0, off + i0 - window + 1) / TC_TILE : 0;
     load_tile_async<HD>(kv + 2 * TS, q + n * vq.sn + h * HD, vq.ss, i0, Sq);
     cp_async_commit();
-    load_tile_async<HD>(kv, kp, vk.ss, 0, Sk);
-    load_tile_async<HD>(kv + TS, vp, vv.ss, 0, Sk);
+    load_tile_async<HD>(kv, kp, vk.ss, first * TC_TILE, Sk);
+    load_tile_async<HD>(kv + TS, vp, vv.ss, first * TC_TILE, Sk);
     cp_async_commit();
     cp_async_wait<1>();  // q has landed (tile 0 may still be in flight)
     __syncthreads();
@@ -1096,33 +1101,36 @@ __device__ void attn_tc_fwd(const bf16* q, View vq, const bf16* k, View vk, cons
     const float sl2 = scale * TC_LOG2E;
     const int row0 = i0 + warp * 16 + g;         // this lane's rows: row0 and row0 + 8
     const int wmax = off + i0 + warp * 16 + 15;  // the warp's last position
-    for (int it = 0; it < tiles; it++) {
+    for (int it = first; it < tiles; it++) {
         const int kt = it * TC_TILE;
+        const int stage = (it - first) & 1;
         if (it + 1 < tiles) {
-            bf16* nx = kv + ((it + 1) & 1) * 2 * TS;
+            bf16* nx = kv + (stage ^ 1) * 2 * TS;
             load_tile_async<HD>(nx, kp, vk.ss, kt + TC_TILE, Sk);
             load_tile_async<HD>(nx + TS, vp, vv.ss, kt + TC_TILE, Sk);
         }
         cp_async_commit();   // (an empty group on the last tile keeps the count uniform)
         cp_async_wait<1>();  // tile it has landed
         __syncthreads();
-        const bf16* ks = kv + (it & 1) * 2 * TS;
+        const bf16* ks = kv + stage * 2 * TS;
         const bf16* vs = ks + TS;
         // Some key of the tile lies after the block's first position (or past Sk): mask.
         const bool diag = kt + TC_TILE - 1 > off + i0;
+        // Some key of the tile is older than the window of the block's last position: mask.
+        const bool edge = window > 0 && kt <= off + i0 + TC_ROWS - 1 - window;
         // 8-key blocks j >= jn are after all of this warp's positions (an upper bound).
         const int jn = diag ? min(8, max(0, (wmax - kt) / 8 + 1)) : 8;
         float s[8][4];
         mma_abt<HD>(s, qa, ks, 0, jn);
         float mx[2] = {m[0], m[1]};
-        if (diag) {
+        if (diag || edge) {
 #pragma unroll
             for (int j = 0; j < 8; j++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int col = kt + j * 8 + 2 * t + (e & 1);
                     const int pos = off + row0 + 8 * (e >> 1);
-                    if (col > pos || col >= Sk) s[j][e] = -INFINITY;
+                    if (col > pos || col >= Sk || (window > 0 && col <= pos - window)) s[j][e] = -INFINITY;
                 }
         }
 #pragma unroll
@@ -1192,9 +1200,11 @@ __device__ void attn_bwd_prep(const T* y, const T* dy, float* Dbuf, int N, int S
 
 // dq for 64 queries per block (self-attention, S = Sq = Sk); dy is [N, S, H·HD] contiguous.
 // Grid (N·H, ceil(S / 64)), row blocks backwards (longest first) as in the forward.
-template <int HD>
+template <int HD, bool WIN>
 __device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy,
-                               const float* lse, const float* Dbuf, bf16* dq, View vdq, int N, int S, int H, float scale) {
+                               const float* lse, const float* Dbuf, bf16* dq, View vdq, int N, int S, int H, float scale,
+                               int window_arg) {
+    const int window = WIN ? window_arg : 0;
     constexpr int LD = HD + TC_PAD, TS = TC_TILE * LD;
     // Stage s: K tile at kv + 2s·TS, V tile at kv + (2s + 1)·TS. Stage 1 first holds q and dy.
     __shared__ __align__(128) bf16 kv[4 * TS];
@@ -1207,11 +1217,12 @@ __device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, c
     const bf16* vp = v + n * vv.sn + h * HD;
     const int last = min(S - 1, i0 + TC_ROWS - 1);
     const int tiles = last / TC_TILE + 1;
+    const int first = window > 0 ? max(0, i0 - window + 1) / TC_TILE : 0;  // as in the forward
     load_tile_async<HD>(kv + 2 * TS, q + n * vq.sn + h * HD, vq.ss, i0, S);
     load_tile_async<HD>(kv + 3 * TS, dy + n * S * W + h * HD, W, i0, S);
     cp_async_commit();
-    load_tile_async<HD>(kv, kp, vk.ss, 0, S);
-    load_tile_async<HD>(kv + TS, vp, vv.ss, 0, S);
+    load_tile_async<HD>(kv, kp, vk.ss, first * TC_TILE, S);
+    load_tile_async<HD>(kv + TS, vp, vv.ss, first * TC_TILE, S);
     cp_async_commit();
     cp_async_wait<1>();  // q and dy have landed
     __syncthreads();
@@ -1235,19 +1246,21 @@ __device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, c
     float acc[HD / 8][4];
 #pragma unroll
     for (int j = 0; j < HD / 8; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-    for (int it = 0; it < tiles; it++) {
+    for (int it = first; it < tiles; it++) {
         const int kt = it * TC_TILE;
+        const int stage = (it - first) & 1;
         if (it + 1 < tiles) {
-            bf16* nx = kv + ((it + 1) & 1) * 2 * TS;
+            bf16* nx = kv + (stage ^ 1) * 2 * TS;
             load_tile_async<HD>(nx, kp, vk.ss, kt + TC_TILE, S);
             load_tile_async<HD>(nx + TS, vp, vv.ss, kt + TC_TILE, S);
         }
         cp_async_commit();
         cp_async_wait<1>();  // tile it has landed
         __syncthreads();
-        const bf16* ks = kv + (it & 1) * 2 * TS;
+        const bf16* ks = kv + stage * 2 * TS;
         const bf16* vs = ks + TS;
         const bool diag = kt + TC_TILE - 1 > i0;  // some key after the block's first query
+        const bool edge = window > 0 && kt <= i0 + TC_ROWS - 1 - window;  // some key too old
         const int jn = diag ? min(8, max(0, (wmax - kt) / 8 + 1)) : 8;
         float p[8][4], dp[8][4];
         mma_abt<HD>(p, qa, ks, 0, jn);
@@ -1259,7 +1272,7 @@ __device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, c
             for (int e = 0; e < 4; e++) {
                 const int col = kt + j * 8 + 2 * t + (e & 1), row = row0 + 8 * (e >> 1);
                 float pe = ex2(fmaf(p[j][e], sl2, -L2[e >> 1]));
-                if (diag && col > row) pe = 0.f;
+                if ((diag && col > row) || (edge && col <= row - window)) pe = 0.f;
                 p[j][e] = pe * (dp[j][e] - D[e >> 1]);  // dS
             }
             c_to_a(da, p[j], j);
@@ -1280,10 +1293,11 @@ __device__ void attn_tc_bwd_dq(const bf16* q, View vq, const bf16* k, View vk, c
 
 // dk and dv for 64 keys per block; queries at or after each key stream through. Grid
 // (N·H, ceil(S / 64)): the first key blocks, which see the most queries, start first.
-template <int HD>
+template <int HD, bool WIN>
 __device__ void attn_tc_bwd_dkdv(const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy,
                                  const float* lse, const float* Dbuf, bf16* dk, View vdk, bf16* dv, View vdv, int N, int S,
-                                 int H, float scale) {
+                                 int H, float scale, int window_arg) {
+    const int window = WIN ? window_arg : 0;
     constexpr int LD = HD + TC_PAD, TS = TC_TILE * LD;
     // Stage s: q tile at qg + 2s·TS, dy tile at qg + (2s + 1)·TS, with L and D in Ls[s], Ds[s].
     // Stage 1 first holds k and v.
@@ -1309,7 +1323,9 @@ __device__ void attn_tc_bwd_dkdv(const bf16* q, View vq, const bf16* k, View vk,
         else cp_async4(&Ds[st][r], dp_ + (ok ? it + r : 0), ok);
     };
     static_assert(TC_THREADS == 2 * TC_TILE, "one L or D per thread");
-    const int tiles = (S - 1 - j0) / TC_TILE + 1;
+    // Queries from j0 on see this block's keys; with a window, only up to j0 + 63 + window − 1.
+    const int last = window > 0 ? min(S - 1, j0 + TC_ROWS - 2 + window) : S - 1;
+    const int tiles = (last - j0) / TC_TILE + 1;
     load_tile_async<HD>(qg + 2 * TS, k + n * vk.sn + h * HD, vk.ss, j0, S);
     load_tile_async<HD>(qg + 3 * TS, v + n * vv.sn + h * HD, vv.ss, j0, S);
     cp_async_commit();
@@ -1345,6 +1361,8 @@ __device__ void attn_tc_bwd_dkdv(const bf16* q, View vq, const bf16* k, View vk,
         // j < 2·warp come before all of this warp's keys.
         const bool diag = c == 0;
         const int jlo = diag ? 2 * warp : 0;
+        // Some query of the tile is past the window of one of this block's keys.
+        const bool edge = window > 0 && it + TC_TILE - 1 >= j0 + window;
         // One 8-query block at a time, packed at once: 64 f32 scores would not fit beside the
         // 96 registers of fragments and accumulators.
         uint32_t pa[4][4], da[4][4];
@@ -1359,7 +1377,7 @@ __device__ void attn_tc_bwd_dkdv(const bf16* q, View vq, const bf16* k, View vk,
             for (int e = 0; e < 4; e++) {
                 const int cq = j * 8 + 2 * t + (e & 1), key = key0 + 8 * (e >> 1);
                 float pe = ex2(fmaf(p[e], sl2, -Ls[st][cq] * TC_LOG2E));
-                if (diag && it + cq < key) pe = 0.f;
+                if ((diag && it + cq < key) || (edge && it + cq >= key + window)) pe = 0.f;
                 p[e] = pe;
                 ds[e] = pe * (ds[e] - Ds[st][cq]);
             }
@@ -1500,22 +1518,24 @@ ELEMENTWISE(bf16, bf16)
         attn_flash_bwd_dkdv<T, HD>(q, vq, k, vk, v, vv, dy, lse, Dbuf, dk, vdk, dv, vdv, N, S, H, scale);              \
     }
 
-#define ATTENTION_TC(HD)                                                                                                \
-    extern "C" __global__ void __launch_bounds__(128) attn_tc_fwd_##HD(                                                \
+// Each tensor-core kernel twice: full causal, and `_win` with a sliding window (window > 0).
+#define ATTENTION_TC_VARIANT(HD, SUFFIX, WIN)                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) attn_tc_fwd##SUFFIX##_##HD(                                       \
         const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, bf16* y, float* lse, int N, int Sq,  \
-        int Sk, int H, float scale) {                                                                                  \
-        attn_tc_fwd<HD>(q, vq, k, vk, v, vv, y, lse, N, Sq, Sk, H, scale);                                             \
+        int Sk, int H, float scale, int window) {                                                                      \
+        attn_tc_fwd<HD, WIN>(q, vq, k, vk, v, vv, y, lse, N, Sq, Sk, H, scale, window);                                \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128, 3) attn_tc_bwd_dq_##HD(                                             \
+    extern "C" __global__ void __launch_bounds__(128, 3) attn_tc_bwd_dq##SUFFIX##_##HD(                                 \
         const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy, const float* lse,     \
-        const float* Dbuf, bf16* dq, View vdq, int N, int S, int H, float scale) {                                     \
-        attn_tc_bwd_dq<HD>(q, vq, k, vk, v, vv, dy, lse, Dbuf, dq, vdq, N, S, H, scale);                               \
+        const float* Dbuf, bf16* dq, View vdq, int N, int S, int H, float scale, int window) {                         \
+        attn_tc_bwd_dq<HD, WIN>(q, vq, k, vk, v, vv, dy, lse, Dbuf, dq, vdq, N, S, H, scale, window);                  \
     }                                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128, 3) attn_tc_bwd_dkdv_##HD(                                           \
+    extern "C" __global__ void __launch_bounds__(128, 3) attn_tc_bwd_dkdv##SUFFIX##_##HD(                               \
         const bf16* q, View vq, const bf16* k, View vk, const bf16* v, View vv, const bf16* dy, const float* lse,     \
-        const float* Dbuf, bf16* dk, View vdk, bf16* dv, View vdv, int N, int S, int H, float scale) {                 \
-        attn_tc_bwd_dkdv<HD>(q, vq, k, vk, v, vv, dy, lse, Dbuf, dk, vdk, dv, vdv, N, S, H, scale);                    \
+        const float* Dbuf, bf16* dk, View vdk, bf16* dv, View vdv, int N, int S, int H, float scale, int window) {     \
+        attn_tc_bwd_dkdv<HD, WIN>(q, vq, k, vk, v, vv, dy, lse, Dbuf, dk, vdk, dv, vdv, N, S, H, scale, window);       \
     }
+#define ATTENTION_TC(HD) ATTENTION_TC_VARIANT(HD, , false) ATTENTION_TC_VARIANT(HD, _win, true)
 
 ATTENTION_TC(16)
 ATTENTION_TC(32)

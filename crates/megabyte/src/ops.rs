@@ -130,10 +130,11 @@ fn with_cpu_storage<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> CResu
 /// Never holds more than one query's row of scores.
 ///
 /// With `window` = Some(W), each query sees only the last W positions (itself included):
-/// sliding-window attention. The CUDA kernels do not take a window yet; there it runs the
-/// plain composition, which holds the [S, S] scores.
+/// sliding-window attention. On CUDA the tensor-core kernels take the window (bf16, S above
+/// the small kernels' sizes); elsewhere on CUDA it runs the plain composition, which holds
+/// the [S, S] scores.
 pub fn causal_self_attention(qkv: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
-    if window.is_none() && fused_cuda(qkv) && cuda_head_dim(qkv.dim(2)? / 3 / heads) && qkv.stride()[2] == 1 {
+    if fused_self_attention(qkv, heads, window)? {
         return qkv.apply_op1(SelfAttention { heads, window, lse: Default::default() });
     }
     if !qkv.device().is_cpu() {
@@ -164,6 +165,23 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, window
 struct Attention {
     heads: usize,
     window: Option<usize>,
+}
+
+/// True when self-attention on `qkv` runs the fused CUDA kernels (with a window, only those
+/// that take one).
+fn fused_self_attention(qkv: &Tensor, heads: usize, window: Option<usize>) -> CResult<bool> {
+    #[cfg(feature = "cuda")]
+    {
+        let (_, s, d3) = qkv.dims3()?;
+        let hd = d3 / 3 / heads;
+        let shape_ok = window.is_none() || cuda::window_supported(qkv.dtype(), s, hd);
+        Ok(shape_ok && fused_cuda(qkv) && cuda_head_dim(hd) && qkv.stride()[2] == 1)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (qkv, heads, window);
+        Ok(false)
+    }
 }
 
 struct SelfAttention {
@@ -354,7 +372,7 @@ impl candle_core::CustomOp1 for SelfAttention {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
-        let (y, shape, lse) = cuda::self_attention_fwd(s, l, self.heads)?;
+        let (y, shape, lse) = cuda::self_attention_fwd(s, l, self.heads, self.window)?;
         *self.lse.lock().expect("lse lock") = Some(lse);
         Ok((y, shape))
     }
@@ -364,7 +382,7 @@ impl candle_core::CustomOp1 for SelfAttention {
         if qkv.device().is_cuda() {
             let lse = self.lse.lock().expect("lse lock").clone();
             let lse = lse.ok_or_else(|| candle_core::Error::Msg("attention backward: no forward statistics".into()))?;
-            return Ok(Some(cuda::self_attention_bwd(qkv, res, grad, &lse, self.heads)?));
+            return Ok(Some(cuda::self_attention_bwd(qkv, res, grad, &lse, self.heads, self.window)?));
         }
         let _ = res;
         Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &SelfAttentionBackward { heads: self.heads, window: self.window })?))
@@ -1283,7 +1301,7 @@ pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> CResult<Tensor> {
 /// reads (the CPU backward recomputes them).
 pub fn self_attention_forward(qkv: &Tensor, heads: usize, window: Option<usize>) -> CResult<(Tensor, Option<Tensor>)> {
     let qkv = qkv.detach();
-    if window.is_none() && fused_cuda(&qkv) && cuda_head_dim(qkv.dim(2)? / 3 / heads) && qkv.stride()[2] == 1 {
+    if fused_self_attention(&qkv, heads, window)? {
         let op = SelfAttention { heads, window, lse: Default::default() };
         let y = qkv.apply_op1_no_bwd(&op)?;
         let lse = op.lse.lock().expect("lse lock").take();
@@ -1296,7 +1314,7 @@ pub fn self_attention_forward(qkv: &Tensor, heads: usize, window: Option<usize>)
 pub fn self_attention_backward(qkv: &Tensor, y: &Tensor, lse: Option<&Tensor>, dy: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(lse) = lse {
-        return cuda::self_attention_bwd(qkv, y, dy, lse, heads);
+        return cuda::self_attention_bwd(qkv, y, dy, lse, heads, window);
     }
     let _ = (y, lse);
     if qkv.device().is_cpu() && matches!(qkv.dtype(), candle_core::DType::F32 | candle_core::DType::F64) {

@@ -95,6 +95,25 @@ fn cuda_self_attention_matches_cpu() {
 }
 
 #[test]
+fn cuda_sliding_window_attention_matches_cpu() {
+    // bf16 runs the tensor-core kernels' window variants (first tile skipped, window edges
+    // masked, dk/dv's query range cut); f32 runs the plain composition. Windows of 1, within
+    // one tile, across tiles, a tile exactly, and wider than the sequence; tails included.
+    for (n, s, h, hd, window) in [(2, 300, 2, 64, 1), (2, 300, 2, 64, 37), (1, 520, 2, 64, 100), (2, 200, 2, 32, 64), (1, 130, 3, 16, 200), (1, 520, 2, 64, 129)] {
+        let d = h * hd;
+        for dtype in DTYPES {
+            compare(
+                &[values(&[n, s, 3 * d], 1)],
+                &[],
+                dtype,
+                |xs| ops::causal_self_attention(&xs[0], h, Some(window)).unwrap(),
+                &format!("windowed self-attention n{n} s{s} h{h} hd{hd} window {window}"),
+            );
+        }
+    }
+}
+
+#[test]
 fn cuda_cached_attention_matches_cpu() {
     let dev = gpu();
     // The last two reach the tensor-core forward with Sq < Sk: two query blocks (the second

@@ -494,6 +494,8 @@ pub(super) struct Dims {
     pub sk: usize,
     pub heads: usize,
     pub hd: usize,
+    /// Sliding window (positions a query sees, itself included); 0: full causal.
+    pub window: usize,
 }
 
 impl Dims {
@@ -505,6 +507,28 @@ impl Dims {
 /// True when the CUDA attention kernels take this head dimension.
 pub(super) fn attention_supported(hd: usize) -> bool {
     HEAD_DIMS.contains(&hd)
+}
+
+/// True when self-attention over S positions with a sliding window runs fused: the tensor-core
+/// kernels take a window, so bf16 and S past the small kernels' sizes (forward and backward).
+pub(super) fn window_supported(dtype: DType, s: usize, hd: usize) -> bool {
+    dtype == DType::BF16 && attention_supported(hd) && s > small_rows(hd, false).max(small_rows(hd, true))
+}
+
+/// The `_win` kernel name suffix and the window argument of the tensor-core kernels.
+fn tc_window(dims: &Dims) -> (&'static str, i32) {
+    if dims.window > 0 {
+        ("_win", dims.window.min(i32::MAX as usize) as i32)
+    } else {
+        ("", 0)
+    }
+}
+
+fn no_window(dims: &Dims, kernel: &str) -> CResult<()> {
+    if dims.window > 0 {
+        candle_core::bail!("attention: a sliding window runs on the tensor-core kernels only (bf16, 16-byte rows), not the {kernel} kernel");
+    }
+    Ok(())
 }
 
 /// Causal attention forward: y [n, sq, heads·hd] (T) and, when `with_lse` (a backward will
@@ -521,6 +545,12 @@ fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), d
     let (n32, sq32, sk32, h32, scale) = (n as i32, sq as i32, sk as i32, h as i32, dims.scale());
     let rows = small_rows(hd, false);
     let s = sq.max(sk);
+    if dtype == DType::BF16 && s > rows && aligned(&[q.1, k.0, v.0], &[q.2, k.1, v.1], 16, dtype) {
+        let (win, w32) = tc_window(&dims);
+        launch!(dev, format!("attn_tc_fwd{win}_{hd}"), launch_cfg(tc_grid(n * h, sq)?, 128, 0), q.1, q.2, k.0, k.1, v.0, v.1, py, plse, n32, sq32, sk32, h32, scale, w32);
+        return Ok((y, lse));
+    }
+    no_window(&dims, "small or flash")?;
     let (name, cfg) = if warp_kernel(s, hd, &[q.1, k.0, v.0], &[q.2, k.1, v.1], dtype) {
         (format!("attn_warp_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(4) as u32, 1), 128, 0))
     } else if s <= rows {
@@ -530,8 +560,6 @@ fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), d
         let groups_per_block = rows / s;
         let shared = 2 * groups_per_block * (sk * hd + 4) * 4;
         (format!("attn_small_fwd_{}_{hd}", suffix(dtype)?), launch_cfg(((n * h).div_ceil(groups_per_block) as u32, 1), rows as u32, shared as u32))
-    } else if dtype == DType::BF16 && aligned(&[q.1, k.0, v.0], &[q.2, k.1, v.1], 16, dtype) {
-        (format!("attn_tc_fwd_{hd}"), launch_cfg(tc_grid(n * h, sq)?, 128, 0))
     } else {
         (format!("attn_flash_fwd_{}_{hd}", suffix(dtype)?), launch_cfg((sq.div_ceil(BQ) as u32, grid_y(n * h)?), BQ as u32, 0))
     };
@@ -540,7 +568,7 @@ fn attention_fwd(q: (&CudaStorage, u64, View), k: (u64, View), v: (u64, View), d
 }
 
 /// The views of q, k and v inside a fused qkv [N, S, 3D] layout.
-fn qkv_views(s: &CudaStorage, l: &Layout, heads: usize) -> CResult<(Dims, [(u64, View); 3])> {
+fn qkv_views(s: &CudaStorage, l: &Layout, heads: usize, window: Option<usize>) -> CResult<(Dims, [(u64, View); 3])> {
     let dims = l.dims();
     if dims.len() != 3 || dims[2] % 3 != 0 || (dims[2] / 3) % heads != 0 {
         candle_core::bail!("attention: qkv {dims:?} is not [N, S, 3·heads·hd]");
@@ -550,12 +578,12 @@ fn qkv_views(s: &CudaStorage, l: &Layout, heads: usize) -> CResult<(Dims, [(u64,
     let base = at(s, l)?;
     let esize = s.dtype().size_in_bytes() as u64;
     let col = |c: usize| (base + (c * d) as u64 * esize, vw);
-    Ok((Dims { n: dims[0], sq: dims[1], sk: dims[1], heads, hd: d / heads }, [col(0), col(1), col(2)]))
+    Ok((Dims { n: dims[0], sq: dims[1], sk: dims[1], heads, hd: d / heads, window: window.unwrap_or(0) }, [col(0), col(1), col(2)]))
 }
 
 /// Self-attention forward on a fused qkv: (y, lse).
-pub(super) fn self_attention_fwd(s: &CudaStorage, l: &Layout, heads: usize) -> CResult<(CudaStorage, Shape, Tensor)> {
-    let (dims, [q, k, v]) = qkv_views(s, l, heads)?;
+pub(super) fn self_attention_fwd(s: &CudaStorage, l: &Layout, heads: usize, window: Option<usize>) -> CResult<(CudaStorage, Shape, Tensor)> {
+    let (dims, [q, k, v]) = qkv_views(s, l, heads, window)?;
     let (y, lse) = attention_fwd((s, q.0, q.1), k, v, dims, true)?;
     let lse = tensor(lse.expect("asked for"), (dims.n, dims.heads, dims.sq));
     Ok((y, Shape::from((dims.n, dims.sq, dims.heads * dims.hd)), lse))
@@ -569,7 +597,7 @@ pub(super) fn attention_fwd3(q: (&CudaStorage, &Layout), k: (&CudaStorage, &Layo
     if dtypes_differ || qd.len() != 3 || kd.len() != 3 || v.1.dims() != kd || qd[0] != kd[0] || qd[2] != kd[2] || kd[1] < qd[1] || qd[2] % heads != 0 {
         candle_core::bail!("attention: incompatible shapes q {qd:?} k {kd:?} v {:?}", v.1.dims());
     }
-    let dims = Dims { n: qd[0], sq: qd[1], sk: kd[1], heads, hd: qd[2] / heads };
+    let dims = Dims { n: qd[0], sq: qd[1], sk: kd[1], heads, hd: qd[2] / heads, window: 0 };
     let (y, _lse) = attention_fwd(
         (q.0, at(q.0, q.1)?, view(q.1, "q")?),
         (at(k.0, k.1)?, view(k.1, "k")?),
@@ -581,7 +609,7 @@ pub(super) fn attention_fwd3(q: (&CudaStorage, &Layout), k: (&CudaStorage, &Layo
 }
 
 /// d(qkv) [N, S, 3D] (contiguous) of self-attention, from qkv, the forward's y and lse, and dy.
-pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Tensor, heads: usize) -> CResult<Tensor> {
+pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
     let dy = dy.contiguous()?;
     let dev = cuda_device(qkv)?;
     let dtype = qkv.dtype();
@@ -595,7 +623,7 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
     let ov = View { sn: (s * d3) as i64, ss: d3 as i64 };
     let (dq, dk, dv) = ((pout, ov), (pout + d as u64 * esize, ov), (pout + 2 * d as u64 * esize, ov));
     with_cuda(qkv, |qs, ql| {
-        let (dims, [q, k, v]) = qkv_views(qs, ql, heads)?;
+        let (dims, [q, k, v]) = qkv_views(qs, ql, heads, window)?;
         with_cuda(y, |ys, yl| {
             with_cuda(&dy, |gs, gl| {
                 let (py, pg) = (contiguous_at(ys, yl, "y")?, contiguous_at(gs, gl, "dy")?);
@@ -603,6 +631,10 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                 let hd = dims.hd;
                 let rows = small_rows(hd, true);
                 let tn = suffix(dtype)?;
+                let tc = dtype == DType::BF16 && s > rows && aligned(&[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov], 16, dtype);
+                if !tc {
+                    no_window(&dims, "warp, small or flash")?;
+                }
                 if warp_kernel(s, hd, &[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov], dtype) {
                     let cfg = launch_cfg(((n * heads).div_ceil(4) as u32, 1), 128, 0);
                     launch!(&dev, format!("attn_warp_bwd_{tn}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, py, pg, dq.0, dq.1, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
@@ -620,7 +652,6 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                 }
                 let lse = lse.contiguous()?;
                 let (dbuf, pdbuf) = alloc(&dev, DType::F32, n * heads * s)?;
-                let tc = dtype == DType::BF16 && aligned(&[q.0, k.0, v.0, py, pg, dq.0, dk.0, dv.0], &[q.1, k.1, v.1, ov], 16, dtype);
                 with_cuda(&lse, |ls, ll| {
                     let plse = contiguous_at(ls, ll, "lse")?;
                     if tc {
@@ -628,8 +659,9 @@ pub(super) fn self_attention_bwd(qkv: &Tensor, y: &Tensor, dy: &Tensor, lse: &Te
                         let warps = n * s * heads;
                         launch!(&dev, format!("attn_bwd_prep_{tn}"), launch_cfg((warps.div_ceil(8) as u32, 1), 256, 0), py, pg, pdbuf, n32, s32, h32, hd32);
                         let cfg = launch_cfg(tc_grid(n * heads, s)?, 128, 0);
-                        launch!(&dev, format!("attn_tc_bwd_dq_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dq.0, dq.1, n32, s32, h32, scale);
-                        launch!(&dev, format!("attn_tc_bwd_dkdv_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale);
+                        let (win, w32) = tc_window(&dims);
+                        launch!(&dev, format!("attn_tc_bwd_dq{win}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dq.0, dq.1, n32, s32, h32, scale, w32);
+                        launch!(&dev, format!("attn_tc_bwd_dkdv{win}_{hd}"), cfg, q.0, q.1, k.0, k.1, v.0, v.1, pg, plse, pdbuf, dk.0, dk.1, dv.0, dv.1, n32, s32, h32, scale, w32);
                         return Ok(());
                     }
                     let cfg = launch_cfg((s.div_ceil(BQ) as u32, grid_y(n * heads)?), BQ as u32, 0);
