@@ -56,7 +56,7 @@ pub fn run(args: Args) -> Result<()> {
     tc.steps = Some((args.warmup + args.steps).max(1));
     tc.warmup_steps = 1;
     tc.precision = megabyte::Precision::parse(&args.precision, &device)?;
-    let data = DataSpec { train: None, valid: None, holdout_bytes: 100_000 };
+    let data = DataSpec { train: None, valid: None, holdout_bytes: 100_000, documents: false };
     let splits = data.open()?;
     let mut trainer = Trainer::new(&cfg, tc, data, &device)?;
     for _ in 0..args.warmup {

@@ -17,6 +17,10 @@ pub struct Args {
     /// The bytes to score: a file or a folder of files.
     #[arg(long)]
     data: PathBuf,
+    /// Score each document on its own (see `megabyte train --documents`): windows start inside
+    /// it and never see the bytes before its start.
+    #[arg(long)]
+    documents: bool,
     /// Strided inference (paper §2.3): a second pass offset by P/2; 2× cost.
     #[arg(long)]
     strided: bool,
@@ -42,7 +46,13 @@ pub fn run(args: Args) -> Result<()> {
     let dir = megabyte::checkpoint::resolve(&args.checkpoint)?;
     let (model, _) = megabyte::checkpoint::load_model(&dir, DType::F32, &device)?;
     let model = model.with_activations(megabyte::Precision::parse(&args.precision, &device)?.dtype());
-    let split = Split::all(Arc::new(ByteStream::open(&args.data)?));
+    let stream = Arc::new(ByteStream::open(&args.data)?);
+    let split = if args.documents {
+        let starts = stream.documents()?;
+        Split::all(stream).with_documents(&starts)
+    } else {
+        Split::all(stream)
+    };
     let settings = EvalSettings { strided: args.strided, sliding: args.sliding, batch_size: args.batch_size };
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
     bar.set_style(ProgressStyle::with_template("{wide_bar} {pos}/{len} windows ETA {eta}").expect("valid template"));
@@ -60,19 +70,21 @@ pub fn run(args: Args) -> Result<()> {
             "data": args.data,
             "strided": args.strided,
             "sliding": args.sliding,
+            "documents": split.documents().map(|d| d.len()),
             "context": model.config().context,
             "patch_size": model.config().patch_size,
         });
         println!("{out}");
     } else {
         println!(
-            "bpb {:.3} over {} bytes ({} windows of {} bytes{}{})",
+            "bpb {:.3} over {} bytes ({} windows of {} bytes{}{}{})",
             report.bpb,
             report.bytes,
             report.windows,
             model.config().context,
             args.sliding.map_or(String::new(), |s| format!(", sliding stride {s}")),
             if args.strided { ", strided" } else { "" },
+            split.documents().map_or(String::new(), |d| format!(", {} documents in isolation", d.len())),
         );
     }
     Ok(())

@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod convert;
 mod eval;
 mod fetch;
 mod generate;
@@ -56,6 +57,32 @@ enum DataCommand {
         #[arg(long, value_name = "PATH")]
         from: Option<PathBuf>,
     },
+    /// Images to raw pixel bytes: an IDX file (MNIST format, gzipped or not) or PNG/JPEG files
+    /// (a file or a folder, all one size) → OUT (images concatenated) and OUT.documents.json.
+    Images {
+        input: PathBuf,
+        output: PathBuf,
+        /// patch-scan (the paper's: --block × --block pixel blocks in raster order, raster
+        /// order inside each) or raster.
+        #[arg(long, default_value = "patch-scan", value_parser = ["patch-scan", "raster"])]
+        order: String,
+        /// Block side p of patch-scan order; width and height must be multiples of it. Use
+        /// P = p·p·C as the model's patch size so one patch is one block.
+        #[arg(long, default_value_t = 4)]
+        block: usize,
+    },
+    /// WAV clips (PCM 8/16-bit, mono/stereo; a file or a folder, all one format) → OUT (their
+    /// sample bytes concatenated, as in the WAV data chunk) and OUT.documents.json.
+    Audio { input: PathBuf, output: PathBuf },
+    /// A folder of source files (sorted paths) → OUT, each file after one 0x00 separator
+    /// byte, and OUT.documents.json with every file's start.
+    Code {
+        folder: PathBuf,
+        output: PathBuf,
+        /// Extensions to join, comma-separated [default: rs,py,c,h,cc,cpp,hpp,go,java,js,ts,rb,sh,toml,md].
+        #[arg(long, value_delimiter = ',')]
+        ext: Vec<String>,
+    },
 }
 
 fn main() {
@@ -68,7 +95,12 @@ fn main() {
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Plot(args) => plot::run(args),
-        Command::Data { command: DataCommand::Fetch { name, dir, from } } => fetch::run(&name, &dir, from.as_deref()),
+        Command::Data { command } => match command {
+            DataCommand::Fetch { name, dir, from } => fetch::run(&name, &dir, from.as_deref()),
+            DataCommand::Images { input, output, order, block } => convert::images(&input, &output, &order, block),
+            DataCommand::Audio { input, output } => convert::audio(&input, &output),
+            DataCommand::Code { folder, output, ext } => convert::code(&folder, &output, &ext),
+        },
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -22,6 +22,12 @@ pub struct Args {
     /// Validation bytes (a file or folder). Default: the last --valid-bytes of --data.
     #[arg(long)]
     valid: Option<PathBuf>,
+    /// Document isolation: no predicted byte sees across its document's start. Documents are
+    /// given by each file's OUT.documents.json (written by `megabyte data`), else each file is
+    /// one; windows start at a document start (or T, 2T, … after it), and the padding after a
+    /// document's end is not trained on or scored.
+    #[arg(long)]
+    documents: bool,
     /// Bytes held out from the end of --data for validation when --valid is not given
     /// [default: 5% of the data, at most 5 MB; 100 KB of the embedded corpus].
     #[arg(long)]
@@ -31,7 +37,7 @@ pub struct Args {
     out: Option<PathBuf>,
     /// Continue the run in this folder (or from this checkpoint) exactly where it stopped,
     /// with its recorded settings; only --steps and --time may be changed.
-    #[arg(long, conflicts_with_all = ["data", "valid", "valid_bytes", "config", "context", "window"])]
+    #[arg(long, conflicts_with_all = ["data", "valid", "valid_bytes", "config", "context", "window", "documents"])]
     resume: Option<PathBuf>,
     /// Stop after this many optimizer steps.
     #[arg(long)]
@@ -111,12 +117,13 @@ pub fn run(args: Args) -> Result<()> {
     };
     let data = trainer.record().data.open()?;
     let cfg = trainer.model().config().clone();
-    data.train.require(cfg.context, "the training data")?;
+    let need = if data.train.documents().is_some() { 1 } else { cfg.context };
+    data.train.require(need, "the training data")?;
     data.valid.require(1, "the validation data")?;
     train::prepare_run_dir(&out, resuming)?;
     let counts = cfg.param_counts();
     eprintln!(
-        "model: {:.2}M parameters (global {:.2}M, local {:.2}M), P = {}, T = {}; data: {} ({} train / {} valid bytes)",
+        "model: {:.2}M parameters (global {:.2}M, local {:.2}M), P = {}, T = {}; data: {} ({} train / {} valid bytes{})",
         counts.total as f64 / 1e6,
         counts.global as f64 / 1e6,
         counts.local as f64 / 1e6,
@@ -124,7 +131,11 @@ pub fn run(args: Args) -> Result<()> {
         cfg.context,
         data.train.name(),
         data.train.len(),
-        data.valid.len()
+        data.valid.len(),
+        match (data.train.documents(), data.valid.documents()) {
+            (Some(t), Some(v)) => format!("; {} / {} isolated documents", t.len(), v.len()),
+            _ => String::new(),
+        }
     );
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -236,5 +247,5 @@ fn data_spec(args: &Args) -> Result<DataSpec> {
             (len / 20).clamp(1, 5_000_000)
         }
     };
-    Ok(DataSpec { train: args.data.clone(), valid: args.valid.clone(), holdout_bytes })
+    Ok(DataSpec { train: args.data.clone(), valid: args.valid.clone(), holdout_bytes, documents: args.documents })
 }

@@ -40,10 +40,14 @@ pub struct ByteStream {
     /// Offset of each part in the stream.
     starts: Vec<u64>,
     len: u64,
+    /// The files read and their lengths, in stream order (empty for in-memory bytes).
+    files: Vec<(PathBuf, u64)>,
 }
 
 impl ByteStream {
     /// A file, or every file under a folder (recursively, in path order), memory-mapped.
+    /// Document indexes (`*.documents.json`, see [`crate::documents`]) in a folder are
+    /// metadata, not data, and are skipped.
     pub fn open(path: &Path) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| Error::Data {
             path: path.into(),
@@ -58,6 +62,7 @@ impl ByteStream {
             vec![path.to_path_buf()]
         };
         let mut parts = Vec::new();
+        let mut kept = Vec::new();
         for file in &files {
             let f = std::fs::File::open(file).io_context(|| format!("opening {}", file.display()))?;
             let len = f.metadata().io_context(|| format!("reading {}", file.display()))?.len();
@@ -68,8 +73,10 @@ impl ByteStream {
             // which the user controls, as with any reader.
             let map = unsafe { Mmap::map(&f) }.io_context(|| format!("mapping {}", file.display()))?;
             parts.push(Part::Mapped(map));
+            kept.push((file.clone(), len));
         }
-        let stream = Self::from_parts(path.display().to_string(), parts);
+        let mut stream = Self::from_parts(path.display().to_string(), parts);
+        stream.files = kept;
         if stream.len == 0 {
             return Err(Error::Data {
                 path: path.into(),
@@ -96,7 +103,21 @@ impl ByteStream {
             starts.push(len);
             len += p.bytes().len() as u64;
         }
-        ByteStream { name, parts, starts, len }
+        ByteStream { name, parts, starts, len, files: Vec::new() }
+    }
+
+    /// The files read, with their lengths, in stream order (empty for in-memory bytes).
+    pub fn files(&self) -> &[(PathBuf, u64)] {
+        &self.files
+    }
+
+    /// Document start offsets of the stream: each file's sidecar index, or each file as one
+    /// document; in-memory bytes are one document.
+    pub fn documents(&self) -> Result<Vec<u64>> {
+        if self.files.is_empty() {
+            return Ok(vec![0]);
+        }
+        crate::documents::stream_documents(&self.files)
     }
 
     pub fn name(&self) -> &str {
@@ -134,7 +155,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let path = entry.io_context(|| format!("listing {}", dir.display()))?.path();
         if path.is_dir() {
             collect_files(&path, out)?;
-        } else if path.is_file() {
+        } else if path.is_file() && !path.to_string_lossy().ends_with(crate::documents::SIDECAR_SUFFIX) {
             out.push(path);
         }
     }
@@ -147,13 +168,16 @@ pub struct Split {
     stream: Arc<ByteStream>,
     start: u64,
     len: u64,
+    /// With document isolation: the split's document starts (relative to `start`, the first
+    /// 0). Windows then never start before their document (see [`crate::documents`]).
+    docs: Option<Arc<Vec<u64>>>,
 }
 
 impl Split {
     /// The whole stream.
     pub fn all(stream: Arc<ByteStream>) -> Self {
         let len = stream.len();
-        Split { stream, start: 0, len }
+        Split { stream, start: 0, len, docs: None }
     }
 
     /// Bytes [start, end) of the stream.
@@ -164,7 +188,7 @@ impl Split {
                 msg: format!("byte range {start}..{end} is empty or outside the {} bytes", stream.len()),
             });
         }
-        Ok(Split { stream, start, len: end - start })
+        Ok(Split { stream, start, len: end - start, docs: None })
     }
 
     /// Holds out the last `valid_bytes` of a stream: (train, valid).
@@ -178,6 +202,39 @@ impl Split {
         }
         let cut = len - valid_bytes;
         Ok((Self::range(stream.clone(), 0, cut)?, Self::range(stream, cut, len)?))
+    }
+
+    /// Holds out about the last `valid_bytes` of a stream of documents (`starts`, the
+    /// stream's), cutting at the first document start at or after len − valid_bytes (or the
+    /// last start before it), so no document is split between training and validation.
+    pub fn holdout_documents(stream: Arc<ByteStream>, valid_bytes: u64, starts: &[u64]) -> Result<(Self, Self)> {
+        let len = stream.len();
+        let want = len.saturating_sub(valid_bytes);
+        let cut = starts
+            .iter()
+            .copied()
+            .find(|&s| s >= want && s > 0)
+            .or_else(|| starts.iter().copied().filter(|&s| s > 0).last())
+            .ok_or_else(|| Error::Data {
+                path: stream.name().into(),
+                msg: "holds one document: with --documents, hold out whole documents (it needs two or more) or pass --valid".into(),
+            })?;
+        let (train, valid) = Self::holdout(stream, len - cut)?;
+        Ok((train.with_documents(starts), valid.with_documents(starts)))
+    }
+
+    /// This split with document isolation, given the stream's document starts.
+    pub fn with_documents(mut self, stream_starts: &[u64]) -> Self {
+        let end = self.start + self.len;
+        let mut docs = vec![0u64];
+        docs.extend(stream_starts.iter().filter(|&&s| s > self.start && s < end).map(|&s| s - self.start));
+        self.docs = Some(Arc::new(docs));
+        self
+    }
+
+    /// The document starts (relative to the split) when isolation is on.
+    pub fn documents(&self) -> Option<&[u64]> {
+        self.docs.as_deref().map(|d| d.as_slice())
     }
 
     pub fn len(&self) -> u64 {
@@ -199,6 +256,13 @@ impl Split {
         if avail > 0 {
             self.stream.read(self.start + offset, &mut out[..avail]);
         }
+        out
+    }
+
+    /// `real` bytes from `offset`, then zero padding up to `len` bytes.
+    pub fn padded_window(&self, offset: u64, real: usize, len: usize) -> Vec<u8> {
+        let mut out = self.window(offset, real.min(len));
+        out.resize(len, 0);
         out
     }
 
@@ -259,6 +323,40 @@ impl WindowSampler {
             ids.extend(split.window(start, context).into_iter().map(u32::from));
         }
         Ok(Tensor::from_vec(ids, (batch, context), device)?)
+    }
+}
+
+impl WindowSampler {
+    /// A batch of document tiles (see [`crate::documents`]) of a split with documents: a
+    /// uniformly random byte picks its document's tile, so every byte is equally likely to be
+    /// trained on. Returns bytes u32 [B, T], per-byte weights f32 [B, T] (1 on the document's
+    /// bytes, 0 on the zero padding after its end) and the number of weighted bytes.
+    pub fn document_batch(
+        &mut self,
+        split: &Split,
+        batch: usize,
+        context: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        let docs = split.documents().ok_or_else(|| Error::Input("document batches need a split with documents".into()))?;
+        split.require(1, "the training data")?;
+        let mut ids = Vec::with_capacity(batch * context);
+        let mut weights = Vec::with_capacity(batch * context);
+        let mut real_total = 0;
+        for _ in 0..batch {
+            let u = self.rng.random_range(0..split.len());
+            let (d, e) = crate::documents::document_of(docs, split.len(), u);
+            let start = d + (u - d) / context as u64 * context as u64; // the tile holding u
+            let real = (e - start).min(context as u64) as usize;
+            ids.extend(split.padded_window(start, real, context).into_iter().map(u32::from));
+            weights.extend((0..context).map(|i| if i < real { 1f32 } else { 0.0 }));
+            real_total += real;
+        }
+        Ok((
+            Tensor::from_vec(ids, (batch, context), device)?,
+            Tensor::from_vec(weights, (batch, context), device)?,
+            real_total,
+        ))
     }
 }
 

@@ -6,6 +6,10 @@
 //!   last S bytes, so each byte is predicted with at least T−S bytes of context.
 //! - strided: a second pass with windows offset by P/2; each pass keeps, of every patch, only
 //!   its first P/2 positions, which avoids the rise of loss toward the end of a patch. 2× cost.
+//!
+//! With document isolation (a split with documents, see [`crate::documents`]) each document
+//! is evaluated on its own as if it were the whole split: windows start inside it, and the
+//! bytes after its end are zero padding that is never scored.
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -40,6 +44,9 @@ pub struct EvalReport {
 pub struct Window {
     pub start: u64,
     pub score: Vec<f32>,
+    /// Bytes of data from `start` (the window's end, or its document's or the split's end);
+    /// the rest of the window is zero padding.
+    pub len: usize,
 }
 
 /// Scores every byte of `split` exactly once (settings as above), `limit` bytes at most.
@@ -69,12 +76,15 @@ pub fn evaluate(
         vec![0]
     };
     let batch = settings.batch_size.max(1);
-    let windows = windows(len, t, p, stride, &offsets, settings.strided);
+    let windows = match split.documents() {
+        None => windows(len, t, p, stride, &offsets, settings.strided),
+        Some(docs) => document_windows(docs, len, t, p, stride, &offsets, settings.strided),
+    };
     let total = windows.len() as u64;
     // Scores one batch of windows: (nats, bytes scored).
     let score = |chunk: &[Window]| -> Result<(f64, u64)> {
         let ids: Vec<u32> =
-            chunk.iter().flat_map(|w| split.window(w.start, t).into_iter().map(u32::from)).collect();
+            chunk.iter().flat_map(|w| split.padded_window(w.start, w.len, t).into_iter().map(u32::from)).collect();
         let x = Tensor::from_vec(ids, (chunk.len(), t), device)?; // [B, T]
         let mask: Vec<f32> = chunk.iter().flat_map(|w| w.score.iter().copied()).collect();
         let mask = Tensor::from_vec(mask, (chunk.len(), t), device)?;
@@ -112,6 +122,28 @@ pub fn windows(len: u64, t: usize, p: usize, stride: usize, offsets: &[usize], s
     offsets.iter().flat_map(|&o| plan(len, t, p, stride, o, strided)).collect()
 }
 
+/// Every window of every pass over each document (ascending `starts`, the first 0) of the
+/// first `len` bytes: each document planned as a split of its own, shifted to its start.
+pub fn document_windows(
+    starts: &[u64],
+    len: u64,
+    t: usize,
+    p: usize,
+    stride: usize,
+    offsets: &[usize],
+    strided: bool,
+) -> Vec<Window> {
+    let mut out = Vec::new();
+    for (i, &d) in starts.iter().enumerate().filter(|(_, &d)| d < len) {
+        let end = starts.get(i + 1).copied().unwrap_or(len).min(len);
+        out.extend(windows(end - d, t, p, stride, offsets, strided).into_iter().map(|mut w| {
+            w.start += d;
+            w
+        }));
+    }
+    out
+}
+
 /// The windows of one pass starting at `offset`: each scores the bytes it is responsible for.
 fn plan(len: u64, t: usize, p: usize, stride: usize, offset: usize, strided: bool) -> Vec<Window> {
     let mut out = Vec::new();
@@ -131,7 +163,7 @@ fn plan(len: u64, t: usize, p: usize, stride: usize, offset: usize, strided: boo
                 }
             })
             .collect();
-        out.push(Window { start, score });
+        out.push(Window { start, score, len: len.saturating_sub(start).min(t as u64) as usize });
         if start + t as u64 >= len {
             break;
         }

@@ -8,12 +8,16 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod audio;
+pub mod code;
 pub mod data;
+pub mod documents;
 pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
 pub mod grad;
+pub mod image;
 pub mod gpu;
 pub mod model;
 pub mod nn;

@@ -177,6 +177,33 @@ impl MegaByte {
     /// (grad.rs): the same result as `loss(bytes).backward()`, without candle's autograd.
     pub fn loss_and_grads(&self, bytes: &Tensor, weight: f64) -> Result<(Tensor, Grads)> {
         let (b, t) = self.check_input(bytes)?;
+        let n = b * t;
+        let dtype = accumulation_dtype(self.act);
+        let dloss = Tensor::full((weight / n as f64) as f32, n, bytes.device())?.to_dtype(dtype)?;
+        let (losses, grads) = self.weighted_losses_and_grads(bytes, dloss)?;
+        Ok((losses.mean_all()?, grads))
+    }
+
+    /// Σ_t w_t·loss_t over the batch (a scalar tensor) and its gradients, for per-byte weights
+    /// w [B, T'] (f32): with document isolation, 0 on the padding after a document's end (its
+    /// losses are not counted) and 1/N on the N real bytes of a step. Same pass as
+    /// [`MegaByte::loss_and_grads`].
+    pub fn weighted_loss_and_grads(&self, bytes: &Tensor, weights: &Tensor) -> Result<(Tensor, Grads)> {
+        let (b, t) = self.check_input(bytes)?;
+        if weights.dims() != [b, t] {
+            return Err(Error::Input(format!("byte weights must be [B, T'] = [{b}, {t}], got {:?}", weights.dims())));
+        }
+        let dtype = accumulation_dtype(self.act);
+        let w = weights.flatten_all()?.to_dtype(dtype)?; // [B·T']
+        let (losses, grads) = self.weighted_losses_and_grads(bytes, w.clone())?;
+        let w = w.to_dtype(losses.dtype())?;
+        Ok(((losses * w)?.sum_all()?, grads))
+    }
+
+    /// Every byte's loss [B·T'] and the gradients of Σ_t dloss_t·loss_t (dloss [B·T'] in the
+    /// losses' dtype), by the explicit backward pass.
+    fn weighted_losses_and_grads(&self, bytes: &Tensor, dloss: Tensor) -> Result<(Tensor, Grads)> {
+        let (b, t) = self.check_input(bytes)?;
         let (p, k, dg, dl) = (self.cfg.patch_size, t / self.cfg.patch_size, self.cfg.d_global(), self.cfg.local.width);
         let pe = &self.patch_embedder;
         let le = &self.local_embedder;
@@ -195,14 +222,12 @@ impl MegaByte {
         let targets = bytes.flatten_all()?;
         let losses = crate::ops::cross_entropy_forward(&logits, &targets)?; // [B·T]
         let losses = losses.to_dtype(accumulation_dtype(losses.dtype()))?;
-        let loss = losses.mean_all()?;
 
         // Backward.
         let mut grads = Grads::new();
-        let n = b * t;
-        let dloss = Tensor::full((weight / n as f64) as f32, n, losses.device())?.to_dtype(losses.dtype())?;
+        let dloss = dloss.to_dtype(losses.dtype())?;
         let dlogits = crate::ops::cross_entropy_backward(&logits, &targets, &losses, &dloss)?;
-        drop((logits, losses));
+        drop(logits);
         let dhl = head.bwd(&hl, &w_head, &dlogits.reshape((b * k, p, V))?, &mut grads)?;
         let dx = self.local.backward(local_saved, &dhl, &mut grads)?; // [B·K, P, D_L]
         // x = context + (shift_one_byte(E_local[bytes]) + local positions)
@@ -223,7 +248,7 @@ impl MegaByte {
         let dpos = if t < context_len { Tensor::cat(&[&dpos, &Tensor::zeros((context_len - t, dg), pdt, dpos.device())?], 0)? } else { dpos };
         grads.add(&pe.pos_embed, dpos)?;
         grads.add(&pe.byte_embed, crate::ops::embedding_backward(&pe.byte_embed, bytes, &dh0)?)?;
-        Ok((loss, grads))
+        Ok((losses, grads))
     }
 
     /// §2.2.2: every D_G slice of a global output projected by the shared w_GL.

@@ -130,8 +130,13 @@ pub struct DataSpec {
     pub train: Option<PathBuf>,
     /// A separate validation file or folder; `None` to hold out the end of `train`.
     pub valid: Option<PathBuf>,
-    /// Bytes held out from the end of `train` when `valid` is `None`.
+    /// Bytes held out from the end of `train` when `valid` is `None` (with `documents`,
+    /// moved to the next document start).
     pub holdout_bytes: u64,
+    /// Document isolation (see [`crate::documents`]): windows never start before their
+    /// document, and padding after a document's end is not scored.
+    #[serde(default)]
+    pub documents: bool,
 }
 
 /// Opened training and validation splits.
@@ -146,10 +151,20 @@ impl DataSpec {
             Some(path) => ByteStream::open(path)?,
             None => ByteStream::embedded(),
         });
+        let with_docs = |split: Split, stream: &ByteStream| -> Result<Split> {
+            Ok(if self.documents { split.with_documents(&stream.documents()?) } else { split })
+        };
         match &self.valid {
             Some(path) => {
-                let valid = Split::all(Arc::new(ByteStream::open(path)?));
-                Ok(TrainData { train: Split::all(stream), valid })
+                let valid_stream = Arc::new(ByteStream::open(path)?);
+                let valid = with_docs(Split::all(valid_stream.clone()), &valid_stream)?;
+                let train = with_docs(Split::all(stream.clone()), &stream)?;
+                Ok(TrainData { train, valid })
+            }
+            None if self.documents => {
+                let starts = stream.documents()?;
+                let (train, valid) = Split::holdout_documents(stream, self.holdout_bytes, &starts)?;
+                Ok(TrainData { train, valid })
             }
             None => {
                 let (train, valid) = Split::holdout(stream, self.holdout_bytes)?;
@@ -282,14 +297,32 @@ impl Trainer {
         let lr = learning_rate(&t, self.record.step, self.progress());
         let mut grads: Option<Grads> = None;
         let mut losses = Vec::new();
-        for _ in 0..t.grad_accum {
-            let x = self.sampler.batch(train, t.batch_size, context, &self.device)?; // [B, T]
-            for (loss, g) in self.shard_grads(&x, t.grad_accum)? {
+        let mut add = |shards: Vec<(Tensor, Grads)>| -> Result<()> {
+            for (loss, g) in shards {
                 losses.push(loss);
                 match grads.as_mut() {
                     None => grads = Some(g),
                     Some(acc) => acc.merge(g)?,
                 }
+            }
+            Ok(())
+        };
+        if train.documents().is_some() {
+            // Document tiles: the step's loss is the mean over the real bytes of all its
+            // micro-batches, so every micro-batch is drawn first to count them.
+            let mut batches = Vec::with_capacity(t.grad_accum);
+            for _ in 0..t.grad_accum {
+                batches.push(self.sampler.document_batch(train, t.batch_size, context, &self.device)?);
+            }
+            let real: usize = batches.iter().map(|b| b.2).sum();
+            for (x, w, _) in batches {
+                let w = (w / real as f64)?; // [B, T]: 1/N on real bytes, 0 on padding
+                add(self.shard_weighted_grads(&x, &w)?)?;
+            }
+        } else {
+            for _ in 0..t.grad_accum {
+                let x = self.sampler.batch(train, t.batch_size, context, &self.device)?; // [B, T]
+                add(self.shard_grads(&x, t.grad_accum)?)?;
             }
         }
         let grads = grads.ok_or_else(|| Error::Config("grad_accum must be at least 1".into()))?;
@@ -329,13 +362,26 @@ impl Trainer {
     /// are weighted by their share of the batch, so the summed gradient is the batch's.
     fn shard_grads(&self, x: &Tensor, accum: usize) -> Result<Vec<(Tensor, Grads)>> {
         let b = x.dim(0)?;
-        let shards = if self.device.is_cpu() { self.cpu_workers.min(b) } else { 1 };
-        let sizes: Vec<usize> = (0..shards).map(|i| b / shards + usize::from(i < b % shards)).collect();
-        let run = |start: usize, len: usize| -> Result<(Tensor, Grads)> {
+        self.in_shards(b, &|start: usize, len: usize| -> Result<(Tensor, Grads)> {
             let weight = len as f64 / (b * accum) as f64;
             let (loss, grads) = self.model.loss_and_grads(&x.narrow(0, start, len)?, weight)?;
             Ok(((loss.to_dtype(DType::F64)? * weight)?, grads))
-        };
+        })
+    }
+
+    /// Like `shard_grads` for per-byte weights w [B, T] (summing to the micro-batch's share
+    /// of the step): each shard's Σ w·loss and its gradients.
+    fn shard_weighted_grads(&self, x: &Tensor, w: &Tensor) -> Result<Vec<(Tensor, Grads)>> {
+        self.in_shards(x.dim(0)?, &|start: usize, len: usize| -> Result<(Tensor, Grads)> {
+            let (loss, grads) = self.model.weighted_loss_and_grads(&x.narrow(0, start, len)?, &w.narrow(0, start, len)?)?;
+            Ok((loss.to_dtype(DType::F64)?, grads))
+        })
+    }
+
+    /// Runs `run(start, rows)` over shards of a batch of `b` rows: one per core on the CPU.
+    fn in_shards(&self, b: usize, run: &(dyn Fn(usize, usize) -> Result<(Tensor, Grads)> + Sync)) -> Result<Vec<(Tensor, Grads)>> {
+        let shards = if self.device.is_cpu() { self.cpu_workers.min(b) } else { 1 };
+        let sizes: Vec<usize> = (0..shards).map(|i| b / shards + usize::from(i < b % shards)).collect();
         if shards == 1 {
             return Ok(vec![run(0, b)?]);
         }
@@ -441,7 +487,9 @@ pub fn run(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<RunSummary> {
     let context = trainer.model.config().context;
-    data.train.require(context, "the training data")?;
+    // Document tiles may be shorter than T (padded); plain windows need T bytes.
+    let need = if data.train.documents().is_some() { 1 } else { context };
+    data.train.require(need, "the training data")?;
     data.valid.require(1, "the validation data")?;
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()

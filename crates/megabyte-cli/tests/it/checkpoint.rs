@@ -32,7 +32,7 @@ fn config(steps: u64) -> (ModelConfig, TrainConfig, DataSpec) {
     tc.eval_bytes = 2048;
     tc.checkpoint_every = 1000;
     tc.seed = 5;
-    let data = DataSpec { train: None, valid: None, holdout_bytes: 10_000 };
+    let data = DataSpec { train: None, valid: None, holdout_bytes: 10_000, documents: false };
     (ModelConfig::preset("tiny").unwrap(), tc, data)
 }
 

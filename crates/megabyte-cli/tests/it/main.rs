@@ -3,16 +3,20 @@
 //! Everything runs on the CPU in seconds to a minute, except `cuda` (built with `--features
 //! cuda`), which needs an NVIDIA GPU.
 
+mod audio;
 mod bad_inputs;
 mod baseline;
 mod cached;
 mod causality;
 mod checkpoint;
+mod code;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod documents;
 mod eval;
 mod golden;
 mod gradients;
+mod images;
 mod ops;
 mod overfit;
 mod plot;
