@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use megabyte::fetch::{fetch, fetch_enwik8_from_file_with_progress, Dataset, FetchEvent};
+use megabyte::fetch::{fetch, fetch_from_file, Dataset, FetchEvent};
 
 pub fn run(name: &str, dir: &Path, from: Option<&Path>) -> Result<()> {
     let dataset = Dataset::parse(name)?;
@@ -21,20 +21,27 @@ pub fn run(name: &str, dir: &Path, from: Option<&Path>) -> Result<()> {
             bar.set_position(bytes_done);
         }
         FetchEvent::SourceFailed { url, msg } => crate::train::say(&bar, format!("{url}: {msg}")),
-        FetchEvent::Verifying => bar.set_message("verifying md5"),
+        FetchEvent::Verifying => bar.set_message("verifying checksums"),
+        FetchEvent::Extracting { files, bytes } => {
+            bar.set_message(format!("unpacking: {files} files, {} MB", bytes / 1_000_000))
+        }
         FetchEvent::Writing { file } => bar.set_message(format!("writing {}", file.display())),
         _ => {}
     };
-    let report = match (dataset, from) {
-        (Dataset::Enwik8, Some(src)) => fetch_enwik8_from_file_with_progress(src, dir, &mut on_event)?,
-        (_, None) => fetch(dataset, dir, &mut on_event)?,
+    let report = match from {
+        Some(src) => fetch_from_file(dataset, src, dir, &mut on_event)?,
+        None => fetch(dataset, dir, &mut on_event)?,
     };
     bar.finish_and_clear();
     if report.already_present {
         println!("already present, checksum verified earlier:");
     }
     for file in &report.files {
-        println!("{}  {} bytes", file.path.display(), file.bytes);
+        if file.path.is_dir() {
+            println!("{}/  {} files, {} bytes", file.path.display(), file.files, file.bytes);
+        } else {
+            println!("{}  {} bytes", file.path.display(), file.bytes);
+        }
     }
     Ok(())
 }

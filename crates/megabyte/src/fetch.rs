@@ -17,6 +17,8 @@
 //! The 100,000,000 raw bytes must have md5 `a1fa5ffddb56f4953e226637dabbb36a`; they are
 //! split into `train.bin` [0, 90M), `valid.bin` [90M, 95M) and `test.bin` [95M, 100M).
 //! A user who already has the file can split it with [`fetch_enwik8_from_file`].
+//!
+//! `fashion-mnist`, `speech-en` and `code` come from pinned Debian packages; see [`deb`].
 
 use std::fmt;
 use std::fs::{self, File};
@@ -31,6 +33,9 @@ use md5::{Digest, Md5};
 
 use crate::error::{Error, IoContext, Result};
 
+mod deb;
+pub use deb::is_test_file;
+
 /// The name of the provenance file written next to a data set's files.
 pub const SOURCE_FILE: &str = "SOURCE.json";
 
@@ -39,16 +44,26 @@ pub const SOURCE_FILE: &str = "SOURCE.json";
 pub enum Dataset {
     /// enwik8: 10^8 bytes of Wikipedia XML, split 90M / 5M / 5M.
     Enwik8,
+    /// Fashion-MNIST: the four IDX files (60,000 + 10,000 28×28 grey images and labels).
+    FashionMnist,
+    /// English speech: 568 WAV prompts (8 kHz, 16-bit mono), split train/test by file.
+    SpeechEn,
+    /// C source of Linux 6.1 (`.c`/`.h`, without generated register headers), split
+    /// train/test by file.
+    Code,
 }
 
 impl Dataset {
     /// Every data set, in the order they are listed to users.
-    pub const ALL: &'static [Dataset] = &[Dataset::Enwik8];
+    pub const ALL: &'static [Dataset] = &[Dataset::Enwik8, Dataset::FashionMnist, Dataset::SpeechEn, Dataset::Code];
 
     /// The name users type (`megabyte data fetch NAME`), also the sub-folder it is written to.
     pub fn name(self) -> &'static str {
         match self {
             Dataset::Enwik8 => "enwik8",
+            Dataset::FashionMnist => "fashion-mnist",
+            Dataset::SpeechEn => "speech-en",
+            Dataset::Code => "code",
         }
     }
 
@@ -56,6 +71,15 @@ impl Dataset {
     pub fn description(self) -> &'static str {
         match self {
             Dataset::Enwik8 => "first 10^8 bytes of English Wikipedia XML (Hutter Prize); train/valid/test 90M/5M/5M",
+            Dataset::FashionMnist => {
+                "Fashion-MNIST: 70,000 28x28 grey images and labels, 4 IDX files, 55 MB (Debian dataset-fashion-mnist; MIT)"
+            }
+            Dataset::SpeechEn => {
+                "568 English speech prompts, 8 kHz 16-bit mono WAV, 24 MB; train/test ~90/10 by file (Debian asterisk-core-sounds-en-wav; CC-BY-SA-3.0)"
+            }
+            Dataset::Code => {
+                "Linux 6.1 C sources (.c/.h, no generated register headers), ~0.78 GB; train/test ~90/10 by file; a 139 MB download (Debian linux-source-6.1; GPL-2.0)"
+            }
         }
     }
 
@@ -109,13 +133,19 @@ pub enum FetchEvent {
     Verifying,
     /// Writing `file` (its final path; it appears there only after verification).
     Writing { file: PathBuf },
+    /// Unpacking a package: `files` files and `bytes` bytes written so far (into a
+    /// temporary folder, renamed into place once everything has been written and checked).
+    Extracting { files: u64, bytes: u64 },
 }
 
-/// One file of a fetched data set.
+/// One file, or one folder of files, of a fetched data set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FetchedFile {
     pub path: PathBuf,
+    /// Bytes in the file, or in all files under the folder.
     pub bytes: u64,
+    /// 1 for a file; the number of files under a folder.
+    pub files: u64,
 }
 
 /// What `fetch` did.
@@ -130,8 +160,10 @@ pub struct FetchReport {
     pub already_present: bool,
     /// Where the bytes came from (a URL or a local path), when known.
     pub source: Option<String>,
-    /// The md5 the raw bytes were verified against.
+    /// The md5 the raw bytes (enwik8) or the Debian package were verified against.
     pub md5: String,
+    /// The sha256 the Debian package was verified against (`None` for enwik8).
+    pub sha256: Option<String>,
 }
 
 /// Downloads `dataset` into `dir/NAME/`, unless it is already there (then nothing is
@@ -139,6 +171,26 @@ pub struct FetchReport {
 pub fn fetch(dataset: Dataset, dir: &Path, progress: &mut dyn FnMut(FetchEvent)) -> Result<FetchReport> {
     match dataset {
         Dataset::Enwik8 => fetch_download(&ENWIK8, ENWIK8_SOURCES, dir, progress),
+        Dataset::FashionMnist => deb::fetch(&deb::FASHION_MNIST, dir, progress),
+        Dataset::SpeechEn => deb::fetch(&deb::SPEECH_EN, dir, progress),
+        Dataset::Code => deb::fetch(&deb::CODE, dir, progress),
+    }
+}
+
+/// Like [`fetch`], from a copy the user already has: for enwik8 see
+/// [`fetch_enwik8_from_file`]; for the others, the pinned Debian package (`.deb`), which
+/// must match its pinned size and checksums. Rewrites `dir/NAME` even when present.
+pub fn fetch_from_file(
+    dataset: Dataset,
+    src: &Path,
+    dir: &Path,
+    progress: &mut dyn FnMut(FetchEvent),
+) -> Result<FetchReport> {
+    match dataset {
+        Dataset::Enwik8 => from_file(&ENWIK8, src, dir, progress),
+        Dataset::FashionMnist => deb::from_file(&deb::FASHION_MNIST, src, dir, progress),
+        Dataset::SpeechEn => deb::from_file(&deb::SPEECH_EN, src, dir, progress),
+        Dataset::Code => deb::from_file(&deb::CODE, src, dir, progress),
     }
 }
 
@@ -370,6 +422,7 @@ fn report(
         already_present,
         source,
         md5: layout.md5.to_string(),
+        sha256: None,
     }
 }
 
@@ -387,7 +440,11 @@ fn already_present(layout: &Layout, out: &Path) -> Option<FetchReport> {
         if !meta.is_file() || meta.len() != *len {
             return None;
         }
-        files.push(FetchedFile { path, bytes: *len });
+        files.push(FetchedFile {
+            path,
+            bytes: *len,
+            files: 1,
+        });
     }
     let source = v.get("source").and_then(|s| s.as_str()).map(str::to_string);
     Some(report(layout, out, files, true, source))
@@ -610,7 +667,11 @@ fn split_verified(
     Ok(finals
         .into_iter()
         .zip(layout.splits)
-        .map(|(path, (_, len))| FetchedFile { path, bytes: *len })
+        .map(|(path, (_, len))| FetchedFile {
+            path,
+            bytes: *len,
+            files: 1,
+        })
         .collect())
 }
 
@@ -792,7 +853,8 @@ fn sdist_in(doc: &serde_json::Value, version: &str) -> Option<(String, Option<St
 // ---------------------------------------------------------------------------------------
 // Small helpers
 
-/// Temporary files in the destination folder, removed on drop unless kept.
+/// Temporary files in the destination folder, removed on drop unless kept. (`deb` also
+/// names its temporary folders here, and removes those itself.)
 #[derive(Default)]
 struct Temps {
     paths: Vec<PathBuf>,
@@ -823,9 +885,11 @@ impl Drop for Temps {
     }
 }
 
-/// Removes temporary files a killed fetch left behind (untouched for an hour).
+/// Removes temporary files and folders a killed fetch left behind (untouched for an hour).
 fn remove_stale_temps(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
@@ -839,7 +903,12 @@ fn remove_stale_temps(dir: &Path) {
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > Duration::from_secs(3600));
         if old {
-            let _ = fs::remove_file(entry.path());
+            let p = entry.path();
+            let _ = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(p)
+            } else {
+                fs::remove_file(p)
+            };
         }
     }
 }
@@ -871,14 +940,14 @@ fn hex(bytes: &[u8]) -> String {
 // ---------------------------------------------------------------------------------------
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A fresh, empty folder under the system temp dir, removed on drop.
-    struct TestDir(PathBuf);
+    pub(crate) struct TestDir(pub(crate) PathBuf);
 
     impl TestDir {
-        fn new(tag: &str) -> TestDir {
+        pub(crate) fn new(tag: &str) -> TestDir {
             static N: AtomicU64 = AtomicU64::new(0);
             let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
             let p = std::env::temp_dir().join(format!(
@@ -898,7 +967,7 @@ mod tests {
     }
 
     /// Every file under `dir`, recursively, relative names.
-    fn files_under(dir: &Path) -> Vec<String> {
+    pub(crate) fn files_under(dir: &Path) -> Vec<String> {
         let mut found = Vec::new();
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {

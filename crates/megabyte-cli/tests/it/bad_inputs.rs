@@ -124,3 +124,21 @@ fn a_prompt_longer_than_the_context_is_refused() {
     let (ok, err) = megabyte(&["generate", "--checkpoint", s(&ckpt), "--prompt", "hello", "-n", "4"]);
     assert!(ok, "{err}");
 }
+
+#[test]
+fn data_fetch_lists_its_sets_and_refuses_a_wrong_package() {
+    let help = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(["data", "fetch", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for d in megabyte::fetch::Dataset::ALL {
+        assert!(help.contains(&format!("  {}  ", d.name())), "`data fetch --help` does not list {d}:\n{help}");
+    }
+    fails_with(&["data", "fetch", "mnist"], "valid names: enwik8, fashion-mnist, speech-en, code");
+
+    // A file that is not the pinned package: refused before anything is unpacked or created.
+    let dir = temp_dir("fetch-from");
+    let fake = dir.join("asterisk-core-sounds-en-wav_1.6.1-1_all.deb");
+    std::fs::write(&fake, b"!<arch>\nnot really a package").unwrap();
+    let data = dir.join("data");
+    fails_with(&["data", "fetch", "speech-en", "--dir", s(&data), "--from", s(&fake)], "sha256");
+    assert!(!data.exists());
+}
