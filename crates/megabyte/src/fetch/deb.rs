@@ -1245,38 +1245,9 @@ mod tests {
         }
     }
 
-    /// Real downloads (needs the network). Run with
-    /// `MEGABYTE_FETCH_TEST_DIR=/tmp/x cargo test --release -p megabyte --lib deb::tests::real -- --ignored --nocapture`.
-    fn real_fetch(dataset: Dataset) -> FetchReport {
-        let root = std::env::var_os("MEGABYTE_FETCH_TEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| std::env::temp_dir().join("megabyte-fetch-real"));
-        let t0 = std::time::Instant::now();
-        let mut last = 0u64;
-        let r = crate::fetch::fetch(dataset, &root, &mut |e| match e {
-            FetchEvent::Downloading { bytes_done, .. } if bytes_done < last + (16 << 20) && bytes_done != 0 => {}
-            FetchEvent::Downloading {
-                bytes_done,
-                bytes_total,
-            } => {
-                last = bytes_done;
-                eprintln!(
-                    "[{:6.1}s] downloading {bytes_done} / {bytes_total:?}",
-                    t0.elapsed().as_secs_f64()
-                );
-            }
-            FetchEvent::Extracting { files, .. } if files % 10_000 != 0 => {}
-            e => eprintln!("[{:6.1}s] {e:?}", t0.elapsed().as_secs_f64()),
-        })
-        .unwrap();
-        eprintln!("[{:6.1}s] {r:#?}", t0.elapsed().as_secs_f64());
-        let t1 = std::time::Instant::now();
-        let again = crate::fetch::fetch(dataset, &root, &mut |_| {}).unwrap();
-        assert!(again.already_present);
-        assert_eq!(again.files, r.files);
-        eprintln!("second call: already present in {:?}", t1.elapsed());
-        r
-    }
+    // Real downloads (needs the network). Run with
+    // `MEGABYTE_FETCH_TEST_DIR=/tmp/x cargo test --release -p megabyte --lib deb::tests::real -- --ignored --nocapture`.
+    use crate::fetch::tests::real_fetch;
 
     #[test]
     #[ignore]
