@@ -132,7 +132,7 @@ pub struct ModelArgs {
     #[arg(long)]
     context: Option<usize>,
     /// Sliding-window attention in the global model: each position sees only its last W
-    /// positions (patches; bytes for the byte-* presets). On CUDA it runs unfused.
+    /// positions (patches; bytes for the byte-* presets).
     #[arg(long, value_name = "W")]
     window: Option<usize>,
 }
