@@ -19,7 +19,7 @@ pub struct Args {
     /// Sequences per training step.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
-    /// Untimed warm-up steps.
+    /// Untimed warm-up training steps (none when --steps is 0).
     #[arg(long, default_value_t = 3)]
     warmup: u64,
     /// Timed training steps (0: measure generation only).
@@ -59,7 +59,9 @@ pub fn run(args: Args) -> Result<()> {
     let data = DataSpec { train: None, valid: None, holdout_bytes: 100_000, documents: false };
     let splits = data.open()?;
     let mut trainer = Trainer::new(&cfg, tc, data, &device)?;
-    for _ in 0..args.warmup {
+    // Measuring generation only (--steps 0) trains nothing, warm-up included.
+    let warmup = if args.steps == 0 { 0 } else { args.warmup };
+    for _ in 0..warmup {
         trainer.train_step(&splits.train)?;
     }
     device.synchronize()?;
