@@ -8,6 +8,11 @@
 #       sliding (stride T/2), strided (offset P/2) and both. Claims 1 and 2 (and 5).
 #   scripts/paper-claims.sh generation BYTES PRESET [PRESET...]
 #       Batch-1 KV-cached generation of BYTES bytes on random weights. Claim 3.
+#   scripts/paper-claims.sh modality SET MINUTES CONFIG [CONFIG...] [-- TRAIN-ARGS...]
+#       SET: fashion-mnist, speech-en or code. Fetches and converts the set's train and test
+#       files, trains each model config (a JSON file; e.g. docs/fashion-mnist.json and its
+#       same-time baseline docs/fashion-mnist-baseline.json) for MINUTES with --documents,
+#       scores the test split and writes a sample: an image grid, a 5-second WAV or code.
 #   scripts/paper-claims.sh long-context PRESET BYTES-PER-STEP T [T...]
 #       Training time per byte and peak memory of one architecture at each context T (batch
 #       BYTES-PER-STEP / T), plotted to $RUNS/long-context.png. Claim 4.
@@ -70,6 +75,62 @@ generation)
         record generation "$p" "$json"
     done
     ;;
+modality)
+    set_name=${1:?set}
+    minutes=${2:?minutes}
+    shift 2
+    configs=()
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do configs+=("$1"); shift; done
+    [ "${1:-}" = "--" ] && shift
+    "$mb" data fetch "$set_name" --dir "$data" >/dev/null
+    conv="$runs/$set_name"
+    mkdir -p "$conv"
+    case "$set_name" in
+    fashion-mnist)
+        for split in train t10k; do
+            [ -f "$conv/$split.bin" ] || "$mb" data images "$data/fashion-mnist/$split-images-idx3-ubyte" "$conv/$split.bin" --order patch-scan --block 4
+        done
+        train_bin="$conv/train.bin" test_bin="$conv/t10k.bin" holdout=784000
+        sample=(--image 28x28x1 --order patch-scan --block 4 --count 64)
+        ext=png ;;
+    speech-en)
+        for split in train test; do
+            [ -f "$conv/$split.bin" ] || "$mb" data audio "$data/speech-en/$split" "$conv/$split.bin"
+        done
+        train_bin="$conv/train.bin" test_bin="$conv/test.bin" holdout=400000
+        sample=(--wav 5s --sample-rate 8000 --bits 16)
+        ext=wav ;;
+    code)
+        for split in train test; do
+            [ -f "$conv/$split.bin" ] || "$mb" data code "$data/code/$split" "$conv/$split.bin" --ext c,h
+        done
+        train_bin="$conv/train.bin" test_bin="$conv/test.bin" holdout=5000000
+        printf '\0' > "$conv/prompt"
+        sample=(--prompt-file "$conv/prompt" -n 2000)
+        ext=c ;;
+    *)
+        echo "unknown set $set_name: fashion-mnist, speech-en or code" >&2
+        exit 2 ;;
+    esac
+    for cfg in "${configs[@]}"; do
+        name=$(basename "$cfg" .json)
+        run="$runs/$set_name-$name-${minutes}min"
+        start=$(date +%s)
+        "$mb" train --config "$cfg" --device "$device" --data "$train_bin" --valid-bytes "$holdout" --documents \
+            --time "$minutes" --sample-bytes 0 --out "$run" "$@"
+        trained=$(( $(date +%s) - start ))
+        json=$("$mb" eval --checkpoint "$run" --data "$test_bin" --documents --device "$device" --json)
+        json=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); r.update(set=sys.argv[2], train_secs=int(sys.argv[3]), minutes=float(sys.argv[4])); print(json.dumps(r))' \
+            "$json" "$set_name" "$trained" "$minutes")
+        record modality "$name" "$json"
+        if [ "$ext" = c ]; then
+            "$mb" generate --checkpoint "$run" --device "$device" "${sample[@]}" > "$run/sample.$ext"
+        else
+            "$mb" generate --checkpoint "$run" --device "$device" "${sample[@]}" --out "$run/sample.$ext"
+        fi
+        echo "sample: $run/sample.$ext"
+    done
+    ;;
 long-context)
     p=${1:?preset}
     per_step=${2:?bytes per step}
@@ -86,7 +147,7 @@ long-context)
     echo "plot: $runs/long-context.png"
     ;;
 *)
-    echo "unknown subcommand $cmd: equal-time, generation or long-context" >&2
+    echo "unknown subcommand $cmd: equal-time, generation, modality or long-context" >&2
     exit 2
     ;;
 esac
