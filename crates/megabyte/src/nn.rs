@@ -195,16 +195,17 @@ pub fn accumulation_dtype(dtype: DType) -> DType {
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
     capacity: usize,
-    /// Positions cached so far (kept here too, for a transformer without layers).
+    /// Positions cached so far, the same in every layer (and counted for a transformer
+    /// without layers too).
     len: usize,
 }
 
-/// One layer's keys and values: buffers [N, capacity, D], the first `len` positions valid.
-#[derive(Debug)]
+/// One layer's key and value buffers [N, capacity, D]; the cache's first `len` positions hold
+/// data.
+#[derive(Clone, Debug)]
 struct LayerCache {
     k: Tensor,
     v: Tensor,
-    len: usize,
 }
 
 impl KvCache {
@@ -223,8 +224,30 @@ impl KvCache {
 
     /// Forgets every position (the buffers are kept for the next use).
     pub fn reset(&mut self) {
-        self.layers.iter_mut().flatten().for_each(|l| l.len = 0);
         self.len = 0;
+    }
+
+    /// Layer `i`'s buffers for `n` sequences of width `d`: allocated at first use, and again
+    /// for another shape while nothing is cached; another shape with positions cached is
+    /// refused (continuing them would drop them silently).
+    fn layer(&mut self, i: usize, n: usize, d: usize, dtype: DType, device: &Device) -> Result<LayerCache> {
+        let (capacity, len) = (self.capacity, self.len);
+        let slot = &mut self.layers[i];
+        if let Some(l) = slot.as_ref().filter(|l| l.k.dims() != [n, capacity, d] || l.k.dtype() != dtype) {
+            if len > 0 {
+                return Err(Error::Input(format!(
+                    "KV cache holds {:?} {:?}, the step needs [{n}, {capacity}, {d}] {dtype:?}: reset it first",
+                    l.k.dims(),
+                    l.k.dtype()
+                )));
+            }
+            *slot = None;
+        }
+        if let Some(layer) = slot {
+            return Ok(layer.clone());
+        }
+        let zeros = || Tensor::zeros((n, capacity, d), dtype, device);
+        Ok(slot.insert(LayerCache { k: zeros()?, v: zeros()? }).clone())
     }
 
     #[cfg(feature = "cuda")]
@@ -232,37 +255,16 @@ impl KvCache {
         self.capacity
     }
 
+    /// Every layer's key and value buffers [n, capacity, d] (see [`KvCache::layer`]): the
+    /// CUDA decoding engine writes them in place, then records the length it reached with
+    /// [`KvCache::set_len`].
     #[cfg(feature = "cuda")]
-    /// Every layer's key and value buffers [n, capacity, d], allocated here where missing:
-    /// the CUDA decoding engine writes them in place, then records the length it reached
-    /// with [`KvCache::set_len`].
     pub(crate) fn buffers(&mut self, n: usize, d: usize, dtype: DType, device: &Device) -> Result<Vec<(Tensor, Tensor)>> {
-        let capacity = self.capacity;
-        self.layers
-            .iter_mut()
-            .map(|slot| {
-                if let Some(l) = slot.as_ref().filter(|l| l.k.dims() != [n, capacity, d] || l.k.dtype() != dtype) {
-                    if l.len > 0 {
-                        return Err(Error::Input(format!("KV cache holds {:?} {:?}, the decoder needs [{n}, {capacity}, {d}] {dtype:?}: reset it first", l.k.dims(), l.k.dtype())));
-                    }
-                    *slot = None;
-                }
-                let layer = match slot {
-                    Some(layer) => layer,
-                    None => {
-                        let zeros = || Tensor::zeros((n, capacity, d), dtype, device);
-                        slot.insert(LayerCache { k: zeros()?, v: zeros()?, len: 0 })
-                    }
-                };
-                Ok((layer.k.clone(), layer.v.clone()))
-            })
-            .collect()
+        (0..self.layers.len()).map(|i| self.layer(i, n, d, dtype, device).map(|l| (l.k, l.v))).collect()
     }
 
-    /// Sets the number of valid positions of every allocated layer.
     #[cfg(feature = "cuda")]
     pub(crate) fn set_len(&mut self, len: usize) {
-        self.layers.iter_mut().flatten().for_each(|l| l.len = len);
         self.len = len;
     }
 }
@@ -294,32 +296,14 @@ impl Attention {
         self.proj.forward(&crate::ops::causal_self_attention(&qkv, self.heads, self.window)?) // [N, S, D]
     }
 
-    /// The S new positions of x [N, S, D] after those in the layer's cache, which they extend
-    /// (a buffer of `capacity` positions, allocated here the first time).
-    fn forward_cached(&self, x: &Tensor, slot: &mut Option<LayerCache>, capacity: usize) -> Result<Tensor> {
-        let (n, s, d) = x.dims3()?;
+    /// The S new positions of x [N, S, D] after the `len` in the layer's cache buffers, into
+    /// which it writes their keys and values.
+    fn forward_cached(&self, x: &Tensor, layer: &LayerCache, len: usize) -> Result<Tensor> {
+        let (_, s, d) = x.dims3()?;
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]
-        if let Some(l) = slot.as_ref().filter(|l| l.k.dim(0).ok() != Some(n)) {
-            if l.len > 0 {
-                return Err(Error::Input(format!("KV cache holds {} sequences, the step gives {n}: reset it first", l.k.dim(0)?)));
-            }
-            *slot = None; // an empty cache for another batch size: new buffers
-        }
-        let layer = match slot {
-            Some(layer) => layer,
-            None => {
-                let zeros = || Tensor::zeros((n, capacity, d), qkv.dtype(), qkv.device());
-                slot.insert(LayerCache { k: zeros()?, v: zeros()?, len: 0 })
-            }
-        };
-        if layer.len + s > capacity {
-            return Err(Error::Input(format!("KV cache: {} + {s} positions exceed its {capacity}", layer.len)));
-        }
-        ops::kv_append(&qkv, &layer.k, &layer.v, layer.len)?;
-        let len = layer.len + s;
-        let (k, v) = (layer.k.narrow(1, 0, len)?, layer.v.narrow(1, 0, len)?);
+        ops::kv_append(&qkv, &layer.k, &layer.v, len)?;
+        let (k, v) = (layer.k.narrow(1, 0, len + s)?, layer.v.narrow(1, 0, len + s)?);
         let y = ops::causal_attention(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window)?;
-        layer.len = len; // only once the step has succeeded
         Ok(self.proj.forward(&y)?)
     }
 }
@@ -366,9 +350,9 @@ impl Block {
     }
 
     /// One cached step on x = base + delta (as `forward_saved`): returns (x1, mlp output).
-    fn step(&self, base: &Tensor, delta: Option<&Tensor>, slot: &mut Option<LayerCache>, capacity: usize) -> Result<(Tensor, Tensor)> {
+    fn step(&self, base: &Tensor, delta: Option<&Tensor>, layer: &LayerCache, len: usize) -> Result<(Tensor, Tensor)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?;
-        let a = self.attn.forward_cached(&h1, slot, capacity)?;
+        let a = self.attn.forward_cached(&h1, layer, len)?;
         let (x1, h2) = self.mlp_norm.fwd(&x, Some(&a))?;
         Ok((x1, self.mlp.forward(&h2)?))
     }
@@ -405,14 +389,15 @@ impl Transformer {
     /// Like `forward`, for S new positions after those in `cache`, which it extends. Each
     /// residual add runs in one pass with the norm after it.
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let s = x.dim(1)?;
+        let (n, s, d) = x.dims3()?;
         if cache.len + s > cache.capacity {
             return Err(Error::Input(format!("KV cache: {} + {s} positions exceed its {}", cache.len, cache.capacity)));
         }
         let (mut base, mut delta) = (x.clone(), None);
-        for (block, slot) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            let (b, d) = block.step(&base, delta.as_ref(), slot, cache.capacity)?;
-            (base, delta) = (b, Some(d));
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer = cache.layer(i, n, d, x.dtype(), x.device())?;
+            let (b, dd) = block.step(&base, delta.as_ref(), &layer, cache.len)?;
+            (base, delta) = (b, Some(dd));
         }
         let out = self.norm.fwd(&base, delta.as_ref())?.1;
         cache.len += s; // only once every layer has succeeded

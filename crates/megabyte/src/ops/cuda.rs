@@ -163,6 +163,12 @@ fn cuda_device(t: &Tensor) -> CResult<CudaDevice> {
     }
 }
 
+/// Device address of a contiguous CUDA tensor's first element, or an error naming `what`.
+/// The read lock is released at once: sound on megabyte's one stream (see `address`).
+fn address_of(t: &Tensor, what: &str) -> CResult<u64> {
+    with_cuda(t, |s, l| contiguous_at(s, l, what))
+}
+
 /// Runs `f` on a tensor's CUDA storage and layout under its read lock.
 fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> CResult<R>) -> CResult<R> {
     let (s, l) = t.storage_and_layout();
@@ -409,13 +415,18 @@ pub(super) fn ce_bwd(logits: (&CudaStorage, &Layout), targets: (&CudaStorage, &L
 /// Elements per chunk of the multi-tensor kernels: one block each.
 const CHUNK: usize = 1 << 15;
 
+/// (offset, length) of the CHUNK-element pieces of n elements, in order.
+fn chunks(n: usize) -> impl Iterator<Item = (u64, u64)> {
+    (0..n).step_by(CHUNK).map(move |start| (start as u64, CHUNK.min(n - start) as u64))
+}
+
 /// A table of chunk records (each `words` u64 long) uploaded for one launch; the returned
 /// tensor must live until the kernel ran (stream-ordered frees make dropping it afterwards
 /// safe).
 fn chunk_table(records: Vec<u64>, dev: &candle_core::Device) -> CResult<(Tensor, u64)> {
     let n = records.len();
     let table = Tensor::from_vec(records.into_iter().map(|w| w as i64).collect::<Vec<_>>(), n, dev)?;
-    let address = with_cuda(&table, |s, l| contiguous_at(s, l, "chunk table"))?;
+    let address = address_of(&table, "chunk table")?;
     Ok((table, address))
 }
 
@@ -437,13 +448,13 @@ pub(super) fn adamw_many(items: &[(&Tensor, &Tensor, &Tensor, f64)], hp: &super:
         let g = g.contiguous()?;
         // The kernel writes w and the moments in place: plain buffers that only the optimizer
         // updates, between steps, on this stream.
-        let pw = with_cuda(w, |s, l| contiguous_at(s, l, "adamw weight"))?;
-        let pg = with_cuda(&g, |s, l| contiguous_at(s, l, "adamw gradient"))?;
-        let pm = with_cuda(mv, |s, l| contiguous_at(s, l, "adamw moments"))?;
+        let pw = address_of(w, "adamw weight")?;
+        let pg = address_of(&g, "adamw gradient")?;
+        let pm = address_of(mv, "adamw moments")?;
         let pv = pm + 4 * n as u64;
         let decay = f(1.0 - hp.lr * weight_decay).to_bits() as u64;
-        for start in (0..n).step_by(CHUNK) {
-            let (off, len) = (4 * start as u64, CHUNK.min(n - start) as u64);
+        for (start, len) in chunks(n) {
+            let off = 4 * start; // bytes
             records.extend([pw + off, pg + off, pm + off, pv + off, len, decay]);
         }
         grads.push(g);
@@ -456,7 +467,7 @@ pub(super) fn adamw_many(items: &[(&Tensor, &Tensor, &Tensor, f64)], hp: &super:
     let (lr, b1, b2, eps, scale) = (f(hp.lr), f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.grad_scale));
     let (inv_bc1, inv_bc2) = (f(1.0 / hp.bc1), f(1.0 / hp.bc2));
     let (psum, max_norm) = match clip {
-        Some((sumsq, max_norm)) => (with_cuda(sumsq, |s, l| contiguous_at(s, l, "sumsq"))?, max_norm as f32),
+        Some((sumsq, max_norm)) => (address_of(sumsq, "sumsq")?, max_norm as f32),
         None => (0u64, 0f32),
     };
     launch!(&dev, "adamw_chunks_f32", launch_cfg((blocks, 1), 256, 0), ptable, lr, b1, b2, eps, inv_bc1, inv_bc2, scale, psum, max_norm);
@@ -720,15 +731,15 @@ pub(super) fn sum_squares(tensors: &[&Tensor]) -> CResult<Tensor> {
         if t.dtype() != DType::F32 {
             candle_core::bail!("sum_squares: f32 only");
         }
-        let (p, n) = (with_cuda(&t, |s, l| contiguous_at(s, l, "x"))?, t.elem_count());
-        for start in (0..n).step_by(CHUNK) {
-            records.extend([p + 4 * start as u64, CHUNK.min(n - start) as u64]);
+        let (p, n) = (address_of(&t, "x")?, t.elem_count());
+        for (start, len) in chunks(n) {
+            records.extend([p + 4 * start, len]);
         }
         keep.push(t);
     }
     let blocks = (records.len() / 2) as u32;
     let (table, ptable) = chunk_table(records, first.device())?;
-    let po = with_cuda(&out, |s, l| contiguous_at(s, l, "sum"))?;
+    let po = address_of(&out, "sum")?;
     if blocks > 0 {
         launch!(&dev, "sum_squares_chunks_f32", launch_cfg((blocks, 1), 256, 0), ptable, po);
     }

@@ -10,7 +10,7 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Tensor};
 use std::sync::Arc;
 
-use super::{launch_cfg, suffix, with_cuda, CResult, PTX};
+use super::{launch_cfg, suffix, CResult, PTX};
 
 const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
 
@@ -20,9 +20,9 @@ const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 /// Threads of one `dec_attn` block (DEC_WARPS warps).
 const ATTN_THREADS: u32 = 256;
 
-/// The device address of a contiguous tensor's first element (f32, bf16 or u32).
+/// The device address of a contiguous tensor's first element (f32, bf16, u32 or f64).
 pub(crate) fn address_of(t: &Tensor) -> CResult<u64> {
-    with_cuda(t, |s, l| super::contiguous_at(s, l, "decoding buffer"))
+    super::address_of(t, "decoding buffer")
 }
 
 /// True when `dec_attn` takes this head dimension.
