@@ -2,10 +2,15 @@
 # The paper-claims measurements (RESULTS.md), one subcommand per claim, on a CUDA machine.
 # Every run appends JSON lines to $OUT (default runs/claims/results.jsonl) with its command.
 #
-#   scripts/paper-claims.sh equal-time MINUTES PRESET [PRESET...] [-- TRAIN-ARGS...]
-#       Trains each preset from scratch on enwik8 for MINUTES of wall time (validation
+#   scripts/paper-claims.sh equal-time MINUTES MODEL [MODEL...] [-- TRAIN-ARGS...]
+#       Trains each model from scratch on enwik8 for MINUTES of wall time (validation
 #       included), then scores the enwik8 test split (last 5M bytes) four ways: basic,
-#       sliding (stride T/2), strided (offset P/2) and both. Claims 1 and 2 (and 5).
+#       sliding (stride T/2), strided (offset P/2) and both. `wall_secs` is the whole train
+#       command plus the basic test score. Claims 1 and 2 (and 5).
+#   scripts/paper-claims.sh search MINUTES MODEL [MODEL...] [-- TRAIN-ARGS...]
+#       The hyper-parameter search: as equal-time, but scored on the validation split only
+#       (the test split is never used to choose).
+#       MODEL is a preset name or a model config JSON file (e.g. docs/enwik8/*.json).
 #   scripts/paper-claims.sh generation BYTES PRESET [PRESET...]
 #       Batch-1 KV-cached generation of BYTES bytes on random weights. Claim 3.
 #   scripts/paper-claims.sh modality SET MINUTES CONFIG [CONFIG...] [-- TRAIN-ARGS...]
@@ -13,7 +18,7 @@
 #       files, trains each model config (a JSON file; e.g. docs/fashion-mnist.json and its
 #       same-time baseline docs/fashion-mnist-baseline.json) for MINUTES with --documents,
 #       scores the test split and writes a sample: an image grid, a 5-second WAV or code.
-#   scripts/paper-claims.sh long-context PRESET BYTES-PER-STEP T [T...]
+#   scripts/paper-claims.sh long-context MODEL BYTES-PER-STEP T [T...]
 #       Training time per byte and peak memory of one architecture at each context T (batch
 #       BYTES-PER-STEP / T), plotted to $RUNS/long-context.png. Claim 4.
 #
@@ -35,24 +40,40 @@ record() {
         "$1" "$2" "$3" "$commit" "$device" | tee -a "$out"
 }
 
+# model_flags MODEL: the train/info flags for a preset name or a model config file.
+model_flags() {
+    if [ -f "$1" ]; then echo "--config $1"; else echo "--preset $1"; fi
+}
+# model_name MODEL: the preset, or the config file's name without .json.
+model_name() {
+    basename "$1" .json
+}
+
 cmd=${1:?usage: see the header of $0}
 shift
 case "$cmd" in
-equal-time)
+equal-time|search)
     minutes=${1:?minutes}
     shift
-    presets=()
-    while [ $# -gt 0 ] && [ "$1" != "--" ]; do presets+=("$1"); shift; done
+    models=()
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do models+=("$1"); shift; done
     [ "${1:-}" = "--" ] && shift
     [ -f "$data/enwik8/test.bin" ] || "$mb" data fetch enwik8 --dir "$data"
-    for p in "${presets[@]}"; do
-        run="$runs/$p-${minutes}min"
+    if [ "$cmd" = search ]; then
+        split=valid modes=(basic)
+    else
+        split=test modes=(basic sliding strided both)
+    fi
+    for m in "${models[@]}"; do
+        read -r -a model <<<"$(model_flags "$m")"
+        name=$(model_name "$m")
+        run="$runs/$name-${minutes}min"
         start=$(date +%s)
-        "$mb" train --preset "$p" --device "$device" --data "$data/enwik8/train.bin" --valid "$data/enwik8/valid.bin" \
+        "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" --valid "$data/enwik8/valid.bin" \
             --time "$minutes" --out "$run" "$@"
         trained=$(( $(date +%s) - start ))
-        t=$("$mb" info --preset "$p" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["config"]["context"])')
-        for mode in basic sliding strided both; do
+        t=$("$mb" info "${model[@]}" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["config"]["context"])')
+        for mode in "${modes[@]}"; do
             flags=()
             case $mode in
             sliding) flags=(--sliding $((t / 2))) ;;
@@ -60,10 +81,11 @@ equal-time)
             both) flags=(--sliding $((t / 2)) --strided) ;;
             esac
             s=$(date +%s)
-            json=$("$mb" eval --checkpoint "$run" --data "$data/enwik8/test.bin" --device "$device" --json "${flags[@]}" || echo '{"error": "eval failed"}')
-            json=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); r.update(mode=sys.argv[2], eval_secs=int(sys.argv[3]), train_secs=int(sys.argv[4]), minutes=float(sys.argv[5])); print(json.dumps(r))' \
-                "$json" "$mode" $(( $(date +%s) - s )) "$trained" "$minutes")
-            record equal-time "$p" "$json"
+            json=$("$mb" eval --checkpoint "$run" --data "$data/enwik8/$split.bin" --device "$device" --batch-size 16 --json "${flags[@]}" || echo '{"error": "eval failed"}')
+            secs=$(( $(date +%s) - s ))
+            json=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); r.update(split=sys.argv[2], mode=sys.argv[3], eval_secs=int(sys.argv[4]), train_secs=int(sys.argv[5]), minutes=float(sys.argv[6])); r["wall_secs"] = r["train_secs"] + r["eval_secs"] if r["mode"] == "basic" else None; print(json.dumps(r))' \
+                "$json" "$split" "$mode" "$secs" "$trained" "$minutes")
+            record "$cmd" "$name" "$json"
         done
     done
     ;;
@@ -132,13 +154,14 @@ modality)
     done
     ;;
 long-context)
-    p=${1:?preset}
+    read -r -a model <<<"$(model_flags "${1:?model}")"
+    p=$(model_name "$1")
     per_step=${2:?bytes per step}
     shift 2
     for t in "$@"; do
         batch=$(( per_step / t ))
         [ "$batch" -ge 1 ] || batch=1
-        json=$("$mb" bench --preset "$p" --context "$t" --device "$device" --batch-size "$batch" --warmup 2 --steps 5 --gen-bytes 0 --json \
+        json=$("$mb" bench "${model[@]}" --context "$t" --device "$device" --batch-size "$batch" --warmup 2 --steps 5 --gen-bytes 0 --json \
             || echo "{\"context\": $t, \"batch_size\": $batch, \"error\": \"did not run (see stderr)\"}")
         json=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); b = r.get("train_bytes_per_sec"); r["us_per_byte"] = 1e6 / b if b else None; print(json.dumps(r))' "$json")
         record long-context "$p" "$json"
@@ -147,7 +170,7 @@ long-context)
     echo "plot: $runs/long-context.png"
     ;;
 *)
-    echo "unknown subcommand $cmd: equal-time, generation, modality or long-context" >&2
+    echo "unknown subcommand $cmd: equal-time, search, generation, modality or long-context" >&2
     exit 2
     ;;
 esac
