@@ -97,7 +97,9 @@ impl MegaByte {
             patch_size: p,
         };
         let global = Transformer::new(params, "global", &cfg.global, cfg.norm, std)?;
-        let global_to_local = Linear::new(params, "global_to_local", dg, dl, std)?;
+        // w_GL reads the global model's normed output (unit scale per element): std/√D_G gives
+        // its projection the scale of the local byte embedding it is added to.
+        let global_to_local = Linear::new(params, "global_to_local", dg, dl, std / (dg as f64).sqrt())?;
         let local_embedder = LocalEmbedder {
             byte_embed: params.get("local_embedder.byte_embed.weight", &[V, dl], n)?,
             pos_embed: params.get("local_embedder.pos_embed.weight", &[p, dl], n)?,
