@@ -39,6 +39,11 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(w) = cfg.global.window {
         println!("global attention: sliding window of {w} positions");
     }
+    match (cfg.cross_patch, cfg.local.window) {
+        (true, Some(w)) => println!("local attention: across patches, sliding window of {w} bytes"),
+        (false, Some(w)) => println!("local attention: within each patch, sliding window of {w} bytes"),
+        _ => {}
+    }
     println!("parameters: global {}  local {}  total {}", human(counts.global), human(counts.local), human(counts.total));
     println!("training FLOPs per byte: {:.4e}  (6·(m_G/P + m_L) + attention)", flops);
     Ok(())

@@ -71,6 +71,12 @@ pub struct ModelConfig {
     pub tied_head: bool,
     /// Standard deviation of the truncated (at 2σ) normal initialisation.
     pub init_std: f64,
+    /// Cross-patch local attention (our form of paper §2.3's variant): the local model runs
+    /// over the whole T-byte sequence with a sliding window of `local.window` bytes instead
+    /// of over each patch alone, and a patch's first byte gets the previous byte's embedding
+    /// instead of the pad. The global model is unchanged. Needs `local.window`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cross_patch: bool,
 }
 
 pub const PRESETS: &[&str] = &["tiny", "enwik8", "paper-arxiv", "paper-pg19", "byte-enwik8", "byte-350m"];
@@ -90,6 +96,7 @@ impl ModelConfig {
                 norm: NormKind::LayerNorm,
                 tied_head: true,
                 init_std: 0.02,
+                cross_patch: false,
             },
             "enwik8" => ModelConfig {
                 patch_size: 8,
@@ -99,6 +106,7 @@ impl ModelConfig {
                 norm: NormKind::LayerNorm,
                 tied_head: true,
                 init_std: 0.02,
+                cross_patch: false,
             },
             "paper-arxiv" => ModelConfig {
                 patch_size: 8,
@@ -108,6 +116,7 @@ impl ModelConfig {
                 norm: NormKind::LayerNorm,
                 tied_head: true,
                 init_std: 0.006,
+                cross_patch: false,
             },
             "paper-pg19" => ModelConfig {
                 patch_size: 8,
@@ -117,6 +126,7 @@ impl ModelConfig {
                 norm: NormKind::LayerNorm,
                 tied_head: true,
                 init_std: 0.006,
+                cross_patch: false,
             },
             // Byte-transformer baselines (paper §5, Table 2's "Transformer"): one level, full
             // causal attention over bytes. Expressed as MEGABYTE with P = 1 and no local
@@ -130,6 +140,7 @@ impl ModelConfig {
                 norm: NormKind::LayerNorm,
                 tied_head: true,
                 init_std: 0.02,
+                cross_patch: false,
             },
             "byte-350m" => ModelConfig {
                 patch_size: 1,
@@ -139,6 +150,7 @@ impl ModelConfig {
                 norm: NormKind::LayerNorm,
                 tied_head: true,
                 init_std: 0.02,
+                cross_patch: false,
             },
             other => {
                 return Err(Error::Config(format!(
@@ -155,6 +167,15 @@ impl ModelConfig {
     /// decoder-only transformer over bytes.
     pub fn is_byte_transformer(&self) -> bool {
         self.patch_size == 1 && self.local.layers == 0
+    }
+
+    /// Positions of one local sequence: a patch (P), or the whole window with cross-patch attention (T).
+    pub fn local_positions(&self) -> usize {
+        if self.cross_patch {
+            self.context
+        } else {
+            self.patch_size
+        }
     }
 
     /// D_G: the per-byte slice of the global width.
@@ -203,6 +224,9 @@ impl ModelConfig {
                 self.global.width
             ));
         }
+        if self.cross_patch && (self.local.layers == 0 || self.local.window.is_none()) {
+            return bad("cross_patch needs local layers and local.window (the bytes each local position sees, e.g. 4·P)".into());
+        }
         if !(self.init_std > 0.0 && self.init_std.is_finite()) {
             return bad(format!("init_std must be positive, got {}", self.init_std));
         }
@@ -231,7 +255,9 @@ impl ModelConfig {
             as f64;
         let dense = 6.0 * (m_g / p + m_l);
         let attn_global = 12.0 * (self.global.layers * self.global.width) as f64 * k / p;
-        let attn_local = 12.0 * (self.local.layers * self.local.width) as f64 * self.local.window.map_or(p, |w| (w as f64).min(p));
+        // The local model attends within its patch, or across patches over its window.
+        let local_reach = if self.cross_patch { self.context as f64 } else { p };
+        let attn_local = 12.0 * (self.local.layers * self.local.width) as f64 * self.local.window.map_or(local_reach, |w| (w as f64).min(local_reach));
         dense + attn_global + attn_local
     }
 }

@@ -178,7 +178,8 @@ impl<'m> Decoder<'m> {
     }
 
     /// Runs the window's complete patches through the global model and the current partial
-    /// patch's bytes through the local model.
+    /// patch's bytes (with cross-patch attention, all the window's bytes) through the local
+    /// model.
     fn prefill(&mut self) -> Result<()> {
         let p = self.model.config().patch_size;
         let window: Vec<Vec<u8>> = self.history.iter().map(|h| h[self.window_start..].to_vec()).collect();
@@ -192,11 +193,17 @@ impl<'m> Decoder<'m> {
         } else {
             None
         };
+        if self.model.config().cross_patch {
+            let contexts = self.model.global_contexts(window.len(), patches.as_ref(), &mut self.global)?; // [B, complete + P, D_L]
+            self.model.local_prefill(&contexts, &bytes_to_tensor(&window, &self.device)?, &mut self.local)?;
+            self.context = contexts.narrow(1, complete, p)?;
+            return Ok(());
+        }
         self.context = self.model.global_step(window.len(), patches.as_ref(), &mut self.global)?;
         // Local positions 0..r−1 of the partial patch; position r is computed by `logits`.
         for i in 0..(n - complete) {
             let prev = self.prev_byte(&window, complete + i, i)?;
-            self.model.local_step(&self.context_at(i)?, prev.as_ref(), &mut self.local)?;
+            self.model.local_step(&self.context_at(i)?, prev.as_ref(), i, &mut self.local)?;
         }
         Ok(())
     }
@@ -210,6 +217,11 @@ impl<'m> Decoder<'m> {
         Ok(Some(Tensor::from_vec(prev, window.len(), &self.device)?))
     }
 
+    /// Bytes in the context window.
+    fn window_len(&self) -> usize {
+        self.history[0].len() - self.window_start
+    }
+
     fn context_at(&self, pos: usize) -> Result<Tensor> {
         Ok(self.context.narrow(1, pos, 1)?.squeeze(1)?) // [B, D_L]
     }
@@ -220,20 +232,25 @@ impl<'m> Decoder<'m> {
         if self.awaiting_push {
             return Err(Error::Input("Decoder::logits called twice: push the chosen bytes first".into()));
         }
-        let pos = self.local.len();
-        let prev = if pos == 0 {
+        let n = self.window_len();
+        let pos = n % self.model.config().patch_size;
+        // The local sequence's first position gets the pad: a patch's first byte, or with
+        // cross-patch attention the window's.
+        let first = if self.model.config().cross_patch { n == 0 } else { pos == 0 };
+        let prev = if first {
             None
         } else {
             let last: Vec<u32> = self.history.iter().map(|h| h.last().map_or(0, |&b| u32::from(b))).collect();
             Some(Tensor::from_vec(last, self.history.len(), &self.device)?)
         };
-        let logits = self.model.local_step(&self.context_at(pos)?, prev.as_ref(), &mut self.local)?;
+        let logits = self.model.local_step(&self.context_at(pos)?, prev.as_ref(), pos, &mut self.local)?;
         self.awaiting_push = true;
         Ok(logits)
     }
 
     /// Appends one byte per sequence (after a call to `logits`). At a patch boundary the
-    /// completed patch goes through one global step and the local cache is reset; when the
+    /// completed patch goes through one global step and the local cache is reset (kept, with
+    /// cross-patch attention); when the
     /// context window is full, it slides to its last half and is prefilled again.
     pub fn push(&mut self, bytes: &[u8]) -> Result<()> {
         if bytes.len() != self.history.len() {
@@ -247,13 +264,15 @@ impl<'m> Decoder<'m> {
             h.push(b);
         }
         let p = self.model.config().patch_size;
-        if self.local.len() < p || self.slide_if_full()? {
+        if self.window_len() % p != 0 || self.slide_if_full()? {
             return Ok(());
         }
         let rows: Vec<Vec<u8>> = self.history.iter().map(|h| h[h.len() - p..].to_vec()).collect();
         let patch = bytes_to_tensor(&rows, &self.device)?; // [B, P]
         self.context = self.model.global_step(rows.len(), Some(&patch), &mut self.global)?;
-        self.local.reset();
+        if !self.model.config().cross_patch {
+            self.local.reset();
+        }
         Ok(())
     }
 }

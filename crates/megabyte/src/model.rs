@@ -60,11 +60,15 @@ pub struct LocalEmbedder {
 }
 
 impl LocalEmbedder {
-    /// bytes [N, P] → local inputs [N, P, D_L] in `act`: previous byte's embedding + position.
+    /// bytes [N, S] (S a multiple of P: one patch, or a whole window with cross-patch
+    /// attention) → local inputs [N, S, D_L] in `act`: the previous byte's embedding (the pad
+    /// at position 0) plus the position within the patch.
     fn forward(&self, bytes: &Tensor, act: DType) -> Result<Tensor> {
-        let e = embed(&self.byte_embed, bytes)?; // [N, P, D_L]
-        let e = shift_one_byte(&e, &self.local_pad)?;
-        Ok(e.broadcast_add(&self.pos_embed)?.to_dtype(act)?)
+        let (n, s) = bytes.dims2()?;
+        let (p, dl) = self.pos_embed.dims2()?;
+        let e = embed(&self.byte_embed, bytes)?; // [N, S, D_L]
+        let e = shift_one_byte(&e, &self.local_pad)?.reshape((n * s / p, p, dl))?;
+        Ok(e.broadcast_add(&self.pos_embed)?.reshape((n, s, dl))?.to_dtype(act)?)
     }
 }
 
@@ -149,14 +153,14 @@ impl MegaByte {
     /// `logits[:, t]` is the prediction of byte t from bytes < t.
     pub fn logits(&self, bytes: &Tensor) -> Result<Tensor> {
         let (b, t) = self.check_input(bytes)?;
-        let (p, k) = (self.cfg.patch_size, t / self.cfg.patch_size);
         let h = self.patch_embedder.forward(bytes, 0, self.act)?; // [B, K, P·D_G]
         let h = shift_one_patch(&h, &self.patch_embedder.global_pad)?; // [B, K, P·D_G]
         let h = self.global.forward(&h)?; // [B, K, P·D_G]
         let context = self.global_to_local(&h)?; // [B·K, P, D_L]
-        let local_in = self.local_embedder.forward(&bytes.reshape((b * k, p))?, self.act)?; // [B·K, P, D_L]
-        let h = self.local.forward(&(context + local_in)?)?; // [B·K, P, D_L]
-        let logits = self.head(&h)?; // [B·K, P, V]
+        let local_bytes = self.local_sequences(bytes)?; // [N, S]: patches, or whole windows
+        let local_in = self.local_embedder.forward(&local_bytes, self.act)?; // [N, S, D_L]
+        let h = self.local.forward(&(context.reshape(local_in.shape())? + local_in)?)?; // [N, S, D_L]
+        let logits = self.head(&h)?; // [N, S, V]
         Ok(logits.reshape((b, t, V))?)
     }
 
@@ -216,9 +220,10 @@ impl MegaByte {
         let (hg, global_saved) = self.global.forward_saved(&hin)?;
         let hg = hg.reshape((b * k, p, dg))?; // [B·K, P, D_G]
         let (w_gl, context) = self.global_to_local.fwd(&hg)?; // [B·K, P, D_L]
-        let local_bytes = bytes.reshape((b * k, p))?;
-        let local_in = le.forward(&local_bytes, self.act)?.detach();
-        let (hl, local_saved) = self.local.forward_saved(&(context + local_in)?)?;
+        let local_bytes = self.local_sequences(bytes)?; // [N, S]
+        let local_in = le.forward(&local_bytes, self.act)?.detach(); // [N, S, D_L]
+        let (hl, local_saved) = self.local.forward_saved(&(context.reshape(local_in.shape())? + local_in)?)?;
+        let (n, s) = local_bytes.dims2()?;
         let (w_head, logits) = head.fwd(&hl)?;
         let logits = logits.reshape((b * t, V))?; // [B·T, V]
         let targets = bytes.flatten_all()?;
@@ -230,16 +235,16 @@ impl MegaByte {
         let dloss = dloss.to_dtype(losses.dtype())?;
         let dlogits = crate::ops::cross_entropy_backward(&logits, &targets, &losses, &dloss)?;
         drop(logits);
-        let dhl = head.bwd(&hl, &w_head, &dlogits.reshape((b * k, p, V))?, &mut grads)?;
-        let dx = self.local.backward(local_saved, &dhl, &mut grads)?; // [B·K, P, D_L]
-        // x = context + (shift_one_byte(E_local[bytes]) + local positions)
+        let dhl = head.bwd(&hl, &w_head, &dlogits.reshape((n, s, V))?, &mut grads)?;
+        let dx = self.local.backward(local_saved, &dhl, &mut grads)?; // [N, S, D_L]
+        // x = context + (shift_one_byte(E_local[bytes]) + local positions), shifted along S
         let pdt = le.byte_embed.dtype();
         let dlocal = dx.to_dtype(pdt)?;
         grads.add(&le.pos_embed, sum_rows(&dlocal.reshape((b * k, p * dl))?)?)?;
-        grads.add(&le.local_pad, sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((b * k, dl))?)?)?;
+        grads.add(&le.local_pad, sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((n, dl))?)?)?;
         let dembed = shift_back(&dlocal)?; // byte j's embedding fed position j + 1
         grads.add(&le.byte_embed, crate::ops::embedding_backward(&le.byte_embed, &local_bytes, &dembed)?)?;
-        let dhg = self.global_to_local.bwd(&hg, &w_gl, &dx, &mut grads)?;
+        let dhg = self.global_to_local.bwd(&hg, &w_gl, &dx.reshape((b * k, p, dl))?, &mut grads)?;
         let dhin = self.global.backward(global_saved, &dhg.reshape((b, k, p * dg))?, &mut grads)?;
         // hin = shift_one_patch(E_global[bytes] + positions)
         let dhin = dhin.to_dtype(pdt)?;
@@ -251,6 +256,17 @@ impl MegaByte {
         grads.add(&pe.pos_embed, dpos)?;
         grads.add(&pe.byte_embed, crate::ops::embedding_backward(&pe.byte_embed, bytes, &dh0)?)?;
         Ok((losses, grads))
+    }
+
+    /// The local model's sequences: bytes [B, T'] as patches [B·K, P], or (cross-patch
+    /// attention) as they are, one sequence per window.
+    fn local_sequences(&self, bytes: &Tensor) -> Result<Tensor> {
+        if self.cfg.cross_patch {
+            return Ok(bytes.clone());
+        }
+        let (b, t) = bytes.dims2()?;
+        let p = self.cfg.patch_size;
+        Ok(bytes.reshape((b * t / p, p))?)
     }
 
     /// §2.2.2: every D_G slice of a global output projected by the shared w_GL.
@@ -296,9 +312,10 @@ impl MegaByte {
         KvCache::new(self.global.layers(), self.cfg.patches())
     }
 
-    /// An empty local cache; reset it at every patch boundary.
+    /// An empty local cache: reset it at every patch boundary, or (cross-patch attention)
+    /// only when the window is prefilled again.
     pub fn local_cache(&self) -> KvCache {
-        KvCache::new(self.local.layers(), self.cfg.patch_size)
+        KvCache::new(self.local.layers(), self.cfg.local_positions())
     }
 
     /// Feeds completed patches to the global model and returns the local contexts of the
@@ -308,6 +325,22 @@ impl MegaByte {
     /// yet) and the pad is fed first. Otherwise they continue where the cache stopped.
     /// patches: [B, m·P] u32; `batch` is B (needed when only the pad is fed).
     pub fn global_step(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.global_forward(batch, patches, cache)?; // [B, s, P·D_G]
+        let s = h.dim(1)?;
+        self.global_to_local(&h.narrow(1, s - 1, 1)?) // [B, P, D_L]
+    }
+
+    /// Like [`MegaByte::global_step`], but the local contexts of every patch fed (the pad
+    /// included): [B, s·P, D_L] for s new global positions. For cross-patch prefill.
+    pub fn global_contexts(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.global_forward(batch, patches, cache)?; // [B, s, P·D_G]
+        let (b, s, _) = h.dims3()?;
+        Ok(self.global_to_local(&h)?.reshape((b, s * self.cfg.patch_size, self.cfg.local.width))?)
+    }
+
+    /// The global model's outputs [B, s, P·D_G] for the s positions `patches` (and the pad,
+    /// with an empty cache) add to `cache`.
+    fn global_forward(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
         let p = self.cfg.patch_size;
         let start_pos = cache.len(); // global positions already cached
         let input = match patches {
@@ -342,19 +375,20 @@ impl MegaByte {
                 self.cfg.context
             )));
         }
-        let h = self.global.forward_cached(&input, cache)?; // [B, s, P·D_G]
-        let s = h.dim(1)?;
-        let last = h.narrow(1, s - 1, 1)?; // [B, 1, P·D_G]
-        self.global_to_local(&last) // [B, P, D_L]
+        Ok(self.global.forward_cached(&input, cache)?) // [B, s, P·D_G]
     }
 
-    /// One local position: `context` [B, D_L] is the global context of this position,
-    /// `prev` [B] the previous byte of the patch (`None` at position 0, which gets the pad).
-    /// The position within the patch is the local cache's length. Returns logits [B, V].
-    pub fn local_step(&self, context: &Tensor, prev: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
-        let pos = cache.len();
-        if pos >= self.cfg.patch_size {
-            return Err(Error::Input("local_step: the patch is complete; reset the local cache".into()));
+    /// One local position: `context` [B, D_L] is the global context of this position, `pos`
+    /// its position within the patch, `prev` [B] the previous byte (`None` at the local
+    /// sequence's first position, which gets the pad). Without cross-patch attention the
+    /// local cache holds this patch's earlier positions, so `pos` is its length; with it, the
+    /// window's earlier bytes. Returns logits [B, V].
+    pub fn local_step(&self, context: &Tensor, prev: Option<&Tensor>, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let (p, seen) = (self.cfg.patch_size, cache.len());
+        if pos >= p || seen >= self.cfg.local_positions() || (!self.cfg.cross_patch && pos != seen) {
+            return Err(Error::Input(format!(
+                "local_step: position {pos} of a patch of {p} after {seen} cached positions; reset the local cache at each patch"
+            )));
         }
         let b = context.dim(0)?;
         let dl = self.cfg.local.width;
@@ -366,6 +400,27 @@ impl MegaByte {
         let x = (context + e)?; // [B, D_L]
         let h = self.local.forward_cached(&x.reshape((b, 1, dl))?, cache)?; // [B, 1, D_L]
         Ok(self.head(&h.squeeze(1)?)?) // [B, V]
+    }
+
+    /// Cross-patch prefill: runs the first n bytes of a window through the local model into
+    /// an empty `cache`. contexts: [B, ≥ n, D_L] (from [`MegaByte::global_contexts`]), bytes
+    /// [B, n].
+    pub fn local_prefill(&self, contexts: &Tensor, bytes: &Tensor, cache: &mut KvCache) -> Result<()> {
+        let (_, n) = bytes.dims2()?;
+        if !self.cfg.cross_patch || cache.len() != 0 || n > self.cfg.context {
+            return Err(Error::Input("local_prefill: cross-patch models only, from an empty cache, within the context".into()));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let le = &self.local_embedder;
+        let p = self.cfg.patch_size as u32;
+        let e = shift_one_byte(&embed(&le.byte_embed, bytes)?, &le.local_pad)?; // [B, n, D_L]
+        let positions = Tensor::from_vec((0..n as u32).map(|i| i % p).collect::<Vec<_>>(), n, bytes.device())?;
+        let e = e.broadcast_add(&embed(&le.pos_embed, &positions)?)?.to_dtype(self.act)?;
+        let x = (contexts.narrow(1, 0, n)? + e)?;
+        self.local.forward_cached(&x, cache)?;
+        Ok(())
     }
 }
 

@@ -16,6 +16,7 @@ fn byte_config() -> ModelConfig {
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.1,
+        cross_patch: false,
     }
 }
 

@@ -251,6 +251,7 @@ fn model_config() -> ModelConfig {
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.02,
+        cross_patch: false,
     }
 }
 
@@ -341,6 +342,7 @@ fn decoding_config() -> ModelConfig {
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.2,
+        cross_patch: false,
     }
 }
 

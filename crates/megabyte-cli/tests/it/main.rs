@@ -10,6 +10,7 @@ mod cached;
 mod causality;
 mod checkpoint;
 mod code;
+mod cross_patch;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod documents;
@@ -42,6 +43,7 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
         norm,
         tied_head,
         init_std: 0.2,
+        cross_patch: false,
     }
 }
 

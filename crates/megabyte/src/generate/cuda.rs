@@ -44,6 +44,7 @@ pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
     device.is_cuda()
         && cfg.global.window.is_none() // dec_attn attends to every cached position
         && cfg.local.window.is_none()
+        && !cfg.cross_patch // the engine resets the local cache at every patch
         && matches!(act, DType::F32 | DType::BF16)
         && [&pe.byte_embed, &pe.pos_embed, &le.byte_embed, &le.pos_embed, &model.global_to_local.weight, &model.head_linear().weight].iter().all(|t| is(t, act))
         && is(&le.local_pad, DType::F32)
