@@ -73,8 +73,9 @@ pub struct ModelConfig {
     pub init_std: f64,
     /// Cross-patch local attention (our form of paper §2.3's variant): the local model runs
     /// over the whole T-byte sequence with a sliding window of `local.window` bytes instead
-    /// of over each patch alone, and a patch's first byte gets the previous byte's embedding
-    /// instead of the pad. The global model is unchanged. Needs `local.window`.
+    /// of over each patch alone; a patch's first byte gets the previous byte's embedding
+    /// instead of the pad, and the local position table covers the window's T positions
+    /// (not a patch's P). The global model is unchanged. Needs `local.window`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cross_patch: bool,
 }
@@ -240,7 +241,7 @@ impl ModelConfig {
         let global = V * dg + t * dg + p * dg + self.global.params(self.norm);
         // w_GL, local byte table, local positions, local pad, local transformer, untied head
         let head = if self.tied_head { 0 } else { V * dl };
-        let local = dg * dl + V * dl + p * dl + dl + self.local.params(self.norm) + head;
+        let local = dg * dl + V * dl + self.local_positions() * dl + dl + self.local.params(self.norm) + head;
         ParamCounts { global, local, total: global + local }
     }
 

@@ -203,7 +203,7 @@ impl<'m> Decoder<'m> {
         // Local positions 0..r−1 of the partial patch; position r is computed by `logits`.
         for i in 0..(n - complete) {
             let prev = self.prev_byte(&window, complete + i, i)?;
-            self.model.local_step(&self.context_at(i)?, prev.as_ref(), i, &mut self.local)?;
+            self.model.local_step(&self.context_at(i)?, prev.as_ref(), &mut self.local)?;
         }
         Ok(())
     }
@@ -243,7 +243,7 @@ impl<'m> Decoder<'m> {
             let last: Vec<u32> = self.history.iter().map(|h| h.last().map_or(0, |&b| u32::from(b))).collect();
             Some(Tensor::from_vec(last, self.history.len(), &self.device)?)
         };
-        let logits = self.model.local_step(&self.context_at(pos)?, prev.as_ref(), pos, &mut self.local)?;
+        let logits = self.model.local_step(&self.context_at(pos)?, prev.as_ref(), &mut self.local)?;
         self.awaiting_push = true;
         Ok(logits)
     }

@@ -55,20 +55,19 @@ pub fn shift_one_byte(e: &Tensor, local_pad: &Tensor) -> Result<Tensor> {
 #[derive(Clone, Debug)]
 pub struct LocalEmbedder {
     pub(crate) byte_embed: Tensor, // E_local_embed [V, D_L], also the tied head
-    pub(crate) pos_embed: Tensor,  // [P, D_L]
+    pub(crate) pos_embed: Tensor,  // [P, D_L], or [T, D_L] with cross-patch attention
     pub(crate) local_pad: Tensor,  // E_local_pad [D_L]
 }
 
 impl LocalEmbedder {
-    /// bytes [N, S] (S a multiple of P: one patch, or a whole window with cross-patch
-    /// attention) → local inputs [N, S, D_L] in `act`: the previous byte's embedding (the pad
-    /// at position 0) plus the position within the patch.
+    /// bytes [N, S] (one patch, or with cross-patch attention a whole window) → local inputs
+    /// [N, S, D_L] in `act`: the previous byte's embedding (the pad at position 0) plus the
+    /// position in the local sequence.
     fn forward(&self, bytes: &Tensor, act: DType) -> Result<Tensor> {
-        let (n, s) = bytes.dims2()?;
-        let (p, dl) = self.pos_embed.dims2()?;
+        let s = bytes.dim(1)?;
         let e = embed(&self.byte_embed, bytes)?; // [N, S, D_L]
-        let e = shift_one_byte(&e, &self.local_pad)?.reshape((n * s / p, p, dl))?;
-        Ok(e.broadcast_add(&self.pos_embed)?.reshape((n, s, dl))?.to_dtype(act)?)
+        let e = shift_one_byte(&e, &self.local_pad)?;
+        Ok(e.broadcast_add(&self.pos_embed.narrow(0, 0, s)?)?.to_dtype(act)?)
     }
 }
 
@@ -106,7 +105,7 @@ impl MegaByte {
         let global_to_local = Linear::new(params, "global_to_local", dg, dl, std / (dg as f64).sqrt())?;
         let local_embedder = LocalEmbedder {
             byte_embed: params.get("local_embedder.byte_embed.weight", &[V, dl], n)?,
-            pos_embed: params.get("local_embedder.pos_embed.weight", &[p, dl], n)?,
+            pos_embed: params.get("local_embedder.pos_embed.weight", &[cfg.local_positions(), dl], n)?,
             local_pad: params.get("local_embedder.local_pad", &[dl], n)?,
         };
         let local = Transformer::new(params, "local", &cfg.local, cfg.norm, std)?;
@@ -240,7 +239,10 @@ impl MegaByte {
         // x = context + (shift_one_byte(E_local[bytes]) + local positions), shifted along S
         let pdt = le.byte_embed.dtype();
         let dlocal = dx.to_dtype(pdt)?;
-        grads.add(&le.pos_embed, sum_rows(&dlocal.reshape((b * k, p * dl))?)?)?;
+        let dpos = sum_rows(&dlocal.reshape((n, s * dl))?)?.reshape((s, dl))?; // [S, D_L]
+        let rows = le.pos_embed.dim(0)?;
+        let dpos = if s < rows { Tensor::cat(&[&dpos, &Tensor::zeros((rows - s, dl), pdt, dpos.device())?], 0)? } else { dpos };
+        grads.add(&le.pos_embed, dpos)?;
         grads.add(&le.local_pad, sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((n, dl))?)?)?;
         let dembed = shift_back(&dlocal)?; // byte j's embedding fed position j + 1
         grads.add(&le.byte_embed, crate::ops::embedding_backward(&le.byte_embed, &local_bytes, &dembed)?)?;
@@ -378,17 +380,14 @@ impl MegaByte {
         Ok(self.global.forward_cached(&input, cache)?) // [B, s, P·D_G]
     }
 
-    /// One local position: `context` [B, D_L] is the global context of this position, `pos`
-    /// its position within the patch, `prev` [B] the previous byte (`None` at the local
-    /// sequence's first position, which gets the pad). Without cross-patch attention the
-    /// local cache holds this patch's earlier positions, so `pos` is its length; with it, the
-    /// window's earlier bytes. Returns logits [B, V].
-    pub fn local_step(&self, context: &Tensor, prev: Option<&Tensor>, pos: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let (p, seen) = (self.cfg.patch_size, cache.len());
-        if pos >= p || seen >= self.cfg.local_positions() || (!self.cfg.cross_patch && pos != seen) {
-            return Err(Error::Input(format!(
-                "local_step: position {pos} of a patch of {p} after {seen} cached positions; reset the local cache at each patch"
-            )));
+    /// One local position: `context` [B, D_L] is the global context of this position,
+    /// `prev` [B] the previous byte (`None` at the local sequence's first position, which
+    /// gets the pad). The position in the local sequence (the patch, or with cross-patch
+    /// attention the window) is the local cache's length. Returns logits [B, V].
+    pub fn local_step(&self, context: &Tensor, prev: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        let pos = cache.len();
+        if pos >= self.cfg.local_positions() {
+            return Err(Error::Input("local_step: the local sequence is complete; reset the local cache".into()));
         }
         let b = context.dim(0)?;
         let dl = self.cfg.local.width;
@@ -414,10 +413,8 @@ impl MegaByte {
             return Ok(());
         }
         let le = &self.local_embedder;
-        let p = self.cfg.patch_size as u32;
         let e = shift_one_byte(&embed(&le.byte_embed, bytes)?, &le.local_pad)?; // [B, n, D_L]
-        let positions = Tensor::from_vec((0..n as u32).map(|i| i % p).collect::<Vec<_>>(), n, bytes.device())?;
-        let e = e.broadcast_add(&embed(&le.pos_embed, &positions)?)?.to_dtype(self.act)?;
+        let e = e.broadcast_add(&le.pos_embed.narrow(0, 0, n)?)?.to_dtype(self.act)?;
         let x = (contexts.narrow(1, 0, n)? + e)?;
         self.local.forward_cached(&x, cache)?;
         Ok(())
