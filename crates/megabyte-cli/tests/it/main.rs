@@ -12,6 +12,7 @@ mod checkpoint;
 mod code;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod dist;
 mod documents;
 mod eval;
 mod golden;
