@@ -371,7 +371,15 @@ impl Trainer {
         let (grads, loss) = self.sum_over_ranks(grads, loss)?;
         // Everything is queued before the first read back: the GPU never waits on the host
         // within a step.
-        let grad_norm = self.opt.step_clipped(&grads, lr, t.grad_clip)?;
+        let grad_norm = match self.group.as_mut() {
+            None => self.opt.step_clipped(&grads, lr, t.grad_clip)?,
+            // Every rank clips by rank 0's norm (see `AdamW::step_clipped_agreed`).
+            Some(dp) => self.opt.step_clipped_agreed(&grads, lr, t.grad_clip, |sumsq| {
+                let shared = dp.group.broadcast(vec![sumsq.reshape(1)?], 0)?;
+                let sumsq = shared.into_iter().next().ok_or_else(|| Error::Dist("the gradient norm went missing".into()))?;
+                Ok(sumsq.reshape(())?)
+            })?,
+        };
         if !grad_norm.is_finite() {
             return Err(Error::Input(format!(
                 "the gradient norm is {grad_norm} at step {}: training diverged; lower the learning rate",

@@ -112,13 +112,27 @@ fn by_name(trainer: &Trainer, grads: &megabyte::grad::Grads) -> BTreeMap<String,
         .collect()
 }
 
-fn weights(trainer: &Trainer) -> BTreeMap<String, Vec<f32>> {
+pub fn weights(trainer: &Trainer) -> BTreeMap<String, Vec<f32>> {
     trainer
         .params()
         .vars()
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
         .collect()
+}
+
+/// ‖a − b‖ relative to how far b moved from `init` (‖b − init‖): how much two trainings of
+/// the same steps disagree, robust to the odd AdamW entry whose tiny gradient changes sign
+/// with summation order (m/√v is ±1 there at first, whatever its size).
+pub fn drift(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, init: &BTreeMap<String, Vec<f32>>) -> f64 {
+    let (mut apart, mut moved) = (0f64, 0f64);
+    for (name, vb) in b {
+        for ((x, y), z) in a[name].iter().zip(vb).zip(&init[name]) {
+            apart += f64::from(x - y).powi(2);
+            moved += f64::from(y - z).powi(2);
+        }
+    }
+    (apart / moved.max(1e-30)).sqrt()
 }
 
 /// Largest |a − b| over all entries, relative to the largest |b|.
@@ -235,8 +249,10 @@ fn two_ranks_train_as_one_process_and_resume_on_any_number() {
         assert_eq!(*sampler, alone.record().sampler, "the data stream is not the one-process stream");
     }
     assert!((out[0].1 - summary.final_valid_bpb).abs() < 1e-3, "{} vs {}", out[0].1, summary.final_valid_bpb);
-    let rel = rel_diff(&out[0].3, &weights(&alone));
-    assert!(rel < 1e-3, "two-rank weights differ from one process's by {rel} (relative)");
+    let (mcfg, tc, spec) = config(n, 4);
+    let init = weights(&Trainer::new(&mcfg, tc, spec, &Device::Cpu).unwrap());
+    let apart = drift(&out[0].3, &weights(&alone), &init);
+    assert!(apart < 1e-2, "two-rank weights differ from one process's by {apart} of the distance trained");
     // Rank 0 alone wrote the folder: the same records as one process, the same losses.
     let (a, b) = (losses(&single), losses(&pair));
     assert_eq!(a.len(), b.len());
