@@ -498,7 +498,8 @@ pub struct Packing {
 }
 
 /// Flattens `tensors` (one dtype) in order into buckets of whole tensors, each about
-/// `bucket_elems` elements (a larger tensor is a bucket of its own): one copy per tensor.
+/// `bucket_elems` elements (a larger tensor is a bucket of its own): one copy per tensor, into
+/// fresh buffers that share no storage with `tensors` (collectives may work in place).
 pub fn pack(tensors: &[&Tensor], bucket_elems: usize) -> Result<(Vec<Tensor>, Packing)> {
     let mut buckets = Vec::new();
     let mut places = Vec::with_capacity(tensors.len());
@@ -507,7 +508,7 @@ pub fn pack(tensors: &[&Tensor], bucket_elems: usize) -> Result<(Vec<Tensor>, Pa
     for t in tensors {
         let n = t.elem_count();
         if filled > 0 && filled + n > bucket_elems {
-            buckets.push(Tensor::cat(&current, 0)?);
+            buckets.push(bucket(&current)?);
             current.clear();
             filled = 0;
         }
@@ -516,9 +517,18 @@ pub fn pack(tensors: &[&Tensor], bucket_elems: usize) -> Result<(Vec<Tensor>, Pa
         filled += n;
     }
     if !current.is_empty() {
-        buckets.push(Tensor::cat(&current, 0)?);
+        buckets.push(bucket(&current)?);
     }
     Ok((buckets, Packing { places }))
+}
+
+/// One flat buffer of its own holding `parts` in order.
+fn bucket(parts: &[Tensor]) -> Result<Tensor> {
+    Ok(match parts {
+        // `cat` of one tensor would return that tensor itself.
+        [one] => one.force_contiguous()?,
+        _ => Tensor::cat(parts, 0)?,
+    })
 }
 
 impl Packing {
@@ -542,6 +552,27 @@ impl Packing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_share_no_storage_with_what_they_pack() {
+        use candle_core::{Device, Var};
+        // One tensor larger than a bucket (a bucket of its own), then two that share one.
+        let vars: Vec<Var> = [(3, 4), (2, 2), (1, 3)]
+            .iter()
+            .enumerate()
+            .map(|(i, &shape)| Var::from_tensor(&(Tensor::ones(shape, candle_core::DType::F32, &Device::Cpu).unwrap() * i as f64).unwrap()).unwrap())
+            .collect();
+        let tensors: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let (buckets, packing) = pack(&tensors, 8).unwrap();
+        assert_eq!(buckets.iter().map(|b| b.elem_count()).collect::<Vec<_>>(), vec![12, 7]);
+        // The unpacked views can be set into the variables they came from, which fails for a
+        // view of a variable's own storage (what an in-place collective would then write).
+        let shapes: Vec<&candle_core::Shape> = tensors.iter().map(|t| t.shape()).collect();
+        for (i, (var, value)) in vars.iter().zip(packing.unpack(&buckets, &shapes).unwrap()).enumerate() {
+            var.set(&value).unwrap();
+            assert_eq!(var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![i as f32; var.elem_count()]);
+        }
+    }
 
     #[test]
     fn environment_variables_are_read_and_checked() {

@@ -243,16 +243,19 @@ impl Collective for NcclGroup {
 
 impl Drop for NcclGroup {
     fn drop(&mut self) {
-        self.watchdog.stop();
         if !self.comm.is_null() {
             // Leaving without `finish` (an error on this rank): abort, which never waits for
-            // the other ranks.
+            // the other ranks; the watchdog now follows only the abort itself.
+            let comm = std::mem::replace(&mut self.comm, std::ptr::null_mut());
+            self.watchdog.watch(std::ptr::null_mut());
+            self.watchdog.forget();
+            let _phase = self.watchdog.phase("aborting the NCCL communicator after an error");
             // SAFETY: a live communicator, not used again.
             unsafe {
-                sys::ncclCommAbort(self.comm);
+                sys::ncclCommAbort(comm);
             }
-            self.comm = std::ptr::null_mut();
         }
+        self.watchdog.stop();
     }
 }
 
@@ -335,6 +338,13 @@ impl Watchdog {
             p.push_back(Pending { id, what: what.to_string(), since: Instant::now(), event });
         }
         id
+    }
+
+    /// Stops following what is pending.
+    fn forget(&self) {
+        if let Ok(mut p) = self.state.pending.lock() {
+            p.clear();
+        }
     }
 
     fn stop(&mut self) {
