@@ -133,7 +133,7 @@ pub fn rank_rows(batch: usize, world: usize, rank: usize) -> Result<Range<usize>
     if world == 0 || rank >= world {
         return Err(dist_err(format!("rank {rank} is not one of {world} ranks")));
     }
-    if batch % world != 0 {
+    if !batch.is_multiple_of(world) {
         return Err(Error::Config(format!(
             "the batch size ({batch}) is the global batch, split evenly over the {world} ranks: use a multiple of {world}"
         )));

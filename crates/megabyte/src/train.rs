@@ -458,6 +458,8 @@ impl Trainer {
             .collect::<Result<Vec<&Tensor>>>()?;
         let shapes: Vec<&candle_core::Shape> = vars.iter().map(|(_, p)| p.shape()).collect();
         let (mut bufs, packing) = dist::pack(&tensors, dp.bucket_elems)?;
+        drop(tensors);
+        drop(grads); // the buckets hold the gradients now
         bufs.push(loss.reshape(1)?);
         let mut summed = dp.group.all_reduce_sum(bufs)?;
         let loss = summed.pop().ok_or_else(|| Error::Dist("the loss went missing in the all-reduce".into()))?;
@@ -481,8 +483,8 @@ impl Trainer {
         Ok(v[0] > 0.0)
     }
 
-    /// Rank 0's `values`, on every rank (alone: `values`).
-    fn from_leader(&mut self, values: &[f64]) -> Result<Vec<f64>> {
+    /// Rank 0's `values` (the leader's), on every rank (alone: `values`).
+    fn leaders(&mut self, values: &[f64]) -> Result<Vec<f64>> {
         let Some(dp) = self.group.as_mut() else { return Ok(values.to_vec()) };
         let out = dp.group.broadcast(vec![Tensor::new(values, &self.device)?], 0)?;
         Ok(out.first().ok_or_else(|| Error::Dist("a broadcast went missing".into()))?.to_vec1::<f64>()?)
@@ -697,7 +699,7 @@ pub fn run(
         on_event(Event::Checkpoint { step, path: &checkpoint });
     }
     // The other ranks wait here until rank 0 has saved, and learn its figures.
-    let shared = trainer.from_leader(&[first_valid_bpb.unwrap_or(f64::NAN), final_valid_bpb])?;
+    let shared = trainer.leaders(&[first_valid_bpb.unwrap_or(f64::NAN), final_valid_bpb])?;
     Ok(RunSummary {
         reason,
         steps: step,
