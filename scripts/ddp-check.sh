@@ -5,12 +5,14 @@
 #   usage: scripts/ddp-check.sh [PART...]   PART: tests smoke agree speed env fault (default: all
 #          that the visible GPUs allow; with 1 GPU only tests and smoke)
 # Environment: MEGABYTE (default /tmp/mb/megabyte), IT (the test binary, default /tmp/mb/it),
-# OUT (default runs/ddp-check), STEPS (agreement steps, default 200).
+# OUT (default runs/ddp-check), STEPS (agreement steps, default 200), SPEED_BATCH (paper-arxiv
+# sequences per GPU, default 16). Within a 10-minute limit per call, run it as two calls:
+#   scripts/ddp-check.sh tests smoke agree env;  scripts/ddp-check.sh speed fault
 #   tests  the NCCL tests of tests/it/cuda.rs (world of 1; 2 GPUs train as one)
 #   smoke  `--devices 0` (NCCL, world 1) against plain `--device cuda:0`: tiny, 60 steps
 #   agree  the same global batch (enwik8, batch 8, bf16) for STEPS steps on GPU 0, again on
 #          GPU 0 (run-to-run noise), and on GPUs 0,1: loss curves and validation bpb
-#   speed  paper-arxiv bytes/s, batch 16 per GPU: 1 GPU against 2 (target ≥ 1.85x)
+#   speed  paper-arxiv bytes/s, SPEED_BATCH sequences per GPU: 1 GPU against 2 (target ≥ 1.85x)
 #   env    two processes started by hand with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
 #          MASTER_PORT (the multi-host way), against the launcher's run of `agree`
 #   fault  kill -9 one rank (the launcher must stop the job at once), and SIGSTOP one rank
@@ -64,7 +66,7 @@ train() { # train OUT-NAME ARGS... (fresh run folder; output in OUT-NAME.log)
     rm -rf "$out/$name"
     "$mb" train --sample-bytes 0 --out "$out/$name" "$@" > "$out/$name.log" 2>&1
 }
-ok() { python3 -c "import sys; sys.exit(0 if $1 else 1)" && echo ok || echo FAIL; }
+ok() { python3 -c "import sys; sys.exit(0 if $1 else 1)" 2>/dev/null && echo ok || echo FAIL; }
 
 for part in "${parts[@]}"; do
 case $part in
@@ -99,14 +101,15 @@ agree)
     row "resume 1 GPU on 2 and 2 on 1" "exit $r1/$r2; steps $((steps + 1))-$more: max |dloss| $mx mean $mean ($n steps): $(ok "$r1 == 0 and $r2 == 0 and $n == 20 and $mx <= max(3 * $nmx, 0.02)")"
     ;;
 speed)
+    sb=${SPEED_BATCH:-16}
     common=(--preset paper-arxiv --steps 12 --warmup 2 --eval-every 1000 --eval-bytes 8192 --checkpoint-every 1000 --keep 1)
-    train speed-1 --device cuda:0 --batch-size 16 "${common[@]}"
+    train speed-1 --device cuda:0 --batch-size "$sb" "${common[@]}"
     r1=$(rate "$out/speed-1")
-    train speed-2 --devices 0,1 --batch-size 32 "${common[@]}"
+    train speed-2 --devices 0,1 --batch-size $((2 * sb)) "${common[@]}"
     rc=$?
     r2=$(rate "$out/speed-2")
     x=$(python3 -c "print(f'{$r2 / $r1:.3f}')")
-    row "paper-arxiv bytes/s, 16 per GPU" "1 GPU $r1; 2 GPUs $r2 (exit $rc): ${x}x $(ok "$rc == 0 and $x >= 1.85")"
+    row "paper-arxiv bytes/s, $sb per GPU" "1 GPU $r1; 2 GPUs $r2 (exit $rc): ${x}x $(ok "$rc == 0 and $x >= 1.85")"
     rm -rf "$out/speed-1" "$out/speed-2" # 11 GB checkpoints each
     ;;
 env)
