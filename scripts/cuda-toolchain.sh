@@ -28,6 +28,15 @@ for sub in nv cub thrust cuda; do
         [ -n "$found" ] && cp -r "$found" "$CUDA_HOME/include/$sub"
     fi
 done
+# NCCL for multi-GPU training (the CUDA build links libnccl). Its own --target folder: pip
+# --target skips a top-level folder (nvidia/) that already exists. 2.27.7 is the oldest
+# nvidia-nccl-cu13 and the version whose bindings the build uses (cudarc's nccl-02027): at run
+# time any libnccl.so.2 of 2.27 or later works (PyTorch's site-packages/nvidia/nccl/lib).
+NCCL=$D/nccl/nvidia/nccl/lib
+if [ ! -e "$NCCL/libnccl.so.2" ]; then
+    python3 -m pip install -q --target "$D/nccl" nvidia-nccl-cu13==2.27.7 >&2
+fi
+ln -sf "$NCCL/libnccl.so.2" "$CUDA_HOME/lib/libnccl.so"
 # Unversioned library names for the linker.
 for lib in cublas cublasLt nvrtc curand cudart; do
     real=$(ls "$CUDA_HOME"/lib/lib$lib.so.* 2>/dev/null | head -1 || true)

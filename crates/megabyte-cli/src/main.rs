@@ -12,6 +12,7 @@ mod eval;
 mod fetch;
 mod generate;
 mod info;
+mod launch;
 mod plot;
 mod train;
 

@@ -1,4 +1,6 @@
-//! `megabyte train`: argument checking, the progress bar, the loss curve and a closing sample.
+//! `megabyte train`: argument checking, the progress bar, the loss curve and a closing sample;
+//! with `--devices` the multi-GPU launcher (`launch.rs`), and with WORLD_SIZE in the
+//! environment one rank (worker) of a multi-GPU job.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use megabyte::data::ByteStream;
 use megabyte::generate::{generate, Sampler, Sampling};
+use megabyte::dist::DistEnv;
 use megabyte::train::{self, DataSpec, Decay, Event, StopReason, TrainConfig, Trainer};
 
 use crate::ModelArgs;
@@ -45,7 +48,8 @@ pub struct Args {
     /// Stop after this many minutes of wall time (whichever of --steps and --time comes first).
     #[arg(long)]
     time: Option<f64>,
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch: the global batch, split evenly over the GPUs of a multi-GPU
+    /// run (so it must be a multiple of their number).
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -84,9 +88,21 @@ pub struct Args {
     /// Seed of the initial weights and data order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// cpu, cuda or cuda:N [default: cpu; as a rank of a multi-GPU job: cuda:LOCAL_RANK].
+    #[arg(long)]
+    device: Option<String>,
+    /// Train on several GPUs of this host, data-parallel: `0,1,2,3` or `all`. Starts one
+    /// worker process per GPU; each trains on its slice of every batch and the gradients are
+    /// summed over NCCL, so the result is the one-GPU run's with the same --batch-size.
+    /// For several hosts, start one `megabyte train` per GPU yourself, with RANK, WORLD_SIZE,
+    /// LOCAL_RANK, MASTER_ADDR and MASTER_PORT set as for torchrun (README: Several GPUs).
+    #[arg(long, value_name = "LIST")]
+    devices: Option<String>,
+    /// Multi-GPU: seconds a worker waits for the others (to join, or to finish a gradient
+    /// exchange) before it stops the whole job with an error. Must exceed rank 0's longest
+    /// validation plus checkpoint save.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    nccl_timeout: f64,
     /// Activations' format: f32, bf16 (mixed precision, CUDA only) or auto (bf16 on CUDA).
     #[arg(long, default_value = "auto")]
     precision: String,
@@ -96,7 +112,43 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = megabyte::device(&args.device)?;
+    if let Some(list) = args.devices.as_deref() {
+        return crate::launch::run(list, args.device.as_deref());
+    }
+    if !(args.nccl_timeout > 0.0 && args.nccl_timeout.is_finite()) {
+        bail!("--nccl-timeout must be a positive number of seconds");
+    }
+    let dist = DistEnv::from_env()?;
+    match &dist {
+        None => train(args, None),
+        Some(env) => {
+            let (rank, world) = (env.rank, env.world_size);
+            train(args, dist).with_context(|| format!("rank {rank} of {world}"))
+        }
+    }
+}
+
+/// The device of one rank of a multi-GPU job: cuda:LOCAL_RANK unless --device names a GPU.
+fn worker_device(spec: Option<&str>, env: &DistEnv) -> Result<megabyte::Device> {
+    let spec = match spec.map(str::trim) {
+        None | Some("cuda") => format!("cuda:{}", env.local_rank),
+        Some(s) if s.starts_with("cuda:") => s.to_string(),
+        Some(other) => bail!(
+            "WORLD_SIZE={} is set, so this is one rank of a multi-GPU job, which trains on CUDA: use --device cuda \
+             (GPU LOCAL_RANK) or cuda:N, not {other}",
+            env.world_size
+        ),
+    };
+    Ok(megabyte::device(&spec)?)
+}
+
+/// Trains alone (`dist` None) or as one rank of a multi-GPU job.
+fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
+    let device = match &dist {
+        None => megabyte::device(args.device.as_deref().unwrap_or("cpu"))?,
+        Some(env) => worker_device(args.device.as_deref(), env)?,
+    };
+    let leader = dist.as_ref().is_none_or(|env| env.rank == 0);
     let resuming = args.resume.is_some();
     let out = match (&args.out, &args.resume) {
         (Some(out), _) => out.clone(),
@@ -120,23 +172,41 @@ pub fn run(args: Args) -> Result<()> {
     let need = if data.train.documents().is_some() { 1 } else { cfg.context };
     data.train.require(need, "the training data")?;
     data.valid.require(1, "the validation data")?;
-    train::prepare_run_dir(&out, resuming)?;
+    if let Some(env) = &dist {
+        megabyte::dist::rank_rows(trainer.record().train.batch_size, env.world_size, env.rank)?;
+    }
+    if leader {
+        train::prepare_run_dir(&out, resuming)?;
+    }
+    if let Some(env) = &dist {
+        join_job(&mut trainer, env, &device, args.nccl_timeout)?;
+    }
     let counts = cfg.param_counts();
-    eprintln!(
-        "model: {:.2}M parameters (global {:.2}M, local {:.2}M), P = {}, T = {}; data: {} ({} train / {} valid bytes{})",
-        counts.total as f64 / 1e6,
-        counts.global as f64 / 1e6,
-        counts.local as f64 / 1e6,
-        cfg.patch_size,
-        cfg.context,
-        data.train.name(),
-        data.train.len(),
-        data.valid.len(),
-        match (data.train.documents(), data.valid.documents()) {
-            (Some(t), Some(v)) => format!("; {} / {} isolated documents", t.len(), v.len()),
-            _ => String::new(),
+    if leader {
+        eprintln!(
+            "model: {:.2}M parameters (global {:.2}M, local {:.2}M), P = {}, T = {}; data: {} ({} train / {} valid bytes{})",
+            counts.total as f64 / 1e6,
+            counts.global as f64 / 1e6,
+            counts.local as f64 / 1e6,
+            cfg.patch_size,
+            cfg.context,
+            data.train.name(),
+            data.train.len(),
+            data.valid.len(),
+            match (data.train.documents(), data.valid.documents()) {
+                (Some(t), Some(v)) => format!("; {} / {} isolated documents", t.len(), v.len()),
+                _ => String::new(),
+            }
+        );
+        if let Some(env) = &dist {
+            let batch = trainer.record().train.batch_size;
+            eprintln!(
+                "data-parallel over {} GPUs: {} of the {batch} sequences of every batch on each, gradients summed over NCCL",
+                env.world_size,
+                batch / env.world_size
+            );
         }
-    );
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -149,13 +219,14 @@ pub fn run(args: Args) -> Result<()> {
         .context("installing the Ctrl-C handler")?;
     }
 
-    let bar = ProgressBar::new(1000);
+    let bar = if leader { ProgressBar::new(1000) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {percent:>3}% ETA {eta} {msg}")
             .expect("valid template"),
     );
     let limits = (trainer.record().train.steps, trainer.record().train.time_minutes);
     let mut on_event = |event: Event| match event {
+        _ if !leader => {}
         Event::Step(s) => {
             let by_steps = limits.0.map_or(0.0, |n| s.step as f64 / n as f64);
             let by_time = limits.1.map_or(0.0, |m| s.elapsed_secs / (m * 60.0));
@@ -171,7 +242,11 @@ pub fn run(args: Args) -> Result<()> {
         Event::Checkpoint { path, .. } => say(&bar, format!("saved {}", path.display())),
     };
     let summary = train::run(&mut trainer, &data, &out, &stop, &mut on_event)?;
+    trainer.leave()?;
     bar.finish_and_clear();
+    if !leader {
+        return Ok(());
+    }
 
     let png = out.join("loss.png");
     crate::plot::loss_curve(&out.join("metrics.jsonl"), &png)
@@ -196,6 +271,25 @@ pub fn run(args: Args) -> Result<()> {
         println!("sample (prompt in brackets):\n[{}]{}", String::from_utf8_lossy(&prompt), String::from_utf8_lossy(&sample[0]));
     }
     Ok(())
+}
+
+/// Joins the multi-GPU job `env` describes: the rendezvous with rank 0, NCCL, and rank 0's
+/// weights broadcast to all.
+#[cfg(feature = "cuda")]
+fn join_job(trainer: &mut Trainer, env: &DistEnv, device: &megabyte::Device, timeout_secs: f64) -> Result<()> {
+    use megabyte::dist::nccl::NcclGroup;
+    let (rank, world) = (env.rank, env.world_size);
+    // The watchdog's last words before it ends this process (see `megabyte::dist::nccl`).
+    let report = Box::new(move |msg: &str| eprintln!("error: rank {rank} of {world}: {msg}"));
+    let timeout = std::time::Duration::from_secs_f64(timeout_secs);
+    let group = NcclGroup::connect(env, device, &trainer.fingerprint()?, timeout, report)?;
+    trainer.join(Box::new(group), megabyte::dist::BUCKET_BYTES)?;
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn join_job(_: &mut Trainer, _: &DistEnv, _: &megabyte::Device, _: f64) -> Result<()> {
+    bail!("multi-GPU training needs a build with `--features cuda` (this one is CPU-only)")
 }
 
 /// A line above the progress bar, or on stderr when there is no terminal to draw it on.

@@ -37,10 +37,15 @@ pub struct CheckpointData<'a> {
     pub training: Option<(HashMap<String, Tensor>, serde_json::Value)>,
 }
 
+/// The folder of step `step`'s checkpoint in a run folder: `run_dir/step-NNNNNNNN`.
+pub fn dir_for(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join(format!("{PREFIX}{step:08}"))
+}
+
 /// Writes `data` as `run_dir/step-NNNNNNNN` atomically and returns that path.
 pub fn save(run_dir: &Path, data: &CheckpointData) -> Result<PathBuf> {
     let name = format!("{PREFIX}{:08}", data.step);
-    let final_dir = run_dir.join(&name);
+    let final_dir = dir_for(run_dir, data.step);
     let tmp = run_dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let old = run_dir.join(format!(".{name}.old-{}", std::process::id()));
     let result = write_into(&tmp, data).and_then(|()| {

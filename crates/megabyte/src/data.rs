@@ -1,6 +1,7 @@
 //! Bytes to train on: any file or folder of files as one memory-mapped byte stream, split
 //! into training and validation ranges, and seeded random windows over a split.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -315,15 +316,41 @@ impl WindowSampler {
 
     /// A batch of `batch` random windows of `context` bytes: u32 [B, T] on `device`.
     pub fn batch(&mut self, split: &Split, batch: usize, context: usize, device: &Device) -> Result<Tensor> {
+        self.batch_rows(split, batch, context, 0..batch, device)
+    }
+
+    /// Rows `rows` of the batch [`WindowSampler::batch`] would draw: every window's start is
+    /// drawn, so the stream advances exactly as for the whole batch, but only the rows asked
+    /// for are read. Data-parallel ranks each take their slice of one global batch this way,
+    /// so N ranks together train on the very windows one process would (see [`crate::dist`]).
+    pub fn batch_rows(
+        &mut self,
+        split: &Split,
+        batch: usize,
+        context: usize,
+        rows: Range<usize>,
+        device: &Device,
+    ) -> Result<Tensor> {
+        check_rows(&rows, batch)?;
         split.require(context, "the training data")?;
         let max_start = split.len() - context as u64;
-        let mut ids = Vec::with_capacity(batch * context);
-        for _ in 0..batch {
+        let mut ids = Vec::with_capacity(rows.len() * context);
+        for row in 0..batch {
             let start = self.rng.random_range(0..=max_start);
-            ids.extend(split.window(start, context).into_iter().map(u32::from));
+            if rows.contains(&row) {
+                ids.extend(split.window(start, context).into_iter().map(u32::from));
+            }
         }
-        Ok(Tensor::from_vec(ids, (batch, context), device)?)
+        Ok(Tensor::from_vec(ids, (rows.len(), context), device)?)
     }
+}
+
+/// A row range must lie inside the batch and hold at least one row.
+fn check_rows(rows: &Range<usize>, batch: usize) -> Result<()> {
+    if rows.is_empty() || rows.end > batch {
+        return Err(Error::Input(format!("rows {rows:?} are not a slice of a batch of {batch}")));
+    }
+    Ok(())
 }
 
 impl WindowSampler {
@@ -338,23 +365,40 @@ impl WindowSampler {
         context: usize,
         device: &Device,
     ) -> Result<(Tensor, Tensor, usize)> {
+        self.document_batch_rows(split, batch, context, 0..batch, device)
+    }
+
+    /// Rows `rows` of the batch [`WindowSampler::document_batch`] would draw (as
+    /// [`WindowSampler::batch_rows`] for windows). The count returned is still the whole
+    /// batch's weighted bytes: every rank divides by the same total.
+    pub fn document_batch_rows(
+        &mut self,
+        split: &Split,
+        batch: usize,
+        context: usize,
+        rows: Range<usize>,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        check_rows(&rows, batch)?;
         let docs = split.documents().ok_or_else(|| Error::Input("document batches need a split with documents".into()))?;
         split.require(1, "the training data")?;
-        let mut ids = Vec::with_capacity(batch * context);
-        let mut weights = Vec::with_capacity(batch * context);
+        let mut ids = Vec::with_capacity(rows.len() * context);
+        let mut weights = Vec::with_capacity(rows.len() * context);
         let mut real_total = 0;
-        for _ in 0..batch {
+        for row in 0..batch {
             let u = self.rng.random_range(0..split.len());
             let (d, e) = crate::documents::document_of(docs, split.len(), u);
             let start = d + (u - d) / context as u64 * context as u64; // the tile holding u
             let real = (e - start).min(context as u64) as usize;
-            ids.extend(split.padded_window(start, real, context).into_iter().map(u32::from));
-            weights.extend((0..context).map(|i| if i < real { 1f32 } else { 0.0 }));
+            if rows.contains(&row) {
+                ids.extend(split.padded_window(start, real, context).into_iter().map(u32::from));
+                weights.extend((0..context).map(|i| if i < real { 1f32 } else { 0.0 }));
+            }
             real_total += real;
         }
         Ok((
-            Tensor::from_vec(ids, (batch, context), device)?,
-            Tensor::from_vec(weights, (batch, context), device)?,
+            Tensor::from_vec(ids, (rows.len(), context), device)?,
+            Tensor::from_vec(weights, (rows.len(), context), device)?,
             real_total,
         ))
     }

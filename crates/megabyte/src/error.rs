@@ -16,6 +16,10 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
 
+    /// Data-parallel training: the rendezvous, NCCL or another rank.
+    #[error("multi-GPU training: {0}")]
+    Dist(String),
+
     #[error("fetch {name}: {msg}")]
     Fetch { name: String, msg: String },
 

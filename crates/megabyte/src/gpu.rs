@@ -3,6 +3,18 @@
 
 use candle_core::Device;
 
+/// The CUDA GPUs this process can see; an error on a build without `--features cuda`.
+pub fn cuda_device_count() -> crate::Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+            .map(|n| n.max(0) as usize)
+            .map_err(|e| crate::Error::Config(format!("cannot count the CUDA GPUs ({e:?}): is the NVIDIA driver installed?")))
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(crate::Error::Config("CUDA GPUs need a build with `--features cuda` (this one is CPU-only)".into()))
+}
+
 /// Keeps memory freed to CUDA's stream-ordered pool (which candle allocates from) for reuse
 /// instead of returning it to the driver at every synchronisation, as the default threshold of
 /// 0 does; a training step then reallocates nothing from the driver after the first.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod audio;
 pub mod code;
 pub mod data;
+pub mod dist;
 pub mod documents;
 pub mod error;
 pub mod eval;

@@ -57,8 +57,22 @@ impl AdamW {
     /// update is queued. A non-finite norm changes nothing and is returned for the caller to
     /// report.
     pub fn step_clipped(&mut self, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
+        self.step_clipped_agreed(grads, lr, max_norm, Ok)
+    }
+
+    /// [`AdamW::step_clipped`] with `agree` applied to Σg² (an f32 scalar on the device)
+    /// before anything reads it. Data-parallel ranks make it rank 0's: the CUDA sum adds its
+    /// blocks' partial sums atomically, in no fixed order, so ranks with identical gradients
+    /// could otherwise clip by factors a rounding apart and their weights drift apart.
+    pub fn step_clipped_agreed(
+        &mut self,
+        grads: &Grads,
+        lr: f64,
+        max_norm: f64,
+        agree: impl FnOnce(Tensor) -> Result<Tensor>,
+    ) -> Result<f64> {
         let gs = self.gradients(grads)?;
-        let sumsq = crate::ops::sum_squares(&gs)?;
+        let sumsq = agree(crate::ops::sum_squares(&gs)?)?;
         self.update(&gs, lr, 1.0, Some((&sumsq, max_norm)))?;
         let norm = (sumsq.to_dtype(DType::F64)?.to_scalar::<f64>()?).sqrt();
         if !norm.is_finite() {

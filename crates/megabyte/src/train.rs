@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{self, CheckpointData};
 use crate::config::{ModelConfig, Precision};
 use crate::data::{ByteStream, SamplerState, Split, WindowSampler};
+use crate::dist::{self, Collective};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::{self, EvalSettings};
 use crate::grad::Grads;
@@ -32,7 +33,7 @@ pub enum Decay {
 /// Everything about a training run except the model's shape. Saved in every checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
-    /// Sequences per micro-batch.
+    /// Sequences per micro-batch: the global batch, over all data-parallel ranks together.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
@@ -184,6 +185,14 @@ pub struct TrainRecord {
     pub sampler: SamplerState,
     pub train: TrainConfig,
     pub data: DataSpec,
+    /// Data-parallel ranks of the run that wrote it, for information only: nothing depends
+    /// on it, and a run resumes on any number of ranks.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 const RECORD_FORMAT: u32 = 1;
@@ -211,6 +220,14 @@ pub struct Trainer {
     /// Threads a CPU micro-batch is split over (one per core).
     cpu_workers: usize,
     cpu_pool: Arc<rayon::ThreadPool>,
+    /// The other ranks, when this is one rank of a data-parallel job (see [`crate::dist`]).
+    group: Option<DataParallel>,
+}
+
+/// A trainer's data-parallel group and the size of its gradient buckets.
+struct DataParallel {
+    group: Box<dyn Collective>,
+    bucket_elems: usize,
 }
 
 impl Trainer {
@@ -223,10 +240,18 @@ impl Trainer {
         let opt = AdamW::new(params.vars(), train.adamw)?;
         // A distinct stream for data: the weights used the seed itself.
         let sampler = WindowSampler::new(train.seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
-        let record =
-            TrainRecord { format: RECORD_FORMAT, step: 0, bytes_seen: 0, elapsed_secs: 0.0, sampler: sampler.state(), train, data };
+        let record = TrainRecord {
+            format: RECORD_FORMAT,
+            step: 0,
+            bytes_seen: 0,
+            elapsed_secs: 0.0,
+            sampler: sampler.state(),
+            train,
+            data,
+            world_size: 1,
+        };
         let (cpu_workers, cpu_pool) = cpu_pool()?;
-        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), cpu_workers, cpu_pool })
+        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), cpu_workers, cpu_pool, group: None })
     }
 
     /// Continues from a training checkpoint (or a run folder's newest one) exactly.
@@ -261,7 +286,53 @@ impl Trainer {
             .map_err(|msg| Error::Checkpoint { path: opt_path, msg })?;
         let sampler = WindowSampler::restore(record.sampler);
         let (cpu_workers, cpu_pool) = cpu_pool()?;
-        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), cpu_workers, cpu_pool })
+        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), cpu_workers, cpu_pool, group: None })
+    }
+
+    /// Makes this trainer one rank of a data-parallel group (see [`crate::dist`]): it trains
+    /// on its slice of every global batch, and its gradients are summed with the other ranks'
+    /// in flat buckets of about `bucket_bytes` ([`dist::BUCKET_BYTES`]) before each optimizer
+    /// step. Rank 0's parameters are broadcast first, so every rank starts from the same
+    /// weights. Every rank calls it, after [`Trainer::new`] or [`Trainer::resume`].
+    pub fn join(&mut self, group: Box<dyn Collective>, bucket_bytes: usize) -> Result<()> {
+        dist::rank_rows(self.record.train.batch_size, group.world_size(), group.rank())?;
+        let mut dp = DataParallel { group, bucket_elems: (bucket_bytes / 4).max(1) };
+        let vars: Vec<&candle_core::Var> = self.params.vars().values().collect();
+        let tensors: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let shapes: Vec<&candle_core::Shape> = tensors.iter().map(|t| t.shape()).collect();
+        let (buckets, packing) = dist::pack(&tensors, dp.bucket_elems)?;
+        let buckets = dp.group.broadcast(buckets, 0)?;
+        for (var, value) in vars.iter().zip(packing.unpack(&buckets, &shapes)?) {
+            var.set(&value)?;
+        }
+        self.record.world_size = dp.group.world_size();
+        self.group = Some(dp);
+        Ok(())
+    }
+
+    /// Leaves the data-parallel group cleanly (see [`Collective::finish`]); call it on every
+    /// rank after [`run`] returns. Alone, nothing to do.
+    pub fn leave(&mut self) -> Result<()> {
+        match self.group.take() {
+            Some(mut dp) => dp.group.finish(),
+            None => Ok(()),
+        }
+    }
+
+    /// This process's rank in its data-parallel group (0 when training alone).
+    pub fn rank(&self) -> usize {
+        self.group.as_ref().map_or(0, |dp| dp.group.rank())
+    }
+
+    /// Ranks training together (1 when training alone).
+    pub fn world_size(&self) -> usize {
+        self.group.as_ref().map_or(1, |dp| dp.group.world_size())
+    }
+
+    /// The run's fingerprint (model config and training record): data-parallel ranks must
+    /// agree on it before they start (see [`dist::exchange_id`]).
+    pub fn fingerprint(&self) -> Result<dist::Fingerprint> {
+        dist::fingerprint(&(self.model.config(), &self.record))
     }
 
     pub fn model(&self) -> &MegaByte {
@@ -289,12 +360,59 @@ impl Trainer {
         by_steps.max(by_time)
     }
 
-    /// One optimizer step over `grad_accum` micro-batches of random windows.
+    /// One optimizer step over `grad_accum` micro-batches of random windows (with other
+    /// ranks: this rank's slice of each, the gradients summed over the ranks).
     pub fn train_step(&mut self, train: &Split) -> Result<StepStats> {
         let started = Instant::now();
         let t = self.record.train.clone();
         let context = self.model.config().context;
         let lr = learning_rate(&t, self.record.step, self.progress());
+        let (grads, loss) = self.local_gradients(train)?;
+        let (grads, loss) = self.sum_over_ranks(grads, loss)?;
+        // Everything is queued before the first read back: the GPU never waits on the host
+        // within a step.
+        let grad_norm = match self.group.as_mut() {
+            None => self.opt.step_clipped(&grads, lr, t.grad_clip)?,
+            // Every rank clips by rank 0's norm (see `AdamW::step_clipped_agreed`).
+            Some(dp) => self.opt.step_clipped_agreed(&grads, lr, t.grad_clip, |sumsq| {
+                let shared = dp.group.broadcast(vec![sumsq.reshape(1)?], 0)?;
+                let sumsq = shared.into_iter().next().ok_or_else(|| Error::Dist("the gradient norm went missing".into()))?;
+                Ok(sumsq.reshape(())?)
+            })?,
+        };
+        if !grad_norm.is_finite() {
+            return Err(Error::Input(format!(
+                "the gradient norm is {grad_norm} at step {}: training diverged; lower the learning rate",
+                self.record.step
+            )));
+        }
+        // The shards' losses are already weighted by their share of the step.
+        let loss = loss.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        let secs = started.elapsed().as_secs_f64();
+        let bytes = (t.batch_size * t.grad_accum * context) as u64; // the global batch
+        self.record.step += 1;
+        self.record.bytes_seen += bytes;
+        self.record.elapsed_secs += secs;
+        self.record.sampler = self.sampler.state();
+        Ok(StepStats {
+            step: self.record.step,
+            loss,
+            bpb: loss / std::f64::consts::LN_2,
+            lr,
+            grad_norm,
+            bytes_per_sec: bytes as f64 / secs,
+            elapsed_secs: self.record.elapsed_secs,
+        })
+    }
+
+    /// This rank's share of the next optimizer step: the gradients and the loss (an f64
+    /// scalar) of its rows of every micro-batch, each weighted by its share of the whole
+    /// global step, so the ranks' shares sum to the step's gradient and mean loss. Alone, it
+    /// is the step's gradient and loss. Advances the sampler by one step.
+    pub fn local_gradients(&mut self, train: &Split) -> Result<(Grads, Tensor)> {
+        let t = self.record.train.clone();
+        let context = self.model.config().context;
+        let rows = dist::rank_rows(t.batch_size, self.world_size(), self.rank())?;
         let mut grads: Option<Grads> = None;
         let mut losses = Vec::new();
         let mut add = |shards: Vec<(Tensor, Grads)>| -> Result<()> {
@@ -309,61 +427,80 @@ impl Trainer {
         };
         if train.documents().is_some() {
             // Document tiles: the step's loss is the mean over the real bytes of all its
-            // micro-batches, so every micro-batch is drawn first to count them.
+            // micro-batches (all ranks' rows), so every micro-batch is drawn first to count them.
             let mut batches = Vec::with_capacity(t.grad_accum);
             for _ in 0..t.grad_accum {
-                batches.push(self.sampler.document_batch(train, t.batch_size, context, &self.device)?);
+                batches.push(self.sampler.document_batch_rows(train, t.batch_size, context, rows.clone(), &self.device)?);
             }
             let real: usize = batches.iter().map(|b| b.2).sum();
             for (x, w, _) in batches {
-                let w = (w / real as f64)?; // [B, T]: 1/N on real bytes, 0 on padding
+                let w = (w / real as f64)?; // [B/W, T]: 1/N on real bytes, 0 on padding
                 add(self.shard_weighted_grads(&x, &w)?)?;
             }
         } else {
             for _ in 0..t.grad_accum {
-                let x = self.sampler.batch(train, t.batch_size, context, &self.device)?; // [B, T]
-                add(self.shard_grads(&x, t.grad_accum)?)?;
+                let x = self.sampler.batch_rows(train, t.batch_size, context, rows.clone(), &self.device)?; // [B/W, T]
+                add(self.shard_grads(&x, t.batch_size * t.grad_accum)?)?;
             }
         }
         let grads = grads.ok_or_else(|| Error::Config("grad_accum must be at least 1".into()))?;
-        // Everything is queued before the first read back: the GPU never waits on the host
-        // within a step.
-        let grad_norm = self.opt.step_clipped(&grads, lr, t.grad_clip)?;
-        if !grad_norm.is_finite() {
-            return Err(Error::Input(format!(
-                "the gradient norm is {grad_norm} at step {}: training diverged; lower the learning rate",
-                self.record.step
-            )));
-        }
-        let loss_sum = Tensor::stack(&losses, 0)?.sum_all()?.to_scalar::<f64>()?;
-        let secs = started.elapsed().as_secs_f64();
-        let bytes = (t.batch_size * t.grad_accum * context) as u64;
-        self.record.step += 1;
-        self.record.bytes_seen += bytes;
-        self.record.elapsed_secs += secs;
-        self.record.sampler = self.sampler.state();
-        let loss = loss_sum; // the shards' losses are already weighted by their share of the step
-        Ok(StepStats {
-            step: self.record.step,
-            loss,
-            bpb: loss / std::f64::consts::LN_2,
-            lr,
-            grad_norm,
-            bytes_per_sec: bytes as f64 / secs,
-            elapsed_secs: self.record.elapsed_secs,
-        })
+        Ok((grads, Tensor::stack(&losses, 0)?.sum_all()?))
     }
 
-    /// Loss (its share of the step's mean) and gradients of one micro-batch x [B, T].
+    /// The sums over all ranks of the gradients and the loss: one all-reduce per bucket of
+    /// gradients (in parameter order), with the loss in the same group. Alone, unchanged.
+    fn sum_over_ranks(&mut self, grads: Grads, loss: Tensor) -> Result<(Grads, Tensor)> {
+        let Some(dp) = self.group.as_mut() else { return Ok((grads, loss)) };
+        let vars: Vec<(&String, &candle_core::Var)> = self.params.vars().iter().collect();
+        let tensors = vars
+            .iter()
+            .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
+            .collect::<Result<Vec<&Tensor>>>()?;
+        let shapes: Vec<&candle_core::Shape> = vars.iter().map(|(_, p)| p.shape()).collect();
+        let (mut bufs, packing) = dist::pack(&tensors, dp.bucket_elems)?;
+        drop(tensors);
+        drop(grads); // the buckets hold the gradients now
+        bufs.push(loss.reshape(1)?);
+        let mut summed = dp.group.all_reduce_sum(bufs)?;
+        let loss = summed.pop().ok_or_else(|| Error::Dist("the loss went missing in the all-reduce".into()))?;
+        let mut out = Grads::new();
+        for ((_, p), g) in vars.iter().zip(packing.unpack(&summed, &shapes)?) {
+            out.add(p.as_tensor(), g)?;
+        }
+        Ok((out, loss))
+    }
+
+    /// At the start of every step, the ranks agree on whether to stop (any rank's Ctrl-C) and
+    /// take rank 0's elapsed time, which drives the time limit and a timed schedule. This is
+    /// also where the other ranks wait while rank 0 validates or saves. Alone: `stop`.
+    fn agree(&mut self, stop: bool, elapsed_secs: f64) -> Result<bool> {
+        let Some(dp) = self.group.as_mut() else { return Ok(stop) };
+        let own = if dp.group.rank() == 0 { elapsed_secs } else { 0.0 };
+        let votes = Tensor::new(&[f64::from(u8::from(stop)), own], &self.device)?;
+        let summed = dp.group.all_reduce_sum(vec![votes])?;
+        let v = summed.first().ok_or_else(|| Error::Dist("the step agreement went missing".into()))?.to_vec1::<f64>()?;
+        self.record.elapsed_secs = v[1];
+        Ok(v[0] > 0.0)
+    }
+
+    /// Rank 0's `values` (the leader's), on every rank (alone: `values`).
+    fn leaders(&mut self, values: &[f64]) -> Result<Vec<f64>> {
+        let Some(dp) = self.group.as_mut() else { return Ok(values.to_vec()) };
+        let out = dp.group.broadcast(vec![Tensor::new(values, &self.device)?], 0)?;
+        Ok(out.first().ok_or_else(|| Error::Dist("a broadcast went missing".into()))?.to_vec1::<f64>()?)
+    }
+
+    /// Loss (its share of the step's mean) and gradients of one micro-batch x [B, T] (this
+    /// rank's rows of it), of a step of `step_rows` sequences in all (B·accum, all ranks).
     ///
     /// On the CPU the batch is split into one shard per core, each run forward and backward
     /// on its own thread: the small ops of a small model are serial, so this data
     /// parallelism is what fills the cores (measured in BENCHMARKS.md). The shards' losses
-    /// are weighted by their share of the batch, so the summed gradient is the batch's.
-    fn shard_grads(&self, x: &Tensor, accum: usize) -> Result<Vec<(Tensor, Grads)>> {
+    /// are weighted by their share of the step, so the summed gradient is the step's.
+    fn shard_grads(&self, x: &Tensor, step_rows: usize) -> Result<Vec<(Tensor, Grads)>> {
         let b = x.dim(0)?;
         self.in_shards(b, &|start: usize, len: usize| -> Result<(Tensor, Grads)> {
-            let weight = len as f64 / (b * accum) as f64;
+            let weight = len as f64 / step_rows as f64;
             let (loss, grads) = self.model.loss_and_grads(&x.narrow(0, start, len)?, weight)?;
             Ok(((loss.to_dtype(DType::F64)? * weight)?, grads))
         })
@@ -479,6 +616,10 @@ pub fn prepare_run_dir(run_dir: &Path, resuming: bool) -> Result<()> {
 /// Trains until a stopping rule fires or `stop` is set (Ctrl-C), validating every
 /// `eval_every` steps, checkpointing every `checkpoint_every` steps and at the end, and
 /// appending one JSON line per step and per validation to `run_dir/metrics.jsonl`.
+///
+/// In a data-parallel job every rank calls it: rank 0 alone validates and writes into
+/// `run_dir` (the others never touch it), and the ranks agree on stopping at the start of
+/// every step, so all of them return after the same step with the same summary.
 pub fn run(
     trainer: &mut Trainer,
     data: &TrainData,
@@ -491,30 +632,40 @@ pub fn run(
     let need = if data.train.documents().is_some() { 1 } else { context };
     data.train.require(need, "the training data")?;
     data.valid.require(1, "the validation data")?;
+    let leader = trainer.rank() == 0;
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .io_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut metrics = match leader {
+        true => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .io_context(|| format!("opening {}", metrics_path.display()))?,
+        ),
+        false => None,
+    };
     let mut log = |value: serde_json::Value| -> Result<()> {
-        writeln!(metrics, "{value}").io_context(|| format!("writing {}", metrics_path.display()))
+        match metrics.as_mut() {
+            Some(file) => writeln!(file, "{value}").io_context(|| format!("writing {}", metrics_path.display())),
+            None => Ok(()),
+        }
     };
     let wall = Instant::now();
     let wall_before = trainer.record.elapsed_secs;
 
     let mut first_valid_bpb = None;
-    if trainer.step() == 0 {
+    if trainer.step() == 0 && leader {
         let report = trainer.validate(&data.valid)?;
         log(serde_json::json!({"step": 0, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
         on_event(Event::Eval { step: 0, report: &report });
         first_valid_bpb = Some(report.bpb);
     }
     let reason = loop {
+        let interrupted = trainer.agree(stop.load(Ordering::SeqCst), wall_before + wall.elapsed().as_secs_f64())?;
         if let Some(reason) = trainer.finished() {
             break reason;
         }
-        if stop.load(Ordering::SeqCst) {
+        if interrupted {
             break StopReason::Interrupted;
         }
         let stats = trainer.train_step(&data.train)?;
@@ -523,6 +674,9 @@ pub fn run(
         log(serde_json::to_value(stats)?)?;
         on_event(Event::Step(&stats));
         let step = trainer.step();
+        if !leader {
+            continue;
+        }
         if step % trainer.record.train.eval_every == 0 && trainer.finished().is_none() {
             let report = trainer.validate(&data.valid)?;
             log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
@@ -533,18 +687,25 @@ pub fn run(
             on_event(Event::Checkpoint { step, path: &path });
         }
     };
-    let report = trainer.validate(&data.valid)?;
     let step = trainer.step();
-    log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
-    on_event(Event::Eval { step, report: &report });
-    let checkpoint = trainer.save(run_dir)?;
-    on_event(Event::Checkpoint { step, path: &checkpoint });
+    let mut final_valid_bpb = f64::NAN;
+    let mut checkpoint = checkpoint::dir_for(run_dir, step);
+    if leader {
+        let report = trainer.validate(&data.valid)?;
+        log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
+        on_event(Event::Eval { step, report: &report });
+        final_valid_bpb = report.bpb;
+        checkpoint = trainer.save(run_dir)?;
+        on_event(Event::Checkpoint { step, path: &checkpoint });
+    }
+    // The other ranks wait here until rank 0 has saved, and learn its figures.
+    let shared = trainer.leaders(&[first_valid_bpb.unwrap_or(f64::NAN), final_valid_bpb])?;
     Ok(RunSummary {
         reason,
         steps: step,
         bytes_seen: trainer.record.bytes_seen,
-        first_valid_bpb,
-        final_valid_bpb: report.bpb,
+        first_valid_bpb: Some(shared[0]).filter(|b| !b.is_nan()),
+        final_valid_bpb: shared[1],
         checkpoint,
     })
 }

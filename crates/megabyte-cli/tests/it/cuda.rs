@@ -408,3 +408,100 @@ fn cuda_decoder_bf16_follows_the_cached_logits() {
         decoder.push(&out.iter().map(|o| o[i]).collect::<Vec<u8>>()).unwrap();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Data-parallel training over NCCL (tests/it/dist.rs checks the rest on the CPU). They need
+// libnccl.so.2 on the library path (scripts/device-env.sh).
+
+mod data_parallel {
+    use std::time::Duration;
+
+    use megabyte::dist::nccl::NcclGroup;
+    use megabyte::dist::{Collective, DistEnv};
+    use megabyte::train::{DataSpec, TrainConfig, Trainer};
+    use megabyte::{Device, ModelConfig, Precision, Tensor};
+
+    use crate::dist::{drift, weights};
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    /// Rank `rank` of `world` on GPU `rank`, meeting at 127.0.0.1:`port`.
+    fn rank(rank: usize, world: usize, port: u16, device: &Device, fingerprint: &[u8; 32]) -> NcclGroup {
+        let env = DistEnv { rank, world_size: world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port };
+        NcclGroup::connect(&env, device, fingerprint, Duration::from_secs(120), Box::new(|m| eprintln!("watchdog: {m}"))).unwrap()
+    }
+
+    fn trainer(device: &Device) -> Trainer {
+        let mut tc = TrainConfig::standard(4, 3e-3);
+        tc.steps = Some(5);
+        tc.warmup_steps = 2;
+        tc.seed = 5;
+        tc.precision = Precision::F32;
+        let data = DataSpec { train: None, valid: None, holdout_bytes: 10_000, documents: false };
+        Trainer::new(&ModelConfig::preset("tiny").unwrap(), tc, data, device).unwrap()
+    }
+
+    /// (losses, weights) after `steps` steps.
+    fn train(t: &mut Trainer, steps: usize) -> (Vec<f64>, std::collections::BTreeMap<String, Vec<f32>>) {
+        let data = t.record().data.open().unwrap();
+        let losses = (0..steps).map(|_| t.train_step(&data.train).unwrap().loss).collect();
+        (losses, weights(t))
+    }
+
+    #[test]
+    fn nccl_world_of_one_trains_as_alone() {
+        println!("NCCL {}", megabyte::dist::nccl::version().unwrap());
+        let dev = super::gpu();
+        let mut group = rank(0, 1, free_port(), &dev, &[0; 32]);
+        let x = Tensor::arange(0f32, 10., &dev).unwrap();
+        let summed = group.all_reduce_sum(vec![x.copy().unwrap()]).unwrap();
+        assert_eq!(summed[0].to_vec1::<f32>().unwrap(), x.to_vec1::<f32>().unwrap());
+        let init = weights(&trainer(&dev));
+        let (a_loss, a_w) = train(&mut trainer(&dev), 5);
+        let mut joined = trainer(&dev);
+        joined.join(Box::new(group), 64 << 10).unwrap(); // 64 KB buckets: many of them
+        let (b_loss, b_w) = train(&mut joined, 5);
+        joined.leave().unwrap();
+        for (a, b) in a_loss.iter().zip(&b_loss) {
+            assert!((a - b).abs() < 1e-5, "losses {a_loss:?} alone, {b_loss:?} through NCCL");
+        }
+        let apart = drift(&b_w, &a_w, &init);
+        assert!(apart < 1e-2, "weights through NCCL differ by {apart} of the distance trained");
+    }
+
+    #[test]
+    fn nccl_two_gpus_train_as_one() {
+        let count = megabyte::gpu::cuda_device_count().unwrap();
+        if count < 2 {
+            println!("skipped: nccl_two_gpus_train_as_one needs 2 GPUs, this host shows {count}");
+            return;
+        }
+        let port = free_port();
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                std::thread::spawn(move || {
+                    let dev = megabyte::device(&format!("cuda:{r}")).unwrap();
+                    let mut t = trainer(&dev);
+                    let group = rank(r, 2, port, &dev, &t.fingerprint().unwrap());
+                    t.join(Box::new(group), megabyte::dist::BUCKET_BYTES).unwrap();
+                    let out = train(&mut t, 5);
+                    t.leave().unwrap();
+                    out
+                })
+            })
+            .collect();
+        let out: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(out[0].0, out[1].0, "the ranks report different losses");
+        assert!(out[0].1 == out[1].1, "the ranks' weights are not identical");
+        let dev = super::gpu();
+        let init = weights(&trainer(&dev));
+        let (loss, w) = train(&mut trainer(&dev), 5);
+        for (a, b) in loss.iter().zip(&out[0].0) {
+            assert!((a - b).abs() < 1e-5, "losses {loss:?} on one GPU, {:?} on two", out[0].0);
+        }
+        let apart = drift(&out[0].1, &w, &init);
+        assert!(apart < 1e-2, "two-GPU weights differ from one GPU's by {apart} of the distance trained");
+    }
+}

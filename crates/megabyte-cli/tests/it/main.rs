@@ -13,6 +13,7 @@ mod code;
 mod cross_patch;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod dist;
 mod documents;
 mod eval;
 mod golden;
