@@ -3,8 +3,8 @@
 use std::sync::atomic::AtomicBool;
 
 use megabyte::checkpoint::{self, CheckpointData};
-use megabyte::train::{self, DataSpec, TrainConfig, Trainer};
-use megabyte::{DType, Device, ModelConfig};
+use megabyte::train::{self, Trainer};
+use megabyte::{DType, Device};
 
 use crate::{bytes_tensor, random_bytes, temp_dir, tiny};
 
@@ -24,17 +24,6 @@ fn checkpoint_round_trip_gives_identical_logits() {
     assert_eq!(names, vec!["step-00000007".to_string()]);
 }
 
-fn config(steps: u64) -> (ModelConfig, TrainConfig, DataSpec) {
-    let mut tc = TrainConfig::standard(2, 3e-3);
-    tc.steps = Some(steps);
-    tc.warmup_steps = 2;
-    tc.eval_every = 1000;
-    tc.eval_bytes = 2048;
-    tc.checkpoint_every = 1000;
-    tc.seed = 5;
-    let data = DataSpec { train: None, valid: None, holdout_bytes: 10_000, documents: false };
-    (ModelConfig::preset("tiny").unwrap(), tc, data)
-}
 
 fn weights(trainer: &Trainer) -> Vec<(String, Vec<f32>)> {
     trainer
@@ -48,7 +37,7 @@ fn weights(trainer: &Trainer) -> Vec<(String, Vec<f32>)> {
 #[test]
 fn resumed_training_equals_uninterrupted_training() {
     let (n, k) = (6, 2);
-    let (mcfg, tc, spec) = config(n);
+    let (mcfg, tc, spec) = crate::tiny_run(n, 2, 1000);
     let data = spec.open().unwrap();
 
     let mut straight = Trainer::new(&mcfg, tc.clone(), spec.clone(), &Device::Cpu).unwrap();
@@ -73,7 +62,7 @@ fn resumed_training_equals_uninterrupted_training() {
 
 #[test]
 fn the_training_loop_validates_checkpoints_and_logs() {
-    let (mcfg, mut tc, spec) = config(4);
+    let (mcfg, mut tc, spec) = crate::tiny_run(4, 2, 1000);
     tc.eval_every = 2;
     tc.checkpoint_every = 2;
     tc.keep_checkpoints = 1;
@@ -133,7 +122,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
 fn reported_loss_is_the_batch_mean_with_accumulation() {
     // An untrained model scores about ln 256 = 5.545 nats per byte, however the step is split.
     for accum in [1, 3] {
-        let (mcfg, mut tc, spec) = config(1);
+        let (mcfg, mut tc, spec) = crate::tiny_run(1, 2, 1000);
         tc.grad_accum = accum;
         let data = spec.open().unwrap();
         let mut trainer = Trainer::new(&mcfg, tc, spec, &Device::Cpu).unwrap();

@@ -106,13 +106,7 @@ fn cross_patch_explicit_backward_equals_autograd() {
         let x = bytes_tensor(&rows);
         let auto = (model.loss(&x).unwrap() * 0.5).unwrap().backward().unwrap();
         let (_, grads) = model.loss_and_grads(&x, 0.5).unwrap();
-        for (name, var) in params.vars() {
-            let want = auto.get(var.as_tensor()).unwrap();
-            let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no explicit gradient for {name}"));
-            let diff = crate::max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap());
-            let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff <= 1e-6 * scale.max(1e-3), "T'={t}: gradient of {name} differs by {diff} (scale {scale})");
-        }
+        crate::assert_grads_equal(&params, &megabyte::grad::Grads::from_store(&auto, params.vars()).unwrap(), &grads, &format!("cross-patch T'={t}"));
     }
 }
 

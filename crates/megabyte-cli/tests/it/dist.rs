@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use megabyte::data::{ByteStream, Split, WindowSampler};
 use megabyte::dist::{self, Collective, DistEnv, ThreadGroup};
-use megabyte::train::{self, DataSpec, TrainConfig, Trainer};
-use megabyte::{Device, ModelConfig};
+use megabyte::train::{self, Trainer};
+use megabyte::Device;
 
 use crate::{random_bytes, temp_dir};
 
@@ -67,17 +67,6 @@ fn rank_slices_of_a_global_batch_make_up_the_one_process_batch_across_resume() {
     assert!(err.contains("multiple of 4"), "{err}");
 }
 
-fn config(steps: u64, batch: usize) -> (ModelConfig, TrainConfig, DataSpec) {
-    let mut tc = TrainConfig::standard(batch, 3e-3);
-    tc.steps = Some(steps);
-    tc.warmup_steps = 2;
-    tc.eval_every = 3;
-    tc.eval_bytes = 2048;
-    tc.checkpoint_every = 1000;
-    tc.seed = 5;
-    let data = DataSpec { train: None, valid: None, holdout_bytes: 10_000, documents: false };
-    (ModelConfig::preset("tiny").unwrap(), tc, data)
-}
 
 /// Runs `f(rank trainer)` on each of `world` ranks, each in its own thread with a trainer
 /// built by `make` and joined to one `ThreadGroup` (buckets of `bucket_bytes`).
@@ -154,7 +143,7 @@ fn summed_rank_gradients_equal_the_global_batch_gradient() {
     let docs = split_of(random_bytes(60_000, 9)).with_documents(&[0, 500, 530, 9000, 9300, 40_000]);
     let plain = split_of(random_bytes(60_000, 8));
     for (accum, split) in [(1, plain.clone()), (2, plain), (2, docs)] {
-        let (mcfg, mut tc, spec) = config(1, 4);
+        let (mcfg, mut tc, spec) = crate::tiny_run(1, 4, 3);
         tc.grad_accum = accum;
         let mut alone = Trainer::new(&mcfg, tc.clone(), spec.clone(), &Device::Cpu).unwrap();
         let (g, loss) = alone.local_gradients(&split).unwrap();
@@ -185,7 +174,7 @@ fn summed_rank_gradients_equal_the_global_batch_gradient() {
 
 #[test]
 fn joining_a_group_gives_every_rank_rank_0s_weights() {
-    let (mcfg, tc, spec) = config(1, 3);
+    let (mcfg, tc, spec) = crate::tiny_run(1, 3, 3);
     // Rank 1 starts from other weights (seed 99); 4 KB buckets: the model spans many.
     let got = on_ranks(
         3,
@@ -197,7 +186,7 @@ fn joining_a_group_gives_every_rank_rank_0s_weights() {
         },
         |_, t| weights(&t),
     );
-    let (mcfg, tc, spec) = config(1, 3);
+    let (mcfg, tc, spec) = crate::tiny_run(1, 3, 3);
     let rank0 = weights(&Trainer::new(&mcfg, tc, spec, &Device::Cpu).unwrap());
     for w in &got {
         assert!(*w == rank0, "a rank's weights are not rank 0's after joining");
@@ -224,7 +213,7 @@ fn two_ranks_train_as_one_process_and_resume_on_any_number() {
         train::run(trainer, &data, dir, &AtomicBool::new(false), &mut |_| {}).unwrap()
     };
     // One process, n steps.
-    let (mcfg, tc, spec) = config(n, 4);
+    let (mcfg, tc, spec) = crate::tiny_run(n, 4, 3);
     let mut alone = Trainer::new(&mcfg, tc.clone(), spec.clone(), &Device::Cpu).unwrap();
     let summary = run_alone(&single, &mut alone);
     // Two ranks, n steps, into one run folder (rank 0 writes it, 16 KB buckets).
@@ -249,7 +238,7 @@ fn two_ranks_train_as_one_process_and_resume_on_any_number() {
         assert_eq!(*sampler, alone.record().sampler, "the data stream is not the one-process stream");
     }
     assert!((out[0].1 - summary.final_valid_bpb).abs() < 1e-3, "{} vs {}", out[0].1, summary.final_valid_bpb);
-    let (mcfg, tc, spec) = config(n, 4);
+    let (mcfg, tc, spec) = crate::tiny_run(n, 4, 3);
     let init = weights(&Trainer::new(&mcfg, tc, spec, &Device::Cpu).unwrap());
     let apart = drift(&out[0].3, &weights(&alone), &init);
     assert!(apart < 1e-2, "two-rank weights differ from one process's by {apart} of the distance trained");

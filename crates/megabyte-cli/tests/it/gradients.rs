@@ -84,13 +84,7 @@ fn explicit_backward_equals_autograd() {
             let (loss, grads) = model.loss_and_grads(&x, weight).unwrap();
             let (a, b) = (auto_loss.to_scalar::<f64>().unwrap(), loss.to_scalar::<f64>().unwrap());
             assert!((a - b).abs() < 1e-12, "loss {a} vs {b}");
-            for (name, var) in params.vars() {
-                let want = auto.get(var.as_tensor()).unwrap();
-                let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no explicit gradient for {name}"));
-                let diff = crate::max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap());
-                let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
-                assert!(diff <= 1e-6 * scale.max(1e-3), "{norm:?} tied={tied} window={window:?} T'={t}: gradient of {name} differs by {diff} (scale {scale})");
-            }
+            crate::assert_grads_equal(&params, &megabyte::grad::Grads::from_store(&auto, params.vars()).unwrap(), &grads, &format!("{norm:?} tied={tied} window={window:?} T'={t}"));
         }
     }
 }
