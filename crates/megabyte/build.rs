@@ -1,6 +1,8 @@
-//! With the `cuda` feature, compiles kernels/megabyte.cu and kernels/decode.cu to PTX with nvcc (from `CUDA_HOME`,
-//! `CUDA_PATH` or the PATH; `scripts/cuda-toolchain.sh` provides one). The target architecture
-//! is `CUDA_COMPUTE_CAP` (default 90, the H100/H200). CPU builds need nothing.
+//! With the `cuda` feature, compiles kernels/megabyte.cu and kernels/decode.cu with nvcc (from
+//! `CUDA_HOME`, `CUDA_PATH` or the PATH; `scripts/cuda-toolchain.sh` provides one) into fat
+//! binaries: machine code for `CUDA_COMPUTE_CAP` (default 90, the H100/H200), so the driver does
+//! not spend ~20 s compiling PTX at a run's first steps, plus that PTX for newer GPUs. CPU
+//! builds need nothing.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -28,8 +30,9 @@ fn main() {
     assert!(cap.parse::<u32>().is_ok_and(|c| c >= 80), "CUDA_COMPUTE_CAP={cap}: megabyte's kernels need compute capability 80 or newer");
     for module in ["megabyte", "decode"] {
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}"), &format!("kernels/{module}.cu"), "-o"])
-            .arg(out_dir.join(format!("{module}.ptx")))
+            .args(["--fatbin", "-O3", "-std=c++17", "-gencode", &format!("arch=compute_{cap},code=[sm_{cap},compute_{cap}]")])
+            .args([format!("kernels/{module}.cu"), "-o".into()])
+            .arg(out_dir.join(format!("{module}.fatbin")))
             .status()
             .unwrap_or_else(|e| panic!("cannot run {}: {e} (set CUDA_HOME, or eval \"$(scripts/cuda-toolchain.sh)\")", nvcc.display()));
         assert!(status.success(), "nvcc failed on kernels/{module}.cu");

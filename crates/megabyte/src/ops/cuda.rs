@@ -1,4 +1,4 @@
-//! Launchers for the CUDA kernels of `kernels/megabyte.cu` (built to PTX by build.rs).
+//! Launchers for the CUDA kernels of `kernels/megabyte.cu` (built to a fat binary by build.rs).
 //!
 //! Activations may be f32 or bf16 (`T` in the kernels); norm weights, losses, softmax
 //! statistics and optimizer state are f32. Inputs are read in place through their layouts;
@@ -6,7 +6,10 @@
 //! ordering with candle's own kernels is kept without synchronising.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaModule, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
@@ -15,7 +18,34 @@ pub(crate) mod decode;
 
 type CResult<T> = candle_core::Result<T>;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/megabyte.ptx"));
+/// A module of our kernels: machine code for the build's GPU plus PTX (build.rs).
+pub(super) struct Image {
+    name: &'static str,
+    bytes: &'static [u8],
+}
+
+/// kernels/megabyte.cu.
+const MAIN: Image = Image { name: "megabyte", bytes: include_bytes!(concat!(env!("OUT_DIR"), "/megabyte.fatbin")) };
+
+/// Kernel `name` of `image` on `dev`'s context. Each module is loaded once per context and
+/// kept (candle's own module cache takes PTX text only, which the driver would compile at
+/// first use: about 20 s for kernels/megabyte.cu).
+pub(super) fn function(dev: &CudaDevice, image: &Image, name: &str) -> CResult<CudaFunction> {
+    type Loaded = Vec<(usize, &'static str, Arc<CudaModule>)>;
+    static MODULES: OnceLock<Mutex<Loaded>> = OnceLock::new();
+    let ctx = dev.cuda_stream().context().clone();
+    let key = Arc::as_ptr(&ctx) as usize;
+    let mut loaded = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    let module = match loaded.iter().find(|(k, n, _)| *k == key && *n == image.name) {
+        Some((_, _, m)) => m.clone(),
+        None => {
+            let m = ctx.load_module(Ptx::from_binary(image.bytes.to_vec())).w()?;
+            loaded.push((key, image.name, m.clone()));
+            m
+        }
+    };
+    module.load_function(name).w()
+}
 
 /// Head dimensions the attention kernels are built for.
 pub(super) const HEAD_DIMS: [usize; 3] = [16, 32, 64];
@@ -178,12 +208,13 @@ fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> CResult<R>)
     }
 }
 
-/// Launches kernel `$name` of the PTX module with config `$cfg` and the given arguments
+/// Launches kernel `$name` of kernels/megabyte.cu with config `$cfg` and the given arguments
 /// (variables: the launch borrows them), returning early on a launch error.
 macro_rules! launch {
     ($dev:expr, $name:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        let func = $dev.get_or_load_custom_func(&$name, "megabyte", PTX)?;
-        let mut args = func.builder();
+        let func = function($dev, &MAIN, &$name)?;
+        let stream = $dev.cuda_stream();
+        let mut args = stream.launch_builder(&func);
         $( args.arg(&$arg); )*
         // SAFETY: the argument lists match the kernel signatures in kernels/megabyte.cu, and
         // the callers check shapes and sizes.

@@ -10,9 +10,10 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Tensor};
 use std::sync::Arc;
 
-use super::{launch_cfg, suffix, CResult, PTX};
+use super::{function, launch_cfg, suffix, CResult, Image, MAIN};
 
-const PTX_DECODE: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+/// kernels/decode.cu.
+const DECODE: Image = Image { name: "megabyte_decode", bytes: include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin")) };
 
 /// Head dimensions `dec_attn` is built for.
 const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
@@ -88,8 +89,8 @@ macro_rules! go {
 impl Kernels {
     pub fn new(dev: &CudaDevice, dtype: DType) -> CResult<Self> {
         let tn = suffix(dtype)?;
-        let main = |name: &str| Ok::<_, candle_core::Error>(dev.get_or_load_custom_func(name, "megabyte", PTX)?.into_cuda_function());
-        let dec = |name: &str| Ok::<_, candle_core::Error>(dev.get_or_load_custom_func(name, "megabyte_decode", PTX_DECODE)?.into_cuda_function());
+        let main = |name: &str| function(dev, &MAIN, name);
+        let dec = |name: &str| function(dev, &DECODE, name);
         let stream = dev.cuda_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))?;
         let workspace = dev.alloc_zeros::<u8>(BLAS_WORKSPACE)?;
