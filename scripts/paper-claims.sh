@@ -15,7 +15,8 @@
 #       Batch-1 KV-cached generation of BYTES bytes on random weights. Claim 3.
 #   scripts/paper-claims.sh modality SET MINUTES CONFIG [CONFIG...] [-- TRAIN-ARGS...]
 #       SET: fashion-mnist, speech-en or code. Fetches and converts the set's train and test
-#       files, trains each model config (a JSON file; e.g. docs/fashion-mnist.json and its
+#       files (unless $RUNS/SET/{train,test}.bin exist; t10k.bin for fashion-mnist), trains
+#       each model config (a JSON file; e.g. docs/fashion-mnist.json and its
 #       same-time baseline docs/fashion-mnist-baseline.json) for MINUTES with --documents,
 #       scores the test split and writes a sample: an image grid, a 5-second WAV or code.
 #   scripts/paper-claims.sh long-context MODEL BYTES-PER-STEP T [T...]
@@ -104,9 +105,15 @@ modality)
     configs=()
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do configs+=("$1"); shift; done
     [ "${1:-}" = "--" ] && shift
-    "$mb" data fetch "$set_name" --dir "$data" >/dev/null
     conv="$runs/$set_name"
     mkdir -p "$conv"
+    # Converted splits already in $RUNS/SET (e.g. carried to a machine with no network) are
+    # used as they are; otherwise the set is fetched (once) and converted.
+    splits="train test"
+    [ "$set_name" = fashion-mnist ] && splits="train t10k"
+    for split in $splits; do
+        [ -f "$conv/$split.bin" ] || { "$mb" data fetch "$set_name" --dir "$data" >/dev/null; break; }
+    done
     case "$set_name" in
     fashion-mnist)
         for split in train t10k; do
