@@ -40,7 +40,7 @@ pub struct Args {
     out: Option<PathBuf>,
     /// Continue the run in this folder (or from this checkpoint) exactly where it stopped,
     /// with its recorded settings; only --steps and --time may be changed.
-    #[arg(long, conflicts_with_all = ["data", "valid", "valid_bytes", "config", "context", "window", "documents"])]
+    #[arg(long, conflicts_with_all = ["data", "valid", "valid_bytes", "config", "context", "window", "documents", "recompute"])]
     resume: Option<PathBuf>,
     /// Stop after this many optimizer steps.
     #[arg(long)]
@@ -106,6 +106,11 @@ pub struct Args {
     /// Activations' format: f32, bf16 (mixed precision, CUDA only) or auto (bf16 on CUDA).
     #[arg(long, default_value = "auto")]
     precision: String,
+    /// Recompute each block's activations in the backward pass instead of keeping them
+    /// (activation checkpointing): the same gradients for about a third more compute, when a
+    /// sequence's activations would not fit in memory.
+    #[arg(long)]
+    recompute: bool,
     /// Bytes to sample from the trained model at the end (0 = none).
     #[arg(long, default_value_t = 300)]
     sample_bytes: usize,
@@ -326,6 +331,7 @@ fn train_config(args: &Args, device: &megabyte::Device) -> Result<TrainConfig> {
     cfg.keep_checkpoints = args.keep;
     cfg.seed = args.seed;
     cfg.precision = megabyte::Precision::parse(&args.precision, device)?;
+    cfg.recompute = args.recompute;
     cfg.validate()?;
     Ok(cfg)
 }
