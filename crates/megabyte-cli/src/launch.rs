@@ -194,6 +194,8 @@ fn stop_all(running: &mut [(String, Child)], grace: Duration) {
     for (_, child) in running.iter_mut() {
         if matches!(child.try_wait(), Ok(None)) {
             signal(child, libc::SIGTERM);
+            // A stopped worker (SIGSTOP, Ctrl-Z) acts on SIGTERM only once continued.
+            signal(child, libc::SIGCONT);
         }
     }
     let deadline = Instant::now() + grace;
@@ -255,6 +257,17 @@ mod tests {
         // SIGTERM ends rank 0 at once; rank 2 is killed after the 2 s grace.
         let secs = started.elapsed().as_secs_f64();
         assert!(secs < 10.0, "took {secs} s");
+    }
+
+    #[test]
+    fn a_stopped_worker_is_stopped_without_waiting_out_the_grace() {
+        // Rank 0 stops itself (as under SIGSTOP); SIGTERM alone would wait until SIGKILL.
+        let started = Instant::now();
+        let workers = vec![("rank 0".to_string(), sh("kill -STOP $$; sleep 60")), ("rank 1".to_string(), sh("sleep 0.5; exit 3"))];
+        let err = supervise(workers, &AtomicUsize::new(0), Duration::from_secs(20)).unwrap_err().to_string();
+        assert!(err.contains("rank 1 exited with status 3"), "{err}");
+        let secs = started.elapsed().as_secs_f64();
+        assert!(secs < 10.0, "took {secs} s: the stopped worker waited for SIGKILL");
     }
 
     #[test]

@@ -282,6 +282,8 @@ impl Trainer {
             record.train.steps = steps;
             record.train.time_minutes = minutes;
         }
+        // This run's ranks, not the writer's: alone until `join`.
+        record.world_size = 1;
         record.train.validate()?;
         record.train.precision.check(device)?;
         let model = model.with_activations(record.train.precision.dtype()).with_recompute(record.train.recompute);

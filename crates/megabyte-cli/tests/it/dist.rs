@@ -255,9 +255,14 @@ fn two_ranks_train_as_one_process_and_resume_on_any_number() {
     );
     // The two-rank checkpoint resumes in one process, and the one-process checkpoint on two
     // ranks: both continue the same data stream with the same losses.
+    let recorded = |dir: &std::path::Path| {
+        let text = std::fs::read_to_string(dir.join(megabyte::checkpoint::TRAIN_FILE)).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["world_size"].as_u64().unwrap()
+    };
+    assert_eq!(recorded(&pair.join(format!("step-{n:08}"))), 2);
     let mut from_pair = Trainer::resume(&pair, Some((Some(more), None)), &Device::Cpu).unwrap();
-    assert_eq!(from_pair.record().world_size, 2);
     run_alone(&pair, &mut from_pair);
+    assert_eq!(recorded(&pair.join(format!("step-{more:08}"))), 1, "a one-process continuation records one rank");
     let single_dir = single.clone();
     let resumed = on_ranks(
         2,

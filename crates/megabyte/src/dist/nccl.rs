@@ -13,7 +13,7 @@
 //! `site-packages/nvidia/nccl/lib` on the GPU hosts). The bindings are cudarc's for 2.27.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -234,8 +234,13 @@ impl Collective for NcclGroup {
         let _phase = self.watchdog.phase("closing the NCCL communicator (ncclCommFinalize)");
         // SAFETY: a live communicator with no queued work; it is not used again.
         check("finalize", unsafe { sys::ncclCommFinalize(comm) }, comm)?;
-        self.watchdog.watch(std::ptr::null_mut());
+        // Out of the watchdog's hands before it is destroyed (it may be checking it right now).
+        let watched = self.watchdog.take();
         self.comm = std::ptr::null_mut();
+        if watched.is_null() {
+            // The watchdog took it first: it aborts it and ends the process.
+            return Err(Error::Dist("the NCCL watchdog stopped this rank while it closed the communicator".into()));
+        }
         // SAFETY: as above.
         check("destroy", unsafe { sys::ncclCommDestroy(comm) }, std::ptr::null_mut())
     }
@@ -247,12 +252,15 @@ impl Drop for NcclGroup {
             // Leaving without `finish` (an error on this rank): abort, which never waits for
             // the other ranks; the watchdog now follows only the abort itself.
             let comm = std::mem::replace(&mut self.comm, std::ptr::null_mut());
-            self.watchdog.watch(std::ptr::null_mut());
-            self.watchdog.forget();
-            let _phase = self.watchdog.phase("aborting the NCCL communicator after an error");
-            // SAFETY: a live communicator, not used again.
-            unsafe {
-                sys::ncclCommAbort(comm);
+            // Null when the watchdog took it first: it aborts it itself and ends the process,
+            // and a second abort would free it twice.
+            if !self.watchdog.take().is_null() {
+                self.watchdog.forget();
+                let _phase = self.watchdog.phase("aborting the NCCL communicator after an error");
+                // SAFETY: a live communicator, not used again (the watchdog no longer has it).
+                unsafe {
+                    sys::ncclCommAbort(comm);
+                }
             }
         }
         self.watchdog.stop();
@@ -276,7 +284,10 @@ struct WatchState {
     timeout: Duration,
     pending: Mutex<VecDeque<Pending>>,
     next_id: AtomicU64,
-    comm: AtomicPtr<sys::ncclComm>,
+    /// The communicator to check for asynchronous errors (its address; 0: none). The watchdog
+    /// holds the lock across its NCCL calls on it, so once [`Watchdog::take`] has returned it,
+    /// the watchdog no longer touches it and it may be destroyed or aborted.
+    comm: Mutex<usize>,
     stop: AtomicBool,
     report: Box<dyn Fn(&str) + Send + Sync>,
 }
@@ -309,7 +320,7 @@ impl Watchdog {
             timeout,
             pending: Mutex::new(VecDeque::new()),
             next_id: AtomicU64::new(0),
-            comm: AtomicPtr::new(std::ptr::null_mut()),
+            comm: Mutex::new(0),
             stop: AtomicBool::new(false),
             report,
         });
@@ -320,7 +331,13 @@ impl Watchdog {
 
     /// The communicator whose asynchronous errors to check (null: none).
     fn watch(&self, comm: sys::ncclComm_t) {
-        self.state.comm.store(comm, Ordering::SeqCst);
+        *self.state.comm.lock().unwrap_or_else(|e| e.into_inner()) = comm as usize;
+    }
+
+    /// Stops checking the communicator and returns it: null when there was none, or when
+    /// the watchdog has taken it to abort it (and is ending the process).
+    fn take(&self) -> sys::ncclComm_t {
+        self.state.take_comm()
     }
 
     fn phase(&self, what: &str) -> Phase<'_> {
@@ -376,13 +393,19 @@ impl WatchState {
         }
     }
 
+    /// The watched communicator, no longer watched (see [`Watchdog::take`]).
+    fn take_comm(&self) -> sys::ncclComm_t {
+        std::mem::take(&mut *self.comm.lock().unwrap_or_else(|e| e.into_inner())) as sys::ncclComm_t
+    }
+
     /// What is wrong, if anything.
     fn check(&self) -> Option<String> {
-        let comm = self.comm.load(Ordering::SeqCst);
+        let watched = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let comm = *watched as sys::ncclComm_t;
         if !comm.is_null() {
             let mut state = sys::ncclResult_t::ncclSuccess;
-            // SAFETY: a live communicator (it is set to null before it is destroyed) and an
-            // out-pointer.
+            // SAFETY: a live communicator (taken out under this lock before it is destroyed)
+            // and an out-pointer.
             let code = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
             if code == sys::ncclResult_t::ncclSuccess
                 && state != sys::ncclResult_t::ncclSuccess
@@ -395,6 +418,7 @@ impl WatchState {
                 ));
             }
         }
+        drop(watched);
         let mut pending = self.pending.lock().ok()?;
         // Collectives finish in order: drop the finished ones at the front.
         while let Some(front) = pending.front() {
@@ -420,7 +444,7 @@ impl WatchState {
     /// process.
     fn fault(&self, problem: &str) -> ! {
         (self.report)(&format!("{problem}; stopping this rank"));
-        let comm = self.comm.swap(std::ptr::null_mut(), Ordering::SeqCst);
+        let comm = self.take_comm();
         if !comm.is_null() {
             let (done_tx, done_rx) = std::sync::mpsc::channel();
             let comm = comm as usize;
