@@ -24,16 +24,6 @@ fn checkpoint_round_trip_gives_identical_logits() {
     assert_eq!(names, vec!["step-00000007".to_string()]);
 }
 
-
-fn weights(trainer: &Trainer) -> Vec<(String, Vec<f32>)> {
-    trainer
-        .params()
-        .vars()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
-        .collect()
-}
-
 #[test]
 fn resumed_training_equals_uninterrupted_training() {
     let (n, k) = (6, 2);
@@ -57,7 +47,7 @@ fn resumed_training_equals_uninterrupted_training() {
     for _ in k..n {
         resumed.train_step(&data.train).unwrap();
     }
-    assert!(weights(&straight) == weights(&resumed), "resumed weights differ from the uninterrupted run");
+    assert!(crate::dist::weights(&straight) == crate::dist::weights(&resumed), "resumed weights differ from the uninterrupted run");
 }
 
 #[test]
