@@ -250,9 +250,7 @@ impl MegaByte {
         let pdt = le.byte_embed.dtype();
         let dlocal = dx.to_dtype(pdt)?;
         let dpos = sum_rows(&dlocal.reshape((n, s * dl))?)?.reshape((s, dl))?; // [S, D_L]
-        let rows = le.pos_embed.dim(0)?;
-        let dpos = if s < rows { Tensor::cat(&[&dpos, &Tensor::zeros((rows - s, dl), pdt, dpos.device())?], 0)? } else { dpos };
-        grads.add(&le.pos_embed, dpos)?;
+        grads.add(&le.pos_embed, pad_rows(dpos, le.pos_embed.dim(0)?)?)?;
         grads.add(&le.local_pad, sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((n, dl))?)?)?;
         let dembed = shift_back(&dlocal)?; // byte j's embedding fed position j + 1
         grads.add(&le.byte_embed, crate::ops::embedding_backward(&le.byte_embed, &local_bytes, &dembed)?)?;
@@ -262,9 +260,7 @@ impl MegaByte {
         let dhin = dhin.to_dtype(pdt)?;
         grads.add(&pe.global_pad, sum_rows(&dhin.narrow(1, 0, 1)?.reshape((b, p * dg))?)?)?;
         let dh0 = shift_back(&dhin)?.reshape((b, t, dg))?; // [B, T, D_G]
-        let dpos = sum_rows(&dh0.reshape((b, t * dg))?)?.reshape((t, dg))?;
-        let context_len = self.cfg.context;
-        let dpos = if t < context_len { Tensor::cat(&[&dpos, &Tensor::zeros((context_len - t, dg), pdt, dpos.device())?], 0)? } else { dpos };
+        let dpos = pad_rows(sum_rows(&dh0.reshape((b, t * dg))?)?.reshape((t, dg))?, self.cfg.context)?;
         grads.add(&pe.pos_embed, dpos)?;
         grads.add(&pe.byte_embed, crate::ops::embedding_backward(&pe.byte_embed, bytes, &dh0)?)?;
         Ok((losses, grads))
@@ -422,13 +418,20 @@ impl MegaByte {
         if n == 0 {
             return Ok(());
         }
-        let le = &self.local_embedder;
-        let e = shift_one_byte(&embed(&le.byte_embed, bytes)?, &le.local_pad)?; // [B, n, D_L]
-        let e = e.broadcast_add(&le.pos_embed.narrow(0, 0, n)?)?.to_dtype(self.act)?;
-        let x = (contexts.narrow(1, 0, n)? + e)?;
+        let x = (contexts.narrow(1, 0, n)? + self.local_embedder.forward(bytes, self.act)?)?; // [B, n, D_L]
         self.local.forward_cached(&x, cache)?;
         Ok(())
     }
+}
+
+/// The gradient of a position table of `rows` rows from that of its first rows (a sequence
+/// shorter than the table): zeros for the rest. g: [S, D] → [rows, D].
+fn pad_rows(g: Tensor, rows: usize) -> Result<Tensor> {
+    let (s, d) = g.dims2()?;
+    if s >= rows {
+        return Ok(g);
+    }
+    Ok(Tensor::cat(&[&g, &Tensor::zeros((rows - s, d), g.dtype(), g.device())?], 0)?)
 }
 
 /// The gradient of a shift by one along dim 1 (`shift_one_patch`, `shift_one_byte`):
