@@ -5,7 +5,8 @@
 #   scripts/paper-claims.sh equal-time MINUTES MODEL [MODEL...] [-- TRAIN-ARGS...]
 #       Trains each model from scratch on enwik8 for MINUTES of wall time (validation
 #       included), then scores the enwik8 test split (last 5M bytes) four ways: basic,
-#       sliding (stride T/2), strided (offset P/2) and both. `wall_secs` is the whole train
+#       sliding (stride T/2), strided (offset P/2) and both (a byte transformer,
+#       P = 1: basic and sliding). `wall_secs` is the whole train
 #       command plus the basic test score. Claims 1 and 2 (and 5).
 #   scripts/paper-claims.sh search MINUTES MODEL [MODEL...] [-- TRAIN-ARGS...]
 #       The hyper-parameter search: as equal-time, but scored on the validation split only
@@ -60,20 +61,22 @@ equal-time|search)
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do models+=("$1"); shift; done
     [ "${1:-}" = "--" ] && shift
     [ -f "$data/enwik8/test.bin" ] || "$mb" data fetch enwik8 --dir "$data"
-    if [ "$cmd" = search ]; then
-        split=valid modes=(basic)
-    else
-        split=test modes=(basic sliding strided both)
-    fi
     for m in "${models[@]}"; do
         read -r -a model <<<"$(model_flags "$m")"
         name=$(model_name "$m")
+        read -r t p <<<"$("$mb" info "${model[@]}" --json | python3 -c 'import json, sys; c = json.load(sys.stdin)["config"]; print(c["context"], c["patch_size"])')"
+        if [ "$cmd" = search ]; then
+            split=valid modes=(basic)
+        elif [ "$p" = 1 ]; then
+            split=test modes=(basic sliding) # strided inference shifts by half a patch: MEGABYTE only
+        else
+            split=test modes=(basic sliding strided both)
+        fi
         run="$runs/$name-${minutes}min"
         start=$(date +%s)
         "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" --valid "$data/enwik8/valid.bin" \
             --time "$minutes" --out "$run" "$@"
         trained=$(( $(date +%s) - start ))
-        t=$("$mb" info "${model[@]}" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["config"]["context"])')
         for mode in "${modes[@]}"; do
             flags=()
             case $mode in
