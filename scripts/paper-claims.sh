@@ -12,6 +12,10 @@
 #       The hyper-parameter search: as equal-time, but scored on the validation split only
 #       (the test split is never used to choose).
 #       MODEL is a preset name or a model config JSON file (e.g. docs/enwik8/*.json).
+#   scripts/paper-claims.sh curves PNG RUN [RUN...]
+#       Training bpb (mean of the last 100 steps) and validation bpb against minutes, one
+#       line per run (a run folder or its metrics.jsonl), in one PNG. equal-time draws its
+#       runs' curves to $RUNS/equal-time-MINUTESmin.png.
 #   scripts/paper-claims.sh generation BYTES PRESET [PRESET...]
 #       Batch-1 KV-cached generation of BYTES bytes on random weights. Claim 3.
 #   scripts/paper-claims.sh modality SET MINUTES CONFIG [CONFIG...] [-- TRAIN-ARGS...]
@@ -61,6 +65,7 @@ equal-time|search)
     while [ $# -gt 0 ] && [ "$1" != "--" ]; do models+=("$1"); shift; done
     [ "${1:-}" = "--" ] && shift
     [ -f "$data/enwik8/test.bin" ] || "$mb" data fetch enwik8 --dir "$data"
+    runs_done=()
     for m in "${models[@]}"; do
         read -r -a model <<<"$(model_flags "$m")"
         name=$(model_name "$m")
@@ -91,7 +96,31 @@ equal-time|search)
                 "$json" "$split" "$mode" "$secs" "$trained" "$minutes")
             record "$cmd" "$name" "$json"
         done
+        runs_done+=("$run")
     done
+    [ "$cmd" = equal-time ] && "$0" curves "$runs/equal-time-${minutes}min.png" "${runs_done[@]}"
+    ;;
+curves)
+    png=${1:?png}
+    shift
+    python3 - "$@" > "$runs/curves.jsonl" <<'PY'
+import json, os, sys
+for arg in sys.argv[1:]:
+    path = os.path.join(arg, "metrics.jsonl") if os.path.isdir(arg) else arg
+    name = os.path.basename(arg.rstrip("/")).removesuffix(".jsonl")
+    rows = [json.loads(l) for l in open(path)]
+    last, window = 0.0, []
+    for r in rows:
+        if "bpb" in r:
+            last = r["elapsed_secs"] / 60
+            window = (window + [r["bpb"]])[-100:]
+            if r["step"] % 20 == 0:
+                print(json.dumps({"run": name, "minutes": last, "train_bpb_mean100": sum(window) / len(window)}))
+        elif "valid_bpb" in r and r["step"] > 0:
+            print(json.dumps({"run": name, "minutes": last, "valid_bpb": r["valid_bpb"]}))
+PY
+    "$mb" plot "$runs/curves.jsonl" --x minutes --y train_bpb_mean100 --y valid_bpb --by run --out "$png"
+    echo "plot: $png"
     ;;
 generation)
     bytes=${1:?bytes}
@@ -168,10 +197,14 @@ long-context)
     p=$(model_name "$1")
     per_step=${2:?bytes per step}
     shift 2
+    # The embedded corpus (1.9 MB) holds one window of at most 1.8M bytes; longer contexts
+    # train on enwik8 when it is at hand.
+    bench_data=()
+    [ -f "$data/enwik8/train.bin" ] && bench_data=(--data "$data/enwik8/train.bin")
     for t in "$@"; do
         batch=$(( per_step / t ))
         [ "$batch" -ge 1 ] || batch=1
-        json=$("$mb" bench "${model[@]}" --context "$t" --device "$device" --batch-size "$batch" --warmup 2 --steps 5 --gen-bytes 0 --json \
+        json=$("$mb" bench "${model[@]}" --context "$t" --device "$device" --batch-size "$batch" --warmup 2 --steps 5 --gen-bytes 0 --json "${bench_data[@]}" \
             || echo "{\"context\": $t, \"batch_size\": $batch, \"error\": \"did not run (see stderr)\"}")
         json=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); b = r.get("train_bytes_per_sec"); r["us_per_byte"] = 1e6 / b if b else None; print(json.dumps(r))' "$json")
         record long-context "$p" "$json"
@@ -180,7 +213,7 @@ long-context)
     echo "plot: $runs/long-context.png"
     ;;
 *)
-    echo "unknown subcommand $cmd: equal-time, search, generation, modality or long-context" >&2
+    echo "unknown subcommand $cmd: equal-time, search, curves, generation, modality or long-context" >&2
     exit 2
     ;;
 esac
