@@ -9,11 +9,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    for file in [
-        "kernels/common.cuh",
-        "kernels/megabyte.cu",
-        "kernels/decode.cu",
-    ] {
+    for file in ["kernels/common.cuh", "kernels/megabyte.cu", "kernels/decode.cu"] {
         println!("cargo::rerun-if-changed={file}");
     }
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
@@ -31,28 +27,14 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     // The attention kernels use mma.sync bf16 and ldmatrix: Ampere (8.0) or newer.
-    assert!(
-        cap.parse::<u32>().is_ok_and(|c| c >= 80),
-        "CUDA_COMPUTE_CAP={cap}: megabyte's kernels need compute capability 80 or newer"
-    );
+    assert!(cap.parse::<u32>().is_ok_and(|c| c >= 80), "CUDA_COMPUTE_CAP={cap}: megabyte's kernels need compute capability 80 or newer");
     for module in ["megabyte", "decode"] {
         let status = Command::new(&nvcc)
-            .args([
-                "--fatbin",
-                "-O3",
-                "-std=c++17",
-                "-gencode",
-                &format!("arch=compute_{cap},code=[sm_{cap},compute_{cap}]"),
-            ])
+            .args(["--fatbin", "-O3", "-std=c++17", "-gencode", &format!("arch=compute_{cap},code=[sm_{cap},compute_{cap}]")])
             .args([format!("kernels/{module}.cu"), "-o".into()])
             .arg(out_dir.join(format!("{module}.fatbin")))
             .status()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {}: {e} (set CUDA_HOME, or eval \"$(scripts/cuda-toolchain.sh)\")",
-                    nvcc.display()
-                )
-            });
+            .unwrap_or_else(|e| panic!("cannot run {}: {e} (set CUDA_HOME, or eval \"$(scripts/cuda-toolchain.sh)\")", nvcc.display()));
         assert!(status.success(), "nvcc failed on kernels/{module}.cu");
     }
 }

@@ -67,17 +67,9 @@ pub fn run(args: Args) -> Result<()> {
     tc.warmup_steps = 1;
     tc.precision = megabyte::Precision::parse(&args.precision, &device)?;
     tc.recompute = args.recompute;
-    let data = DataSpec {
-        train: args.data.clone(),
-        valid: None,
-        holdout_bytes: 100_000,
-        documents: false,
-    };
+    let data = DataSpec { train: args.data.clone(), valid: None, holdout_bytes: 100_000, documents: false };
     let splits = data.open()?;
-    splits.train.require(
-        cfg.context,
-        "the benchmark's data (the embedded corpus unless --data)",
-    )?;
+    splits.train.require(cfg.context, "the benchmark's data (the embedded corpus unless --data)")?;
     let mut trainer = Trainer::new(&cfg, tc, data, &device)?;
     // Measuring generation only (--steps 0) trains nothing, warm-up included.
     let warmup = if args.steps == 0 { 0 } else { args.warmup };
@@ -104,13 +96,11 @@ pub fn run(args: Args) -> Result<()> {
     let peak_memory = megabyte::gpu::peak_memory(&device);
     let peak_tflops = args.peak_tflops.or(device.is_cuda().then_some(790.0));
     let trained = args.steps > 0;
-    let train_bytes_per_sec =
-        (args.steps as usize * args.batch_size * cfg.context) as f64 / secs.max(1e-9);
+    let train_bytes_per_sec = (args.steps as usize * args.batch_size * cfg.context) as f64 / secs.max(1e-9);
     let flops_per_byte = cfg.train_flops_per_byte();
     let train_tflops = train_bytes_per_sec * flops_per_byte / 1e12;
     let mfu = peak_tflops.filter(|_| trained).map(|p| train_tflops / p);
-    let idle_per_step =
-        (device.is_cuda() && trained).then(|| idle_ms / (args.steps.max(2) - 1) as f64);
+    let idle_per_step = (device.is_cuda() && trained).then(|| idle_ms / (args.steps.max(2) - 1) as f64);
     let mut generation = Vec::new();
     if args.gen_bytes > 0 {
         // Sampling runs on parameters in the activations' dtype, as `megabyte generate` loads them.
@@ -120,24 +110,10 @@ pub fn run(args: Args) -> Result<()> {
             let mut sampler = Sampler::new(Sampling::Greedy, 0)?;
             let prompts = vec![Vec::new(); b];
             // One untimed short run warms caches and kernels.
-            generate(
-                &gen_model,
-                &prompts,
-                cfg.patch_size * 2,
-                &mut sampler,
-                &device,
-                &mut |_| {},
-            )?;
+            generate(&gen_model, &prompts, cfg.patch_size * 2, &mut sampler, &device, &mut |_| {})?;
             device.synchronize()?;
             let start = Instant::now();
-            generate(
-                &gen_model,
-                &prompts,
-                args.gen_bytes,
-                &mut sampler,
-                &device,
-                &mut |_| {},
-            )?;
+            generate(&gen_model, &prompts, args.gen_bytes, &mut sampler, &device, &mut |_| {})?;
             device.synchronize()?;
             let secs = start.elapsed().as_secs_f64();
             generation.push(serde_json::json!({
@@ -181,38 +157,20 @@ pub fn run(args: Args) -> Result<()> {
         println!("{record}");
         return Ok(());
     }
-    println!(
-        "{:<28} {}",
-        "model",
-        args.model
-            .config
-            .as_ref()
-            .map_or(args.model.preset.clone(), |p| p.display().to_string())
-    );
+    println!("{:<28} {}", "model", args.model.config.as_ref().map_or(args.model.preset.clone(), |p| p.display().to_string()));
     println!("{:<28} {:.2}M", "parameters", counts.total as f64 / 1e6);
     println!("{:<28} {}", "device", args.device);
     if trained {
-        println!(
-            "{:<28} {} × {} bytes",
-            "training batch", args.batch_size, cfg.context
-        );
+        println!("{:<28} {} × {} bytes", "training batch", args.batch_size, cfg.context);
         println!("{:<28} {:.0}", "training bytes/s", train_bytes_per_sec);
-        println!(
-            "{:<28} {:.1}",
-            "training step ms",
-            secs * 1e3 / args.steps as f64
-        );
+        println!("{:<28} {:.1}", "training step ms", secs * 1e3 / args.steps as f64);
         println!("{:<28} {:.3}", "training TFLOP/s", train_tflops);
     }
     if let (Some(mfu), Some(peak)) = (mfu, peak_tflops) {
         println!("{:<28} {:.1}% of {peak} TFLOP/s", "MFU", 100.0 * mfu);
     }
     if let Some(bytes) = peak_memory {
-        println!(
-            "{:<28} {:.2} GiB",
-            "peak GPU memory",
-            bytes as f64 / (1u64 << 30) as f64
-        );
+        println!("{:<28} {:.2} GiB", "peak GPU memory", bytes as f64 / (1u64 << 30) as f64);
     }
     if let Some(idle) = idle_per_step {
         println!("{:<28} {:.2}", "GPU idle ms between steps", idle);

@@ -11,19 +11,9 @@ pub fn images(input: &Path, output: &Path, order: &str, block: usize) -> Result<
     let r = megabyte::image::convert_images(input, output, order)?;
     let order = match order {
         PixelOrder::Raster => "raster order".to_string(),
-        PixelOrder::PatchScan { block } => format!(
-            "patch-scan order, {block}×{block} blocks ({} bytes each)",
-            block * block * r.shape.channels
-        ),
+        PixelOrder::PatchScan { block } => format!("patch-scan order, {block}×{block} blocks ({} bytes each)", block * block * r.shape.channels),
     };
-    println!(
-        "{}: {} images of {} ({} bytes each) in {order}, {} bytes",
-        r.output.display(),
-        r.images,
-        r.shape,
-        r.shape.bytes(),
-        r.bytes
-    );
+    println!("{}: {} images of {} ({} bytes each) in {order}, {} bytes", r.output.display(), r.images, r.shape, r.shape.bytes(), r.bytes);
     println!("document index: {}", r.index.display());
     Ok(())
 }
@@ -45,20 +35,12 @@ pub fn audio(input: &Path, output: &Path) -> Result<()> {
 
 pub fn code(folder: &Path, output: &Path, ext: &[String]) -> Result<()> {
     let ext: Vec<String> = if ext.is_empty() {
-        megabyte::code::DEFAULT_EXTENSIONS
-            .iter()
-            .map(|e| e.to_string())
-            .collect()
+        megabyte::code::DEFAULT_EXTENSIONS.iter().map(|e| e.to_string()).collect()
     } else {
         ext.to_vec()
     };
     let r = megabyte::code::join_code(folder, output, &ext)?;
-    println!(
-        "{}: {} files, {} bytes, each after one 0x00 byte",
-        r.output.display(),
-        r.files,
-        r.bytes
-    );
+    println!("{}: {} files, {} bytes, each after one 0x00 byte", r.output.display(), r.files, r.bytes);
     println!("document index: {}", r.index.display());
     Ok(())
 }

@@ -45,8 +45,7 @@ pub fn run(args: Args) -> Result<()> {
     let device = megabyte::device(&args.device)?;
     let dir = megabyte::checkpoint::resolve(&args.checkpoint)?;
     let (model, _) = megabyte::checkpoint::load_model(&dir, DType::F32, &device)?;
-    let model =
-        model.with_activations(megabyte::Precision::parse(&args.precision, &device)?.dtype());
+    let model = model.with_activations(megabyte::Precision::parse(&args.precision, &device)?.dtype());
     let stream = Arc::new(ByteStream::open(&args.data)?);
     let split = if args.documents {
         let starts = stream.documents()?;
@@ -54,31 +53,13 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         Split::all(stream)
     };
-    let settings = EvalSettings {
-        strided: args.strided,
-        sliding: args.sliding,
-        batch_size: args.batch_size,
-    };
-    let bar = if args.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(0)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{wide_bar} {pos}/{len} windows ETA {eta}")
-            .expect("valid template"),
-    );
-    let report = evaluate(
-        &model,
-        &split,
-        settings,
-        None,
-        &device,
-        &mut |done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
-        },
-    )?;
+    let settings = EvalSettings { strided: args.strided, sliding: args.sliding, batch_size: args.batch_size };
+    let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(ProgressStyle::with_template("{wide_bar} {pos}/{len} windows ETA {eta}").expect("valid template"));
+    let report = evaluate(&model, &split, settings, None, &device, &mut |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    })?;
     bar.finish_and_clear();
     if args.json {
         let out = serde_json::json!({
@@ -101,13 +82,9 @@ pub fn run(args: Args) -> Result<()> {
             report.bytes,
             report.windows,
             model.config().context,
-            args.sliding
-                .map_or(String::new(), |s| format!(", sliding stride {s}")),
+            args.sliding.map_or(String::new(), |s| format!(", sliding stride {s}")),
             if args.strided { ", strided" } else { "" },
-            split.documents().map_or(String::new(), |d| format!(
-                ", {} documents in isolation",
-                d.len()
-            )),
+            split.documents().map_or(String::new(), |d| format!(", {} documents in isolation", d.len())),
         );
     }
     Ok(())

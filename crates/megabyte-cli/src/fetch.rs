@@ -10,15 +10,11 @@ pub fn run(name: &str, dir: &Path, from: Option<&Path>) -> Result<()> {
     let dataset = Dataset::parse(name)?;
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template("{bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}").expect("valid template"),
     );
     let mut on_event = |event| match event {
         FetchEvent::Trying { url } => crate::train::say(&bar, format!("trying {url}")),
-        FetchEvent::Downloading {
-            bytes_done,
-            bytes_total,
-        } => {
+        FetchEvent::Downloading { bytes_done, bytes_total } => {
             if let Some(total) = bytes_total {
                 bar.set_length(total);
             }
@@ -26,10 +22,9 @@ pub fn run(name: &str, dir: &Path, from: Option<&Path>) -> Result<()> {
         }
         FetchEvent::SourceFailed { url, msg } => crate::train::say(&bar, format!("{url}: {msg}")),
         FetchEvent::Verifying => bar.set_message("verifying checksums"),
-        FetchEvent::Extracting { files, bytes } => bar.set_message(format!(
-            "unpacking: {files} files, {} MB",
-            bytes / 1_000_000
-        )),
+        FetchEvent::Extracting { files, bytes } => {
+            bar.set_message(format!("unpacking: {files} files, {} MB", bytes / 1_000_000))
+        }
         FetchEvent::Writing { file } => bar.set_message(format!("writing {}", file.display())),
         _ => {}
     };
@@ -43,12 +38,7 @@ pub fn run(name: &str, dir: &Path, from: Option<&Path>) -> Result<()> {
     }
     for file in &report.files {
         if file.path.is_dir() {
-            println!(
-                "{}/  {} files, {} bytes",
-                file.path.display(),
-                file.files,
-                file.bytes
-            );
+            println!("{}/  {} files, {} bytes", file.path.display(), file.files, file.bytes);
         } else {
             println!("{}  {} bytes", file.path.display(), file.bytes);
         }

@@ -31,41 +31,21 @@ pub fn run(args: Args) -> Result<()> {
         println!("byte transformer (one level: MEGABYTE with P = 1 and no local layers)");
     }
     let d_g = cfg.d_global();
-    println!(
-        "P = {}, T = {}, K = {}, D_G = {d_g}",
-        cfg.patch_size,
-        cfg.context,
-        cfg.patches()
-    );
+    println!("P = {}, T = {}, K = {}, D_G = {d_g}", cfg.patch_size, cfg.context, cfg.patches());
     println!(
         "global: {} wide × {} layers ({} heads)   local: {} wide × {} layers ({} heads)",
-        cfg.global.width,
-        cfg.global.layers,
-        cfg.global.heads,
-        cfg.local.width,
-        cfg.local.layers,
-        cfg.local.heads
+        cfg.global.width, cfg.global.layers, cfg.global.heads, cfg.local.width, cfg.local.layers, cfg.local.heads
     );
     if let Some(w) = cfg.global.window {
         println!("global attention: sliding window of {w} positions");
     }
     match (cfg.cross_patch, cfg.local.window) {
         (true, Some(w)) => println!("local attention: across patches, sliding window of {w} bytes"),
-        (false, Some(w)) => {
-            println!("local attention: within each patch, sliding window of {w} bytes")
-        }
+        (false, Some(w)) => println!("local attention: within each patch, sliding window of {w} bytes"),
         _ => {}
     }
-    println!(
-        "parameters: global {}  local {}  total {}",
-        human(counts.global),
-        human(counts.local),
-        human(counts.total)
-    );
-    println!(
-        "training FLOPs per byte: {:.4e}  (6·(m_G/P + m_L) + attention)",
-        flops
-    );
+    println!("parameters: global {}  local {}  total {}", human(counts.global), human(counts.local), human(counts.total));
+    println!("training FLOPs per byte: {:.4e}  (6·(m_G/P + m_L) + attention)", flops);
     Ok(())
 }
 

@@ -31,8 +31,7 @@ pub fn run(devices: &str, device: Option<&str>) -> Result<()> {
         bail!("--devices starts its own workers: unset WORLD_SIZE and RANK, or drop --devices to run as one rank of a job");
     }
     let port = free_port()?;
-    let exe =
-        std::env::current_exe().context("finding the megabyte executable to start the workers")?;
+    let exe = std::env::current_exe().context("finding the megabyte executable to start the workers")?;
     let args = worker_args(std::env::args_os().skip(1));
     let world = gpus.len();
     eprintln!("launching {world} workers on GPUs {gpus:?} (rendezvous at 127.0.0.1:{port})");
@@ -72,21 +71,14 @@ pub fn parse_devices(list: &str, count: usize) -> Result<Vec<usize>> {
         list.split(',')
             .map(|s| s.trim().parse::<usize>())
             .collect::<Result<_, _>>()
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "--devices {list:?}: give GPU numbers separated by commas (0,1) or all"
-                )
-            })?
+            .map_err(|_| anyhow::anyhow!("--devices {list:?}: give GPU numbers separated by commas (0,1) or all"))?
     };
     if gpus.is_empty() {
         bail!("--devices {list:?}: no CUDA GPU is visible to this process");
     }
     for (i, g) in gpus.iter().enumerate() {
         if *g >= count {
-            bail!(
-                "--devices {list:?}: there is no GPU {g}; this host shows {count} (0 to {})",
-                count.saturating_sub(1)
-            );
+            bail!("--devices {list:?}: there is no GPU {g}; this host shows {count} (0 to {})", count.saturating_sub(1));
         }
         if gpus[..i].contains(g) {
             bail!("--devices {list:?}: GPU {g} is listed twice; one worker per GPU");
@@ -116,19 +108,14 @@ fn worker_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
 
 /// A TCP port free on 127.0.0.1 right now, for the workers' rendezvous.
 fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .context("finding a free port for the rendezvous")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port for the rendezvous")?;
     Ok(listener.local_addr()?.port())
 }
 
 /// Starts the `workers` (name, command), passes each new Ctrl-C counted in `interrupts` on to
 /// them as SIGINT, and waits: Ok when all exit successfully. When one fails, the others get
 /// SIGTERM (SIGKILL after `grace`) and the error names the worker and how it ended.
-pub fn supervise(
-    workers: Vec<(String, Command)>,
-    interrupts: &AtomicUsize,
-    grace: Duration,
-) -> Result<()> {
+pub fn supervise(workers: Vec<(String, Command)>, interrupts: &AtomicUsize, grace: Duration) -> Result<()> {
     let mut running: Vec<(String, Child)> = Vec::with_capacity(workers.len());
     for (name, mut cmd) in workers {
         let parent = std::process::id();
@@ -171,10 +158,7 @@ pub fn supervise(
             if done[i] {
                 continue;
             }
-            let status = running[i]
-                .1
-                .try_wait()
-                .with_context(|| format!("waiting for {}", running[i].0))?;
+            let status = running[i].1.try_wait().with_context(|| format!("waiting for {}", running[i].0))?;
             let Some(status) = status else { continue };
             done[i] = true;
             if !status.success() {
@@ -268,9 +252,7 @@ mod tests {
             ("rank 1 (GPU 1)".to_string(), sh("sleep 0.3; exit 3")),
             ("rank 2 (GPU 2)".to_string(), sh("trap '' TERM; sleep 60")), // ignores SIGTERM
         ];
-        let err = supervise(workers, &AtomicUsize::new(0), Duration::from_secs(2))
-            .unwrap_err()
-            .to_string();
+        let err = supervise(workers, &AtomicUsize::new(0), Duration::from_secs(2)).unwrap_err().to_string();
         assert!(err.contains("rank 1 (GPU 1) exited with status 3"), "{err}");
         // SIGTERM ends rank 0 at once; rank 2 is killed after the 2 s grace.
         let secs = started.elapsed().as_secs_f64();
@@ -281,42 +263,23 @@ mod tests {
     fn a_stopped_worker_is_stopped_without_waiting_out_the_grace() {
         // Rank 0 stops itself (as under SIGSTOP); SIGTERM alone would wait until SIGKILL.
         let started = Instant::now();
-        let workers = vec![
-            ("rank 0".to_string(), sh("kill -STOP $$; sleep 60")),
-            ("rank 1".to_string(), sh("sleep 0.5; exit 3")),
-        ];
-        let err = supervise(workers, &AtomicUsize::new(0), Duration::from_secs(20))
-            .unwrap_err()
-            .to_string();
+        let workers = vec![("rank 0".to_string(), sh("kill -STOP $$; sleep 60")), ("rank 1".to_string(), sh("sleep 0.5; exit 3"))];
+        let err = supervise(workers, &AtomicUsize::new(0), Duration::from_secs(20)).unwrap_err().to_string();
         assert!(err.contains("rank 1 exited with status 3"), "{err}");
         let secs = started.elapsed().as_secs_f64();
-        assert!(
-            secs < 10.0,
-            "took {secs} s: the stopped worker waited for SIGKILL"
-        );
+        assert!(secs < 10.0, "took {secs} s: the stopped worker waited for SIGKILL");
     }
 
     #[test]
     fn a_killed_worker_is_reported_with_its_signal() {
-        let workers = vec![
-            ("rank 0 (GPU 0)".to_string(), sh("sleep 60")),
-            ("rank 1 (GPU 3)".to_string(), sh("kill -9 $$")),
-        ];
-        let err = supervise(workers, &AtomicUsize::new(0), Duration::from_secs(2))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("rank 1 (GPU 3) was killed by signal 9"),
-            "{err}"
-        );
+        let workers = vec![("rank 0 (GPU 0)".to_string(), sh("sleep 60")), ("rank 1 (GPU 3)".to_string(), sh("kill -9 $$"))];
+        let err = supervise(workers, &AtomicUsize::new(0), Duration::from_secs(2)).unwrap_err().to_string();
+        assert!(err.contains("rank 1 (GPU 3) was killed by signal 9"), "{err}");
     }
 
     #[test]
     fn workers_that_succeed_end_the_launch_successfully() {
-        let workers = vec![
-            ("rank 0".to_string(), sh("sleep 0.2")),
-            ("rank 1".to_string(), sh("true")),
-        ];
+        let workers = vec![("rank 0".to_string(), sh("sleep 0.2")), ("rank 1".to_string(), sh("true"))];
         supervise(workers, &AtomicUsize::new(0), Duration::from_secs(2)).unwrap();
     }
 
@@ -325,10 +288,7 @@ mod tests {
         // Each worker exits 0 on its first SIGINT (as a worker saves and stops); a second
         // would make it exit 7.
         let script = "n=0; trap 'n=$((n+1)); [ $n -gt 1 ] && exit 7' INT; while [ $n -eq 0 ]; do sleep 0.05; done; sleep 0.5; exit 0";
-        let workers = vec![
-            ("rank 0".to_string(), sh(script)),
-            ("rank 1".to_string(), sh(script)),
-        ];
+        let workers = vec![("rank 0".to_string(), sh(script)), ("rank 1".to_string(), sh(script))];
         let interrupts = Arc::new(AtomicUsize::new(0));
         let i = interrupts.clone();
         std::thread::spawn(move || {
@@ -356,23 +316,8 @@ mod tests {
 
     #[test]
     fn workers_get_the_arguments_without_the_device_options() {
-        let args = [
-            "train",
-            "--devices",
-            "0,1",
-            "--out",
-            "r",
-            "--device=cuda",
-            "--steps",
-            "5",
-            "--device",
-            "cuda",
-            "--devices=all",
-        ];
+        let args = ["train", "--devices", "0,1", "--out", "r", "--device=cuda", "--steps", "5", "--device", "cuda", "--devices=all"];
         let out = worker_args(args.iter().map(OsString::from));
-        assert_eq!(
-            out,
-            ["train", "--out", "r", "--steps", "5"].map(OsString::from)
-        );
+        assert_eq!(out, ["train", "--out", "r", "--steps", "5"].map(OsString::from));
     }
 }

@@ -106,18 +106,9 @@ fn main() {
         Command::Plot(args) => plot::run(args),
         Command::Data { command } => match command {
             DataCommand::Fetch { name, dir, from } => fetch::run(&name, &dir, from.as_deref()),
-            DataCommand::Images {
-                input,
-                output,
-                order,
-                block,
-            } => convert::images(&input, &output, &order, block),
+            DataCommand::Images { input, output, order, block } => convert::images(&input, &output, &order, block),
             DataCommand::Audio { input, output } => convert::audio(&input, &output),
-            DataCommand::Code {
-                folder,
-                output,
-                ext,
-            } => convert::code(&folder, &output, &ext),
+            DataCommand::Code { folder, output, ext } => convert::code(&folder, &output, &ext),
         },
     };
     if let Err(err) = result {
@@ -152,8 +143,7 @@ impl ModelArgs {
         use anyhow::Context;
         let cfg = match &self.config {
             Some(path) => {
-                let text =
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
                 let cfg: megabyte::ModelConfig = serde_json::from_slice(&text)
                     .with_context(|| format!("{} is not a valid model config", path.display()))?;
                 cfg
@@ -171,3 +161,4 @@ impl ModelArgs {
         Ok(cfg)
     }
 }
+

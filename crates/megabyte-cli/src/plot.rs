@@ -11,12 +11,10 @@ static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 
 /// Draws `png` from the JSON lines of `metrics`.
 pub fn loss_curve(metrics: &Path, png: &Path) -> Result<()> {
-    let text = std::fs::read_to_string(metrics)
-        .with_context(|| format!("reading {}", metrics.display()))?;
+    let text = std::fs::read_to_string(metrics).with_context(|| format!("reading {}", metrics.display()))?;
     let (mut train, mut valid) = (Vec::new(), Vec::new());
     for line in text.lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).context("a metrics line is not JSON")?;
+        let v: serde_json::Value = serde_json::from_str(line).context("a metrics line is not JSON")?;
         let step = v["step"].as_f64().unwrap_or(0.0);
         if let Some(bpb) = v["valid_bpb"].as_f64() {
             valid.push((step, bpb));
@@ -27,17 +25,8 @@ pub fn loss_curve(metrics: &Path, png: &Path) -> Result<()> {
     let train = smooth(&train, 0.95);
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let x_max = train.iter().chain(&valid).map(|p| p.0).fold(1.0, f64::max);
-    let y_max = train
-        .iter()
-        .chain(&valid)
-        .map(|p| p.1)
-        .fold(1.0, f64::max)
-        .min(9.0);
-    let y_min = train
-        .iter()
-        .chain(&valid)
-        .map(|p| p.1)
-        .fold(y_max, f64::min);
+    let y_max = train.iter().chain(&valid).map(|p| p.1).fold(1.0, f64::max).min(9.0);
+    let y_min = train.iter().chain(&valid).map(|p| p.1).fold(y_max, f64::min);
 
     let root = BitMapBackend::new(png, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -47,12 +36,7 @@ pub fn loss_curve(metrics: &Path, png: &Path) -> Result<()> {
         .x_label_area_size(40)
         .y_label_area_size(56)
         .build_cartesian_2d(0f64..x_max, (y_min * 0.95)..(y_max * 1.02))?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_desc("bpb")
-        .label_style(("sans-serif", 14))
-        .draw()?;
+    chart.configure_mesh().x_desc("step").y_desc("bpb").label_style(("sans-serif", 14)).draw()?;
     chart
         .draw_series(LineSeries::new(train.iter().copied(), &BLUE))?
         .label("train (smoothed)")
@@ -113,43 +97,21 @@ pub struct Args {
 type Series = (String, Vec<(f64, f64)>);
 
 pub fn run(args: Args) -> Result<()> {
-    let text = std::fs::read_to_string(&args.input)
-        .with_context(|| format!("reading {}", args.input.display()))?;
+    let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let records: Vec<serde_json::Value> = text
         .lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{} line {} is not JSON", args.input.display(), i + 1))
-        })
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {} is not JSON", args.input.display(), i + 1)))
         .collect::<Result<_>>()?;
-    let panels: Vec<Vec<Series>> = args
-        .y
-        .iter()
-        .map(|y| series(&records, &args.x, y, args.by.as_deref()))
-        .collect();
+    let panels: Vec<Vec<Series>> = args.y.iter().map(|y| series(&records, &args.x, y, args.by.as_deref())).collect();
     if panels.iter().all(|p| p.iter().all(|s| s.1.is_empty())) {
-        anyhow::bail!(
-            "no record of {} has numeric `{}` and {}",
-            args.input.display(),
-            args.x,
-            args.y
-                .iter()
-                .map(|y| format!("`{y}`"))
-                .collect::<Vec<_>>()
-                .join(" or ")
-        );
+        anyhow::bail!("no record of {} has numeric `{}` and {}", args.input.display(), args.x, args.y.iter().map(|y| format!("`{y}`")).collect::<Vec<_>>().join(" or "));
     }
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let root = BitMapBackend::new(&args.out, (560 * panels.len() as u32, 460)).into_drawing_area();
     root.fill(&WHITE)?;
-    for ((area, y), panel) in root
-        .split_evenly((1, panels.len()))
-        .iter()
-        .zip(&args.y)
-        .zip(&panels)
-    {
+    for ((area, y), panel) in root.split_evenly((1, panels.len())).iter().zip(&args.y).zip(&panels) {
         draw_panel(area, &args.x, y, panel, args.log_x, args.log_y)?;
     }
     root.present()?;
@@ -160,16 +122,8 @@ pub fn run(args: Args) -> Result<()> {
 fn series(records: &[serde_json::Value], x: &str, y: &str, by: Option<&str>) -> Vec<Series> {
     let mut out: Vec<Series> = Vec::new();
     for r in records {
-        let (Some(px), Some(py)) = (r[x].as_f64(), r[y].as_f64()) else {
-            continue;
-        };
-        let label = by
-            .map(|b| {
-                r[b].as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| r[b].to_string())
-            })
-            .unwrap_or_default();
+        let (Some(px), Some(py)) = (r[x].as_f64(), r[y].as_f64()) else { continue };
+        let label = by.map(|b| r[b].as_str().map(str::to_string).unwrap_or_else(|| r[b].to_string())).unwrap_or_default();
         match out.iter_mut().find(|s| s.0 == label) {
             Some(s) => s.1.push((px, py)),
             None => out.push((label, vec![(px, py)])),
@@ -181,51 +135,28 @@ fn series(records: &[serde_json::Value], x: &str, y: &str, by: Option<&str>) -> 
     out
 }
 
-fn draw_panel(
-    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
-    x: &str,
-    y: &str,
-    series: &[Series],
-    log_x: bool,
-    log_y: bool,
-) -> Result<()> {
+fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, x: &str, y: &str, series: &[Series], log_x: bool, log_y: bool) -> Result<()> {
     let points = || series.iter().flat_map(|s| s.1.iter());
     let (x0, x1) = bounds(points().map(|p| p.0), log_x);
     let (y0, y1) = bounds(points().map(|p| p.1), log_y);
     let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     let mut builder = ChartBuilder::on(area);
-    builder
-        .caption(y, ("sans-serif", 20))
-        .margin(14)
-        .x_label_area_size(40)
-        .y_label_area_size(64);
+    builder.caption(y, ("sans-serif", 20)).margin(14).x_label_area_size(40).y_label_area_size(64);
     // The four axis combinations are four chart types; one macro draws them all alike.
     macro_rules! draw {
         ($xr:expr, $yr:expr) => {{
             let mut chart = builder.build_cartesian_2d($xr, $yr)?;
-            chart
-                .configure_mesh()
-                .x_desc(x)
-                .y_desc(y)
-                .label_style(("sans-serif", 13))
-                .draw()?;
+            chart.configure_mesh().x_desc(x).y_desc(y).label_style(("sans-serif", 13)).draw()?;
             for (i, (label, pts)) in series.iter().enumerate() {
                 let color = colors[i % colors.len()];
-                let line = chart
-                    .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
+                let line = chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
                 if !label.is_empty() {
-                    line.label(label.clone())
-                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+                    line.label(label.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
                 }
                 chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
             }
             if series.iter().any(|s| !s.0.is_empty()) {
-                chart
-                    .configure_series_labels()
-                    .label_font(("sans-serif", 13))
-                    .background_style(WHITE.mix(0.8))
-                    .border_style(BLACK)
-                    .draw()?;
+                chart.configure_series_labels().label_font(("sans-serif", 13)).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
             }
         }};
     }
@@ -240,11 +171,7 @@ fn draw_panel(
 
 /// An axis range covering the values with a margin (positive, for a log axis).
 fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
-    let (lo, hi) = values
-        .filter(|v| !log || *v > 0.0)
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(v), b.max(v))
-        });
+    let (lo, hi) = values.filter(|v| !log || *v > 0.0).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     if !lo.is_finite() {
         return (if log { 1.0 } else { 0.0 }, 1.0);
     }
@@ -252,9 +179,6 @@ fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
         (lo / 1.5, hi * 1.5)
     } else {
         let pad = ((hi - lo) * 0.08).max(hi.abs() * 0.05).max(1e-9);
-        (
-            (lo - pad).min(if lo >= 0.0 { 0.0 } else { lo - pad }),
-            hi + pad,
-        )
+        ((lo - pad).min(if lo >= 0.0 { 0.0 } else { lo - pad }), hi + pad)
     }
 }

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use megabyte::data::ByteStream;
-use megabyte::dist::DistEnv;
 use megabyte::generate::{generate, Sampler, Sampling};
+use megabyte::dist::DistEnv;
 use megabyte::train::{self, DataSpec, Decay, Event, StopReason, TrainConfig, Trainer};
 
 use crate::ModelArgs;
@@ -162,8 +162,7 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     };
     let mut trainer = match &args.resume {
         Some(path) => {
-            let limits =
-                (args.steps.is_some() || args.time.is_some()).then_some((args.steps, args.time));
+            let limits = (args.steps.is_some() || args.time.is_some()).then_some((args.steps, args.time));
             Trainer::resume(path, limits, &device)?
         }
         None => {
@@ -175,11 +174,7 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     };
     let data = trainer.record().data.open()?;
     let cfg = trainer.model().config().clone();
-    let need = if data.train.documents().is_some() {
-        1
-    } else {
-        cfg.context
-    };
+    let need = if data.train.documents().is_some() { 1 } else { cfg.context };
     data.train.require(need, "the training data")?;
     data.valid.require(1, "the validation data")?;
     if let Some(env) = &dist {
@@ -229,21 +224,12 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
         .context("installing the Ctrl-C handler")?;
     }
 
-    let bar = if leader {
-        ProgressBar::new(1000)
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = if leader { ProgressBar::new(1000) } else { ProgressBar::hidden() };
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {percent:>3}% ETA {eta} {msg}",
-        )
-        .expect("valid template"),
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {percent:>3}% ETA {eta} {msg}")
+            .expect("valid template"),
     );
-    let limits = (
-        trainer.record().train.steps,
-        trainer.record().train.time_minutes,
-    );
+    let limits = (trainer.record().train.steps, trainer.record().train.time_minutes);
     let mut on_event = |event: Event| match event {
         _ if !leader => {}
         Event::Step(s) => {
@@ -255,13 +241,9 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
                 s.step, s.loss, s.bpb, s.bytes_per_sec
             ));
         }
-        Event::Eval { step, report } => say(
-            &bar,
-            format!(
-                "step {step:>6}: valid bpb {:.3} ({} bytes)",
-                report.bpb, report.bytes
-            ),
-        ),
+        Event::Eval { step, report } => {
+            say(&bar, format!("step {step:>6}: valid bpb {:.3} ({} bytes)", report.bpb, report.bytes))
+        }
         Event::Checkpoint { path, .. } => say(&bar, format!("saved {}", path.display())),
     };
     let summary = train::run(&mut trainer, &data, &out, &stop, &mut on_event)?;
@@ -275,14 +257,10 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     crate::plot::loss_curve(&out.join("metrics.jsonl"), &png)
         .with_context(|| format!("drawing {}", png.display()))?;
     match summary.reason {
-        StopReason::Interrupted => {
-            eprintln!("interrupted at step {}: checkpoint saved", summary.steps)
-        }
+        StopReason::Interrupted => eprintln!("interrupted at step {}: checkpoint saved", summary.steps),
         StopReason::Steps | StopReason::Time => {}
     }
-    let before = summary
-        .first_valid_bpb
-        .map_or("-".to_string(), |b| format!("{b:.3}"));
+    let before = summary.first_valid_bpb.map_or("-".to_string(), |b| format!("{b:.3}"));
     println!(
         "valid bpb {before} -> {:.3} after {} steps ({:.1}M bytes seen)",
         summary.final_valid_bpb,
@@ -292,27 +270,10 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     println!("checkpoint: {}", summary.checkpoint.display());
     println!("loss curve: {}", png.display());
     if args.sample_bytes > 0 {
-        let mut sampler = Sampler::new(
-            Sampling::TopP {
-                p: 0.9,
-                temperature: 0.8,
-            },
-            args.seed,
-        )?;
+        let mut sampler = Sampler::new(Sampling::TopP { p: 0.9, temperature: 0.8 }, args.seed)?;
         let prompt = data.valid.window(0, cfg.patch_size * 4);
-        let sample = generate(
-            trainer.model(),
-            &[prompt.clone()],
-            args.sample_bytes,
-            &mut sampler,
-            &device,
-            &mut |_| {},
-        )?;
-        println!(
-            "sample (prompt in brackets):\n[{}]{}",
-            String::from_utf8_lossy(&prompt),
-            String::from_utf8_lossy(&sample[0])
-        );
+        let sample = generate(trainer.model(), &[prompt.clone()], args.sample_bytes, &mut sampler, &device, &mut |_| {})?;
+        println!("sample (prompt in brackets):\n[{}]{}", String::from_utf8_lossy(&prompt), String::from_utf8_lossy(&sample[0]));
     }
     Ok(())
 }
@@ -320,12 +281,7 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
 /// Joins the multi-GPU job `env` describes: the rendezvous with rank 0, NCCL, and rank 0's
 /// weights broadcast to all.
 #[cfg(feature = "cuda")]
-fn join_job(
-    trainer: &mut Trainer,
-    env: &DistEnv,
-    device: &megabyte::Device,
-    timeout_secs: f64,
-) -> Result<()> {
+fn join_job(trainer: &mut Trainer, env: &DistEnv, device: &megabyte::Device, timeout_secs: f64) -> Result<()> {
     use megabyte::dist::nccl::NcclGroup;
     let (rank, world) = (env.rank, env.world_size);
     // The watchdog's last words before it ends this process (see `megabyte::dist::nccl`).
@@ -353,8 +309,7 @@ pub fn say(bar: &ProgressBar, line: String) {
 /// The run folder of a checkpoint folder (its parent) or of a run folder (itself).
 fn run_folder_of(path: &std::path::Path) -> PathBuf {
     if path.join(megabyte::checkpoint::CONFIG_FILE).is_file() {
-        path.parent()
-            .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf())
+        path.parent().map_or_else(|| PathBuf::from("."), |p| p.to_path_buf())
     } else {
         path.to_path_buf()
     }
@@ -365,11 +320,7 @@ fn train_config(args: &Args, device: &megabyte::Device) -> Result<TrainConfig> {
     cfg.grad_accum = args.grad_accum;
     cfg.min_lr = args.min_lr.unwrap_or(args.lr / 10.0);
     cfg.warmup_steps = args.warmup;
-    cfg.decay = if args.decay == "linear" {
-        Decay::Linear
-    } else {
-        Decay::Cosine
-    };
+    cfg.decay = if args.decay == "linear" { Decay::Linear } else { Decay::Cosine };
     cfg.steps = args.steps;
     cfg.time_minutes = args.time;
     cfg.adamw.weight_decay = args.weight_decay;
@@ -396,10 +347,5 @@ fn data_spec(args: &Args) -> Result<DataSpec> {
             (len / 20).clamp(1, 5_000_000)
         }
     };
-    Ok(DataSpec {
-        train: args.data.clone(),
-        valid: args.valid.clone(),
-        holdout_bytes,
-        documents: args.documents,
-    })
+    Ok(DataSpec { train: args.data.clone(), valid: args.valid.clone(), holdout_bytes, documents: args.documents })
 }

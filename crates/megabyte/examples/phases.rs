@@ -8,20 +8,10 @@ use megabyte::{DType, Device, MegaByte, ModelConfig, Tensor};
 fn main() -> megabyte::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mut cfg = ModelConfig::preset(args.get(1).map_or("tiny", |s| s))?;
-    if std::env::var("RMS").is_ok() {
-        cfg.norm = megabyte::NormKind::RmsNorm;
-    }
+    if std::env::var("RMS").is_ok() { cfg.norm = megabyte::NormKind::RmsNorm; }
     let b: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(4);
     let (model, params) = MegaByte::init(&cfg, 0, DType::F32, &Device::Cpu)?;
-    let mut opt = AdamW::new(
-        params.vars(),
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.98,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-    )?;
+    let mut opt = AdamW::new(params.vars(), AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 })?;
     let ids: Vec<u32> = (0..b * cfg.context).map(|i| (i * 7 % 256) as u32).collect();
     let x = Tensor::from_vec(ids, (b, cfg.context), &Device::Cpu)?;
     let (mut f, mut bw, mut o) = (0.0, 0.0, 0.0);
@@ -44,12 +34,6 @@ fn main() -> megabyte::Result<()> {
         }
     }
     let ms = |s: f64| s * 1e3 / n as f64;
-    println!(
-        "forward {:.2} ms  backward {:.2} ms  optimizer {:.2} ms  bytes/s {:.0}",
-        ms(f),
-        ms(bw),
-        ms(o),
-        (b * cfg.context) as f64 * n as f64 / (f + bw + o)
-    );
+    println!("forward {:.2} ms  backward {:.2} ms  optimizer {:.2} ms  bytes/s {:.0}", ms(f), ms(bw), ms(o), (b * cfg.context) as f64 * n as f64 / (f + bw + o));
     Ok(())
 }

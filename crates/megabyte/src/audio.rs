@@ -26,10 +26,7 @@ pub struct PcmFormat {
 
 impl PcmFormat {
     pub fn validate(&self) -> Result<()> {
-        if !(self.bits == 8 || self.bits == 16)
-            || !(self.channels == 1 || self.channels == 2)
-            || self.sample_rate == 0
-        {
+        if !(self.bits == 8 || self.bits == 16) || !(self.channels == 1 || self.channels == 2) || self.sample_rate == 0 {
             return Err(Error::Input(format!(
                 "{self}: only 8- or 16-bit PCM, mono or stereo, at a positive sample rate is supported"
             )));
@@ -54,23 +51,14 @@ impl PcmFormat {
 
 impl std::fmt::Display for PcmFormat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let layout = if self.channels == 1 {
-            "mono".to_string()
-        } else if self.channels == 2 {
-            "stereo".into()
-        } else {
-            format!("{} channels", self.channels)
-        };
+        let layout = if self.channels == 1 { "mono".to_string() } else if self.channels == 2 { "stereo".into() } else { format!("{} channels", self.channels) };
         write!(f, "{} Hz {}-bit {layout}", self.sample_rate, self.bits)
     }
 }
 
 /// One WAV file's format and sample bytes (as in its data chunk).
 pub fn read_wav(path: &Path) -> Result<(PcmFormat, Vec<u8>)> {
-    let bad = |msg: String| Error::Data {
-        path: path.into(),
-        msg,
-    };
+    let bad = |msg: String| Error::Data { path: path.into(), msg };
     let reader = hound::WavReader::open(path).map_err(|e| {
         bad(match e {
             hound::Error::Unsupported => {
@@ -81,15 +69,9 @@ pub fn read_wav(path: &Path) -> Result<(PcmFormat, Vec<u8>)> {
     })?;
     let spec = reader.spec();
     if spec.sample_format != hound::SampleFormat::Int {
-        return Err(bad(
-            "holds floating-point samples; only integer PCM (8 or 16 bits) is supported".into(),
-        ));
+        return Err(bad("holds floating-point samples; only integer PCM (8 or 16 bits) is supported".into()));
     }
-    let format = PcmFormat {
-        sample_rate: spec.sample_rate,
-        bits: spec.bits_per_sample,
-        channels: spec.channels,
-    };
+    let format = PcmFormat { sample_rate: spec.sample_rate, bits: spec.bits_per_sample, channels: spec.channels };
     format.validate().map_err(|e| bad(e.to_string()))?;
     let mut bytes = Vec::with_capacity(reader.len() as usize * format.bits as usize / 8);
     let truncated = |e: hound::Error| bad(format!("truncated or corrupt sample data ({e})"));
@@ -130,8 +112,7 @@ pub fn write_wav(path: &Path, format: PcmFormat, bytes: &[u8]) -> Result<()> {
             }
         } else {
             for pair in bytes.chunks_exact(2) {
-                w.write_sample(i16::from_le_bytes([pair[0], pair[1]]))
-                    .map_err(wav_err)?;
+                w.write_sample(i16::from_le_bytes([pair[0], pair[1]])).map_err(wav_err)?;
             }
         }
         w.finalize().map_err(wav_err)
@@ -140,19 +121,14 @@ pub fn write_wav(path: &Path, format: PcmFormat, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::Io {
-        context: format!("renaming {} into place", tmp.display()),
-        source: e,
-    })
+    std::fs::rename(&tmp, path).map_err(|e| Error::Io { context: format!("renaming {} into place", tmp.display()), source: e })
 }
 
 /// Bytes of a clip of `seconds` at `format`, rounded down to whole frames (at least one).
 pub fn clip_bytes(format: PcmFormat, seconds: f64) -> Result<usize> {
     format.validate()?;
     if !(seconds > 0.0 && seconds.is_finite()) {
-        return Err(Error::Input(format!(
-            "a clip needs a positive length, got {seconds} s"
-        )));
+        return Err(Error::Input(format!("a clip needs a positive length, got {seconds} s")));
     }
     let frames = ((seconds * format.sample_rate as f64).floor() as usize).max(1);
     Ok(frames * format.frame_bytes())
@@ -176,10 +152,7 @@ pub fn convert_audio(input: &Path, output: &Path) -> Result<AudioReport> {
     let files = if input.is_dir() {
         let files = list_files(input, &|p| has_extension(p, &["wav"]))?;
         if files.is_empty() {
-            return Err(Error::Data {
-                path: input.into(),
-                msg: "the folder holds no .wav files".into(),
-            });
+            return Err(Error::Data { path: input.into(), msg: "the folder holds no .wav files".into() });
         }
         files
     } else {
@@ -222,12 +195,5 @@ pub fn convert_audio(input: &Path, output: &Path) -> Result<AudioReport> {
     let index = DocumentIndex::starts(bytes, starts.clone(), about);
     let output = out.finish(&index)?;
     let seconds = bytes as f64 / format.frame_bytes() as f64 / format.sample_rate as f64;
-    Ok(AudioReport {
-        index: DocumentIndex::sidecar(&output),
-        output,
-        clips: starts.len(),
-        format,
-        bytes,
-        seconds,
-    })
+    Ok(AudioReport { index: DocumentIndex::sidecar(&output), output, clips: starts.len(), format, bytes, seconds })
 }

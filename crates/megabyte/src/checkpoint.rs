@@ -25,10 +25,7 @@ pub const TRAIN_FILE: &str = "train.json";
 const PREFIX: &str = "step-";
 
 fn ckpt_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Checkpoint {
-        path: path.into(),
-        msg: msg.into(),
-    }
+    Error::Checkpoint { path: path.into(), msg: msg.into() }
 }
 
 /// What one checkpoint holds, ready to write.
@@ -56,11 +53,9 @@ pub fn save(run_dir: &Path, data: &CheckpointData) -> Result<PathBuf> {
         // crash at any point leaves one complete `step-*` folder or the hidden copy.
         let replacing = final_dir.exists();
         if replacing {
-            std::fs::rename(&final_dir, &old)
-                .io_context(|| format!("moving aside {}", final_dir.display()))?;
+            std::fs::rename(&final_dir, &old).io_context(|| format!("moving aside {}", final_dir.display()))?;
         }
-        std::fs::rename(&tmp, &final_dir)
-            .io_context(|| format!("renaming into {}", final_dir.display()))?;
+        std::fs::rename(&tmp, &final_dir).io_context(|| format!("renaming into {}", final_dir.display()))?;
         sync_dir(run_dir);
         if replacing {
             std::fs::remove_dir_all(&old).io_context(|| format!("removing {}", old.display()))?;
@@ -75,16 +70,9 @@ pub fn save(run_dir: &Path, data: &CheckpointData) -> Result<PathBuf> {
 
 fn write_into(dir: &Path, data: &CheckpointData) -> Result<()> {
     std::fs::create_dir_all(dir).io_context(|| format!("creating {}", dir.display()))?;
-    write_synced(
-        &dir.join(CONFIG_FILE),
-        serde_json::to_vec_pretty(data.config)?,
-    )?;
-    let weights: HashMap<String, Tensor> = data
-        .params
-        .vars()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
+    write_synced(&dir.join(CONFIG_FILE), serde_json::to_vec_pretty(data.config)?)?;
+    let weights: HashMap<String, Tensor> =
+        data.params.vars().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
     save_tensors(&dir.join(MODEL_FILE), &weights)?;
     if let Some((moments, record)) = &data.training {
         save_tensors(&dir.join(OPTIMIZER_FILE), moments)?;
@@ -94,12 +82,8 @@ fn write_into(dir: &Path, data: &CheckpointData) -> Result<()> {
 }
 
 fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    candle_core::safetensors::save(tensors, path).map_err(|e| {
-        ckpt_err(
-            path,
-            format!("cannot write ({e}); is the disk full or read-only?"),
-        )
-    })?;
+    candle_core::safetensors::save(tensors, path)
+        .map_err(|e| ckpt_err(path, format!("cannot write ({e}); is the disk full or read-only?")))?;
     sync_file(path)
 }
 
@@ -127,19 +111,11 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match std::fs::read_dir(run_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => {
-            return Err(Error::Io {
-                context: format!("listing {}", run_dir.display()),
-                source: e,
-            })
-        }
+        Err(e) => return Err(Error::Io { context: format!("listing {}", run_dir.display()), source: e }),
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(step) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(PREFIX))
-            .and_then(|s| s.parse::<u64>().ok())
+        let Some(step) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)).and_then(|s| s.parse::<u64>().ok())
         else {
             continue;
         };
@@ -153,16 +129,11 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
 
 /// Removes hidden temporary folders that an interrupted save left in a run folder.
 pub fn remove_stale_temps(run_dir: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(run_dir) else {
-        return Ok(());
-    };
+    let Ok(entries) = std::fs::read_dir(run_dir) else { return Ok(()) };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&format!(".{PREFIX}"))
-            && (name.contains(".tmp-") || name.contains(".old-"))
-        {
-            std::fs::remove_dir_all(entry.path())
-                .io_context(|| format!("removing {}", entry.path().display()))?;
+        if name.starts_with(&format!(".{PREFIX}")) && (name.contains(".tmp-") || name.contains(".old-")) {
+            std::fs::remove_dir_all(entry.path()).io_context(|| format!("removing {}", entry.path().display()))?;
         }
     }
     Ok(())
@@ -173,8 +144,7 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     let all = list(run_dir)?;
     let excess = all.len().saturating_sub(keep.max(1));
     for (_, path) in &all[..excess] {
-        std::fs::remove_dir_all(path)
-            .io_context(|| format!("removing old checkpoint {}", path.display()))?;
+        std::fs::remove_dir_all(path).io_context(|| format!("removing old checkpoint {}", path.display()))?;
     }
     Ok(())
 }
@@ -189,10 +159,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
     }
     match list(path)?.pop() {
         Some((_, newest)) => Ok(newest),
-        None => Err(ckpt_err(
-            path,
-            format!("holds neither {CONFIG_FILE} nor any {PREFIX}* checkpoint"),
-        )),
+        None => Err(ckpt_err(path, format!("holds neither {CONFIG_FILE} nor any {PREFIX}* checkpoint"))),
     }
 }
 
@@ -200,8 +167,8 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join(CONFIG_FILE);
     let text = std::fs::read(&path).map_err(|e| ckpt_err(&path, format!("cannot read ({e})")))?;
-    let cfg: ModelConfig = serde_json::from_slice(&text)
-        .map_err(|e| ckpt_err(&path, format!("not a valid model config: {e}")))?;
+    let cfg: ModelConfig =
+        serde_json::from_slice(&text).map_err(|e| ckpt_err(&path, format!("not a valid model config: {e}")))?;
     cfg.validate().map_err(|e| ckpt_err(&path, e.to_string()))?;
     Ok(cfg)
 }
@@ -222,8 +189,6 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<(MegaByte
     let model = MegaByte::new(&cfg, &mut params)?;
     let path = dir.join(MODEL_FILE);
     let tensors = load_tensors(&path)?;
-    params
-        .assign(&tensors)
-        .map_err(|msg| ckpt_err(&path, format!("does not match {CONFIG_FILE}: {msg}")))?;
+    params.assign(&tensors).map_err(|msg| ckpt_err(&path, format!("does not match {CONFIG_FILE}: {msg}")))?;
     Ok((model, params))
 }

@@ -36,19 +36,11 @@ pub struct CodeReport {
 /// with the relative paths. Nothing is left at `output` on an error.
 pub fn join_code(folder: &Path, output: &Path, extensions: &[String]) -> Result<CodeReport> {
     if !folder.is_dir() {
-        return Err(Error::Data {
-            path: folder.into(),
-            msg: "is not a folder; pass a folder of source files".into(),
-        });
+        return Err(Error::Data { path: folder.into(), msg: "is not a folder; pass a folder of source files".into() });
     }
-    let exts: Vec<&str> = extensions
-        .iter()
-        .map(|e| e.trim_start_matches('.'))
-        .collect();
+    let exts: Vec<&str> = extensions.iter().map(|e| e.trim_start_matches('.')).collect();
     if exts.is_empty() || exts.iter().any(|e| e.is_empty()) {
-        return Err(Error::Input(
-            "give one or more file extensions, e.g. rs,py".into(),
-        ));
+        return Err(Error::Input("give one or more file extensions, e.g. rs,py".into()));
     }
     let output_abs = std::path::absolute(output).ok();
     let files: Vec<PathBuf> = list_files(folder, &|p| has_extension(p, &exts))?
@@ -86,10 +78,5 @@ pub fn join_code(folder: &Path, output: &Path, extensions: &[String]) -> Result<
     });
     let index = DocumentIndex::starts(bytes, starts, about);
     let output = out.finish(&index)?;
-    Ok(CodeReport {
-        index: DocumentIndex::sidecar(&output),
-        output,
-        files: files.len(),
-        bytes,
-    })
+    Ok(CodeReport { index: DocumentIndex::sidecar(&output), output, files: files.len(), bytes })
 }

@@ -80,26 +80,14 @@ pub struct ModelConfig {
     pub cross_patch: bool,
 }
 
-pub const PRESETS: &[&str] = &[
-    "tiny",
-    "enwik8",
-    "paper-arxiv",
-    "paper-pg19",
-    "byte-enwik8",
-    "byte-350m",
-];
+pub const PRESETS: &[&str] = &["tiny", "enwik8", "paper-arxiv", "paper-pg19", "byte-enwik8", "byte-350m"];
 
 impl ModelConfig {
     /// A named preset. `tiny` is the CPU shape; `enwik8` the 88.6M shape of the GPU issue;
     /// `paper-arxiv` and `paper-pg19` are Table 15's compute-matched and generation models;
     /// `byte-enwik8` and `byte-350m` are byte-transformer baselines (see [`ModelConfig::is_byte_transformer`]).
     pub fn preset(name: &str) -> Result<Self> {
-        let tf = |width, layers, heads| TransformerConfig {
-            width,
-            layers,
-            heads,
-            window: None,
-        };
+        let tf = |width, layers, heads| TransformerConfig { width, layers, heads, window: None };
         let cfg = match name {
             "tiny" => ModelConfig {
                 patch_size: 8,
@@ -219,14 +207,10 @@ impl ModelConfig {
                 return bad(format!("{name}: width and heads must be at least 1"));
             }
             if t.window == Some(0) {
-                return bad(format!(
-                    "{name}.window must be at least 1 (or absent for full attention)"
-                ));
+                return bad(format!("{name}.window must be at least 1 (or absent for full attention)"));
             }
             if t.layers == 0 && name == "global" {
-                return bad(
-                    "global: layers must be at least 1 (only the local model may have none)".into(),
-                );
+                return bad("global: layers must be at least 1 (only the local model may have none)".into());
             }
             if t.width % t.heads != 0 {
                 return bad(format!(
@@ -252,27 +236,13 @@ impl ModelConfig {
 
     /// Parameter counts, as the model allocates them.
     pub fn param_counts(&self) -> ParamCounts {
-        let (p, t, dg, dl) = (
-            self.patch_size,
-            self.context,
-            self.d_global(),
-            self.local.width,
-        );
+        let (p, t, dg, dl) = (self.patch_size, self.context, self.d_global(), self.local.width);
         // patch embedder: byte table, byte positions, global pad; plus the global transformer
         let global = V * dg + t * dg + p * dg + self.global.params(self.norm);
         // w_GL, local byte table, local positions, local pad, local transformer, untied head
         let head = if self.tied_head { 0 } else { V * dl };
-        let local = dg * dl
-            + V * dl
-            + self.local_positions() * dl
-            + dl
-            + self.local.params(self.norm)
-            + head;
-        ParamCounts {
-            global,
-            local,
-            total: global + local,
-        }
+        let local = dg * dl + V * dl + self.local_positions() * dl + dl + self.local.params(self.norm) + head;
+        ParamCounts { global, local, total: global + local }
     }
 
     /// Training FLOPs per byte: paper §3's `6(m_G/P + m_L)` over matrix parameters (w_GL and
@@ -280,28 +250,15 @@ impl ModelConfig {
     /// position, causal masking not discounted; ctx is the window when there is one).
     pub fn train_flops_per_byte(&self) -> f64 {
         let p = self.patch_size as f64;
-        let k = self
-            .global
-            .window
-            .map_or(self.patches(), |w| w.min(self.patches())) as f64;
+        let k = self.global.window.map_or(self.patches(), |w| w.min(self.patches())) as f64;
         let m_g = self.global.matmul_params() as f64;
-        let m_l = (self.local.matmul_params()
-            + self.d_global() * self.local.width
-            + V * self.local.width) as f64;
+        let m_l = (self.local.matmul_params() + self.d_global() * self.local.width + V * self.local.width)
+            as f64;
         let dense = 6.0 * (m_g / p + m_l);
         let attn_global = 12.0 * (self.global.layers * self.global.width) as f64 * k / p;
         // The local model attends within its patch, or across patches over its window.
-        let local_reach = if self.cross_patch {
-            self.context as f64
-        } else {
-            p
-        };
-        let attn_local = 12.0
-            * (self.local.layers * self.local.width) as f64
-            * self
-                .local
-                .window
-                .map_or(local_reach, |w| (w as f64).min(local_reach));
+        let local_reach = if self.cross_patch { self.context as f64 } else { p };
+        let attn_local = 12.0 * (self.local.layers * self.local.width) as f64 * self.local.window.map_or(local_reach, |w| (w as f64).min(local_reach));
         dense + attn_global + attn_local
     }
 }
@@ -332,11 +289,7 @@ impl Precision {
             "f32" => Precision::F32,
             "bf16" => Precision::Bf16,
             "auto" => Precision::default_for(device),
-            other => {
-                return Err(Error::Config(format!(
-                    "unknown precision `{other}`: use f32, bf16 or auto"
-                )))
-            }
+            other => return Err(Error::Config(format!("unknown precision `{other}`: use f32, bf16 or auto"))),
         };
         p.check(device)?;
         Ok(p)
@@ -353,9 +306,7 @@ impl Precision {
     /// bf16 needs the CUDA kernels.
     pub fn check(self, device: &candle_core::Device) -> Result<()> {
         if self == Precision::Bf16 && !device.is_cuda() {
-            return Err(Error::Config(
-                "precision bf16 runs on CUDA only; use f32 on the CPU".into(),
-            ));
+            return Err(Error::Config("precision bf16 runs on CUDA only; use f32 on the CPU".into()));
         }
         Ok(())
     }

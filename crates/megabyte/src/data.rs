@@ -65,19 +65,14 @@ impl ByteStream {
         let mut parts = Vec::new();
         let mut kept = Vec::new();
         for file in &files {
-            let f =
-                std::fs::File::open(file).io_context(|| format!("opening {}", file.display()))?;
-            let len = f
-                .metadata()
-                .io_context(|| format!("reading {}", file.display()))?
-                .len();
+            let f = std::fs::File::open(file).io_context(|| format!("opening {}", file.display()))?;
+            let len = f.metadata().io_context(|| format!("reading {}", file.display()))?.len();
             if len == 0 {
                 continue; // an empty file adds nothing (and cannot be mapped)
             }
             // SAFETY: the file is only read; a concurrent writer could change what we read,
             // which the user controls, as with any reader.
-            let map =
-                unsafe { Mmap::map(&f) }.io_context(|| format!("mapping {}", file.display()))?;
+            let map = unsafe { Mmap::map(&f) }.io_context(|| format!("mapping {}", file.display()))?;
             parts.push(Part::Mapped(map));
             kept.push((file.clone(), len));
         }
@@ -86,11 +81,7 @@ impl ByteStream {
         if stream.len == 0 {
             return Err(Error::Data {
                 path: path.into(),
-                msg: if meta.is_dir() {
-                    "the folder holds no bytes".into()
-                } else {
-                    "the file is empty".into()
-                },
+                msg: if meta.is_dir() { "the folder holds no bytes".into() } else { "the file is empty".into() },
             });
         }
         Ok(stream)
@@ -113,13 +104,7 @@ impl ByteStream {
             starts.push(len);
             len += p.bytes().len() as u64;
         }
-        ByteStream {
-            name,
-            parts,
-            starts,
-            len,
-            files: Vec::new(),
-        }
+        ByteStream { name, parts, starts, len, files: Vec::new() }
     }
 
     /// The files read, with their lengths, in stream order (empty for in-memory bytes).
@@ -168,16 +153,10 @@ impl ByteStream {
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir).io_context(|| format!("listing {}", dir.display()))?;
     for entry in entries {
-        let path = entry
-            .io_context(|| format!("listing {}", dir.display()))?
-            .path();
+        let path = entry.io_context(|| format!("listing {}", dir.display()))?.path();
         if path.is_dir() {
             collect_files(&path, out)?;
-        } else if path.is_file()
-            && !path
-                .to_string_lossy()
-                .ends_with(crate::documents::SIDECAR_SUFFIX)
-        {
+        } else if path.is_file() && !path.to_string_lossy().ends_with(crate::documents::SIDECAR_SUFFIX) {
             out.push(path);
         }
     }
@@ -199,12 +178,7 @@ impl Split {
     /// The whole stream.
     pub fn all(stream: Arc<ByteStream>) -> Self {
         let len = stream.len();
-        Split {
-            stream,
-            start: 0,
-            len,
-            docs: None,
-        }
+        Split { stream, start: 0, len, docs: None }
     }
 
     /// Bytes [start, end) of the stream.
@@ -212,18 +186,10 @@ impl Split {
         if start >= end || end > stream.len() {
             return Err(Error::Data {
                 path: stream.name().into(),
-                msg: format!(
-                    "byte range {start}..{end} is empty or outside the {} bytes",
-                    stream.len()
-                ),
+                msg: format!("byte range {start}..{end} is empty or outside the {} bytes", stream.len()),
             });
         }
-        Ok(Split {
-            stream,
-            start,
-            len: end - start,
-            docs: None,
-        })
+        Ok(Split { stream, start, len: end - start, docs: None })
     }
 
     /// Holds out the last `valid_bytes` of a stream: (train, valid).
@@ -236,20 +202,13 @@ impl Split {
             });
         }
         let cut = len - valid_bytes;
-        Ok((
-            Self::range(stream.clone(), 0, cut)?,
-            Self::range(stream, cut, len)?,
-        ))
+        Ok((Self::range(stream.clone(), 0, cut)?, Self::range(stream, cut, len)?))
     }
 
     /// Holds out about the last `valid_bytes` of a stream of documents (`starts`, the
     /// stream's), cutting at the first document start at or after len − valid_bytes (or the
     /// last start before it), so no document is split between training and validation.
-    pub fn holdout_documents(
-        stream: Arc<ByteStream>,
-        valid_bytes: u64,
-        starts: &[u64],
-    ) -> Result<(Self, Self)> {
+    pub fn holdout_documents(stream: Arc<ByteStream>, valid_bytes: u64, starts: &[u64]) -> Result<(Self, Self)> {
         let len = stream.len();
         let want = len.saturating_sub(valid_bytes);
         let cut = starts
@@ -269,12 +228,7 @@ impl Split {
     pub fn with_documents(mut self, stream_starts: &[u64]) -> Self {
         let end = self.start + self.len;
         let mut docs = vec![0u64];
-        docs.extend(
-            stream_starts
-                .iter()
-                .filter(|&&s| s > self.start && s < end)
-                .map(|&s| s - self.start),
-        );
+        docs.extend(stream_starts.iter().filter(|&&s| s > self.start && s < end).map(|&s| s - self.start));
         self.docs = Some(Arc::new(docs));
         self
     }
@@ -346,36 +300,22 @@ pub struct SamplerState {
 
 impl WindowSampler {
     pub fn new(seed: u64) -> Self {
-        WindowSampler {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            seed,
-        }
+        WindowSampler { rng: ChaCha8Rng::seed_from_u64(seed), seed }
     }
 
     pub fn state(&self) -> SamplerState {
         let pos = self.rng.get_word_pos();
-        SamplerState {
-            seed: self.seed,
-            word_pos_hi: (pos >> 64) as u64,
-            word_pos_lo: pos as u64,
-        }
+        SamplerState { seed: self.seed, word_pos_hi: (pos >> 64) as u64, word_pos_lo: pos as u64 }
     }
 
     pub fn restore(state: SamplerState) -> Self {
         let mut s = Self::new(state.seed);
-        s.rng
-            .set_word_pos(((state.word_pos_hi as u128) << 64) | state.word_pos_lo as u128);
+        s.rng.set_word_pos(((state.word_pos_hi as u128) << 64) | state.word_pos_lo as u128);
         s
     }
 
     /// A batch of `batch` random windows of `context` bytes: u32 [B, T] on `device`.
-    pub fn batch(
-        &mut self,
-        split: &Split,
-        batch: usize,
-        context: usize,
-        device: &Device,
-    ) -> Result<Tensor> {
+    pub fn batch(&mut self, split: &Split, batch: usize, context: usize, device: &Device) -> Result<Tensor> {
         self.batch_rows(split, batch, context, 0..batch, device)
     }
 
@@ -408,9 +348,7 @@ impl WindowSampler {
 /// A row range must lie inside the batch and hold at least one row.
 fn check_rows(rows: &Range<usize>, batch: usize) -> Result<()> {
     if rows.is_empty() || rows.end > batch {
-        return Err(Error::Input(format!(
-            "rows {rows:?} are not a slice of a batch of {batch}"
-        )));
+        return Err(Error::Input(format!("rows {rows:?} are not a slice of a batch of {batch}")));
     }
     Ok(())
 }
@@ -442,9 +380,7 @@ impl WindowSampler {
         device: &Device,
     ) -> Result<(Tensor, Tensor, usize)> {
         check_rows(&rows, batch)?;
-        let docs = split
-            .documents()
-            .ok_or_else(|| Error::Input("document batches need a split with documents".into()))?;
+        let docs = split.documents().ok_or_else(|| Error::Input("document batches need a split with documents".into()))?;
         split.require(1, "the training data")?;
         let mut ids = Vec::with_capacity(rows.len() * context);
         let mut weights = Vec::with_capacity(rows.len() * context);
@@ -455,12 +391,7 @@ impl WindowSampler {
             let start = d + (u - d) / context as u64 * context as u64; // the tile holding u
             let real = (e - start).min(context as u64) as usize;
             if rows.contains(&row) {
-                ids.extend(
-                    split
-                        .padded_window(start, real, context)
-                        .into_iter()
-                        .map(u32::from),
-                );
+                ids.extend(split.padded_window(start, real, context).into_iter().map(u32::from));
                 weights.extend((0..context).map(|i| if i < real { 1f32 } else { 0.0 }));
             }
             real_total += real;
@@ -476,9 +407,6 @@ impl WindowSampler {
 /// Bytes as a u32 tensor [B, len] on `device`.
 pub fn bytes_to_tensor(rows: &[Vec<u8>], device: &Device) -> Result<Tensor> {
     let len = rows.first().map_or(0, |r| r.len());
-    let ids: Vec<u32> = rows
-        .iter()
-        .flat_map(|r| r.iter().map(|&b| u32::from(b)))
-        .collect();
+    let ids: Vec<u32> = rows.iter().flat_map(|r| r.iter().map(|&b| u32::from(b))).collect();
     Ok(Tensor::from_vec(ids, (rows.len(), len), device)?)
 }

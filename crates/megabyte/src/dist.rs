@@ -84,10 +84,7 @@ impl DistEnv {
             return Ok(None);
         };
         let number = |name: &str, value: &str| -> Result<usize> {
-            value
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| dist_err(format!("{name}={value:?} is not a whole number")))
+            value.trim().parse::<usize>().map_err(|_| dist_err(format!("{name}={value:?} is not a whole number")))
         };
         let world_size = number("WORLD_SIZE", &world)?;
         if world_size == 0 {
@@ -98,21 +95,15 @@ impl DistEnv {
             None => return Err(dist_err("WORLD_SIZE is set but RANK is not: give every process its RANK (0 to WORLD_SIZE - 1)")),
         };
         if rank >= world_size {
-            return Err(dist_err(format!(
-                "RANK {rank} is out of range for WORLD_SIZE {world_size} (ranks are 0 to {})",
-                world_size - 1
-            )));
+            return Err(dist_err(format!("RANK {rank} is out of range for WORLD_SIZE {world_size} (ranks are 0 to {})", world_size - 1)));
         }
         let local_rank = match get("LOCAL_RANK") {
             Some(r) => number("LOCAL_RANK", &r)?,
             None => rank,
         };
-        let master_addr =
-            get("MASTER_ADDR").map_or_else(|| "127.0.0.1".to_string(), |a| a.trim().to_string());
+        let master_addr = get("MASTER_ADDR").map_or_else(|| "127.0.0.1".to_string(), |a| a.trim().to_string());
         if master_addr.is_empty() {
-            return Err(dist_err(
-                "MASTER_ADDR is empty: set it to rank 0's host name or address",
-            ));
+            return Err(dist_err("MASTER_ADDR is empty: set it to rank 0's host name or address"));
         }
         let master_port = match get("MASTER_PORT") {
             Some(p) => p
@@ -120,18 +111,10 @@ impl DistEnv {
                 .parse::<u16>()
                 .ok()
                 .filter(|&p| p > 0)
-                .ok_or_else(|| {
-                    dist_err(format!("MASTER_PORT={p:?} is not a TCP port (1 to 65535)"))
-                })?,
+                .ok_or_else(|| dist_err(format!("MASTER_PORT={p:?} is not a TCP port (1 to 65535)")))?,
             None => Self::DEFAULT_PORT,
         };
-        Ok(Some(DistEnv {
-            rank,
-            world_size,
-            local_rank,
-            master_addr,
-            master_port,
-        }))
+        Ok(Some(DistEnv { rank, world_size, local_rank, master_addr, master_port }))
     }
 
     /// `MASTER_ADDR:MASTER_PORT` (IPv6 addresses in brackets).
@@ -194,13 +177,7 @@ pub fn exchange_id(
         serve_id(&listener, env.world_size, fingerprint, &id, deadline)?;
         Ok(id)
     } else {
-        fetch_id(
-            &env.address(),
-            env.rank,
-            env.world_size,
-            fingerprint,
-            deadline,
-        )
+        fetch_id(&env.address(), env.rank, env.world_size, fingerprint, deadline)
     }
 }
 
@@ -234,12 +211,8 @@ pub fn serve_id(
     deadline: Instant,
 ) -> Result<()> {
     let started = Instant::now();
-    let address = listener
-        .local_addr()
-        .map_or_else(|_| "?".to_string(), |a| a.to_string());
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| dist_err(format!("rendezvous socket {address}: {e}")))?;
+    let address = listener.local_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+    listener.set_nonblocking(true).map_err(|e| dist_err(format!("rendezvous socket {address}: {e}")))?;
     let mut joined: Vec<(usize, TcpStream)> = Vec::new();
     let problem = loop {
         if joined.len() + 1 == world {
@@ -266,33 +239,20 @@ pub fn serve_id(
         // A hello is a few bytes sent at once; a connection that sends none is not a rank.
         let hello = stream
             .set_nonblocking(false)
-            .and_then(|()| {
-                stream.set_read_timeout(Some(
-                    Duration::from_secs(10)
-                        .min(deadline - now)
-                        .max(Duration::from_millis(1)),
-                ))
-            })
+            .and_then(|()| stream.set_read_timeout(Some(Duration::from_secs(10).min(deadline - now).max(Duration::from_millis(1)))))
             .and_then(|()| read_exact(&mut stream, HELLO_BYTES));
         let Ok(hello) = hello else { continue };
         if &hello[..8] != MAGIC {
             continue; // not one of ours (a port scanner, another program): ignore it
         }
-        let word = |at: usize| {
-            u32::from_le_bytes([hello[at], hello[at + 1], hello[at + 2], hello[at + 3]]) as usize
-        };
+        let word = |at: usize| u32::from_le_bytes([hello[at], hello[at + 1], hello[at + 2], hello[at + 3]]) as usize;
         let (rank, their_world) = (word(8), word(12));
         let refusal = if their_world != world {
             Some(format!("rank {rank} has WORLD_SIZE {their_world} but rank 0 has {world}: give every rank the same WORLD_SIZE"))
         } else if rank == 0 || rank >= world {
-            Some(format!(
-                "a process joined as rank {rank}, which is not one of ranks 1 to {}: check RANK",
-                world - 1
-            ))
+            Some(format!("a process joined as rank {rank}, which is not one of ranks 1 to {}: check RANK", world - 1))
         } else if joined.iter().any(|(r, _)| *r == rank) {
-            Some(format!(
-                "two processes joined as rank {rank}: give every process its own RANK"
-            ))
+            Some(format!("two processes joined as rank {rank}: give every process its own RANK"))
         } else if hello[16..] != fingerprint[..] {
             Some(format!(
                 "rank {rank} runs another configuration than rank 0: give every rank the same model, training and data \
@@ -319,9 +279,7 @@ pub fn serve_id(
                 let mut reply = Vec::with_capacity(1 + ID_BYTES);
                 reply.push(b'K');
                 reply.extend_from_slice(id);
-                stream
-                    .write_all(&reply)
-                    .map_err(|e| dist_err(format!("sending the NCCL id to rank {rank}: {e}")))?;
+                stream.write_all(&reply).map_err(|e| dist_err(format!("sending the NCCL id to rank {rank}: {e}")))?;
             }
             Ok(())
         }
@@ -338,13 +296,7 @@ fn refuse(stream: &mut TcpStream, msg: &str) {
 
 /// Another rank's side: connects to rank 0 at `address` (retrying until `deadline`), sends
 /// its hello and waits for the id.
-pub fn fetch_id(
-    address: &str,
-    rank: usize,
-    world: usize,
-    fingerprint: &Fingerprint,
-    deadline: Instant,
-) -> Result<[u8; ID_BYTES]> {
+pub fn fetch_id(address: &str, rank: usize, world: usize, fingerprint: &Fingerprint, deadline: Instant) -> Result<[u8; ID_BYTES]> {
     let started = Instant::now();
     let waited = || format!("{:.0} s", started.elapsed().as_secs_f64());
     let mut stream = loop {
@@ -356,18 +308,12 @@ pub fn fetch_id(
                 waited()
             )));
         }
-        let attempt = address
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .and_then(|addr| {
-                TcpStream::connect_timeout(&addr, (deadline - now).min(Duration::from_secs(5))).ok()
-            });
+        let attempt = address.to_socket_addrs().ok().and_then(|mut a| a.next()).and_then(|addr| {
+            TcpStream::connect_timeout(&addr, (deadline - now).min(Duration::from_secs(5))).ok()
+        });
         match attempt {
             Some(s) => break s,
-            None => std::thread::sleep(
-                Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())),
-            ),
+            None => std::thread::sleep(Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()))),
         }
     };
     let mut hello = Vec::with_capacity(HELLO_BYTES);
@@ -375,16 +321,10 @@ pub fn fetch_id(
     hello.extend_from_slice(&(rank as u32).to_le_bytes());
     hello.extend_from_slice(&(world as u32).to_le_bytes());
     hello.extend_from_slice(fingerprint);
-    stream
-        .write_all(&hello)
-        .map_err(|e| dist_err(format!("rank {rank}: sending to rank 0 at {address}: {e}")))?;
+    stream.write_all(&hello).map_err(|e| dist_err(format!("rank {rank}: sending to rank 0 at {address}: {e}")))?;
     // Rank 0 answers once every rank has joined.
-    let remaining = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    stream
-        .set_read_timeout(Some(remaining))
-        .map_err(|e| dist_err(format!("rendezvous socket: {e}")))?;
+    let remaining = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    stream.set_read_timeout(Some(remaining)).map_err(|e| dist_err(format!("rendezvous socket: {e}")))?;
     let kind = read_exact(&mut stream, 1).map_err(|e| match e.kind() {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => dist_err(format!(
             "rank {rank}: rank 0 at {address} did not hand out the NCCL id within {}: not every rank joined (see rank 0's error)",
@@ -392,11 +332,7 @@ pub fn fetch_id(
         )),
         _ => dist_err(format!("rank {rank}: rank 0 at {address} closed the rendezvous ({e}): see rank 0's error")),
     })?;
-    let lost = |e: std::io::Error| {
-        dist_err(format!(
-            "rank {rank}: reading rank 0's reply from {address}: {e}"
-        ))
-    };
+    let lost = |e: std::io::Error| dist_err(format!("rank {rank}: reading rank 0's reply from {address}: {e}"));
     match kind[0] {
         b'K' => {
             let id = read_exact(&mut stream, ID_BYTES).map_err(lost)?;
@@ -468,12 +404,7 @@ impl ThreadGroup {
             gate: Mutex::new((0, 0)),
             turn: Condvar::new(),
         });
-        (0..world)
-            .map(|rank| ThreadGroup {
-                rank,
-                shared: shared.clone(),
-            })
-            .collect()
+        (0..world).map(|rank| ThreadGroup { rank, shared: shared.clone() }).collect()
     }
 
     /// Waits until every rank has arrived here.
@@ -504,25 +435,16 @@ impl ThreadGroup {
     }
 
     /// Every rank's tensors, once all have put theirs.
-    fn exchange(
-        &self,
-        bufs: Vec<Tensor>,
-        combine: impl Fn(&[Vec<Tensor>]) -> Result<Vec<Tensor>>,
-    ) -> Result<Vec<Tensor>> {
+    fn exchange(&self, bufs: Vec<Tensor>, combine: impl Fn(&[Vec<Tensor>]) -> Result<Vec<Tensor>>) -> Result<Vec<Tensor>> {
         let poisoned = || dist_err("another rank's thread panicked");
         self.shared.slots.lock().map_err(|_| poisoned())?[self.rank] = Some(bufs);
         self.barrier()?;
         let result = {
             let slots = self.shared.slots.lock().map_err(|_| poisoned())?;
-            let all: Vec<Vec<Tensor>> = slots
-                .iter()
-                .map(|s| s.clone().unwrap_or_default())
-                .collect();
+            let all: Vec<Vec<Tensor>> = slots.iter().map(|s| s.clone().unwrap_or_default()).collect();
             drop(slots);
             if all.iter().any(|b| b.len() != all[0].len()) {
-                Err(dist_err(
-                    "the ranks passed different numbers of tensors to a collective",
-                ))
+                Err(dist_err("the ranks passed different numbers of tensors to a collective"))
             } else {
                 combine(&all)
             }
@@ -558,17 +480,9 @@ impl Collective for ThreadGroup {
 
     fn broadcast(&mut self, bufs: Vec<Tensor>, root: usize) -> Result<Vec<Tensor>> {
         if root >= self.shared.world {
-            return Err(dist_err(format!(
-                "broadcast from rank {root} of {}",
-                self.shared.world
-            )));
+            return Err(dist_err(format!("broadcast from rank {root} of {}", self.shared.world)));
         }
-        self.exchange(bufs, |all| {
-            Ok(all[root]
-                .iter()
-                .map(|t| t.copy())
-                .collect::<candle_core::Result<Vec<_>>>()?)
-        })
+        self.exchange(bufs, |all| Ok(all[root].iter().map(|t| t.copy()).collect::<candle_core::Result<Vec<_>>>()?))
     }
 }
 
@@ -620,23 +534,15 @@ fn bucket(parts: &[Tensor]) -> Result<Tensor> {
 impl Packing {
     /// The tensors back out of (reduced) buckets, as views, in packing order and with
     /// `shapes`.
-    pub fn unpack(
-        &self,
-        buckets: &[Tensor],
-        shapes: &[&candle_core::Shape],
-    ) -> Result<Vec<Tensor>> {
+    pub fn unpack(&self, buckets: &[Tensor], shapes: &[&candle_core::Shape]) -> Result<Vec<Tensor>> {
         if shapes.len() != self.places.len() {
-            return Err(dist_err(
-                "unpacking another number of tensors than was packed",
-            ));
+            return Err(dist_err("unpacking another number of tensors than was packed"));
         }
         self.places
             .iter()
             .zip(shapes)
             .map(|(&(b, off, n), shape)| {
-                let bucket = buckets
-                    .get(b)
-                    .ok_or_else(|| dist_err("a bucket went missing in a collective"))?;
+                let bucket = buckets.get(b).ok_or_else(|| dist_err("a bucket went missing in a collective"))?;
                 Ok(bucket.narrow(0, off, n)?.reshape(*shape)?)
             })
             .collect()
@@ -654,82 +560,35 @@ mod tests {
         let vars: Vec<Var> = [(3, 4), (2, 2), (1, 3)]
             .iter()
             .enumerate()
-            .map(|(i, &shape)| {
-                Var::from_tensor(
-                    &(Tensor::ones(shape, candle_core::DType::F32, &Device::Cpu).unwrap()
-                        * i as f64)
-                        .unwrap(),
-                )
-                .unwrap()
-            })
+            .map(|(i, &shape)| Var::from_tensor(&(Tensor::ones(shape, candle_core::DType::F32, &Device::Cpu).unwrap() * i as f64).unwrap()).unwrap())
             .collect();
         let tensors: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
         let (buckets, packing) = pack(&tensors, 8).unwrap();
-        assert_eq!(
-            buckets.iter().map(|b| b.elem_count()).collect::<Vec<_>>(),
-            vec![12, 7]
-        );
+        assert_eq!(buckets.iter().map(|b| b.elem_count()).collect::<Vec<_>>(), vec![12, 7]);
         // The unpacked views can be set into the variables they came from, which fails for a
         // view of a variable's own storage (what an in-place collective would then write).
         let shapes: Vec<&candle_core::Shape> = tensors.iter().map(|t| t.shape()).collect();
-        for (i, (var, value)) in vars
-            .iter()
-            .zip(packing.unpack(&buckets, &shapes).unwrap())
-            .enumerate()
-        {
+        for (i, (var, value)) in vars.iter().zip(packing.unpack(&buckets, &shapes).unwrap()).enumerate() {
             var.set(&value).unwrap();
-            assert_eq!(
-                var.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-                vec![i as f32; var.elem_count()]
-            );
+            assert_eq!(var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![i as f32; var.elem_count()]);
         }
     }
 
     #[test]
     fn environment_variables_are_read_and_checked() {
         let vars = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| v.to_string())
-            }
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
         };
         assert_eq!(DistEnv::from_vars(vars(&[])).unwrap(), None);
-        let env = DistEnv::from_vars(vars(&[
-            ("WORLD_SIZE", "4"),
-            ("RANK", "3"),
-            ("MASTER_PORT", "1234"),
-        ]))
-        .unwrap()
-        .unwrap();
-        assert_eq!(
-            env,
-            DistEnv {
-                rank: 3,
-                world_size: 4,
-                local_rank: 3,
-                master_addr: "127.0.0.1".into(),
-                master_port: 1234
-            }
-        );
+        let env = DistEnv::from_vars(vars(&[("WORLD_SIZE", "4"), ("RANK", "3"), ("MASTER_PORT", "1234")])).unwrap().unwrap();
+        assert_eq!(env, DistEnv { rank: 3, world_size: 4, local_rank: 3, master_addr: "127.0.0.1".into(), master_port: 1234 });
         assert_eq!(env.address(), "127.0.0.1:1234");
         for (bad, says) in [
             (&[("RANK", "0")][..], "WORLD_SIZE is not"),
             (&[("WORLD_SIZE", "2")][..], "RANK is not"),
             (&[("WORLD_SIZE", "2"), ("RANK", "2")][..], "out of range"),
-            (
-                &[("WORLD_SIZE", "two"), ("RANK", "0")][..],
-                "not a whole number",
-            ),
-            (
-                &[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "99999")][..],
-                "not a TCP port",
-            ),
+            (&[("WORLD_SIZE", "two"), ("RANK", "0")][..], "not a whole number"),
+            (&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "99999")][..], "not a TCP port"),
         ] {
             let pairs: &'static [(&'static str, &'static str)] = bad;
             let err = DistEnv::from_vars(vars(pairs)).unwrap_err().to_string();

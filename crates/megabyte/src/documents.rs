@@ -43,24 +43,12 @@ pub struct DocumentIndex {
 impl DocumentIndex {
     /// Documents of a fixed size.
     pub fn records(bytes: u64, record_bytes: u64, about: serde_json::Value) -> Self {
-        DocumentIndex {
-            format: INDEX_FORMAT,
-            bytes,
-            record_bytes: Some(record_bytes),
-            starts: None,
-            about,
-        }
+        DocumentIndex { format: INDEX_FORMAT, bytes, record_bytes: Some(record_bytes), starts: None, about }
     }
 
     /// Documents starting at `starts`.
     pub fn starts(bytes: u64, starts: Vec<u64>, about: serde_json::Value) -> Self {
-        DocumentIndex {
-            format: INDEX_FORMAT,
-            bytes,
-            record_bytes: None,
-            starts: Some(starts),
-            about,
-        }
+        DocumentIndex { format: INDEX_FORMAT, bytes, record_bytes: None, starts: Some(starts), about }
     }
 
     /// The sidecar path of a byte file.
@@ -75,10 +63,7 @@ impl DocumentIndex {
         match (&self.record_bytes, &self.starts) {
             (Some(r), None) => {
                 if *r == 0 || self.bytes % r != 0 {
-                    return Err(format!(
-                        "{} bytes are not a whole number of {r}-byte records",
-                        self.bytes
-                    ));
+                    return Err(format!("{} bytes are not a whole number of {r}-byte records", self.bytes));
                 }
                 Ok((0..self.bytes / r).map(|i| i * r).collect())
             }
@@ -86,13 +71,8 @@ impl DocumentIndex {
                 if self.bytes > 0 && s.first() != Some(&0) {
                     return Err("the first document must start at 0".into());
                 }
-                if s.windows(2).any(|w| w[0] >= w[1])
-                    || s.last().is_some_and(|&l| l >= self.bytes.max(1))
-                {
-                    return Err(format!(
-                        "starts must be strictly increasing and below {}",
-                        self.bytes
-                    ));
+                if s.windows(2).any(|w| w[0] >= w[1]) || s.last().is_some_and(|&l| l >= self.bytes.max(1)) {
+                    return Err(format!("starts must be strictly increasing and below {}", self.bytes));
                 }
                 Ok(s.clone())
             }
@@ -106,18 +86,12 @@ impl DocumentIndex {
         if !path.exists() {
             return Ok(None);
         }
-        let bad = |msg: String| Error::Data {
-            path: path.clone(),
-            msg,
-        };
+        let bad = |msg: String| Error::Data { path: path.clone(), msg };
         let text = std::fs::read(&path).io_context(|| format!("reading {}", path.display()))?;
-        let index: DocumentIndex = serde_json::from_slice(&text)
-            .map_err(|e| bad(format!("not a document index ({e})")))?;
+        let index: DocumentIndex =
+            serde_json::from_slice(&text).map_err(|e| bad(format!("not a document index ({e})")))?;
         if index.format != INDEX_FORMAT {
-            return Err(bad(format!(
-                "format {} is not the supported {INDEX_FORMAT}",
-                index.format
-            )));
+            return Err(bad(format!("format {} is not the supported {INDEX_FORMAT}", index.format)));
         }
         if index.bytes != data_len {
             return Err(bad(format!(
@@ -135,17 +109,14 @@ impl DocumentIndex {
         let tmp = temp_path(&path);
         let text = serde_json::to_vec_pretty(self)?;
         std::fs::write(&tmp, text).io_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path)
-            .io_context(|| format!("renaming {} into place", tmp.display()))?;
+        std::fs::rename(&tmp, &path).io_context(|| format!("renaming {} into place", tmp.display()))?;
         Ok(path)
     }
 }
 
 /// `dir/name` → `dir/.name.tmp-PID`: where a converter writes before renaming into place.
 pub(crate) fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    let name = path.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
@@ -170,25 +141,17 @@ impl OutputFile {
             }
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .io_context(|| format!("creating {}", parent.display()))?;
+            std::fs::create_dir_all(parent).io_context(|| format!("creating {}", parent.display()))?;
         }
         let tmp = temp_path(path);
-        let file =
-            std::fs::File::create(&tmp).io_context(|| format!("creating {}", tmp.display()))?;
-        Ok(OutputFile {
-            path: path.into(),
-            tmp,
-            writer: Some(std::io::BufWriter::new(file)),
-            written: 0,
-        })
+        let file = std::fs::File::create(&tmp).io_context(|| format!("creating {}", tmp.display()))?;
+        Ok(OutputFile { path: path.into(), tmp, writer: Some(std::io::BufWriter::new(file)), written: 0 })
     }
 
     pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<()> {
         use std::io::Write;
         let w = self.writer.as_mut().expect("writer present until finish");
-        w.write_all(bytes)
-            .io_context(|| format!("writing {}", self.tmp.display()))?;
+        w.write_all(bytes).io_context(|| format!("writing {}", self.tmp.display()))?;
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -201,24 +164,16 @@ impl OutputFile {
     pub(crate) fn finish(mut self, index: &DocumentIndex) -> Result<PathBuf> {
         use std::io::Write;
         if self.written == 0 {
-            return Err(Error::Input(
-                "nothing to write: the input holds no documents".into(),
-            ));
+            return Err(Error::Input("nothing to write: the input holds no documents".into()));
         }
         let mut w = self.writer.take().expect("writer present until finish");
-        w.flush()
-            .io_context(|| format!("writing {}", self.tmp.display()))?;
-        w.get_ref()
-            .sync_all()
-            .io_context(|| format!("syncing {}", self.tmp.display()))?;
+        w.flush().io_context(|| format!("writing {}", self.tmp.display()))?;
+        w.get_ref().sync_all().io_context(|| format!("syncing {}", self.tmp.display()))?;
         drop(w);
         let sidecar = index.write_for(&self.path)?;
         if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
             let _ = std::fs::remove_file(&sidecar);
-            return Err(Error::Io {
-                context: format!("renaming {} into place", self.tmp.display()),
-                source: e,
-            });
+            return Err(Error::Io { context: format!("renaming {} into place", self.tmp.display()), source: e });
         }
         Ok(self.path.clone())
     }
@@ -244,9 +199,7 @@ pub(crate) fn list_files(dir: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<Vec
             if entry.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
-            let kind = entry
-                .file_type()
-                .io_context(|| format!("reading {}", path.display()))?;
+            let kind = entry.file_type().io_context(|| format!("reading {}", path.display()))?;
             if kind.is_dir() {
                 walk(&path, keep, out)?;
             } else if path.is_file() && keep(&path) {
@@ -263,9 +216,7 @@ pub(crate) fn list_files(dir: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<Vec
 
 /// Whether a path's extension (case-insensitive) is one of `exts` (given without dots).
 pub(crate) fn has_extension(path: &Path, exts: &[&str]) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
 }
 
 /// The document start offsets of a training stream opened with [`crate::data::ByteStream::open`]

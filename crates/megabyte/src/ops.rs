@@ -59,9 +59,7 @@ impl Elem for f32 {
     fn normal_cdf_pdf(self) -> (f32, f32) {
         let z = self.abs() * std::f32::consts::FRAC_1_SQRT_2;
         let t = 1.0 / (1.0 + 0.327_591_1 * z);
-        let poly = t
-            * (0.254_829_6
-                + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+        let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
         let e = (-z * z).exp();
         let erf = (1.0 - poly * e).copysign(self);
         (0.5 * (1.0 + erf), e * FRAC_1_SQRT_2PI as f32)
@@ -70,10 +68,7 @@ impl Elem for f32 {
 
 impl Elem for f64 {
     fn normal_cdf_pdf(self) -> (f64, f64) {
-        (
-            0.5 * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2)),
-            (-0.5 * self * self).exp() * FRAC_1_SQRT_2PI,
-        )
+        (0.5 * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2)), (-0.5 * self * self).exp() * FRAC_1_SQRT_2PI)
     }
 }
 
@@ -84,13 +79,11 @@ const CHUNK: usize = 16 * 1024;
 /// out[i] = f(a[i], b[i]) in parallel chunks.
 fn map2<T: Elem>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::zero(); a.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-        .for_each(|(o, (a, b))| {
-            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                *o = f(a, b);
-            }
-        });
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(|(o, (a, b))| {
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            *o = f(a, b);
+        }
+    });
     out
 }
 
@@ -107,18 +100,9 @@ fn view3(layout: &Layout, what: &str) -> CResult<(View3, [usize; 3])> {
     let dims = layout.dims();
     let stride = layout.stride();
     if dims.len() != 3 || (stride[2] != 1 && dims[2] > 1) {
-        candle_core::bail!(
-            "{what}: expected a rank-3 tensor with a contiguous last dim, got {dims:?} {stride:?}"
-        );
+        candle_core::bail!("{what}: expected a rank-3 tensor with a contiguous last dim, got {dims:?} {stride:?}");
     }
-    Ok((
-        View3 {
-            offset: layout.start_offset(),
-            sn: stride[0],
-            ss: stride[1],
-        },
-        [dims[0], dims[1], dims[2]],
-    ))
+    Ok((View3 { offset: layout.start_offset(), sn: stride[0], ss: stride[1] }, [dims[0], dims[1], dims[2]]))
 }
 
 fn contiguous<'a, T>(s: &'a [T], layout: &Layout, what: &str) -> CResult<&'a [T]> {
@@ -129,10 +113,7 @@ fn contiguous<'a, T>(s: &'a [T], layout: &Layout, what: &str) -> CResult<&'a [T]
 }
 
 /// Runs `f` on a CPU tensor's storage, borrowed under its read lock (no copy).
-fn with_cpu_storage<R>(
-    t: &Tensor,
-    f: impl FnOnce(&CpuStorage, &Layout) -> CResult<R>,
-) -> CResult<R> {
+fn with_cpu_storage<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> CResult<R>) -> CResult<R> {
     let (s, l) = t.storage_and_layout();
     match &*s {
         Storage::Cpu(c) => f(c, l),
@@ -154,52 +135,24 @@ fn with_cpu_storage<R>(
 /// the [S, S] scores.
 pub fn causal_self_attention(qkv: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
     if fused_self_attention(qkv, heads, window)? {
-        return qkv.apply_op1(SelfAttention {
-            heads,
-            window,
-            lse: Default::default(),
-        });
+        return qkv.apply_op1(SelfAttention { heads, window, lse: Default::default() });
     }
     if !qkv.device().is_cpu() {
         let d = qkv.dim(2)? / 3;
-        let (q, k, v) = (
-            qkv.narrow(2, 0, d)?,
-            qkv.narrow(2, d, d)?,
-            qkv.narrow(2, 2 * d, d)?,
-        );
+        let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
         return reference::causal_attention(&q, &k.contiguous()?, &v.contiguous()?, heads, window);
     }
-    let qkv = if qkv.stride()[2] == 1 {
-        qkv.clone()
-    } else {
-        qkv.contiguous()?
-    };
-    qkv.apply_op1(SelfAttention {
-        heads,
-        window,
-        lse: Default::default(),
-    })
+    let qkv = if qkv.stride()[2] == 1 { qkv.clone() } else { qkv.contiguous()? };
+    qkv.apply_op1(SelfAttention { heads, window, lse: Default::default() })
 }
 
 /// softmax(q kᵀ / √hd + causal mask) v for q [N, Sq, D] and k, v [N, Sk, D] (Sk ≥ Sq): query i
 /// sits at position Sk − Sq + i, after the Sk − Sq positions of a KV cache, and sees keys up
 /// to it (or, with `window`, the last W positions up to it). For cached decoding: no backward
 /// pass.
-pub fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    window: Option<usize>,
-) -> CResult<Tensor> {
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
     // The kernels read any rank-3 view whose last dimension is contiguous.
-    let rows = |t: &Tensor| {
-        if t.stride()[2] == 1 {
-            Ok(t.clone())
-        } else {
-            t.contiguous()
-        }
-    };
+    let rows = |t: &Tensor| if t.stride()[2] == 1 { Ok(t.clone()) } else { t.contiguous() };
     if window.is_none() && fused_cuda(q) && cuda_head_dim(q.dim(2)? / heads) {
         return rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads, window });
     }
@@ -240,33 +193,14 @@ struct SelfAttention {
 }
 
 /// The q, k and v views of a qkv [N, S, 3D] layout, and the shapes.
-fn qkv_views(
-    l: &Layout,
-    heads: usize,
-    window: Option<usize>,
-) -> CResult<(AttnDims, View3, View3, View3)> {
+fn qkv_views(l: &Layout, heads: usize, window: Option<usize>) -> CResult<(AttnDims, View3, View3, View3)> {
     let (v, [n, s, d3]) = view3(l, "attention qkv")?;
     if d3 % 3 != 0 || (d3 / 3) % heads != 0 {
         candle_core::bail!("attention: qkv width {d3} is not 3 × a multiple of {heads} heads");
     }
     let d = d3 / 3;
-    let at = |col: usize| View3 {
-        offset: v.offset + col,
-        ..v
-    };
-    Ok((
-        AttnDims {
-            n,
-            sq: s,
-            sk: s,
-            d,
-            heads,
-            window: window.unwrap_or(usize::MAX),
-        },
-        at(0),
-        at(d),
-        at(2 * d),
-    ))
+    let at = |col: usize| View3 { offset: v.offset + col, ..v };
+    Ok((AttnDims { n, sq: s, sk: s, d, heads, window: window.unwrap_or(usize::MAX) }, at(0), at(d), at(2 * d)))
 }
 
 /// Shapes of one attention call.
@@ -290,53 +224,20 @@ impl AttnDims {
     }
 }
 
-fn attn_dims(
-    lq: &Layout,
-    lk: &Layout,
-    lv: &Layout,
-    heads: usize,
-    window: Option<usize>,
-) -> CResult<(AttnDims, View3, View3, View3)> {
+fn attn_dims(lq: &Layout, lk: &Layout, lv: &Layout, heads: usize, window: Option<usize>) -> CResult<(AttnDims, View3, View3, View3)> {
     let (vq, [n, sq, d]) = view3(lq, "attention q")?;
     let (vk, [nk, sk, dk]) = view3(lk, "attention k")?;
     let (vv, dv) = view3(lv, "attention v")?;
     if nk != n || dk != d || dv != [nk, sk, dk] || sk < sq || d % heads != 0 {
-        candle_core::bail!(
-            "attention: incompatible shapes q {:?} k {:?} v {:?}",
-            lq.dims(),
-            lk.dims(),
-            lv.dims()
-        );
+        candle_core::bail!("attention: incompatible shapes q {:?} k {:?} v {:?}", lq.dims(), lk.dims(), lv.dims());
     }
-    Ok((
-        AttnDims {
-            n,
-            sq,
-            sk,
-            d,
-            heads,
-            window: window.unwrap_or(usize::MAX),
-        },
-        vq,
-        vk,
-        vv,
-    ))
+    Ok((AttnDims { n, sq, sk, d, heads, window: window.unwrap_or(usize::MAX) }, vq, vk, vv))
 }
 
 /// Probabilities of query `i` of head `h` in sequence `n` over the keys it sees, lo..hi
 /// (returned; hi − 1 is its own position), into p[lo..hi].
 #[allow(clippy::too_many_arguments)]
-fn attn_probs<T: Elem>(
-    q: &[T],
-    k: &[T],
-    vq: View3,
-    vk: View3,
-    dims: AttnDims,
-    n: usize,
-    h: usize,
-    i: usize,
-    p: &mut [T],
-) -> (usize, usize) {
+fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n: usize, h: usize, i: usize, p: &mut [T]) -> (usize, usize) {
     let hd = dims.hd();
     let scale = T::from(dims.scale()).expect("scale fits");
     let hi = dims.sk - dims.sq + i + 1;
@@ -345,11 +246,7 @@ fn attn_probs<T: Elem>(
     let mut max = T::neg_infinity();
     for (j, pj) in p.iter_mut().enumerate().take(hi).skip(lo) {
         let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
-        let s = qi
-            .iter()
-            .zip(kj)
-            .fold(T::zero(), |acc, (&a, &b)| acc + a * b)
-            * scale;
+        let s = qi.iter().zip(kj).fold(T::zero(), |acc, (&a, &b)| acc + a * b) * scale;
         *pj = s;
         max = Float::max(max, s);
     }
@@ -365,15 +262,7 @@ fn attn_probs<T: Elem>(
     (lo, hi)
 }
 
-fn attn_fwd<T: Elem>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    vq: View3,
-    vk: View3,
-    vv: View3,
-    dims: AttnDims,
-) -> Vec<T> {
+fn attn_fwd<T: Elem>(q: &[T], k: &[T], v: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims) -> Vec<T> {
     let (sq, d, hd) = (dims.sq, dims.d, dims.hd());
     let mut y = vec![T::zero(); dims.n * sq * d];
     y.par_chunks_mut(sq * d).enumerate().for_each(|(n, yn)| {
@@ -396,55 +285,43 @@ fn attn_fwd<T: Elem>(
 
 /// d(qkv) [N, S, 3D] (contiguous) of self-attention from dy [N, S, D] contiguous.
 /// Recomputes the probabilities: nothing but qkv is kept from the forward pass.
-fn attn_bwd<T: Elem>(
-    qkv: &[T],
-    dy: &[T],
-    vq: View3,
-    vk: View3,
-    vv: View3,
-    dims: AttnDims,
-) -> Vec<T> {
+fn attn_bwd<T: Elem>(qkv: &[T], dy: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims) -> Vec<T> {
     let (n_all, s, d, hd) = (dims.n, dims.sq, dims.d, dims.hd());
     let scale = T::from(dims.scale()).expect("scale fits");
     let (q, k, v) = (qkv, qkv, qkv);
     let mut out = vec![T::zero(); n_all * s * 3 * d];
-    out.par_chunks_mut(s * 3 * d)
-        .enumerate()
-        .for_each(|(n, dn)| {
-            let mut p = vec![T::zero(); s];
-            let mut dp = vec![T::zero(); s];
-            for h in 0..dims.heads {
-                for i in 0..s {
-                    let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
-                    let dyi = &dy[(n * s + i) * d + h * hd..][..hd];
-                    // dP_ij = dy_i · v_j, and Σ_j P_ij dP_ij = dy_i · y_i.
-                    let mut row = T::zero();
-                    for j in lo..hi {
-                        let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
-                        dp[j] = dyi
-                            .iter()
-                            .zip(vj)
-                            .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-                        row = row + p[j] * dp[j];
+    out.par_chunks_mut(s * 3 * d).enumerate().for_each(|(n, dn)| {
+        let mut p = vec![T::zero(); s];
+        let mut dp = vec![T::zero(); s];
+        for h in 0..dims.heads {
+            for i in 0..s {
+                let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
+                let dyi = &dy[(n * s + i) * d + h * hd..][..hd];
+                // dP_ij = dy_i · v_j, and Σ_j P_ij dP_ij = dy_i · y_i.
+                let mut row = T::zero();
+                for j in lo..hi {
+                    let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
+                    dp[j] = dyi.iter().zip(vj).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                    row = row + p[j] * dp[j];
+                }
+                let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
+                for j in lo..hi {
+                    let ds = p[j] * (dp[j] - row) * scale; // dScore_ij
+                    let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
+                    // Row r of dn holds [dq_r | dk_r | dv_r].
+                    for (o, &x) in dn[i * 3 * d + h * hd..][..hd].iter_mut().zip(kj) {
+                        *o = *o + ds * x;
                     }
-                    let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
-                    for j in lo..hi {
-                        let ds = p[j] * (dp[j] - row) * scale; // dScore_ij
-                        let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
-                        // Row r of dn holds [dq_r | dk_r | dv_r].
-                        for (o, &x) in dn[i * 3 * d + h * hd..][..hd].iter_mut().zip(kj) {
-                            *o = *o + ds * x;
-                        }
-                        for (o, &x) in dn[j * 3 * d + d + h * hd..][..hd].iter_mut().zip(qi) {
-                            *o = *o + ds * x;
-                        }
-                        for (o, &x) in dn[j * 3 * d + 2 * d + h * hd..][..hd].iter_mut().zip(dyi) {
-                            *o = *o + p[j] * x;
-                        }
+                    for (o, &x) in dn[j * 3 * d + d + h * hd..][..hd].iter_mut().zip(qi) {
+                        *o = *o + ds * x;
+                    }
+                    for (o, &x) in dn[j * 3 * d + 2 * d + h * hd..][..hd].iter_mut().zip(dyi) {
+                        *o = *o + p[j] * x;
                     }
                 }
             }
-        });
+        }
+    });
     out
 }
 
@@ -453,24 +330,12 @@ impl CustomOp3 for Attention {
         "megabyte-causal-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (dims, vq, vk, vv) = attn_dims(l1, l2, l3, self.heads, self.window)?;
         let shape = Shape::from((dims.n, dims.sq, dims.d));
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(attn_fwd(q, k, v, vq, vk, vv, dims))
-            }
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(attn_fwd(q, k, v, vq, vk, vv, dims))
-            }
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(attn_fwd(q, k, v, vq, vk, vv, dims)),
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => CpuStorage::F64(attn_fwd(q, k, v, vq, vk, vv, dims)),
             _ => candle_core::bail!("attention: unsupported dtype {:?} on the CPU", s1.dtype()),
         };
         Ok((out, shape))
@@ -506,11 +371,7 @@ impl candle_core::CustomOp1 for SelfAttention {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
         let (y, shape, lse) = cuda::self_attention_fwd(s, l, self.heads, self.window)?;
         *self.lse.lock().expect("lse lock") = Some(lse);
         Ok((y, shape))
@@ -520,26 +381,11 @@ impl candle_core::CustomOp1 for SelfAttention {
         #[cfg(feature = "cuda")]
         if qkv.device().is_cuda() {
             let lse = self.lse.lock().expect("lse lock").clone();
-            let lse = lse.ok_or_else(|| {
-                candle_core::Error::Msg("attention backward: no forward statistics".into())
-            })?;
-            return Ok(Some(cuda::self_attention_bwd(
-                qkv,
-                res,
-                grad,
-                &lse,
-                self.heads,
-                self.window,
-            )?));
+            let lse = lse.ok_or_else(|| candle_core::Error::Msg("attention backward: no forward statistics".into()))?;
+            return Ok(Some(cuda::self_attention_bwd(qkv, res, grad, &lse, self.heads, self.window)?));
         }
         let _ = res;
-        Ok(Some(qkv.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &SelfAttentionBackward {
-                heads: self.heads,
-                window: self.window,
-            },
-        )?))
+        Ok(Some(qkv.apply_op2_no_bwd(&grad.contiguous()?, &SelfAttentionBackward { heads: self.heads, window: self.window })?))
     }
 }
 
@@ -553,25 +399,12 @@ impl CustomOp2 for SelfAttentionBackward {
         "megabyte-causal-self-attention-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (dims, vq, vk, vv) = qkv_views(l1, self.heads, self.window)?;
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(dy)) => {
-                CpuStorage::F32(attn_bwd(x, contiguous(dy, l2, "dy")?, vq, vk, vv, dims))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(dy)) => {
-                CpuStorage::F64(attn_bwd(x, contiguous(dy, l2, "dy")?, vq, vk, vv, dims))
-            }
-            _ => candle_core::bail!(
-                "attention backward: unsupported dtype {:?} on the CPU",
-                s1.dtype()
-            ),
+            (CpuStorage::F32(x), CpuStorage::F32(dy)) => CpuStorage::F32(attn_bwd(x, contiguous(dy, l2, "dy")?, vq, vk, vv, dims)),
+            (CpuStorage::F64(x), CpuStorage::F64(dy)) => CpuStorage::F64(attn_bwd(x, contiguous(dy, l2, "dy")?, vq, vk, vv, dims)),
+            _ => candle_core::bail!("attention backward: unsupported dtype {:?} on the CPU", s1.dtype()),
         };
         Ok((out, Shape::from((dims.n, dims.sq, 3 * dims.d))))
     }
@@ -591,62 +424,28 @@ pub fn linear(x: &Tensor, w: &Tensor) -> CResult<Tensor> {
     if !x.device().is_cpu() {
         // cuBLAS, in the activations' dtype (bf16 weights cast from the f32 masters).
         let m = x.elem_count() / d_in;
-        return x
-            .reshape((m, d_in))?
-            .matmul(&w.to_dtype(x.dtype())?.t()?)?
-            .reshape(out);
+        return x.reshape((m, d_in))?.matmul(&w.to_dtype(x.dtype())?.t()?)?.reshape(out);
     }
-    x.contiguous()?
-        .apply_op2(&w.contiguous()?, Linear)?
-        .reshape(out)
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)?.reshape(out)
 }
 
 struct Linear;
 
 /// C = A·B for row-major views given by their (row, column) strides; dst is [m, n] contiguous.
 #[allow(clippy::too_many_arguments)]
-fn matmul_into<T: Elem>(
-    dst: &mut [T],
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[T],
-    a_rs: usize,
-    a_cs: usize,
-    b: &[T],
-    b_rs: usize,
-    b_cs: usize,
-) {
+fn matmul_into<T: Elem>(dst: &mut [T], m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs: usize, b: &[T], b_rs: usize, b_cs: usize) {
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     assert!(dst.len() >= m * n);
     // SAFETY: the strides describe views inside `a` and `b` (checked by the callers' shapes)
     // and `dst` holds m·n elements.
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            T::zero(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism,
+            m, n, k,
+            dst.as_mut_ptr(), 1, n as isize, false,
+            a.as_ptr(), a_cs as isize, a_rs as isize,
+            b.as_ptr(), b_cs as isize, b_rs as isize,
+            T::zero(), T::one(), false, false, false, parallelism,
         )
     }
 }
@@ -674,13 +473,7 @@ impl CustomOp2 for Linear {
         "megabyte-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (d_out, d_in) = l2.shape().dims2()?;
         let x_dims = l1.dims();
         if x_dims[x_dims.len() - 1] != d_in {
@@ -688,36 +481,17 @@ impl CustomOp2 for Linear {
         }
         let m = l1.shape().elem_count() / d_in;
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(linear_fwd(
-                contiguous(x, l1, "x")?,
-                contiguous(w, l2, "w")?,
-                d_in,
-                d_out,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(linear_fwd(
-                contiguous(x, l1, "x")?,
-                contiguous(w, l2, "w")?,
-                d_in,
-                d_out,
-            )),
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(linear_fwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, d_in, d_out)),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(linear_fwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, d_in, d_out)),
             _ => candle_core::bail!("linear: unsupported dtype {:?} on the CPU", s1.dtype()),
         };
         Ok((out, Shape::from((m, d_out))))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LinearBackward)?;
         let n = x.elem_count();
-        Ok((
-            Some(all.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(all.narrow(0, n, w.elem_count())?.reshape(w.shape())?),
-        ))
+        Ok((Some(all.narrow(0, 0, n)?.reshape(x.shape())?), Some(all.narrow(0, n, w.elem_count())?.reshape(w.shape())?)))
     }
 }
 
@@ -728,40 +502,17 @@ impl CustomOp3 for LinearBackward {
         "megabyte-linear-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (d_out, d_in) = l2.shape().dims2()?;
         let len = l1.shape().elem_count() + d_out * d_in;
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
-                CpuStorage::F32(linear_bwd(
-                    contiguous(x, l1, "x")?,
-                    contiguous(w, l2, "w")?,
-                    contiguous(dy, l3, "dy")?,
-                    d_in,
-                    d_out,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
-                CpuStorage::F64(linear_bwd(
-                    contiguous(x, l1, "x")?,
-                    contiguous(w, l2, "w")?,
-                    contiguous(dy, l3, "dy")?,
-                    d_in,
-                    d_out,
-                ))
-            }
-            _ => candle_core::bail!(
-                "linear backward: unsupported dtype {:?} on the CPU",
-                s1.dtype()
-            ),
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => CpuStorage::F32(linear_bwd(
+                contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, contiguous(dy, l3, "dy")?, d_in, d_out,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => CpuStorage::F64(linear_bwd(
+                contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, contiguous(dy, l3, "dy")?, d_in, d_out,
+            )),
+            _ => candle_core::bail!("linear backward: unsupported dtype {:?} on the CPU", s1.dtype()),
         };
         Ok((out, Shape::from(len)))
     }
@@ -779,10 +530,7 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> CResult<Tensor> {
     shape.push(table.dim(1)?);
     let ids = ids.flatten_all()?;
     if fused_cuda(table) && table.dtype() == candle_core::DType::F32 {
-        return table
-            .contiguous()?
-            .apply_op2(&ids.contiguous()?, Embedding)?
-            .reshape(shape);
+        return table.contiguous()?.apply_op2(&ids.contiguous()?, Embedding)?.reshape(shape);
     }
     table.index_select(&ids, 0)?.reshape(shape)
 }
@@ -794,34 +542,16 @@ impl CustomOp2 for Embedding {
         "megabyte-embedding"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> CResult<(CpuStorage, Shape)> {
         candle_core::bail!("embedding: the CPU uses index_select")
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
         cuda::embed_fwd((s1, l1), (s2, l2))
     }
 
-    fn bwd(
-        &self,
-        table: &Tensor,
-        ids: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, table: &Tensor, ids: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if table.device().is_cuda() {
             return Ok((Some(cuda::embed_bwd(grad, ids, table.dim(0)?)?), None));
@@ -874,18 +604,12 @@ impl candle_core::CustomOp1 for Gelu {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
         cuda::gelu_fwd((s, l))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(
-            x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
-        ))
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?))
     }
 }
 
@@ -896,36 +620,17 @@ impl CustomOp2 for GeluBackward {
         "megabyte-gelu-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(gelu_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(gelu_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?))
-            }
-            _ => candle_core::bail!(
-                "gelu backward: unsupported dtype {:?} on the CPU",
-                s1.dtype()
-            ),
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(gelu_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?)),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(gelu_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?)),
+            _ => candle_core::bail!("gelu backward: unsupported dtype {:?} on the CPU", s1.dtype()),
         };
         Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
         cuda::gelu_bwd((s1, l1), (s2, l2))
     }
 }
@@ -966,15 +671,8 @@ struct RmsNorm {
 /// Mean (0 for RMS) and 1/σ of one row.
 fn row_stats<T: Elem>(x: &[T], center: bool, eps: f64) -> (T, T) {
     let d = T::from(x.len()).expect("len fits");
-    let mean = if center {
-        x.iter().fold(T::zero(), |a, &b| a + b) / d
-    } else {
-        T::zero()
-    };
-    let var = x
-        .iter()
-        .fold(T::zero(), |a, &b| a + (b - mean) * (b - mean))
-        / d;
+    let mean = if center { x.iter().fold(T::zero(), |a, &b| a + b) / d } else { T::zero() };
+    let var = x.iter().fold(T::zero(), |a, &b| a + (b - mean) * (b - mean)) / d;
     (mean, (var + T::from(eps).expect("eps fits")).sqrt().recip())
 }
 
@@ -982,17 +680,15 @@ fn norm_fwd<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64) -> Vec<T> {
     let d = w.len();
     let mut y = vec![T::zero(); x.len()];
     let rows = (CHUNK / d).max(1) * d;
-    y.par_chunks_mut(rows)
-        .zip(x.par_chunks(rows))
-        .for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                let (mean, rstd) = row_stats(xr, b.is_some(), eps);
-                for i in 0..d {
-                    let shift = b.map_or(T::zero(), |b| b[i]);
-                    yr[i] = (xr[i] - mean) * rstd * w[i] + shift;
-                }
+    y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+            let (mean, rstd) = row_stats(xr, b.is_some(), eps);
+            for i in 0..d {
+                let shift = b.map_or(T::zero(), |b| b[i]);
+                yr[i] = (xr[i] - mean) * rstd * w[i] + shift;
             }
-        });
+        }
+    });
     y
 }
 
@@ -1001,9 +697,7 @@ fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], center: bool, eps: f64) -> Vec<
     let d = w.len();
     let rows = x.len() / d;
     let mut dx = vec![T::zero(); x.len()];
-    let chunk = rows
-        .div_ceil(rayon::current_num_threads().max(1) * 4)
-        .max(1);
+    let chunk = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
     let partials: Vec<(Vec<T>, Vec<T>)> = dx
         .par_chunks_mut(chunk * d)
         .enumerate()
@@ -1048,12 +742,7 @@ fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], center: bool, eps: f64) -> Vec<
     dx
 }
 
-fn norm_cpu_fwd(
-    x: (&CpuStorage, &Layout),
-    w: (&CpuStorage, &Layout),
-    b: Option<(&CpuStorage, &Layout)>,
-    eps: f64,
-) -> CResult<(CpuStorage, Shape)> {
+fn norm_cpu_fwd(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<(&CpuStorage, &Layout)>, eps: f64) -> CResult<(CpuStorage, Shape)> {
     let shape = x.1.shape().clone();
     let out = match (x.0, w.0, b.map(|b| b.0)) {
         (CpuStorage::F32(xs), CpuStorage::F32(ws), bias) => {
@@ -1062,12 +751,7 @@ fn norm_cpu_fwd(
                 Some(_) => candle_core::bail!("norm: dtype mismatch"),
                 None => None,
             };
-            CpuStorage::F32(norm_fwd(
-                contiguous(xs, x.1, "norm x")?,
-                contiguous(ws, w.1, "norm weight")?,
-                bias,
-                eps,
-            ))
+            CpuStorage::F32(norm_fwd(contiguous(xs, x.1, "norm x")?, contiguous(ws, w.1, "norm weight")?, bias, eps))
         }
         (CpuStorage::F64(xs), CpuStorage::F64(ws), bias) => {
             let bias = match bias {
@@ -1075,12 +759,7 @@ fn norm_cpu_fwd(
                 Some(_) => candle_core::bail!("norm: dtype mismatch"),
                 None => None,
             };
-            CpuStorage::F64(norm_fwd(
-                contiguous(xs, x.1, "norm x")?,
-                contiguous(ws, w.1, "norm weight")?,
-                bias,
-                eps,
-            ))
+            CpuStorage::F64(norm_fwd(contiguous(xs, x.1, "norm x")?, contiguous(ws, w.1, "norm weight")?, bias, eps))
         }
         _ => candle_core::bail!("norm: unsupported dtype {:?} on the CPU", x.0.dtype()),
     };
@@ -1088,34 +767,17 @@ fn norm_cpu_fwd(
 }
 
 /// Runs the norm backward kernel and splits its output into (dx, dw, db).
-fn norm_grads(
-    x: &Tensor,
-    w: &Tensor,
-    grad: &Tensor,
-    center: bool,
-    eps: f64,
-) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+fn norm_grads(x: &Tensor, w: &Tensor, grad: &Tensor, center: bool, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return cuda::norm_bwd(&x.contiguous()?, w, &grad.contiguous()?, None, center, eps);
     }
     let x = x.contiguous()?;
-    let all = x.apply_op2_no_bwd(
-        w,
-        &NormBackward {
-            center,
-            eps,
-            dy: grad.contiguous()?,
-        },
-    )?;
+    let all = x.apply_op2_no_bwd(w, &NormBackward { center, eps, dy: grad.contiguous()? })?;
     let (n, d) = (x.elem_count(), w.elem_count());
     let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
     let dw = all.narrow(0, n, d)?;
-    let db = if center {
-        Some(all.narrow(0, n + d, d)?)
-    } else {
-        None
-    };
+    let db = if center { Some(all.narrow(0, n + d, d)?) } else { None };
     Ok((dx, dw, db))
 }
 
@@ -1124,15 +786,7 @@ impl CustomOp3 for Norm {
         "megabyte-layer-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
         norm_cpu_fwd((s1, l1), (s2, l2), Some((s3, l3)), self.eps)
     }
 
@@ -1149,14 +803,7 @@ impl CustomOp3 for Norm {
         cuda::norm_fwd((s1, l1), (s2, l2), Some((s3, l3)), self.eps)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, db) = norm_grads(x, w, grad, true, self.eps)?;
         Ok((Some(dx), Some(dw), db))
     }
@@ -1167,34 +814,16 @@ impl CustomOp2 for RmsNorm {
         "megabyte-rms-norm"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         norm_cpu_fwd((s1, l1), (s2, l2), None, self.eps)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
         cuda::norm_fwd((s1, l1), (s2, l2), None, self.eps)
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let (dx, dw, _) = norm_grads(x, w, grad, false, self.eps)?;
         Ok((Some(dx), Some(dw)))
     }
@@ -1211,39 +840,26 @@ impl CustomOp2 for NormBackward {
         "megabyte-norm-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         with_cpu_storage(&self.dy, |sdy, ldy| {
             let d = l2.shape().elem_count();
             let n = l1.shape().elem_count();
             let out = match (s1, s2, sdy) {
-                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
-                    CpuStorage::F32(norm_bwd(
-                        contiguous(x, l1, "x")?,
-                        contiguous(w, l2, "w")?,
-                        contiguous(dy, ldy, "dy")?,
-                        self.center,
-                        self.eps,
-                    ))
-                }
-                (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
-                    CpuStorage::F64(norm_bwd(
-                        contiguous(x, l1, "x")?,
-                        contiguous(w, l2, "w")?,
-                        contiguous(dy, ldy, "dy")?,
-                        self.center,
-                        self.eps,
-                    ))
-                }
-                _ => candle_core::bail!(
-                    "norm backward: unsupported dtype {:?} on the CPU",
-                    s1.dtype()
-                ),
+                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => CpuStorage::F32(norm_bwd(
+                    contiguous(x, l1, "x")?,
+                    contiguous(w, l2, "w")?,
+                    contiguous(dy, ldy, "dy")?,
+                    self.center,
+                    self.eps,
+                )),
+                (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => CpuStorage::F64(norm_bwd(
+                    contiguous(x, l1, "x")?,
+                    contiguous(w, l2, "w")?,
+                    contiguous(dy, ldy, "dy")?,
+                    self.center,
+                    self.eps,
+                )),
+                _ => candle_core::bail!("norm backward: unsupported dtype {:?} on the CPU", s1.dtype()),
             };
             Ok((out, Shape::from(n + d * if self.center { 2 } else { 1 })))
         })
@@ -1257,17 +873,13 @@ impl CustomOp2 for NormBackward {
 /// for bf16 logits).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
     if fused_cuda(logits) {
-        return logits
-            .contiguous()?
-            .apply_op2(&targets.contiguous()?, CrossEntropy);
+        return logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy);
     }
     let logits = &logits.to_dtype(crate::nn::accumulation_dtype(logits.dtype()))?;
     if !logits.device().is_cpu() {
         return reference::cross_entropy(logits, targets);
     }
-    logits
-        .contiguous()?
-        .apply_op2(&targets.contiguous()?, CrossEntropy)
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)
 }
 
 struct CrossEntropy;
@@ -1283,14 +895,13 @@ const CE_ROWS: usize = 64;
 
 fn ce_fwd<T: Elem>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
     let mut out = vec![T::zero(); targets.len()];
-    out.par_chunks_mut(CE_ROWS)
-        .zip(logits.par_chunks(CE_ROWS * v))
-        .zip(targets.par_chunks(CE_ROWS))
-        .for_each(|((o, rows), t)| {
+    out.par_chunks_mut(CE_ROWS).zip(logits.par_chunks(CE_ROWS * v)).zip(targets.par_chunks(CE_ROWS)).for_each(
+        |((o, rows), t)| {
             for ((o, row), &t) in o.iter_mut().zip(rows.chunks(v)).zip(t) {
                 *o = log_sum_exp(row) - row[t as usize];
             }
-        });
+        },
+    );
     out
 }
 
@@ -1298,20 +909,17 @@ fn ce_fwd<T: Elem>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
 /// from the forward pass's losses (one exp per logit instead of two).
 fn ce_bwd<T: Elem>(logits: &[T], targets: &[u32], losses: &[T], dloss: &[T], v: usize) -> Vec<T> {
     let mut out = vec![T::zero(); logits.len()];
-    out.par_chunks_mut(CE_ROWS * v)
-        .zip(logits.par_chunks(CE_ROWS * v))
-        .enumerate()
-        .for_each(|(c, (o, rows))| {
-            for (i, (o, row)) in o.chunks_mut(v).zip(rows.chunks(v)).enumerate() {
-                let r = c * CE_ROWS + i;
-                let t = targets[r] as usize;
-                let lse = losses[r] + row[t];
-                for (oi, &l) in o.iter_mut().zip(row) {
-                    *oi = (l - lse).exp() * dloss[r];
-                }
-                o[t] = o[t] - dloss[r];
+    out.par_chunks_mut(CE_ROWS * v).zip(logits.par_chunks(CE_ROWS * v)).enumerate().for_each(|(c, (o, rows))| {
+        for (i, (o, row)) in o.chunks_mut(v).zip(rows.chunks(v)).enumerate() {
+            let r = c * CE_ROWS + i;
+            let t = targets[r] as usize;
+            let lse = losses[r] + row[t];
+            for (oi, &l) in o.iter_mut().zip(row) {
+                *oi = (l - lse).exp() * dloss[r];
             }
-        });
+            o[t] = o[t] - dloss[r];
+        }
+    });
     out
 }
 
@@ -1320,17 +928,9 @@ impl CustomOp2 for CrossEntropy {
         "megabyte-cross-entropy"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (n, v) = l1.shape().dims2()?;
-        let CpuStorage::U32(t) = s2 else {
-            candle_core::bail!("cross-entropy: targets must be u32")
-        };
+        let CpuStorage::U32(t) = s2 else { candle_core::bail!("cross-entropy: targets must be u32") };
         let t = contiguous(t, l2, "targets")?;
         if t.len() != n || t.iter().any(|&x| x as usize >= v) {
             candle_core::bail!("cross-entropy: need {n} targets below {v}");
@@ -1338,39 +938,18 @@ impl CustomOp2 for CrossEntropy {
         let out = match s1 {
             CpuStorage::F32(l) => CpuStorage::F32(ce_fwd(contiguous(l, l1, "logits")?, t, v)),
             CpuStorage::F64(l) => CpuStorage::F64(ce_fwd(contiguous(l, l1, "logits")?, t, v)),
-            _ => candle_core::bail!(
-                "cross-entropy: unsupported dtype {:?} on the CPU",
-                s1.dtype()
-            ),
+            _ => candle_core::bail!("cross-entropy: unsupported dtype {:?} on the CPU", s1.dtype()),
         };
         Ok((out, Shape::from(n)))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> CResult<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
         cuda::ce_fwd((s1, l1), (s2, l2))
     }
 
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        losses: &Tensor,
-        grad: &Tensor,
-    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let g = logits.apply_op3_no_bwd(
-            targets,
-            losses,
-            &CrossEntropyBackward {
-                dloss: grad.contiguous()?,
-            },
-        )?;
+    fn bwd(&self, logits: &Tensor, targets: &Tensor, losses: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.apply_op3_no_bwd(targets, losses, &CrossEntropyBackward { dloss: grad.contiguous()? })?;
         Ok((Some(g), None))
     }
 }
@@ -1384,44 +963,19 @@ impl CustomOp3 for CrossEntropyBackward {
         "megabyte-cross-entropy-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (_, v) = l1.shape().dims2()?;
-        let CpuStorage::U32(t) = s2 else {
-            candle_core::bail!("cross-entropy: targets must be u32")
-        };
+        let CpuStorage::U32(t) = s2 else { candle_core::bail!("cross-entropy: targets must be u32") };
         let t = contiguous(t, l2, "targets")?;
         with_cpu_storage(&self.dloss, |sd, ld| {
             let out = match (s1, s3, sd) {
-                (CpuStorage::F32(l), CpuStorage::F32(loss), CpuStorage::F32(d)) => {
-                    CpuStorage::F32(ce_bwd(
-                        contiguous(l, l1, "logits")?,
-                        t,
-                        contiguous(loss, l3, "losses")?,
-                        contiguous(d, ld, "dloss")?,
-                        v,
-                    ))
-                }
-                (CpuStorage::F64(l), CpuStorage::F64(loss), CpuStorage::F64(d)) => {
-                    CpuStorage::F64(ce_bwd(
-                        contiguous(l, l1, "logits")?,
-                        t,
-                        contiguous(loss, l3, "losses")?,
-                        contiguous(d, ld, "dloss")?,
-                        v,
-                    ))
-                }
-                _ => candle_core::bail!(
-                    "cross-entropy backward: unsupported dtype {:?} on the CPU",
-                    s1.dtype()
-                ),
+                (CpuStorage::F32(l), CpuStorage::F32(loss), CpuStorage::F32(d)) => CpuStorage::F32(ce_bwd(
+                    contiguous(l, l1, "logits")?, t, contiguous(loss, l3, "losses")?, contiguous(d, ld, "dloss")?, v,
+                )),
+                (CpuStorage::F64(l), CpuStorage::F64(loss), CpuStorage::F64(d)) => CpuStorage::F64(ce_bwd(
+                    contiguous(l, l1, "logits")?, t, contiguous(loss, l3, "losses")?, contiguous(d, ld, "dloss")?, v,
+                )),
+                _ => candle_core::bail!("cross-entropy backward: unsupported dtype {:?} on the CPU", s1.dtype()),
             };
             Ok((out, l1.shape().clone()))
         })
@@ -1454,47 +1008,27 @@ pub mod reference {
     }
 
     /// Causal attention as in [`super::causal_attention`].
-    pub fn causal_attention(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        heads: usize,
-        window: Option<usize>,
-    ) -> candle_core::Result<Tensor> {
+    pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, window: Option<usize>) -> candle_core::Result<Tensor> {
         let (n, sq, d) = q.dims3()?;
         let sk = k.dim(1)?;
         let hd = d / heads;
-        let split =
-            |t: &Tensor, s: usize| t.reshape((n, s, heads, hd))?.transpose(1, 2)?.contiguous(); // [N, H, S, hd]
+        let split = |t: &Tensor, s: usize| t.reshape((n, s, heads, hd))?.transpose(1, 2)?.contiguous(); // [N, H, S, hd]
         let (q, k, v) = (split(q, sq)?, split(k, sk)?, split(v, sk)?);
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [N, H, Sq, Sk]
         let offset = sk - sq;
         let mask: Vec<f32> = (0..sq)
             .flat_map(|i| {
                 let lo = (offset + i + 1).saturating_sub(window.unwrap_or(usize::MAX));
-                (0..sk).map(move |j| {
-                    if (lo..=offset + i).contains(&j) {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
+                (0..sk).map(move |j| if (lo..=offset + i).contains(&j) { 0.0 } else { f32::NEG_INFINITY })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (sq, sk), &Device::Cpu)?
-            .to_dtype(q.dtype())?
-            .to_device(q.device())?;
+        let mask = Tensor::from_vec(mask, (sq, sk), &Device::Cpu)?.to_dtype(q.dtype())?.to_device(q.device())?;
         let y = softmax_last(&scores.broadcast_add(&mask)?)?.matmul(&v)?; // [N, H, Sq, hd]
         y.transpose(1, 2)?.reshape((n, sq, d))
     }
 
     /// LayerNorm (with bias) or RMSNorm (without) over the last dimension.
-    pub fn norm(
-        x: &Tensor,
-        w: &Tensor,
-        b: Option<&Tensor>,
-        eps: f64,
-    ) -> candle_core::Result<Tensor> {
+    pub fn norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> candle_core::Result<Tensor> {
         let x = match b {
             Some(_) => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
             None => x.clone(),
@@ -1508,12 +1042,7 @@ pub mod reference {
     }
 
     /// The AdamW update of [`super::adamw_step`], one tensor op at a time.
-    pub fn adamw_step(
-        w: &Tensor,
-        g: &Tensor,
-        mv: &Tensor,
-        hp: super::AdamWStep,
-    ) -> candle_core::Result<Tensor> {
+    pub fn adamw_step(w: &Tensor, g: &Tensor, mv: &Tensor, hp: super::AdamWStep) -> candle_core::Result<Tensor> {
         // Detached: `w` is a Var, and a tracked result would chain every step's moments to the
         // previous step's through the graph (found as a GPU out-of-memory after 15 steps).
         let (w, g, mv) = (w.detach(), g.detach(), mv.detach());
@@ -1523,8 +1052,7 @@ pub mod reference {
         let m = ((m * hp.beta1)? + (&g * (1.0 - hp.beta1))?)?;
         let v = ((v * hp.beta2)? + (g.sqr()? * (1.0 - hp.beta2))?)?;
         let update = ((&m / hp.bc1)? / ((&v / hp.bc2)?.sqrt()? + hp.eps)?)?;
-        let w = ((w.flatten_all()?.to_dtype(DType::F32)? * (1.0 - hp.lr * hp.weight_decay))?
-            - (update * hp.lr)?)?;
+        let w = ((w.flatten_all()?.to_dtype(DType::F32)? * (1.0 - hp.lr * hp.weight_decay))? - (update * hp.lr)?)?;
         Tensor::cat(&[w, m, v], 0)
     }
 
@@ -1558,61 +1086,29 @@ pub struct AdamWStep {
 
 /// Applies one AdamW update to the parameter `p` and its moments `mv` (see [`adamw_step`]).
 /// On CUDA the kernel updates both in place; elsewhere they are replaced.
-pub fn adamw_update(
-    p: &candle_core::Var,
-    g: &Tensor,
-    mv: &mut Tensor,
-    hp: AdamWStep,
-) -> CResult<()> {
+pub fn adamw_update(p: &candle_core::Var, g: &Tensor, mv: &mut Tensor, hp: AdamWStep) -> CResult<()> {
     adamw_update_clipped(p, g, mv, hp, None)
 }
 
 /// [`adamw_update`] with gradient clipping by the global norm given on the device:
 /// `clip` = (Σ g² [1] f32, max norm). On CUDA the kernel reads the sum itself (no host
 /// round trip); elsewhere it is read here.
-pub fn adamw_update_clipped(
-    p: &candle_core::Var,
-    g: &Tensor,
-    mv: &mut Tensor,
-    hp: AdamWStep,
-    clip: Option<(&Tensor, f64)>,
-) -> CResult<()> {
+pub fn adamw_update_clipped(p: &candle_core::Var, g: &Tensor, mv: &mut Tensor, hp: AdamWStep, clip: Option<(&Tensor, f64)>) -> CResult<()> {
     #[cfg(feature = "cuda")]
     if p.device().is_cuda() && p.dtype() == candle_core::DType::F32 {
-        return cuda::adamw_many(
-            &[(
-                p.as_tensor(),
-                &g.to_dtype(candle_core::DType::F32)?,
-                mv,
-                hp.weight_decay,
-            )],
-            &hp,
-            clip,
-        );
+        return cuda::adamw_many(&[(p.as_tensor(), &g.to_dtype(candle_core::DType::F32)?, mv, hp.weight_decay)], &hp, clip);
     }
     let mut hp = hp;
     if let Some((sumsq, max_norm)) = clip {
-        let norm = (sumsq
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?[0])
-            .sqrt();
+        let norm = (sumsq.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?[0]).sqrt();
         if !norm.is_finite() {
             return Ok(());
         }
-        hp.grad_scale = if max_norm > 0.0 && norm > max_norm {
-            max_norm / norm
-        } else {
-            1.0
-        };
+        hp.grad_scale = if max_norm > 0.0 && norm > max_norm { max_norm / norm } else { 1.0 };
     }
     let out = adamw_step(p.as_tensor(), g, mv, hp)?; // [w' | m' | v']
     let n = p.elem_count();
-    p.set(
-        &out.narrow(0, 0, n)?
-            .reshape(p.shape())?
-            .to_dtype(p.dtype())?,
-    )?;
+    p.set(&out.narrow(0, 0, n)?.reshape(p.shape())?.to_dtype(p.dtype())?)?;
     *mv = out.narrow(0, n, 2 * n)?.detach(); // never part of a graph
     Ok(())
 }
@@ -1620,38 +1116,15 @@ pub fn adamw_update_clipped(
 /// [`adamw_update_clipped`] for many parameters: (parameter, gradient, moments, weight decay)
 /// each, `hp.weight_decay` unused. On CUDA one launch updates them all; elsewhere one update
 /// each, in order.
-pub fn adamw_update_many(
-    items: &mut [(&candle_core::Var, &Tensor, &mut Tensor, f64)],
-    hp: AdamWStep,
-    clip: Option<(&Tensor, f64)>,
-) -> CResult<()> {
+pub fn adamw_update_many(items: &mut [(&candle_core::Var, &Tensor, &mut Tensor, f64)], hp: AdamWStep, clip: Option<(&Tensor, f64)>) -> CResult<()> {
     #[cfg(feature = "cuda")]
-    if items
-        .iter()
-        .all(|(p, ..)| p.device().is_cuda() && p.dtype() == candle_core::DType::F32)
-    {
-        let grads = items
-            .iter()
-            .map(|(_, g, ..)| g.to_dtype(candle_core::DType::F32))
-            .collect::<CResult<Vec<_>>>()?;
-        let all: Vec<(&Tensor, &Tensor, &Tensor, f64)> = items
-            .iter()
-            .zip(&grads)
-            .map(|((p, _, mv, wd), g)| (p.as_tensor(), g, &**mv, *wd))
-            .collect();
+    if items.iter().all(|(p, ..)| p.device().is_cuda() && p.dtype() == candle_core::DType::F32) {
+        let grads = items.iter().map(|(_, g, ..)| g.to_dtype(candle_core::DType::F32)).collect::<CResult<Vec<_>>>()?;
+        let all: Vec<(&Tensor, &Tensor, &Tensor, f64)> = items.iter().zip(&grads).map(|((p, _, mv, wd), g)| (p.as_tensor(), g, &**mv, *wd)).collect();
         return cuda::adamw_many(&all, &hp, clip);
     }
     for (p, g, mv, weight_decay) in items.iter_mut() {
-        adamw_update_clipped(
-            p,
-            g,
-            mv,
-            AdamWStep {
-                weight_decay: *weight_decay,
-                ..hp
-            },
-            clip,
-        )?;
+        adamw_update_clipped(p, g, mv, AdamWStep { weight_decay: *weight_decay, ..hp }, clip)?;
     }
     Ok(())
 }
@@ -1660,8 +1133,7 @@ pub fn adamw_step(w: &Tensor, g: &Tensor, mv: &Tensor, hp: AdamWStep) -> CResult
     if !w.device().is_cpu() {
         return reference::adamw_step(w, g, mv, hp);
     }
-    w.contiguous()?
-        .apply_op3_no_bwd(&g.contiguous()?, &mv.contiguous()?, &hp)
+    w.contiguous()?.apply_op3_no_bwd(&g.contiguous()?, &mv.contiguous()?, &hp)
 }
 
 fn adamw_cpu<W: Elem>(w: &[W], g: &[W], mv: &[f32], hp: &AdamWStep) -> Vec<f32> {
@@ -1671,18 +1143,8 @@ fn adamw_cpu<W: Elem>(w: &[W], g: &[W], mv: &[f32], hp: &AdamWStep) -> Vec<f32> 
     let (mo, vo) = rest.split_at_mut(n);
     let (m, v) = mv.split_at(n);
     let f = |x: f64| x as f32;
-    let (b1, b2, eps, lr, scale) = (
-        f(hp.beta1),
-        f(hp.beta2),
-        f(hp.eps),
-        f(hp.lr),
-        f(hp.grad_scale),
-    );
-    let (inv_bc1, inv_bc2, decay) = (
-        f(1.0 / hp.bc1),
-        f(1.0 / hp.bc2),
-        f(1.0 - hp.lr * hp.weight_decay),
-    );
+    let (b1, b2, eps, lr, scale) = (f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.lr), f(hp.grad_scale));
+    let (inv_bc1, inv_bc2, decay) = (f(1.0 / hp.bc1), f(1.0 / hp.bc2), f(1.0 - hp.lr * hp.weight_decay));
     wo.par_chunks_mut(CHUNK)
         .zip(mo.par_chunks_mut(CHUNK))
         .zip(vo.par_chunks_mut(CHUNK))
@@ -1707,30 +1169,16 @@ impl CustomOp3 for AdamWStep {
         "megabyte-adamw"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
         let n = l1.shape().elem_count();
-        let CpuStorage::F32(mv) = s3 else {
-            candle_core::bail!("adamw: moments must be f32")
-        };
+        let CpuStorage::F32(mv) = s3 else { candle_core::bail!("adamw: moments must be f32") };
         let mv = contiguous(mv, l3, "moments")?;
         if l2.shape().elem_count() != n || mv.len() != 2 * n {
             candle_core::bail!("adamw: shapes of weight, gradient and moments disagree");
         }
         let out = match (s1, s2) {
-            (CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                adamw_cpu(contiguous(w, l1, "w")?, contiguous(g, l2, "g")?, mv, self)
-            }
-            (CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                adamw_cpu(contiguous(w, l1, "w")?, contiguous(g, l2, "g")?, mv, self)
-            }
+            (CpuStorage::F32(w), CpuStorage::F32(g)) => adamw_cpu(contiguous(w, l1, "w")?, contiguous(g, l2, "g")?, mv, self),
+            (CpuStorage::F64(w), CpuStorage::F64(g)) => adamw_cpu(contiguous(w, l1, "w")?, contiguous(g, l2, "g")?, mv, self),
             _ => candle_core::bail!("adamw: unsupported dtype {:?} on the CPU", s1.dtype()),
         };
         Ok((CpuStorage::F32(out), Shape::from(3 * n)))
@@ -1746,15 +1194,8 @@ impl CustomOp3 for AdamWStep {
 
 /// The vector-Jacobian product of `f` at `inputs` with output gradient `dy`: the gradients
 /// of Σ f(inputs)·dy, by candle's autograd (the fallback of the explicit backward passes).
-pub fn vjp(
-    inputs: &[&Tensor],
-    dy: &Tensor,
-    f: impl Fn(&[Tensor]) -> CResult<Tensor>,
-) -> CResult<Vec<Tensor>> {
-    let vars: Vec<candle_core::Var> = inputs
-        .iter()
-        .map(|t| candle_core::Var::from_tensor(&t.detach()))
-        .collect::<CResult<_>>()?;
+pub fn vjp(inputs: &[&Tensor], dy: &Tensor, f: impl Fn(&[Tensor]) -> CResult<Tensor>) -> CResult<Vec<Tensor>> {
+    let vars: Vec<candle_core::Var> = inputs.iter().map(|t| candle_core::Var::from_tensor(&t.detach())).collect::<CResult<_>>()?;
     let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&xs)?;
     let grads = (y * dy.to_dtype(dy.dtype())?)?.sum_all()?.backward()?;
@@ -1772,36 +1213,21 @@ pub fn linear_forward(x: &Tensor, w: &Tensor) -> CResult<(Tensor, Tensor)> {
 
 /// (dx, dW) of y = x W_actᵀ, with W_act the forward's weight in x's dtype
 /// ([`linear_forward`]); dW in `dw_dtype` (the master weight's).
-pub fn linear_backward(
-    x: &Tensor,
-    w_act: &Tensor,
-    dy: &Tensor,
-    dw_dtype: candle_core::DType,
-) -> CResult<(Tensor, Tensor)> {
+pub fn linear_backward(x: &Tensor, w_act: &Tensor, dy: &Tensor, dw_dtype: candle_core::DType) -> CResult<(Tensor, Tensor)> {
     let dims = x.dims();
     let d_in = dims[dims.len() - 1];
     let m = x.elem_count() / d_in;
     let d_out = w_act.dim(0)?;
     if x.device().is_cpu() {
-        let all = x.contiguous()?.apply_op3_no_bwd(
-            &w_act.contiguous()?,
-            &dy.contiguous()?,
-            &LinearBackward,
-        )?;
+        let all = x.contiguous()?.apply_op3_no_bwd(&w_act.contiguous()?, &dy.contiguous()?, &LinearBackward)?;
         let n = x.elem_count();
-        let dw = all
-            .narrow(0, n, w_act.elem_count())?
-            .reshape(w_act.shape())?
-            .to_dtype(dw_dtype)?;
+        let dw = all.narrow(0, n, w_act.elem_count())?.reshape(w_act.shape())?.to_dtype(dw_dtype)?;
         return Ok((all.narrow(0, 0, n)?.reshape(x.shape())?, dw));
     }
     let (x2, dy2) = (x.reshape((m, d_in))?, dy.reshape((m, d_out))?);
     let dx = dy2.matmul(w_act)?.reshape(x.shape())?;
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda()
-        && x.dtype() == candle_core::DType::BF16
-        && dw_dtype == candle_core::DType::F32
-    {
+    if x.device().is_cuda() && x.dtype() == candle_core::DType::BF16 && dw_dtype == candle_core::DType::F32 {
         return Ok((dx, cuda::weight_grad_f32(&x2, &dy2)?));
     }
     let dw = dy2.t()?.matmul(&x2)?.to_dtype(dw_dtype)?;
@@ -1810,33 +1236,16 @@ pub fn linear_backward(
 
 /// Norm forward without a graph (see [`norm`]).
 pub fn norm_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
-    norm(
-        &x.detach(),
-        &w.detach(),
-        b.map(|b| b.detach()).as_ref(),
-        eps,
-    )
+    norm(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref(), eps)
 }
 
 /// (x + a, norm(x + a)) without a graph: the residual add and the norm after it, in one
 /// pass on CUDA.
-pub fn add_norm_forward(
-    x: &Tensor,
-    a: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    eps: f64,
-) -> CResult<(Tensor, Tensor)> {
+pub fn add_norm_forward(x: &Tensor, a: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if fused_cuda(x) && x.dim(candle_core::D::Minus1)? % 2 == 0 {
         let f32 = |t: &Tensor| t.detach().to_dtype(candle_core::DType::F32);
-        return cuda::add_norm_fwd(
-            &x.detach(),
-            &a.detach(),
-            &f32(w)?,
-            b.map(f32).transpose()?.as_ref(),
-            eps,
-        );
+        return cuda::add_norm_fwd(&x.detach(), &a.detach(), &f32(w)?, b.map(f32).transpose()?.as_ref(), eps);
     }
     let sum = (x.detach() + a.detach())?;
     let y = norm_forward(&sum, w, b, eps)?;
@@ -1845,30 +1254,12 @@ pub fn add_norm_forward(
 
 /// (dx + dres, dw, db) of [`norm`]: `dres` is the residual stream's gradient, added to dx
 /// (in the kernel on CUDA); db only with a bias.
-pub fn norm_backward(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    dy: &Tensor,
-    dres: Option<&Tensor>,
-    eps: f64,
-) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+pub fn norm_backward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor, dres: Option<&Tensor>, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if fused_cuda(x) && x.dim(candle_core::D::Minus1)? % 2 == 0 {
         let w32 = w.to_dtype(candle_core::DType::F32)?;
-        let (dx, dw, db) = cuda::norm_bwd(
-            &x.contiguous()?,
-            &w32,
-            &dy.contiguous()?,
-            dres,
-            b.is_some(),
-            eps,
-        )?;
-        return Ok((
-            dx,
-            dw.to_dtype(w.dtype())?,
-            db.map(|d| d.to_dtype(w.dtype())).transpose()?,
-        ));
+        let (dx, dw, db) = cuda::norm_bwd(&x.contiguous()?, &w32, &dy.contiguous()?, dres, b.is_some(), eps)?;
+        return Ok((dx, dw.to_dtype(w.dtype())?, db.map(|d| d.to_dtype(w.dtype())).transpose()?));
     }
     let (dx, dw, db) = norm_backward_plain(x, w, b, dy, eps)?;
     let dx = match dres {
@@ -1878,28 +1269,14 @@ pub fn norm_backward(
     Ok((dx, dw, db))
 }
 
-fn norm_backward_plain(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    dy: &Tensor,
-    eps: f64,
-) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+fn norm_backward_plain(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
     let center = b.is_some();
     // On CUDA only here for odd widths, which the kernels (two elements at a time) refuse.
     let native = x.device().is_cpu() && x.dtype() == w.dtype();
     if native {
-        let w32 = if x.device().is_cuda() {
-            w.to_dtype(candle_core::DType::F32)?
-        } else {
-            w.clone()
-        };
+        let w32 = if x.device().is_cuda() { w.to_dtype(candle_core::DType::F32)? } else { w.clone() };
         let (dx, dw, db) = norm_grads(x, &w32, dy, center, eps)?;
-        return Ok((
-            dx,
-            dw.to_dtype(w.dtype())?,
-            db.map(|d| d.to_dtype(w.dtype())).transpose()?,
-        ));
+        return Ok((dx, dw.to_dtype(w.dtype())?, db.map(|d| d.to_dtype(w.dtype())).transpose()?));
     }
     let mut inputs = vec![x, w];
     inputs.extend(b);
@@ -1914,31 +1291,18 @@ pub fn gelu_forward(x: &Tensor) -> CResult<Tensor> {
 
 /// dx of GELU.
 pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> CResult<Tensor> {
-    if (fused_cuda(x) && x.elem_count() % 2 == 0)
-        || (x.device().is_cpu()
-            && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64))
-    {
-        return x
-            .contiguous()?
-            .apply_op2_no_bwd(&dy.contiguous()?, &GeluBackward);
+    if (fused_cuda(x) && x.elem_count() % 2 == 0) || (x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)) {
+        return x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &GeluBackward);
     }
     Ok(vjp(&[x], dy, |t| gelu(&t[0]))?.remove(0))
 }
 
 /// Self-attention forward without a graph: y and, on CUDA, the row statistics its backward
 /// reads (the CPU backward recomputes them).
-pub fn self_attention_forward(
-    qkv: &Tensor,
-    heads: usize,
-    window: Option<usize>,
-) -> CResult<(Tensor, Option<Tensor>)> {
+pub fn self_attention_forward(qkv: &Tensor, heads: usize, window: Option<usize>) -> CResult<(Tensor, Option<Tensor>)> {
     let qkv = qkv.detach();
     if fused_self_attention(&qkv, heads, window)? {
-        let op = SelfAttention {
-            heads,
-            window,
-            lse: Default::default(),
-        };
+        let op = SelfAttention { heads, window, lse: Default::default() };
         let y = qkv.apply_op1_no_bwd(&op)?;
         let lse = op.lse.lock().expect("lse lock").take();
         return Ok((y, lse));
@@ -1947,30 +1311,14 @@ pub fn self_attention_forward(
 }
 
 /// d(qkv) of self-attention from the forward's y (and row statistics) and dy.
-pub fn self_attention_backward(
-    qkv: &Tensor,
-    y: &Tensor,
-    lse: Option<&Tensor>,
-    dy: &Tensor,
-    heads: usize,
-    window: Option<usize>,
-) -> CResult<Tensor> {
+pub fn self_attention_backward(qkv: &Tensor, y: &Tensor, lse: Option<&Tensor>, dy: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(lse) = lse {
         return cuda::self_attention_bwd(qkv, y, dy, lse, heads, window);
     }
     let _ = (y, lse);
-    if qkv.device().is_cpu()
-        && matches!(
-            qkv.dtype(),
-            candle_core::DType::F32 | candle_core::DType::F64
-        )
-    {
-        let qkv = if qkv.stride()[2] == 1 {
-            qkv.clone()
-        } else {
-            qkv.contiguous()?
-        };
+    if qkv.device().is_cpu() && matches!(qkv.dtype(), candle_core::DType::F32 | candle_core::DType::F64) {
+        let qkv = if qkv.stride()[2] == 1 { qkv.clone() } else { qkv.contiguous()? };
         return qkv.apply_op2_no_bwd(&dy.contiguous()?, &SelfAttentionBackward { heads, window });
     }
     Ok(vjp(&[qkv], dy, |t| causal_self_attention(&t[0], heads, window))?.remove(0))
@@ -1982,30 +1330,11 @@ pub fn cross_entropy_forward(logits: &Tensor, targets: &Tensor) -> CResult<Tenso
 }
 
 /// d logits of [`cross_entropy`] from the forward's losses and d losses.
-pub fn cross_entropy_backward(
-    logits: &Tensor,
-    targets: &Tensor,
-    losses: &Tensor,
-    dloss: &Tensor,
-) -> CResult<Tensor> {
-    if fused_cuda(logits)
-        || (logits.device().is_cpu()
-            && matches!(
-                logits.dtype(),
-                candle_core::DType::F32 | candle_core::DType::F64
-            ))
-    {
-        let losses = losses.to_dtype(if logits.device().is_cuda() {
-            candle_core::DType::F32
-        } else {
-            logits.dtype()
-        })?;
+pub fn cross_entropy_backward(logits: &Tensor, targets: &Tensor, losses: &Tensor, dloss: &Tensor) -> CResult<Tensor> {
+    if fused_cuda(logits) || (logits.device().is_cpu() && matches!(logits.dtype(), candle_core::DType::F32 | candle_core::DType::F64)) {
+        let losses = losses.to_dtype(if logits.device().is_cuda() { candle_core::DType::F32 } else { logits.dtype() })?;
         let dloss = dloss.to_dtype(losses.dtype())?.contiguous()?;
-        return logits.contiguous()?.apply_op3_no_bwd(
-            &targets.contiguous()?,
-            &losses.contiguous()?,
-            &CrossEntropyBackward { dloss },
-        );
+        return logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &losses.contiguous()?, &CrossEntropyBackward { dloss });
     }
     Ok(vjp(&[logits], dloss, |t| cross_entropy(&t[0], targets))?.remove(0))
 }
@@ -2019,11 +1348,7 @@ pub fn embedding_backward(table: &Tensor, ids: &Tensor, dy: &Tensor) -> CResult<
     if fused_cuda(table) && table.dtype() == candle_core::DType::F32 {
         return cuda::embed_bwd(&dy, &ids, v);
     }
-    Tensor::zeros((v, d), table.dtype(), table.device())?.index_add(
-        &ids,
-        &dy.to_dtype(table.dtype())?,
-        0,
-    )
+    Tensor::zeros((v, d), table.dtype(), table.device())?.index_add(&ids, &dy.to_dtype(table.dtype())?, 0)
 }
 
 /// Writes the k and v column blocks of qkv [N, S, 3D] into the cache buffers k, v
@@ -2042,14 +1367,9 @@ pub fn kv_append(qkv: &Tensor, k: &Tensor, v: &Tensor, len: usize) -> CResult<()
 /// device: one kernel per tensor and no host synchronisation on CUDA.
 pub fn sum_squares(tensors: &[&Tensor]) -> CResult<Tensor> {
     #[cfg(feature = "cuda")]
-    if tensors.first().is_some_and(|t| t.device().is_cuda())
-        && tensors.iter().all(|t| t.dtype() == candle_core::DType::F32)
-    {
+    if tensors.first().is_some_and(|t| t.device().is_cuda()) && tensors.iter().all(|t| t.dtype() == candle_core::DType::F32) {
         return cuda::sum_squares(tensors)?.squeeze(0);
     }
-    let parts = tensors
-        .iter()
-        .map(|t| t.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all())
-        .collect::<CResult<Vec<_>>>()?;
+    let parts = tensors.iter().map(|t| t.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()).collect::<CResult<Vec<_>>>()?;
     Tensor::stack(&parts, 0)?.sum_all()
 }

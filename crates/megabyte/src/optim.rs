@@ -33,18 +33,12 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: &BTreeMap<String, Var>, cfg: AdamWConfig) -> Result<Self> {
-        let params: Vec<(String, Var)> =
-            params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let params: Vec<(String, Var)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let moments = params
             .iter()
             .map(|(_, p)| Ok(Tensor::zeros(2 * p.elem_count(), DType::F32, p.device())?))
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW {
-            cfg,
-            params,
-            moments,
-            t: 0,
-        })
+        Ok(AdamW { cfg, params, moments, t: 0 })
     }
 
     pub fn steps(&self) -> u64 {
@@ -91,29 +85,14 @@ impl AdamW {
     fn gradients<'g>(&self, grads: &'g Grads) -> Result<Vec<&'g Tensor>> {
         self.params
             .iter()
-            .map(|(name, p)| {
-                grads
-                    .get(p.as_tensor())
-                    .ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))
-            })
+            .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
             .collect()
     }
 
     /// Applies one AdamW step to every parameter (fused, `ops::adamw_update_clipped`).
-    fn update(
-        &mut self,
-        gs: &[&Tensor],
-        lr: f64,
-        grad_scale: f64,
-        clip: Option<(&Tensor, f64)>,
-    ) -> Result<()> {
+    fn update(&mut self, gs: &[&Tensor], lr: f64, grad_scale: f64, clip: Option<(&Tensor, f64)>) -> Result<()> {
         self.t += 1;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.cfg;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.t as i32);
         let bc2 = 1.0 - beta2.powi(self.t as i32);
         let mut items: Vec<_> = self
@@ -123,16 +102,7 @@ impl AdamW {
             .zip(gs)
             .map(|(((_, p), mv), g)| (p, *g, mv, if p.rank() >= 2 { weight_decay } else { 0.0 }))
             .collect();
-        let hp = AdamWStep {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            bc1,
-            bc2,
-            grad_scale,
-        };
+        let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale };
         if let Err(e) = crate::ops::adamw_update_many(&mut items, hp, clip) {
             // Some parameters may be updated already: the step count stays as it was and the
             // error ends training (the last checkpoint is intact).
@@ -154,11 +124,7 @@ impl AdamW {
     }
 
     /// Restores the moments written by [`AdamW::state_tensors`] and the step count.
-    pub fn load_state(
-        &mut self,
-        tensors: &HashMap<String, Tensor>,
-        t: u64,
-    ) -> std::result::Result<(), String> {
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> std::result::Result<(), String> {
         if tensors.len() != 2 * self.params.len() {
             return Err(format!(
                 "optimizer state holds {} tensors, the model needs {}",
@@ -169,15 +135,9 @@ impl AdamW {
         for ((name, p), mv) in self.params.iter().zip(self.moments.iter_mut()) {
             let mut halves = Vec::new();
             for key in [format!("m.{name}"), format!("v.{name}")] {
-                let t = tensors
-                    .get(&key)
-                    .ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
+                let t = tensors.get(&key).ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
                 if t.dims() != p.dims() {
-                    return Err(format!(
-                        "optimizer tensor `{key}` has shape {:?}, expected {:?}",
-                        t.dims(),
-                        p.dims()
-                    ));
+                    return Err(format!("optimizer tensor `{key}` has shape {:?}, expected {:?}", t.dims(), p.dims()));
                 }
                 halves.push(t.flatten_all().map_err(|e| e.to_string())?);
             }

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointData};
@@ -83,12 +83,7 @@ impl TrainConfig {
             decay: Decay::Cosine,
             steps: None,
             time_minutes: None,
-            adamw: AdamWConfig {
-                beta1: 0.9,
-                beta2: 0.98,
-                eps: 1e-8,
-                weight_decay: 0.1,
-            },
+            adamw: AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 },
             grad_clip: 1.0,
             eval_every: 500,
             eval_bytes: 100_000,
@@ -106,10 +101,7 @@ impl TrainConfig {
             return bad("batch size and gradient accumulation must be at least 1".into());
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
-            return bad(format!(
-                "need 0 ≤ min_lr ≤ lr and lr > 0; got lr {} min_lr {}",
-                self.lr, self.min_lr
-            ));
+            return bad(format!("need 0 ≤ min_lr ≤ lr and lr > 0; got lr {} min_lr {}", self.lr, self.min_lr));
         }
         if self.steps.is_none() && self.time_minutes.is_none() {
             return bad("give a stopping rule: a number of steps, a time limit, or both".into());
@@ -118,9 +110,7 @@ impl TrainConfig {
             return bad("steps and minutes must be positive".into());
         }
         if self.eval_every == 0 || self.checkpoint_every == 0 || self.keep_checkpoints == 0 {
-            return bad(
-                "eval_every, checkpoint_every and keep_checkpoints must be at least 1".into(),
-            );
+            return bad("eval_every, checkpoint_every and keep_checkpoints must be at least 1".into());
         }
         Ok(())
     }
@@ -169,11 +159,7 @@ impl DataSpec {
             None => ByteStream::embedded(),
         });
         let with_docs = |split: Split, stream: &ByteStream| -> Result<Split> {
-            Ok(if self.documents {
-                split.with_documents(&stream.documents()?)
-            } else {
-                split
-            })
+            Ok(if self.documents { split.with_documents(&stream.documents()?) } else { split })
         };
         match &self.valid {
             Some(path) => {
@@ -252,18 +238,11 @@ struct DataParallel {
 
 impl Trainer {
     /// A new run: weights drawn from `train.seed`.
-    pub fn new(
-        model_cfg: &ModelConfig,
-        train: TrainConfig,
-        data: DataSpec,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(model_cfg: &ModelConfig, train: TrainConfig, data: DataSpec, device: &Device) -> Result<Self> {
         train.validate()?;
         train.precision.check(device)?;
         let (model, params) = MegaByte::init(model_cfg, train.seed, DType::F32, device)?;
-        let model = model
-            .with_activations(train.precision.dtype())
-            .with_recompute(train.recompute);
+        let model = model.with_activations(train.precision.dtype()).with_recompute(train.recompute);
         let opt = AdamW::new(params.vars(), train.adamw)?;
         // A distinct stream for data: the weights used the seed itself.
         let sampler = WindowSampler::new(train.seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
@@ -278,26 +257,12 @@ impl Trainer {
             world_size: 1,
         };
         let (cpu_workers, cpu_pool) = cpu_pool()?;
-        Ok(Trainer {
-            model,
-            params,
-            opt,
-            sampler,
-            record,
-            device: device.clone(),
-            cpu_workers,
-            cpu_pool,
-            group: None,
-        })
+        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), cpu_workers, cpu_pool, group: None })
     }
 
     /// Continues from a training checkpoint (or a run folder's newest one) exactly.
     /// `limits` replaces the recorded stopping rules when given.
-    pub fn resume(
-        path: &Path,
-        limits: Option<(Option<u64>, Option<f64>)>,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn resume(path: &Path, limits: Option<(Option<u64>, Option<f64>)>, device: &Device) -> Result<Self> {
         let dir = checkpoint::resolve(path)?;
         let (model, params) = checkpoint::load_model(&dir, DType::F32, device)?;
         let record_path = dir.join(checkpoint::TRAIN_FILE);
@@ -305,18 +270,12 @@ impl Trainer {
             path: record_path.clone(),
             msg: format!("cannot read ({e}); only a training checkpoint can be resumed"),
         })?;
-        let mut record: TrainRecord =
-            serde_json::from_slice(&text).map_err(|e| Error::Checkpoint {
-                path: record_path.clone(),
-                msg: format!("corrupt: {e}"),
-            })?;
+        let mut record: TrainRecord = serde_json::from_slice(&text)
+            .map_err(|e| Error::Checkpoint { path: record_path.clone(), msg: format!("corrupt: {e}") })?;
         if record.format != RECORD_FORMAT {
             return Err(Error::Checkpoint {
                 path: record_path,
-                msg: format!(
-                    "format {} is not the supported {RECORD_FORMAT}",
-                    record.format
-                ),
+                msg: format!("format {} is not the supported {RECORD_FORMAT}", record.format),
             });
         }
         if let Some((steps, minutes)) = limits {
@@ -327,30 +286,15 @@ impl Trainer {
         record.world_size = 1;
         record.train.validate()?;
         record.train.precision.check(device)?;
-        let model = model
-            .with_activations(record.train.precision.dtype())
-            .with_recompute(record.train.recompute);
+        let model = model.with_activations(record.train.precision.dtype()).with_recompute(record.train.recompute);
         let mut opt = AdamW::new(params.vars(), record.train.adamw)?;
         let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
         let moments = checkpoint::load_tensors(&opt_path)?;
         opt.load_state(&moments, record.step)
-            .map_err(|msg| Error::Checkpoint {
-                path: opt_path,
-                msg,
-            })?;
+            .map_err(|msg| Error::Checkpoint { path: opt_path, msg })?;
         let sampler = WindowSampler::restore(record.sampler);
         let (cpu_workers, cpu_pool) = cpu_pool()?;
-        Ok(Trainer {
-            model,
-            params,
-            opt,
-            sampler,
-            record,
-            device: device.clone(),
-            cpu_workers,
-            cpu_pool,
-            group: None,
-        })
+        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), cpu_workers, cpu_pool, group: None })
     }
 
     /// Makes this trainer one rank of a data-parallel group (see [`crate::dist`]): it trains
@@ -359,15 +303,8 @@ impl Trainer {
     /// step. Rank 0's parameters are broadcast first, so every rank starts from the same
     /// weights. Every rank calls it, after [`Trainer::new`] or [`Trainer::resume`].
     pub fn join(&mut self, group: Box<dyn Collective>, bucket_bytes: usize) -> Result<()> {
-        dist::rank_rows(
-            self.record.train.batch_size,
-            group.world_size(),
-            group.rank(),
-        )?;
-        let mut dp = DataParallel {
-            group,
-            bucket_elems: (bucket_bytes / 4).max(1),
-        };
+        dist::rank_rows(self.record.train.batch_size, group.world_size(), group.rank())?;
+        let mut dp = DataParallel { group, bucket_elems: (bucket_bytes / 4).max(1) };
         let vars: Vec<&candle_core::Var> = self.params.vars().values().collect();
         let tensors: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
         let shapes: Vec<&candle_core::Shape> = tensors.iter().map(|t| t.shape()).collect();
@@ -426,12 +363,8 @@ impl Trainer {
     fn progress(&self) -> f64 {
         let t = &self.record.train;
         let after_warmup = |n: u64| n.saturating_sub(t.warmup_steps) as f64;
-        let by_steps = t.steps.map_or(0.0, |s| {
-            after_warmup(self.record.step) / after_warmup(s).max(1.0)
-        });
-        let by_time = t
-            .time_minutes
-            .map_or(0.0, |m| self.record.elapsed_secs / (m * 60.0));
+        let by_steps = t.steps.map_or(0.0, |s| after_warmup(self.record.step) / after_warmup(s).max(1.0));
+        let by_time = t.time_minutes.map_or(0.0, |m| self.record.elapsed_secs / (m * 60.0));
         by_steps.max(by_time)
     }
 
@@ -449,16 +382,11 @@ impl Trainer {
         let grad_norm = match self.group.as_mut() {
             None => self.opt.step_clipped(&grads, lr, t.grad_clip)?,
             // Every rank clips by rank 0's norm (see `AdamW::step_clipped_agreed`).
-            Some(dp) => self
-                .opt
-                .step_clipped_agreed(&grads, lr, t.grad_clip, |sumsq| {
-                    let shared = dp.group.broadcast(vec![sumsq.reshape(1)?], 0)?;
-                    let sumsq = shared
-                        .into_iter()
-                        .next()
-                        .ok_or_else(|| Error::Dist("the gradient norm went missing".into()))?;
-                    Ok(sumsq.reshape(())?)
-                })?,
+            Some(dp) => self.opt.step_clipped_agreed(&grads, lr, t.grad_clip, |sumsq| {
+                let shared = dp.group.broadcast(vec![sumsq.reshape(1)?], 0)?;
+                let sumsq = shared.into_iter().next().ok_or_else(|| Error::Dist("the gradient norm went missing".into()))?;
+                Ok(sumsq.reshape(())?)
+            })?,
         };
         if !grad_norm.is_finite() {
             return Err(Error::Input(format!(
@@ -510,13 +438,7 @@ impl Trainer {
             // micro-batches (all ranks' rows), so every micro-batch is drawn first to count them.
             let mut batches = Vec::with_capacity(t.grad_accum);
             for _ in 0..t.grad_accum {
-                batches.push(self.sampler.document_batch_rows(
-                    train,
-                    t.batch_size,
-                    context,
-                    rows.clone(),
-                    &self.device,
-                )?);
+                batches.push(self.sampler.document_batch_rows(train, t.batch_size, context, rows.clone(), &self.device)?);
             }
             let real: usize = batches.iter().map(|b| b.2).sum();
             for (x, w, _) in batches {
@@ -525,13 +447,7 @@ impl Trainer {
             }
         } else {
             for _ in 0..t.grad_accum {
-                let x = self.sampler.batch_rows(
-                    train,
-                    t.batch_size,
-                    context,
-                    rows.clone(),
-                    &self.device,
-                )?; // [B/W, T]
+                let x = self.sampler.batch_rows(train, t.batch_size, context, rows.clone(), &self.device)?; // [B/W, T]
                 add(self.shard_grads(&x, t.batch_size * t.grad_accum)?)?;
             }
         }
@@ -542,17 +458,11 @@ impl Trainer {
     /// The sums over all ranks of the gradients and the loss: one all-reduce per bucket of
     /// gradients (in parameter order), with the loss in the same group. Alone, unchanged.
     fn sum_over_ranks(&mut self, grads: Grads, loss: Tensor) -> Result<(Grads, Tensor)> {
-        let Some(dp) = self.group.as_mut() else {
-            return Ok((grads, loss));
-        };
+        let Some(dp) = self.group.as_mut() else { return Ok((grads, loss)) };
         let vars: Vec<(&String, &candle_core::Var)> = self.params.vars().iter().collect();
         let tensors = vars
             .iter()
-            .map(|(name, p)| {
-                grads
-                    .get(p.as_tensor())
-                    .ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`")))
-            })
+            .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
             .collect::<Result<Vec<&Tensor>>>()?;
         let shapes: Vec<&candle_core::Shape> = vars.iter().map(|(_, p)| p.shape()).collect();
         let (mut bufs, packing) = dist::pack(&tensors, dp.bucket_elems)?;
@@ -560,9 +470,7 @@ impl Trainer {
         drop(grads); // the buckets hold the gradients now
         bufs.push(loss.reshape(1)?);
         let mut summed = dp.group.all_reduce_sum(bufs)?;
-        let loss = summed
-            .pop()
-            .ok_or_else(|| Error::Dist("the loss went missing in the all-reduce".into()))?;
+        let loss = summed.pop().ok_or_else(|| Error::Dist("the loss went missing in the all-reduce".into()))?;
         let mut out = Grads::new();
         for ((_, p), g) in vars.iter().zip(packing.unpack(&summed, &shapes)?) {
             out.add(p.as_tensor(), g)?;
@@ -574,36 +482,20 @@ impl Trainer {
     /// take rank 0's elapsed time, which drives the time limit and a timed schedule. This is
     /// also where the other ranks wait while rank 0 validates or saves. Alone: `stop`.
     fn agree(&mut self, stop: bool, elapsed_secs: f64) -> Result<bool> {
-        let Some(dp) = self.group.as_mut() else {
-            return Ok(stop);
-        };
-        let own = if dp.group.rank() == 0 {
-            elapsed_secs
-        } else {
-            0.0
-        };
+        let Some(dp) = self.group.as_mut() else { return Ok(stop) };
+        let own = if dp.group.rank() == 0 { elapsed_secs } else { 0.0 };
         let votes = Tensor::new(&[f64::from(u8::from(stop)), own], &self.device)?;
         let summed = dp.group.all_reduce_sum(vec![votes])?;
-        let v = summed
-            .first()
-            .ok_or_else(|| Error::Dist("the step agreement went missing".into()))?
-            .to_vec1::<f64>()?;
+        let v = summed.first().ok_or_else(|| Error::Dist("the step agreement went missing".into()))?.to_vec1::<f64>()?;
         self.record.elapsed_secs = v[1];
         Ok(v[0] > 0.0)
     }
 
     /// Rank 0's `values` (the leader's), on every rank (alone: `values`).
     fn leaders(&mut self, values: &[f64]) -> Result<Vec<f64>> {
-        let Some(dp) = self.group.as_mut() else {
-            return Ok(values.to_vec());
-        };
-        let out = dp
-            .group
-            .broadcast(vec![Tensor::new(values, &self.device)?], 0)?;
-        Ok(out
-            .first()
-            .ok_or_else(|| Error::Dist("a broadcast went missing".into()))?
-            .to_vec1::<f64>()?)
+        let Some(dp) = self.group.as_mut() else { return Ok(values.to_vec()) };
+        let out = dp.group.broadcast(vec![Tensor::new(values, &self.device)?], 0)?;
+        Ok(out.first().ok_or_else(|| Error::Dist("a broadcast went missing".into()))?.to_vec1::<f64>()?)
     }
 
     /// Loss (its share of the step's mean) and gradients of one micro-batch x [B, T] (this
@@ -617,9 +509,7 @@ impl Trainer {
         let b = x.dim(0)?;
         self.in_shards(b, &|start: usize, len: usize| -> Result<(Tensor, Grads)> {
             let weight = len as f64 / step_rows as f64;
-            let (loss, grads) = self
-                .model
-                .loss_and_grads(&x.narrow(0, start, len)?, weight)?;
+            let (loss, grads) = self.model.loss_and_grads(&x.narrow(0, start, len)?, weight)?;
             Ok(((loss.to_dtype(DType::F64)? * weight)?, grads))
         })
     }
@@ -627,66 +517,28 @@ impl Trainer {
     /// Like `shard_grads` for per-byte weights w [B, T] (summing to the micro-batch's share
     /// of the step): each shard's Σ w·loss and its gradients.
     fn shard_weighted_grads(&self, x: &Tensor, w: &Tensor) -> Result<Vec<(Tensor, Grads)>> {
-        self.in_shards(x.dim(0)?, &|start: usize,
-                                    len: usize|
-         -> Result<(Tensor, Grads)> {
-            let (loss, grads) = self
-                .model
-                .weighted_loss_and_grads(&x.narrow(0, start, len)?, &w.narrow(0, start, len)?)?;
+        self.in_shards(x.dim(0)?, &|start: usize, len: usize| -> Result<(Tensor, Grads)> {
+            let (loss, grads) = self.model.weighted_loss_and_grads(&x.narrow(0, start, len)?, &w.narrow(0, start, len)?)?;
             Ok((loss.to_dtype(DType::F64)?, grads))
         })
     }
 
     /// Runs `run(start, rows)` over shards of a batch of `b` rows: one per core on the CPU.
-    fn in_shards(
-        &self,
-        b: usize,
-        run: &(dyn Fn(usize, usize) -> Result<(Tensor, Grads)> + Sync),
-    ) -> Result<Vec<(Tensor, Grads)>> {
-        let shards = if self.device.is_cpu() {
-            self.cpu_workers.min(b)
-        } else {
-            1
-        };
-        let sizes: Vec<usize> = (0..shards)
-            .map(|i| b / shards + usize::from(i < b % shards))
-            .collect();
+    fn in_shards(&self, b: usize, run: &(dyn Fn(usize, usize) -> Result<(Tensor, Grads)> + Sync)) -> Result<Vec<(Tensor, Grads)>> {
+        let shards = if self.device.is_cpu() { self.cpu_workers.min(b) } else { 1 };
+        let sizes: Vec<usize> = (0..shards).map(|i| b / shards + usize::from(i < b % shards)).collect();
         if shards == 1 {
             return Ok(vec![run(0, b)?]);
         }
-        let starts: Vec<usize> = sizes
-            .iter()
-            .scan(0, |acc, &n| {
-                let s = *acc;
-                *acc += n;
-                Some(s)
-            })
-            .collect();
+        let starts: Vec<usize> = sizes.iter().scan(0, |acc, &n| { let s = *acc; *acc += n; Some(s) }).collect();
         // One pool thread per shard; the fused ops' own parallel loops share the same pool.
-        self.cpu_pool.install(|| {
-            starts
-                .par_iter()
-                .zip(&sizes)
-                .map(|(&s, &n)| run(s, n))
-                .collect()
-        })
+        self.cpu_pool.install(|| starts.par_iter().zip(&sizes).map(|(&s, &n)| run(s, n)).collect())
     }
 
     /// Validation bpb over the first `eval_bytes` bytes of `valid`.
     pub fn validate(&self, valid: &Split) -> Result<eval::EvalReport> {
-        let settings = EvalSettings {
-            strided: false,
-            sliding: None,
-            batch_size: self.record.train.batch_size,
-        };
-        eval::evaluate(
-            &self.model,
-            valid,
-            settings,
-            Some(self.record.train.eval_bytes),
-            &self.device,
-            &mut |_, _| {},
-        )
+        let settings = EvalSettings { strided: false, sliding: None, batch_size: self.record.train.batch_size };
+        eval::evaluate(&self.model, valid, settings, Some(self.record.train.eval_bytes), &self.device, &mut |_, _| {})
     }
 
     /// Writes a resumable checkpoint into `run_dir` and prunes old ones.
@@ -695,10 +547,7 @@ impl Trainer {
             step: self.record.step,
             config: self.model.config(),
             params: &self.params,
-            training: Some((
-                self.opt.state_tensors()?,
-                serde_json::to_value(&self.record)?,
-            )),
+            training: Some((self.opt.state_tensors()?, serde_json::to_value(&self.record)?)),
         };
         let path = checkpoint::save(run_dir, &data)?;
         checkpoint::prune(run_dir, self.record.train.keep_checkpoints)?;
@@ -710,9 +559,7 @@ impl Trainer {
         if t.steps.is_some_and(|s| self.record.step >= s) {
             return Some(StopReason::Steps);
         }
-        if t.time_minutes
-            .is_some_and(|m| self.record.elapsed_secs >= m * 60.0)
-        {
+        if t.time_minutes.is_some_and(|m| self.record.elapsed_secs >= m * 60.0) {
             return Some(StopReason::Time);
         }
         None
@@ -742,14 +589,8 @@ pub enum StopReason {
 #[derive(Debug)]
 pub enum Event<'a> {
     Step(&'a StepStats),
-    Eval {
-        step: u64,
-        report: &'a eval::EvalReport,
-    },
-    Checkpoint {
-        step: u64,
-        path: &'a Path,
-    },
+    Eval { step: u64, report: &'a eval::EvalReport },
+    Checkpoint { step: u64, path: &'a Path },
 }
 
 /// How a run ended.
@@ -766,8 +607,7 @@ pub struct RunSummary {
 /// Prepares a run folder: creates it and proves it writable. A folder that already holds
 /// checkpoints is refused unless resuming, so nothing is overwritten.
 pub fn prepare_run_dir(run_dir: &Path, resuming: bool) -> Result<()> {
-    std::fs::create_dir_all(run_dir)
-        .io_context(|| format!("creating the output folder {}", run_dir.display()))?;
+    std::fs::create_dir_all(run_dir).io_context(|| format!("creating the output folder {}", run_dir.display()))?;
     if !resuming && !checkpoint::list(run_dir)?.is_empty() {
         return Err(Error::Input(format!(
             "{} already holds a run; resume it with --resume or choose another output folder",
@@ -797,11 +637,7 @@ pub fn run(
 ) -> Result<RunSummary> {
     let context = trainer.model.config().context;
     // Document tiles may be shorter than T (padded); plain windows need T bytes.
-    let need = if data.train.documents().is_some() {
-        1
-    } else {
-        context
-    };
+    let need = if data.train.documents().is_some() { 1 } else { context };
     data.train.require(need, "the training data")?;
     data.valid.require(1, "the validation data")?;
     let leader = trainer.rank() == 0;
@@ -818,8 +654,7 @@ pub fn run(
     };
     let mut log = |value: serde_json::Value| -> Result<()> {
         match metrics.as_mut() {
-            Some(file) => writeln!(file, "{value}")
-                .io_context(|| format!("writing {}", metrics_path.display())),
+            Some(file) => writeln!(file, "{value}").io_context(|| format!("writing {}", metrics_path.display())),
             None => Ok(()),
         }
     };
@@ -830,17 +665,11 @@ pub fn run(
     if trainer.step() == 0 && leader {
         let report = trainer.validate(&data.valid)?;
         log(serde_json::json!({"step": 0, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
-        on_event(Event::Eval {
-            step: 0,
-            report: &report,
-        });
+        on_event(Event::Eval { step: 0, report: &report });
         first_valid_bpb = Some(report.bpb);
     }
     let reason = loop {
-        let interrupted = trainer.agree(
-            stop.load(Ordering::SeqCst),
-            wall_before + wall.elapsed().as_secs_f64(),
-        )?;
+        let interrupted = trainer.agree(stop.load(Ordering::SeqCst), wall_before + wall.elapsed().as_secs_f64())?;
         if let Some(reason) = trainer.finished() {
             break reason;
         }
@@ -858,13 +687,8 @@ pub fn run(
         }
         if step % trainer.record.train.eval_every == 0 && trainer.finished().is_none() {
             let report = trainer.validate(&data.valid)?;
-            log(
-                serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}),
-            )?;
-            on_event(Event::Eval {
-                step,
-                report: &report,
-            });
+            log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
+            on_event(Event::Eval { step, report: &report });
         }
         if step % trainer.record.train.checkpoint_every == 0 && trainer.finished().is_none() {
             let path = trainer.save(run_dir)?;
@@ -876,19 +700,11 @@ pub fn run(
     let mut checkpoint = checkpoint::dir_for(run_dir, step);
     if leader {
         let report = trainer.validate(&data.valid)?;
-        log(
-            serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}),
-        )?;
-        on_event(Event::Eval {
-            step,
-            report: &report,
-        });
+        log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
+        on_event(Event::Eval { step, report: &report });
         final_valid_bpb = report.bpb;
         checkpoint = trainer.save(run_dir)?;
-        on_event(Event::Checkpoint {
-            step,
-            path: &checkpoint,
-        });
+        on_event(Event::Checkpoint { step, path: &checkpoint });
     }
     // The other ranks wait here until rank 0 has saved, and learn its figures.
     let shared = trainer.leaders(&[first_valid_bpb.unwrap_or(f64::NAN), final_valid_bpb])?;

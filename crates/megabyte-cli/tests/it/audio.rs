@@ -8,15 +8,8 @@ use megabyte::audio::{clip_bytes, convert_audio, read_wav, write_wav, PcmFormat}
 use crate::temp_dir;
 
 fn megabyte(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_megabyte"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn s(p: &Path) -> &str {
@@ -24,19 +17,12 @@ fn s(p: &Path) -> &str {
 }
 
 fn spec(rate: u32, bits: u16, channels: u16) -> hound::WavSpec {
-    hound::WavSpec {
-        channels,
-        sample_rate: rate,
-        bits_per_sample: bits,
-        sample_format: hound::SampleFormat::Int,
-    }
+    hound::WavSpec { channels, sample_rate: rate, bits_per_sample: bits, sample_format: hound::SampleFormat::Int }
 }
 
 /// A 16-bit clip of `n` samples (all channels) with a deterministic waveform.
 fn write_i16(path: &Path, rate: u32, channels: u16, n: usize, seed: i32) -> Vec<i16> {
-    let samples: Vec<i16> = (0..n as i32)
-        .map(|i| ((i * 7919 + seed * 104729) % 65536 - 32768) as i16)
-        .collect();
+    let samples: Vec<i16> = (0..n as i32).map(|i| ((i * 7919 + seed * 104729) % 65536 - 32768) as i16).collect();
     let mut w = hound::WavWriter::create(path, spec(rate, 16, channels)).unwrap();
     for &x in &samples {
         w.write_sample(x).unwrap();
@@ -54,26 +40,11 @@ fn wav_clips_convert_to_their_sample_bytes() {
     let b = write_i16(&clips.join("more/b.wav"), 8000, 2, 502, 2);
     let out = dir.join("audio.bin");
     let r = convert_audio(&clips, &out).unwrap();
-    assert_eq!(
-        (r.clips, r.format),
-        (
-            2,
-            PcmFormat {
-                sample_rate: 8000,
-                bits: 16,
-                channels: 2
-            }
-        )
-    );
+    assert_eq!((r.clips, r.format), (2, PcmFormat { sample_rate: 8000, bits: 16, channels: 2 }));
     let expected: Vec<u8> = a.iter().chain(&b).flat_map(|x| x.to_le_bytes()).collect();
-    assert_eq!(
-        std::fs::read(&out).unwrap(),
-        expected,
-        "bytes are the little-endian samples, clips in path order"
-    );
+    assert_eq!(std::fs::read(&out).unwrap(), expected, "bytes are the little-endian samples, clips in path order");
     let index: megabyte::documents::DocumentIndex =
-        serde_json::from_slice(&std::fs::read(dir.join("audio.bin.documents.json")).unwrap())
-            .unwrap();
+        serde_json::from_slice(&std::fs::read(dir.join("audio.bin.documents.json")).unwrap()).unwrap();
     assert_eq!(index.starts, Some(vec![0, 2000]));
     assert_eq!(index.about["sample_rate"], 8000);
 
@@ -107,12 +78,7 @@ fn unsupported_and_mixed_audio_is_refused() {
     let float = dir.join("float.wav");
     let mut w = hound::WavWriter::create(
         &float,
-        hound::WavSpec {
-            channels: 1,
-            sample_rate: 8000,
-            bits_per_sample: 32,
-            sample_format: hound::SampleFormat::Float,
-        },
+        hound::WavSpec { channels: 1, sample_rate: 8000, bits_per_sample: 32, sample_format: hound::SampleFormat::Float },
     )
     .unwrap();
     w.write_sample(0.5f32).unwrap();
@@ -136,83 +102,27 @@ fn unsupported_and_mixed_audio_is_refused() {
 
 #[test]
 fn generated_clips_are_playable_wav_of_the_requested_length() {
-    assert_eq!(
-        clip_bytes(
-            PcmFormat {
-                sample_rate: 8000,
-                bits: 16,
-                channels: 1
-            },
-            0.5
-        )
-        .unwrap(),
-        8000
-    );
-    assert_eq!(
-        clip_bytes(
-            PcmFormat {
-                sample_rate: 8000,
-                bits: 16,
-                channels: 2
-            },
-            0.001
-        )
-        .unwrap(),
-        32
-    );
+    assert_eq!(clip_bytes(PcmFormat { sample_rate: 8000, bits: 16, channels: 1 }, 0.5).unwrap(), 8000);
+    assert_eq!(clip_bytes(PcmFormat { sample_rate: 8000, bits: 16, channels: 2 }, 0.001).unwrap(), 32);
     let dir = temp_dir("wav-gen");
     let clip = dir.join("clip.wav");
     write_i16(&clip, 8000, 1, 4000, 3);
     let data = dir.join("audio.bin");
     let (ok, stdout, stderr) = megabyte(&["data", "audio", s(&clip), s(&data)]);
-    assert!(
-        ok && stdout.contains("8000 Hz 16-bit mono"),
-        "{stdout}{stderr}"
-    );
+    assert!(ok && stdout.contains("8000 Hz 16-bit mono"), "{stdout}{stderr}");
     let run = dir.join("run");
-    let (ok, _, stderr) = megabyte(&[
-        "train",
-        "--data",
-        s(&data),
-        "--out",
-        s(&run),
-        "--steps",
-        "1",
-        "--sample-bytes",
-        "0",
-        "--batch-size",
-        "2",
-    ]);
+    let (ok, _, stderr) = megabyte(&["train", "--data", s(&data), "--out", s(&run), "--steps", "1", "--sample-bytes", "0", "--batch-size", "2"]);
     assert!(ok, "{stderr}");
     let out = dir.join("gen.wav");
-    let (ok, _, stderr) = megabyte(&[
-        "generate",
-        "--checkpoint",
-        s(&run),
-        "--wav",
-        "30ms",
-        "--sample-rate",
-        "8000",
-        "--bits",
-        "16",
-        "--out",
-        s(&out),
-    ]);
+    let (ok, _, stderr) =
+        megabyte(&["generate", "--checkpoint", s(&run), "--wav", "30ms", "--sample-rate", "8000", "--bits", "16", "--out", s(&out)]);
     assert!(ok, "{stderr}");
     let reader = hound::WavReader::open(&out).unwrap();
     assert_eq!(reader.spec(), spec(8000, 16, 1));
     assert_eq!(reader.len(), 240, "30 ms at 8 kHz");
     // A prompt that ends inside a sample would shift every sample: refused.
     let (ok, _, stderr) = megabyte(&[
-        "generate",
-        "--checkpoint",
-        s(&run),
-        "--wav",
-        "10ms",
-        "--prompt",
-        "abc",
-        "--out",
-        s(&dir.join("bad.wav")),
+        "generate", "--checkpoint", s(&run), "--wav", "10ms", "--prompt", "abc", "--out", s(&dir.join("bad.wav")),
     ]);
     assert!(!ok && stderr.contains("sample boundary"), "{stderr}");
 }

@@ -10,24 +10,14 @@ use crate::{temp_dir, tiny};
 
 /// Runs the command; returns (success, stderr).
 fn megabyte(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_megabyte"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 fn fails_with(args: &[&str], needle: &str) {
     let (ok, stderr) = megabyte(args);
     assert!(!ok, "`megabyte {}` should fail", args.join(" "));
-    assert!(
-        stderr.contains(needle),
-        "`megabyte {}`: expected `{needle}` in:\n{stderr}",
-        args.join(" ")
-    );
+    assert!(stderr.contains(needle), "`megabyte {}`: expected `{needle}` in:\n{stderr}", args.join(" "));
 }
 
 fn s(p: &Path) -> &str {
@@ -37,88 +27,24 @@ fn s(p: &Path) -> &str {
 /// A saved tiny checkpoint in its own folder.
 fn saved_checkpoint(dir: &Path) -> PathBuf {
     let (model, params) = tiny(1);
-    checkpoint::save(
-        dir,
-        &CheckpointData {
-            step: 1,
-            config: model.config(),
-            params: &params,
-            training: None,
-        },
-    )
-    .unwrap()
+    checkpoint::save(dir, &CheckpointData { step: 1, config: model.config(), params: &params, training: None }).unwrap()
 }
 
 #[test]
 fn bad_data_files_are_refused() {
     let dir = temp_dir("bad-data");
     let out = dir.join("run");
-    fails_with(
-        &[
-            "train",
-            "--data",
-            s(&dir.join("missing.txt")),
-            "--out",
-            s(&out),
-            "--steps",
-            "1",
-        ],
-        "cannot read it",
-    );
+    fails_with(&["train", "--data", s(&dir.join("missing.txt")), "--out", s(&out), "--steps", "1"], "cannot read it");
     std::fs::write(dir.join("empty.txt"), b"").unwrap();
-    fails_with(
-        &[
-            "train",
-            "--data",
-            s(&dir.join("empty.txt")),
-            "--out",
-            s(&out),
-            "--steps",
-            "1",
-        ],
-        "empty",
-    );
+    fails_with(&["train", "--data", s(&dir.join("empty.txt")), "--out", s(&out), "--steps", "1"], "empty");
     std::fs::write(dir.join("short.txt"), vec![b'a'; 100]).unwrap();
-    fails_with(
-        &[
-            "train",
-            "--data",
-            s(&dir.join("short.txt")),
-            "--out",
-            s(&out),
-            "--steps",
-            "1",
-        ],
-        "fewer than one window",
-    );
-    fails_with(
-        &[
-            "eval",
-            "--checkpoint",
-            s(&dir),
-            "--data",
-            s(&dir.join("missing.txt")),
-        ],
-        "checkpoint",
-    );
+    fails_with(&["train", "--data", s(&dir.join("short.txt")), "--out", s(&out), "--steps", "1"], "fewer than one window");
+    fails_with(&["eval", "--checkpoint", s(&dir), "--data", s(&dir.join("missing.txt"))], "checkpoint");
     let bench = ["bench", "--steps", "1", "--warmup", "0", "--gen-bytes", "0"];
     std::fs::write(dir.join("200k.txt"), vec![b'a'; 200_000]).unwrap();
-    fails_with(
-        &[
-            &bench[..],
-            &["--context", "262144", "--data", s(&dir.join("200k.txt"))],
-        ]
-        .concat(),
-        "fewer than one window",
-    );
-    fails_with(
-        &[&bench[..], &["--context", "4194304"]].concat(),
-        "the embedded corpus unless --data",
-    );
-    assert!(
-        !out.exists(),
-        "a refused run must not create its output folder"
-    );
+    fails_with(&[&bench[..], &["--context", "262144", "--data", s(&dir.join("200k.txt"))]].concat(), "fewer than one window");
+    fails_with(&[&bench[..], &["--context", "4194304"]].concat(), "the embedded corpus unless --data");
+    assert!(!out.exists(), "a refused run must not create its output folder");
 }
 
 #[test]
@@ -127,14 +53,7 @@ fn bad_checkpoints_are_refused() {
     let data = dir.join("data.txt");
     std::fs::write(&data, crate::random_bytes(600, 1)).unwrap();
     let good = saved_checkpoint(&dir.join("good"));
-    let (ok, err) = megabyte(&[
-        "eval",
-        "--checkpoint",
-        s(&good),
-        "--data",
-        s(&data),
-        "--json",
-    ]);
+    let (ok, err) = megabyte(&["eval", "--checkpoint", s(&good), "--data", s(&data), "--json"]);
     assert!(ok, "a good checkpoint evaluates: {err}");
 
     let weights = std::fs::read(good.join("model.safetensors")).unwrap();
@@ -147,52 +66,23 @@ fn bad_checkpoints_are_refused() {
         edit(&d);
         d
     };
-    let corrupt = variant("corrupt", &|d| {
-        std::fs::write(d.join("model.safetensors"), b"not a safetensors file").unwrap()
-    });
-    fails_with(
-        &["eval", "--checkpoint", s(&corrupt), "--data", s(&data)],
-        "corrupt or truncated",
-    );
-    let truncated = variant("truncated", &|d| {
-        std::fs::write(d.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap()
-    });
-    fails_with(
-        &["eval", "--checkpoint", s(&truncated), "--data", s(&data)],
-        "corrupt or truncated",
-    );
+    let corrupt = variant("corrupt", &|d| std::fs::write(d.join("model.safetensors"), b"not a safetensors file").unwrap());
+    fails_with(&["eval", "--checkpoint", s(&corrupt), "--data", s(&data)], "corrupt or truncated");
+    let truncated = variant("truncated", &|d| std::fs::write(d.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap());
+    fails_with(&["eval", "--checkpoint", s(&truncated), "--data", s(&data)], "corrupt or truncated");
     let mismatched = variant("mismatched", &|d| {
         let mut cfg = megabyte::ModelConfig::preset("tiny").unwrap();
         cfg.local.width = 64;
         std::fs::write(d.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
     });
-    fails_with(
-        &["eval", "--checkpoint", s(&mismatched), "--data", s(&data)],
-        "does not match",
-    );
-    let bad_config = variant("badconfig", &|d| {
-        std::fs::write(d.join("config.json"), b"{\"patch_size\": 8}").unwrap()
-    });
-    fails_with(
-        &["generate", "--checkpoint", s(&bad_config), "-n", "4"],
-        "not a valid model config",
-    );
-    let no_weights = variant("noweights", &|d| {
-        std::fs::remove_file(d.join("model.safetensors")).unwrap()
-    });
-    fails_with(
-        &["generate", "--checkpoint", s(&no_weights), "-n", "4"],
-        "missing",
-    );
-    fails_with(
-        &["train", "--resume", s(&good)],
-        "only a training checkpoint can be resumed",
-    );
+    fails_with(&["eval", "--checkpoint", s(&mismatched), "--data", s(&data)], "does not match");
+    let bad_config = variant("badconfig", &|d| std::fs::write(d.join("config.json"), b"{\"patch_size\": 8}").unwrap());
+    fails_with(&["generate", "--checkpoint", s(&bad_config), "-n", "4"], "not a valid model config");
+    let no_weights = variant("noweights", &|d| std::fs::remove_file(d.join("model.safetensors")).unwrap());
+    fails_with(&["generate", "--checkpoint", s(&no_weights), "-n", "4"], "missing");
+    fails_with(&["train", "--resume", s(&good)], "only a training checkpoint can be resumed");
     // The good checkpoint is untouched by all of this.
-    assert_eq!(
-        std::fs::read(good.join("model.safetensors")).unwrap(),
-        weights
-    );
+    assert_eq!(std::fs::read(good.join("model.safetensors")).unwrap(), weights);
 }
 
 #[test]
@@ -206,94 +96,27 @@ fn invalid_configs_are_refused() {
     cfg.global.width = 128;
     cfg.context = 250;
     std::fs::write(dir.join("t.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
-    fails_with(
-        &["info", "--config", s(&dir.join("t.json"))],
-        "multiple of patch_size",
-    );
-    fails_with(
-        &["train", "--out", s(&dir.join("run")), "--steps", "0"],
-        "positive",
-    );
-    fails_with(
-        &[
-            "train",
-            "--out",
-            s(&dir.join("run")),
-            "--steps",
-            "2",
-            "--lr=-1",
-        ],
-        "lr",
-    );
+    fails_with(&["info", "--config", s(&dir.join("t.json"))], "multiple of patch_size");
+    fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "0"], "positive");
+    fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "2", "--lr=-1"], "lr");
     fails_with(&["train", "--out", s(&dir.join("run"))], "stopping rule");
-    fails_with(
-        &[
-            "train",
-            "--out",
-            s(&dir.join("run")),
-            "--steps",
-            "1",
-            "--device",
-            "tpu",
-        ],
-        "bad device",
-    );
-    fails_with(
-        &[
-            "train",
-            "--out",
-            s(&dir.join("run")),
-            "--steps",
-            "1",
-            "--precision",
-            "bf16",
-        ],
-        "CUDA only",
-    );
-    fails_with(
-        &[
-            "train",
-            "--out",
-            s(&dir.join("run")),
-            "--steps",
-            "1",
-            "--precision",
-            "fp8",
-        ],
-        "unknown precision",
-    );
-    assert!(
-        !dir.join("run").exists(),
-        "a refused run created its folder"
-    );
+    fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "1", "--device", "tpu"], "bad device");
+    fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "1", "--precision", "bf16"], "CUDA only");
+    fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "1", "--precision", "fp8"], "unknown precision");
+    assert!(!dir.join("run").exists(), "a refused run created its folder");
 }
 
 #[test]
 fn unwritable_output_and_existing_runs_are_refused() {
     let dir = temp_dir("bad-out");
     std::fs::write(dir.join("file"), b"x").unwrap();
-    fails_with(
-        &[
-            "train",
-            "--out",
-            s(&dir.join("file").join("run")),
-            "--steps",
-            "1",
-        ],
-        "output folder",
-    );
+    fails_with(&["train", "--out", s(&dir.join("file").join("run")), "--steps", "1"], "output folder");
     // A folder holding a run is never overwritten by a new run.
     let run = dir.join("run");
     let ckpt = saved_checkpoint(&run);
     let before = std::fs::read(ckpt.join("model.safetensors")).unwrap();
-    fails_with(
-        &["train", "--out", s(&run), "--steps", "1"],
-        "already holds a run",
-    );
-    assert_eq!(
-        std::fs::read(ckpt.join("model.safetensors")).unwrap(),
-        before
-    );
+    fails_with(&["train", "--out", s(&run), "--steps", "1"], "already holds a run");
+    assert_eq!(std::fs::read(ckpt.join("model.safetensors")).unwrap(), before);
 }
 
 #[test]
@@ -301,64 +124,25 @@ fn a_prompt_longer_than_the_context_is_refused() {
     let dir = temp_dir("bad-prompt");
     let ckpt = saved_checkpoint(&dir);
     let long = "x".repeat(300);
-    fails_with(
-        &[
-            "generate",
-            "--checkpoint",
-            s(&ckpt),
-            "--prompt",
-            &long,
-            "-n",
-            "4",
-        ],
-        "context is 256 bytes",
-    );
-    let (ok, err) = megabyte(&[
-        "generate",
-        "--checkpoint",
-        s(&ckpt),
-        "--prompt",
-        "hello",
-        "-n",
-        "4",
-    ]);
+    fails_with(&["generate", "--checkpoint", s(&ckpt), "--prompt", &long, "-n", "4"], "context is 256 bytes");
+    let (ok, err) = megabyte(&["generate", "--checkpoint", s(&ckpt), "--prompt", "hello", "-n", "4"]);
     assert!(ok, "{err}");
 }
 
 #[test]
 fn data_fetch_lists_its_sets_and_refuses_a_wrong_package() {
-    let help = Command::new(env!("CARGO_BIN_EXE_megabyte"))
-        .args(["data", "fetch", "--help"])
-        .output()
-        .unwrap();
+    let help = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(["data", "fetch", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for d in megabyte::fetch::Dataset::ALL {
-        assert!(
-            help.contains(&format!("  {}  ", d.name())),
-            "`data fetch --help` does not list {d}:\n{help}"
-        );
+        assert!(help.contains(&format!("  {}  ", d.name())), "`data fetch --help` does not list {d}:\n{help}");
     }
-    fails_with(
-        &["data", "fetch", "mnist"],
-        "valid names: enwik8, fashion-mnist, speech-en, code",
-    );
+    fails_with(&["data", "fetch", "mnist"], "valid names: enwik8, fashion-mnist, speech-en, code");
 
     // A file that is not the pinned package: refused before anything is unpacked or created.
     let dir = temp_dir("fetch-from");
     let fake = dir.join("asterisk-core-sounds-en-wav_1.6.1-1_all.deb");
     std::fs::write(&fake, b"!<arch>\nnot really a package").unwrap();
     let data = dir.join("data");
-    fails_with(
-        &[
-            "data",
-            "fetch",
-            "speech-en",
-            "--dir",
-            s(&data),
-            "--from",
-            s(&fake),
-        ],
-        "sha256",
-    );
+    fails_with(&["data", "fetch", "speech-en", "--dir", s(&data), "--from", s(&fake)], "sha256");
     assert!(!data.exists());
 }

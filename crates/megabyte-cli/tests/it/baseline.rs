@@ -11,18 +11,8 @@ fn byte_config() -> ModelConfig {
     ModelConfig {
         patch_size: 1,
         context: 32,
-        global: TransformerConfig {
-            width: 32,
-            layers: 2,
-            heads: 2,
-            window: None,
-        },
-        local: TransformerConfig {
-            width: 32,
-            layers: 0,
-            heads: 1,
-            window: None,
-        },
+        global: TransformerConfig { width: 32, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 32, layers: 0, heads: 1, window: None },
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.1,
@@ -36,17 +26,12 @@ fn byte_transformer_presets_are_one_level() {
         let cfg = ModelConfig::preset(name).unwrap();
         assert!(cfg.is_byte_transformer(), "{name}");
         // 6 FLOPs per matrix parameter per byte plus attention: nothing is amortised over a patch.
-        let m = (cfg.global.matmul_params()
-            + cfg.global.width * cfg.local.width
-            + 256 * cfg.local.width) as f64;
+        let m = (cfg.global.matmul_params() + cfg.global.width * cfg.local.width + 256 * cfg.local.width) as f64;
         let attn = 12.0 * (cfg.global.layers * cfg.global.width * cfg.context) as f64;
         assert_eq!(cfg.train_flops_per_byte(), 6.0 * m + attn, "{name}");
     }
     // `byte-350m` and `paper-pg19` are the paper's compute-matched pair (Table 9).
-    let (b, m) = (
-        ModelConfig::preset("byte-350m").unwrap(),
-        ModelConfig::preset("paper-pg19").unwrap(),
-    );
+    let (b, m) = (ModelConfig::preset("byte-350m").unwrap(), ModelConfig::preset("paper-pg19").unwrap());
     assert!((b.train_flops_per_byte() / m.train_flops_per_byte() - 1.0).abs() < 0.01);
     // Only the local model may have no layers.
     let mut bad = byte_config();
@@ -69,31 +54,21 @@ fn check_decoding(cfg: &ModelConfig) {
     let t = cfg.context;
     let rows = vec![random_bytes(t, 31), random_bytes(t, 32)];
     let full = model.logits(&bytes_tensor(&rows)).unwrap(); // [B, T, V]
-                                                            // Causal: changing byte 20 leaves the logits of bytes ≤ 20 alone.
+    // Causal: changing byte 20 leaves the logits of bytes ≤ 20 alone.
     let mut changed = rows.clone();
     changed[0][20] ^= 0x55;
     let other = model.logits(&bytes_tensor(&changed)).unwrap();
     let head = |x: &megabyte::Tensor| x.narrow(1, 0, 21).unwrap();
     assert!(crate::max_abs_diff(&head(&full), &head(&other)) < 1e-6);
-    assert!(
-        crate::max_abs_diff(&full, &other) > 1e-4,
-        "byte 20 must matter after it"
-    );
+    assert!(crate::max_abs_diff(&full, &other) > 1e-4, "byte 20 must matter after it");
     if let Some(w) = cfg.global.window {
         // ... and, with a window, not beyond the stack's reach: byte 20 is the input at
         // position 21, and L layers of windows of w see back L·(w − 1) positions.
         let reach = 22 + cfg.global.layers * (w - 1);
         let far = |x: &megabyte::Tensor| x.narrow(1, reach, t - reach).unwrap();
-        assert!(
-            crate::max_abs_diff(&far(&full), &far(&other)) < 1e-6,
-            "byte 20 is out of reach of positions ≥ {reach}"
-        );
+        assert!(crate::max_abs_diff(&far(&full), &far(&other)) < 1e-6, "byte 20 is out of reach of positions ≥ {reach}");
         let near = |x: &megabyte::Tensor| x.narrow(1, reach - 1, 1).unwrap();
-        assert!(
-            crate::max_abs_diff(&near(&full), &near(&other)) > 1e-6,
-            "byte 20 is within reach of position {}",
-            reach - 1
-        );
+        assert!(crate::max_abs_diff(&near(&full), &near(&other)) > 1e-6, "byte 20 is within reach of position {}", reach - 1);
     }
     // Cached, from a prompt of 5 bytes, past the window's end.
     let prompts: Vec<Vec<u8>> = rows.iter().map(|r| r[..5].to_vec()).collect();
@@ -103,9 +78,7 @@ fn check_decoding(cfg: &ModelConfig) {
         let want = full.narrow(1, pos, 1).unwrap().squeeze(1).unwrap();
         let diff = crate::max_abs_diff(&step, &want);
         assert!(diff < 1e-4, "position {pos} differs by {diff}");
-        decoder
-            .push(&rows.iter().map(|r| r[pos]).collect::<Vec<u8>>())
-            .unwrap();
+        decoder.push(&rows.iter().map(|r| r[pos]).collect::<Vec<u8>>()).unwrap();
     }
     for i in 0..t {
         decoder.logits().unwrap();

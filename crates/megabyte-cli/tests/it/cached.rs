@@ -18,10 +18,7 @@ fn check(model: &MegaByte, prompt_len: usize) {
         let step = decoder.logits().unwrap(); // [B, V]
         let want = full.narrow(1, pos, 1).unwrap().squeeze(1).unwrap();
         let diff = crate::max_abs_diff(&step, &want);
-        assert!(
-            diff < 1e-4,
-            "prompt {prompt_len}: position {pos} differs by {diff}"
-        );
+        assert!(diff < 1e-4, "prompt {prompt_len}: position {pos} differs by {diff}");
         let next: Vec<u8> = rows.iter().map(|r| r[pos]).collect();
         decoder.push(&next).unwrap();
     }
@@ -63,10 +60,7 @@ fn a_cache_refuses_steps_of_another_batch() {
     model.global_step(2, None, &mut cache).unwrap();
     let p = model.config().patch_size;
     let three = crate::bytes_tensor(&vec![vec![7u8; p]; 3]);
-    let err = model
-        .global_step(3, Some(&three), &mut cache)
-        .unwrap_err()
-        .to_string();
+    let err = model.global_step(3, Some(&three), &mut cache).unwrap_err().to_string();
     assert!(err.contains("reset it first"), "{err}");
     assert_eq!(cache.len(), 1, "the refused step changed the cache");
 }

@@ -7,37 +7,16 @@ use crate::{bytes_tensor, random_bytes, small_config, tiny};
 fn check(model: &MegaByte, positions: &[usize]) {
     let t = model.config().context;
     let base = random_bytes(t, 3);
-    let logits = model
-        .logits(&bytes_tensor(&[base.clone()]))
-        .unwrap()
-        .squeeze(0)
-        .unwrap(); // [T, V]
+    let logits = model.logits(&bytes_tensor(&[base.clone()])).unwrap().squeeze(0).unwrap(); // [T, V]
     for &pos in positions {
         let mut changed = base.clone();
         changed[pos] = changed[pos].wrapping_add(97);
-        let other = model
-            .logits(&bytes_tensor(&[changed]))
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let prefix = crate::max_abs_diff(
-            &logits.narrow(0, 0, pos + 1).unwrap(),
-            &other.narrow(0, 0, pos + 1).unwrap(),
-        );
-        assert_eq!(
-            prefix, 0.0,
-            "perturbing byte {pos} changed logits at positions ≤ {pos}"
-        );
+        let other = model.logits(&bytes_tensor(&[changed])).unwrap().squeeze(0).unwrap();
+        let prefix = crate::max_abs_diff(&logits.narrow(0, 0, pos + 1).unwrap(), &other.narrow(0, 0, pos + 1).unwrap());
+        assert_eq!(prefix, 0.0, "perturbing byte {pos} changed logits at positions ≤ {pos}");
         if pos + 1 < t {
-            let next = crate::max_abs_diff(
-                &logits.narrow(0, pos + 1, 1).unwrap(),
-                &other.narrow(0, pos + 1, 1).unwrap(),
-            );
-            assert!(
-                next > 0.0,
-                "byte {pos} does not reach the prediction of byte {}",
-                pos + 1
-            );
+            let next = crate::max_abs_diff(&logits.narrow(0, pos + 1, 1).unwrap(), &other.narrow(0, pos + 1, 1).unwrap());
+            assert!(next > 0.0, "byte {pos} does not reach the prediction of byte {}", pos + 1);
         }
     }
 }

@@ -12,30 +12,15 @@ use crate::{bytes_tensor, random_bytes, temp_dir, tiny};
 fn checkpoint_round_trip_gives_identical_logits() {
     let dir = temp_dir("roundtrip");
     let (model, params) = tiny(9);
-    let data = CheckpointData {
-        step: 7,
-        config: model.config(),
-        params: &params,
-        training: None,
-    };
+    let data = CheckpointData { step: 7, config: model.config(), params: &params, training: None };
     let path = checkpoint::save(&dir, &data).unwrap();
     assert_eq!(path, dir.join("step-00000007"));
-    let (loaded, _) = checkpoint::load_model(
-        &checkpoint::resolve(&dir).unwrap(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let (loaded, _) = checkpoint::load_model(&checkpoint::resolve(&dir).unwrap(), DType::F32, &Device::Cpu).unwrap();
     let x = bytes_tensor(&[random_bytes(256, 4)]);
-    assert_eq!(
-        crate::max_abs_diff(&model.logits(&x).unwrap(), &loaded.logits(&x).unwrap()),
-        0.0
-    );
+    assert_eq!(crate::max_abs_diff(&model.logits(&x).unwrap(), &loaded.logits(&x).unwrap()), 0.0);
     // No temporary folder is left behind.
-    let names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(names, vec!["step-00000007".to_string()]);
 }
 
@@ -62,10 +47,7 @@ fn resumed_training_equals_uninterrupted_training() {
     for _ in k..n {
         resumed.train_step(&data.train).unwrap();
     }
-    assert!(
-        crate::dist::weights(&straight) == crate::dist::weights(&resumed),
-        "resumed weights differ from the uninterrupted run"
-    );
+    assert!(crate::dist::weights(&straight) == crate::dist::weights(&resumed), "resumed weights differ from the uninterrupted run");
 }
 
 #[test]
@@ -78,25 +60,15 @@ fn the_training_loop_validates_checkpoints_and_logs() {
     train::prepare_run_dir(&dir, false).unwrap();
     let mut trainer = Trainer::new(&mcfg, tc, spec.clone(), &Device::Cpu).unwrap();
     let mut evals = 0;
-    let summary = train::run(
-        &mut trainer,
-        &spec.open().unwrap(),
-        &dir,
-        &AtomicBool::new(false),
-        &mut |e| {
-            if let train::Event::Eval { .. } = e {
-                evals += 1
-            }
-        },
-    )
+    let summary = train::run(&mut trainer, &spec.open().unwrap(), &dir, &AtomicBool::new(false), &mut |e| {
+        if let train::Event::Eval { .. } = e {
+            evals += 1
+        }
+    })
     .unwrap();
     assert_eq!(summary.steps, 4);
     assert_eq!(evals, 3, "start, step 2, end");
-    assert_eq!(
-        checkpoint::list(&dir).unwrap().len(),
-        1,
-        "only the newest checkpoint is kept"
-    );
+    assert_eq!(checkpoint::list(&dir).unwrap().len(), 1, "only the newest checkpoint is kept");
     let lines = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 4 + 3);
     // A run folder that holds a run is not overwritten by a new run.
@@ -110,18 +82,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let dir = temp_dir("ctrlc");
     let run = dir.join("run");
     let mut child = Command::new(env!("CARGO_BIN_EXE_megabyte"))
-        .args([
-            "train",
-            "--time",
-            "5",
-            "--eval-every",
-            "20",
-            "--eval-bytes",
-            "4096",
-            "--sample-bytes",
-            "0",
-            "--out",
-        ])
+        .args(["train", "--time", "5", "--eval-every", "20", "--eval-bytes", "4096", "--sample-bytes", "0", "--out"])
         .arg(&run)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -133,10 +94,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     while stderr.read_line(&mut line).unwrap() > 0 && !line.contains("step     20: valid bpb") {
         line.clear();
     }
-    let killed = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(killed.success());
     let rest: String = stderr.lines().map(|l| l.unwrap() + "\n").collect();
     let status = child.wait().unwrap();
@@ -159,10 +117,6 @@ fn reported_loss_is_the_batch_mean_with_accumulation() {
         let data = spec.open().unwrap();
         let mut trainer = Trainer::new(&mcfg, tc, spec, &Device::Cpu).unwrap();
         let stats = trainer.train_step(&data.train).unwrap();
-        assert!(
-            (stats.loss - 256f64.ln()).abs() < 0.1,
-            "grad_accum {accum}: loss {}",
-            stats.loss
-        );
+        assert!((stats.loss - 256f64.ln()).abs() < 0.1, "grad_accum {accum}: loss {}", stats.loss);
     }
 }

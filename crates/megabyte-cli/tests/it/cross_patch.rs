@@ -30,23 +30,14 @@ fn cross_patch_is_causal_and_reaches_back_across_patches() {
     let (model, params) = MegaByte::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
     let t = cfg.context;
     let base = random_bytes(t, 5);
-    let logits = |m: &MegaByte, x: &[u8]| {
-        m.logits(&bytes_tensor(&[x.to_vec()]))
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-    };
+    let logits = |m: &MegaByte, x: &[u8]| m.logits(&bytes_tensor(&[x.to_vec()])).unwrap().squeeze(0).unwrap();
     let full = logits(&model, &base);
     for pos in 0..t {
         let mut changed = base.clone();
         changed[pos] ^= 0x5a;
         let other = logits(&model, &changed);
         let upto = |x: &Tensor| x.narrow(0, 0, pos + 1).unwrap();
-        assert_eq!(
-            crate::max_abs_diff(&upto(&full), &upto(&other)),
-            0.0,
-            "byte {pos} changed logits at positions ≤ {pos}"
-        );
+        assert_eq!(crate::max_abs_diff(&upto(&full), &upto(&other)), 0.0, "byte {pos} changed logits at positions ≤ {pos}");
     }
     // Without the global model's contribution (w_GL = 0) only the local model carries
     // bytes forward: byte j is the input at position j + 1, and 2 layers of windows of 3
@@ -61,19 +52,11 @@ fn cross_patch_is_causal_and_reaches_back_across_patches() {
         let other = logits(&model, &changed);
         let at = |x: &Tensor, i: usize| x.narrow(0, i, 1).unwrap();
         for i in j + 1..=j + 5 {
-            assert!(
-                crate::max_abs_diff(&at(&local_only, i), &at(&other, i)) > 0.0,
-                "byte {j} must reach position {i}"
-            );
+            assert!(crate::max_abs_diff(&at(&local_only, i), &at(&other, i)) > 0.0, "byte {j} must reach position {i}");
         }
         let far = j + 6;
         let rest = |x: &Tensor| x.narrow(0, far, t - far).unwrap();
-        assert_eq!(
-            crate::max_abs_diff(&rest(&local_only), &rest(&other)),
-            0.0,
-            "byte {j} reached past position {}",
-            j + 5
-        );
+        assert_eq!(crate::max_abs_diff(&rest(&local_only), &rest(&other)), 0.0, "byte {j} reached past position {}", j + 5);
     }
 }
 
@@ -96,10 +79,7 @@ fn cross_patch_decodes_like_the_full_forward_across_slides() {
                 window_start += n - t / 2; // the decoder keeps the last half (patch-aligned)
             }
             let step = decoder.logits().unwrap();
-            let window: Vec<Vec<u8>> = rows
-                .iter()
-                .map(|r| r[window_start..pos + 1].to_vec())
-                .collect();
+            let window: Vec<Vec<u8>> = rows.iter().map(|r| r[window_start..pos + 1].to_vec()).collect();
             let padded: Vec<Vec<u8>> = window
                 .iter()
                 .map(|w| {
@@ -109,19 +89,10 @@ fn cross_patch_decodes_like_the_full_forward_across_slides() {
                 })
                 .collect();
             let full = model.logits(&bytes_tensor(&padded)).unwrap();
-            let want = full
-                .narrow(1, pos - window_start, 1)
-                .unwrap()
-                .squeeze(1)
-                .unwrap();
+            let want = full.narrow(1, pos - window_start, 1).unwrap().squeeze(1).unwrap();
             let diff = crate::max_abs_diff(&step, &want);
-            assert!(
-                diff < 1e-4,
-                "prompt {prompt}: byte {pos} (window from {window_start}) differs by {diff}"
-            );
-            decoder
-                .push(&rows.iter().map(|r| r[pos]).collect::<Vec<u8>>())
-                .unwrap();
+            assert!(diff < 1e-4, "prompt {prompt}: byte {pos} (window from {window_start}) differs by {diff}");
+            decoder.push(&rows.iter().map(|r| r[pos]).collect::<Vec<u8>>()).unwrap();
         }
     }
 }
@@ -135,12 +106,7 @@ fn cross_patch_explicit_backward_equals_autograd() {
         let x = bytes_tensor(&rows);
         let auto = (model.loss(&x).unwrap() * 0.5).unwrap().backward().unwrap();
         let (_, grads) = model.loss_and_grads(&x, 0.5).unwrap();
-        crate::assert_grads_equal(
-            &params,
-            &megabyte::grad::Grads::from_store(&auto, params.vars()).unwrap(),
-            &grads,
-            &format!("cross-patch T'={t}"),
-        );
+        crate::assert_grads_equal(&params, &megabyte::grad::Grads::from_store(&auto, params.vars()).unwrap(), &grads, &format!("cross-patch T'={t}"));
     }
 }
 

@@ -18,33 +18,18 @@ fn gpu() -> Device {
 /// Values in about ±2, deterministic.
 fn values(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
-    let v: Vec<f32> = random_bytes(n, seed)
-        .iter()
-        .map(|&b| (b as f32 - 127.5) / 64.0)
-        .collect();
+    let v: Vec<f32> = random_bytes(n, seed).iter().map(|&b| (b as f32 - 127.5) / 64.0).collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let (a, b) = (f32_cpu(a), f32_cpu(b));
-    let scale = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .max(1e-6);
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
     crate::max_abs_diff(&a, &b) / scale
 }
 
 fn f32_cpu(t: &Tensor) -> Tensor {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap()
+    t.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap()
 }
 
 /// Tolerances (forward, gradients) by dtype: f32 differs from the CPU by summation order only;
@@ -58,46 +43,22 @@ fn tolerance(dtype: DType) -> (f32, f32) {
 
 /// Runs `op` on `inputs` on the CPU (f32) and on CUDA (`dtype`; inputs listed in `keep_f32`
 /// stay f32, as norm weights do) and compares outputs and the gradients of Σ out·w.
-fn compare(
-    inputs: &[Tensor],
-    keep_f32: &[usize],
-    dtype: DType,
-    op: impl Fn(&[Tensor]) -> Tensor,
-    what: &str,
-) {
+fn compare(inputs: &[Tensor], keep_f32: &[usize], dtype: DType, op: impl Fn(&[Tensor]) -> Tensor, what: &str) {
     let dev = gpu();
     let run = |device: &Device, dt: DType| {
         let vars: Vec<Var> = inputs
             .iter()
             .enumerate()
             .map(|(i, x)| {
-                let dt = if keep_f32.contains(&i) {
-                    DType::F32
-                } else {
-                    dt
-                };
+                let dt = if keep_f32.contains(&i) { DType::F32 } else { dt };
                 Var::from_tensor(&x.to_dtype(dt).unwrap().to_device(device).unwrap()).unwrap()
             })
             .collect();
         let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = op(&xs);
-        let w = values(y.dims(), 99)
-            .to_dtype(y.dtype())
-            .unwrap()
-            .to_device(device)
-            .unwrap();
-        let grads = (y.clone() * w)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g: Vec<Tensor> = xs
-            .iter()
-            .map(|x| f32_cpu(grads.get(x).expect("every input gets a gradient")))
-            .collect();
+        let w = values(y.dims(), 99).to_dtype(y.dtype()).unwrap().to_device(device).unwrap();
+        let grads = (y.clone() * w).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<Tensor> = xs.iter().map(|x| f32_cpu(grads.get(x).expect("every input gets a gradient"))).collect();
         (f32_cpu(&y), g)
     };
     let (y_cpu, g_cpu) = run(&Device::Cpu, DType::F32);
@@ -107,10 +68,7 @@ fn compare(
     assert!(err < tf, "{what} {dtype:?}: forward relative error {err}");
     for (i, (a, b)) in g_gpu.iter().zip(&g_cpu).enumerate() {
         let err = rel_err(a, b);
-        assert!(
-            err < tg,
-            "{what} {dtype:?}: gradient of input {i} relative error {err}"
-        );
+        assert!(err < tg, "{what} {dtype:?}: gradient of input {i} relative error {err}");
     }
 }
 
@@ -122,17 +80,7 @@ fn cuda_self_attention_matches_cpu() {
     // forward with flash backward, flash (tensor cores in bf16) both ways; head dims 16–64.
     // The last two: tensor cores at head dim 16, and many 64-row tiles (unmasked ones, and the
     // double-buffered stages reused several times) with a tail.
-    for (n, s, h, hd) in [
-        (6, 8, 4, 64),
-        (4, 5, 2, 32),
-        (3, 40, 2, 64),
-        (2, 100, 4, 16),
-        (2, 200, 2, 64),
-        (2, 130, 3, 32),
-        (5, 1, 2, 16),
-        (2, 300, 2, 16),
-        (1, 520, 2, 64),
-    ] {
+    for (n, s, h, hd) in [(6, 8, 4, 64), (4, 5, 2, 32), (3, 40, 2, 64), (2, 100, 4, 16), (2, 200, 2, 64), (2, 130, 3, 32), (5, 1, 2, 16), (2, 300, 2, 16), (1, 520, 2, 64)] {
         let d = h * hd;
         for dtype in DTYPES {
             compare(
@@ -151,14 +99,7 @@ fn cuda_sliding_window_attention_matches_cpu() {
     // bf16 runs the tensor-core kernels' window variants (first tile skipped, window edges
     // masked, dk/dv's query range cut); f32 runs the plain composition. Windows of 1, within
     // one tile, across tiles, a tile exactly, and wider than the sequence; tails included.
-    for (n, s, h, hd, window) in [
-        (2, 300, 2, 64, 1),
-        (2, 300, 2, 64, 37),
-        (1, 520, 2, 64, 100),
-        (2, 200, 2, 32, 64),
-        (1, 130, 3, 16, 200),
-        (1, 520, 2, 64, 129),
-    ] {
+    for (n, s, h, hd, window) in [(2, 300, 2, 64, 1), (2, 300, 2, 64, 37), (1, 520, 2, 64, 100), (2, 200, 2, 32, 64), (1, 130, 3, 16, 200), (1, 520, 2, 64, 129)] {
         let d = h * hd;
         for dtype in DTYPES {
             compare(
@@ -177,22 +118,12 @@ fn cuda_cached_attention_matches_cpu() {
     let dev = gpu();
     // The last two reach the tensor-core forward with Sq < Sk: two query blocks (the second
     // partial) whose positions are not 64-aligned, and one row deep in a long cache.
-    for (n, sq, sk, h, hd) in [
-        (2, 1, 50, 2, 64),
-        (2, 3, 130, 2, 64),
-        (3, 1, 8, 4, 64),
-        (2, 5, 9, 2, 16),
-        (1, 70, 200, 2, 64),
-        (2, 3, 300, 2, 32),
-    ] {
+    for (n, sq, sk, h, hd) in [(2, 1, 50, 2, 64), (2, 3, 130, 2, 64), (3, 1, 8, 4, 64), (2, 5, 9, 2, 16), (1, 70, 200, 2, 64), (2, 3, 300, 2, 32)] {
         let d = h * hd;
         let q = values(&[n, sq, d], 2);
         let kv = values(&[n, sk, 2 * d], 3);
         let run = |device: &Device, dtype: DType| {
-            let (q, kv) = (
-                q.to_dtype(dtype).unwrap().to_device(device).unwrap(),
-                kv.to_dtype(dtype).unwrap().to_device(device).unwrap(),
-            );
+            let (q, kv) = (q.to_dtype(dtype).unwrap().to_device(device).unwrap(), kv.to_dtype(dtype).unwrap().to_device(device).unwrap());
             // k and v as strided column views of one tensor, as the KV cache never is but could be.
             let (k, v) = (kv.narrow(2, 0, d).unwrap(), kv.narrow(2, d, d).unwrap());
             f32_cpu(&ops::causal_attention(&q, &k, &v, h, None).unwrap())
@@ -200,10 +131,7 @@ fn cuda_cached_attention_matches_cpu() {
         let want = run(&Device::Cpu, DType::F32);
         for dtype in DTYPES {
             let err = rel_err(&run(&dev, dtype), &want);
-            assert!(
-                err < tolerance(dtype).0,
-                "cached attention sq{sq} sk{sk} {dtype:?}: relative error {err}"
-            );
+            assert!(err < tolerance(dtype).0, "cached attention sq{sq} sk{sk} {dtype:?}: relative error {err}");
         }
     }
 }
@@ -213,20 +141,8 @@ fn cuda_norms_match_cpu() {
     for (rows, d) in [(37, 768), (100, 256), (5, 2048), (300, 32)] {
         let (x, w, b) = (values(&[rows, d], 4), values(&[d], 5), values(&[d], 6));
         for dtype in DTYPES {
-            compare(
-                &[x.clone(), w.clone(), b.clone()],
-                &[1, 2],
-                dtype,
-                |xs| ops::norm(&xs[0], &xs[1], Some(&xs[2]), 1e-5).unwrap(),
-                &format!("layer norm {rows}x{d}"),
-            );
-            compare(
-                &[x.clone(), w.clone()],
-                &[1],
-                dtype,
-                |xs| ops::norm(&xs[0], &xs[1], None, 1e-5).unwrap(),
-                &format!("rms norm {rows}x{d}"),
-            );
+            compare(&[x.clone(), w.clone(), b.clone()], &[1, 2], dtype, |xs| ops::norm(&xs[0], &xs[1], Some(&xs[2]), 1e-5).unwrap(), &format!("layer norm {rows}x{d}"));
+            compare(&[x.clone(), w.clone()], &[1], dtype, |xs| ops::norm(&xs[0], &xs[1], None, 1e-5).unwrap(), &format!("rms norm {rows}x{d}"));
         }
     }
 }
@@ -234,13 +150,7 @@ fn cuda_norms_match_cpu() {
 #[test]
 fn cuda_gelu_matches_cpu() {
     for dtype in DTYPES {
-        compare(
-            &[values(&[1000, 3], 7)],
-            &[],
-            dtype,
-            |xs| ops::gelu(&xs[0]).unwrap(),
-            "gelu",
-        );
+        compare(&[values(&[1000, 3], 7)], &[], dtype, |xs| ops::gelu(&xs[0]).unwrap(), "gelu");
     }
 }
 
@@ -257,11 +167,7 @@ fn cuda_cross_entropy_matches_cpu() {
             &[],
             dtype,
             |xs| {
-                let t = if xs[0].device().is_cuda() {
-                    &t_gpu
-                } else {
-                    &t_cpu
-                };
+                let t = if xs[0].device().is_cuda() { &t_gpu } else { &t_cpu };
                 ops::cross_entropy(&xs[0], t).unwrap()
             },
             "cross-entropy",
@@ -276,23 +182,8 @@ fn cuda_adamw_many_with_clipping_matches_cpu() {
     let dev = gpu();
     let shapes: [&[usize]; 3] = [&[70_001], &[64, 48], &[10]];
     let decays = [0.1, 0.0, 0.3];
-    let hp = ops::AdamWStep {
-        lr: 1e-2,
-        beta1: 0.9,
-        beta2: 0.98,
-        eps: 1e-8,
-        weight_decay: 0.0,
-        bc1: 0.1,
-        bc2: 0.02,
-        grad_scale: 1.0,
-    };
-    let grads = |t: u64| -> Vec<Tensor> {
-        shapes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| values(s, 70 + 10 * t + i as u64))
-            .collect()
-    };
+    let hp = ops::AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.0, bc1: 0.1, bc2: 0.02, grad_scale: 1.0 };
+    let grads = |t: u64| -> Vec<Tensor> { shapes.iter().enumerate().map(|(i, s)| values(s, 70 + 10 * t + i as u64)).collect() };
     // Σ g² by each device's kernel: a sum of 75,000 squares, so f32 summation order shows.
     for t in 0..2 {
         let gs = grads(t);
@@ -304,63 +195,22 @@ fn cuda_adamw_many_with_clipping_matches_cpu() {
     // The updates, given the same Σ g² (exact in f64 on the host), so that only the update
     // kernels are compared.
     let run = |device: &Device| {
-        let ws: Vec<Var> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                Var::from_tensor(&values(s, 60 + i as u64).to_device(device).unwrap()).unwrap()
-            })
-            .collect();
-        let mut mvs: Vec<Tensor> = ws
-            .iter()
-            .map(|w| Tensor::zeros(2 * w.elem_count(), DType::F32, device).unwrap())
-            .collect();
+        let ws: Vec<Var> = shapes.iter().enumerate().map(|(i, s)| Var::from_tensor(&values(s, 60 + i as u64).to_device(device).unwrap()).unwrap()).collect();
+        let mut mvs: Vec<Tensor> = ws.iter().map(|w| Tensor::zeros(2 * w.elem_count(), DType::F32, device).unwrap()).collect();
         for t in 0..2u64 {
-            let gs: Vec<Tensor> = grads(t)
-                .iter()
-                .map(|g| g.to_device(device).unwrap())
-                .collect();
-            let exact: f64 = grads(t)
-                .iter()
-                .map(|g| {
-                    g.to_dtype(DType::F64)
-                        .unwrap()
-                        .sqr()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap()
-                })
-                .sum();
+            let gs: Vec<Tensor> = grads(t).iter().map(|g| g.to_device(device).unwrap()).collect();
+            let exact: f64 = grads(t).iter().map(|g| g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()).sum();
             let sumsq = Tensor::new(&[exact as f32], device).unwrap();
-            let mut items: Vec<_> = ws
-                .iter()
-                .zip(&gs)
-                .zip(mvs.iter_mut())
-                .zip(decays)
-                .map(|(((w, g), mv), d)| (w, g, mv, d))
-                .collect();
+            let mut items: Vec<_> = ws.iter().zip(&gs).zip(mvs.iter_mut()).zip(decays).map(|(((w, g), mv), d)| (w, g, mv, d)).collect();
             ops::adamw_update_many(&mut items, hp, Some((&sumsq, 50.0))).unwrap();
         }
-        (
-            ws.iter()
-                .map(|w| f32_cpu(w.as_tensor()))
-                .collect::<Vec<_>>(),
-            mvs.iter().map(f32_cpu).collect::<Vec<_>>(),
-        )
+        (ws.iter().map(|w| f32_cpu(w.as_tensor())).collect::<Vec<_>>(), mvs.iter().map(f32_cpu).collect::<Vec<_>>())
     };
     let (w_cpu, mv_cpu) = run(&Device::Cpu);
     let (w_gpu, mv_gpu) = run(&dev);
     for i in 0..shapes.len() {
-        assert!(
-            rel_err(&w_gpu[i], &w_cpu[i]) < 1e-5,
-            "weights of parameter {i} differ"
-        );
-        assert!(
-            rel_err(&mv_gpu[i], &mv_cpu[i]) < 1e-5,
-            "moments of parameter {i} differ"
-        );
+        assert!(rel_err(&w_gpu[i], &w_cpu[i]) < 1e-5, "weights of parameter {i} differ");
+        assert!(rel_err(&mv_gpu[i], &mv_cpu[i]) < 1e-5, "moments of parameter {i} differ");
     }
 }
 
@@ -379,23 +229,14 @@ fn cuda_adamw_in_place_matches_cpu() {
         grad_scale: 0.5,
     };
     let w0 = values(&[50, 100], 10);
-    let (w_cpu, w_gpu) = (
-        Var::from_tensor(&w0).unwrap(),
-        Var::from_tensor(&w0.to_device(&dev).unwrap()).unwrap(),
-    );
-    let (mut mv_cpu, mut mv_gpu) = (
-        Tensor::zeros(2 * n, DType::F32, &Device::Cpu).unwrap(),
-        Tensor::zeros(2 * n, DType::F32, &dev).unwrap(),
-    );
+    let (w_cpu, w_gpu) = (Var::from_tensor(&w0).unwrap(), Var::from_tensor(&w0.to_device(&dev).unwrap()).unwrap());
+    let (mut mv_cpu, mut mv_gpu) = (Tensor::zeros(2 * n, DType::F32, &Device::Cpu).unwrap(), Tensor::zeros(2 * n, DType::F32, &dev).unwrap());
     for t in 1..=3 {
         let g = values(&[50, 100], 10 + t as u64);
         ops::adamw_update(&w_cpu, &g, &mut mv_cpu, hp(t)).unwrap();
         ops::adamw_update(&w_gpu, &g.to_device(&dev).unwrap(), &mut mv_gpu, hp(t)).unwrap();
     }
-    assert!(
-        rel_err(w_gpu.as_tensor(), w_cpu.as_tensor()) < 1e-6,
-        "weights differ"
-    );
+    assert!(rel_err(w_gpu.as_tensor(), w_cpu.as_tensor()) < 1e-6, "weights differ");
     assert!(rel_err(&mv_gpu, &mv_cpu) < 1e-6, "moments differ");
 }
 
@@ -405,18 +246,8 @@ fn model_config() -> ModelConfig {
     ModelConfig {
         patch_size: 8,
         context: 256,
-        global: TransformerConfig {
-            width: 128,
-            layers: 2,
-            heads: 2,
-            window: None,
-        },
-        local: TransformerConfig {
-            width: 64,
-            layers: 2,
-            heads: 1,
-            window: None,
-        },
+        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 64, layers: 2, heads: 1, window: None },
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.02,
@@ -425,69 +256,33 @@ fn model_config() -> ModelConfig {
 }
 
 /// Loss and the gradient of every parameter by the training pass, as f32 on the CPU.
-fn loss_and_grads(
-    cfg: &ModelConfig,
-    device: &Device,
-    act: DType,
-    bytes: &Tensor,
-) -> (f32, Vec<(String, Tensor)>) {
+fn loss_and_grads(cfg: &ModelConfig, device: &Device, act: DType, bytes: &Tensor) -> (f32, Vec<(String, Tensor)>) {
     let (model, params) = MegaByte::init(cfg, 3, DType::F32, device).unwrap();
     let model = model.with_activations(act);
-    let (loss, grads) = model
-        .loss_and_grads(&bytes.to_device(device).unwrap(), 1.0)
-        .unwrap();
-    let g = params
-        .vars()
-        .iter()
-        .map(|(name, v)| {
-            (
-                name.clone(),
-                f32_cpu(grads.get(v.as_tensor()).expect("gradient")),
-            )
-        })
-        .collect();
-    (
-        loss.to_dtype(DType::F32)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap(),
-        g,
-    )
+    let (loss, grads) = model.loss_and_grads(&bytes.to_device(device).unwrap(), 1.0).unwrap();
+    let g = params.vars().iter().map(|(name, v)| (name.clone(), f32_cpu(grads.get(v.as_tensor()).expect("gradient")))).collect();
+    (loss.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap(), g)
 }
 
 #[test]
 fn cuda_model_loss_and_gradients_match_cpu() {
     let dev = gpu();
     // The last: a byte transformer with a sliding window (the unfused path on CUDA).
-    let mut windowed = ModelConfig {
-        patch_size: 1,
-        context: 64,
-        ..model_config()
-    };
+    let mut windowed = ModelConfig { patch_size: 1, context: 64, ..model_config() };
     windowed.local.layers = 0;
     windowed.global.window = Some(9);
-    for cfg in [
-        model_config(),
-        ModelConfig::preset("tiny").unwrap(),
-        windowed,
-    ] {
+    for cfg in [model_config(), ModelConfig::preset("tiny").unwrap(), windowed] {
         let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(cfg.context, 20 + i)).collect();
         let bytes = bytes_tensor(&rows);
         let (l_cpu, g_cpu) = loss_and_grads(&cfg, &Device::Cpu, DType::F32, &bytes);
         let (l_gpu, g_gpu) = loss_and_grads(&cfg, &dev, DType::F32, &bytes);
-        assert!(
-            (l_cpu - l_gpu).abs() < 1e-5 * l_cpu,
-            "f32 loss: CPU {l_cpu} vs CUDA {l_gpu}"
-        );
+        assert!((l_cpu - l_gpu).abs() < 1e-5 * l_cpu, "f32 loss: CPU {l_cpu} vs CUDA {l_gpu}");
         for ((name, a), (_, b)) in g_gpu.iter().zip(&g_cpu) {
             let err = rel_err(a, b);
             assert!(err < 1e-3, "f32 gradient of {name}: relative error {err}");
         }
         let (l_bf16, g_bf16) = loss_and_grads(&cfg, &dev, DType::BF16, &bytes);
-        assert!(
-            (l_cpu - l_bf16).abs() < 1e-2 * l_cpu,
-            "bf16 loss {l_bf16} vs f32 {l_cpu}"
-        );
+        assert!((l_cpu - l_bf16).abs() < 1e-2 * l_cpu, "bf16 loss {l_bf16} vs f32 {l_cpu}");
         for ((name, a), (_, b)) in g_bf16.iter().zip(&g_cpu) {
             let err = rel_err(a, b);
             assert!(err < 0.1, "bf16 gradient of {name}: relative error {err}");
@@ -505,18 +300,8 @@ fn cuda_search_widths_match_cpu() {
     let base = ModelConfig {
         patch_size: 8,
         context: 1024,
-        global: TransformerConfig {
-            width: 768,
-            layers: 1,
-            heads: 12,
-            window: None,
-        },
-        local: TransformerConfig {
-            width: 512,
-            layers: 1,
-            heads: 8,
-            window: None,
-        },
+        global: TransformerConfig { width: 768, layers: 1, heads: 12, window: None },
+        local: TransformerConfig { width: 512, layers: 1, heads: 8, window: None },
         ..model_config()
     };
     let mut cross = base.clone();
@@ -528,18 +313,10 @@ fn cuda_search_widths_match_cpu() {
         let (l_cpu, g_cpu) = loss_and_grads(&cfg, &Device::Cpu, DType::F32, &bytes);
         for (act, tl, tg) in [(DType::F32, 1e-5, 1e-3), (DType::BF16, 1e-2, 0.05)] {
             let (l_gpu, g_gpu) = loss_and_grads(&cfg, &dev, act, &bytes);
-            assert!(
-                (l_cpu - l_gpu).abs() < tl * l_cpu,
-                "cross_patch={} {act:?} loss: CPU {l_cpu} vs CUDA {l_gpu}",
-                cfg.cross_patch
-            );
+            assert!((l_cpu - l_gpu).abs() < tl * l_cpu, "cross_patch={} {act:?} loss: CPU {l_cpu} vs CUDA {l_gpu}", cfg.cross_patch);
             for ((name, a), (_, b)) in g_gpu.iter().zip(&g_cpu) {
                 let err = rel_err(a, b);
-                assert!(
-                    err < tg,
-                    "cross_patch={} {act:?} gradient of {name}: relative error {err}",
-                    cfg.cross_patch
-                );
+                assert!(err < tg, "cross_patch={} {act:?} gradient of {name}: relative error {err}", cfg.cross_patch);
             }
         }
     }
@@ -553,19 +330,11 @@ fn cuda_cached_decoding_equals_full_forward() {
     let (model, params) = (model, params);
     let (bf16_model, _bf16_params) = model.converted(&params, DType::BF16).unwrap();
     // f32; bf16 activations on f32 weights (training's forward); bf16 weights (sampling's).
-    for (model, tol) in [
-        (model.clone(), 1e-4),
-        (model.clone().with_activations(DType::BF16), 5e-2),
-        (bf16_model, 5e-2),
-    ] {
+    for (model, tol) in [(model.clone(), 1e-4), (model.clone().with_activations(DType::BF16), 5e-2), (bf16_model, 5e-2)] {
         let act = model.activation_dtype();
         let t = cfg.context;
         let rows = vec![random_bytes(t, 11), random_bytes(t, 12)];
-        let full = f32_cpu(
-            &model
-                .logits(&bytes_tensor(&rows).to_device(&dev).unwrap())
-                .unwrap(),
-        );
+        let full = f32_cpu(&model.logits(&bytes_tensor(&rows).to_device(&dev).unwrap()).unwrap());
         let prompt_len = 13;
         let prompts: Vec<Vec<u8>> = rows.iter().map(|r| r[..prompt_len].to_vec()).collect();
         let mut decoder = Decoder::new(&model, &prompts, &dev).unwrap();
@@ -573,10 +342,7 @@ fn cuda_cached_decoding_equals_full_forward() {
             let step = f32_cpu(&decoder.logits().unwrap());
             let want = full.narrow(1, pos, 1).unwrap().squeeze(1).unwrap();
             let err = rel_err(&step, &want);
-            assert!(
-                err < tol,
-                "{act:?}: position {pos} differs by {err} (relative)"
-            );
+            assert!(err < tol, "{act:?}: position {pos} differs by {err} (relative)");
             let next: Vec<u8> = rows.iter().map(|r| r[pos]).collect();
             decoder.push(&next).unwrap();
         }
@@ -591,16 +357,7 @@ fn cuda_embedding_matches_cpu() {
         &[values(&[256, 40], 30)],
         &[0],
         DType::F32,
-        |xs| {
-            ops::embedding(
-                &xs[0],
-                &Tensor::new(ids.as_slice(), xs[0].device())
-                    .unwrap()
-                    .reshape((50, 100))
-                    .unwrap(),
-            )
-            .unwrap()
-        },
+        |xs| ops::embedding(&xs[0], &Tensor::new(ids.as_slice(), xs[0].device()).unwrap().reshape((50, 100)).unwrap()).unwrap(),
         "embedding",
     );
 }
@@ -612,18 +369,8 @@ fn decoding_config() -> ModelConfig {
     ModelConfig {
         patch_size: 4,
         context: 64,
-        global: TransformerConfig {
-            width: 128,
-            layers: 2,
-            heads: 2,
-            window: None,
-        },
-        local: TransformerConfig {
-            width: 64,
-            layers: 2,
-            heads: 2,
-            window: None,
-        },
+        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 64, layers: 2, heads: 2, window: None },
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.2,
@@ -634,14 +381,8 @@ fn decoding_config() -> ModelConfig {
 const RULES: [Sampling; 4] = [
     Sampling::Greedy,
     Sampling::Temperature { temperature: 1.0 },
-    Sampling::TopK {
-        k: 5,
-        temperature: 0.8,
-    },
-    Sampling::TopP {
-        p: 0.9,
-        temperature: 1.0,
-    },
+    Sampling::TopK { k: 5, temperature: 0.8 },
+    Sampling::TopP { p: 0.9, temperature: 1.0 },
 ];
 
 #[test]
@@ -655,18 +396,8 @@ fn cuda_decoder_equals_stepwise_decoding() {
     let byte = ModelConfig {
         patch_size: 1,
         context: 32,
-        global: TransformerConfig {
-            width: 128,
-            layers: 2,
-            heads: 2,
-            window: None,
-        },
-        local: TransformerConfig {
-            width: 64,
-            layers: 0,
-            heads: 1,
-            window: None,
-        },
+        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 64, layers: 0, heads: 1, window: None },
         ..decoding_config()
     };
     for (cfg, batch) in [(decoding_config(), 3), (decoding_config(), 9), (byte, 2)] {
@@ -674,27 +405,12 @@ fn cuda_decoder_equals_stepwise_decoding() {
         let prompts: Vec<Vec<u8>> = (0..batch).map(|i| random_bytes(6, 40 + i)).collect();
         for rule in RULES {
             let mut calls = 0;
-            let fast = generate(
-                &model,
-                &prompts,
-                n,
-                &mut Sampler::new(rule, 9).unwrap(),
-                &dev,
-                &mut |b| {
-                    assert_eq!(b.len(), batch as usize);
-                    calls += 1;
-                },
-            )
+            let fast = generate(&model, &prompts, n, &mut Sampler::new(rule, 9).unwrap(), &dev, &mut |b| {
+                assert_eq!(b.len(), batch as usize);
+                calls += 1;
+            })
             .unwrap();
-            let slow = generate_stepwise(
-                &model,
-                &prompts,
-                n,
-                &mut Sampler::new(rule, 9).unwrap(),
-                &dev,
-                &mut |_| {},
-            )
-            .unwrap();
+            let slow = generate_stepwise(&model, &prompts, n, &mut Sampler::new(rule, 9).unwrap(), &dev, &mut |_| {}).unwrap();
             assert_eq!(calls, n, "{rule:?}: one callback per generated byte");
             assert_eq!(fast, slow, "batch {batch}, {rule:?}: the CUDA decoder and the stepwise path chose different bytes");
         }
@@ -711,33 +427,17 @@ fn cuda_decoder_bf16_follows_the_cached_logits() {
     let (model, params) = MegaByte::init(&cfg, 6, DType::F32, &dev).unwrap();
     let (model, _bf16_params) = model.converted(&params, DType::BF16).unwrap();
     let prompts: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(9, 50 + i)).collect();
-    let out = generate(
-        &model,
-        &prompts,
-        120,
-        &mut Sampler::new(Sampling::Greedy, 1).unwrap(),
-        &dev,
-        &mut |_| {},
-    )
-    .unwrap();
+    let out = generate(&model, &prompts, 120, &mut Sampler::new(Sampling::Greedy, 1).unwrap(), &dev, &mut |_| {}).unwrap();
     let mut decoder = Decoder::new(&model, &prompts, &dev).unwrap();
     for i in 0..out[0].len() {
-        let logits = f32_cpu(&decoder.logits().unwrap())
-            .to_vec2::<f32>()
-            .unwrap();
+        let logits = f32_cpu(&decoder.logits().unwrap()).to_vec2::<f32>().unwrap();
         for (row, o) in logits.iter().zip(&out) {
             let max = row.iter().cloned().fold(f32::MIN, f32::max);
             let min = row.iter().cloned().fold(f32::MAX, f32::min);
             let chosen = row[o[i] as usize];
-            assert!(
-                chosen >= max - 0.02 * (max - min),
-                "byte {i}: chose logit {chosen}, best {max} (spread {})",
-                max - min
-            );
+            assert!(chosen >= max - 0.02 * (max - min), "byte {i}: chose logit {chosen}, best {max} (spread {})", max - min);
         }
-        decoder
-            .push(&out.iter().map(|o| o[i]).collect::<Vec<u8>>())
-            .unwrap();
+        decoder.push(&out.iter().map(|o| o[i]).collect::<Vec<u8>>()).unwrap();
     }
 }
 
@@ -756,36 +456,13 @@ mod data_parallel {
     use crate::dist::{drift, weights};
 
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     }
 
     /// Rank `rank` of `world` on GPU `rank`, meeting at 127.0.0.1:`port`.
-    fn rank(
-        rank: usize,
-        world: usize,
-        port: u16,
-        device: &Device,
-        fingerprint: &[u8; 32],
-    ) -> NcclGroup {
-        let env = DistEnv {
-            rank,
-            world_size: world,
-            local_rank: rank,
-            master_addr: "127.0.0.1".into(),
-            master_port: port,
-        };
-        NcclGroup::connect(
-            &env,
-            device,
-            fingerprint,
-            Duration::from_secs(120),
-            Box::new(|m| eprintln!("watchdog: {m}")),
-        )
-        .unwrap()
+    fn rank(rank: usize, world: usize, port: u16, device: &Device, fingerprint: &[u8; 32]) -> NcclGroup {
+        let env = DistEnv { rank, world_size: world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port };
+        NcclGroup::connect(&env, device, fingerprint, Duration::from_secs(120), Box::new(|m| eprintln!("watchdog: {m}"))).unwrap()
     }
 
     fn trainer(device: &Device) -> Trainer {
@@ -794,24 +471,14 @@ mod data_parallel {
         tc.warmup_steps = 2;
         tc.seed = 5;
         tc.precision = Precision::F32;
-        let data = DataSpec {
-            train: None,
-            valid: None,
-            holdout_bytes: 10_000,
-            documents: false,
-        };
+        let data = DataSpec { train: None, valid: None, holdout_bytes: 10_000, documents: false };
         Trainer::new(&ModelConfig::preset("tiny").unwrap(), tc, data, device).unwrap()
     }
 
     /// (losses, weights) after `steps` steps.
-    fn train(
-        t: &mut Trainer,
-        steps: usize,
-    ) -> (Vec<f64>, std::collections::BTreeMap<String, Vec<f32>>) {
+    fn train(t: &mut Trainer, steps: usize) -> (Vec<f64>, std::collections::BTreeMap<String, Vec<f32>>) {
         let data = t.record().data.open().unwrap();
-        let losses = (0..steps)
-            .map(|_| t.train_step(&data.train).unwrap().loss)
-            .collect();
+        let losses = (0..steps).map(|_| t.train_step(&data.train).unwrap().loss).collect();
         (losses, weights(t))
     }
 
@@ -822,10 +489,7 @@ mod data_parallel {
         let mut group = rank(0, 1, free_port(), &dev, &[0; 32]);
         let x = Tensor::arange(0f32, 10., &dev).unwrap();
         let summed = group.all_reduce_sum(vec![x.copy().unwrap()]).unwrap();
-        assert_eq!(
-            summed[0].to_vec1::<f32>().unwrap(),
-            x.to_vec1::<f32>().unwrap()
-        );
+        assert_eq!(summed[0].to_vec1::<f32>().unwrap(), x.to_vec1::<f32>().unwrap());
         let init = weights(&trainer(&dev));
         let (a_loss, a_w) = train(&mut trainer(&dev), 5);
         let mut joined = trainer(&dev);
@@ -833,16 +497,10 @@ mod data_parallel {
         let (b_loss, b_w) = train(&mut joined, 5);
         joined.leave().unwrap();
         for (a, b) in a_loss.iter().zip(&b_loss) {
-            assert!(
-                (a - b).abs() < 1e-5,
-                "losses {a_loss:?} alone, {b_loss:?} through NCCL"
-            );
+            assert!((a - b).abs() < 1e-5, "losses {a_loss:?} alone, {b_loss:?} through NCCL");
         }
         let apart = drift(&b_w, &a_w, &init);
-        assert!(
-            apart < 1e-2,
-            "weights through NCCL differ by {apart} of the distance trained"
-        );
+        assert!(apart < 1e-2, "weights through NCCL differ by {apart} of the distance trained");
     }
 
     #[test]
@@ -859,8 +517,7 @@ mod data_parallel {
                     let dev = megabyte::device(&format!("cuda:{r}")).unwrap();
                     let mut t = trainer(&dev);
                     let group = rank(r, 2, port, &dev, &t.fingerprint().unwrap());
-                    t.join(Box::new(group), megabyte::dist::BUCKET_BYTES)
-                        .unwrap();
+                    t.join(Box::new(group), megabyte::dist::BUCKET_BYTES).unwrap();
                     let out = train(&mut t, 5);
                     t.leave().unwrap();
                     out
@@ -874,16 +531,9 @@ mod data_parallel {
         let init = weights(&trainer(&dev));
         let (loss, w) = train(&mut trainer(&dev), 5);
         for (a, b) in loss.iter().zip(&out[0].0) {
-            assert!(
-                (a - b).abs() < 1e-5,
-                "losses {loss:?} on one GPU, {:?} on two",
-                out[0].0
-            );
+            assert!((a - b).abs() < 1e-5, "losses {loss:?} on one GPU, {:?} on two", out[0].0);
         }
         let apart = drift(&out[0].1, &w, &init);
-        assert!(
-            apart < 1e-2,
-            "two-GPU weights differ from one GPU's by {apart} of the distance trained"
-        );
+        assert!(apart < 1e-2, "two-GPU weights differ from one GPU's by {apart} of the distance trained");
     }
 }

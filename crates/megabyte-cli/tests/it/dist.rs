@@ -34,29 +34,14 @@ fn rank_slices_of_a_global_batch_make_up_the_one_process_batch_across_resume() {
         for step in 0..4 {
             if step == 2 {
                 // Resume every rank from the one-process sampler's saved state.
-                ranks = (0..world)
-                    .map(|_| WindowSampler::restore(alone.state()))
-                    .collect();
+                ranks = (0..world).map(|_| WindowSampler::restore(alone.state())).collect();
             }
-            let whole = alone
-                .batch(&split, b, t, &Device::Cpu)
-                .unwrap()
-                .to_vec2::<u32>()
-                .unwrap();
+            let whole = alone.batch(&split, b, t, &Device::Cpu).unwrap().to_vec2::<u32>().unwrap();
             let mut joined = Vec::new();
             for (rank, s) in ranks.iter_mut().enumerate() {
                 let rows = dist::rank_rows(b, world, rank).unwrap();
-                joined.extend(
-                    s.batch_rows(&split, b, t, rows, &Device::Cpu)
-                        .unwrap()
-                        .to_vec2::<u32>()
-                        .unwrap(),
-                );
-                assert_eq!(
-                    s.state(),
-                    alone.state(),
-                    "a rank's sampler fell out of step"
-                );
+                joined.extend(s.batch_rows(&split, b, t, rows, &Device::Cpu).unwrap().to_vec2::<u32>().unwrap());
+                assert_eq!(s.state(), alone.state(), "a rank's sampler fell out of step");
             }
             assert_eq!(joined, whole, "world {world}, step {step}");
         }
@@ -69,15 +54,7 @@ fn rank_slices_of_a_global_batch_make_up_the_one_process_batch_across_resume() {
         let (x, w, n) = alone.document_batch(&docs, 4, 64, &Device::Cpu).unwrap();
         let (mut xs, mut ws) = (Vec::new(), Vec::new());
         for (rank, s) in ranks.iter_mut().enumerate() {
-            let (xr, wr, nr) = s
-                .document_batch_rows(
-                    &docs,
-                    4,
-                    64,
-                    dist::rank_rows(4, 2, rank).unwrap(),
-                    &Device::Cpu,
-                )
-                .unwrap();
+            let (xr, wr, nr) = s.document_batch_rows(&docs, 4, 64, dist::rank_rows(4, 2, rank).unwrap(), &Device::Cpu).unwrap();
             assert_eq!(nr, n, "each rank divides by the whole batch's real bytes");
             xs.extend(xr.to_vec2::<u32>().unwrap());
             ws.extend(wr.to_vec2::<f32>().unwrap());
@@ -89,6 +66,7 @@ fn rank_slices_of_a_global_batch_make_up_the_one_process_batch_across_resume() {
     let err = dist::rank_rows(6, 4, 0).unwrap_err().to_string();
     assert!(err.contains("multiple of 4"), "{err}");
 }
+
 
 /// Runs `f(rank trainer)` on each of `world` ranks, each in its own thread with a trainer
 /// built by `make` and joined to one `ThreadGroup` (buckets of `bucket_bytes`).
@@ -111,10 +89,7 @@ fn on_ranks<R: Send + 'static>(
             })
         })
         .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().expect("a rank's thread panicked"))
-        .collect()
+    handles.into_iter().map(|h| h.join().expect("a rank's thread panicked")).collect()
 }
 
 fn by_name(trainer: &Trainer, grads: &megabyte::grad::Grads) -> BTreeMap<String, Vec<f32>> {
@@ -122,18 +97,7 @@ fn by_name(trainer: &Trainer, grads: &megabyte::grad::Grads) -> BTreeMap<String,
         .params()
         .vars()
         .iter()
-        .map(|(name, v)| {
-            (
-                name.clone(),
-                grads
-                    .get(v.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            )
-        })
+        .map(|(name, v)| (name.clone(), grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
         .collect()
 }
 
@@ -142,27 +106,14 @@ pub fn weights(trainer: &Trainer) -> BTreeMap<String, Vec<f32>> {
         .params()
         .vars()
         .iter()
-        .map(|(k, v)| {
-            (
-                k.clone(),
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-            )
-        })
+        .map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
         .collect()
 }
 
 /// ‖a − b‖ relative to how far b moved from `init` (‖b − init‖): how much two trainings of
 /// the same steps disagree, robust to the odd AdamW entry whose tiny gradient changes sign
 /// with summation order (m/√v is ±1 there at first, whatever its size).
-pub fn drift(
-    a: &BTreeMap<String, Vec<f32>>,
-    b: &BTreeMap<String, Vec<f32>>,
-    init: &BTreeMap<String, Vec<f32>>,
-) -> f64 {
+pub fn drift(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, init: &BTreeMap<String, Vec<f32>>) -> f64 {
     let (mut apart, mut moved) = (0f64, 0f64);
     for (name, vb) in b {
         for ((x, y), z) in a[name].iter().zip(vb).zip(&init[name]) {
@@ -213,15 +164,9 @@ fn summed_rank_gradients_equal_the_global_batch_gradient() {
             }
         }
         let err = rel_diff(&sum, &whole);
-        assert!(
-            err < 1e-5,
-            "grad_accum {accum}: summed rank gradients differ by {err} (relative)"
-        );
+        assert!(err < 1e-5, "grad_accum {accum}: summed rank gradients differ by {err} (relative)");
         let loss_err = (shares[0].1 + shares[1].1 - whole_loss).abs();
-        assert!(
-            loss_err < 1e-6,
-            "grad_accum {accum}: summed losses differ by {loss_err}"
-        );
+        assert!(loss_err < 1e-6, "grad_accum {accum}: summed losses differ by {loss_err}");
         // Each rank's share is a real part, not the whole.
         assert!(rel_diff(&shares[0].0, &whole) > 1e-2);
     }
@@ -244,10 +189,7 @@ fn joining_a_group_gives_every_rank_rank_0s_weights() {
     let (mcfg, tc, spec) = crate::tiny_run(1, 3, 3);
     let rank0 = weights(&Trainer::new(&mcfg, tc, spec, &Device::Cpu).unwrap());
     for w in &got {
-        assert!(
-            *w == rank0,
-            "a rank's weights are not rank 0's after joining"
-        );
+        assert!(*w == rank0, "a rank's weights are not rank 0's after joining");
     }
 }
 
@@ -283,88 +225,44 @@ fn two_ranks_train_as_one_process_and_resume_on_any_number() {
         move |_| Trainer::new(&mcfg, tc.clone(), spec.clone(), &Device::Cpu).unwrap(),
         move |_, mut t| {
             let data = t.record().data.open().unwrap();
-            let s = train::run(
-                &mut t,
-                &data,
-                &pair_dir,
-                &AtomicBool::new(false),
-                &mut |_| {},
-            )
-            .unwrap();
+            let s = train::run(&mut t, &data, &pair_dir, &AtomicBool::new(false), &mut |_| {}).unwrap();
             t.leave().unwrap();
-            (
-                s.steps,
-                s.final_valid_bpb,
-                s.checkpoint,
-                weights(&t),
-                t.record().sampler,
-            )
+            (s.steps, s.final_valid_bpb, s.checkpoint, weights(&t), t.record().sampler)
         },
     );
     for (steps, bpb, checkpoint, w, sampler) in &out {
         assert_eq!(*steps, n);
-        assert_eq!(
-            *checkpoint,
-            pair.join(format!("step-{n:08}")),
-            "every rank reports rank 0's checkpoint"
-        );
+        assert_eq!(*checkpoint, pair.join(format!("step-{n:08}")), "every rank reports rank 0's checkpoint");
         assert_eq!(*bpb, out[0].1, "every rank reports rank 0's validation");
         assert!(*w == out[0].3, "the ranks' parameters differ");
-        assert_eq!(
-            *sampler,
-            alone.record().sampler,
-            "the data stream is not the one-process stream"
-        );
+        assert_eq!(*sampler, alone.record().sampler, "the data stream is not the one-process stream");
     }
-    assert!(
-        (out[0].1 - summary.final_valid_bpb).abs() < 1e-3,
-        "{} vs {}",
-        out[0].1,
-        summary.final_valid_bpb
-    );
+    assert!((out[0].1 - summary.final_valid_bpb).abs() < 1e-3, "{} vs {}", out[0].1, summary.final_valid_bpb);
     let (mcfg, tc, spec) = crate::tiny_run(n, 4, 3);
     let init = weights(&Trainer::new(&mcfg, tc, spec, &Device::Cpu).unwrap());
     let apart = drift(&out[0].3, &weights(&alone), &init);
-    assert!(
-        apart < 1e-2,
-        "two-rank weights differ from one process's by {apart} of the distance trained"
-    );
+    assert!(apart < 1e-2, "two-rank weights differ from one process's by {apart} of the distance trained");
     // Rank 0 alone wrote the folder: the same records as one process, the same losses.
     let (a, b) = (losses(&single), losses(&pair));
     assert_eq!(a.len(), b.len());
     for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
         assert_eq!(sa, sb);
-        assert!(
-            (la - lb).abs() < 1e-5,
-            "step {sa}: loss {la} alone, {lb} on two ranks"
-        );
+        assert!((la - lb).abs() < 1e-5, "step {sa}: loss {la} alone, {lb} on two ranks");
     }
     assert_eq!(
-        std::fs::read_to_string(single.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .count(),
-        std::fs::read_to_string(pair.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .count()
+        std::fs::read_to_string(single.join("metrics.jsonl")).unwrap().lines().count(),
+        std::fs::read_to_string(pair.join("metrics.jsonl")).unwrap().lines().count()
     );
     // The two-rank checkpoint resumes in one process, and the one-process checkpoint on two
     // ranks: both continue the same data stream with the same losses.
     let recorded = |dir: &std::path::Path| {
         let text = std::fs::read_to_string(dir.join(megabyte::checkpoint::TRAIN_FILE)).unwrap();
-        serde_json::from_str::<serde_json::Value>(&text).unwrap()["world_size"]
-            .as_u64()
-            .unwrap()
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["world_size"].as_u64().unwrap()
     };
     assert_eq!(recorded(&pair.join(format!("step-{n:08}"))), 2);
     let mut from_pair = Trainer::resume(&pair, Some((Some(more), None)), &Device::Cpu).unwrap();
     run_alone(&pair, &mut from_pair);
-    assert_eq!(
-        recorded(&pair.join(format!("step-{more:08}"))),
-        1,
-        "a one-process continuation records one rank"
-    );
+    assert_eq!(recorded(&pair.join(format!("step-{more:08}"))), 1, "a one-process continuation records one rank");
     let single_dir = single.clone();
     let resumed = on_ranks(
         2,
@@ -386,10 +284,7 @@ fn two_ranks_train_as_one_process_and_resume_on_any_number() {
     assert_eq!(a.len(), b.len());
     for ((sa, la), (sb, lb)) in a.iter().zip(&b) {
         assert_eq!(sa, sb);
-        assert!(
-            (la - lb).abs() < 1e-4,
-            "step {sa}: loss {la} vs {lb} after resuming on another number of ranks"
-        );
+        assert!((la - lb).abs() < 1e-4, "step {sa}: loss {la} vs {lb} after resuming on another number of ranks");
     }
     assert_eq!(a.last().unwrap().0, more);
 }
@@ -400,14 +295,7 @@ fn a_rank_that_stops_fails_the_others_instead_of_hanging() {
     let mut rank0 = groups.remove(0);
     drop(groups); // rank 1 never arrives
     let started = Instant::now();
-    let err = rank0
-        .all_reduce_sum(vec![megabyte::Tensor::ones(
-            3,
-            megabyte::DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap()])
-        .unwrap_err();
+    let err = rank0.all_reduce_sum(vec![megabyte::Tensor::ones(3, megabyte::DType::F32, &Device::Cpu).unwrap()]).unwrap_err();
     assert!(err.to_string().contains("waited"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -416,21 +304,11 @@ fn a_rank_that_stops_fails_the_others_instead_of_hanging() {
 // The TCP rendezvous.
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn env(rank: usize, world: usize, port: u16) -> DistEnv {
-    DistEnv {
-        rank,
-        world_size: world,
-        local_rank: rank,
-        master_addr: "127.0.0.1".into(),
-        master_port: port,
-    }
+    DistEnv { rank, world_size: world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }
 }
 
 /// Rank `rank` of `world` running `exchange_id` in a thread, after `delay_ms`.
@@ -444,12 +322,7 @@ fn rank_thread(
 ) -> std::thread::JoinHandle<megabyte::Result<[u8; 128]>> {
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(delay_ms));
-        dist::exchange_id(
-            &env(rank, world, port),
-            &fp,
-            || Ok([rank as u8 + 42; 128]),
-            timeout,
-        )
+        dist::exchange_id(&env(rank, world, port), &fp, || Ok([rank as u8 + 42; 128]), timeout)
     })
 }
 
@@ -458,22 +331,14 @@ fn the_rendezvous_hands_rank_0s_id_to_every_rank() {
     let fp = dist::fingerprint(&("same", 1)).unwrap();
     // Rank 0 starts last: the others retry until it listens.
     let port = free_port();
-    let others: Vec<_> = (1..4)
-        .map(|r| rank_thread(r, 4, port, fp, Duration::from_secs(20), 0))
-        .collect();
+    let others: Vec<_> = (1..4).map(|r| rank_thread(r, 4, port, fp, Duration::from_secs(20), 0)).collect();
     let zero = rank_thread(0, 4, port, fp, Duration::from_secs(20), 500);
     assert_eq!(zero.join().unwrap().unwrap(), [42; 128]);
     for h in others {
         assert_eq!(h.join().unwrap().unwrap(), [42; 128], "rank 0's id");
     }
     // One rank is a world of its own.
-    assert_eq!(
-        rank_thread(0, 1, free_port(), fp, Duration::from_secs(5), 0)
-            .join()
-            .unwrap()
-            .unwrap(),
-        [42; 128]
-    );
+    assert_eq!(rank_thread(0, 1, free_port(), fp, Duration::from_secs(5), 0).join().unwrap().unwrap(), [42; 128]);
 }
 
 #[test]
@@ -483,65 +348,35 @@ fn the_rendezvous_refuses_a_rank_with_another_configuration() {
     let port = free_port();
     let t = Duration::from_secs(20);
     // Ranks 0 and 1 meet first; then rank 2 arrives with another configuration.
-    let (zero, one) = (
-        rank_thread(0, 3, port, fp, t, 0),
-        rank_thread(1, 3, port, fp, t, 100),
-    );
+    let (zero, one) = (rank_thread(0, 3, port, fp, t, 0), rank_thread(1, 3, port, fp, t, 100));
     let two = rank_thread(2, 3, port, other, t, 800);
     let started = Instant::now();
-    let msg = |h: std::thread::JoinHandle<megabyte::Result<[u8; 128]>>| {
-        h.join().unwrap().unwrap_err().to_string()
-    };
+    let msg = |h: std::thread::JoinHandle<megabyte::Result<[u8; 128]>>| h.join().unwrap().unwrap_err().to_string();
     let (zero, one, two) = (msg(zero), msg(one), msg(two));
-    assert!(
-        zero.contains("rank 2 runs another configuration") && zero.contains("same model"),
-        "{zero}"
-    );
-    assert!(
-        two.contains("rank 2: rank 0 refused") && two.contains("another configuration"),
-        "{two}"
-    );
-    assert!(
-        one.contains("rank 1: rank 0 refused") && one.contains("rank 2 runs another configuration"),
-        "{one}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "a refusal is immediate"
-    );
+    assert!(zero.contains("rank 2 runs another configuration") && zero.contains("same model"), "{zero}");
+    assert!(two.contains("rank 2: rank 0 refused") && two.contains("another configuration"), "{two}");
+    assert!(one.contains("rank 1: rank 0 refused") && one.contains("rank 2 runs another configuration"), "{one}");
+    assert!(started.elapsed() < Duration::from_secs(5), "a refusal is immediate");
 }
 
 #[test]
 fn a_missing_rank_0_or_rank_is_a_clear_error_within_the_deadline() {
     let fp = [3u8; 32];
     let started = Instant::now();
-    let err = rank_thread(1, 2, free_port(), fp, Duration::from_secs(2), 0)
-        .join()
-        .unwrap()
-        .unwrap_err()
-        .to_string();
+    let err = rank_thread(1, 2, free_port(), fp, Duration::from_secs(2), 0).join().unwrap().unwrap_err().to_string();
     let secs = started.elapsed().as_secs_f64();
-    assert!(
-        err.contains("no rank 0 answered at 127.0.0.1:") && err.contains("MASTER_ADDR"),
-        "{err}"
-    );
+    assert!(err.contains("no rank 0 answered at 127.0.0.1:") && err.contains("MASTER_ADDR"), "{err}");
     assert!((1.9..6.0).contains(&secs), "gave up after {secs} s");
 
     // World 3 without rank 2: rank 0 gives up after its 2 s and tells rank 1 why.
     let port = free_port();
     let started = Instant::now();
-    let (zero, one) = (
-        rank_thread(0, 3, port, fp, Duration::from_secs(2), 0),
-        rank_thread(1, 3, port, fp, Duration::from_secs(20), 0),
-    );
+    let (zero, one) = (rank_thread(0, 3, port, fp, Duration::from_secs(2), 0), rank_thread(1, 3, port, fp, Duration::from_secs(20), 0));
     let zero = zero.join().unwrap().unwrap_err().to_string();
     let one = one.join().unwrap().unwrap_err().to_string();
     assert!(started.elapsed() < Duration::from_secs(6));
     assert!(zero.contains("rank(s) [2] of 3 did not join"), "{zero}");
-    assert!(
-        one.contains("rank 0 refused") && one.contains("[2] of 3 did not join"),
-        "{one}"
-    );
+    assert!(one.contains("rank 0 refused") && one.contains("[2] of 3 did not join"), "{one}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -550,21 +385,12 @@ fn a_missing_rank_0_or_rank_is_a_clear_error_within_the_deadline() {
 fn megabyte_train(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_megabyte"));
     cmd.arg("train").args(args);
-    for var in [
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-    ] {
+    for var in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
         cmd.env_remove(var);
     }
     cmd.envs(env.iter().copied());
     let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -572,40 +398,13 @@ fn the_command_refuses_multi_gpu_options_it_cannot_honour() {
     let dir = temp_dir("dist-cli");
     let out = dir.join("run");
     let out = out.to_str().unwrap();
-    let (ok, err) = megabyte_train(
-        &[
-            "--devices",
-            "0,1",
-            "--device",
-            "cpu",
-            "--steps",
-            "1",
-            "--out",
-            out,
-        ],
-        &[],
-    );
+    let (ok, err) = megabyte_train(&["--devices", "0,1", "--device", "cpu", "--steps", "1", "--out", out], &[]);
     assert!(!ok && err.contains("drop --device cpu"), "{err}");
-    let (ok, err) = megabyte_train(
-        &[
-            "--devices",
-            "0,1",
-            "--device",
-            "cuda:1",
-            "--steps",
-            "1",
-            "--out",
-            out,
-        ],
-        &[],
-    );
+    let (ok, err) = megabyte_train(&["--devices", "0,1", "--device", "cuda:1", "--steps", "1", "--out", out], &[]);
     assert!(!ok && err.contains("--devices chooses the GPUs"), "{err}");
     let world = [("WORLD_SIZE", "2"), ("RANK", "1")];
     let (ok, err) = megabyte_train(&["--device", "cpu", "--steps", "1", "--out", out], &world);
-    assert!(
-        !ok && err.contains("rank 1 of 2") && err.contains("use --device cuda"),
-        "{err}"
-    );
+    assert!(!ok && err.contains("rank 1 of 2") && err.contains("use --device cuda"), "{err}");
     let (ok, err) = megabyte_train(&["--steps", "1", "--out", out], &[("WORLD_SIZE", "2")]);
     assert!(!ok && err.contains("RANK is not"), "{err}");
     #[cfg(not(feature = "cuda"))]

@@ -14,17 +14,8 @@ fn every_setting_scores_every_byte_once() {
     let bytes: &'static [u8] = Box::leak(random_bytes(1000, 8).into_boxed_slice());
     let split = Split::all(Arc::new(ByteStream::from_static("random", bytes)));
     let mut results = Vec::new();
-    for (strided, sliding) in [
-        (false, None),
-        (false, Some(64)),
-        (true, None),
-        (true, Some(128)),
-    ] {
-        let settings = EvalSettings {
-            strided,
-            sliding,
-            batch_size: 3,
-        };
+    for (strided, sliding) in [(false, None), (false, Some(64)), (true, None), (true, Some(128))] {
+        let settings = EvalSettings { strided, sliding, batch_size: 3 };
         let r = evaluate(&model, &split, settings, None, &Device::Cpu, &mut |_, _| {}).unwrap();
         assert_eq!(r.bytes, 1000, "strided {strided} sliding {sliding:?}");
         // An untrained model is close to uniform: about 8 bits per byte.
@@ -42,11 +33,7 @@ fn plain_evaluation_equals_the_mean_training_loss_on_whole_windows() {
     let (model, _) = tiny(4);
     let bytes: &'static [u8] = Box::leak(random_bytes(512, 9).into_boxed_slice());
     let split = Split::all(Arc::new(ByteStream::from_static("random", bytes)));
-    let settings = EvalSettings {
-        strided: false,
-        sliding: None,
-        batch_size: 2,
-    };
+    let settings = EvalSettings { strided: false, sliding: None, batch_size: 2 };
     let r = evaluate(&model, &split, settings, None, &Device::Cpu, &mut |_, _| {}).unwrap();
     let x = crate::bytes_tensor(&[bytes[..256].to_vec(), bytes[256..].to_vec()]);
     let loss = model.loss(&x).unwrap().to_scalar::<f32>().unwrap() as f64;
@@ -58,13 +45,9 @@ fn window_plans_cover_each_byte_exactly_once() {
     use megabyte::eval::windows;
     let (t, p) = (64, 8);
     for len in [1u64, 5, 63, 64, 65, 200, 1000] {
-        for (stride, offsets, strided) in [
-            (64, vec![0], false),
-            (16, vec![0], false),
-            (7, vec![0], false),
-            (64, vec![0, 4], true),
-            (24, vec![0, 4], true),
-        ] {
+        for (stride, offsets, strided) in
+            [(64, vec![0], false), (16, vec![0], false), (7, vec![0], false), (64, vec![0, 4], true), (24, vec![0, 4], true)]
+        {
             let mut count = vec![0u32; len as usize];
             for w in windows(len, t, p, stride, &offsets, strided) {
                 for (i, &s) in w.score.iter().enumerate() {
@@ -73,10 +56,7 @@ fn window_plans_cover_each_byte_exactly_once() {
                     }
                 }
             }
-            assert!(
-                count.iter().all(|&c| c == 1),
-                "len {len} stride {stride} strided {strided}: {count:?}"
-            );
+            assert!(count.iter().all(|&c| c == 1), "len {len} stride {stride} strided {strided}: {count:?}");
         }
     }
 }

@@ -18,26 +18,16 @@ fn check(norm: NormKind, tied_head: bool) {
     // One representative per kind: `global.blocks.1.attn.qkv.weight` → `global.blocks.*.attn.qkv.weight`.
     let mut kinds: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for name in params.vars().keys() {
-        let kind: Vec<&str> = name
-            .split('.')
-            .map(|s| if s.parse::<usize>().is_ok() { "*" } else { s })
-            .collect();
+        let kind: Vec<&str> = name.split('.').map(|s| if s.parse::<usize>().is_ok() { "*" } else { s }).collect();
         kinds.entry(kind.join(".")).or_default().push(name.clone());
     }
     let used: Vec<usize> = rows.iter().flatten().map(|&b| b as usize).collect();
     for (kind, names) in &kinds {
         let name = names.last().unwrap();
         let var = &params.vars()[name];
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
         let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let w0 = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let w0 = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let cols = *var.dims().last().unwrap();
         // Probe 3 entries; for byte tables pick rows of bytes that occur in the input.
         for probe in 0..3usize {
@@ -50,8 +40,7 @@ fn check(norm: NormKind, tied_head: bool) {
             let set = |delta: f64| {
                 let mut w = w0.clone();
                 w[idx] += delta;
-                var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
+                var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap()).unwrap();
             };
             set(eps);
             let up = loss(&model);
@@ -60,18 +49,10 @@ fn check(norm: NormKind, tied_head: bool) {
             set(0.0);
             let fd = (up - down) / (2.0 * eps);
             let err = (fd - g[idx]).abs() / (fd.abs() + g[idx].abs()).max(1e-6);
-            assert!(
-                err < 1e-4,
-                "{kind} ({name}[{idx}]): autograd {} vs finite difference {fd}",
-                g[idx]
-            );
+            assert!(err < 1e-4, "{kind} ({name}[{idx}]): autograd {} vs finite difference {fd}", g[idx]);
         }
     }
-    assert!(
-        kinds.len() >= 14,
-        "only {} parameter kinds checked",
-        kinds.len()
-    );
+    assert!(kinds.len() >= 14, "only {} parameter kinds checked", kinds.len());
 }
 
 #[test]
@@ -90,11 +71,7 @@ fn gradients_match_finite_differences_rmsnorm_untied() {
 #[test]
 fn explicit_backward_equals_autograd() {
     // The last case gives the global model a sliding window of 2 patches.
-    for (norm, tied, window) in [
-        (NormKind::LayerNorm, true, None),
-        (NormKind::RmsNorm, false, None),
-        (NormKind::LayerNorm, false, Some(2)),
-    ] {
+    for (norm, tied, window) in [(NormKind::LayerNorm, true, None), (NormKind::RmsNorm, false, None), (NormKind::LayerNorm, false, Some(2))] {
         let mut cfg = small_config(norm, tied);
         cfg.global.window = window;
         let (model, params) = MegaByte::init(&cfg, 9, DType::F64, &Device::Cpu).unwrap();
@@ -105,17 +82,9 @@ fn explicit_backward_equals_autograd() {
             let auto_loss = model.loss(&x).unwrap();
             let auto = (auto_loss.clone() * weight).unwrap().backward().unwrap();
             let (loss, grads) = model.loss_and_grads(&x, weight).unwrap();
-            let (a, b) = (
-                auto_loss.to_scalar::<f64>().unwrap(),
-                loss.to_scalar::<f64>().unwrap(),
-            );
+            let (a, b) = (auto_loss.to_scalar::<f64>().unwrap(), loss.to_scalar::<f64>().unwrap());
             assert!((a - b).abs() < 1e-12, "loss {a} vs {b}");
-            crate::assert_grads_equal(
-                &params,
-                &megabyte::grad::Grads::from_store(&auto, params.vars()).unwrap(),
-                &grads,
-                &format!("{norm:?} tied={tied} window={window:?} T'={t}"),
-            );
+            crate::assert_grads_equal(&params, &megabyte::grad::Grads::from_store(&auto, params.vars()).unwrap(), &grads, &format!("{norm:?} tied={tied} window={window:?} T'={t}"));
         }
     }
 }
@@ -134,28 +103,11 @@ fn recomputed_activations_give_the_same_gradients() {
             let rows: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(t, 70 + i)).collect();
             let x = crate::bytes_tensor(&rows);
             let (loss, kept) = model.clone().loss_and_grads(&x, 1.0).unwrap();
-            let (loss_re, recomputed) = model
-                .clone()
-                .with_recompute(true)
-                .loss_and_grads(&x, 1.0)
-                .unwrap();
-            assert_eq!(
-                loss.to_scalar::<f64>().unwrap(),
-                loss_re.to_scalar::<f64>().unwrap()
-            );
+            let (loss_re, recomputed) = model.clone().with_recompute(true).loss_and_grads(&x, 1.0).unwrap();
+            assert_eq!(loss.to_scalar::<f64>().unwrap(), loss_re.to_scalar::<f64>().unwrap());
             for (name, var) in params.vars() {
-                let (a, b) = (
-                    kept.get(var.as_tensor()).unwrap(),
-                    recomputed.get(var.as_tensor()).unwrap(),
-                );
-                assert_eq!(
-                    crate::max_abs_diff(
-                        &a.to_dtype(DType::F32).unwrap(),
-                        &b.to_dtype(DType::F32).unwrap()
-                    ),
-                    0.0,
-                    "T'={t}: gradient of {name}"
-                );
+                let (a, b) = (kept.get(var.as_tensor()).unwrap(), recomputed.get(var.as_tensor()).unwrap());
+                assert_eq!(crate::max_abs_diff(&a.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap()), 0.0, "T'={t}: gradient of {name}");
             }
         }
     }

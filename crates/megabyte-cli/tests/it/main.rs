@@ -31,13 +31,7 @@ use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, Tensor, Transform
 
 /// The `tiny` preset with random weights.
 pub fn tiny(seed: u64) -> (MegaByte, Params) {
-    MegaByte::init(
-        &ModelConfig::preset("tiny").unwrap(),
-        seed,
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    MegaByte::init(&ModelConfig::preset("tiny").unwrap(), seed, DType::F32, &Device::Cpu).unwrap()
 }
 
 /// A small shape for exhaustive checks: P = 4, T = 32.
@@ -45,18 +39,8 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
     ModelConfig {
         patch_size: 4,
         context: 32,
-        global: TransformerConfig {
-            width: 16,
-            layers: 2,
-            heads: 2,
-            window: None,
-        },
-        local: TransformerConfig {
-            width: 8,
-            layers: 2,
-            heads: 2,
-            window: None,
-        },
+        global: TransformerConfig { width: 16, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 8, layers: 2, heads: 2, window: None },
         norm,
         tied_head,
         init_std: 0.2,
@@ -66,15 +50,7 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
 
 /// A short `tiny` training run on the embedded corpus: `steps` steps of `batch` windows,
 /// validating every `eval_every` steps.
-pub fn tiny_run(
-    steps: u64,
-    batch: usize,
-    eval_every: u64,
-) -> (
-    ModelConfig,
-    megabyte::train::TrainConfig,
-    megabyte::train::DataSpec,
-) {
+pub fn tiny_run(steps: u64, batch: usize, eval_every: u64) -> (ModelConfig, megabyte::train::TrainConfig, megabyte::train::DataSpec) {
     let mut tc = megabyte::train::TrainConfig::standard(batch, 3e-3);
     tc.steps = Some(steps);
     tc.warmup_steps = 2;
@@ -82,62 +58,28 @@ pub fn tiny_run(
     tc.eval_bytes = 2048;
     tc.checkpoint_every = 1000;
     tc.seed = 5;
-    let data = megabyte::train::DataSpec {
-        train: None,
-        valid: None,
-        holdout_bytes: 10_000,
-        documents: false,
-    };
+    let data = megabyte::train::DataSpec { train: None, valid: None, holdout_bytes: 10_000, documents: false };
     (ModelConfig::preset("tiny").unwrap(), tc, data)
 }
 
 /// Every parameter's explicit gradient (`grads`) equals autograd's (`auto`, from
 /// `Grads::from_store`) to 1e-6 of the largest entry; `what` names the case on failure.
-pub fn assert_grads_equal(
-    params: &Params,
-    auto: &megabyte::grad::Grads,
-    grads: &megabyte::grad::Grads,
-    what: &str,
-) {
+pub fn assert_grads_equal(params: &Params, auto: &megabyte::grad::Grads, grads: &megabyte::grad::Grads, what: &str) {
     for (name, var) in params.vars() {
-        let want = auto
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no autograd gradient for {name}"));
-        let got = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no explicit gradient for {name}"));
-        let diff = max_abs_diff(
-            &got.to_dtype(DType::F32).unwrap(),
-            &want.to_dtype(DType::F32).unwrap(),
-        );
-        let scale = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            diff <= 1e-6 * scale.max(1e-3),
-            "{what}: gradient of {name} differs by {diff} (scale {scale})"
-        );
+        let want = auto.get(var.as_tensor()).unwrap_or_else(|| panic!("no autograd gradient for {name}"));
+        let got = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no explicit gradient for {name}"));
+        let diff = max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap());
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-6 * scale.max(1e-3), "{what}: gradient of {name} differs by {diff} (scale {scale})");
     }
 }
 
 /// Deterministic pseudo-random bytes.
 pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             (x >> 56) as u8
         })
         .collect()
@@ -148,16 +90,7 @@ pub fn bytes_tensor(rows: &[Vec<u8>]) -> Tensor {
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
 }
 
 /// A fresh empty folder under the system temp dir.
@@ -169,7 +102,5 @@ pub fn temp_dir(name: &str) -> PathBuf {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../megabyte/tests/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../megabyte/tests/fixtures").join(name)
 }

@@ -12,25 +12,13 @@ fn tiny_model_overfits_one_batch() {
     let t = model.config().context;
     let x = bytes_tensor(&[random_bytes(t, 21), random_bytes(t, 22)]);
     let (first, last) = overfit(&model, &params, &x);
-    assert!(
-        first > 5.0,
-        "random init should start near ln 256, got {first}"
-    );
+    assert!(first > 5.0, "random init should start near ln 256, got {first}");
     assert!(last < 0.05, "loss only fell from {first} to {last}");
 }
 
 /// Up to 400 AdamW steps (lr 3e-3) on the one batch `x`: (first loss, last loss).
 pub fn overfit(model: &MegaByte, params: &Params, x: &Tensor) -> (f32, f32) {
-    let mut opt = AdamW::new(
-        params.vars(),
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.98,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        },
-    )
-    .unwrap();
+    let mut opt = AdamW::new(params.vars(), AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.0 }).unwrap();
     let first = model.loss(x).unwrap().to_scalar::<f32>().unwrap();
     let mut last = first;
     for _ in 0..400 {

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
-use candle_core::{DType, Device, Storage, Tensor};
 use cudarc::driver::{sys as cu, CudaContext, CudaEvent, CudaStream, DevicePtr, DriverError};
+use candle_core::{DType, Device, Storage, Tensor};
 use cudarc::nccl::sys;
 
 use super::{exchange_id, Collective, DistEnv, Fingerprint, ID_BYTES};
@@ -34,11 +34,7 @@ fn nccl_err(what: &str, code: sys::ncclResult_t, comm: sys::ncclComm_t) -> Error
     let detail = last_error(comm);
     Error::Dist(format!(
         "NCCL {what} failed ({code:?}{}); rerun with NCCL_DEBUG=WARN for NCCL's own account",
-        if detail.is_empty() {
-            String::new()
-        } else {
-            format!(": {detail}")
-        }
+        if detail.is_empty() { String::new() } else { format!(": {detail}") }
     ))
 }
 
@@ -51,10 +47,7 @@ fn last_error(comm: sys::ncclComm_t) -> String {
         if p.is_null() {
             String::new()
         } else {
-            std::ffi::CStr::from_ptr(p)
-                .to_string_lossy()
-                .trim()
-                .to_string()
+            std::ffi::CStr::from_ptr(p).to_string_lossy().trim().to_string()
         }
     }
 }
@@ -74,11 +67,7 @@ fn check(what: &str, code: sys::ncclResult_t, comm: sys::ncclComm_t) -> Result<(
 pub fn version() -> Result<i32> {
     let mut v = 0;
     // SAFETY: an out-pointer for an int.
-    check(
-        "version query",
-        unsafe { sys::ncclGetVersion(&mut v) },
-        std::ptr::null_mut(),
-    )?;
+    check("version query", unsafe { sys::ncclGetVersion(&mut v) }, std::ptr::null_mut())?;
     Ok(v)
 }
 
@@ -114,9 +103,7 @@ impl NcclGroup {
         report: Box<dyn Fn(&str) + Send + Sync>,
     ) -> Result<Self> {
         let Device::Cuda(cuda) = device else {
-            return Err(Error::Dist(
-                "multi-GPU training runs on CUDA devices: use --device cuda".into(),
-            ));
+            return Err(Error::Dist("multi-GPU training runs on CUDA devices: use --device cuda".into()));
         };
         let stream = cuda.cuda_stream();
         let ctx = stream.context().clone();
@@ -125,49 +112,24 @@ impl NcclGroup {
             env,
             fingerprint,
             || {
-                let mut id = sys::ncclUniqueId {
-                    internal: [0; ID_BYTES],
-                };
+                let mut id = sys::ncclUniqueId { internal: [0; ID_BYTES] };
                 // SAFETY: an out-pointer for the id.
-                check(
-                    "id creation (ncclGetUniqueId)",
-                    unsafe { sys::ncclGetUniqueId(&mut id) },
-                    std::ptr::null_mut(),
-                )?;
+                check("id creation (ncclGetUniqueId)", unsafe { sys::ncclGetUniqueId(&mut id) }, std::ptr::null_mut())?;
                 Ok(id.internal.map(|c| c as u8))
             },
             timeout,
         )?;
-        ctx.bind_to_thread()
-            .map_err(|e| cuda_err("selecting the GPU for NCCL", e))?;
+        ctx.bind_to_thread().map_err(|e| cuda_err("selecting the GPU for NCCL", e))?;
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-        let unique = sys::ncclUniqueId {
-            internal: id.map(|b| b as ::core::ffi::c_char),
-        };
+        let unique = sys::ncclUniqueId { internal: id.map(|b| b as ::core::ffi::c_char) };
         let code = {
             let _phase = watchdog.phase("joining the NCCL communicator (ncclCommInitRank)");
             // SAFETY: an out-pointer for the communicator; the id came from rank 0.
-            unsafe {
-                sys::ncclCommInitRank(&mut comm, env.world_size as i32, unique, env.rank as i32)
-            }
+            unsafe { sys::ncclCommInitRank(&mut comm, env.world_size as i32, unique, env.rank as i32) }
         };
-        check(
-            &format!(
-                "communicator setup of rank {} of {}",
-                env.rank, env.world_size
-            ),
-            code,
-            comm,
-        )?;
+        check(&format!("communicator setup of rank {} of {}", env.rank, env.world_size), code, comm)?;
         watchdog.watch(comm);
-        Ok(NcclGroup {
-            comm,
-            rank: env.rank,
-            world: env.world_size,
-            device: cuda.clone(),
-            stream,
-            watchdog,
-        })
+        Ok(NcclGroup { comm, rank: env.rank, world: env.world_size, device: cuda.clone(), stream, watchdog })
     }
 
     /// Runs `call(pointer, elements, dtype)` for each buffer inside one NCCL group, then
@@ -176,22 +138,13 @@ impl NcclGroup {
         &mut self,
         what: &'static str,
         bufs: &[Tensor],
-        call: impl Fn(
-            u64,
-            usize,
-            sys::ncclDataType_t,
-            sys::ncclComm_t,
-            sys::cudaStream_t,
-        ) -> sys::ncclResult_t,
+        call: impl Fn(u64, usize, sys::ncclDataType_t, sys::ncclComm_t, sys::cudaStream_t) -> sys::ncclResult_t,
     ) -> Result<()> {
         let mut targets = Vec::with_capacity(bufs.len());
         for t in bufs {
             targets.push(self.address(t)?);
         }
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| cuda_err("selecting the GPU for NCCL", e))?;
+        self.stream.context().bind_to_thread().map_err(|e| cuda_err("selecting the GPU for NCCL", e))?;
         let stream = self.stream.cu_stream() as sys::cudaStream_t;
         // SAFETY: group calls bracket the collectives below.
         check(what, unsafe { sys::ncclGroupStart() }, self.comm)?;
@@ -224,30 +177,15 @@ impl NcclGroup {
             return Err(Error::Dist("NCCL collectives take CUDA tensors".into()));
         };
         if !layout.is_contiguous() || !device.same_device(&self.device) {
-            return Err(Error::Dist(
-                "NCCL collectives take contiguous tensors on this rank's GPU".into(),
-            ));
+            return Err(Error::Dist("NCCL collectives take contiguous tensors on this rank's GPU".into()));
         }
         let offset = layout.start_offset();
         // The guards cudarc returns are dropped at once: sound on megabyte's one stream (see
         // `gpu::single_stream`), on which the collectives run too.
         let (base, size, dtype) = match slice {
-            CudaStorageSlice::F32(x) => (
-                x.device_ptr(&self.stream).0,
-                4,
-                sys::ncclDataType_t::ncclFloat32,
-            ),
-            CudaStorageSlice::F64(x) => (
-                x.device_ptr(&self.stream).0,
-                8,
-                sys::ncclDataType_t::ncclFloat64,
-            ),
-            _ => {
-                return Err(Error::Dist(format!(
-                    "NCCL collectives here take f32 or f64, not {:?}",
-                    t.dtype()
-                )))
-            }
+            CudaStorageSlice::F32(x) => (x.device_ptr(&self.stream).0, 4, sys::ncclDataType_t::ncclFloat32),
+            CudaStorageSlice::F64(x) => (x.device_ptr(&self.stream).0, 8, sys::ncclDataType_t::ncclFloat64),
+            _ => return Err(Error::Dist(format!("NCCL collectives here take f32 or f64, not {:?}", t.dtype()))),
         };
         debug_assert!(matches!(t.dtype(), DType::F32 | DType::F64));
         Ok((base + (offset * size) as u64, t.elem_count(), dtype))
@@ -268,17 +206,7 @@ impl Collective for NcclGroup {
         self.grouped("all-reduce", &bufs, |ptr, n, dtype, comm, stream| {
             // SAFETY: ptr covers n elements of dtype on this GPU, written only by this
             // collective until the stream passes it (the caller's buffers are its own).
-            unsafe {
-                sys::ncclAllReduce(
-                    ptr as *const _,
-                    ptr as *mut _,
-                    n,
-                    dtype,
-                    sys::ncclRedOp_t::ncclSum,
-                    comm,
-                    stream,
-                )
-            }
+            unsafe { sys::ncclAllReduce(ptr as *const _, ptr as *mut _, n, dtype, sys::ncclRedOp_t::ncclSum, comm, stream) }
         })?;
         Ok(bufs)
     }
@@ -286,24 +214,11 @@ impl Collective for NcclGroup {
     /// In place, one ncclBroadcast per buffer in one NCCL group.
     fn broadcast(&mut self, bufs: Vec<Tensor>, root: usize) -> Result<Vec<Tensor>> {
         if root >= self.world {
-            return Err(Error::Dist(format!(
-                "broadcast from rank {root} of {}",
-                self.world
-            )));
+            return Err(Error::Dist(format!("broadcast from rank {root} of {}", self.world)));
         }
         self.grouped("broadcast", &bufs, |ptr, n, dtype, comm, stream| {
             // SAFETY: as for the all-reduce.
-            unsafe {
-                sys::ncclBroadcast(
-                    ptr as *const _,
-                    ptr as *mut _,
-                    n,
-                    dtype,
-                    root as i32,
-                    comm,
-                    stream,
-                )
-            }
+            unsafe { sys::ncclBroadcast(ptr as *const _, ptr as *mut _, n, dtype, root as i32, comm, stream) }
         })?;
         Ok(bufs)
     }
@@ -314,13 +229,9 @@ impl Collective for NcclGroup {
         if self.comm.is_null() {
             return Ok(());
         }
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda_err("waiting for the last collectives", e))?;
+        self.stream.synchronize().map_err(|e| cuda_err("waiting for the last collectives", e))?;
         let comm = self.comm;
-        let _phase = self
-            .watchdog
-            .phase("closing the NCCL communicator (ncclCommFinalize)");
+        let _phase = self.watchdog.phase("closing the NCCL communicator (ncclCommFinalize)");
         // SAFETY: a live communicator with no queued work; it is not used again.
         check("finalize", unsafe { sys::ncclCommFinalize(comm) }, comm)?;
         // Out of the watchdog's hands before it is destroyed (it may be checking it right now).
@@ -328,16 +239,10 @@ impl Collective for NcclGroup {
         self.comm = std::ptr::null_mut();
         if watched.is_null() {
             // The watchdog took it first: it aborts it and ends the process.
-            return Err(Error::Dist(
-                "the NCCL watchdog stopped this rank while it closed the communicator".into(),
-            ));
+            return Err(Error::Dist("the NCCL watchdog stopped this rank while it closed the communicator".into()));
         }
         // SAFETY: as above.
-        check(
-            "destroy",
-            unsafe { sys::ncclCommDestroy(comm) },
-            std::ptr::null_mut(),
-        )
+        check("destroy", unsafe { sys::ncclCommDestroy(comm) }, std::ptr::null_mut())
     }
 }
 
@@ -351,9 +256,7 @@ impl Drop for NcclGroup {
             // and a second abort would free it twice.
             if !self.watchdog.take().is_null() {
                 self.watchdog.forget();
-                let _phase = self
-                    .watchdog
-                    .phase("aborting the NCCL communicator after an error");
+                let _phase = self.watchdog.phase("aborting the NCCL communicator after an error");
                 // SAFETY: a live communicator, not used again (the watchdog no longer has it).
                 unsafe {
                     sys::ncclCommAbort(comm);
@@ -411,11 +314,7 @@ impl Drop for Phase<'_> {
 }
 
 impl Watchdog {
-    fn start(
-        ctx: Arc<CudaContext>,
-        timeout: Duration,
-        report: Box<dyn Fn(&str) + Send + Sync>,
-    ) -> Self {
+    fn start(ctx: Arc<CudaContext>, timeout: Duration, report: Box<dyn Fn(&str) + Send + Sync>) -> Self {
         let state = Arc::new(WatchState {
             ctx,
             timeout,
@@ -426,10 +325,7 @@ impl Watchdog {
             report,
         });
         let s = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("nccl-watchdog".into())
-            .spawn(move || s.run())
-            .ok();
+        let thread = std::thread::Builder::new().name("nccl-watchdog".into()).spawn(move || s.run()).ok();
         Watchdog { state, thread }
     }
 
@@ -446,10 +342,7 @@ impl Watchdog {
 
     fn phase(&self, what: &str) -> Phase<'_> {
         let id = self.push(what, None);
-        Phase {
-            state: &self.state,
-            id,
-        }
+        Phase { state: &self.state, id }
     }
 
     fn follow(&self, what: &str, event: CudaEvent) {
@@ -459,12 +352,7 @@ impl Watchdog {
     fn push(&self, what: &str, event: Option<CudaEvent>) -> u64 {
         let id = self.state.next_id.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut p) = self.state.pending.lock() {
-            p.push_back(Pending {
-                id,
-                what: what.to_string(),
-                since: Instant::now(),
-                event,
-            });
+            p.push_back(Pending { id, what: what.to_string(), since: Instant::now(), event });
         }
         id
     }
@@ -526,11 +414,7 @@ impl WatchState {
                 let detail = last_error(comm);
                 return Some(format!(
                     "NCCL reported {state:?}{}: another rank probably failed (see its error)",
-                    if detail.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({detail})")
-                    }
+                    if detail.is_empty() { String::new() } else { format!(" ({detail})") }
                 ));
             }
         }
@@ -547,11 +431,7 @@ impl WatchState {
             }
         }
         let late = pending.iter().find(|p| {
-            p.since.elapsed() > self.timeout
-                && !matches!(
-                    p.event.as_ref().map(|e| e.try_is_complete()),
-                    Some(Ok(true))
-                )
+            p.since.elapsed() > self.timeout && !matches!(p.event.as_ref().map(|e| e.try_is_complete()), Some(Ok(true)))
         })?;
         Some(format!(
             "{} has not finished after {:.0} s (--nccl-timeout): another rank died, hangs or is far behind",

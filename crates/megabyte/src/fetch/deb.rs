@@ -24,8 +24,8 @@ use md5::{Digest, Md5};
 use sha2::Sha256;
 
 use super::{
-    download, ensure_dir, fetch_err, hex, http_agent, read_retry, remove_stale_temps, Dataset,
-    FetchEvent, FetchReport, FetchedFile, Temps, SOURCE_FILE,
+    download, ensure_dir, fetch_err, hex, http_agent, read_retry, remove_stale_temps, Dataset, FetchEvent, FetchReport,
+    FetchedFile, Temps, SOURCE_FILE,
 };
 use crate::error::{Error, IoContext, Result};
 
@@ -83,8 +83,7 @@ pub(super) const FASHION_MNIST: DebSet = DebSet {
     dataset: Dataset::FashionMnist,
     package: "dataset-fashion-mnist",
     version: "0.0~git20200523.55506a9-1",
-    pool_path:
-        "pool/main/d/dataset-fashion-mnist/dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
+    pool_path: "pool/main/d/dataset-fashion-mnist/dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
     size: 30_900_652,
     sha256: "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
     md5: "28c148d3a02fef8285239e22d1f420b1",
@@ -218,11 +217,7 @@ applies the same checks (size {size} bytes, sha256 {sha}).",
 // Driving
 
 /// Downloads the pinned package, checks it and unpacks it into `root/NAME`.
-pub(super) fn fetch(
-    set: &DebSet,
-    root: &Path,
-    progress: &mut dyn FnMut(FetchEvent),
-) -> Result<FetchReport> {
+pub(super) fn fetch(set: &DebSet, root: &Path, progress: &mut dyn FnMut(FetchEvent)) -> Result<FetchReport> {
     let name = set.dataset.name();
     let out = set.dataset.dir(root);
     if let Some(report) = already_present(set, &out) {
@@ -237,8 +232,7 @@ pub(super) fn fetch(
         let deb = temps.path(root, file_name(set));
         let mut tried = Vec::new();
         for url in urls(set) {
-            let got = download(&agent, name, &url, &deb, None, progress)
-                .and_then(|_| verify_deb(set, &deb, progress));
+            let got = download(&agent, name, &url, &deb, None, progress).and_then(|_| verify_deb(set, &deb, progress));
             match got {
                 Ok(()) => return install(set, &deb, root, &url, progress),
                 Err(e @ Error::Io { .. }) => return Err(e),
@@ -283,8 +277,8 @@ pub(super) fn from_file(
     check_replaceable(set, &out)?;
     let created = ensure_dir(root)?;
     remove_stale_temps(root);
-    let result = verify_deb(set, deb, progress)
-        .and_then(|()| install(set, deb, root, &deb.display().to_string(), progress));
+    let result =
+        verify_deb(set, deb, progress).and_then(|()| install(set, deb, root, &deb.display().to_string(), progress));
     if result.is_err() && created {
         let _ = fs::remove_dir(root);
     }
@@ -300,8 +294,7 @@ fn verify_deb(set: &DebSet, deb: &Path, progress: &mut dyn FnMut(FetchEvent)) ->
     let mut buf = vec![0u8; 1 << 18];
     let mut len = 0u64;
     loop {
-        let n =
-            read_retry(&mut file, &mut buf).io_context(|| format!("reading {}", deb.display()))?;
+        let n = read_retry(&mut file, &mut buf).io_context(|| format!("reading {}", deb.display()))?;
         if n == 0 {
             break;
         }
@@ -358,9 +351,7 @@ fn check_replaceable(set: &DebSet, out: &Path) -> Result<()> {
     if !out.exists() {
         return Ok(());
     }
-    let empty = fs::read_dir(out)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(false);
+    let empty = fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
     let ours = fs::read_to_string(out.join(SOURCE_FILE))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -397,9 +388,7 @@ fn install(
         progress,
     )?;
 
-    let fetched_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let fetched_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let json = serde_json::json!({
         "dataset": name,
         "source": source,
@@ -433,8 +422,7 @@ fn install(
         if let Some(old) = &_old {
             let _ = fs::rename(&old.path, &out); // put the earlier copy back
         }
-        return Err(e)
-            .io_context(|| format!("renaming {} to {}", staging.path.display(), out.display()));
+        return Err(e).io_context(|| format!("renaming {} to {}", staging.path.display(), out.display()));
     }
     staging.keep = true;
     Ok(report(set, &out, &outputs, false, Some(source.to_string())))
@@ -460,13 +448,7 @@ impl Output {
     }
 }
 
-fn report(
-    set: &DebSet,
-    out: &Path,
-    outputs: &[Output],
-    already_present: bool,
-    source: Option<String>,
-) -> FetchReport {
+fn report(set: &DebSet, out: &Path, outputs: &[Output], already_present: bool, source: Option<String>) -> FetchReport {
     FetchReport {
         dataset: set.dataset,
         dir: out.to_path_buf(),
@@ -488,8 +470,7 @@ fn report(
 /// `SOURCE.json` names this package's sha256, and every output it lists is there with the
 /// recorded number of files and bytes.
 fn already_present(set: &DebSet, out: &Path) -> Option<FetchReport> {
-    let v: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(out.join(SOURCE_FILE)).ok()?).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join(SOURCE_FILE)).ok()?).ok()?;
     if v["dataset"].as_str()? != set.dataset.name() || v["deb_sha256"].as_str()? != set.sha256 {
         return None;
     }
@@ -564,9 +545,7 @@ fn unpack(
                 let Some(i) = files.iter().position(|f| f.name == base) else {
                     return Ok(());
                 };
-                progress(FetchEvent::Writing {
-                    file: out.join(base),
-                });
+                progress(FetchEvent::Writing { file: out.join(base) });
                 found[i] = Some(gunzip_checked(name, &files[i], r, staging)?);
                 Ok(())
             })?;
@@ -579,21 +558,12 @@ fn unpack(
             if !missing.is_empty() {
                 return Err(fetch_err(
                     name,
-                    format!(
-                        "{}: no {}.gz under {dir}",
-                        set.package,
-                        missing.join(".gz, ")
-                    ),
+                    format!("{}: no {}.gz under {dir}", set.package, missing.join(".gz, ")),
                 ));
             }
             Ok(found.into_iter().flatten().collect())
         }),
-        Unpack::Files {
-            dir,
-            keep,
-            all,
-            expect,
-        } => with_data_tar(deb, name, |tar| {
+        Unpack::Files { dir, keep, all, expect } => with_data_tar(deb, name, |tar| {
             let mut w = SplitWriter::new(name, staging, *all);
             for_each_file(tar, name, "data.tar", &mut |rel, r| match under(rel, dir) {
                 Some(sub) if keep(sub) => w.add(sub, r, progress),
@@ -601,11 +571,7 @@ fn unpack(
             })?;
             w.finish(*expect)
         }),
-        Unpack::TarXz {
-            member,
-            keep,
-            expect,
-        } => with_data_tar(deb, name, |tar| {
+        Unpack::TarXz { member, keep, expect } => with_data_tar(deb, name, |tar| {
             let mut w = SplitWriter::new(name, staging, None);
             let mut seen = false;
             for_each_file(tar, name, "data.tar", &mut |rel, r| {
@@ -623,10 +589,7 @@ fn unpack(
                 })
             })?;
             if !seen {
-                return Err(fetch_err(
-                    name,
-                    format!("{}: no {member} in the package", set.package),
-                ));
+                return Err(fetch_err(name, format!("{}: no {member} in the package", set.package)));
             }
             w.finish(*expect)
         }),
@@ -639,11 +602,7 @@ fn under<'a>(rel: &'a str, dir: &str) -> Option<&'a str> {
 }
 
 /// Calls `f` with the decompressed tar stream of a `.deb`'s data archive.
-fn with_data_tar<T>(
-    deb: impl Read,
-    name: &str,
-    f: impl FnOnce(&mut dyn Read) -> Result<T>,
-) -> Result<T> {
+fn with_data_tar<T>(deb: impl Read, name: &str, f: impl FnOnce(&mut dyn Read) -> Result<T>) -> Result<T> {
     let bad = |msg: String| fetch_err(name, format!("not a valid .deb: {msg}"));
     let mut archive = ar::Archive::new(deb);
     while let Some(entry) = archive.next_entry() {
@@ -683,10 +642,7 @@ fn for_each_file(
         let rel = safe_rel(&raw).ok_or_else(|| {
             fetch_err(
                 name,
-                format!(
-                    "{what}: refusing the unsafe path {} in the archive",
-                    raw.display()
-                ),
+                format!("{what}: refusing the unsafe path {} in the archive", raw.display()),
             )
         })?;
         visit(&rel, &mut entry)?;
@@ -718,12 +674,8 @@ fn gunzip_checked(name: &str, want: &RawFile, r: &mut dyn Read, staging: &Path) 
     let mut buf = vec![0u8; 1 << 18];
     let mut len = 0u64;
     loop {
-        let n = read_retry(&mut gz, &mut buf).map_err(|e| {
-            fetch_err(
-                name,
-                format!("{}.gz: not valid gzip after {len} bytes: {e}", want.name),
-            )
-        })?;
+        let n = read_retry(&mut gz, &mut buf)
+            .map_err(|e| fetch_err(name, format!("{}.gz: not valid gzip after {len} bytes: {e}", want.name)))?;
         if n == 0 {
             break;
         }
@@ -780,12 +732,7 @@ impl<'a> SplitWriter<'a> {
         }
     }
 
-    fn add(
-        &mut self,
-        rel: &str,
-        r: &mut dyn Read,
-        progress: &mut dyn FnMut(FetchEvent),
-    ) -> Result<()> {
+    fn add(&mut self, rel: &str, r: &mut dyn Read, progress: &mut dyn FnMut(FetchEvent)) -> Result<()> {
         let split = if is_test_file(rel) {
             &mut self.test
         } else {
@@ -799,8 +746,7 @@ impl<'a> SplitWriter<'a> {
                 let bytes = write_file(&first, r, &mut self.last_dir)?;
                 make_parent(&in_split, &mut self.last_dir)?;
                 if fs::hard_link(&first, &in_split).is_err() {
-                    fs::copy(&first, &in_split)
-                        .io_context(|| format!("copying to {}", in_split.display()))?;
+                    fs::copy(&first, &in_split).io_context(|| format!("copying to {}", in_split.display()))?;
                 }
                 all_out.files += 1;
                 all_out.bytes += bytes;
@@ -892,8 +838,7 @@ mod tests {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_size(0);
-        tb.append_link(&mut h, "./a-link.c", "kernel/fork.c")
-            .unwrap();
+        tb.append_link(&mut h, "./a-link.c", "kernel/fork.c").unwrap();
         tb.into_inner().unwrap()
     }
 
@@ -906,11 +851,8 @@ mod tests {
             ("control.tar.xz", control),
             ("data.tar.xz", xz(data_tar)),
         ] {
-            b.append(
-                &ar::Header::new(id.as_bytes().to_vec(), bytes.len() as u64),
-                &bytes[..],
-            )
-            .unwrap();
+            b.append(&ar::Header::new(id.as_bytes().to_vec(), bytes.len() as u64), &bytes[..])
+                .unwrap();
         }
         b.into_inner().unwrap()
     }
@@ -959,10 +901,7 @@ mod tests {
             "scripts/checkpatch.pl",
             "lib/f1.c.orig",
         ] {
-            files.push((
-                format!("linux-source-6.1/{rel}"),
-                b"#define DROPPED 1\n".to_vec(),
-            ));
+            files.push((format!("linux-source-6.1/{rel}"), b"#define DROPPED 1\n".to_vec()));
         }
         (kept, files)
     }
@@ -977,14 +916,8 @@ mod tests {
             .sum();
         let expect = (kept.len() as u64, bytes);
         let data = tar_of(&[
-            (
-                "./usr/share/doc/linux-source-6.1/copyright".into(),
-                b"GPL-2.0".to_vec(),
-            ),
-            (
-                "./usr/src/linux-source-6.1.tar.xz".into(),
-                xz(&tar_of(&files)),
-            ),
+            ("./usr/share/doc/linux-source-6.1/copyright".into(), b"GPL-2.0".to_vec()),
+            ("./usr/src/linux-source-6.1.tar.xz".into(), xz(&tar_of(&files))),
         ]);
         (kept, expect, deb_of(&data))
     }
@@ -1003,10 +936,7 @@ mod tests {
 
     fn under_split(root: &Path, split: &str) -> BTreeSet<String> {
         let dir = root.join(split);
-        files_under(&dir)
-            .into_iter()
-            .map(|f| f.replace('\\', "/"))
-            .collect()
+        files_under(&dir).into_iter().map(|f| f.replace('\\', "/")).collect()
     }
 
     #[test]
@@ -1030,18 +960,13 @@ mod tests {
         // The filter: every .c/.h except generated register headers, nothing else.
         let all: BTreeSet<String> = train.union(&test).cloned().collect();
         assert_eq!(all, kept);
-        assert!(all
-            .iter()
-            .all(|f| !f.contains("asic_reg") && !f.ends_with("_enum.h")));
+        assert!(all.iter().all(|f| !f.contains("asic_reg") && !f.ends_with("_enum.h")));
         // The split: disjoint, by the path rule, both non-empty.
         assert!(train.is_disjoint(&test));
         assert!(test.iter().all(|f| is_test_file(f)) && train.iter().all(|f| !is_test_file(f)));
         assert!(!train.is_empty() && !test.is_empty());
         // (kernel/fork.c is a training file: see `split_rule_is_fixed_and_takes_about_a_tenth`.)
-        assert_eq!(
-            fs::read(out.join("train/kernel/fork.c")).unwrap(),
-            b"/* kept */\n"
-        );
+        assert_eq!(fs::read(out.join("train/kernel/fork.c")).unwrap(), b"/* kept */\n");
         let counts: Vec<(u64, u64)> = r.files.iter().map(|f| (f.files, f.bytes)).collect();
         assert_eq!(counts.len(), 2);
         assert_eq!(counts[0].0 + counts[1].0, kept.len() as u64);
@@ -1082,11 +1007,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            err.to_string().contains(&format!(
-                "expected {} files of {} bytes",
-                expect.0,
-                expect.1 + 1
-            )),
+            err.to_string()
+                .contains(&format!("expected {} files of {} bytes", expect.0, expect.1 + 1)),
             "{err}"
         );
         assert_eq!(files_under(&short.0), Vec::<String>::new());
@@ -1161,10 +1083,7 @@ mod tests {
         let src = TestDir::new("idxsrc");
         let deb_path = src.0.join("f.deb");
         fs::write(&deb_path, &deb).unwrap();
-        let (m_train, m_test) = (
-            leak(hex(&Md5::digest(&train))),
-            leak(hex(&Md5::digest(&test))),
-        );
+        let (m_train, m_test) = (leak(hex(&Md5::digest(&train))), leak(hex(&Md5::digest(&test))));
 
         let root = TestDir::new("idx");
         let r = from_file(
@@ -1175,39 +1094,22 @@ mod tests {
         )
         .unwrap();
         let out = root.0.join("fashion-mnist");
-        assert_eq!(
-            fs::read(out.join("train-labels-idx1-ubyte")).unwrap(),
-            train
-        );
+        assert_eq!(fs::read(out.join("train-labels-idx1-ubyte")).unwrap(), train);
         assert_eq!(fs::read(out.join("t10k-labels-idx1-ubyte")).unwrap(), test);
         assert_eq!(
             files_under(&out),
-            vec![
-                "SOURCE.json",
-                "t10k-labels-idx1-ubyte",
-                "train-labels-idx1-ubyte"
-            ]
+            vec!["SOURCE.json", "t10k-labels-idx1-ubyte", "train-labels-idx1-ubyte"]
         );
-        assert_eq!(
-            r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(),
-            vec![1000, 100]
-        );
+        assert_eq!(r.files.iter().map(|f| f.bytes).collect::<Vec<_>>(), vec![1000, 100]);
 
         // One wrong md5 (the second file, so the first was already written): an error that
         // names the file and both sums, and nothing left in DIR.
         let wrong = "0123456789abcdef0123456789abcdef";
-        for (md5s, lens) in [
-            ([m_train, wrong], [1000, 100]),
-            ([m_train, m_test], [1000, 99]),
-        ] {
+        for (md5s, lens) in [([m_train, wrong], [1000, 100]), ([m_train, m_test], [1000, 99])] {
             let root = TestDir::new("idxbad");
-            let err =
-                from_file(&idx_set(&deb, md5s, lens), &deb_path, &root.0, &mut |_| {}).unwrap_err();
+            let err = from_file(&idx_set(&deb, md5s, lens), &deb_path, &root.0, &mut |_| {}).unwrap_err();
             let msg = err.to_string();
-            assert!(
-                msg.contains("t10k-labels-idx1-ubyte") && msg.contains(m_test),
-                "{msg}"
-            );
+            assert!(msg.contains("t10k-labels-idx1-ubyte") && msg.contains(m_test), "{msg}");
             assert_eq!(files_under(&root.0), Vec::<String>::new());
         }
 
@@ -1225,10 +1127,7 @@ mod tests {
             &mut |_| {},
         )
         .unwrap_err();
-        assert!(
-            err.to_string().contains("no t10k-labels-idx1-ubyte.gz"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("no t10k-labels-idx1-ubyte.gz"), "{err}");
         assert_eq!(files_under(&root.0), Vec::<String>::new());
     }
 
@@ -1236,18 +1135,10 @@ mod tests {
     fn wav_files_are_kept_whole_and_split_by_file() {
         let dir = "usr/share/asterisk/sounds/en_US_f_Allison";
         let mut files: Vec<(String, Vec<u8>)> = (0..50)
-            .map(|i| {
-                (
-                    format!("./{dir}/digits/{i}.wav"),
-                    format!("RIFF{i}").into_bytes(),
-                )
-            })
+            .map(|i| (format!("./{dir}/digits/{i}.wav"), format!("RIFF{i}").into_bytes()))
             .collect();
         files.push((format!("./{dir}/README.txt"), b"not a wav".to_vec()));
-        files.push((
-            "./usr/share/doc/x/copyright".into(),
-            b"CC-BY-SA-3.0".to_vec(),
-        ));
+        files.push(("./usr/share/doc/x/copyright".into(), b"CC-BY-SA-3.0".to_vec()));
         let deb = deb_of(&tar_of(&files));
         let set = pinned(
             Dataset::SpeechEn,
@@ -1288,23 +1179,15 @@ mod tests {
     #[test]
     fn split_rule_is_fixed_and_takes_about_a_tenth() {
         let n = 20_000;
-        let test = (0..n)
-            .filter(|i| is_test_file(&format!("drivers/x/file{i}.c")))
-            .count();
+        let test = (0..n).filter(|i| is_test_file(&format!("drivers/x/file{i}.c"))).count();
         let frac = test as f64 / n as f64;
         assert!((0.09..0.11).contains(&frac), "{frac}");
         // Pinned: a change to the rule would silently move files between train and test.
         // (Python: int.from_bytes(hashlib.md5(path.encode()).digest()[:8], "little") % 10 == 0.)
-        let pinned: Vec<bool> = [
-            "lib/f3.c",
-            "lib/f4.c",
-            "lib/f16.c",
-            "kernel/fork.c",
-            "lib/f25.c",
-        ]
-        .iter()
-        .map(|f| is_test_file(f))
-        .collect();
+        let pinned: Vec<bool> = ["lib/f3.c", "lib/f4.c", "lib/f16.c", "kernel/fork.c", "lib/f25.c"]
+            .iter()
+            .map(|f| is_test_file(f))
+            .collect();
         assert_eq!(pinned, [false, true, true, false, true]);
     }
 
@@ -1351,10 +1234,7 @@ mod tests {
             assert!(set
                 .pool_path
                 .ends_with(&format!("{}_{}_all.deb", set.package, set.version)));
-            assert_eq!(
-                (set.sha256.len(), set.md5.len(), set.sha1.len()),
-                (64, 32, 40)
-            );
+            assert_eq!((set.sha256.len(), set.md5.len(), set.sha1.len()), (64, 32, 40));
             let urls = urls(set);
             assert!(urls[0].starts_with("https://deb.debian.org/") && urls[1].contains(set.sha1));
             let h = hint(set);

@@ -29,21 +29,12 @@ pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
     let is = |t: &Tensor, dtype: DType| t.dtype() == dtype;
     let stack_ok = |t: &Transformer, heads: usize| {
         let width = t.norm.weight.dim(0).unwrap_or(0);
-        let norm_ok = |n: &Norm| {
-            is(&n.weight, DType::F32) && n.bias.as_ref().is_none_or(|b| is(b, DType::F32))
-        };
+        let norm_ok = |n: &Norm| is(&n.weight, DType::F32) && n.bias.as_ref().is_none_or(|b| is(b, DType::F32));
         width % 2 == 0
             && (t.blocks.is_empty() || head_dim_supported(width / heads.max(1)))
             && norm_ok(&t.norm)
             && t.blocks.iter().all(|b| {
-                [
-                    &b.attn.qkv.weight,
-                    &b.attn.proj.weight,
-                    &b.mlp.up.weight,
-                    &b.mlp.down.weight,
-                ]
-                .iter()
-                .all(|w| is(w, act))
+                [&b.attn.qkv.weight, &b.attn.proj.weight, &b.mlp.up.weight, &b.mlp.down.weight].iter().all(|w| is(w, act))
                     && norm_ok(&b.attn_norm)
                     && norm_ok(&b.mlp_norm)
             })
@@ -84,9 +75,7 @@ pub(super) fn generate(
         let steps = (p - pos0).min(start + n - t);
         if rule.mode != 0 {
             let draws: Vec<f64> = (0..steps * rows).map(|_| sampler.uniform()).collect();
-            engine
-                .k
-                .write(engine.u + (pos0 * rows * 8) as u64, &draws)?;
+            engine.k.write(engine.u + (pos0 * rows * 8) as u64, &draws)?;
         }
         for pos in pos0..pos0 + steps {
             engine.local_step(pos)?;
@@ -112,10 +101,7 @@ pub(super) fn generate(
         }
         let len = dec.global.len();
         if len >= dec.global.capacity() {
-            return Err(Error::Input(format!(
-                "CUDA decoder: global position {len} past the cache's {}",
-                dec.global.capacity()
-            )));
+            return Err(Error::Input(format!("CUDA decoder: global position {len} past the cache's {}", dec.global.capacity())));
         }
         engine.global_step()?;
         dec.global.set_len(len + 1);
@@ -127,30 +113,10 @@ pub(super) fn generate(
 fn sample_rule(s: Sampling) -> SampleRule {
     let all = V as i32;
     match s {
-        Sampling::Greedy => SampleRule {
-            mode: 0,
-            temperature: 1.0,
-            top_k: all,
-            top_p: 1.0,
-        },
-        Sampling::Temperature { temperature } => SampleRule {
-            mode: 1,
-            temperature,
-            top_k: all,
-            top_p: 1.0,
-        },
-        Sampling::TopK { k, temperature } => SampleRule {
-            mode: 2,
-            temperature,
-            top_k: k.min(V) as i32,
-            top_p: 1.0,
-        },
-        Sampling::TopP { p, temperature } => SampleRule {
-            mode: 3,
-            temperature,
-            top_k: all,
-            top_p: p,
-        },
+        Sampling::Greedy => SampleRule { mode: 0, temperature: 1.0, top_k: all, top_p: 1.0 },
+        Sampling::Temperature { temperature } => SampleRule { mode: 1, temperature, top_k: all, top_p: 1.0 },
+        Sampling::TopK { k, temperature } => SampleRule { mode: 2, temperature, top_k: k.min(V) as i32, top_p: 1.0 },
+        Sampling::TopP { p, temperature } => SampleRule { mode: 3, temperature, top_k: all, top_p: p },
     }
 }
 
@@ -158,10 +124,7 @@ fn sample_rule(s: Sampling) -> SampleRule {
 type NormAddrs = (u64, Option<u64>);
 
 fn norm_addrs(n: &Norm) -> Result<NormAddrs> {
-    Ok((
-        address_of(&n.weight)?,
-        n.bias.as_ref().map(address_of).transpose()?,
-    ))
+    Ok((address_of(&n.weight)?, n.bias.as_ref().map(address_of).transpose()?))
 }
 
 /// One block's weights, as addresses.
@@ -240,13 +203,7 @@ struct Engine<'m> {
 impl<'m> Engine<'m> {
     /// Buffers for `rows` sequences, continuing the caches of `dec` (allocating the local
     /// one's buffers when its prefill did not).
-    fn new(
-        model: &'m MegaByte,
-        rows: usize,
-        dec: &mut Decoder,
-        rule: SampleRule,
-        device: &Device,
-    ) -> Result<Self> {
+    fn new(model: &'m MegaByte, rows: usize, dec: &mut Decoder, rule: SampleRule, device: &Device) -> Result<Self> {
         let candle_core::Device::Cuda(dev) = device else {
             return Err(Error::Input("the CUDA decoder needs a CUDA device".into()));
         };
@@ -345,31 +302,15 @@ impl<'m> Engine<'m> {
     fn restart(&self, dec: &Decoder) -> Result<()> {
         let c = dec.context.contiguous()?;
         let cfg = self.model.config();
-        if c.dtype() != self.k.dtype()
-            || c.elem_count() != self.rows * cfg.patch_size * cfg.local.width
-        {
-            return Err(Error::Input(format!(
-                "CUDA decoder: unexpected context {:?} {:?}",
-                c.dims(),
-                c.dtype()
-            )));
+        if c.dtype() != self.k.dtype() || c.elem_count() != self.rows * cfg.patch_size * cfg.local.width {
+            return Err(Error::Input(format!("CUDA decoder: unexpected context {:?} {:?}", c.dims(), c.dtype())));
         }
-        self.k.copy(
-            self.context,
-            address_of(&c)?,
-            c.elem_count() * c.dtype().size_in_bytes(),
-        )?;
+        self.k.copy(self.context, address_of(&c)?, c.elem_count() * c.dtype().size_in_bytes())?;
         let len = dec.global.len();
         let first = len.saturating_sub(1) * cfg.patch_size; // window byte of the next patch
         self.k.write(self.state, &[len as i32, first as i32])?;
         let r = dec.local.len();
-        let partial: Vec<u32> = (0..r)
-            .flat_map(|j| {
-                dec.history
-                    .iter()
-                    .map(move |h| u32::from(h[h.len() - r + j]))
-            })
-            .collect();
+        let partial: Vec<u32> = (0..r).flat_map(|j| dec.history.iter().map(move |h| u32::from(h[h.len() - r + j]))).collect();
         if !partial.is_empty() {
             self.k.write(self.cur, &partial)?;
         }
@@ -381,9 +322,7 @@ impl<'m> Engine<'m> {
     /// Bytes pos0..pos0+steps of the current patch of every sequence, time-major (waits for
     /// the GPU).
     fn read_patch(&self, pos0: usize, steps: usize) -> Result<Vec<u32>> {
-        Ok(self
-            .k
-            .read_u32(self.cur + (pos0 * self.rows * 4) as u64, steps * self.rows)?)
+        Ok(self.k.read_u32(self.cur + (pos0 * self.rows * 4) as u64, steps * self.rows)?)
     }
 
     /// One position of a transformer: the input in `s.x`, the new position `len`; the final
@@ -395,28 +334,9 @@ impl<'m> Engine<'m> {
         for (l, &(kc, vc)) in s.layers.iter().zip(&cache.layers) {
             k.norm(s.x, delta, l.attn_norm.0, l.attn_norm.1, s.h, rows, d, eps)?;
             k.linear(s.h, l.qkv, s.qkv, rows, 3 * d, d)?;
-            k.attention(
-                s.qkv,
-                kc,
-                vc,
-                cache.capacity,
-                len,
-                s.y,
-                rows,
-                s.heads,
-                d / s.heads,
-            )?;
+            k.attention(s.qkv, kc, vc, cache.capacity, len, s.y, rows, s.heads, d / s.heads)?;
             k.linear(s.y, l.proj, s.a, rows, d, d)?;
-            k.norm(
-                s.x,
-                Some(s.a),
-                l.mlp_norm.0,
-                l.mlp_norm.1,
-                s.h,
-                rows,
-                d,
-                eps,
-            )?;
+            k.norm(s.x, Some(s.a), l.mlp_norm.0, l.mlp_norm.1, s.h, rows, d, eps)?;
             k.linear_gelu(s.h, l.up, s.u, rows, 4 * d, d)?;
             k.linear(s.u, l.down, s.delta, rows, d, 4 * d)?;
             delta = Some(s.delta);
@@ -429,17 +349,10 @@ impl<'m> Engine<'m> {
     /// the draws `u[pos]`.
     fn local_step(&mut self, pos: usize) -> Result<()> {
         if self.local_graphs[pos].is_none() {
-            let graph = self.k.capture(|| {
-                self.enqueue_local_step(pos)
-                    .map_err(candle_core::Error::wrap)
-            })?;
+            let graph = self.k.capture(|| self.enqueue_local_step(pos).map_err(candle_core::Error::wrap))?;
             self.local_graphs[pos] = Some(graph);
         }
-        self.local_graphs[pos]
-            .as_ref()
-            .expect("captured above")
-            .launch()
-            .map_err(candle_core::Error::wrap)?;
+        self.local_graphs[pos].as_ref().expect("captured above").launch().map_err(candle_core::Error::wrap)?;
         Ok(())
     }
 
@@ -449,32 +362,11 @@ impl<'m> Engine<'m> {
         let (p, dl) = (cfg.patch_size, cfg.local.width);
         let prev = (pos > 0).then(|| self.cur + ((pos - 1) * rows * 4) as u64);
         let at_pos = (pos * dl) as u64 * es;
-        k.local_input(
-            self.context + at_pos,
-            p * dl,
-            tb.local_bytes,
-            tb.local_pad,
-            tb.local_pos + at_pos,
-            prev,
-            self.local.x,
-            rows,
-            dl,
-        )?;
-        self.stack_step(
-            &self.local,
-            &self.local_cache,
-            Position::Fixed(pos),
-            self.local_out,
-        )?;
+        k.local_input(self.context + at_pos, p * dl, tb.local_bytes, tb.local_pad, tb.local_pos + at_pos, prev, self.local.x, rows, dl)?;
+        self.stack_step(&self.local, &self.local_cache, Position::Fixed(pos), self.local_out)?;
         k.linear(self.local_out, tb.head, self.logits, rows, V, dl)?;
         let out = self.cur + (pos * rows * 4) as u64;
-        k.sample(
-            self.logits,
-            out,
-            self.u + (pos * rows * 8) as u64,
-            rows,
-            self.rule,
-        )?;
+        k.sample(self.logits, out, self.u + (pos * rows * 8) as u64, rows, self.rule)?;
         Ok(())
     }
 
@@ -482,16 +374,10 @@ impl<'m> Engine<'m> {
     /// byte in `state` (which it advances); leaves the next patch's local contexts in `context`.
     fn global_step(&mut self) -> Result<()> {
         if self.global_graph.is_none() {
-            let graph = self
-                .k
-                .capture(|| self.enqueue_global_step().map_err(candle_core::Error::wrap))?;
+            let graph = self.k.capture(|| self.enqueue_global_step().map_err(candle_core::Error::wrap))?;
             self.global_graph = Some(graph);
         }
-        self.global_graph
-            .as_ref()
-            .expect("captured above")
-            .launch()
-            .map_err(candle_core::Error::wrap)?;
+        self.global_graph.as_ref().expect("captured above").launch().map_err(candle_core::Error::wrap)?;
         Ok(())
     }
 
@@ -499,50 +385,16 @@ impl<'m> Engine<'m> {
         let (k, rows, tb) = (&self.k, self.rows, &self.tables);
         let cfg = self.model.config();
         let (p, dg, dl) = (cfg.patch_size, cfg.d_global(), cfg.local.width);
-        k.patch_input(
-            tb.patch_bytes,
-            tb.patch_pos,
-            self.state,
-            self.cur,
-            self.global.x,
-            rows,
-            p,
-            dg,
-        )?;
-        self.stack_step(
-            &self.global,
-            &self.global_cache,
-            Position::OnDevice(self.state),
-            self.global_out,
-        )?;
-        k.linear(
-            self.global_out,
-            tb.global_to_local,
-            self.context,
-            rows * p,
-            dl,
-            dg,
-        )?;
+        k.patch_input(tb.patch_bytes, tb.patch_pos, self.state, self.cur, self.global.x, rows, p, dg)?;
+        self.stack_step(&self.global, &self.global_cache, Position::OnDevice(self.state), self.global_out)?;
+        k.linear(self.global_out, tb.global_to_local, self.context, rows * p, dl, dg)?;
         k.advance(self.state, p)?;
         Ok(())
     }
 }
 
 /// The per-layer buffers of a KV cache (allocated where missing) as addresses.
-fn cache_addresses(
-    cache: &mut crate::nn::KvCache,
-    rows: usize,
-    width: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<CacheAddrs> {
-    let layers = cache
-        .buffers(rows, width, dtype, device)?
-        .iter()
-        .map(|(k, v)| Ok((address_of(k)?, address_of(v)?)))
-        .collect::<Result<_>>()?;
-    Ok(CacheAddrs {
-        layers,
-        capacity: cache.capacity(),
-    })
+fn cache_addresses(cache: &mut crate::nn::KvCache, rows: usize, width: usize, dtype: DType, device: &Device) -> Result<CacheAddrs> {
+    let layers = cache.buffers(rows, width, dtype, device)?.iter().map(|(k, v)| Ok((address_of(k)?, address_of(v)?))).collect::<Result<_>>()?;
+    Ok(CacheAddrs { layers, capacity: cache.capacity() })
 }

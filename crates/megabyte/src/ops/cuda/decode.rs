@@ -5,9 +5,7 @@
 //! ([`Kernels::capture`]) and replayed.
 
 use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys as blas, CudaBlas};
-use candle_core::cuda_backend::cudarc::driver::{
-    sys as driver, CudaFunction, CudaGraph, CudaSlice, CudaStream, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{sys as driver, CudaFunction, CudaGraph, CudaSlice, CudaStream, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Tensor};
 use std::sync::Arc;
@@ -15,10 +13,7 @@ use std::sync::Arc;
 use super::{function, launch_cfg, suffix, CResult, Image, MAIN};
 
 /// kernels/decode.cu.
-const DECODE: Image = Image {
-    name: "megabyte_decode",
-    bytes: include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin")),
-};
+const DECODE: Image = Image { name: "megabyte_decode", bytes: include_bytes!(concat!(env!("OUT_DIR"), "/decode.fatbin")) };
 
 /// Head dimensions `dec_attn` is built for.
 const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
@@ -97,16 +92,13 @@ impl Kernels {
         let main = |name: &str| function(dev, &MAIN, name);
         let dec = |name: &str| function(dev, &DECODE, name);
         let stream = dev.cuda_stream();
-        let blas = CudaBlas::new(stream.clone())
-            .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))?;
         let workspace = dev.alloc_zeros::<u8>(BLAS_WORKSPACE)?;
         {
             use candle_core::cuda_backend::cudarc::driver::DevicePtr;
             let (ptr, _guard) = workspace.device_ptr(&stream);
             // SAFETY: the workspace lives as long as the handle (both are fields of Kernels).
-            let status = unsafe {
-                blas::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, BLAS_WORKSPACE)
-            };
+            let status = unsafe { blas::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, BLAS_WORKSPACE) };
             if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
                 candle_core::bail!("cuBLAS: setting the workspace failed: {status:?}");
             }
@@ -122,14 +114,8 @@ impl Kernels {
             local_in: dec(&format!("dec_local_in_{tn}"))?,
             patch_in: dec(&format!("dec_patch_in_{tn}"))?,
             sample: dec(&format!("dec_sample_{tn}"))?,
-            attn: HEAD_DIMS
-                .iter()
-                .map(|hd| dec(&format!("dec_attn_{tn}_{hd}")))
-                .collect::<CResult<_>>()?,
-            gemv: GEMV_ROWS
-                .iter()
-                .map(|r| dec(&format!("dec_gemv_{tn}_{r}")))
-                .collect::<CResult<_>>()?,
+            attn: HEAD_DIMS.iter().map(|hd| dec(&format!("dec_attn_{tn}_{hd}"))).collect::<CResult<_>>()?,
+            gemv: GEMV_ROWS.iter().map(|r| dec(&format!("dec_gemv_{tn}_{r}"))).collect::<CResult<_>>()?,
         })
     }
 
@@ -140,47 +126,17 @@ impl Kernels {
     /// y = norm(x + a) for rows of width d, with x ← x + a in place when `a` is given.
     /// Weight and bias are f32; d is even (the kernel moves element pairs).
     #[allow(clippy::too_many_arguments)]
-    pub fn norm(
-        &self,
-        x: u64,
-        a: Option<u64>,
-        w: u64,
-        b: Option<u64>,
-        y: u64,
-        rows: usize,
-        d: usize,
-        eps: f32,
-    ) -> CResult<()> {
+    pub fn norm(&self, x: u64, a: Option<u64>, w: u64, b: Option<u64>, y: u64, rows: usize, d: usize, eps: f32) -> CResult<()> {
         let (a, b) = (a.unwrap_or(0), b.unwrap_or(0));
         let (rows32, d32) = (rows as i32, d as i32);
-        go!(
-            self,
-            self.norm,
-            launch_cfg((rows.div_ceil(8) as u32, 1), 256, 0),
-            x,
-            a,
-            x,
-            w,
-            b,
-            y,
-            rows32,
-            d32,
-            eps
-        );
+        go!(self, self.norm, launch_cfg((rows.div_ceil(8) as u32, 1), 256, 0), x, a, x, w, b, y, rows32, d32, eps);
         Ok(())
     }
 
     /// x ← GELU(x) over n elements (n even).
     pub fn gelu(&self, x: u64, n: usize) -> CResult<()> {
         let n64 = n as u64;
-        go!(
-            self,
-            self.gelu,
-            launch_cfg((super::elementwise_blocks(n / 2), 1), 256, 0),
-            x,
-            x,
-            n64
-        );
+        go!(self, self.gelu, launch_cfg((super::elementwise_blocks(n / 2), 1), 256, 0), x, x, n64);
         Ok(())
     }
 
@@ -204,35 +160,13 @@ impl Kernels {
 
     /// `dec_gemv` when it takes the shape (few rows, 16-byte rows and addresses); false if not.
     #[allow(clippy::too_many_arguments)]
-    fn gemv(
-        &self,
-        x: u64,
-        w: u64,
-        y: u64,
-        m: usize,
-        n: usize,
-        k: usize,
-        gelu: bool,
-    ) -> CResult<bool> {
-        let Some(i) = GEMV_ROWS.iter().position(|&r| m <= r) else {
-            return Ok(false);
-        };
+    fn gemv(&self, x: u64, w: u64, y: u64, m: usize, n: usize, k: usize, gelu: bool) -> CResult<bool> {
+        let Some(i) = GEMV_ROWS.iter().position(|&r| m <= r) else { return Ok(false) };
         if (k * self.dtype.size_in_bytes()) % 16 != 0 || x % 16 != 0 || w % 16 != 0 {
             return Ok(false);
         }
         let (m32, n32, k32, g32) = (m as i32, n as i32, k as i32, gelu as i32);
-        go!(
-            self,
-            self.gemv[i],
-            launch_cfg((n.div_ceil(8) as u32, 1), 256, 0),
-            x,
-            w,
-            y,
-            m32,
-            n32,
-            k32,
-            g32
-        );
+        go!(self, self.gemv[i], launch_cfg((n.div_ceil(8) as u32, 1), 256, 0), x, w, y, m32, n32, k32, g32);
         Ok(true)
     }
 
@@ -277,108 +211,33 @@ impl Kernels {
     /// is `len`, or the i32 at device address `len_dev` when given (the caller checks it
     /// against `cap`).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(
-        &self,
-        qkv: u64,
-        kc: u64,
-        vc: u64,
-        cap: usize,
-        len: Position,
-        y: u64,
-        rows: usize,
-        heads: usize,
-        hd: usize,
-    ) -> CResult<()> {
-        let i = HEAD_DIMS.iter().position(|&h| h == hd).ok_or_else(|| {
-            candle_core::Error::Msg(format!("decoding attention: no kernel for head dim {hd}"))
-        })?;
+    pub fn attention(&self, qkv: u64, kc: u64, vc: u64, cap: usize, len: Position, y: u64, rows: usize, heads: usize, hd: usize) -> CResult<()> {
+        let i = HEAD_DIMS.iter().position(|&h| h == hd).ok_or_else(|| candle_core::Error::Msg(format!("decoding attention: no kernel for head dim {hd}")))?;
         let (len_dev, len) = match len {
-            Position::Fixed(len) if len >= cap => {
-                candle_core::bail!("decoding attention: position {len} is past the cache's {cap}")
-            }
+            Position::Fixed(len) if len >= cap => candle_core::bail!("decoding attention: position {len} is past the cache's {cap}"),
             Position::Fixed(len) => (0u64, len as i32),
             Position::OnDevice(address) => (address, 0),
         };
         let (cap64, h32, scale) = (cap as i64, heads as i32, 1.0 / (hd as f32).sqrt());
-        go!(
-            self,
-            self.attn[i],
-            launch_cfg(((rows * heads) as u32, 1), ATTN_THREADS, 0),
-            qkv,
-            kc,
-            vc,
-            cap64,
-            len_dev,
-            len,
-            y,
-            h32,
-            scale
-        );
+        go!(self, self.attn[i], launch_cfg(((rows * heads) as u32, 1), ATTN_THREADS, 0), qkv, kc, vc, cap64, len_dev, len, y, h32, scale);
         Ok(())
     }
 
     /// The local model's input x [rows, d] at one position (see `dec_local_in`): `ctx` rows
     /// `ctx_stride` apart, `prev` the previous bytes [rows] (u32) or None for the pad.
     #[allow(clippy::too_many_arguments)]
-    pub fn local_input(
-        &self,
-        ctx: u64,
-        ctx_stride: usize,
-        table: u64,
-        pad: u64,
-        pos: u64,
-        prev: Option<u64>,
-        x: u64,
-        rows: usize,
-        d: usize,
-    ) -> CResult<()> {
-        let (stride, prev, r32, d32) =
-            (ctx_stride as i64, prev.unwrap_or(0), rows as i32, d as i32);
-        go!(
-            self,
-            self.local_in,
-            launch_cfg((super::elementwise_blocks(rows * d), 1), 256, 0),
-            ctx,
-            stride,
-            table,
-            pad,
-            pos,
-            prev,
-            x,
-            r32,
-            d32
-        );
+    pub fn local_input(&self, ctx: u64, ctx_stride: usize, table: u64, pad: u64, pos: u64, prev: Option<u64>, x: u64, rows: usize, d: usize) -> CResult<()> {
+        let (stride, prev, r32, d32) = (ctx_stride as i64, prev.unwrap_or(0), rows as i32, d as i32);
+        go!(self, self.local_in, launch_cfg((super::elementwise_blocks(rows * d), 1), 256, 0), ctx, stride, table, pad, pos, prev, x, r32, d32);
         Ok(())
     }
 
     /// The global model's input x [rows, p·dg] for one patch of `bytes` [p, rows] (u32,
     /// time-major) whose first byte is at window position state[1] (i32 [2] at `state`).
     #[allow(clippy::too_many_arguments)]
-    pub fn patch_input(
-        &self,
-        table: u64,
-        pos: u64,
-        state: u64,
-        bytes: u64,
-        x: u64,
-        rows: usize,
-        p: usize,
-        dg: usize,
-    ) -> CResult<()> {
+    pub fn patch_input(&self, table: u64, pos: u64, state: u64, bytes: u64, x: u64, rows: usize, p: usize, dg: usize) -> CResult<()> {
         let (r32, p32, dg32) = (rows as i32, p as i32, dg as i32);
-        go!(
-            self,
-            self.patch_in,
-            launch_cfg((super::elementwise_blocks(rows * p * dg), 1), 256, 0),
-            table,
-            pos,
-            state,
-            bytes,
-            x,
-            r32,
-            p32,
-            dg32
-        );
+        go!(self, self.patch_in, launch_cfg((super::elementwise_blocks(rows * p * dg), 1), 256, 0), table, pos, state, bytes, x, r32, p32, dg32);
         Ok(())
     }
 
@@ -391,47 +250,19 @@ impl Kernels {
 
     /// Records the launches `enqueue` makes into a CUDA graph instead of running them.
     pub fn capture(&self, enqueue: impl FnOnce() -> CResult<()>) -> CResult<CudaGraph> {
-        self.stream
-            .begin_capture(driver::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .w()?;
+        self.stream.begin_capture(driver::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
         let recorded = enqueue();
         // End the capture even when a launch failed, so the stream is usable again.
-        let graph = self
-            .stream
-            .end_capture(driver::CUgraphInstantiate_flags(0))
-            .w();
+        let graph = self.stream.end_capture(driver::CUgraphInstantiate_flags(0)).w();
         recorded?;
         graph?.ok_or_else(|| candle_core::Error::Msg("CUDA graph capture recorded nothing".into()))
     }
 
     /// out[b] (u32) = the byte chosen from logits [rows, 256] by `rule`, with the uniform
     /// draws u [rows] (f64; unread when greedy).
-    pub fn sample(
-        &self,
-        logits: u64,
-        out: u64,
-        u: u64,
-        rows: usize,
-        rule: SampleRule,
-    ) -> CResult<()> {
-        let SampleRule {
-            mode,
-            temperature,
-            top_k,
-            top_p,
-        } = rule;
-        go!(
-            self,
-            self.sample,
-            launch_cfg((rows as u32, 1), 256, 0),
-            logits,
-            out,
-            u,
-            mode,
-            temperature,
-            top_k,
-            top_p
-        );
+    pub fn sample(&self, logits: u64, out: u64, u: u64, rows: usize, rule: SampleRule) -> CResult<()> {
+        let SampleRule { mode, temperature, top_k, top_p } = rule;
+        go!(self, self.sample, launch_cfg((rows as u32, 1), 256, 0), logits, out, u, mode, temperature, top_k, top_p);
         Ok(())
     }
 
@@ -465,11 +296,7 @@ impl Kernels {
     }
 
     /// Copies host values to device address `dst` (ordered after the kernels enqueued before).
-    pub fn write<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-        &self,
-        dst: u64,
-        values: &[T],
-    ) -> CResult<()> {
+    pub fn write<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(&self, dst: u64, values: &[T]) -> CResult<()> {
         use candle_core::cuda_backend::cudarc::driver::result;
         // SAFETY: `dst` addresses at least values.len() elements of a live engine buffer. A
         // copy from pageable memory is staged before the call returns, so `values` may go.
