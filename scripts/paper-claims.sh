@@ -38,10 +38,11 @@ device=${DEVICE:-cuda}
 out=${OUT:-$runs/results.jsonl}
 mkdir -p "$runs"
 
-# record CLAIM PRESET JSON: one line with the claim's name, the preset and the commit.
+# record CLAIM PRESET JSON: one line with the claim's name, the preset and the commit the
+# binary was built from (`megabyte --version`; a machine's checkout may be at another).
 record() {
     local commit
-    commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+    commit=$("$mb" --version | sed -n 's/.*(commit \(.*\)).*/\1/p')
     python3 -c 'import json, sys; r = json.loads(sys.argv[3]); r.update(claim=sys.argv[1], preset=sys.argv[2], commit=sys.argv[4], device=sys.argv[5]); print(json.dumps(r))' \
         "$1" "$2" "$3" "$commit" "$device" | tee -a "$out"
 }

@@ -18,7 +18,7 @@ mod train;
 
 /// MEGABYTE byte-level language models: train, evaluate and sample on any bytes.
 #[derive(Parser)]
-#[command(name = "megabyte", version, about)]
+#[command(name = "megabyte", version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("MEGABYTE_COMMIT"), ")"), about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -162,3 +162,26 @@ impl ModelArgs {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn version_names_the_commit_it_was_built_from() {
+        let commit = env!("MEGABYTE_COMMIT");
+        let version = super::Cli::command().render_version();
+        assert!(version.contains(&format!("(commit {commit})")), "{version}");
+        let hash = commit.strip_suffix("-dirty").unwrap_or(commit);
+        let head = std::process::Command::new("git")
+            .args(["rev-parse", "--short=7", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        match head {
+            Some(head) => assert_eq!(hash, head, "built from {commit}, the checkout is at {head}"),
+            None => assert_eq!(hash, "unknown"),
+        }
+    }
+}
