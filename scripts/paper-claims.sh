@@ -5,9 +5,9 @@
 #   scripts/paper-claims.sh equal-time MINUTES MODEL [MODEL...] [-- TRAIN-ARGS...]
 #       Trains each model from scratch on enwik8 for MINUTES of wall time (validation
 #       included), then scores the enwik8 test split (last 5M bytes) four ways: basic,
-#       sliding (stride T/2), strided (offset P/2) and both (a byte transformer,
-#       P = 1: basic and sliding). `wall_secs` is the whole train
-#       command plus the basic test score. Claims 1 and 2 (and 5).
+#       sliding (stride T/2), strided (offset P/2) and both; a byte transformer (P = 1)
+#       only basic and sliding. `wall_secs` is the whole train command plus the basic test
+#       score. Claims 1 and 2 (and 5).
 #   scripts/paper-claims.sh search MINUTES MODEL [MODEL...] [-- TRAIN-ARGS...]
 #       The hyper-parameter search: as equal-time, but scored on the validation split only
 #       (the test split is never used to choose).
@@ -38,11 +38,12 @@ device=${DEVICE:-cuda}
 out=${OUT:-$runs/results.jsonl}
 mkdir -p "$runs"
 
-# record CLAIM PRESET JSON: one line with the claim's name, the preset and the commit the
-# binary was built from (`megabyte --version`; a machine's checkout may be at another).
+# The commit the binary was built from (`megabyte --version`; a machine's checkout may be at
+# another), stamped on every record.
+commit=$("$mb" --version | sed -n 's/.*(commit \(.*\)).*/\1/p')
+
+# record CLAIM PRESET JSON: one line with the claim's name, the preset and the commit.
 record() {
-    local commit
-    commit=$("$mb" --version | sed -n 's/.*(commit \(.*\)).*/\1/p')
     python3 -c 'import json, sys; r = json.loads(sys.argv[3]); r.update(claim=sys.argv[1], preset=sys.argv[2], commit=sys.argv[4], device=sys.argv[5]); print(json.dumps(r))' \
         "$1" "$2" "$3" "$commit" "$device" | tee -a "$out"
 }

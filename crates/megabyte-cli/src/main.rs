@@ -162,7 +162,6 @@ impl ModelArgs {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
