@@ -20,26 +20,6 @@ pub enum NormKind {
     RmsNorm,
 }
 
-/// How the learned position tables start (they are trained either way).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PosInit {
-    /// Truncated normal at `init_std`, like every other table (the paper).
-    #[default]
-    Normal,
-    /// Sinusoids over the position (sin and cos pairs, wavelengths 2π to 10,000·2π), scaled
-    /// to `init_std` per element: position t−1 is then a fixed rotation of position t, the
-    /// same for every t, so attention to a fixed offset is one linear map from the start
-    /// instead of one learned pair of rows per position.
-    Sinusoidal,
-}
-
-impl PosInit {
-    pub fn is_normal(&self) -> bool {
-        *self == PosInit::Normal
-    }
-}
-
 /// One decoder-only causal transformer (pre-norm, attention + 4× MLP, no biases).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransformerConfig {
@@ -98,9 +78,6 @@ pub struct ModelConfig {
     /// (not a patch's P). The global model is unchanged. Needs `local.window`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cross_patch: bool,
-    /// How the position tables (E_pos and the local positions) are initialised.
-    #[serde(default, skip_serializing_if = "PosInit::is_normal")]
-    pub pos_init: PosInit,
 }
 
 pub const PRESETS: &[&str] = &["tiny", "enwik8", "paper-arxiv", "paper-pg19", "byte-enwik8", "byte-350m"];
@@ -121,7 +98,6 @@ impl ModelConfig {
                 tied_head: true,
                 init_std: 0.02,
                 cross_patch: false,
-                pos_init: PosInit::Normal,
             },
             "enwik8" => ModelConfig {
                 patch_size: 8,
@@ -132,7 +108,6 @@ impl ModelConfig {
                 tied_head: true,
                 init_std: 0.02,
                 cross_patch: false,
-                pos_init: PosInit::Normal,
             },
             "paper-arxiv" => ModelConfig {
                 patch_size: 8,
@@ -143,7 +118,6 @@ impl ModelConfig {
                 tied_head: true,
                 init_std: 0.006,
                 cross_patch: false,
-                pos_init: PosInit::Normal,
             },
             "paper-pg19" => ModelConfig {
                 patch_size: 8,
@@ -154,7 +128,6 @@ impl ModelConfig {
                 tied_head: true,
                 init_std: 0.006,
                 cross_patch: false,
-                pos_init: PosInit::Normal,
             },
             // Byte-transformer baselines (paper §5, Table 2's "Transformer"): one level, full
             // causal attention over bytes. Expressed as MEGABYTE with P = 1 and no local
@@ -169,7 +142,6 @@ impl ModelConfig {
                 tied_head: true,
                 init_std: 0.02,
                 cross_patch: false,
-                pos_init: PosInit::Normal,
             },
             "byte-350m" => ModelConfig {
                 patch_size: 1,
@@ -180,7 +152,6 @@ impl ModelConfig {
                 tied_head: true,
                 init_std: 0.02,
                 cross_patch: false,
-                pos_init: PosInit::Normal,
             },
             other => {
                 return Err(Error::Config(format!(

@@ -8,7 +8,7 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::config::{ModelConfig, PosInit, V};
+use crate::config::{ModelConfig, V};
 use crate::error::{Error, Result};
 use crate::grad::{sum_rows, Grads};
 use crate::nn::{accumulation_dtype, Init, KvCache, Linear, Params, Transformer};
@@ -96,13 +96,9 @@ impl MegaByte {
         cfg.validate()?;
         let (p, t, dg, dl, std) = (cfg.patch_size, cfg.context, cfg.d_global(), cfg.local.width, cfg.init_std);
         let n = Init::TruncNormal(std);
-        let pos = match cfg.pos_init {
-            PosInit::Normal => n,
-            PosInit::Sinusoidal => Init::Sinusoidal(std),
-        };
         let patch_embedder = PatchEmbedder {
             byte_embed: params.get("patch_embedder.byte_embed.weight", &[V, dg], n)?,
-            pos_embed: params.get("patch_embedder.pos_embed.weight", &[t, dg], pos)?,
+            pos_embed: params.get("patch_embedder.pos_embed.weight", &[t, dg], n)?,
             global_pad: params.get("patch_embedder.global_pad", &[p * dg], n)?,
             patch_size: p,
         };
@@ -112,7 +108,7 @@ impl MegaByte {
         let global_to_local = Linear::new(params, "global_to_local", dg, dl, std / (dg as f64).sqrt())?;
         let local_embedder = LocalEmbedder {
             byte_embed: params.get("local_embedder.byte_embed.weight", &[V, dl], n)?,
-            pos_embed: params.get("local_embedder.pos_embed.weight", &[cfg.local_positions(), dl], pos)?,
+            pos_embed: params.get("local_embedder.pos_embed.weight", &[cfg.local_positions(), dl], n)?,
             local_pad: params.get("local_embedder.local_pad", &[dl], n)?,
         };
         let local = Transformer::new(params, "local", &cfg.local, cfg.norm, std)?;

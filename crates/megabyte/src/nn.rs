@@ -19,9 +19,6 @@ use crate::ops;
 pub enum Init {
     /// Normal(0, std) truncated at ±2σ (the paper's initialisation).
     TruncNormal(f64),
-    /// A position table [rows, d]: row t holds sin(t·ωᵢ), cos(t·ωᵢ) in columns 2i, 2i + 1,
-    /// ωᵢ = 10000^(−2i/d), times std·√2 (so each element's root mean square is std).
-    Sinusoidal(f64),
     Ones,
     Zeros,
 }
@@ -64,11 +61,6 @@ impl Params {
             (Init::Ones, _) => vec![1.0; n],
             (Init::Zeros, _) | (Init::TruncNormal(_), None) => vec![0.0; n],
             (Init::TruncNormal(std), Some(rng)) => (0..n).map(|_| trunc_normal(rng) * std as f32).collect(),
-            (Init::Sinusoidal(_), None) => vec![0.0; n],
-            (Init::Sinusoidal(std), Some(_)) => match shape {
-                &[rows, d] => sinusoids(rows, d, std),
-                _ => return Err(Error::Config(format!("sinusoidal init of `{name}` needs a table [rows, d], got {shape:?}"))),
-            },
         };
         let t = Tensor::from_vec(values, shape, &self.device)?.to_dtype(Self::dtype_of(self.dtype, shape.len()))?;
         let var = Var::from_tensor(&t)?;
@@ -128,20 +120,6 @@ fn abbreviate(names: &[&str]) -> String {
     } else {
         shown.join(", ")
     }
-}
-
-/// The `Init::Sinusoidal` table, row-major [rows, d]. An odd last column gets the sine only.
-fn sinusoids(rows: usize, d: usize, std: f64) -> Vec<f32> {
-    let amp = std * std::f64::consts::SQRT_2;
-    let mut out = vec![0f32; rows * d];
-    for t in 0..rows {
-        for c in 0..d {
-            let w = 10000f64.powf(-((c / 2 * 2) as f64) / d as f64);
-            let a = t as f64 * w;
-            out[t * d + c] = (amp * if c % 2 == 0 { a.sin() } else { a.cos() }) as f32;
-        }
-    }
-    out
 }
 
 /// A standard normal sample rejected outside ±2σ.
@@ -573,34 +551,5 @@ mod tests {
                 assert_eq!(matches!(kept, Kept::Inputs(..)), recompute, "recompute = {recompute}");
             }
         }
-    }
-
-    /// Sinusoidal position tables: each element's root mean square is the init std, one
-    /// rotation per frequency maps row t to row t + 1 for every t (what lets attention reach
-    /// a fixed offset with one linear map), and the config asks for them by name only.
-    #[test]
-    fn sinusoidal_position_tables_rotate_by_one_step() {
-        let (rows, d, std) = (512usize, 64usize, 0.02f64);
-        let table = super::sinusoids(rows, d, std);
-        let rms = (table.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / table.len() as f64).sqrt();
-        assert!((rms / std - 1.0).abs() < 0.02, "rms {rms}");
-        for i in 0..d / 2 {
-            let w = 10000f64.powf(-((2 * i) as f64) / d as f64);
-            let (sin, cos) = (w.sin(), w.cos());
-            for t in [0usize, 1, 100, rows - 2] {
-                let (s0, c0) = (table[t * d + 2 * i] as f64, table[t * d + 2 * i + 1] as f64);
-                let (s1, c1) = (table[(t + 1) * d + 2 * i] as f64, table[(t + 1) * d + 2 * i + 1] as f64);
-                assert!((s0 * cos + c0 * sin - s1).abs() < 1e-6, "sin, column {i}, row {t}");
-                assert!((c0 * cos - s0 * sin - c1).abs() < 1e-6, "cos, column {i}, row {t}");
-            }
-        }
-        let mut cfg = ModelConfig::preset("tiny").unwrap();
-        assert!(!serde_json::to_string(&cfg).unwrap().contains("pos_init"), "the default is not written");
-        cfg.pos_init = crate::PosInit::Sinusoidal;
-        let json = serde_json::to_string(&cfg).unwrap();
-        assert!(json.contains(r#""pos_init":"sinusoidal""#), "{json}");
-        let (model, _) = MegaByte::init(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
-        let e_pos = model.patch_embedder.pos_embed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(e_pos, super::sinusoids(cfg.context, cfg.d_global(), cfg.init_std));
     }
 }

@@ -3,7 +3,7 @@
 //! compute formula as the paper's transformer.
 
 use megabyte::generate::Decoder;
-use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, PosInit, TransformerConfig};
+use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, TransformerConfig};
 
 use crate::{bytes_tensor, random_bytes};
 
@@ -17,7 +17,6 @@ fn byte_config() -> ModelConfig {
         tied_head: true,
         init_std: 0.1,
         cross_patch: false,
-        pos_init: PosInit::Normal,
     }
 }
 

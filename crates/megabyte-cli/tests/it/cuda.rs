@@ -7,7 +7,7 @@
 
 use megabyte::generate::{generate, generate_stepwise, Decoder, Sampler, Sampling};
 use megabyte::ops;
-use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, PosInit, Tensor, TransformerConfig, Var};
+use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, Tensor, TransformerConfig, Var};
 
 use crate::{bytes_tensor, random_bytes};
 
@@ -252,7 +252,6 @@ fn model_config() -> ModelConfig {
         tied_head: true,
         init_std: 0.02,
         cross_patch: false,
-        pos_init: PosInit::Normal,
     }
 }
 
@@ -376,7 +375,6 @@ fn decoding_config() -> ModelConfig {
         tied_head: true,
         init_std: 0.2,
         cross_patch: false,
-        pos_init: PosInit::Normal,
     }
 }
 

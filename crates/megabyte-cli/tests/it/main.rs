@@ -27,7 +27,7 @@ mod sampling;
 use std::path::PathBuf;
 
 use megabyte::nn::Params;
-use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, PosInit, Tensor, TransformerConfig};
+use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, Tensor, TransformerConfig};
 
 /// The `tiny` preset with random weights.
 pub fn tiny(seed: u64) -> (MegaByte, Params) {
@@ -45,7 +45,6 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
         tied_head,
         init_std: 0.2,
         cross_patch: false,
-        pos_init: PosInit::Normal,
     }
 }
 
