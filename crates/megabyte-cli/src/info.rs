@@ -44,6 +44,9 @@ pub fn run(args: Args) -> Result<()> {
         (false, Some(w)) => println!("local attention: within each patch, sliding window of {w} bytes"),
         _ => {}
     }
+    if cfg.zero_w_gl {
+        println!("w_GL starts at zero (zero_w_gl)");
+    }
     println!("parameters: global {}  local {}  total {}", human(counts.global), human(counts.local), human(counts.total));
     println!("training FLOPs per byte: {:.4e}  (6·(m_G/P + m_L) + attention)", flops);
     Ok(())

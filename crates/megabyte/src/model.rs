@@ -104,8 +104,10 @@ impl MegaByte {
         };
         let global = Transformer::new(params, "global", &cfg.global, cfg.norm, std)?;
         // w_GL reads the global model's normed output (unit scale per element): std/√D_G gives
-        // its projection the scale of the local byte embedding it is added to.
-        let global_to_local = Linear::new(params, "global_to_local", dg, dl, std / (dg as f64).sqrt())?;
+        // its projection the scale of the local byte embedding it is added to. Zero (drawn
+        // all the same, so every other parameter keeps its value) with `zero_w_gl`.
+        let w_gl_std = if cfg.zero_w_gl { 0.0 } else { std / (dg as f64).sqrt() };
+        let global_to_local = Linear::new(params, "global_to_local", dg, dl, w_gl_std)?;
         let local_embedder = LocalEmbedder {
             byte_embed: params.get("local_embedder.byte_embed.weight", &[V, dl], n)?,
             pos_embed: params.get("local_embedder.pos_embed.weight", &[cfg.local_positions(), dl], n)?,

@@ -17,6 +17,7 @@ fn byte_config() -> ModelConfig {
         tied_head: true,
         init_std: 0.1,
         cross_patch: false,
+        zero_w_gl: false,
     }
 }
 

@@ -252,6 +252,7 @@ fn model_config() -> ModelConfig {
         tied_head: true,
         init_std: 0.02,
         cross_patch: false,
+        zero_w_gl: false,
     }
 }
 
@@ -375,6 +376,7 @@ fn decoding_config() -> ModelConfig {
         tied_head: true,
         init_std: 0.2,
         cross_patch: false,
+        zero_w_gl: false,
     }
 }
 

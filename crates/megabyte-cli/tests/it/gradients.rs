@@ -112,3 +112,38 @@ fn recomputed_activations_give_the_same_gradients() {
         }
     }
 }
+
+/// `zero_w_gl`: w_GL starts at zero and every other parameter as it would without it. At the
+/// start the global model then gets no gradient but w_GL does, so one optimizer step makes
+/// the global term nonzero and the next gradient reaches the global blocks.
+#[test]
+fn a_zero_w_gl_grows_in_and_then_trains_the_global_model() {
+    let plain = small_config(NormKind::LayerNorm, true);
+    let mut cfg = plain.clone();
+    cfg.zero_w_gl = true;
+    let (_, plain_params) = MegaByte::init(&plain, 13, DType::F64, &Device::Cpu).unwrap();
+    let (model, params) = MegaByte::init(&cfg, 13, DType::F64, &Device::Cpu).unwrap();
+    let abs_max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    for (name, var) in params.vars() {
+        let (a, b) = (var.as_tensor(), plain_params.vars()[name].as_tensor());
+        if name == "global_to_local.weight" {
+            assert_eq!(abs_max(a), 0.0, "w_GL starts at zero");
+            assert!(abs_max(b) > 0.0);
+        } else {
+            assert_eq!(crate::max_abs_diff(&a.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap()), 0.0, "{name} is drawn as without zero_w_gl");
+        }
+    }
+    let x = crate::bytes_tensor(&(0..2).map(|i| random_bytes(cfg.context, 90 + i)).collect::<Vec<_>>());
+    let global_grad = |grads: &megabyte::grad::Grads| {
+        params.vars().iter().filter(|(n, _)| n.starts_with("global.")).map(|(_, v)| abs_max(grads.get(v.as_tensor()).unwrap())).fold(0.0, f64::max)
+    };
+    let w_gl = params.vars()["global_to_local.weight"].as_tensor().clone();
+    let (_, grads) = model.loss_and_grads(&x, 1.0).unwrap();
+    assert_eq!(global_grad(&grads), 0.0, "no gradient reaches the global model through a zero w_GL");
+    assert!(abs_max(grads.get(&w_gl).unwrap()) > 0.0, "w_GL gets a gradient");
+    let mut opt = megabyte::optim::AdamW::new(params.vars(), megabyte::train::TrainConfig::standard(2, 1e-2).adamw).unwrap();
+    opt.step(&grads, 1e-2, 1.0).unwrap();
+    assert!(abs_max(&w_gl) > 0.0, "one step makes w_GL nonzero");
+    let (_, grads) = model.loss_and_grads(&x, 1.0).unwrap();
+    assert!(global_grad(&grads) > 0.0, "then the global model trains");
+}

@@ -45,6 +45,7 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
         tied_head,
         init_std: 0.2,
         cross_patch: false,
+        zero_w_gl: false,
     }
 }
 
