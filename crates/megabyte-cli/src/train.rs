@@ -40,7 +40,7 @@ pub struct Args {
     out: Option<PathBuf>,
     /// Continue the run in this folder (or from this checkpoint) exactly where it stopped,
     /// with its recorded settings; only --steps and --time may be changed.
-    #[arg(long, conflicts_with_all = ["data", "valid", "valid_bytes", "config", "context", "window", "documents", "recompute"])]
+    #[arg(long, conflicts_with_all = ["data", "valid", "valid_bytes", "config", "context", "window", "documents", "recompute", "dropout"])]
     resume: Option<PathBuf>,
     /// Stop after this many optimizer steps.
     #[arg(long)]
@@ -73,6 +73,9 @@ pub struct Args {
     /// Clip the global gradient norm (0 = off).
     #[arg(long, default_value_t = 1.0)]
     grad_clip: f64,
+    /// Dropout probability of every block's attention and MLP outputs (the paper used 0.1)
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
     /// Validate every N steps.
     #[arg(long, default_value_t = 250)]
     eval_every: u64,
@@ -332,6 +335,7 @@ fn train_config(args: &Args, device: &megabyte::Device) -> Result<TrainConfig> {
     cfg.seed = args.seed;
     cfg.precision = megabyte::Precision::parse(&args.precision, device)?;
     cfg.recompute = args.recompute;
+    cfg.dropout = args.dropout;
     cfg.validate()?;
     Ok(cfg)
 }

@@ -256,6 +256,27 @@ __device__ void gelu_bwd(const T* x, const T* dy, T* dx, size_t n) {
 }
 
 // -------------------------------------------------------------------------------------------
+// Dropout: element i of the batch is kept when the top 24 bits of mix64(key ^ mix64(base + i))
+// reach the threshold p·2^24 (ops.rs computes the same bits on the CPU), then scaled.
+
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+template <typename T>
+__device__ void dropout(const T* x, T* y, size_t n, unsigned long long base, unsigned long long key,
+                        unsigned int threshold, float scale) {
+    const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t i = tid; i < n; i += stride) {
+        bool keep = (unsigned int)(mix64(key ^ mix64(base + i)) >> 40) >= threshold;
+        y[i] = from_f<T>(keep ? to_f(x[i]) * scale : 0.f);
+    }
+}
+
+// -------------------------------------------------------------------------------------------
 // Softmax cross-entropy: logits [rows, v], u32 targets [rows] → float losses [rows] (nats).
 // One warp per row.
 
@@ -1476,6 +1497,10 @@ __device__ void embed_bwd(const T* dy, const uint32_t* ids, float* dtable, int r
         kv_append<T>(qkv, vq, k, v, N, S, D, cap, len);                                                               \
     }                                                                                                                 \
     extern "C" __global__ void gelu_fwd_##TN(const T* x, T* y, size_t n) { gelu_fwd<T>(x, y, n); }                   \
+    extern "C" __global__ void dropout_##TN(const T* x, T* y, size_t n, unsigned long long base,                     \
+                                              unsigned long long key, unsigned int threshold, float scale) {          \
+        dropout<T>(x, y, n, base, key, threshold, scale);                                                             \
+    }                                                                                                                 \
     extern "C" __global__ void gelu_bwd_##TN(const T* x, const T* dy, T* dx, size_t n) { gelu_bwd<T>(x, dy, dx, n); } \
     extern "C" __global__ void ce_fwd_##TN(const T* l, const uint32_t* t, float* losses, int rows, int v) {          \
         ce_fwd<T>(l, t, losses, rows, v);                                                                             \

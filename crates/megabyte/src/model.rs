@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::config::{ModelConfig, V};
 use crate::error::{Error, Result};
 use crate::grad::{sum_rows, Grads};
-use crate::nn::{accumulation_dtype, Init, KvCache, Linear, Params, Transformer};
+use crate::nn::{accumulation_dtype, Dropout, Init, KvCache, Linear, Params, Transformer};
 
 /// §2.2.1: byte embeddings plus learned byte positions, concatenated into patches.
 #[derive(Clone, Debug)]
@@ -88,6 +88,8 @@ pub struct MegaByte {
     /// The training pass keeps only each block's inputs and recomputes the rest in the
     /// backward pass (activation checkpointing): for sequences whose activations do not fit.
     recompute: bool,
+    /// Branch dropout of this training pass (`with_dropout`), in units of the batch's rows.
+    dropout: Option<Dropout>,
 }
 
 impl MegaByte {
@@ -116,7 +118,7 @@ impl MegaByte {
         let local = Transformer::new(params, "local", &cfg.local, cfg.norm, std)?;
         let head = if cfg.tied_head { None } else { Some(Linear::new(params, "head", dl, V, std)?) };
         let act = params.dtype();
-        Ok(MegaByte { cfg: cfg.clone(), patch_embedder, global, global_to_local, local_embedder, local, head, act, recompute: false })
+        Ok(MegaByte { cfg: cfg.clone(), patch_embedder, global, global_to_local, local_embedder, local, head, act, recompute: false, dropout: None })
     }
 
     /// A freshly initialised model and its parameters.
@@ -148,6 +150,20 @@ impl MegaByte {
         self
     }
 
+    /// Branch dropout for the passes of this copy (training only: `Trainer` makes one per
+    /// shard and micro-batch). `row_offset` counts the batch's rows [B, T']; the global model
+    /// and the local one (whose N sequences are B·K patches, or B windows with cross-patch
+    /// attention) each get a key of their own and the offset in their own rows.
+    pub fn with_dropout(mut self, dropout: Option<Dropout>) -> Self {
+        self.dropout = dropout.filter(|d| d.p > 0.0);
+        self
+    }
+
+    /// The dropout of the global model, or (`local` with N sequences for B rows) the local one.
+    fn transformer_dropout(&self, local: bool, n: usize, b: usize) -> Option<Dropout> {
+        self.dropout.map(|d| Dropout { p: d.p, key: crate::ops::mix64(d.key ^ (1 + local as u64)), row_offset: d.row_offset * (n / b) })
+    }
+
     /// A copy whose parameters (and activations) are `dtype`: bf16 for sampling on CUDA, where
     /// casting f32 weights at every decoding step would cost more than the step.
     pub fn converted(&self, params: &Params, dtype: DType) -> Result<(MegaByte, Params)> {
@@ -166,11 +182,12 @@ impl MegaByte {
         let (b, t) = self.check_input(bytes)?;
         let h = self.patch_embedder.forward(bytes, 0, self.act)?; // [B, K, P·D_G]
         let h = shift_one_patch(&h, &self.patch_embedder.global_pad)?; // [B, K, P·D_G]
-        let h = self.global.forward(&h)?; // [B, K, P·D_G]
+        let h = self.global.forward_dropped(&h, self.transformer_dropout(false, b, b))?; // [B, K, P·D_G]
         let context = self.global_to_local(&h)?; // [B·K, P, D_L]
         let local_bytes = self.local_sequences(bytes)?; // [N, S]: patches, or whole windows
         let local_in = self.local_embedder.forward(&local_bytes, self.act)?; // [N, S, D_L]
-        let h = self.local.forward(&(context.reshape(local_in.shape())? + local_in)?)?; // [N, S, D_L]
+        let local_drop = self.transformer_dropout(true, local_bytes.dim(0)?, b);
+        let h = self.local.forward_dropped(&(context.reshape(local_in.shape())? + local_in)?, local_drop)?; // [N, S, D_L]
         let logits = self.head(&h)?; // [N, S, V]
         Ok(logits.reshape((b, t, V))?)
     }
@@ -228,12 +245,13 @@ impl MegaByte {
         // Forward, keeping what the backward pass reads.
         let h0 = pe.forward(bytes, 0, self.act)?.detach(); // [B, K, P·D_G]
         let hin = shift_one_patch(&h0, &pe.global_pad.detach())?;
-        let (hg, global_saved) = self.global.forward_saved(&hin, self.recompute)?;
+        let (hg, global_saved) = self.global.forward_saved(&hin, self.recompute, self.transformer_dropout(false, b, b))?;
         let hg = hg.reshape((b * k, p, dg))?; // [B·K, P, D_G]
         let (w_gl, context) = self.global_to_local.fwd(&hg)?; // [B·K, P, D_L]
         let local_bytes = self.local_sequences(bytes)?; // [N, S]
         let local_in = le.forward(&local_bytes, self.act)?.detach(); // [N, S, D_L]
-        let (hl, local_saved) = self.local.forward_saved(&(context.reshape(local_in.shape())? + local_in)?, self.recompute)?;
+        let local_drop = self.transformer_dropout(true, local_bytes.dim(0)?, b);
+        let (hl, local_saved) = self.local.forward_saved(&(context.reshape(local_in.shape())? + local_in)?, self.recompute, local_drop)?;
         let (n, s) = local_bytes.dims2()?;
         let (w_head, logits) = head.fwd(&hl)?;
         let logits = logits.reshape((b * t, V))?; // [B·T, V]

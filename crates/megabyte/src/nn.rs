@@ -321,6 +321,34 @@ impl Module for Mlp {
     }
 }
 
+/// Dropout of one transformer's residual branches in one training pass: each block's
+/// attention and MLP outputs, before they join the residual stream, are zeroed with
+/// probability `p` and the rest scaled by 1/(1 − p) (`ops::dropout`). Block i's two masks are
+/// keyed by (key, i, branch), so the forward pass, its recomputation and the backward pass
+/// draw the same ones; `row_offset` is the index of the first of the N sequences in the whole
+/// batch, so shards and ranks draw the whole batch's masks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f64,
+    pub key: u64,
+    pub row_offset: usize,
+}
+
+impl Dropout {
+    /// `x` of block `block`'s branch `branch` (0: attention, 1: MLP); also its own backward.
+    fn apply(&self, x: &Tensor, block: usize, branch: u64) -> candle_core::Result<Tensor> {
+        ops::dropout(x, self.p, ops::mix64(self.key ^ ((block as u64) << 1 | branch)), self.row_offset)
+    }
+}
+
+/// `x` through block `i`'s branch dropout, when there is one.
+fn dropped(x: Tensor, drop: Option<(Dropout, usize)>, branch: u64) -> candle_core::Result<Tensor> {
+    match drop {
+        Some((d, i)) => d.apply(&x, i, branch),
+        None => Ok(x),
+    }
+}
+
 /// Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
 #[derive(Clone, Debug)]
 pub struct Block {
@@ -344,9 +372,9 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (x + self.attn.forward(&self.attn_norm.forward(x)?)?)?;
-        &x + self.mlp.forward(&self.mlp_norm.forward(&x)?)?
+    fn forward(&self, x: &Tensor, drop: Option<(Dropout, usize)>) -> candle_core::Result<Tensor> {
+        let x = (x + dropped(self.attn.forward(&self.attn_norm.forward(x)?)?, drop, 0)?)?;
+        &x + dropped(self.mlp.forward(&self.mlp_norm.forward(&x)?)?, drop, 1)?
     }
 
     /// One cached step on x = base + delta (as `forward_saved`): returns (x1, mlp output).
@@ -379,9 +407,14 @@ impl Transformer {
 
     /// x: [N, S, D] → [N, S, D], causal over S.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_dropped(x, None)
+    }
+
+    /// `forward` with branch dropout (training through candle's autograd; the tests').
+    pub fn forward_dropped(&self, x: &Tensor, drop: Option<Dropout>) -> candle_core::Result<Tensor> {
         let mut x = x.clone();
-        for block in &self.blocks {
-            x = block.forward(&x)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, drop.map(|d| (d, i)))?;
         }
         self.norm.forward(&x)
     }
@@ -455,32 +488,35 @@ pub(crate) struct BlockSaved {
     g: Tensor,
     /// The four weights in the activations' dtype: qkv, proj, up, down.
     w: [Tensor; 4],
+    /// The branch dropout and this block's index.
+    drop: Option<(Dropout, usize)>,
 }
 
 impl Block {
     /// The block on x = base + delta (delta: the previous block's MLP output, added here in
     /// one pass with the norm). Returns the block's output as (x1, mlp output): the next block
     /// or the final norm adds them.
-    fn forward_saved(&self, base: &Tensor, delta: Option<&Tensor>) -> Result<((Tensor, Tensor), BlockSaved)> {
+    fn forward_saved(&self, base: &Tensor, delta: Option<&Tensor>, drop: Option<(Dropout, usize)>) -> Result<((Tensor, Tensor), BlockSaved)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?;
         let (w_qkv, qkv) = self.attn.qkv.fwd(&h1)?;
         let (y, lse) = ops::self_attention_forward(&qkv, self.attn.heads, self.attn.window)?;
         let (w_proj, a) = self.attn.proj.fwd(&y)?;
-        let (x1, h2) = self.mlp_norm.fwd(&x, Some(&a))?;
+        let (x1, h2) = self.mlp_norm.fwd(&x, Some(&dropped(a, drop, 0)?))?;
         let (w_up, u) = self.mlp.up.fwd(&h2)?;
         let g = ops::gelu_forward(&u)?;
         let (w_down, m) = self.mlp.down.fwd(&g)?;
         let w = [w_qkv, w_proj, w_up, w_down];
-        Ok(((x1.clone(), m), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g, w }))
+        Ok(((x1.clone(), dropped(m, drop, 1)?), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g, w, drop }))
     }
 
     fn backward(&self, s: BlockSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
         let [w_qkv, w_proj, w_up, w_down] = &s.w;
-        let dg = self.mlp.down.bwd(&s.g, w_down, dout, grads)?;
+        // dropout is linear and its own backward: d(branch) = dropout(d(dropped branch))
+        let dg = self.mlp.down.bwd(&s.g, w_down, &dropped(dout.clone(), s.drop, 1)?, grads)?;
         let du = ops::gelu_backward(&s.u, &dg)?;
         let dh2 = self.mlp.up.bwd(&s.h2, w_up, &du, grads)?;
         let dx1 = self.mlp_norm.bwd(&s.x1, &dh2, Some(dout), grads)?;
-        let dy = self.attn.proj.bwd(&s.y, w_proj, &dx1, grads)?;
+        let dy = self.attn.proj.bwd(&s.y, w_proj, &dropped(dx1.clone(), s.drop, 0)?, grads)?;
         let dqkv = ops::self_attention_backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads, self.attn.window)?;
         let dh1 = self.attn.qkv.bwd(&s.h1, w_qkv, &dqkv, grads)?;
         self.attn_norm.bwd(&s.x, &dh1, Some(&dx1), grads)
@@ -491,7 +527,7 @@ impl Block {
 /// recomputation) only the block's inputs, from which its forward runs again.
 enum Kept {
     Saved(BlockSaved),
-    Inputs(Tensor, Option<Tensor>),
+    Inputs(Tensor, Option<Tensor>, Option<(Dropout, usize)>),
 }
 
 /// What a transformer's backward pass reads of its forward pass.
@@ -505,12 +541,13 @@ impl Transformer {
     /// keeps only its inputs (2 of the ~16 activations of width D per position it would
     /// keep) and the backward pass runs the block's forward again: about a third more
     /// compute for a fraction of the memory (activation checkpointing).
-    pub(crate) fn forward_saved(&self, x: &Tensor, recompute: bool) -> Result<(Tensor, TransformerSaved)> {
+    pub(crate) fn forward_saved(&self, x: &Tensor, recompute: bool, drop: Option<Dropout>) -> Result<(Tensor, TransformerSaved)> {
         let (mut base, mut delta) = (x.clone(), None);
         let mut blocks = Vec::with_capacity(self.blocks.len());
-        for block in &self.blocks {
-            let ((b, d), saved) = block.forward_saved(&base, delta.as_ref())?;
-            blocks.push(if recompute { Kept::Inputs(base, delta) } else { Kept::Saved(saved) });
+        for (i, block) in self.blocks.iter().enumerate() {
+            let drop = drop.map(|d| (d, i));
+            let ((b, d), saved) = block.forward_saved(&base, delta.as_ref(), drop)?;
+            blocks.push(if recompute { Kept::Inputs(base, delta, drop) } else { Kept::Saved(saved) });
             (base, delta) = (b, Some(d));
         }
         let (x, out) = self.norm.fwd(&base, delta.as_ref())?;
@@ -524,7 +561,7 @@ impl Transformer {
         for block in self.blocks.iter().rev() {
             let s = match saved.blocks.pop().expect("one saved state per block") {
                 Kept::Saved(s) => s,
-                Kept::Inputs(base, delta) => block.forward_saved(&base, delta.as_ref())?.1,
+                Kept::Inputs(base, delta, drop) => block.forward_saved(&base, delta.as_ref(), drop)?.1,
             };
             dx = block.backward(s, &dx, grads)?;
         }
@@ -545,7 +582,7 @@ mod tests {
         let (model, _) = MegaByte::init(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
         let x = Tensor::zeros((2, 4, cfg.global.width), DType::F32, &Device::Cpu).unwrap();
         for recompute in [false, true] {
-            let (_, saved) = model.global.forward_saved(&x, recompute).unwrap();
+            let (_, saved) = model.global.forward_saved(&x, recompute, None).unwrap();
             assert_eq!(saved.blocks.len(), cfg.global.layers);
             for kept in &saved.blocks {
                 assert_eq!(matches!(kept, Kept::Inputs(..)), recompute, "recompute = {recompute}");

@@ -636,6 +636,102 @@ impl CustomOp2 for GeluBackward {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Dropout (training only): the mask is a hash of (key, element index), never stored.
+
+/// SplitMix64's finaliser: a bijective mix of 64 bits.
+pub fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Elements whose 24-bit hash is below this are dropped: p·2²⁴, rounded.
+fn drop_threshold(p: f64) -> u32 {
+    (p * (1u64 << 24) as f64).round() as u32
+}
+
+/// Whether dropout under `key` with probability `p` keeps element `index`: the top 24 bits of
+/// mix64(key ^ mix64(index)) against p·2²⁴. The CUDA kernel computes the same bits.
+pub fn dropout_keeps(key: u64, index: u64, p: f64) -> bool {
+    ((mix64(key ^ mix64(index)) >> 40) as u32) >= drop_threshold(p)
+}
+
+/// Inverted dropout of x [N, ...]: each element zeroed with probability p, the rest scaled by
+/// 1/(1 − p). Element i of row r is element (row_offset + r)·(its row length) + i of the whole
+/// batch, and its mask is [`dropout_keeps`] of that index, so a batch split into shards or
+/// ranks (each with the offset of its first row) draws the mask of the whole batch. It is its
+/// own backward pass: dx = dropout(dy) with the same key.
+pub fn dropout(x: &Tensor, p: f64, key: u64, row_offset: usize) -> CResult<Tensor> {
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability must be in [0, 1), got {p}");
+    }
+    let op = Dropout { p, key, row_offset };
+    if x.device().is_cpu() || fused_cuda(x) {
+        return x.contiguous()?.apply_op1(op);
+    }
+    x.broadcast_mul(&reference::dropout_mask(x.shape(), p, key, row_offset, x.device())?.to_dtype(x.dtype())?)
+}
+
+#[derive(Clone, Copy)]
+struct Dropout {
+    p: f64,
+    key: u64,
+    row_offset: usize,
+}
+
+impl Dropout {
+    /// The whole batch's index of this tensor's first element.
+    fn base(&self, shape: &Shape) -> u64 {
+        let n = shape.dims().first().copied().unwrap_or(1).max(1);
+        (self.row_offset * (shape.elem_count() / n)) as u64
+    }
+
+    fn apply<T: Elem>(&self, x: &[T], base: u64) -> Vec<T> {
+        let scale = T::from(1.0 / (1.0 - self.p)).expect("a finite scale");
+        let threshold = drop_threshold(self.p);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (o, x))| {
+            let start = base + (c * CHUNK) as u64;
+            for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                if ((mix64(self.key ^ mix64(start + i as u64)) >> 40) as u32) >= threshold {
+                    *o = x * scale;
+                }
+            }
+        });
+        out
+    }
+}
+
+impl candle_core::CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "megabyte-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let base = self.base(l.shape());
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(self.apply(contiguous(x, l, "dropout")?, base)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.apply(contiguous(x, l, "dropout")?, base)),
+            _ => candle_core::bail!("dropout: unsupported dtype {:?} on the CPU", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::dropout((s, l), self.base(l.shape()), self.key, drop_threshold(self.p), (1.0 / (1.0 - self.p)) as f32)
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(*self)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // LayerNorm / RMSNorm over the last dimension.
 
 /// LayerNorm (`bias` given: centre, scale, shift) or RMSNorm (`bias` None) of x [.., D].
@@ -998,7 +1094,17 @@ impl CustomOp3 for CrossEntropyBackward {
 /// The same operations composed from plain candle ops: slower, but differentiable by candle
 /// itself. The fused ops are tested against these.
 pub mod reference {
-    use candle_core::{DType, Device, Tensor, D};
+    use candle_core::{DType, Device, Shape, Tensor, D};
+
+    /// [`super::dropout`]'s mask as a tensor (f32): 1/(1 − p) where an element is kept, else 0.
+    pub fn dropout_mask(shape: &Shape, p: f64, key: u64, row_offset: usize, device: &Device) -> candle_core::Result<Tensor> {
+        let n = shape.dims().first().copied().unwrap_or(1).max(1);
+        let base = (row_offset * (shape.elem_count() / n)) as u64;
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> =
+            (0..shape.elem_count() as u64).map(|i| if super::dropout_keeps(key, base + i, p) { scale } else { 0.0 }).collect();
+        Tensor::from_vec(mask, shape, &Device::Cpu)?.to_device(device)
+    }
 
     /// Softmax over the last dimension with a detached max.
     pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {

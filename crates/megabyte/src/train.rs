@@ -19,7 +19,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::eval::{self, EvalSettings};
 use crate::grad::Grads;
 use crate::model::MegaByte;
-use crate::nn::Params;
+use crate::nn::{Dropout, Params};
 use crate::optim::{AdamW, AdamWConfig};
 
 /// How the learning rate falls after warm-up.
@@ -68,6 +68,11 @@ pub struct TrainConfig {
     /// whose activations would not fit.
     #[serde(default)]
     pub recompute: bool,
+    /// Dropout probability of every block's attention and MLP outputs (the paper: 0.1; 0: off).
+    /// Each step's masks are a function of the seed, the step, the micro-batch and the row,
+    /// so a resumed run, any shard split and any number of ranks draw the same ones.
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl TrainConfig {
@@ -92,6 +97,7 @@ impl TrainConfig {
             seed: 0,
             precision: Precision::F32,
             recompute: false,
+            dropout: 0.0,
         }
     }
 
@@ -111,6 +117,9 @@ impl TrainConfig {
         }
         if self.eval_every == 0 || self.checkpoint_every == 0 || self.keep_checkpoints == 0 {
             return bad("eval_every, checkpoint_every and keep_checkpoints must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout must be in [0, 1), got {}", self.dropout));
         }
         Ok(())
     }
@@ -441,14 +450,14 @@ impl Trainer {
                 batches.push(self.sampler.document_batch_rows(train, t.batch_size, context, rows.clone(), &self.device)?);
             }
             let real: usize = batches.iter().map(|b| b.2).sum();
-            for (x, w, _) in batches {
+            for (micro, (x, w, _)) in batches.into_iter().enumerate() {
                 let w = (w / real as f64)?; // [B/W, T]: 1/N on real bytes, 0 on padding
-                add(self.shard_weighted_grads(&x, &w)?)?;
+                add(self.shard_weighted_grads(&x, &w, self.dropout_at(micro, rows.start))?)?;
             }
         } else {
-            for _ in 0..t.grad_accum {
+            for micro in 0..t.grad_accum {
                 let x = self.sampler.batch_rows(train, t.batch_size, context, rows.clone(), &self.device)?; // [B/W, T]
-                add(self.shard_grads(&x, t.batch_size * t.grad_accum)?)?;
+                add(self.shard_grads(&x, t.batch_size * t.grad_accum, self.dropout_at(micro, rows.start))?)?;
             }
         }
         let grads = grads.ok_or_else(|| Error::Config("grad_accum must be at least 1".into()))?;
@@ -505,20 +514,36 @@ impl Trainer {
     /// on its own thread: the small ops of a small model are serial, so this data
     /// parallelism is what fills the cores (measured in BENCHMARKS.md). The shards' losses
     /// are weighted by their share of the step, so the summed gradient is the step's.
-    fn shard_grads(&self, x: &Tensor, step_rows: usize) -> Result<Vec<(Tensor, Grads)>> {
+    fn shard_grads(&self, x: &Tensor, step_rows: usize, drop: Option<Dropout>) -> Result<Vec<(Tensor, Grads)>> {
         let b = x.dim(0)?;
         self.in_shards(b, &|start: usize, len: usize| -> Result<(Tensor, Grads)> {
             let weight = len as f64 / step_rows as f64;
-            let (loss, grads) = self.model.loss_and_grads(&x.narrow(0, start, len)?, weight)?;
+            let (loss, grads) = self.shard_model(drop, start).loss_and_grads(&x.narrow(0, start, len)?, weight)?;
             Ok(((loss.to_dtype(DType::F64)? * weight)?, grads))
         })
     }
 
+    /// This step's dropout for micro-batch `micro`, whose rows start at `first_row` of the
+    /// global batch (this rank's share): keyed by the seed, the step and the micro-batch.
+    fn dropout_at(&self, micro: usize, first_row: usize) -> Option<Dropout> {
+        let t = &self.record.train;
+        let key = crate::ops::mix64(t.seed ^ crate::ops::mix64(self.record.step ^ crate::ops::mix64(micro as u64)));
+        (t.dropout > 0.0).then_some(Dropout { p: t.dropout, key, row_offset: first_row })
+    }
+
+    /// The model for the shard whose rows start at `start` of a micro-batch with dropout `drop`.
+    fn shard_model(&self, drop: Option<Dropout>, start: usize) -> std::borrow::Cow<'_, MegaByte> {
+        match drop {
+            Some(d) => std::borrow::Cow::Owned(self.model.clone().with_dropout(Some(Dropout { row_offset: d.row_offset + start, ..d }))),
+            None => std::borrow::Cow::Borrowed(&self.model),
+        }
+    }
+
     /// Like `shard_grads` for per-byte weights w [B, T] (summing to the micro-batch's share
     /// of the step): each shard's Σ w·loss and its gradients.
-    fn shard_weighted_grads(&self, x: &Tensor, w: &Tensor) -> Result<Vec<(Tensor, Grads)>> {
+    fn shard_weighted_grads(&self, x: &Tensor, w: &Tensor, drop: Option<Dropout>) -> Result<Vec<(Tensor, Grads)>> {
         self.in_shards(x.dim(0)?, &|start: usize, len: usize| -> Result<(Tensor, Grads)> {
-            let (loss, grads) = self.model.weighted_loss_and_grads(&x.narrow(0, start, len)?, &w.narrow(0, start, len)?)?;
+            let (loss, grads) = self.shard_model(drop, start).weighted_loss_and_grads(&x.narrow(0, start, len)?, &w.narrow(0, start, len)?)?;
             Ok((loss.to_dtype(DType::F64)?, grads))
         })
     }

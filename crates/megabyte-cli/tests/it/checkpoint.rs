@@ -26,8 +26,16 @@ fn checkpoint_round_trip_gives_identical_logits() {
 
 #[test]
 fn resumed_training_equals_uninterrupted_training() {
+    // With dropout too: each step's masks come back with the step count.
+    for dropout in [0.0, 0.1] {
+        resume_equals_uninterrupted(dropout);
+    }
+}
+
+fn resume_equals_uninterrupted(dropout: f64) {
     let (n, k) = (6, 2);
-    let (mcfg, tc, spec) = crate::tiny_run(n, 2, 1000);
+    let (mcfg, mut tc, spec) = crate::tiny_run(n, 2, 1000);
+    tc.dropout = dropout;
     let data = spec.open().unwrap();
 
     let mut straight = Trainer::new(&mcfg, tc.clone(), spec.clone(), &Device::Cpu).unwrap();
@@ -47,7 +55,7 @@ fn resumed_training_equals_uninterrupted_training() {
     for _ in k..n {
         resumed.train_step(&data.train).unwrap();
     }
-    assert!(crate::dist::weights(&straight) == crate::dist::weights(&resumed), "resumed weights differ from the uninterrupted run");
+    assert!(crate::dist::weights(&straight) == crate::dist::weights(&resumed), "dropout {dropout}: resumed weights differ from the uninterrupted run");
 }
 
 #[test]

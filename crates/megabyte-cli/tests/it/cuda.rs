@@ -154,6 +154,19 @@ fn cuda_gelu_matches_cpu() {
     }
 }
 
+/// The CUDA kernel draws the CPU's mask bit for bit (same hash), with a row offset too.
+#[test]
+fn cuda_dropout_matches_cpu() {
+    for dtype in DTYPES {
+        compare(&[values(&[300, 70], 10)], &[], dtype, |xs| ops::dropout(&xs[0], 0.2, 31, 5).unwrap(), "dropout");
+        let x = values(&[64, 33], 11);
+        let cpu = ops::dropout(&x, 0.4, 99, 3).unwrap();
+        let cuda = f32_cpu(&ops::dropout(&x.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap(), 0.4, 99, 3).unwrap());
+        let zeros = |t: &Tensor| t.eq(0f32).unwrap().to_dtype(DType::F32).unwrap();
+        assert_eq!(crate::max_abs_diff(&zeros(&cpu), &zeros(&cuda)), 0.0, "{dtype:?}: the same elements dropped");
+    }
+}
+
 #[test]
 fn cuda_cross_entropy_matches_cpu() {
     let logits = (values(&[300, 256], 8) * 3.0).unwrap();

@@ -142,9 +142,11 @@ fn rel_diff(a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>) -> f
 fn summed_rank_gradients_equal_the_global_batch_gradient() {
     let docs = split_of(random_bytes(60_000, 9)).with_documents(&[0, 500, 530, 9000, 9300, 40_000]);
     let plain = split_of(random_bytes(60_000, 8));
-    for (accum, split) in [(1, plain.clone()), (2, plain), (2, docs)] {
+    // Dropout draws the whole batch's masks on every rank (keyed by each row's place in it).
+    for (accum, split, dropout) in [(1, plain.clone(), 0.0), (2, plain.clone(), 0.0), (2, docs.clone(), 0.0), (2, plain, 0.2), (1, docs, 0.2)] {
         let (mcfg, mut tc, spec) = crate::tiny_run(1, 4, 3);
         tc.grad_accum = accum;
+        tc.dropout = dropout;
         let mut alone = Trainer::new(&mcfg, tc.clone(), spec.clone(), &Device::Cpu).unwrap();
         let (g, loss) = alone.local_gradients(&split).unwrap();
         let (whole, whole_loss) = (by_name(&alone, &g), loss.to_scalar::<f64>().unwrap());
@@ -164,9 +166,9 @@ fn summed_rank_gradients_equal_the_global_batch_gradient() {
             }
         }
         let err = rel_diff(&sum, &whole);
-        assert!(err < 1e-5, "grad_accum {accum}: summed rank gradients differ by {err} (relative)");
+        assert!(err < 1e-5, "grad_accum {accum}, dropout {dropout}: summed rank gradients differ by {err} (relative)");
         let loss_err = (shares[0].1 + shares[1].1 - whole_loss).abs();
-        assert!(loss_err < 1e-6, "grad_accum {accum}: summed losses differ by {loss_err}");
+        assert!(loss_err < 1e-6, "grad_accum {accum}, dropout {dropout}: summed losses differ by {loss_err}");
         // Each rank's share is a real part, not the whole.
         assert!(rel_diff(&shares[0].0, &whole) > 1e-2);
     }

@@ -147,3 +147,36 @@ fn a_zero_w_gl_grows_in_and_then_trains_the_global_model() {
     let (_, grads) = model.loss_and_grads(&x, 1.0).unwrap();
     assert!(global_grad(&grads) > 0.0, "then the global model trains");
 }
+
+/// With dropout (`with_dropout`) the explicit backward pass still equals autograd through the
+/// same masks, recomputation included, for the per-patch and the cross-patch local model;
+/// dropout changes the loss, and a batch split in two at row r (the second part with offset
+/// r) draws the masks of the whole batch.
+#[test]
+fn dropout_keeps_the_explicit_backward_exact_and_splits_by_rows() {
+    let mut cross = small_config(NormKind::LayerNorm, true);
+    cross.cross_patch = true;
+    cross.local.window = Some(3);
+    for cfg in [small_config(NormKind::RmsNorm, false), cross] {
+        let (model, params) = MegaByte::init(&cfg, 17, DType::F64, &Device::Cpu).unwrap();
+        let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(cfg.context, 110 + i)).collect();
+        let x = crate::bytes_tensor(&rows);
+        let drop = megabyte::nn::Dropout { p: 0.25, key: 12345, row_offset: 0 };
+        let dropped = model.clone().with_dropout(Some(drop));
+        let plain = model.loss(&x).unwrap().to_scalar::<f64>().unwrap();
+        let auto_loss = dropped.loss(&x).unwrap();
+        assert!((auto_loss.to_scalar::<f64>().unwrap() - plain).abs() > 1e-6, "dropout changes the loss");
+        let auto = megabyte::grad::Grads::from_store(&auto_loss.backward().unwrap(), params.vars()).unwrap();
+        for recompute in [false, true] {
+            let (loss, grads) = dropped.clone().with_recompute(recompute).loss_and_grads(&x, 1.0).unwrap();
+            assert!((loss.to_scalar::<f64>().unwrap() - auto_loss.to_scalar::<f64>().unwrap()).abs() < 1e-12);
+            crate::assert_grads_equal(&params, &auto, &grads, &format!("dropout, cross_patch={} recompute={recompute}", cfg.cross_patch));
+        }
+        // Rows [0, 1) and [1, 3) with offsets 0 and 1: the whole batch's per-byte losses.
+        let whole = dropped.byte_losses(&x).unwrap();
+        let head = model.clone().with_dropout(Some(drop)).byte_losses(&x.narrow(0, 0, 1).unwrap()).unwrap();
+        let tail = model.clone().with_dropout(Some(megabyte::nn::Dropout { row_offset: 1, ..drop })).byte_losses(&x.narrow(0, 1, 2).unwrap()).unwrap();
+        let joined = Tensor::cat(&[head, tail], 0).unwrap();
+        assert_eq!(crate::max_abs_diff(&joined.to_dtype(DType::F32).unwrap(), &whole.to_dtype(DType::F32).unwrap()), 0.0, "cross_patch={}", cfg.cross_patch);
+    }
+}

@@ -118,6 +118,26 @@ fn fused_gelu_matches_composition() {
     compare(&[rand(&[7, 33], 8)], |xs| ops::gelu(&xs[0]).unwrap(), |xs| xs[0].gelu_erf().unwrap(), "gelu");
 }
 
+/// Dropout equals x times its mask (`reference::dropout_mask`), forward and gradient; keeps
+/// about 1 − p of the elements; rows taken with their offset draw the whole tensor's mask;
+/// another key draws another mask; p = 0 is the identity and p outside [0, 1) an error.
+#[test]
+fn fused_dropout_matches_its_mask() {
+    let (p, key) = (0.3, 77);
+    let x = rand(&[6, 5, 8], 21);
+    let mask = |t: &Tensor| reference::dropout_mask(t.shape(), p, key, 0, &Device::Cpu).unwrap();
+    compare(&[x.clone()], |t| ops::dropout(&t[0], p, key, 0).unwrap(), |t| (&t[0] * mask(&t[0])).unwrap(), "dropout");
+    let whole = ops::dropout(x.as_tensor(), p, key, 0).unwrap();
+    let rows = ops::dropout(&x.as_tensor().narrow(0, 2, 3).unwrap(), p, key, 2).unwrap();
+    assert_eq!(crate::max_abs_diff(&rows, &whole.narrow(0, 2, 3).unwrap()), 0.0, "rows with their offset");
+    assert!(crate::max_abs_diff(&ops::dropout(x.as_tensor(), p, key + 1, 0).unwrap(), &whole) > 0.0, "another key");
+    assert_eq!(crate::max_abs_diff(&ops::dropout(x.as_tensor(), 0.0, key, 0).unwrap(), x.as_tensor()), 0.0);
+    assert!(ops::dropout(x.as_tensor(), 1.0, key, 0).is_err());
+    let n = 200_000u64;
+    let kept = (0..n).filter(|&i| ops::dropout_keeps(key, i, p)).count() as f64 / n as f64;
+    assert!((kept - (1.0 - p)).abs() < 0.005, "kept {kept}");
+}
+
 #[test]
 fn fused_adamw_step_matches_the_textbook_update() {
     use megabyte::optim::{AdamW, AdamWConfig};

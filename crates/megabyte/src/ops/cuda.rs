@@ -375,6 +375,20 @@ pub(super) fn embed_bwd(dy: &Tensor, ids: &Tensor, v: usize) -> CResult<Tensor> 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Dropout.
+
+/// x (T, contiguous) with element i kept by ops::dropout_keeps(key, base + i) and scaled.
+pub(super) fn dropout(x: (&CudaStorage, &Layout), base: u64, key: u64, threshold: u32, scale: f32) -> CResult<(CudaStorage, Shape)> {
+    let dev = &x.0.device;
+    let n = x.1.shape().elem_count();
+    let px = contiguous_at(x.0, x.1, "dropout x")?;
+    let (out, py) = alloc(dev, x.0.dtype(), n)?;
+    let n64 = n as u64;
+    launch!(dev, format!("dropout_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n), 1), 256, 0), px, py, n64, base, key, threshold, scale);
+    Ok((out, x.1.shape().clone()))
+}
+
+// ---------------------------------------------------------------------------------------------
 // GELU.
 
 pub(super) fn gelu_fwd(x: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shape)> {
