@@ -90,7 +90,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     let dir = temp_dir("ctrlc");
     let run = dir.join("run");
     let mut child = Command::new(env!("CARGO_BIN_EXE_megabyte"))
-        .args(["train", "--time", "5", "--eval-every", "20", "--eval-bytes", "4096", "--sample-bytes", "0", "--out"])
+        .args(["train", "--time", "5", "--eval-every", "20", "--eval-bytes", "4096", "--sample-bytes", "0", "--dropout", "0.1", "--out"])
         .arg(&run)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -112,8 +112,9 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly() {
     assert_eq!(saved.len(), 1);
     let (step, path) = &saved[0];
     assert!(*step >= 20);
-    // The interrupted run resumes.
-    assert!(Trainer::resume(path, Some((Some(step + 1), None)), &Device::Cpu).is_ok());
+    // The interrupted run resumes, with its recorded settings (--dropout among them).
+    let resumed = Trainer::resume(path, Some((Some(step + 1), None)), &Device::Cpu).unwrap();
+    assert_eq!(resumed.record().train.dropout, 0.1);
 }
 
 #[test]

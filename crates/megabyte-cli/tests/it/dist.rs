@@ -150,6 +150,13 @@ fn summed_rank_gradients_equal_the_global_batch_gradient() {
         let mut alone = Trainer::new(&mcfg, tc.clone(), spec.clone(), &Device::Cpu).unwrap();
         let (g, loss) = alone.local_gradients(&split).unwrap();
         let (whole, whole_loss) = (by_name(&alone, &g), loss.to_scalar::<f64>().unwrap());
+        if dropout > 0.0 {
+            // The trainer does drop: the same step without dropout has another loss.
+            let mut undropped = tc.clone();
+            undropped.dropout = 0.0;
+            let (_, plain_loss) = Trainer::new(&mcfg, undropped, spec.clone(), &Device::Cpu).unwrap().local_gradients(&split).unwrap();
+            assert!((plain_loss.to_scalar::<f64>().unwrap() - whole_loss).abs() > 1e-4, "dropout {dropout} changed nothing");
+        }
         let shares = on_ranks(
             2,
             dist::BUCKET_BYTES,
