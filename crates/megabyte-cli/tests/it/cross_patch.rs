@@ -4,21 +4,14 @@
 //! slides), and its explicit backward pass equals autograd.
 
 use megabyte::generate::Decoder;
-use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, Tensor};
+use megabyte::{DType, Device, MegaByte, Tensor};
 
-use crate::{bytes_tensor, random_bytes, small_config};
+use crate::{bytes_tensor, cross_patch_config, random_bytes};
 
-/// P = 4, T = 32; the local model (2 layers) sees its last 3 positions.
-fn cross_config() -> ModelConfig {
-    let mut cfg = small_config(NormKind::LayerNorm, true);
-    cfg.cross_patch = true;
-    cfg.local.window = Some(3);
-    cfg
-}
 
 #[test]
 fn cross_patch_needs_a_local_window() {
-    let mut cfg = cross_config();
+    let mut cfg = cross_patch_config();
     cfg.local.window = None;
     let err = cfg.validate().unwrap_err().to_string();
     assert!(err.contains("cross_patch needs"), "{err}");
@@ -26,7 +19,7 @@ fn cross_patch_needs_a_local_window() {
 
 #[test]
 fn cross_patch_is_causal_and_reaches_back_across_patches() {
-    let cfg = cross_config();
+    let cfg = cross_patch_config();
     let (model, params) = MegaByte::init(&cfg, 3, DType::F32, &Device::Cpu).unwrap();
     let t = cfg.context;
     let base = random_bytes(t, 5);
@@ -62,7 +55,7 @@ fn cross_patch_is_causal_and_reaches_back_across_patches() {
 
 #[test]
 fn cross_patch_decodes_like_the_full_forward_across_slides() {
-    let cfg = cross_config();
+    let cfg = cross_patch_config();
     let (model, _) = MegaByte::init(&cfg, 4, DType::F32, &Device::Cpu).unwrap();
     let t = cfg.context;
     // Two and a half windows of bytes: the decoder slides to the last half of its window at
@@ -99,7 +92,7 @@ fn cross_patch_decodes_like_the_full_forward_across_slides() {
 
 #[test]
 fn cross_patch_explicit_backward_equals_autograd() {
-    let cfg = cross_config();
+    let cfg = cross_patch_config();
     let (model, params) = MegaByte::init(&cfg, 9, DType::F64, &Device::Cpu).unwrap();
     for t in [cfg.context, cfg.context / 2] {
         let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(t, 60 + i)).collect();
@@ -112,7 +105,7 @@ fn cross_patch_explicit_backward_equals_autograd() {
 
 #[test]
 fn cross_patch_flops_count_the_local_window() {
-    let cfg = cross_config();
+    let cfg = cross_patch_config();
     let mut within = cfg.clone();
     within.cross_patch = false;
     within.local.window = None;

@@ -94,10 +94,7 @@ fn explicit_backward_equals_autograd() {
 /// with cross-patch attention.
 #[test]
 fn recomputed_activations_give_the_same_gradients() {
-    let mut cross = small_config(NormKind::LayerNorm, true);
-    cross.cross_patch = true;
-    cross.local.window = Some(3);
-    for cfg in [small_config(NormKind::RmsNorm, false), cross] {
+    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config()] {
         let (model, params) = MegaByte::init(&cfg, 11, DType::F64, &Device::Cpu).unwrap();
         for t in [cfg.context, cfg.context / 2] {
             let rows: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(t, 70 + i)).collect();
@@ -154,10 +151,7 @@ fn a_zero_w_gl_grows_in_and_then_trains_the_global_model() {
 /// r) draws the masks of the whole batch.
 #[test]
 fn dropout_keeps_the_explicit_backward_exact_and_splits_by_rows() {
-    let mut cross = small_config(NormKind::LayerNorm, true);
-    cross.cross_patch = true;
-    cross.local.window = Some(3);
-    for cfg in [small_config(NormKind::RmsNorm, false), cross] {
+    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config()] {
         let (model, params) = MegaByte::init(&cfg, 17, DType::F64, &Device::Cpu).unwrap();
         let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(cfg.context, 110 + i)).collect();
         let x = crate::bytes_tensor(&rows);

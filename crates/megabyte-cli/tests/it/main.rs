@@ -49,6 +49,15 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
     }
 }
 
+/// `small_config` with cross-patch local attention: the local model (2 layers) sees its
+/// last 3 positions across patch boundaries.
+pub fn cross_patch_config() -> ModelConfig {
+    let mut cfg = small_config(NormKind::LayerNorm, true);
+    cfg.cross_patch = true;
+    cfg.local.window = Some(3);
+    cfg
+}
+
 /// A short `tiny` training run on the embedded corpus: `steps` steps of `batch` windows,
 /// validating every `eval_every` steps.
 pub fn tiny_run(steps: u64, batch: usize, eval_every: u64) -> (ModelConfig, megabyte::train::TrainConfig, megabyte::train::DataSpec) {
