@@ -12,6 +12,11 @@
 #       The hyper-parameter search: as equal-time, but scored on the validation split only
 #       (the test split is never used to choose).
 #       MODEL is a preset name or a model config JSON file (e.g. docs/enwik8/*.json).
+#   scripts/paper-claims.sh probe SECONDS MINUTES MODEL [MODEL...] [-- TRAIN-ARGS...]
+#       The early part of an equal-time run: each model trains on the MINUTES run's schedule
+#       (--time MINUTES) and is stopped with Ctrl-C after SECONDS, so its curve lies on the
+#       full run's; records its validation bpb by step (set --eval-every and --eval-bytes in
+#       TRAIN-ARGS), steps and bytes/s. For comparing starts at a fraction of the cost.
 #   scripts/paper-claims.sh curves PNG RUN [RUN...]
 #       Training bpb (mean of the last 100 steps) and validation bpb against minutes, one
 #       line per run (a run folder or its metrics.jsonl), in one PNG. equal-time draws its
@@ -101,6 +106,35 @@ equal-time|search)
         runs_done+=("$run")
     done
     [ "$cmd" = equal-time ] && "$0" curves "$runs/equal-time-${minutes}min.png" "${runs_done[@]}"
+    ;;
+probe)
+    secs=${1:?seconds}
+    minutes=${2:?minutes}
+    shift 2
+    models=()
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do models+=("$1"); shift; done
+    [ "${1:-}" = "--" ] && shift
+    [ -f "$data/enwik8/valid.bin" ] || "$mb" data fetch enwik8 --dir "$data"
+    for m in "${models[@]}"; do
+        read -r -a model <<<"$(model_flags "$m")"
+        name=$(model_name "$m")
+        run="$runs/$name-probe-${secs}s"
+        status=0
+        timeout -s INT "$secs" "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" \
+            --valid "$data/enwik8/valid.bin" --time "$minutes" --out "$run" "$@" || status=$?
+        [ "$status" = 0 ] || [ "$status" = 124 ] || exit "$status" # 124: stopped by the timeout
+        json=$(python3 - "$run/metrics.jsonl" "$secs" "$minutes" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+steps = [r for r in rows if "bytes_per_sec" in r]
+print(json.dumps({
+    "valid_bpb_by_step": {str(r["step"]): round(r["valid_bpb"], 4) for r in rows if "valid_bpb" in r},
+    "steps": steps[-1]["step"], "train_bytes_per_sec": round(steps[-1]["bytes_per_sec"]),
+    "split": "valid", "secs": int(sys.argv[2]), "minutes": float(sys.argv[3])}))
+PY
+)
+        record probe "$name" "$json"
+    done
     ;;
 curves)
     png=${1:?png}
@@ -215,7 +249,7 @@ long-context)
     echo "plot: $runs/long-context.png"
     ;;
 *)
-    echo "unknown subcommand $cmd: equal-time, search, curves, generation, modality or long-context" >&2
+    echo "unknown subcommand $cmd: equal-time, search, probe, curves, generation, modality or long-context" >&2
     exit 2
     ;;
 esac
