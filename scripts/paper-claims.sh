@@ -62,15 +62,22 @@ model_name() {
     basename "$1" .json
 }
 
+# take_models WORD... [-- TRAIN-ARGS...]: the words before `--` into `models`, the rest into
+# `train_args`.
+take_models() {
+    models=() train_args=()
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do models+=("$1"); shift; done
+    [ "${1:-}" = "--" ] && shift
+    train_args=("$@")
+}
+
 cmd=${1:?usage: see the header of $0}
 shift
 case "$cmd" in
 equal-time|search)
     minutes=${1:?minutes}
     shift
-    models=()
-    while [ $# -gt 0 ] && [ "$1" != "--" ]; do models+=("$1"); shift; done
-    [ "${1:-}" = "--" ] && shift
+    take_models "$@"
     [ -f "$data/enwik8/test.bin" ] || "$mb" data fetch enwik8 --dir "$data"
     runs_done=()
     for m in "${models[@]}"; do
@@ -87,7 +94,7 @@ equal-time|search)
         run="$runs/$name-${minutes}min"
         start=$(date +%s)
         "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" --valid "$data/enwik8/valid.bin" \
-            --time "$minutes" --out "$run" "$@"
+            --time "$minutes" --out "$run" "${train_args[@]}"
         trained=$(( $(date +%s) - start ))
         for mode in "${modes[@]}"; do
             flags=()
@@ -111,9 +118,7 @@ probe)
     secs=${1:?seconds}
     minutes=${2:?minutes}
     shift 2
-    models=()
-    while [ $# -gt 0 ] && [ "$1" != "--" ]; do models+=("$1"); shift; done
-    [ "${1:-}" = "--" ] && shift
+    take_models "$@"
     [ -f "$data/enwik8/valid.bin" ] || "$mb" data fetch enwik8 --dir "$data"
     for m in "${models[@]}"; do
         read -r -a model <<<"$(model_flags "$m")"
@@ -121,7 +126,7 @@ probe)
         run="$runs/$name-probe-${secs}s"
         status=0
         timeout -s INT "$secs" "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" \
-            --valid "$data/enwik8/valid.bin" --time "$minutes" --out "$run" "$@" || status=$?
+            --valid "$data/enwik8/valid.bin" --time "$minutes" --out "$run" "${train_args[@]}" || status=$?
         [ "$status" = 0 ] || [ "$status" = 124 ] || exit "$status" # 124: stopped by the timeout
         json=$(python3 - "$run/metrics.jsonl" "$secs" "$minutes" <<'PY'
 import json, sys
@@ -170,9 +175,7 @@ modality)
     set_name=${1:?set}
     minutes=${2:?minutes}
     shift 2
-    configs=()
-    while [ $# -gt 0 ] && [ "$1" != "--" ]; do configs+=("$1"); shift; done
-    [ "${1:-}" = "--" ] && shift
+    take_models "$@"
     conv="$runs/$set_name"
     mkdir -p "$conv"
     # Converted splits already in $RUNS/SET (e.g. carried to a machine with no network) are
@@ -209,12 +212,12 @@ modality)
         echo "unknown set $set_name: fashion-mnist, speech-en or code" >&2
         exit 2 ;;
     esac
-    for cfg in "${configs[@]}"; do
+    for cfg in "${models[@]}"; do
         name=$(basename "$cfg" .json)
         run="$runs/$set_name-$name-${minutes}min"
         start=$(date +%s)
         "$mb" train --config "$cfg" --device "$device" --data "$train_bin" --valid-bytes "$holdout" --documents \
-            --time "$minutes" --sample-bytes 0 --out "$run" "$@"
+            --time "$minutes" --sample-bytes 0 --out "$run" "${train_args[@]}"
         trained=$(( $(date +%s) - start ))
         json=$("$mb" eval --checkpoint "$run" --data "$test_bin" --documents --device "$device" --json)
         json=$(python3 -c 'import json, sys; r = json.loads(sys.argv[1]); r.update(set=sys.argv[2], train_secs=int(sys.argv[3]), minutes=float(sys.argv[4])); print(json.dumps(r))' \
