@@ -155,7 +155,7 @@ impl MegaByte {
     /// and the local one (whose N sequences are B·K patches, or B windows with cross-patch
     /// attention) each get a key of their own and the offset in their own rows.
     pub fn with_dropout(mut self, dropout: Option<Dropout>) -> Self {
-        self.dropout = dropout.filter(|d| d.p > 0.0);
+        self.dropout = dropout;
         self
     }
 

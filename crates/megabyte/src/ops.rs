@@ -654,7 +654,18 @@ fn drop_threshold(p: f64) -> u32 {
 /// Whether dropout under `key` with probability `p` keeps element `index`: the top 24 bits of
 /// mix64(key ^ mix64(index)) against p·2²⁴. The CUDA kernel computes the same bits.
 pub fn dropout_keeps(key: u64, index: u64, p: f64) -> bool {
-    ((mix64(key ^ mix64(index)) >> 40) as u32) >= drop_threshold(p)
+    keeps(key, index, drop_threshold(p))
+}
+
+fn keeps(key: u64, index: u64, threshold: u32) -> bool {
+    ((mix64(key ^ mix64(index)) >> 40) as u32) >= threshold
+}
+
+/// The whole batch's index of the first element of a tensor of `shape` whose first row is
+/// row `row_offset` of the batch.
+fn first_index(shape: &Shape, row_offset: usize) -> u64 {
+    let n = shape.dims().first().copied().unwrap_or(1).max(1);
+    (row_offset * (shape.elem_count() / n)) as u64
 }
 
 /// Inverted dropout of x [N, ...]: each element zeroed with probability p, the rest scaled by
@@ -684,12 +695,6 @@ struct Dropout {
 }
 
 impl Dropout {
-    /// The whole batch's index of this tensor's first element.
-    fn base(&self, shape: &Shape) -> u64 {
-        let n = shape.dims().first().copied().unwrap_or(1).max(1);
-        (self.row_offset * (shape.elem_count() / n)) as u64
-    }
-
     fn apply<T: Elem>(&self, x: &[T], base: u64) -> Vec<T> {
         let scale = T::from(1.0 / (1.0 - self.p)).expect("a finite scale");
         let threshold = drop_threshold(self.p);
@@ -697,7 +702,7 @@ impl Dropout {
         out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (o, x))| {
             let start = base + (c * CHUNK) as u64;
             for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                if ((mix64(self.key ^ mix64(start + i as u64)) >> 40) as u32) >= threshold {
+                if keeps(self.key, start + i as u64, threshold) {
                     *o = x * scale;
                 }
             }
@@ -712,7 +717,7 @@ impl candle_core::CustomOp1 for Dropout {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let base = self.base(l.shape());
+        let base = first_index(l.shape(), self.row_offset);
         let out = match s {
             CpuStorage::F32(x) => CpuStorage::F32(self.apply(contiguous(x, l, "dropout")?, base)),
             CpuStorage::F64(x) => CpuStorage::F64(self.apply(contiguous(x, l, "dropout")?, base)),
@@ -723,7 +728,7 @@ impl candle_core::CustomOp1 for Dropout {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
-        cuda::dropout((s, l), self.base(l.shape()), self.key, drop_threshold(self.p), (1.0 / (1.0 - self.p)) as f32)
+        cuda::dropout((s, l), first_index(l.shape(), self.row_offset), self.key, drop_threshold(self.p), (1.0 / (1.0 - self.p)) as f32)
     }
 
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
@@ -1098,8 +1103,7 @@ pub mod reference {
 
     /// [`super::dropout`]'s mask as a tensor (f32): 1/(1 − p) where an element is kept, else 0.
     pub fn dropout_mask(shape: &Shape, p: f64, key: u64, row_offset: usize, device: &Device) -> candle_core::Result<Tensor> {
-        let n = shape.dims().first().copied().unwrap_or(1).max(1);
-        let base = (row_offset * (shape.elem_count() / n)) as u64;
+        let base = super::first_index(shape, row_offset);
         let scale = (1.0 / (1.0 - p)) as f32;
         let mask: Vec<f32> =
             (0..shape.elem_count() as u64).map(|i| if super::dropout_keeps(key, base + i, p) { scale } else { 0.0 }).collect();
