@@ -47,10 +47,12 @@ mkdir -p "$runs"
 # another), stamped on every record.
 commit=$("$mb" --version | sed -n 's/.*(commit \(.*\)).*/\1/p')
 
-# record CLAIM PRESET JSON: one line with the claim's name, the preset and the commit.
+# record CLAIM PRESET JSON: one line with the claim's name, the preset, the commit and the
+# TRAIN-ARGS the run was given (e.g. --dropout 0.1), if any.
+train_args=()
 record() {
-    python3 -c 'import json, sys; r = json.loads(sys.argv[3]); r.update(claim=sys.argv[1], preset=sys.argv[2], commit=sys.argv[4], device=sys.argv[5]); print(json.dumps(r))' \
-        "$1" "$2" "$3" "$commit" "$device" | tee -a "$out"
+    python3 -c 'import json, sys; r = json.loads(sys.argv[3]); r.update(claim=sys.argv[1], preset=sys.argv[2], commit=sys.argv[4], device=sys.argv[5]); r.update({"train_args": sys.argv[6]} if sys.argv[6] else {}); print(json.dumps(r))' \
+        "$1" "$2" "$3" "$commit" "$device" "${train_args[*]}" | tee -a "$out"
 }
 
 # model_flags MODEL: the train/info flags for a preset name or a model config file.
