@@ -39,8 +39,14 @@ pub struct Args {
     #[arg(long, required_unless_present = "resume")]
     out: Option<PathBuf>,
     /// Continue the run in this folder (or from this checkpoint) exactly where it stopped,
-    /// with its recorded settings; only --steps and --time may be changed.
-    #[arg(long, conflicts_with_all = ["data", "valid", "valid_bytes", "config", "context", "window", "documents", "recompute", "dropout"])]
+    /// with its recorded settings; only --steps and --time may be changed (besides where it
+    /// runs: --device, --devices, --out, and --sample-bytes). Any other setting is refused,
+    /// not ignored.
+    #[arg(long, conflicts_with_all = [
+        "preset", "config", "context", "window", "data", "valid", "valid_bytes", "documents",
+        "batch_size", "grad_accum", "lr", "min_lr", "warmup", "decay", "weight_decay", "grad_clip",
+        "dropout", "eval_every", "eval_bytes", "checkpoint_every", "keep", "seed", "precision", "recompute",
+    ])]
     resume: Option<PathBuf>,
     /// Stop after this many optimizer steps.
     #[arg(long)]

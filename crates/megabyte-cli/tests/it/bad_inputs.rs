@@ -81,6 +81,10 @@ fn bad_checkpoints_are_refused() {
     let no_weights = variant("noweights", &|d| std::fs::remove_file(d.join("model.safetensors")).unwrap());
     fails_with(&["generate", "--checkpoint", s(&no_weights), "-n", "4"], "missing");
     fails_with(&["train", "--resume", s(&good)], "only a training checkpoint can be resumed");
+    // A resumed run keeps its recorded settings: one given anew is refused, not ignored.
+    for setting in [&["--lr", "1e-3"][..], &["--batch-size", "4"], &["--preset", "enwik8"], &["--seed", "3"], &["--eval-every", "5"]] {
+        fails_with(&[&["train", "--resume", s(&good)][..], setting].concat(), "cannot be used with");
+    }
     // The good checkpoint is untouched by all of this.
     assert_eq!(std::fs::read(good.join("model.safetensors")).unwrap(), weights);
 }
