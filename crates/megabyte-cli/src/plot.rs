@@ -156,7 +156,7 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, x: &str
                 chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
             }
             if series.iter().any(|s| !s.0.is_empty()) {
-                chart.configure_series_labels().label_font(("sans-serif", 13)).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+                chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).label_font(("sans-serif", 13)).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
             }
         }};
     }
@@ -169,7 +169,9 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, x: &str
     Ok(())
 }
 
-/// An axis range covering the values with a margin (positive, for a log axis).
+/// An axis range covering the values with a margin (positive, for a log axis). It hugs the
+/// data rather than reaching down to zero, so that curves ending close together (validation
+/// losses) stay apart.
 fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     let (lo, hi) = values.filter(|v| !log || *v > 0.0).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     if !lo.is_finite() {
@@ -178,7 +180,7 @@ fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     if log {
         (lo / 1.5, hi * 1.5)
     } else {
-        let pad = ((hi - lo) * 0.08).max(hi.abs() * 0.05).max(1e-9);
-        ((lo - pad).min(if lo >= 0.0 { 0.0 } else { lo - pad }), hi + pad)
+        let pad = ((hi - lo) * 0.08).max(hi.abs() * 0.01).max(1e-9);
+        (lo - pad, hi + pad)
     }
 }
