@@ -1,6 +1,7 @@
 //! Bytes to train on: any file or folder of files as one memory-mapped byte stream, split
 //! into training and validation ranges, and seeded random windows over a split.
 
+use std::io::Read;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,8 +21,17 @@ pub const EMBEDDED_CORPUS: &[u8] = include_bytes!("../corpus/enwik8-head.txt");
 /// Name under which the embedded corpus is reported.
 pub const EMBEDDED_NAME: &str = "embedded:enwik8-head";
 
+/// Files smaller than this are read into memory rather than mapped: a process may hold only
+/// so many mappings (Linux's `vm.max_map_count`, 65,530 by default), and a folder of source
+/// code or clips can hold more files than that.
+pub const MAP_MIN_BYTES: u64 = 1 << 20;
+
+/// Consecutive small files share one in-memory part of up to this many bytes.
+const READ_CHUNK_BYTES: usize = 64 << 20;
+
 enum Part {
     Mapped(Mmap),
+    Read(Vec<u8>),
     Static(&'static [u8]),
 }
 
@@ -29,12 +39,14 @@ impl Part {
     fn bytes(&self) -> &[u8] {
         match self {
             Part::Mapped(m) => m,
+            Part::Read(v) => v,
             Part::Static(s) => s,
         }
     }
 }
 
-/// One or more files read as a single stream of bytes, never loaded whole into memory.
+/// One or more files read as a single stream of bytes: files of [`MAP_MIN_BYTES`] or more
+/// are memory-mapped (never loaded whole), smaller ones read into shared in-memory parts.
 pub struct ByteStream {
     name: String,
     parts: Vec<Part>,
@@ -46,9 +58,9 @@ pub struct ByteStream {
 }
 
 impl ByteStream {
-    /// A file, or every file under a folder (recursively, in path order), memory-mapped.
-    /// Document indexes (`*.documents.json`, see [`crate::documents`]) in a folder are
-    /// metadata, not data, and are skipped.
+    /// A file, or every file under a folder (recursively, in path order). Document indexes
+    /// (`*.documents.json`, see [`crate::documents`]) in a folder are metadata, not data, and
+    /// are skipped.
     pub fn open(path: &Path) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| Error::Data {
             path: path.into(),
@@ -70,10 +82,29 @@ impl ByteStream {
             if len == 0 {
                 continue; // an empty file adds nothing (and cannot be mapped)
             }
-            // SAFETY: the file is only read; a concurrent writer could change what we read,
-            // which the user controls, as with any reader.
-            let map = unsafe { Mmap::map(&f) }.io_context(|| format!("mapping {}", file.display()))?;
-            parts.push(Part::Mapped(map));
+            if len < MAP_MIN_BYTES {
+                let chunk = match parts.last_mut() {
+                    Some(Part::Read(v)) if v.len() + len as usize <= READ_CHUNK_BYTES => v,
+                    _ => {
+                        parts.push(Part::Read(Vec::new()));
+                        let Some(Part::Read(v)) = parts.last_mut() else { unreachable!() };
+                        v
+                    }
+                };
+                let before = chunk.len();
+                (&f).read_to_end(chunk).io_context(|| format!("reading {}", file.display()))?;
+                if (chunk.len() - before) as u64 != len {
+                    return Err(Error::Data {
+                        path: file.clone(),
+                        msg: format!("changed while being read ({len} bytes, then {})", chunk.len() - before),
+                    });
+                }
+            } else {
+                // SAFETY: the file is only read; a concurrent writer could change what we
+                // read, which the user controls, as with any reader.
+                let map = unsafe { Mmap::map(&f) }.io_context(|| format!("mapping {}", file.display()))?;
+                parts.push(Part::Mapped(map));
+            }
             kept.push((file.clone(), len));
         }
         let mut stream = Self::from_parts(path.display().to_string(), parts);

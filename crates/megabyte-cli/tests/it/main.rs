@@ -14,6 +14,7 @@ mod cross_patch;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod dist;
+mod data;
 mod documents;
 mod eval;
 mod golden;
