@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use megabyte::generate::{generate, Sampler, Sampling};
+use megabyte::generate::{generate, generate_stepwise, Sampler, Sampling};
 use megabyte::train::{DataSpec, TrainConfig, Trainer};
 
 use crate::ModelArgs;
@@ -36,6 +36,10 @@ pub struct Args {
     /// Batch sizes for generation, comma-separated.
     #[arg(long, default_value = "1,16", value_delimiter = ',')]
     gen_batch: Vec<usize>,
+    /// Generate on the stepwise path (one host round trip per byte) even where the CUDA
+    /// decoding engine runs: the engine's reference, for measuring what it gains.
+    #[arg(long)]
+    stepwise: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -109,11 +113,12 @@ pub fn run(args: Args) -> Result<()> {
         for &b in &args.gen_batch {
             let mut sampler = Sampler::new(Sampling::Greedy, 0)?;
             let prompts = vec![Vec::new(); b];
+            let run = if args.stepwise { generate_stepwise } else { generate };
             // One untimed short run warms caches and kernels.
-            generate(&gen_model, &prompts, cfg.patch_size * 2, &mut sampler, &device, &mut |_| {})?;
+            run(&gen_model, &prompts, cfg.patch_size * 2, &mut sampler, &device, &mut |_| {})?;
             device.synchronize()?;
             let start = Instant::now();
-            generate(&gen_model, &prompts, args.gen_bytes, &mut sampler, &device, &mut |_| {})?;
+            run(&gen_model, &prompts, args.gen_bytes, &mut sampler, &device, &mut |_| {})?;
             device.synchronize()?;
             let secs = start.elapsed().as_secs_f64();
             generation.push(serde_json::json!({
@@ -121,6 +126,7 @@ pub fn run(args: Args) -> Result<()> {
                 "bytes": args.gen_bytes,
                 "bytes_per_sec": (b * args.gen_bytes) as f64 / secs,
                 "secs": secs,
+                "stepwise": args.stepwise,
             }));
         }
     }

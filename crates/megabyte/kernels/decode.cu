@@ -10,17 +10,23 @@
 // sequence b's patch is cur[j·B + b], so the patch is one contiguous range to read back.
 // Steps are captured once into CUDA graphs (one per local position, one for the global step)
 // and replayed: what changes from patch to patch, the global position and the position-table
-// row of the patch's first byte, is read from a device state the global step advances.
+// row of the patch's first byte, is read from a device state the global step advances. With
+// cross-patch attention the local model's position (its cache length, also its position-table
+// row) changes from byte to byte, so it too is read from a device state, which each local step
+// advances.
 
 #include "common.cuh"
 
 // The local model's input at one position of the patch:
 //   x[b] = ctx[b] + ((E[prev[b]] or pad) + pos)
 // ctx: rows of the global model's context for this position (row stride ctx_stride); prev: the
-// previous bytes [B], or null at position 0, which gets the pad (f32, rounded to T first).
+// previous bytes [B], or null at the local sequence's first position, which gets the pad (f32,
+// rounded to T first); pos: the position-table row, or with pos_dev the table, whose row
+// *pos_dev is taken.
 template <typename T>
 __device__ void dec_local_in(const T* ctx, long ctx_stride, const T* table, const float* pad, const T* pos,
-                             const uint32_t* prev, T* x, int B, int D) {
+                             const int* pos_dev, const uint32_t* prev, T* x, int B, int D) {
+    if (pos_dev) pos += (long)*pos_dev * D;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < (long)B * D; i += (long)gridDim.x * blockDim.x) {
         const long b = i / D;
         const int c = i % D;
@@ -47,16 +53,19 @@ __device__ void dec_patch_in(const T* table, const T* pos_table, const int* stat
 
 // Causal attention of one new position per sequence. qkv [B, 3D] holds its query, key and value
 // (column blocks, heads within each); the key and value are first written at position `len` of
-// the caches kc, vc [B, cap, D], then the query attends over positions 0..len. len is
-// *len_dev when given (the global step's position, state[0]), else len_arg.
+// the caches kc, vc [B, cap, D], then the query attends over positions 0..len, or with a
+// sliding window W > 0 over the last W of them (len − W + 1..len, itself included). len is
+// *len_dev when given (a device state's position), else len_arg.
 // One block per (sequence, head); each warp streams every (warps)-th key with an online softmax
 // (a lane holds HD/32 columns), and warp 0 merges the warps' partial results.
 constexpr int DEC_WARPS = 8;
 
 template <typename T, int HD>
-__device__ void dec_attn(const T* qkv, T* kc, T* vc, long cap, const int* len_dev, int len_arg, T* y, int H, float scale) {
+__device__ void dec_attn(const T* qkv, T* kc, T* vc, long cap, const int* len_dev, int len_arg, int window, T* y, int H,
+                         float scale) {
     constexpr int E = (HD + 31) / 32;
     const int len = len_dev ? *len_dev : len_arg;
+    const int first = window > 0 ? max(0, len + 1 - window) : 0;
     __shared__ float part_m[DEC_WARPS], part_l[DEC_WARPS];
     __shared__ float part_o[DEC_WARPS][E * 32];
     const int b = blockIdx.x / H, h = blockIdx.x % H;
@@ -78,7 +87,7 @@ __device__ void dec_attn(const T* qkv, T* kc, T* vc, long cap, const int* len_de
         o[e] = 0.f;
     }
     float m = -INFINITY, l = 0.f;
-    for (int j = warp; j <= len; j += DEC_WARPS) {
+    for (int j = first + warp; j <= len; j += DEC_WARPS) {
         const T* kr = kb + j * D;
         const T* vr = vb + j * D;
         float s = 0.f;
@@ -107,7 +116,7 @@ __device__ void dec_attn(const T* qkv, T* kc, T* vc, long cap, const int* len_de
     __syncthreads();
     if (warp != 0) return;
     float mx = -INFINITY;
-    for (int w = 0; w < DEC_WARPS; w++) mx = fmaxf(mx, part_m[w]);  // finite: warp 0 saw key 0
+    for (int w = 0; w < DEC_WARPS; w++) mx = fmaxf(mx, part_m[w]);  // finite: warp 0 saw key `first`
     float total = 0.f, acc[E];
 #pragma unroll
     for (int e = 0; e < E; e++) acc[e] = 0.f;
@@ -246,6 +255,7 @@ __device__ void dec_gemv(const T* x, const T* W, T* y, int rows, int N, int K, i
 // extern "C" entry points.
 
 // After a global step: one more global position, and the next patch starts P bytes later.
+// (With P = 0, after a cross-patch local step: one more local position.)
 extern "C" __global__ void dec_advance(int* state, int P) {
     state[0] += 1;
     state[1] += P;
@@ -253,8 +263,9 @@ extern "C" __global__ void dec_advance(int* state, int P) {
 
 #define DECODE(TN, T)                                                                                                  \
     extern "C" __global__ void dec_local_in_##TN(const T* ctx, long ctx_stride, const T* table, const float* pad,     \
-                                                 const T* pos, const uint32_t* prev, T* x, int B, int D) {             \
-        dec_local_in<T>(ctx, ctx_stride, table, pad, pos, prev, x, B, D);                                              \
+                                                 const T* pos, const int* pos_dev, const uint32_t* prev, T* x, int B,  \
+                                                 int D) {                                                              \
+        dec_local_in<T>(ctx, ctx_stride, table, pad, pos, pos_dev, prev, x, B, D);                                     \
     }                                                                                                                  \
     extern "C" __global__ void dec_patch_in_##TN(const T* table, const T* pos, const int* state,                     \
                                                  const uint32_t* bytes, T* x, int B, int P, int DG) {                  \
@@ -268,8 +279,8 @@ extern "C" __global__ void dec_advance(int* state, int P) {
 
 #define DECODE_ATTN(TN, T, HD)                                                                                         \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) dec_attn_##TN##_##HD(                                 \
-        const T* qkv, T* kc, T* vc, long cap, const int* len_dev, int len, T* y, int H, float scale) {                \
-        dec_attn<T, HD>(qkv, kc, vc, cap, len_dev, len, y, H, scale);                                                  \
+        const T* qkv, T* kc, T* vc, long cap, const int* len_dev, int len, int window, T* y, int H, float scale) {    \
+        dec_attn<T, HD>(qkv, kc, vc, cap, len_dev, len, window, y, H, scale);                                          \
     }
 
 #define DECODE_GEMV(TN, T, R)                                                                                          \

@@ -9,6 +9,11 @@
 //!
 //! Prefill and window slides stay on the stepwise path ([`Decoder`]), whose caches and state
 //! the engine continues: its KV buffers are written in place here and their lengths kept.
+//!
+//! With cross-patch attention the local cache is not reset at patch boundaries: it holds the
+//! window's bytes, and the local position (cache length and position-table row) is a device
+//! state that each local step advances, so one graph per position in the patch still serves.
+//! Sliding-window attention (either model) attends to the cache's last W positions.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -22,7 +27,7 @@ use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 
 /// True when the engine runs `model` on `device`: CUDA, f32 or bf16 activations with every
 /// matrix in that dtype (sampling models are converted so), f32 norm weights and pads, and
-/// head dimensions `dec_attn` is built for.
+/// head dimensions `dec_attn` is built for. Cross-patch and sliding-window models included.
 pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
     let act = model.activation_dtype();
     let cfg = model.config();
@@ -42,9 +47,6 @@ pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
     let pe = &model.patch_embedder;
     let le = &model.local_embedder;
     device.is_cuda()
-        && cfg.global.window.is_none() // dec_attn attends to every cached position
-        && cfg.local.window.is_none()
-        && !cfg.cross_patch // the engine resets the local cache at every patch
         && matches!(act, DType::F32 | DType::BF16)
         && [&pe.byte_embed, &pe.pos_embed, &le.byte_embed, &le.pos_embed, &model.global_to_local.weight, &model.head_linear().weight].iter().all(|t| is(t, act))
         && is(&le.local_pad, DType::F32)
@@ -66,21 +68,25 @@ pub(super) fn generate(
     let p = model.config().patch_size;
     let start = dec.history[0].len();
     let rule = sample_rule(sampler.rule());
+    let cross = model.config().cross_patch;
     let mut engine = Engine::new(model, rows, &mut dec, rule, device)?;
     engine.restart(&dec)?;
     let mut out = vec![Vec::with_capacity(n); rows];
     let mut t = start; // index of the next byte
     while t < start + n {
-        let pos0 = dec.local.len();
+        let local_len = dec.local.len(); // with cross-patch attention: bytes in the window
+        let pos0 = local_len % p;
         let steps = (p - pos0).min(start + n - t);
         if rule.mode != 0 {
             let draws: Vec<f64> = (0..steps * rows).map(|_| sampler.uniform()).collect();
             engine.k.write(engine.u + (pos0 * rows * 8) as u64, &draws)?;
         }
         for pos in pos0..pos0 + steps {
-            engine.local_step(pos)?;
+            // With cross-patch attention only an empty window's first byte (an empty prompt)
+            // takes the pad; otherwise every patch's first byte does, in its graph.
+            engine.local_step(pos, cross && local_len + pos - pos0 == 0)?;
         }
-        dec.local.set_len(pos0 + steps);
+        dec.local.set_len(local_len + steps);
         let bytes = engine.read_patch(pos0, steps)?;
         for step in bytes.chunks(rows) {
             let next: Vec<u8> = step.iter().map(|&b| b as u8).collect();
@@ -91,7 +97,7 @@ pub(super) fn generate(
             on_bytes(&next);
         }
         t += steps;
-        if dec.local.len() < p || t == start + n {
+        if pos0 + steps < p || t == start + n {
             continue;
         }
         // A patch is complete: one global step, or a window slide (stepwise prefill).
@@ -105,7 +111,9 @@ pub(super) fn generate(
         }
         engine.global_step()?;
         dec.global.set_len(len + 1);
-        dec.local.reset();
+        if !cross {
+            dec.local.reset();
+        }
     }
     Ok(out)
 }
@@ -144,6 +152,8 @@ struct Stack {
     norm: NormAddrs,
     width: usize,
     heads: usize,
+    /// Sliding-window attention: positions seen, itself included (None: all).
+    window: Option<usize>,
     /// Residual stream, norm output, qkv, attention output, attention projection, MLP hidden,
     /// MLP output: [rows, width] except qkv (3×) and the MLP hidden (4×).
     x: u64,
@@ -188,10 +198,12 @@ struct Engine<'m> {
     local_out: u64,
     logits: u64,
     /// The current patch's bytes, time-major [P, rows] u32; its uniform draws [P, rows] f64;
-    /// the global state: i32 [global position, window byte of the next patch].
+    /// the global state: i32 [global position, window byte of the next patch]; the local
+    /// state (cross-patch attention): i32 [local position, unused].
     cur: u64,
     u: u64,
     state: u64,
+    local_state: u64,
     tables: Tables,
     /// Captured on first use: one graph per local position, one for the global step.
     local_graphs: Vec<Option<CudaGraph>>,
@@ -217,7 +229,7 @@ impl<'m> Engine<'m> {
             buffers.push(t);
             Ok(a)
         };
-        let mut stack = |t: &Transformer, heads: usize| -> Result<Stack> {
+        let mut stack = |t: &Transformer, heads: usize, window: Option<usize>| -> Result<Stack> {
             let width = t.norm.weight.dim(0)?;
             let layers = t
                 .blocks
@@ -239,6 +251,7 @@ impl<'m> Engine<'m> {
                 norm: norm_addrs(&t.norm)?,
                 width,
                 heads,
+                window,
                 x: buffer(w, act)?,
                 h: buffer(w, act)?,
                 qkv: buffer(3 * w, act)?,
@@ -248,8 +261,8 @@ impl<'m> Engine<'m> {
                 delta: buffer(w, act)?,
             })
         };
-        let global = stack(&model.global, cfg.global.heads)?;
-        let local = stack(&model.local, cfg.local.heads)?;
+        let global = stack(&model.global, cfg.global.heads, cfg.global.window)?;
+        let local = stack(&model.local, cfg.local.heads, cfg.local.window)?;
         let (p, dl) = (cfg.patch_size, cfg.local.width);
         let global_out = buffer(rows * cfg.global.width, act)?;
         let context = buffer(rows * p * dl, act)?;
@@ -258,6 +271,7 @@ impl<'m> Engine<'m> {
         let cur = buffer(p * rows, DType::U32)?;
         let u = buffer(p * rows, DType::F64)?;
         let state = buffer(2, DType::U32)?; // i32 values, never above 2³¹
+        let local_state = buffer(2, DType::U32)?;
         let (pe, le) = (&model.patch_embedder, &model.local_embedder);
         let tables = Tables {
             patch_bytes: address_of(&pe.byte_embed)?,
@@ -286,6 +300,7 @@ impl<'m> Engine<'m> {
             cur,
             u,
             state,
+            local_state,
             tables,
             local_graphs: (0..p).map(|_| None).collect(),
             global_graph: None,
@@ -309,10 +324,20 @@ impl<'m> Engine<'m> {
         let len = dec.global.len();
         let first = len.saturating_sub(1) * cfg.patch_size; // window byte of the next patch
         self.k.write(self.state, &[len as i32, first as i32])?;
-        let r = dec.local.len();
+        let p = cfg.patch_size;
+        let r = dec.local.len() % p; // bytes of the current patch so far
         let partial: Vec<u32> = (0..r).flat_map(|j| dec.history.iter().map(move |h| u32::from(h[h.len() - r + j]))).collect();
         if !partial.is_empty() {
             self.k.write(self.cur, &partial)?;
+        }
+        if cfg.cross_patch {
+            self.k.write(self.local_state, &[dec.local.len() as i32, 0])?;
+            if r == 0 && !dec.local.is_empty() {
+                // A patch's first byte sees the previous byte, which local_step reads from
+                // the previous patch's last slot.
+                let last: Vec<u32> = dec.history.iter().map(|h| u32::from(h[h.len() - 1])).collect();
+                self.k.write(self.cur + ((p - 1) * self.rows * 4) as u64, &last)?;
+            }
         }
         // The copies above are ordered before the next launches; keep `c` alive until they ran.
         self.k.synchronize()?;
@@ -334,7 +359,7 @@ impl<'m> Engine<'m> {
         for (l, &(kc, vc)) in s.layers.iter().zip(&cache.layers) {
             k.norm(s.x, delta, l.attn_norm.0, l.attn_norm.1, s.h, rows, d, eps)?;
             k.linear(s.h, l.qkv, s.qkv, rows, 3 * d, d)?;
-            k.attention(s.qkv, kc, vc, cache.capacity, len, s.y, rows, s.heads, d / s.heads)?;
+            k.attention(s.qkv, kc, vc, cache.capacity, len, s.window, s.y, rows, s.heads, d / s.heads)?;
             k.linear(s.y, l.proj, s.a, rows, d, d)?;
             k.norm(s.x, Some(s.a), l.mlp_norm.0, l.mlp_norm.1, s.h, rows, d, eps)?;
             k.linear_gelu(s.h, l.up, s.u, rows, 4 * d, d)?;
@@ -346,27 +371,42 @@ impl<'m> Engine<'m> {
     }
 
     /// Runs local position `pos` of the current patch, sampling its byte into `cur[pos]` with
-    /// the draws `u[pos]`.
-    fn local_step(&mut self, pos: usize) -> Result<()> {
+    /// the draws `u[pos]`. `window_start`: the first byte of an empty window (it gets the pad;
+    /// run once, not captured).
+    fn local_step(&mut self, pos: usize, window_start: bool) -> Result<()> {
+        if window_start {
+            return self.enqueue_local_step(pos, true);
+        }
         if self.local_graphs[pos].is_none() {
-            let graph = self.k.capture(|| self.enqueue_local_step(pos).map_err(candle_core::Error::wrap))?;
+            let graph = self.k.capture(|| self.enqueue_local_step(pos, false).map_err(candle_core::Error::wrap))?;
             self.local_graphs[pos] = Some(graph);
         }
         self.local_graphs[pos].as_ref().expect("captured above").launch().map_err(candle_core::Error::wrap)?;
         Ok(())
     }
 
-    fn enqueue_local_step(&self, pos: usize) -> Result<()> {
+    fn enqueue_local_step(&self, pos: usize, window_start: bool) -> Result<()> {
         let (k, rows, es, tb) = (&self.k, self.rows, self.esize(), &self.tables);
         let cfg = self.model.config();
         let (p, dl) = (cfg.patch_size, cfg.local.width);
-        let prev = (pos > 0).then(|| self.cur + ((pos - 1) * rows * 4) as u64);
-        let at_pos = (pos * dl) as u64 * es;
-        k.local_input(self.context + at_pos, p * dl, tb.local_bytes, tb.local_pad, tb.local_pos + at_pos, prev, self.local.x, rows, dl)?;
-        self.stack_step(&self.local, &self.local_cache, Position::Fixed(pos), self.local_out)?;
+        let slot = |j: usize| self.cur + (j * rows * 4) as u64;
+        // The previous byte: this patch's, or with cross-patch attention at a patch's first
+        // position the previous patch's last (still in its slot); the pad otherwise.
+        let prev = match (pos, cfg.cross_patch && !window_start) {
+            (0, false) => None,
+            (0, true) => Some(slot(p - 1)),
+            _ => Some(slot(pos - 1)),
+        };
+        // The local position: fixed per position in the patch, or the window's byte count.
+        let at = if cfg.cross_patch { Position::OnDevice(self.local_state) } else { Position::Fixed(pos) };
+        let ctx = self.context + (pos * dl) as u64 * es;
+        k.local_input(ctx, p * dl, tb.local_bytes, tb.local_pad, tb.local_pos, at, prev, self.local.x, rows, dl)?;
+        self.stack_step(&self.local, &self.local_cache, at, self.local_out)?;
         k.linear(self.local_out, tb.head, self.logits, rows, V, dl)?;
-        let out = self.cur + (pos * rows * 4) as u64;
-        k.sample(self.logits, out, self.u + (pos * rows * 8) as u64, rows, self.rule)?;
+        k.sample(self.logits, slot(pos), self.u + (pos * rows * 8) as u64, rows, self.rule)?;
+        if cfg.cross_patch {
+            k.advance(self.local_state, 0)?;
+        }
         Ok(())
     }
 

@@ -45,7 +45,7 @@ pub(crate) struct SampleRule {
 /// while a graph is being captured.
 const BLAS_WORKSPACE: usize = 32 << 20;
 
-/// Where `dec_attn` finds the new position.
+/// Where `dec_attn` finds the new position (and `dec_local_in` its position-table row).
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Position {
     Fixed(usize),
@@ -207,11 +207,12 @@ impl Kernels {
     }
 
     /// Appends the key and value of qkv [rows, 3·heads·hd] at position `len` of the caches
-    /// [rows, cap, heads·hd] and writes the attention output y [rows, heads·hd]. The position
-    /// is `len`, or the i32 at device address `len_dev` when given (the caller checks it
-    /// against `cap`).
+    /// [rows, cap, heads·hd] and writes the attention output y [rows, heads·hd], attending to
+    /// every cached position or, with `window` Some(W), to the last W (itself included). The
+    /// position is `len`, or the i32 at device address `len_dev` when given (the caller checks
+    /// it against `cap`).
     #[allow(clippy::too_many_arguments)]
-    pub fn attention(&self, qkv: u64, kc: u64, vc: u64, cap: usize, len: Position, y: u64, rows: usize, heads: usize, hd: usize) -> CResult<()> {
+    pub fn attention(&self, qkv: u64, kc: u64, vc: u64, cap: usize, len: Position, window: Option<usize>, y: u64, rows: usize, heads: usize, hd: usize) -> CResult<()> {
         let i = HEAD_DIMS.iter().position(|&h| h == hd).ok_or_else(|| candle_core::Error::Msg(format!("decoding attention: no kernel for head dim {hd}")))?;
         let (len_dev, len) = match len {
             Position::Fixed(len) if len >= cap => candle_core::bail!("decoding attention: position {len} is past the cache's {cap}"),
@@ -219,16 +220,23 @@ impl Kernels {
             Position::OnDevice(address) => (address, 0),
         };
         let (cap64, h32, scale) = (cap as i64, heads as i32, 1.0 / (hd as f32).sqrt());
-        go!(self, self.attn[i], launch_cfg(((rows * heads) as u32, 1), ATTN_THREADS, 0), qkv, kc, vc, cap64, len_dev, len, y, h32, scale);
+        let w32 = window.map_or(0, |w| w.min(i32::MAX as usize) as i32);
+        go!(self, self.attn[i], launch_cfg(((rows * heads) as u32, 1), ATTN_THREADS, 0), qkv, kc, vc, cap64, len_dev, len, w32, y, h32, scale);
         Ok(())
     }
 
     /// The local model's input x [rows, d] at one position (see `dec_local_in`): `ctx` rows
-    /// `ctx_stride` apart, `prev` the previous bytes [rows] (u32) or None for the pad.
+    /// `ctx_stride` apart, `prev` the previous bytes [rows] (u32) or None for the pad, and the
+    /// position-table row `pos`: Fixed(i) of the table at `pos_table`, or OnDevice(address) for
+    /// the row the i32 there names when the kernel runs.
     #[allow(clippy::too_many_arguments)]
-    pub fn local_input(&self, ctx: u64, ctx_stride: usize, table: u64, pad: u64, pos: u64, prev: Option<u64>, x: u64, rows: usize, d: usize) -> CResult<()> {
+    pub fn local_input(&self, ctx: u64, ctx_stride: usize, table: u64, pad: u64, pos_table: u64, pos: Position, prev: Option<u64>, x: u64, rows: usize, d: usize) -> CResult<()> {
         let (stride, prev, r32, d32) = (ctx_stride as i64, prev.unwrap_or(0), rows as i32, d as i32);
-        go!(self, self.local_in, launch_cfg((super::elementwise_blocks(rows * d), 1), 256, 0), ctx, stride, table, pad, pos, prev, x, r32, d32);
+        let (row, pos_dev) = match pos {
+            Position::Fixed(i) => (pos_table + (i * d * self.dtype().size_in_bytes()) as u64, 0u64),
+            Position::OnDevice(address) => (pos_table, address),
+        };
+        go!(self, self.local_in, launch_cfg((super::elementwise_blocks(rows * d), 1), 256, 0), ctx, stride, table, pad, row, pos_dev, prev, x, r32, d32);
         Ok(())
     }
 
@@ -241,7 +249,8 @@ impl Kernels {
         Ok(())
     }
 
-    /// state[0] += 1 (the global position), state[1] += p (the next patch's first byte).
+    /// state[0] += 1 (the global position, or with p = 0 the cross-patch local position),
+    /// state[1] += p (the next patch's first byte).
     pub fn advance(&self, state: u64, p: usize) -> CResult<()> {
         let p32 = p as i32;
         go!(self, self.advance, launch_cfg((1, 1), 1, 0), state, p32);
