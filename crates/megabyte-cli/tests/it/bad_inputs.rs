@@ -150,3 +150,28 @@ fn data_fetch_lists_its_sets_and_refuses_a_wrong_package() {
     fails_with(&["data", "fetch", "speech-en", "--dir", s(&data), "--from", s(&fake)], "sha256");
     assert!(!data.exists());
 }
+
+#[test]
+fn a_full_disk_fails_the_checkpoint_cleanly_and_keeps_the_last_one() {
+    // Step 2's config.json goes to /dev/full, whose writes fail with ENOSPC as on a full disk
+    // (the weights cannot be redirected so: safetensors writes a fresh file and renames it).
+    // The save reports it, leaves no step-2 folder and no temporary folder, and step 1's
+    // checkpoint is untouched.
+    let full = Path::new("/dev/full");
+    assert!(full.exists(), "this test needs /dev/full");
+    let run = temp_dir("full-disk");
+    let (model, params) = tiny(1);
+    let data = |step| CheckpointData { step, config: model.config(), params: &params, training: None };
+    let first = checkpoint::save(&run, &data(1)).unwrap();
+    let before = std::fs::read(first.join(checkpoint::MODEL_FILE)).unwrap();
+    let tmp = run.join(format!(".step-00000002.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::os::unix::fs::symlink(full, tmp.join(checkpoint::CONFIG_FILE)).unwrap();
+
+    let err = checkpoint::save(&run, &data(2)).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("No space left"), "unclear error: {err}");
+    assert!(!checkpoint::dir_for(&run, 2).exists(), "a failed save left a step folder");
+    assert!(!tmp.exists(), "a failed save left its temporary folder");
+    assert_eq!(checkpoint::list(&run).unwrap().iter().map(|c| c.0).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(std::fs::read(first.join(checkpoint::MODEL_FILE)).unwrap(), before);
+}
