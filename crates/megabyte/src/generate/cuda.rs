@@ -77,6 +77,11 @@ pub(super) fn generate(
         let local_len = dec.local.len(); // with cross-patch attention: bytes in the window
         let pos0 = local_len % p;
         let steps = (p - pos0).min(start + n - t);
+        // The local position is read on the device, unchecked there: the window's slides keep
+        // it inside the cache.
+        if local_len + steps > dec.local.capacity() {
+            return Err(Error::Input(format!("CUDA decoder: local position {} past the cache's {}", local_len + steps, dec.local.capacity())));
+        }
         if rule.mode != 0 {
             let draws: Vec<f64> = (0..steps * rows).map(|_| sampler.uniform()).collect();
             engine.k.write(engine.u + (pos0 * rows * 8) as u64, &draws)?;
