@@ -1,5 +1,6 @@
-//! Bytes to train on: any file or folder of files as one memory-mapped byte stream, split
-//! into training and validation ranges, and seeded random windows over a split.
+//! Bytes to train on: any file or folder of files as one byte stream (large files
+//! memory-mapped), split into training and validation ranges, and seeded random windows over a
+//! split.
 
 use std::io::Read;
 use std::ops::Range;
@@ -92,6 +93,7 @@ impl ByteStream {
                     }
                 };
                 let before = chunk.len();
+                chunk.reserve(len as usize);
                 (&f).read_to_end(chunk).io_context(|| format!("reading {}", file.display()))?;
                 if (chunk.len() - before) as u64 != len {
                     return Err(Error::Data {
