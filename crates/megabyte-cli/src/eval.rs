@@ -73,6 +73,8 @@ pub fn run(args: Args) -> Result<()> {
             "documents": split.documents().map(|d| d.len()),
             "context": model.config().context,
             "patch_size": model.config().patch_size,
+            "by_patch_position": report.by_patch_position,
+            "by_window_position": report.by_window_position,
         });
         println!("{out}");
     } else {
@@ -86,6 +88,13 @@ pub fn run(args: Args) -> Result<()> {
             if args.strided { ", strided" } else { "" },
             split.documents().map_or(String::new(), |d| format!(", {} documents in isolation", d.len())),
         );
+        let row = |slices: &[megabyte::eval::Slice], label: &dyn Fn(&megabyte::eval::Slice) -> String| {
+            slices.iter().filter(|s| s.bytes > 0).map(|s| format!("{} {:.3}", label(s), s.bpb)).collect::<Vec<_>>().join(", ")
+        };
+        if report.by_patch_position.len() > 1 {
+            println!("by position in the patch: {}", row(&report.by_patch_position, &|s| s.from.to_string()));
+        }
+        println!("by position in the window: {}", row(&report.by_window_position, &|s| format!("{}-{}", s.from, s.to - 1)));
     }
     Ok(())
 }

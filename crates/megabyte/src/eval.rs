@@ -10,6 +10,9 @@
 //! With document isolation (a split with documents, see [`crate::documents`]) each document
 //! is evaluated on its own as if it were the whole split: windows start inside it, and the
 //! bytes after its end are zero padding that is never scored.
+//!
+//! The report breaks the figure down by a byte's position in its patch and by its position in
+//! its window (the context it was predicted from), to show where a model loses bits.
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -32,12 +35,62 @@ pub struct EvalSettings {
 }
 
 /// The result: bits per byte over `bytes` scored bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EvalReport {
     pub bpb: f64,
     pub bytes: u64,
     /// Forward passes over full windows: the cost.
     pub windows: u64,
+    /// The scored bytes by their position in their patch (P entries, 0 first).
+    pub by_patch_position: Vec<Slice>,
+    /// The scored bytes by their position in their window, in [`CONTEXT_BINS`] equal ranges
+    /// of window positions (fewer for T < 8): bytes late in a window had more context.
+    pub by_window_position: Vec<Slice>,
+}
+
+/// Window positions are grouped into this many equal ranges in [`EvalReport`].
+pub const CONTEXT_BINS: usize = 8;
+
+/// Bits per byte over some of the scored bytes: those at window positions `from..to` (or, by
+/// patch position, at position `from`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Slice {
+    pub from: usize,
+    pub to: usize,
+    pub bytes: u64,
+    pub bpb: f64,
+}
+
+/// Nats and bytes per group of window positions.
+struct Tally {
+    nats: Vec<f64>,
+    bytes: Vec<u64>,
+}
+
+impl Tally {
+    fn new(groups: usize) -> Self {
+        Tally { nats: vec![0.0; groups], bytes: vec![0; groups] }
+    }
+
+    fn add(&mut self, other: &Tally) {
+        for (a, b) in self.nats.iter_mut().zip(&other.nats) {
+            *a += b;
+        }
+        for (a, b) in self.bytes.iter_mut().zip(&other.bytes) {
+            *a += b;
+        }
+    }
+
+    /// One slice per group; group g covers window positions `range(g)`.
+    fn slices(&self, range: impl Fn(usize) -> (usize, usize)) -> Vec<Slice> {
+        let bpb = |nats: f64, bytes: u64| if bytes == 0 { 0.0 } else { nats / bytes as f64 / std::f64::consts::LN_2 };
+        (0..self.nats.len())
+            .map(|g| {
+                let (from, to) = range(g);
+                Slice { from, to, bytes: self.bytes[g], bpb: bpb(self.nats[g], self.bytes[g]) }
+            })
+            .collect()
+    }
 }
 
 /// One window: where it starts in the split and which of its positions are scored (1.0).
@@ -81,16 +134,29 @@ pub fn evaluate(
         Some(docs) => document_windows(docs, len, t, p, stride, &offsets, settings.strided),
     };
     let total = windows.len() as u64;
-    // Scores one batch of windows: (nats, bytes scored).
-    let score = |chunk: &[Window]| -> Result<(f64, u64)> {
+    let bins = CONTEXT_BINS.min(t);
+    // Scores one batch of windows: (nats, bytes scored, by patch position, by window position).
+    let score = |chunk: &[Window]| -> Result<(f64, u64, Tally, Tally)> {
         let ids: Vec<u32> =
             chunk.iter().flat_map(|w| split.padded_window(w.start, w.len, t).into_iter().map(u32::from)).collect();
         let x = Tensor::from_vec(ids, (chunk.len(), t), device)?; // [B, T]
         let mask: Vec<f32> = chunk.iter().flat_map(|w| w.score.iter().copied()).collect();
         let mask = Tensor::from_vec(mask, (chunk.len(), t), device)?;
-        let losses = model.byte_losses(&x)?; // [B, T] nats
-        let nats = (losses * &mask)?.sum_all()?.to_scalar::<f32>()? as f64;
-        Ok((nats, chunk.iter().map(|w| w.score.iter().filter(|&&s| s > 0.0).count() as u64).sum()))
+        let losses = (model.byte_losses(&x)? * &mask)?; // [B, T] nats, 0 where not scored
+        let nats = losses.sum_all()?.to_scalar::<f32>()? as f64;
+        let (mut by_patch, mut by_window) = (Tally::new(p), Tally::new(bins));
+        for (w, row) in chunk.iter().zip(losses.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?) {
+            for (j, (&keep, &nats)) in w.score.iter().zip(&row).enumerate() {
+                if keep > 0.0 {
+                    for (tally, g) in [(&mut by_patch, j % p), (&mut by_window, j * bins / t)] {
+                        tally.nats[g] += nats as f64;
+                        tally.bytes[g] += 1;
+                    }
+                }
+            }
+        }
+        let bytes = chunk.iter().map(|w| w.score.iter().filter(|&&s| s > 0.0).count() as u64).sum();
+        Ok((nats, bytes, by_patch, by_window))
     };
     // On the CPU, one batch per core at a time (small models are serial op by op); results are
     // summed in window order, so the figure does not depend on the thread count.
@@ -101,12 +167,15 @@ pub fn evaluate(
         .map_err(|e| Error::Input(format!("cannot start {threads} evaluation threads: {e}")))?;
     let batches: Vec<&[Window]> = windows.chunks(batch).collect();
     let (mut nats, mut bytes, mut done) = (0f64, 0u64, 0u64);
+    let (mut by_patch, mut by_window) = (Tally::new(p), Tally::new(bins));
     for round in batches.chunks(threads) {
-        let results: Vec<Result<(f64, u64)>> = pool.install(|| round.par_iter().map(|c| score(c)).collect());
+        let results: Vec<Result<(f64, u64, Tally, Tally)>> = pool.install(|| round.par_iter().map(|c| score(c)).collect());
         for r in results {
-            let (n, b) = r?;
+            let (n, b, bp, bw) = r?;
             nats += n;
             bytes += b;
+            by_patch.add(&bp);
+            by_window.add(&bw);
         }
         done += round.iter().map(|c| c.len() as u64).sum::<u64>();
         progress(done, total);
@@ -114,7 +183,13 @@ pub fn evaluate(
     if bytes != len {
         return Err(Error::Input(format!("evaluation scored {bytes} of {len} bytes (an internal bug)")));
     }
-    Ok(EvalReport { bpb: nats / bytes as f64 / std::f64::consts::LN_2, bytes, windows: total })
+    Ok(EvalReport {
+        bpb: nats / bytes as f64 / std::f64::consts::LN_2,
+        bytes,
+        windows: total,
+        by_patch_position: by_patch.slices(|g| (g, g + 1)),
+        by_window_position: by_window.slices(|g| (g * t / bins, (g + 1) * t / bins)),
+    })
 }
 
 /// Every window of every pass (one pass per offset) over `len` bytes.

@@ -29,6 +29,37 @@ fn every_setting_scores_every_byte_once() {
 }
 
 #[test]
+fn the_breakdowns_partition_the_scored_bytes() {
+    // By patch position and by window position: every scored byte in exactly one slice, the
+    // slices' byte-weighted mean the overall figure. Strided passes keep only the first half
+    // of every patch; sliding windows after the first score only their last `stride` bytes.
+    let (model, _) = tiny(4);
+    let (t, p) = (model.config().context, model.config().patch_size);
+    let bytes: &'static [u8] = Box::leak(random_bytes(1000, 8).into_boxed_slice());
+    let split = Split::all(Arc::new(ByteStream::from_static("random", bytes)));
+    for (strided, sliding) in [(false, None), (false, Some(64)), (true, None), (true, Some(128))] {
+        let settings = EvalSettings { strided, sliding, batch_size: 3 };
+        let r = evaluate(&model, &split, settings, None, &Device::Cpu, &mut |_, _| {}).unwrap();
+        let what = format!("strided {strided} sliding {sliding:?}");
+        assert_eq!(r.by_patch_position.len(), p);
+        assert_eq!(r.by_window_position.len(), 8);
+        for slices in [&r.by_patch_position, &r.by_window_position] {
+            assert_eq!(slices.iter().map(|s| s.bytes).sum::<u64>(), r.bytes, "{what}");
+            let mean = slices.iter().map(|s| s.bpb * s.bytes as f64).sum::<f64>() / r.bytes as f64;
+            assert!((mean - r.bpb).abs() < 1e-4, "{what}: slices' mean {mean} against {}", r.bpb);
+        }
+        let by_patch: Vec<u64> = r.by_patch_position.iter().map(|s| s.bytes).collect();
+        assert_eq!(by_patch.iter().skip(p / 2).any(|&n| n > 0), !strided, "{what}: {by_patch:?}");
+        if sliding == Some(64) {
+            // The first window scores all 256 positions (32 per range), later ones 192..256.
+            let by_window: Vec<u64> = r.by_window_position.iter().map(|s| s.bytes).collect();
+            assert!(by_window[..6].iter().all(|&n| n == 32), "{what}: {by_window:?}");
+            assert_eq!(r.by_window_position[6].from, 6 * t / 8);
+        }
+    }
+}
+
+#[test]
 fn plain_evaluation_equals_the_mean_training_loss_on_whole_windows() {
     let (model, _) = tiny(4);
     let bytes: &'static [u8] = Box::leak(random_bytes(512, 9).into_boxed_slice());
