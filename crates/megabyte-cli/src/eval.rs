@@ -89,7 +89,7 @@ pub fn run(args: Args) -> Result<()> {
             split.documents().map_or(String::new(), |d| format!(", {} documents in isolation", d.len())),
         );
         let row = |slices: &[megabyte::eval::Slice], label: &dyn Fn(&megabyte::eval::Slice) -> String| {
-            slices.iter().filter(|s| s.bytes > 0).map(|s| format!("{} {:.3}", label(s), s.bpb)).collect::<Vec<_>>().join(", ")
+            slices.iter().filter_map(|s| Some(format!("{} {:.3}", label(s), s.bpb?))).collect::<Vec<_>>().join(", ")
         };
         if report.by_patch_position.len() > 1 {
             println!("by position in the patch: {}", row(&report.by_patch_position, &|s| s.from.to_string()));

@@ -171,7 +171,7 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, x: &str
 
 /// An axis range covering the values with a margin (positive, for a log axis). It hugs the
 /// data rather than reaching down to zero, so that curves ending close together (validation
-/// losses) stay apart.
+/// losses) stay apart, but does not dip below zero for values that do not.
 fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     let (lo, hi) = values.filter(|v| !log || *v > 0.0).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
     if !lo.is_finite() {
@@ -181,6 +181,6 @@ fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
         (lo / 1.5, hi * 1.5)
     } else {
         let pad = ((hi - lo) * 0.08).max(hi.abs() * 0.01).max(1e-9);
-        (lo - pad, hi + pad)
+        (if lo >= 0.0 { (lo - pad).max(0.0) } else { lo - pad }, hi + pad)
     }
 }

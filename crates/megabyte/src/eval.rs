@@ -43,8 +43,9 @@ pub struct EvalReport {
     pub windows: u64,
     /// The scored bytes by their position in their patch (P entries, 0 first).
     pub by_patch_position: Vec<Slice>,
-    /// The scored bytes by their position in their window, in [`CONTEXT_BINS`] equal ranges
-    /// of window positions (fewer for T < 8): bytes late in a window had more context.
+    /// The scored bytes by their position in their window, in [`CONTEXT_BINS`] ranges of
+    /// window positions (as equal as T allows; T ranges for T < 8): bytes late in a window had
+    /// more context.
     pub by_window_position: Vec<Slice>,
 }
 
@@ -52,13 +53,13 @@ pub struct EvalReport {
 pub const CONTEXT_BINS: usize = 8;
 
 /// Bits per byte over some of the scored bytes: those at window positions `from..to` (or, by
-/// patch position, at position `from`).
+/// patch position, at position `from`); None where no byte was scored there.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Slice {
     pub from: usize,
     pub to: usize,
     pub bytes: u64,
-    pub bpb: f64,
+    pub bpb: Option<f64>,
 }
 
 /// Nats and bytes per group of window positions.
@@ -83,7 +84,7 @@ impl Tally {
 
     /// One slice per group; group g covers window positions `range(g)`.
     fn slices(&self, range: impl Fn(usize) -> (usize, usize)) -> Vec<Slice> {
-        let bpb = |nats: f64, bytes: u64| if bytes == 0 { 0.0 } else { nats / bytes as f64 / std::f64::consts::LN_2 };
+        let bpb = |nats: f64, bytes: u64| (bytes > 0).then(|| nats / bytes as f64 / std::f64::consts::LN_2);
         (0..self.nats.len())
             .map(|g| {
                 let (from, to) = range(g);
@@ -188,7 +189,8 @@ pub fn evaluate(
         bytes,
         windows: total,
         by_patch_position: by_patch.slices(|g| (g, g + 1)),
-        by_window_position: by_window.slices(|g| (g * t / bins, (g + 1) * t / bins)),
+        // Position j is in range j·bins/T (rounded down): range g starts at ⌈g·T/bins⌉.
+        by_window_position: by_window.slices(|g| ((g * t).div_ceil(bins), ((g + 1) * t).div_ceil(bins))),
     })
 }
 

@@ -45,7 +45,8 @@ fn the_breakdowns_partition_the_scored_bytes() {
         assert_eq!(r.by_window_position.len(), 8);
         for slices in [&r.by_patch_position, &r.by_window_position] {
             assert_eq!(slices.iter().map(|s| s.bytes).sum::<u64>(), r.bytes, "{what}");
-            let mean = slices.iter().map(|s| s.bpb * s.bytes as f64).sum::<f64>() / r.bytes as f64;
+            let mean = slices.iter().map(|s| s.bpb.unwrap_or(0.0) * s.bytes as f64).sum::<f64>() / r.bytes as f64;
+            assert!(slices.iter().all(|s| s.bpb.is_some() == (s.bytes > 0)), "{what}: a figure without bytes");
             assert!((mean - r.bpb).abs() < 1e-4, "{what}: slices' mean {mean} against {}", r.bpb);
         }
         let by_patch: Vec<u64> = r.by_patch_position.iter().map(|s| s.bytes).collect();
@@ -57,6 +58,19 @@ fn the_breakdowns_partition_the_scored_bytes() {
             assert_eq!(r.by_window_position[6].from, 6 * t / 8);
         }
     }
+    // T = 36 (not a multiple of 8): the ranges still tile 0..T, and each holds the bytes of
+    // its own positions (plain windows, all full: 10 windows score every position).
+    let mut cfg = crate::small_config(megabyte::NormKind::LayerNorm, true);
+    cfg.context = 36;
+    let (model, _) = megabyte::MegaByte::init(&cfg, 1, megabyte::DType::F32, &Device::Cpu).unwrap();
+    let split = Split::all(Arc::new(ByteStream::from_static("random", &bytes[..360])));
+    let settings = EvalSettings { strided: false, sliding: None, batch_size: 4 };
+    let r = evaluate(&model, &split, settings, None, &Device::Cpu, &mut |_, _| {}).unwrap();
+    let ranges: Vec<(usize, usize, u64)> = r.by_window_position.iter().map(|s| (s.from, s.to, s.bytes)).collect();
+    assert_eq!(ranges.first().map(|r| r.0), Some(0));
+    assert_eq!(ranges.last().map(|r| r.1), Some(36));
+    assert!(ranges.windows(2).all(|w| w[0].1 == w[1].0), "{ranges:?}");
+    assert!(ranges.iter().all(|&(from, to, n)| n == 10 * (to - from) as u64), "{ranges:?}");
 }
 
 #[test]
