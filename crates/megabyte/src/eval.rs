@@ -136,17 +136,15 @@ pub fn evaluate(
     };
     let total = windows.len() as u64;
     let bins = CONTEXT_BINS.min(t);
-    // Scores one batch of windows: (nats, bytes scored, by patch position, by window position).
-    let score = |chunk: &[Window]| -> Result<(f64, u64, Tally, Tally)> {
+    // Scores one batch of windows: the scored bytes' nats by patch position and by window
+    // position (one read-back of the losses; the totals are either tally's sums).
+    let score = |chunk: &[Window]| -> Result<(Tally, Tally)> {
         let ids: Vec<u32> =
             chunk.iter().flat_map(|w| split.padded_window(w.start, w.len, t).into_iter().map(u32::from)).collect();
         let x = Tensor::from_vec(ids, (chunk.len(), t), device)?; // [B, T]
-        let mask: Vec<f32> = chunk.iter().flat_map(|w| w.score.iter().copied()).collect();
-        let mask = Tensor::from_vec(mask, (chunk.len(), t), device)?;
-        let losses = (model.byte_losses(&x)? * &mask)?; // [B, T] nats, 0 where not scored
-        let nats = losses.sum_all()?.to_scalar::<f32>()? as f64;
+        let losses = model.byte_losses(&x)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?; // [B][T] nats
         let (mut by_patch, mut by_window) = (Tally::new(p), Tally::new(bins));
-        for (w, row) in chunk.iter().zip(losses.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?) {
+        for (w, row) in chunk.iter().zip(losses) {
             for (j, (&keep, &nats)) in w.score.iter().zip(&row).enumerate() {
                 if keep > 0.0 {
                     for (tally, g) in [(&mut by_patch, j % p), (&mut by_window, j * bins / t)] {
@@ -156,8 +154,7 @@ pub fn evaluate(
                 }
             }
         }
-        let bytes = chunk.iter().map(|w| w.score.iter().filter(|&&s| s > 0.0).count() as u64).sum();
-        Ok((nats, bytes, by_patch, by_window))
+        Ok((by_patch, by_window))
     };
     // On the CPU, one batch per core at a time (small models are serial op by op); results are
     // summed in window order, so the figure does not depend on the thread count.
@@ -167,20 +164,19 @@ pub fn evaluate(
         .build()
         .map_err(|e| Error::Input(format!("cannot start {threads} evaluation threads: {e}")))?;
     let batches: Vec<&[Window]> = windows.chunks(batch).collect();
-    let (mut nats, mut bytes, mut done) = (0f64, 0u64, 0u64);
+    let mut done = 0u64;
     let (mut by_patch, mut by_window) = (Tally::new(p), Tally::new(bins));
     for round in batches.chunks(threads) {
-        let results: Vec<Result<(f64, u64, Tally, Tally)>> = pool.install(|| round.par_iter().map(|c| score(c)).collect());
+        let results: Vec<Result<(Tally, Tally)>> = pool.install(|| round.par_iter().map(|c| score(c)).collect());
         for r in results {
-            let (n, b, bp, bw) = r?;
-            nats += n;
-            bytes += b;
+            let (bp, bw) = r?;
             by_patch.add(&bp);
             by_window.add(&bw);
         }
         done += round.iter().map(|c| c.len() as u64).sum::<u64>();
         progress(done, total);
     }
+    let (nats, bytes) = (by_window.nats.iter().sum::<f64>(), by_window.bytes.iter().sum::<u64>());
     if bytes != len {
         return Err(Error::Input(format!("evaluation scored {bytes} of {len} bytes (an internal bug)")));
     }
