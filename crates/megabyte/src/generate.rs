@@ -52,23 +52,12 @@ impl Sampling {
         }
         Ok(())
     }
-}
 
-/// A sampling rule with its seeded RNG.
-pub struct Sampler {
-    sampling: Sampling,
-    rng: ChaCha8Rng,
-}
-
-impl Sampler {
-    pub fn new(sampling: Sampling, seed: u64) -> Result<Self> {
-        sampling.validate()?;
-        Ok(Sampler { sampling, rng: ChaCha8Rng::seed_from_u64(seed) })
-    }
-
-    /// Picks a byte from one row of 256 logits.
-    pub fn sample(&mut self, logits: &[f32]) -> u8 {
-        let (temperature, keep_k, keep_p) = match self.sampling {
+    /// The byte this rule picks from one row of 256 logits for the uniform draw `u` in [0, 1)
+    /// (greedy ignores it): the bytes sorted by probability, the rule's set kept, and `u`
+    /// times its total mass walked down the sorted weights. The CUDA decoder samples the same way.
+    pub fn pick(&self, logits: &[f32], u: f64) -> u8 {
+        let (temperature, keep_k, keep_p) = match *self {
             Sampling::Greedy => return argmax(logits),
             Sampling::Temperature { temperature } => (temperature, logits.len(), 1.0),
             Sampling::TopK { k, temperature } => (temperature, k.min(logits.len()), 1.0),
@@ -93,7 +82,7 @@ impl Sampler {
             probs.truncate(n);
         }
         let total: f64 = probs.iter().map(|p| p.1).sum();
-        let mut u = self.uniform() * total;
+        let mut u = u * total;
         for &(i, w) in &probs {
             if u < w {
                 return i as u8;
@@ -104,7 +93,24 @@ impl Sampler {
     }
 }
 
+/// A sampling rule with its seeded RNG.
+pub struct Sampler {
+    sampling: Sampling,
+    rng: ChaCha8Rng,
+}
+
 impl Sampler {
+    pub fn new(sampling: Sampling, seed: u64) -> Result<Self> {
+        sampling.validate()?;
+        Ok(Sampler { sampling, rng: ChaCha8Rng::seed_from_u64(seed) })
+    }
+
+    /// Picks a byte from one row of 256 logits (one uniform draw unless the rule is greedy).
+    pub fn sample(&mut self, logits: &[f32]) -> u8 {
+        let u = if self.sampling == Sampling::Greedy { 0.0 } else { self.uniform() };
+        self.sampling.pick(logits, u)
+    }
+
     /// The rule this sampler applies.
     pub fn rule(&self) -> Sampling {
         self.sampling
@@ -112,8 +118,10 @@ impl Sampler {
 
     /// The next uniform draw in [0, 1): one per sampled (non-greedy) byte, in the order the
     /// bytes are chosen. The CUDA decoder draws them here and samples on the device, so both
-    /// paths give the same bytes for one seed.
-    pub(crate) fn uniform(&mut self) -> f64 {
+    /// paths give the same bytes for one seed (up to near-ties: two bytes whose probabilities
+    /// agree to six digits can swap places in the sorted order when the paths' sums round
+    /// differently).
+    pub fn uniform(&mut self) -> f64 {
         self.rng.random::<f64>()
     }
 }
