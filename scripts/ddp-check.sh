@@ -2,17 +2,21 @@
 # Multi-GPU (data-parallel, NCCL) checks on a GPU host, ending with a table. Run from the
 # repository root after `source scripts/device-env.sh` (it unpacks .devbin/{megabyte,it}.xz
 # into /tmp/mb and puts PyTorch's libraries, libnccl.so.2 included, on the library path).
-#   usage: scripts/ddp-check.sh [PART...]   PART: tests smoke agree speed env fault (default: all
-#          that the visible GPUs allow; with 1 GPU only tests and smoke)
+#   usage: scripts/ddp-check.sh [PART...]   PART: tests smoke agree speed env fault image640
+#          (default: tests smoke, and with 2 GPUs or more agree speed env fault)
 # Environment: MEGABYTE (default /tmp/mb/megabyte), IT (the test binary, default /tmp/mb/it),
 # OUT (default runs/ddp-check), STEPS (agreement steps, default 200), SPEED_BATCH (paper-arxiv
-# sequences per GPU, default 16). Within a 10-minute limit per call, run it as two calls:
-#   scripts/ddp-check.sh tests smoke agree env;  scripts/ddp-check.sh speed fault
+# sequences per GPU, default 16), PEAK_TFLOPS. Within a 10-minute limit per call, run it as
+# two calls, on 8 GPUs three: tests smoke agree env | fault speed | image640 (speed's four runs)
 #   tests  the NCCL tests of tests/it/cuda.rs (world of 1; 2 GPUs train as one)
 #   smoke  `--devices 0` (NCCL, world 1) against plain `--device cuda:0`: tiny, 60 steps
 #   agree  the same global batch (enwik8, batch 8, bf16) for STEPS steps on GPU 0, again on
 #          GPU 0 (run-to-run noise), and on GPUs 0,1: loss curves and validation bpb
-#   speed  paper-arxiv bytes/s, SPEED_BATCH sequences per GPU: 1 GPU against 2 (target ≥ 1.85x)
+#   speed  paper-arxiv bytes/s, SPEED_BATCH sequences per GPU, on 1, 2, 4 and 8 GPUs (those
+#          visible): speed-up over 1 GPU (targets: ≥ 1.85x on 2, ≥ 7.2x on 8), efficiency,
+#          MFU (PEAK_TFLOPS per GPU, default 790); speed.jsonl and speed.png
+#   image640  the paper's Image640 shape (1,228,800-byte sequences) on all visible GPUs, one
+#          sequence each, --recompute: bytes/s and peak memory
 #   env    two processes started by hand with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/
 #          MASTER_PORT (the multi-host way), against the launcher's run of `agree`
 #   fault  kill -9 one rank (the launcher must stop the job at once), and SIGSTOP one rank
@@ -101,16 +105,55 @@ agree)
     row "resume 1 GPU on 2 and 2 on 1" "exit $r1/$r2; steps $((steps + 1))-$more: max |dloss| $mx mean $mean ($n steps): $(ok "$r1 == 0 and $r2 == 0 and $n == 20 and $mx <= max(3 * $nmx, 0.02)")"
     ;;
 speed)
+    # paper-arxiv on 1, 2, 4 and 8 GPUs (as many as are visible), SPEED_BATCH sequences per
+    # GPU: bytes/s, MFU against PEAK_TFLOPS per GPU, speed-up and efficiency against 1 GPU;
+    # records in speed.jsonl (with the ideal line) and the plot speed.png.
     sb=${SPEED_BATCH:-16}
+    peak=${PEAK_TFLOPS:-790}
+    fpb=$("$mb" info --preset paper-arxiv | sed -n 's/^training FLOPs per byte: \([0-9.e+]*\).*/\1/p')
     common=(--preset paper-arxiv --steps 12 --warmup 2 --eval-every 1000 --eval-bytes 8192 --checkpoint-every 1000 --keep 1)
-    train speed-1 --device cuda:0 --batch-size "$sb" "${common[@]}"
-    r1=$(rate "$out/speed-1")
-    train speed-2 --devices 0,1 --batch-size $((2 * sb)) "${common[@]}"
+    : > "$out/speed.jsonl"
+    r1=""
+    for n in 1 2 4 8; do
+        [ "$n" -le "$gpus" ] || break
+        if [ "$n" = 1 ]; then
+            train speed-1 --device cuda:0 --batch-size "$sb" "${common[@]}"
+        else
+            train "speed-$n" --devices "$(seq -s, 0 $((n - 1)))" --batch-size $((n * sb)) "${common[@]}"
+        fi
+        rc=$?
+        r=$(rate "$out/speed-$n")
+        r1=${r1:-$r}
+        read -r x eff mfu <<< "$(python3 - "$n" "$r" "$r1" "$fpb" "$peak" "$out/speed.jsonl" <<'PY'
+import json, sys
+n, r, r1, fpb, peak = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+x, eff, mfu = r / r1, r / (n * r1), r * fpb / (n * peak * 1e12)
+with open(sys.argv[6], "a") as f:
+    f.write(json.dumps({"series": "measured", "gpus": n, "bytes_per_sec": r, "mfu": mfu, "speedup": x, "efficiency": eff}) + "\n")
+    f.write(json.dumps({"series": "ideal", "gpus": n, "speedup": float(n), "efficiency": 1.0}) + "\n")
+print(f"{x:.3f} {100 * eff:.1f} {100 * mfu:.1f}")
+PY
+)"
+        case $n in 2) target=1.85 ;; 8) target=7.2 ;; *) target="" ;; esac
+        verdict=$([ -n "$target" ] && echo " (target ≥ ${target}x): $(ok "$rc == 0 and $x >= $target")" || echo "$([ $rc = 0 ] || echo ': FAIL')")
+        row "paper-arxiv on $n GPU(s), $sb each" "$r bytes/s, MFU $mfu%, ${x}x, efficiency $eff% (exit $rc)$verdict"
+        rm -rf "$out/speed-$n" # 11 GB checkpoints each
+    done
+    "$mb" plot "$out/speed.jsonl" --x gpus --y speedup --y efficiency --by series --out "$out/speed.png" > /dev/null
+    ;;
+image640)
+    # The paper's Image640 shape (docs/image640.json: P = 192, T = 1,228,800, global 768 x 12,
+    # local 768 x 8) on every visible GPU, one sequence each, with --recompute, on random bytes
+    # (speed and memory only): bytes/s and rank 0's peak memory.
+    head -c 40000000 /dev/urandom > "$out/random.bin"
+    if [ "$gpus" = 1 ]; then devs=(--device cuda:0); else devs=(--devices "$(seq -s, 0 $((gpus - 1)))"); fi
+    train image640 --config docs/image640.json "${devs[@]}" --batch-size "$gpus" --recompute --steps 8 --warmup 1 \
+        --eval-every 1000 --eval-bytes 1228800 --checkpoint-every 1000 --keep 1 --data "$out/random.bin"
     rc=$?
-    r2=$(rate "$out/speed-2")
-    x=$(python3 -c "print(f'{$r2 / $r1:.3f}')")
-    row "paper-arxiv bytes/s, $sb per GPU" "1 GPU $r1; 2 GPUs $r2 (exit $rc): ${x}x $(ok "$rc == 0 and $x >= 1.85")"
-    rm -rf "$out/speed-1" "$out/speed-2" # 11 GB checkpoints each
+    r=$(rate "$out/image640")
+    mem=$(sed -n 's/^peak GPU memory: \([0-9.]*\) GiB.*/\1/p' "$out/image640.log")
+    row "Image640 on $gpus GPU(s), 1 seq each" "exit $rc; $r bytes/s; peak memory ${mem:-?} GiB (rank 0): $(ok "$rc == 0")"
+    rm -rf "$out/image640" "$out/random.bin"
     ;;
 env)
     [ -d "$out/agree-2" ] || { echo "env compares with agree's 2-GPU run: run agree first" >&2; continue; }

@@ -278,6 +278,10 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     );
     println!("checkpoint: {}", summary.checkpoint.display());
     println!("loss curve: {}", png.display());
+    if let Some(bytes) = megabyte::gpu::peak_memory(&device) {
+        let whose = if dist.is_some() { " (rank 0's GPU)" } else { "" };
+        println!("peak GPU memory: {:.1} GiB{whose}", bytes as f64 / (1u64 << 30) as f64);
+    }
     if args.sample_bytes > 0 {
         let mut sampler = Sampler::new(Sampling::TopP { p: 0.9, temperature: 0.8 }, args.seed)?;
         let prompt = data.valid.window(0, cfg.patch_size * 4);
