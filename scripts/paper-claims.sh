@@ -81,7 +81,7 @@ equal-time|search)
     shift
     take_models "$@"
     [ -f "$data/enwik8/test.bin" ] || "$mb" data fetch enwik8 --dir "$data"
-    runs_done=()
+    runs_done=() failed=0
     for m in "${models[@]}"; do
         read -r -a model <<<"$(model_flags "$m")"
         name=$(model_name "$m")
@@ -93,10 +93,16 @@ equal-time|search)
         else
             split=test modes=(basic sliding strided both)
         fi
-        run="$runs/$name-${minutes}min"
+        # A fresh run folder: the same model again (other TRAIN-ARGS) gets -2, -3, ...
+        run="$runs/$name-${minutes}min" k=1
+        while [ -e "$run" ]; do k=$((k + 1)) run="$runs/$name-${minutes}min-$k"; done
         start=$(date +%s)
-        "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" --valid "$data/enwik8/valid.bin" \
-            --time "$minutes" --out "$run" "${train_args[@]}"
+        if ! "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" --valid "$data/enwik8/valid.bin" \
+            --time "$minutes" --out "$run" "${train_args[@]}"; then
+            echo "training $name failed: nothing recorded for it" >&2
+            failed=1
+            continue
+        fi
         trained=$(( $(date +%s) - start ))
         for mode in "${modes[@]}"; do
             flags=()
@@ -114,7 +120,8 @@ equal-time|search)
         done
         runs_done+=("$run")
     done
-    [ "$cmd" = equal-time ] && "$0" curves "$runs/equal-time-${minutes}min.png" "${runs_done[@]}"
+    [ "$cmd" = equal-time ] && [ ${#runs_done[@]} -gt 0 ] && "$0" curves "$runs/equal-time-${minutes}min.png" "${runs_done[@]}"
+    exit "$failed"
     ;;
 probe)
     secs=${1:?seconds}
@@ -125,7 +132,8 @@ probe)
     for m in "${models[@]}"; do
         read -r -a model <<<"$(model_flags "$m")"
         name=$(model_name "$m")
-        run="$runs/$name-probe-${secs}s"
+        run="$runs/$name-probe-${secs}s" k=1
+        while [ -e "$run" ]; do k=$((k + 1)) run="$runs/$name-probe-${secs}s-$k"; done
         status=0
         timeout -s INT "$secs" "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" \
             --valid "$data/enwik8/valid.bin" --time "$minutes" --out "$run" "${train_args[@]}" || status=$?
