@@ -122,7 +122,11 @@ speed)
             train "speed-$n" --devices "$(seq -s, 0 $((n - 1)))" --batch-size $((n * sb)) "${common[@]}"
         fi
         rc=$?
-        r=$(rate "$out/speed-$n")
+        r=$(rate "$out/speed-$n" 2> /dev/null)
+        if [ -z "$r" ]; then
+            row "paper-arxiv on $n GPU(s), $sb each" "exit $rc, no steps: FAIL (see $out/speed-$n.log)"
+            [ "$n" = 1 ] && break || continue
+        fi
         r1=${r1:-$r}
         read -r x eff mfu <<< "$(python3 - "$n" "$r" "$r1" "$fpb" "$peak" "$out/speed.jsonl" <<'PY'
 import json, sys
@@ -139,7 +143,7 @@ PY
         row "paper-arxiv on $n GPU(s), $sb each" "$r bytes/s, MFU $mfu%, ${x}x, efficiency $eff% (exit $rc)$verdict"
         rm -rf "$out/speed-$n" # 11 GB checkpoints each
     done
-    "$mb" plot "$out/speed.jsonl" --x gpus --y speedup --y efficiency --by series --out "$out/speed.png" > /dev/null
+    [ -s "$out/speed.jsonl" ] && "$mb" plot "$out/speed.jsonl" --x gpus --y speedup --y efficiency --by series --out "$out/speed.png" > /dev/null
     ;;
 image640)
     # The paper's Image640 shape (docs/image640.json: P = 192, T = 1,228,800, global 768 x 12,
@@ -150,7 +154,7 @@ image640)
     train image640 --config docs/image640.json "${devs[@]}" --batch-size "$gpus" --recompute --steps 8 --warmup 1 \
         --eval-every 1000 --eval-bytes 1228800 --checkpoint-every 1000 --keep 1 --data "$out/random.bin"
     rc=$?
-    r=$(rate "$out/image640")
+    r=$(rate "$out/image640" 2> /dev/null)
     mem=$(sed -n 's/^peak GPU memory: \([0-9.]*\) GiB.*/\1/p' "$out/image640.log")
     row "Image640 on $gpus GPU(s), 1 seq each" "exit $rc; $r bytes/s; peak memory ${mem:-?} GiB (rank 0): $(ok "$rc == 0")"
     rm -rf "$out/image640" "$out/random.bin"
