@@ -138,6 +138,7 @@ with open(sys.argv[6], "a") as f:
 print(f"{x:.3f} {100 * eff:.1f} {100 * mfu:.1f}")
 PY
 )"
+        [ -n "$x" ] || { row "paper-arxiv on $n GPU(s), $sb each" "$r bytes/s: no speed-up computed: FAIL"; continue; }
         case $n in 2) target=1.85 ;; 8) target=7.2 ;; *) target="" ;; esac
         verdict=$([ -n "$target" ] && echo " (target ≥ ${target}x): $(ok "$rc == 0 and $x >= $target")" || echo "$([ $rc = 0 ] || echo ': FAIL')")
         row "paper-arxiv on $n GPU(s), $sb each" "$r bytes/s, MFU $mfu%, ${x}x, efficiency $eff% (exit $rc)$verdict"
@@ -155,6 +156,7 @@ image640)
         --eval-every 1000 --eval-bytes 1228800 --checkpoint-every 1000 --keep 1 --data "$out/random.bin"
     rc=$?
     r=$(rate "$out/image640" 2> /dev/null)
+    r=${r:-"no"}
     mem=$(sed -n 's/^peak GPU memory: \([0-9.]*\) GiB.*/\1/p' "$out/image640.log")
     row "Image640 on $gpus GPU(s), 1 seq each" "exit $rc; $r bytes/s; peak memory ${mem:-?} GiB (rank 0): $(ok "$rc == 0")"
     rm -rf "$out/image640" "$out/random.bin"
