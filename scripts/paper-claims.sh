@@ -64,6 +64,14 @@ model_name() {
     basename "$1" .json
 }
 
+# fresh_run PATH: PATH, or the first of PATH-2, PATH-3, ... that does not exist (the same
+# model run again, with other TRAIN-ARGS, gets a folder of its own).
+fresh_run() {
+    local run=$1 k=1
+    while [ -e "$run" ]; do k=$((k + 1)) run="$1-$k"; done
+    echo "$run"
+}
+
 # take_models WORD... [-- TRAIN-ARGS...]: the words before `--` into `models`, the rest into
 # `train_args`.
 take_models() {
@@ -93,9 +101,7 @@ equal-time|search)
         else
             split=test modes=(basic sliding strided both)
         fi
-        # A fresh run folder: the same model again (other TRAIN-ARGS) gets -2, -3, ...
-        run="$runs/$name-${minutes}min" k=1
-        while [ -e "$run" ]; do k=$((k + 1)) run="$runs/$name-${minutes}min-$k"; done
+        run=$(fresh_run "$runs/$name-${minutes}min")
         start=$(date +%s)
         if ! "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" --valid "$data/enwik8/valid.bin" \
             --time "$minutes" --out "$run" "${train_args[@]}"; then
@@ -132,8 +138,7 @@ probe)
     for m in "${models[@]}"; do
         read -r -a model <<<"$(model_flags "$m")"
         name=$(model_name "$m")
-        run="$runs/$name-probe-${secs}s" k=1
-        while [ -e "$run" ]; do k=$((k + 1)) run="$runs/$name-probe-${secs}s-$k"; done
+        run=$(fresh_run "$runs/$name-probe-${secs}s")
         status=0
         timeout -s INT "$secs" "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" \
             --valid "$data/enwik8/valid.bin" --time "$minutes" --out "$run" "${train_args[@]}" || status=$?

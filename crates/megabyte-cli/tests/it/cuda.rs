@@ -424,37 +424,45 @@ const SEED: u64 = 9;
 /// how many near-ties there were.
 fn follows_stepwise(model: &MegaByte, prompts: &[Vec<u8>], fast: &[Vec<u8>], n: usize, rule: Sampling, dev: &Device, what: &str) -> usize {
     assert!(fast.len() == prompts.len() && fast.iter().all(|o| o.len() == n), "{what}: the engine returned {} rows, not {} rows of {n} bytes", fast.len(), prompts.len());
-    let mut decoder = Decoder::new(model, prompts, dev).unwrap();
     let mut draws = Sampler::new(rule, SEED).unwrap();
     let mut near_ties = 0;
-    for i in 0..n {
+    teacher_forced(model, prompts, fast, dev, |i, r, row| {
+        let u = if rule == Sampling::Greedy { 0.0 } else { draws.uniform() };
+        let (slow, engine) = (rule.pick(row, u), fast[r][i]);
+        if slow != engine {
+            // A boundary flip needs the engine's byte up (or the stepwise choice down); a swap
+            // of two equal weights in the sorted order, either way round. (A near-tie at top-p's
+            // cut-off, which changes the kept set, could need more than these two logits
+            // moved; none has been seen.)
+            let tie = [(1.0, 0.0), (0.0, -1.0), (1.0, -1.0), (-1.0, 0.0), (0.0, 1.0), (-1.0, 1.0)].iter().any(|&(de, ds)| {
+                let mut nudged = row.to_vec();
+                nudged[engine as usize] += de * NEAR_TIE;
+                nudged[slow as usize] += ds * NEAR_TIE;
+                rule.pick(&nudged, u) == engine
+            });
+            assert!(
+                tie,
+                "{what}, {rule:?}, row {r}, byte {i}: the engine chose {engine} (logit {}), the stepwise path {slow} (logit {}), not a near-tie",
+                row[engine as usize],
+                row[slow as usize]
+            );
+            near_ties += 1;
+        }
+    });
+    near_ties
+}
+
+/// Feeds `out` (one row of bytes per prompt) to the stepwise path after `prompts`, calling
+/// `check(i, row, logits)` with each row's logits for byte i before that byte is pushed.
+fn teacher_forced(model: &MegaByte, prompts: &[Vec<u8>], out: &[Vec<u8>], dev: &Device, mut check: impl FnMut(usize, usize, &[f32])) {
+    let mut decoder = Decoder::new(model, prompts, dev).unwrap();
+    for i in 0..out[0].len() {
         let logits = f32_cpu(&decoder.logits().unwrap()).to_vec2::<f32>().unwrap();
         for (r, row) in logits.iter().enumerate() {
-            let u = if rule == Sampling::Greedy { 0.0 } else { draws.uniform() };
-            let (slow, engine) = (rule.pick(row, u), fast[r][i]);
-            if slow != engine {
-                // A boundary flip needs the engine's byte up (or the stepwise choice down); a
-                // swap of two equal weights in the sorted order, either way round. (A near-tie at
-                // top-p's cut-off, which changes the kept set, could need more than these two
-                // logits moved; none has been seen.)
-                let tie = [(1.0, 0.0), (0.0, -1.0), (1.0, -1.0), (-1.0, 0.0), (0.0, 1.0), (-1.0, 1.0)].iter().any(|&(de, ds)| {
-                    let mut nudged = row.clone();
-                    nudged[engine as usize] += de * NEAR_TIE;
-                    nudged[slow as usize] += ds * NEAR_TIE;
-                    rule.pick(&nudged, u) == engine
-                });
-                assert!(
-                    tie,
-                    "{what}, {rule:?}, row {r}, byte {i}: the engine chose {engine} (logit {}), the stepwise path {slow} (logit {}), not a near-tie",
-                    row[engine as usize],
-                    row[slow as usize]
-                );
-                near_ties += 1;
-            }
+            check(i, r, row);
         }
-        decoder.push(&fast.iter().map(|o| o[i]).collect::<Vec<u8>>()).unwrap();
+        decoder.push(&out.iter().map(|o| o[i]).collect::<Vec<u8>>()).unwrap();
     }
-    near_ties
 }
 
 #[test]
@@ -522,18 +530,13 @@ fn cuda_decoder_bf16_follows_the_cached_logits() {
         let (model, _bf16_params) = model.converted(&params, DType::BF16).unwrap();
         let prompts: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(9, 50 + i)).collect();
         let out = generate(&model, &prompts, 120, &mut Sampler::new(Sampling::Greedy, 1).unwrap(), &dev, &mut |_| {}).unwrap();
-        let mut decoder = Decoder::new(&model, &prompts, &dev).unwrap();
-        for i in 0..out[0].len() {
-            let logits = f32_cpu(&decoder.logits().unwrap()).to_vec2::<f32>().unwrap();
-            for (row, o) in logits.iter().zip(&out) {
-                let max = row.iter().cloned().fold(f32::MIN, f32::max);
-                let min = row.iter().cloned().fold(f32::MAX, f32::min);
-                let chosen = row[o[i] as usize];
-                let what = if cfg.cross_patch { "cross-patch" } else { "plain" };
-                assert!(chosen >= max - 0.02 * (max - min), "{what}, byte {i}: chose logit {chosen}, best {max} (spread {})", max - min);
-            }
-            decoder.push(&out.iter().map(|o| o[i]).collect::<Vec<u8>>()).unwrap();
-        }
+        teacher_forced(&model, &prompts, &out, &dev, |i, r, row| {
+            let max = row.iter().cloned().fold(f32::MIN, f32::max);
+            let min = row.iter().cloned().fold(f32::MAX, f32::min);
+            let chosen = row[out[r][i] as usize];
+            let what = if cfg.cross_patch { "cross-patch" } else { "plain" };
+            assert!(chosen >= max - 0.02 * (max - min), "{what}, byte {i}: chose logit {chosen}, best {max} (spread {})", max - min);
+        });
     }
 }
 
