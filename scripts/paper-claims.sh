@@ -21,6 +21,11 @@
 #       Training bpb (mean of the last 100 steps) and validation bpb against minutes, one
 #       line per run (a run folder or its metrics.jsonl), in one PNG. equal-time draws its
 #       runs' curves to $RUNS/equal-time-MINUTESmin.png.
+#   scripts/paper-claims.sh compare RUN [RUN...]
+#       The runs side by side from their metrics (a run folder or its metrics.jsonl): steps,
+#       training seconds, bytes/s (the median of the steps' rates), validation bpb by step, and the
+#       mean training bpb over each 1,000-step range (runs with one seed and batch shape train
+#       on the same bytes at each step, so these pair them).
 #   scripts/paper-claims.sh generation BYTES PRESET [PRESET...]
 #       Batch-1 KV-cached generation of BYTES bytes on random weights. Claim 3.
 #   scripts/paper-claims.sh modality SET MINUTES CONFIG [CONFIG...] [-- TRAIN-ARGS...]
@@ -178,6 +183,27 @@ PY
     "$mb" plot "$runs/curves.jsonl" --x minutes --y train_bpb_mean100 --y valid_bpb --by run --out "$png"
     echo "plot: $png"
     ;;
+compare)
+    python3 - "$@" <<'PY'
+import json, os, statistics, sys
+runs = {}
+for arg in sys.argv[1:]:
+    path = os.path.join(arg, "metrics.jsonl") if os.path.isdir(arg) else arg
+    rows = [json.loads(l) for l in open(path)]
+    runs[os.path.basename(arg.rstrip("/")).removesuffix(".jsonl")] = (
+        {r["step"]: r for r in rows if "bpb" in r}, {r["step"]: r["valid_bpb"] for r in rows if "valid_bpb" in r})
+for name, (steps, valid) in runs.items():
+    last = steps[max(steps)]
+    rate = statistics.median(r["bytes_per_sec"] for r in steps.values())
+    print(f"{name}: {last['step']} steps in {last['elapsed_secs']:.0f} s, median {rate / 1e6:.3f}M bytes/s")
+    print("  valid bpb by step: " + ", ".join(f"{s} {v:.4f}" for s, v in sorted(valid.items())))
+print("mean training bpb by step range (" + " | ".join(runs) + "):")
+top = min(max(steps) for steps, _ in runs.values())
+for lo in range(0, top - top % 1000, 1000):
+    ks = [k for k in range(lo + 1, lo + 1001) if all(k in steps for steps, _ in runs.values())]
+    print(f"  {lo + 1}-{lo + 1000}: " + " | ".join(f"{sum(steps[k]['bpb'] for k in ks) / len(ks):.4f}" for steps, _ in runs.values()))
+PY
+    ;;
 generation)
     bytes=${1:?bytes}
     shift
@@ -267,7 +293,7 @@ long-context)
     echo "plot: $runs/long-context.png"
     ;;
 *)
-    echo "unknown subcommand $cmd: equal-time, search, probe, curves, generation, modality or long-context" >&2
+    echo "unknown subcommand $cmd: equal-time, search, probe, curves, compare, generation, modality or long-context" >&2
     exit 2
     ;;
 esac
