@@ -168,7 +168,7 @@ curves)
 import json, os, sys
 for arg in sys.argv[1:]:
     path = os.path.join(arg, "metrics.jsonl") if os.path.isdir(arg) else arg
-    name = os.path.basename(arg.rstrip("/")).removesuffix(".jsonl")
+    name = os.path.basename(arg.rstrip("/")).removesuffix(".jsonl").removeprefix("equal-time-")
     rows = [json.loads(l) for l in open(path)]
     last, window = 0.0, []
     for r in rows:

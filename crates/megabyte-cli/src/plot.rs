@@ -139,7 +139,20 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, x: &str
     let points = || series.iter().flat_map(|s| s.1.iter());
     let (x0, x1) = bounds(points().map(|p| p.0), log_x);
     let (y0, y1) = bounds(points().map(|p| p.1), log_y);
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    // Ten colours told apart at a glance (Tableau 10), so a comparison of up to ten runs
+    // never reuses one.
+    let colors = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
+    ];
     let mut builder = ChartBuilder::on(area);
     builder.caption(y, ("sans-serif", 20)).margin(14).x_label_area_size(40).y_label_area_size(64);
     // The four axis combinations are four chart types; one macro draws them all alike.

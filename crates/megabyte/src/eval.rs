@@ -5,14 +5,18 @@
 //! - sliding (`stride` S < T): windows advance by S and, after the first, score only their
 //!   last S bytes, so each byte is predicted with at least T−S bytes of context.
 //! - strided: a second pass with windows offset by P/2; each pass keeps, of every patch, only
-//!   its first P/2 positions, which avoids the rise of loss toward the end of a patch. 2× cost.
+//!   its first P/2 positions: the paper's remedy for loss that rises toward the end of a patch
+//!   when the local model sees only its patch. 2× cost.
 //!
 //! With document isolation (a split with documents, see [`crate::documents`]) each document
 //! is evaluated on its own as if it were the whole split: windows start inside it, and the
 //! bytes after its end are zero padding that is never scored.
 //!
 //! The report breaks the figure down by a byte's position in its patch and by its position in
-//! its window (the context it was predicted from), to show where a model loses bits.
+//! its window (the context it was predicted from), to show where a model loses bits. Read the
+//! patch breakdown from a sliding evaluation: in plain windows, the first bytes of every window
+//! (predicted from almost no context) fall in the first positions of patch 0 and raise those
+//! positions' figures, whatever the model does inside a patch.
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -41,7 +45,8 @@ pub struct EvalReport {
     pub bytes: u64,
     /// Forward passes over full windows: the cost.
     pub windows: u64,
-    /// The scored bytes by their position in their patch (P entries, 0 first).
+    /// The scored bytes by their position in their patch (P entries, 0 first). Without
+    /// `sliding`, the context-starved first bytes of each window weigh on the first entries.
     pub by_patch_position: Vec<Slice>,
     /// The scored bytes by their position in their window, in [`CONTEXT_BINS`] ranges of
     /// window positions (as equal as T allows; T ranges for T < 8): bytes late in a window had
