@@ -19,10 +19,11 @@
 #       TRAIN-ARGS), steps and bytes/s. For comparing starts at a fraction of the cost.
 #   scripts/paper-claims.sh curves PNG RUN [RUN...]
 #       Training bpb (mean of the last 100 steps) and validation bpb against minutes, one
-#       line per run (a run folder or its metrics.jsonl), in one PNG. equal-time draws its
+#       line per run (a run folder or its metrics.jsonl, plain or gzipped), in one PNG. equal-time draws its
 #       runs' curves to $RUNS/equal-time-MINUTESmin.png.
 #   scripts/paper-claims.sh compare RUN [RUN...]
-#       The runs side by side from their metrics (a run folder or its metrics.jsonl): steps,
+#       The runs side by side from their metrics (a run folder or its metrics.jsonl, plain or
+#       gzipped): steps,
 #       training seconds, bytes/s (the median of the steps' rates), validation bpb by step, and the
 #       mean training bpb over each 1,000-step range (runs with one seed and batch shape train
 #       on the same bytes at each step, so these pair them).
@@ -165,11 +166,11 @@ curves)
     png=${1:?png}
     shift
     python3 - "$@" > "$runs/curves.jsonl" <<'PY'
-import json, os, sys
+import gzip, json, os, sys
 for arg in sys.argv[1:]:
     path = os.path.join(arg, "metrics.jsonl") if os.path.isdir(arg) else arg
-    name = os.path.basename(arg.rstrip("/")).removesuffix(".jsonl").removeprefix("equal-time-")
-    rows = [json.loads(l) for l in open(path)]
+    name = os.path.basename(arg.rstrip("/")).removesuffix(".gz").removesuffix(".jsonl").removeprefix("equal-time-")
+    rows = [json.loads(l) for l in (gzip.open if path.endswith(".gz") else open)(path, "rt")]
     last, window = 0.0, []
     for r in rows:
         if "bpb" in r:
@@ -185,12 +186,12 @@ PY
     ;;
 compare)
     python3 - "$@" <<'PY'
-import json, os, statistics, sys
+import gzip, json, os, statistics, sys
 runs = {}
 for arg in sys.argv[1:]:
     path = os.path.join(arg, "metrics.jsonl") if os.path.isdir(arg) else arg
-    rows = [json.loads(l) for l in open(path)]
-    runs[os.path.basename(arg.rstrip("/")).removesuffix(".jsonl")] = (
+    rows = [json.loads(l) for l in (gzip.open if path.endswith(".gz") else open)(path, "rt")]
+    runs[os.path.basename(arg.rstrip("/")).removesuffix(".gz").removesuffix(".jsonl")] = (
         {r["step"]: r for r in rows if "bpb" in r}, {r["step"]: r["valid_bpb"] for r in rows if "valid_bpb" in r})
 for name, (steps, valid) in runs.items():
     last = steps[max(steps)]
