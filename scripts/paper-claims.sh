@@ -16,17 +16,18 @@
 #       The early part of an equal-time run: each model trains on the MINUTES run's schedule
 #       (--time MINUTES) and is stopped with Ctrl-C after SECONDS, so its curve lies on the
 #       full run's; records its validation bpb by step (set --eval-every and --eval-bytes in
-#       TRAIN-ARGS), steps and bytes/s. For comparing starts at a fraction of the cost.
+#       TRAIN-ARGS), steps, bytes/s and its gradient spikes (the largest norm after step 100 and
+#       the steps above 5). For comparing starts, and learning rates, at a fraction of the cost.
 #   scripts/paper-claims.sh curves PNG RUN [RUN...]
 #       Training bpb (mean of the last 100 steps) and validation bpb against minutes, one
 #       line per run (a run folder or its metrics.jsonl, plain or gzipped), in one PNG. equal-time draws its
 #       runs' curves to $RUNS/equal-time-MINUTESmin.png.
 #   scripts/paper-claims.sh compare RUN [RUN...]
 #       The runs side by side from their metrics (a run folder or its metrics.jsonl, plain or
-#       gzipped): steps,
-#       training seconds, bytes/s (the median of the steps' rates), validation bpb by step, and the
-#       mean training bpb over each 1,000-step range (runs with one seed and batch shape train
-#       on the same bytes at each step, so these pair them).
+#       gzipped): steps, training seconds, bytes/s (the median of the steps' rates), validation
+#       bpb by step, the gradient norm after step 100 (median, maximum, steps above 2 and 5: loss
+#       spikes), and the mean training bpb over each 1,000-step range (runs with one seed and
+#       batch shape train on the same bytes at each step, so these pair them).
 #   scripts/paper-claims.sh generation BYTES PRESET [PRESET...]
 #       Batch-1 KV-cached generation of BYTES bytes on random weights. Claim 3.
 #   scripts/paper-claims.sh modality SET MINUTES CONFIG [CONFIG...] [-- TRAIN-ARGS...]
@@ -156,6 +157,8 @@ steps = [r for r in rows if "bytes_per_sec" in r]
 print(json.dumps({
     "valid_bpb_by_step": {str(r["step"]): round(r["valid_bpb"], 4) for r in rows if "valid_bpb" in r},
     "steps": steps[-1]["step"], "train_bytes_per_sec": round(steps[-1]["bytes_per_sec"]),
+    "grad_norm_max_after_100": round(max((r["grad_norm"] for r in steps if r["step"] > 100), default=0.0), 2),
+    "steps_grad_norm_above_5": sum(r["grad_norm"] > 5 for r in steps if r["step"] > 100),
     "split": "valid", "secs": int(sys.argv[2]), "minutes": float(sys.argv[3])}))
 PY
 )
@@ -198,6 +201,14 @@ for name, (steps, valid) in runs.items():
     rate = statistics.median(r["bytes_per_sec"] for r in steps.values())
     print(f"{name}: {last['step']} steps in {last['elapsed_secs']:.0f} s, median {rate / 1e6:.3f}M bytes/s")
     print("  valid bpb by step: " + ", ".join(f"{s} {v:.4f}" for s, v in sorted(valid.items())))
+    # Loss spikes show as gradient norms far above the run's typical one (clipped at 1.0 by
+    # default); the first 100 steps, where every run's norm is large, are left out.
+    late = [r for k, r in sorted(steps.items()) if k > 100]
+    if late:
+        top = max(late, key=lambda r: r["grad_norm"])
+        norms = [r["grad_norm"] for r in late]
+        print(f"  gradient norm after step 100: median {statistics.median(norms):.3f}, max {top['grad_norm']:.1f}"
+              f" at step {top['step']}, {sum(n > 2 for n in norms)} steps above 2, {sum(n > 5 for n in norms)} above 5")
 print("mean training bpb by step range (" + " | ".join(runs) + "):")
 top = min(max(steps) for steps, _ in runs.values())
 for lo in range(0, top - top % 1000, 1000):
