@@ -16,7 +16,7 @@
 //! its window (the context it was predicted from), to show where a model loses bits. Read the
 //! patch breakdown from a sliding evaluation: in plain windows, the first bytes of every window
 //! (predicted from almost no context) fall in the first positions of patch 0 and raise those
-//! positions' figures, whatever the model does inside a patch.
+//! positions' figures, which can hide or mimic an effect of the position inside a patch.
 
 use candle_core::{Device, Tensor};
 use serde::Serialize;
