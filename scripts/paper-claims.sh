@@ -209,6 +209,8 @@ for name, (steps, valid) in runs.items():
         norms = [r["grad_norm"] for r in late]
         print(f"  gradient norm after step 100: median {statistics.median(norms):.3f}, max {top['grad_norm']:.1f}"
               f" at step {top['step']}, {sum(n > 2 for n in norms)} steps above 2, {sum(n > 5 for n in norms)} above 5")
+        if "grad_norms" in top:  # recorded since 2026-12-02: where the largest one came from
+            print("    by part at that step: " + ", ".join(f"{k} {v:.2f}" for k, v in top["grad_norms"].items()))
 print("mean training bpb by step range (" + " | ".join(runs) + "):")
 top = min(max(steps) for steps, _ in runs.values())
 for lo in range(0, top - top % 1000, 1000):

@@ -29,6 +29,18 @@ pub struct AdamW {
     moments: Vec<Tensor>,
     /// Optimizer steps taken (for bias correction).
     t: u64,
+    /// The model's parts and the indices of their parameters, in name order.
+    parts: Vec<(String, Vec<usize>)>,
+}
+
+/// A step's gradient norm before clipping: over all parameters, and over each part of the
+/// model, the parameters grouped by the first component of their names (`global`,
+/// `global_to_local`, `local`, `local_embedder`, `patch_embedder`, …). The parts' squares
+/// sum to the total's square; a spike's part says where it came from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GradNorm {
+    pub total: f64,
+    pub parts: BTreeMap<String, f64>,
 }
 
 impl AdamW {
@@ -38,7 +50,15 @@ impl AdamW {
             .iter()
             .map(|(_, p)| Ok(Tensor::zeros(2 * p.elem_count(), DType::F32, p.device())?))
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { cfg, params, moments, t: 0 })
+        let mut parts: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, (name, _)) in params.iter().enumerate() {
+            let part = name.split('.').next().unwrap_or(name);
+            match parts.last_mut() {
+                Some((last, members)) if last == part => members.push(i),
+                _ => parts.push((part.to_string(), vec![i])),
+            }
+        }
+        Ok(AdamW { cfg, params, moments, t: 0, parts })
     }
 
     pub fn steps(&self) -> u64 {
@@ -56,7 +76,7 @@ impl AdamW {
     /// returns the norm before clipping. On CUDA the norm never leaves the device until every
     /// update is queued. A non-finite norm changes nothing and is returned for the caller to
     /// report.
-    pub fn step_clipped(&mut self, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
+    pub fn step_clipped(&mut self, grads: &Grads, lr: f64, max_norm: f64) -> Result<GradNorm> {
         self.step_clipped_agreed(grads, lr, max_norm, Ok)
     }
 
@@ -70,15 +90,25 @@ impl AdamW {
         lr: f64,
         max_norm: f64,
         agree: impl FnOnce(Tensor) -> Result<Tensor>,
-    ) -> Result<f64> {
+    ) -> Result<GradNorm> {
         let gs = self.gradients(grads)?;
-        let sumsq = agree(crate::ops::sum_squares(&gs)?)?;
+        // Σg² per part (f32 scalars on the device), and their sum for clipping.
+        let part_sums = self
+            .parts
+            .iter()
+            .map(|(_, members)| crate::ops::sum_squares(&members.iter().map(|&i| gs[i]).collect::<Vec<_>>()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let part_sums = Tensor::stack(&part_sums, 0)?; // [parts]
+        let sumsq = agree(part_sums.sum_all()?)?;
         self.update(&gs, lr, 1.0, Some((&sumsq, max_norm)))?;
-        let norm = (sumsq.to_dtype(DType::F64)?.to_scalar::<f64>()?).sqrt();
-        if !norm.is_finite() {
+        // One read back: the total, then the parts.
+        let all = Tensor::cat(&[&sumsq.reshape(1)?, &part_sums], 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let total = all[0].sqrt();
+        if !total.is_finite() {
             self.t -= 1;
         }
-        Ok(norm)
+        let parts = self.parts.iter().zip(&all[1..]).map(|((name, _), s)| (name.clone(), s.sqrt())).collect();
+        Ok(GradNorm { total, parts })
     }
 
     /// Each parameter's gradient, in parameter order.

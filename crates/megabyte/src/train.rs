@@ -1,6 +1,7 @@
 //! The training loop: AdamW, warm-up then decay, clipping, accumulation, periodic validation,
 //! atomic checkpoints and exact resume. Progress is reported through events; nothing prints.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -213,13 +214,16 @@ fn one() -> usize {
 const RECORD_FORMAT: u32 = 1;
 
 /// One optimizer step's figures.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct StepStats {
     pub step: u64,
     pub loss: f64,
     pub bpb: f64,
     pub lr: f64,
+    /// The gradient's norm before clipping.
     pub grad_norm: f64,
+    /// The norm of each part of the model (see [`crate::optim::GradNorm`]).
+    pub grad_norms: BTreeMap<String, f64>,
     pub bytes_per_sec: f64,
     pub elapsed_secs: f64,
 }
@@ -388,7 +392,7 @@ impl Trainer {
         let (grads, loss) = self.sum_over_ranks(grads, loss)?;
         // Everything is queued before the first read back: the GPU never waits on the host
         // within a step.
-        let grad_norm = match self.group.as_mut() {
+        let norm = match self.group.as_mut() {
             None => self.opt.step_clipped(&grads, lr, t.grad_clip)?,
             // Every rank clips by rank 0's norm (see `AdamW::step_clipped_agreed`).
             Some(dp) => self.opt.step_clipped_agreed(&grads, lr, t.grad_clip, |sumsq| {
@@ -397,10 +401,10 @@ impl Trainer {
                 Ok(sumsq.reshape(())?)
             })?,
         };
-        if !grad_norm.is_finite() {
+        if !norm.total.is_finite() {
             return Err(Error::Input(format!(
-                "the gradient norm is {grad_norm} at step {}: training diverged; lower the learning rate",
-                self.record.step
+                "the gradient norm is {} at step {}: training diverged; lower the learning rate",
+                norm.total, self.record.step
             )));
         }
         // The shards' losses are already weighted by their share of the step.
@@ -416,7 +420,8 @@ impl Trainer {
             loss,
             bpb: loss / std::f64::consts::LN_2,
             lr,
-            grad_norm,
+            grad_norm: norm.total,
+            grad_norms: norm.parts,
             bytes_per_sec: bytes as f64 / secs,
             elapsed_secs: self.record.elapsed_secs,
         })
@@ -704,7 +709,7 @@ pub fn run(
         let stats = trainer.train_step(&data.train)?;
         // Wall time, not compute time, drives the time limit: evaluation and saving count.
         trainer.record.elapsed_secs = wall_before + wall.elapsed().as_secs_f64();
-        log(serde_json::to_value(stats)?)?;
+        log(serde_json::to_value(&stats)?)?;
         on_event(Event::Step(&stats));
         let step = trainer.step();
         if !leader {

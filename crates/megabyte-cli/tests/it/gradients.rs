@@ -174,3 +174,31 @@ fn dropout_keeps_the_explicit_backward_exact_and_splits_by_rows() {
         assert_eq!(crate::max_abs_diff(&joined.to_dtype(DType::F32).unwrap(), &whole.to_dtype(DType::F32).unwrap()), 0.0, "cross_patch={}", cfg.cross_patch);
     }
 }
+
+/// A clipped step reports the gradient's norm over all parameters and over each part of the
+/// model (the first component of the parameters' names): each part's norm is its gradients'
+/// own, and the parts' squares sum to the total's square.
+#[test]
+fn clipped_step_reports_the_norm_of_every_part() {
+    let cfg = crate::cross_patch_config();
+    let (model, params) = MegaByte::init(&cfg, 23, DType::F32, &Device::Cpu).unwrap();
+    let x = crate::bytes_tensor(&(0..2).map(|i| random_bytes(cfg.context, 130 + i)).collect::<Vec<_>>());
+    let (_, grads) = model.loss_and_grads(&x, 1.0).unwrap();
+    let mut by_part: BTreeMap<String, f64> = BTreeMap::new();
+    for (name, var) in params.vars() {
+        let g = grads.get(var.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
+        let sumsq = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+        *by_part.entry(name.split('.').next().unwrap().to_string()).or_default() += sumsq;
+    }
+    let mut opt = megabyte::optim::AdamW::new(params.vars(), megabyte::train::TrainConfig::standard(2, 1e-3).adamw).unwrap();
+    let norm = opt.step_clipped(&grads, 1e-3, 1.0).unwrap();
+    let names: Vec<&str> = norm.parts.keys().map(String::as_str).collect();
+    assert_eq!(names, ["global", "global_to_local", "local", "local_embedder", "patch_embedder"]);
+    for (part, sumsq) in &by_part {
+        let got = norm.parts[part];
+        assert!((got - sumsq.sqrt()).abs() <= 1e-5 * sumsq.sqrt().max(1e-3), "{part}: {got} against {}", sumsq.sqrt());
+    }
+    let total = by_part.values().sum::<f64>().sqrt();
+    assert!((norm.total - total).abs() <= 1e-5 * total, "total {} against {total}", norm.total);
+    assert!(norm.parts.values().all(|&n| n > 0.0), "every part has a gradient: {:?}", norm.parts);
+}
