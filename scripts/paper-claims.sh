@@ -20,8 +20,8 @@
 #       the steps above 5). For comparing starts, and learning rates, at a fraction of the cost.
 #   scripts/paper-claims.sh curves PNG RUN [RUN...]
 #       Training bpb (mean of the last 100 steps) and validation bpb against minutes, one
-#       line per run (a run folder or its metrics.jsonl, plain or gzipped), in one PNG. equal-time draws its
-#       runs' curves to $RUNS/equal-time-MINUTESmin.png.
+#       line per run (a run folder or its metrics.jsonl, plain or gzipped), in one PNG.
+#       equal-time draws its runs' curves to $RUNS/equal-time-MINUTESmin.png.
 #   scripts/paper-claims.sh compare RUN [RUN...]
 #       The runs side by side from their metrics (a run folder or its metrics.jsonl, plain or
 #       gzipped): steps, training seconds, bytes/s (the median of the steps' rates), validation
@@ -205,12 +205,12 @@ for name, (steps, valid) in runs.items():
     # default); the first 100 steps, where every run's norm is large, are left out.
     late = [r for k, r in sorted(steps.items()) if k > 100]
     if late:
-        top = max(late, key=lambda r: r["grad_norm"])
+        peak = max(late, key=lambda r: r["grad_norm"])
         norms = [r["grad_norm"] for r in late]
-        print(f"  gradient norm after step 100: median {statistics.median(norms):.3f}, max {top['grad_norm']:.1f}"
-              f" at step {top['step']}, {sum(n > 2 for n in norms)} steps above 2, {sum(n > 5 for n in norms)} above 5")
-        if "grad_norms" in top:  # recorded since 2026-12-02: where the largest one came from
-            print("    by part at that step: " + ", ".join(f"{k} {v:.2f}" for k, v in top["grad_norms"].items()))
+        print(f"  gradient norm after step 100: median {statistics.median(norms):.3f}, max {peak['grad_norm']:.1f}"
+              f" at step {peak['step']}, {sum(n > 2 for n in norms)} steps above 2, {sum(n > 5 for n in norms)} above 5")
+        if "grad_norms" in peak:  # per part of the model, recorded since ca78b42
+            print("    by part at that step: " + ", ".join(f"{k} {v:.2f}" for k, v in peak["grad_norms"].items()))
 print("mean training bpb by step range (" + " | ".join(runs) + "):")
 top = min(max(steps) for steps, _ in runs.values())
 for lo in range(0, top - top % 1000, 1000):
