@@ -99,10 +99,10 @@ impl Tally {
     }
 }
 
-/// One window: where it starts in the split and which of its positions are scored (1.0).
+/// One window: where it starts in the split and which of its positions are scored.
 pub struct Window {
     pub start: u64,
-    pub score: Vec<f32>,
+    pub score: Vec<bool>,
     /// Bytes of data from `start` (the window's end, or its document's or the split's end);
     /// the rest of the window is zero padding.
     pub len: usize,
@@ -151,7 +151,7 @@ pub fn evaluate(
         let (mut by_patch, mut by_window) = (Tally::new(p), Tally::new(bins));
         for (w, row) in chunk.iter().zip(losses) {
             for (j, (&keep, &nats)) in w.score.iter().zip(&row).enumerate() {
-                if keep > 0.0 {
+                if keep {
                     for (tally, g) in [(&mut by_patch, j % p), (&mut by_window, j * bins / t)] {
                         tally.nats[g] += nats as f64;
                         tally.bytes[g] += 1;
@@ -230,15 +230,11 @@ fn plan(len: u64, t: usize, p: usize, stride: usize, offset: usize, strided: boo
     while start < len {
         // The first window scores all of itself; later ones only their last `stride` bytes.
         let from = if first { 0 } else { t - stride };
-        let score: Vec<f32> = (0..t)
+        let score: Vec<bool> = (0..t)
             .map(|i| {
                 let in_file = start + (i as u64) < len;
                 let half = !strided || i % p < p / 2;
-                if i >= from && in_file && half {
-                    1.0
-                } else {
-                    0.0
-                }
+                i >= from && in_file && half
             })
             .collect();
         out.push(Window { start, score, len: len.saturating_sub(start).min(t as u64) as usize });

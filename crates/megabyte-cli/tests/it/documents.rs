@@ -23,7 +23,7 @@ fn scored_losses(model: &MegaByte, split: &Split, plan: &[Window]) -> BTreeMap<u
     let mut out = BTreeMap::new();
     for (w, row) in plan.iter().zip(losses) {
         for (i, (&s, l)) in w.score.iter().zip(row).enumerate() {
-            if s > 0.0 {
+            if s {
                 assert!(out.insert(w.start + i as u64, l).is_none(), "byte {} scored twice", w.start + i as u64);
             }
         }

@@ -96,7 +96,7 @@ fn window_plans_cover_each_byte_exactly_once() {
             let mut count = vec![0u32; len as usize];
             for w in windows(len, t, p, stride, &offsets, strided) {
                 for (i, &s) in w.score.iter().enumerate() {
-                    if s > 0.0 {
+                    if s {
                         count[(w.start + i as u64) as usize] += 1;
                     }
                 }
