@@ -34,13 +34,25 @@ pub struct AdamW {
 }
 
 /// A step's gradient norm before clipping: over all parameters, and over each part of the
-/// model, the parameters grouped by the first component of their names (`global`,
-/// `global_to_local`, `local`, `local_embedder`, `patch_embedder`, …). The parts' squares
-/// sum to the total's square; a spike's part says where it came from.
+/// model ([`part_of`]). The parts' squares sum to the total's square; a spike's part says
+/// where it came from.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GradNorm {
     pub total: f64,
     pub parts: BTreeMap<String, f64>,
+}
+
+/// The part of the model a parameter belongs to, for [`GradNorm`]: the first component of its
+/// name (`global`, `global_to_local`, `local`, `head`), except that each embedding table and
+/// pad is a part of its own (`patch_embedder.byte_embed`, `patch_embedder.pos_embed`,
+/// `patch_embedder.global_pad`, and the same three of `local_embedder`): MEGABYTE's spikes
+/// show in the patch embedder, and its tables feed the global model in different ways.
+pub fn part_of(name: &str) -> &str {
+    match name.split_once('.') {
+        Some((first, _)) if first.ends_with("_embedder") => name.strip_suffix(".weight").unwrap_or(name),
+        Some((first, _)) => first,
+        None => name,
+    }
 }
 
 impl AdamW {
@@ -52,7 +64,7 @@ impl AdamW {
             .collect::<Result<Vec<_>>>()?;
         let mut parts: Vec<(String, Vec<usize>)> = Vec::new();
         for (i, (name, _)) in params.iter().enumerate() {
-            let part = name.split('.').next().unwrap_or(name);
+            let part = part_of(name);
             match parts.last_mut() {
                 Some((last, members)) if last == part => members.push(i),
                 _ => parts.push((part.to_string(), vec![i])),

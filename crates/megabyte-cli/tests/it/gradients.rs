@@ -176,8 +176,9 @@ fn dropout_keeps_the_explicit_backward_exact_and_splits_by_rows() {
 }
 
 /// A clipped step reports the gradient's norm over all parameters and over each part of the
-/// model (the first component of the parameters' names): each part's norm is its gradients'
-/// own, and the parts' squares sum to the total's square.
+/// model (the first component of the parameters' names, each embedding table and pad on its
+/// own): each part's norm is its gradients' own, and the parts' squares sum to the total's
+/// square.
 #[test]
 fn clipped_step_reports_the_norm_of_every_part() {
     let cfg = crate::cross_patch_config();
@@ -188,12 +189,28 @@ fn clipped_step_reports_the_norm_of_every_part() {
     for (name, var) in params.vars() {
         let g = grads.get(var.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
         let sumsq = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-        *by_part.entry(name.split('.').next().unwrap().to_string()).or_default() += sumsq;
+        let first = name.split('.').next().unwrap();
+        let part = if first.ends_with("_embedder") { name.trim_end_matches(".weight") } else { first };
+        *by_part.entry(part.to_string()).or_default() += sumsq;
     }
     let mut opt = megabyte::optim::AdamW::new(params.vars(), megabyte::train::TrainConfig::standard(2, 1e-3).adamw).unwrap();
     let norm = opt.step_clipped(&grads, 1e-3, 1.0).unwrap();
     let names: Vec<&str> = norm.parts.keys().map(String::as_str).collect();
-    assert_eq!(names, ["global", "global_to_local", "local", "local_embedder", "patch_embedder"]);
+    assert_eq!(
+        names,
+        [
+            "global",
+            "global_to_local",
+            "local",
+            "local_embedder.byte_embed",
+            "local_embedder.local_pad",
+            "local_embedder.pos_embed",
+            "patch_embedder.byte_embed",
+            "patch_embedder.global_pad",
+            "patch_embedder.pos_embed",
+        ]
+    );
+    assert_eq!(norm.parts.len(), by_part.len());
     for (part, sumsq) in &by_part {
         let got = norm.parts[part];
         assert!((got - sumsq.sqrt()).abs() <= 1e-5 * sumsq.sqrt().max(1e-3), "{part}: {got} against {}", sumsq.sqrt());
