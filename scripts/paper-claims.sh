@@ -154,11 +154,16 @@ probe)
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 steps = [r for r in rows if "bytes_per_sec" in r]
+late = [r for r in steps if r["step"] > 100]
+peak = max(late, key=lambda r: r["grad_norm"], default={})
 print(json.dumps({
     "valid_bpb_by_step": {str(r["step"]): round(r["valid_bpb"], 4) for r in rows if "valid_bpb" in r},
     "steps": steps[-1]["step"], "train_bytes_per_sec": round(steps[-1]["bytes_per_sec"]),
-    "grad_norm_max_after_100": round(max((r["grad_norm"] for r in steps if r["step"] > 100), default=0.0), 2),
-    "steps_grad_norm_above_5": sum(r["grad_norm"] > 5 for r in steps if r["step"] > 100),
+    "train_bpb_last_100": round(sum(r["bpb"] for r in steps[-100:]) / len(steps[-100:]), 4),
+    "grad_norm_max_after_100": round(peak.get("grad_norm", 0.0), 2),
+    "grad_norm_max_step": peak.get("step"),
+    "grad_norms_at_max": {k: round(v, 3) for k, v in peak.get("grad_norms", {}).items()},
+    "steps_grad_norm_above_5": sum(r["grad_norm"] > 5 for r in late),
     "split": "valid", "secs": int(sys.argv[2]), "minutes": float(sys.argv[3])}))
 PY
 )
