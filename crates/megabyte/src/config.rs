@@ -31,13 +31,6 @@ pub struct TransformerConfig {
     /// this transformer (itself included). None: all earlier positions (full causal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<usize>,
-    /// Normalise each head's queries and keys before attention (QK-norm: the model's norm
-    /// over the head dimension, one gain for the queries and one for the keys, shared by the
-    /// heads; Dehghani et al. 2023, Wortsman et al. 2023). It bounds the attention logits,
-    /// whose growth into one-hot attention comes before MEGABYTE's training spikes here
-    /// (RESULTS.md, "MEGABYTE's training can spike").
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub qk_norm: bool,
 }
 
 impl TransformerConfig {
@@ -52,8 +45,7 @@ impl TransformerConfig {
             NormKind::LayerNorm => 2 * d,
             NormKind::RmsNorm => d,
         };
-        let qk_params = if self.qk_norm { 2 * norm_params / d * self.head_dim() } else { 0 };
-        self.layers * (12 * d * d + 2 * norm_params + qk_params) + norm_params
+        self.layers * (12 * d * d + 2 * norm_params) + norm_params
     }
 
     /// Matrix parameters only, the ones that cost 2 FLOPs each per position in a forward pass.
@@ -102,7 +94,7 @@ impl ModelConfig {
     /// `paper-arxiv` and `paper-pg19` are Table 15's compute-matched and generation models;
     /// `byte-enwik8` and `byte-350m` are byte-transformer baselines (see [`ModelConfig::is_byte_transformer`]).
     pub fn preset(name: &str) -> Result<Self> {
-        let tf = |width, layers, heads| TransformerConfig { width, layers, heads, window: None, qk_norm: false };
+        let tf = |width, layers, heads| TransformerConfig { width, layers, heads, window: None };
         let cfg = match name {
             "tiny" => ModelConfig {
                 patch_size: 8,

@@ -277,55 +277,23 @@ pub struct Attention {
     pub(crate) heads: usize,
     /// Sliding window (positions seen, itself included); None: full causal.
     pub(crate) window: Option<usize>,
-    /// QK-norm ([`TransformerConfig::qk_norm`]): the norms of the queries and of the keys,
-    /// over the head dimension.
-    pub(crate) qk_norm: Option<(Norm, Norm)>,
 }
 
 impl Attention {
-    fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, norm: NormKind, std: f64) -> Result<Self> {
+    fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, std: f64) -> Result<Self> {
         let d = cfg.width;
-        let qk_norm = if cfg.qk_norm {
-            let hd = cfg.head_dim();
-            Some((Norm::new(p, &format!("{name}.q_norm"), norm, hd)?, Norm::new(p, &format!("{name}.k_norm"), norm, hd)?))
-        } else {
-            None
-        };
         Ok(Attention {
             qkv: Linear::new(p, &format!("{name}.qkv"), d, 3 * d, std)?,
             proj: Linear::new(p, &format!("{name}.proj"), d, d, std)?,
             heads: cfg.heads,
             window: cfg.window,
-            qk_norm,
         })
     }
 
     /// x: [N, S, D] → [N, S, D], causal over S.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]: q, k, v as column blocks, heads within each
-        let qkv = match &self.qk_norm {
-            Some((qn, kn)) => self.map_qk(&qkv, |i, h| if i == 0 { qn.forward(h) } else { kn.forward(h) })?,
-            None => qkv,
-        };
         self.proj.forward(&crate::ops::causal_self_attention(&qkv, self.heads, self.window)?) // [N, S, D]
-    }
-
-    /// qkv [N, S, 3D] with its queries (i = 0) and keys (i = 1) replaced by f(i, heads), the
-    /// heads as rows [N, S·H, head_dim]; the values pass through. Also maps dqkv to dqkv.
-    fn map_qk<E: From<candle_core::Error>>(
-        &self,
-        qkv: &Tensor,
-        mut f: impl FnMut(usize, &Tensor) -> std::result::Result<Tensor, E>,
-    ) -> std::result::Result<Tensor, E> {
-        let (n, s, d3) = qkv.dims3()?;
-        let d = d3 / 3;
-        let mut parts = Vec::with_capacity(3);
-        for i in 0..2 {
-            let heads = qkv.narrow(2, i * d, d)?.contiguous()?.reshape((n, s * self.heads, d / self.heads))?;
-            parts.push(f(i, &heads)?.reshape((n, s, d))?);
-        }
-        parts.push(qkv.narrow(2, 2 * d, d)?);
-        Ok(Tensor::cat(&parts, 2)?)
     }
 
     /// The S new positions of x [N, S, D] after the `len` in the layer's cache buffers, into
@@ -333,7 +301,6 @@ impl Attention {
     fn forward_cached(&self, x: &Tensor, layer: &LayerCache, len: usize) -> Result<Tensor> {
         let (_, s, d) = x.dims3()?;
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]
-        let qkv = self.qk_fwd(&qkv)?;
         ops::kv_append(&qkv, &layer.k, &layer.v, len)?;
         let (k, v) = (layer.k.narrow(1, 0, len + s)?, layer.v.narrow(1, 0, len + s)?);
         let y = ops::causal_attention(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window)?;
@@ -396,7 +363,7 @@ impl Block {
         let d = cfg.width;
         Ok(Block {
             attn_norm: Norm::new(p, &format!("{name}.attn_norm"), norm, d)?,
-            attn: Attention::new(p, &format!("{name}.attn"), cfg, norm, std)?,
+            attn: Attention::new(p, &format!("{name}.attn"), cfg, std)?,
             mlp_norm: Norm::new(p, &format!("{name}.mlp_norm"), norm, d)?,
             mlp: Mlp {
                 up: Linear::new(p, &format!("{name}.mlp.up"), d, 4 * d, std)?,
@@ -508,34 +475,10 @@ impl Norm {
     }
 }
 
-impl Attention {
-    /// The explicit forward of QK-norm: qkv → qkv with normed queries and keys (itself
-    /// without QK-norm).
-    pub(crate) fn qk_fwd(&self, qkv: &Tensor) -> Result<Tensor> {
-        match &self.qk_norm {
-            Some((qn, kn)) => self.map_qk(qkv, |i, h| Ok::<_, Error>(if i == 0 { qn.fwd(h, None)?.1 } else { kn.fwd(h, None)?.1 })),
-            None => Ok(qkv.clone()),
-        }
-    }
-
-    /// d(qkv) from d(normed qkv) and the projection's qkv, adding the QK-norms' gradients.
-    fn qk_bwd(&self, raw: &Tensor, dqkv: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let Some((qn, kn)) = &self.qk_norm else { return Ok(dqkv.clone()) };
-        let (n, s, d3) = raw.dims3()?;
-        let (d, hd) = (d3 / 3, d3 / 3 / self.heads);
-        let rows = |t: &Tensor, i: usize| -> Result<Tensor> { Ok(t.narrow(2, i * d, d)?.contiguous()?.reshape((n, s * self.heads, hd))?) };
-        let dq = qn.bwd(&rows(raw, 0)?, &rows(dqkv, 0)?, None, grads)?.reshape((n, s, d))?;
-        let dk = kn.bwd(&rows(raw, 1)?, &rows(dqkv, 1)?, None, grads)?.reshape((n, s, d))?;
-        Ok(Tensor::cat(&[&dq, &dk, &dqkv.narrow(2, 2 * d, d)?], 2)?)
-    }
-}
-
 /// What a block's backward pass reads of its forward pass.
 pub(crate) struct BlockSaved {
     x: Tensor,
     h1: Tensor,
-    /// The projection's qkv, before QK-norm (only with QK-norm; `qkv` otherwise).
-    qkv_raw: Option<Tensor>,
     qkv: Tensor,
     y: Tensor,
     lse: Option<Tensor>,
@@ -555,9 +498,7 @@ impl Block {
     /// or the final norm adds them.
     fn forward_saved(&self, base: &Tensor, delta: Option<&Tensor>, drop: Option<(Dropout, usize)>) -> Result<((Tensor, Tensor), BlockSaved)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?;
-        let (w_qkv, raw) = self.attn.qkv.fwd(&h1)?;
-        let qkv = self.attn.qk_fwd(&raw)?;
-        let qkv_raw = self.attn.qk_norm.is_some().then_some(raw);
+        let (w_qkv, qkv) = self.attn.qkv.fwd(&h1)?;
         let (y, lse) = ops::self_attention_forward(&qkv, self.attn.heads, self.attn.window)?;
         let (w_proj, a) = self.attn.proj.fwd(&y)?;
         let (x1, h2) = self.mlp_norm.fwd(&x, Some(&dropped(a, drop, 0)?))?;
@@ -565,7 +506,7 @@ impl Block {
         let g = ops::gelu_forward(&u)?;
         let (w_down, m) = self.mlp.down.fwd(&g)?;
         let w = [w_qkv, w_proj, w_up, w_down];
-        Ok(((x1.clone(), dropped(m, drop, 1)?), BlockSaved { x, h1, qkv_raw, qkv, y, lse, x1, h2, u, g, w, drop }))
+        Ok(((x1.clone(), dropped(m, drop, 1)?), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g, w, drop }))
     }
 
     fn backward(&self, s: BlockSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
@@ -577,10 +518,6 @@ impl Block {
         let dx1 = self.mlp_norm.bwd(&s.x1, &dh2, Some(dout), grads)?;
         let dy = self.attn.proj.bwd(&s.y, w_proj, &dropped(dx1.clone(), s.drop, 0)?, grads)?;
         let dqkv = ops::self_attention_backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads, self.attn.window)?;
-        let dqkv = match &s.qkv_raw {
-            Some(raw) => self.attn.qk_bwd(raw, &dqkv, grads)?,
-            None => dqkv,
-        };
         let dh1 = self.attn.qkv.bwd(&s.h1, w_qkv, &dqkv, grads)?;
         self.attn_norm.bwd(&s.x, &dh1, Some(&dx1), grads)
     }

@@ -11,8 +11,8 @@ fn byte_config() -> ModelConfig {
     ModelConfig {
         patch_size: 1,
         context: 32,
-        global: TransformerConfig { width: 32, layers: 2, heads: 2, window: None, qk_norm: false },
-        local: TransformerConfig { width: 32, layers: 0, heads: 1, window: None, qk_norm: false },
+        global: TransformerConfig { width: 32, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 32, layers: 0, heads: 1, window: None },
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.1,

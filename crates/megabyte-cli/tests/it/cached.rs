@@ -38,17 +38,6 @@ fn cached_logits_equal_full_forward_from_mid_patch() {
     check(&model, 29);
 }
 
-/// With QK-norm in both transformers the cache holds the normed keys.
-#[test]
-fn cached_logits_equal_full_forward_with_qk_norm() {
-    let mut cfg = megabyte::ModelConfig::preset("tiny").unwrap();
-    cfg.global.qk_norm = true;
-    cfg.local.qk_norm = true;
-    let (model, _) = MegaByte::init(&cfg, 5, megabyte::DType::F32, &Device::Cpu).unwrap();
-    check(&model, 0);
-    check(&model, 29);
-}
-
 #[test]
 fn decoding_past_the_context_slides_the_window() {
     let (model, _) = tiny(6);

@@ -259,8 +259,8 @@ fn model_config() -> ModelConfig {
     ModelConfig {
         patch_size: 8,
         context: 256,
-        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None, qk_norm: false },
-        local: TransformerConfig { width: 64, layers: 2, heads: 1, window: None, qk_norm: false },
+        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 64, layers: 2, heads: 1, window: None },
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.02,
@@ -314,8 +314,8 @@ fn cuda_search_widths_match_cpu() {
     let base = ModelConfig {
         patch_size: 8,
         context: 1024,
-        global: TransformerConfig { width: 768, layers: 1, heads: 12, window: None, qk_norm: false },
-        local: TransformerConfig { width: 512, layers: 1, heads: 8, window: None, qk_norm: false },
+        global: TransformerConfig { width: 768, layers: 1, heads: 12, window: None },
+        local: TransformerConfig { width: 512, layers: 1, heads: 8, window: None },
         ..model_config()
     };
     let mut cross = base.clone();
@@ -383,8 +383,8 @@ fn decoding_config() -> ModelConfig {
     ModelConfig {
         patch_size: 4,
         context: 64,
-        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None, qk_norm: false },
-        local: TransformerConfig { width: 64, layers: 2, heads: 2, window: None, qk_norm: false },
+        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 64, layers: 2, heads: 2, window: None },
         norm: NormKind::LayerNorm,
         tied_head: true,
         init_std: 0.2,
@@ -478,8 +478,8 @@ fn cuda_decoder_equals_stepwise_decoding() {
     let byte = ModelConfig {
         patch_size: 1,
         context: 32,
-        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None, qk_norm: false },
-        local: TransformerConfig { width: 64, layers: 0, heads: 1, window: None, qk_norm: false },
+        global: TransformerConfig { width: 128, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 64, layers: 0, heads: 1, window: None },
         ..decoding_config()
     };
     let mut global_window = decoding_config();

@@ -7,7 +7,8 @@ use megabyte::{DType, Device, MegaByte, NormKind, Tensor};
 
 use crate::{random_bytes, small_config};
 
-fn check(cfg: megabyte::ModelConfig) {
+fn check(norm: NormKind, tied_head: bool) {
+    let cfg = small_config(norm, tied_head);
     let (model, params) = MegaByte::init(&cfg, 7, DType::F64, &Device::Cpu).unwrap();
     let rows = vec![random_bytes(cfg.context, 1), random_bytes(cfg.context, 2)];
     let x = crate::bytes_tensor(&rows);
@@ -56,21 +57,12 @@ fn check(cfg: megabyte::ModelConfig) {
 
 #[test]
 fn gradients_match_finite_differences_layernorm_tied() {
-    check(small_config(NormKind::LayerNorm, true));
+    check(NormKind::LayerNorm, true);
 }
 
 #[test]
 fn gradients_match_finite_differences_rmsnorm_untied() {
-    check(small_config(NormKind::RmsNorm, false));
-}
-
-/// QK-norm's gains (`*.attn.q_norm.*`, `*.attn.k_norm.*`) and everything before them, under
-/// both norms.
-#[test]
-fn gradients_match_finite_differences_with_qk_norm() {
-    for (norm, tied) in [(NormKind::LayerNorm, true), (NormKind::RmsNorm, false)] {
-        check(crate::qk_norm_config(norm, tied));
-    }
+    check(NormKind::RmsNorm, false);
 }
 
 /// The explicit backward pass (`loss_and_grads`, what training runs) against candle's
@@ -78,11 +70,9 @@ fn gradients_match_finite_differences_with_qk_norm() {
 /// heads, with a partial sequence (T' < T) and a loss weight.
 #[test]
 fn explicit_backward_equals_autograd() {
-    // The third case gives the global model a sliding window of 2 patches; the last two
-    // turn on QK-norm in both transformers.
-    let cases = [(NormKind::LayerNorm, true, None, false), (NormKind::RmsNorm, false, None, false), (NormKind::LayerNorm, false, Some(2), false), (NormKind::LayerNorm, true, None, true), (NormKind::RmsNorm, false, Some(2), true)];
-    for (norm, tied, window, qk_norm) in cases {
-        let mut cfg = if qk_norm { crate::qk_norm_config(norm, tied) } else { small_config(norm, tied) };
+    // The last case gives the global model a sliding window of 2 patches.
+    for (norm, tied, window) in [(NormKind::LayerNorm, true, None), (NormKind::RmsNorm, false, None), (NormKind::LayerNorm, false, Some(2))] {
+        let mut cfg = small_config(norm, tied);
         cfg.global.window = window;
         let (model, params) = MegaByte::init(&cfg, 9, DType::F64, &Device::Cpu).unwrap();
         for t in [cfg.context, cfg.context / 2] {
@@ -94,7 +84,7 @@ fn explicit_backward_equals_autograd() {
             let (loss, grads) = model.loss_and_grads(&x, weight).unwrap();
             let (a, b) = (auto_loss.to_scalar::<f64>().unwrap(), loss.to_scalar::<f64>().unwrap());
             assert!((a - b).abs() < 1e-12, "loss {a} vs {b}");
-            crate::assert_grads_equal(&params, &megabyte::grad::Grads::from_store(&auto, params.vars()).unwrap(), &grads, &format!("{norm:?} tied={tied} window={window:?} qk_norm={qk_norm} T'={t}"));
+            crate::assert_grads_equal(&params, &megabyte::grad::Grads::from_store(&auto, params.vars()).unwrap(), &grads, &format!("{norm:?} tied={tied} window={window:?} T'={t}"));
         }
     }
 }
@@ -104,7 +94,7 @@ fn explicit_backward_equals_autograd() {
 /// with cross-patch attention.
 #[test]
 fn recomputed_activations_give_the_same_gradients() {
-    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config(), crate::qk_norm_config(NormKind::LayerNorm, true)] {
+    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config()] {
         let (model, params) = MegaByte::init(&cfg, 11, DType::F64, &Device::Cpu).unwrap();
         for t in [cfg.context, cfg.context / 2] {
             let rows: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(t, 70 + i)).collect();

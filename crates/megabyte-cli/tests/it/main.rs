@@ -23,7 +23,6 @@ mod images;
 mod ops;
 mod overfit;
 mod plot;
-mod qk_norm;
 mod sampling;
 
 use std::path::PathBuf;
@@ -41,8 +40,8 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
     ModelConfig {
         patch_size: 4,
         context: 32,
-        global: TransformerConfig { width: 16, layers: 2, heads: 2, window: None, qk_norm: false },
-        local: TransformerConfig { width: 8, layers: 2, heads: 2, window: None, qk_norm: false },
+        global: TransformerConfig { width: 16, layers: 2, heads: 2, window: None },
+        local: TransformerConfig { width: 8, layers: 2, heads: 2, window: None },
         norm,
         tied_head,
         init_std: 0.2,
@@ -57,14 +56,6 @@ pub fn cross_patch_config() -> ModelConfig {
     let mut cfg = small_config(NormKind::LayerNorm, true);
     cfg.cross_patch = true;
     cfg.local.window = Some(3);
-    cfg
-}
-
-/// `small_config` with QK-norm in both transformers.
-pub fn qk_norm_config(norm: NormKind, tied_head: bool) -> ModelConfig {
-    let mut cfg = small_config(norm, tied_head);
-    cfg.global.qk_norm = true;
-    cfg.local.qk_norm = true;
     cfg
 }
 

@@ -27,8 +27,7 @@ use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 
 /// True when the engine runs `model` on `device`: CUDA, f32 or bf16 activations with every
 /// matrix in that dtype (sampling models are converted so), f32 norm weights and pads, and
-/// head dimensions `dec_attn` is built for, no QK-norm. Cross-patch and sliding-window models
-/// included.
+/// head dimensions `dec_attn` is built for. Cross-patch and sliding-window models included.
 pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
     let act = model.activation_dtype();
     let cfg = model.config();
@@ -43,7 +42,6 @@ pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
                 [&b.attn.qkv.weight, &b.attn.proj.weight, &b.mlp.up.weight, &b.mlp.down.weight].iter().all(|w| is(w, act))
                     && norm_ok(&b.attn_norm)
                     && norm_ok(&b.mlp_norm)
-                    && b.attn.qk_norm.is_none()
             })
     };
     let pe = &model.patch_embedder;
