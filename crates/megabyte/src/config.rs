@@ -85,6 +85,16 @@ pub struct ModelConfig {
     /// T = 4,096 left the bigram plateau at step ~500 instead of ~1,000.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub zero_w_gl: bool,
+    /// The patch embedder's initial standard deviation (its byte and position tables and the
+    /// global pad); `init_std` when absent. At `init_std` (0.02) the global model's input is
+    /// about 35 times smaller than the unit scale its first norm maps it to, so the norm
+    /// multiplies every change of that input by 35, and AdamW's steps of size lr move it by
+    /// a tenth of itself per step. 1.0 starts it at the norm's scale. Measured (RESULTS.md,
+    /// "MEGABYTE's training can spike"): the gradient spikes of one enwik8 MEGABYTE run in
+    /// three start in the patch embedder, and on the CPU proxy `scripts/spike-proxy.sh` 1.0
+    /// removes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patch_embed_std: Option<f64>,
 }
 
 pub const PRESETS: &[&str] = &["tiny", "enwik8", "paper-arxiv", "paper-pg19", "byte-enwik8", "byte-350m"];
@@ -106,6 +116,7 @@ impl ModelConfig {
                 init_std: 0.02,
                 cross_patch: false,
                 zero_w_gl: false,
+                patch_embed_std: None,
             },
             "enwik8" => ModelConfig {
                 patch_size: 8,
@@ -117,6 +128,7 @@ impl ModelConfig {
                 init_std: 0.02,
                 cross_patch: false,
                 zero_w_gl: false,
+                patch_embed_std: None,
             },
             "paper-arxiv" => ModelConfig {
                 patch_size: 8,
@@ -128,6 +140,7 @@ impl ModelConfig {
                 init_std: 0.006,
                 cross_patch: false,
                 zero_w_gl: false,
+                patch_embed_std: None,
             },
             "paper-pg19" => ModelConfig {
                 patch_size: 8,
@@ -139,6 +152,7 @@ impl ModelConfig {
                 init_std: 0.006,
                 cross_patch: false,
                 zero_w_gl: false,
+                patch_embed_std: None,
             },
             // Byte-transformer baselines (paper §5, Table 2's "Transformer"): one level, full
             // causal attention over bytes. Expressed as MEGABYTE with P = 1 and no local
@@ -154,6 +168,7 @@ impl ModelConfig {
                 init_std: 0.02,
                 cross_patch: false,
                 zero_w_gl: false,
+                patch_embed_std: None,
             },
             "byte-350m" => ModelConfig {
                 patch_size: 1,
@@ -165,6 +180,7 @@ impl ModelConfig {
                 init_std: 0.02,
                 cross_patch: false,
                 zero_w_gl: false,
+                patch_embed_std: None,
             },
             other => {
                 return Err(Error::Config(format!(
@@ -243,6 +259,11 @@ impl ModelConfig {
         }
         if !(self.init_std > 0.0 && self.init_std.is_finite()) {
             return bad(format!("init_std must be positive, got {}", self.init_std));
+        }
+        if let Some(std) = self.patch_embed_std {
+            if !(std > 0.0 && std.is_finite()) {
+                return bad(format!("patch_embed_std must be positive (or absent for init_std), got {std}"));
+            }
         }
         Ok(())
     }

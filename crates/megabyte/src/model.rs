@@ -98,10 +98,11 @@ impl MegaByte {
         cfg.validate()?;
         let (p, t, dg, dl, std) = (cfg.patch_size, cfg.context, cfg.d_global(), cfg.local.width, cfg.init_std);
         let n = Init::TruncNormal(std);
+        let pe = Init::TruncNormal(cfg.patch_embed_std.unwrap_or(std));
         let patch_embedder = PatchEmbedder {
-            byte_embed: params.get("patch_embedder.byte_embed.weight", &[V, dg], n)?,
-            pos_embed: params.get("patch_embedder.pos_embed.weight", &[t, dg], n)?,
-            global_pad: params.get("patch_embedder.global_pad", &[p * dg], n)?,
+            byte_embed: params.get("patch_embedder.byte_embed.weight", &[V, dg], pe)?,
+            pos_embed: params.get("patch_embedder.pos_embed.weight", &[t, dg], pe)?,
+            global_pad: params.get("patch_embedder.global_pad", &[p * dg], pe)?,
             patch_size: p,
         };
         let global = Transformer::new(params, "global", &cfg.global, cfg.norm, std)?;

@@ -101,6 +101,10 @@ fn invalid_configs_are_refused() {
     cfg.context = 250;
     std::fs::write(dir.join("t.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
     fails_with(&["info", "--config", s(&dir.join("t.json"))], "multiple of patch_size");
+    cfg.context = 256;
+    cfg.patch_embed_std = Some(0.0);
+    std::fs::write(dir.join("pe.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    fails_with(&["info", "--config", s(&dir.join("pe.json"))], "patch_embed_std must be positive");
     fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "0"], "positive");
     fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "2", "--lr=-1"], "lr");
     fails_with(&["train", "--out", s(&dir.join("run"))], "stopping rule");

@@ -18,6 +18,7 @@ fn byte_config() -> ModelConfig {
         init_std: 0.1,
         cross_patch: false,
         zero_w_gl: false,
+        patch_embed_std: None,
     }
 }
 

@@ -266,6 +266,7 @@ fn model_config() -> ModelConfig {
         init_std: 0.02,
         cross_patch: false,
         zero_w_gl: false,
+        patch_embed_std: None,
     }
 }
 
@@ -390,6 +391,7 @@ fn decoding_config() -> ModelConfig {
         init_std: 0.2,
         cross_patch: false,
         zero_w_gl: false,
+        patch_embed_std: None,
     }
 }
 

@@ -110,6 +110,32 @@ fn recomputed_activations_give_the_same_gradients() {
     }
 }
 
+/// `patch_embed_std`: the patch embedder's three tensors start at that scale, drawn from the
+/// same stream (so exactly rescaled), and every other parameter as it would without it; a
+/// config without the key reads as before and writes without it.
+#[test]
+fn a_patch_embed_std_rescales_the_patch_embedder_alone() {
+    let plain = small_config(NormKind::LayerNorm, true);
+    let mut cfg = plain.clone();
+    cfg.patch_embed_std = Some(1.0);
+    let (_, plain_params) = MegaByte::init(&plain, 13, DType::F64, &Device::Cpu).unwrap();
+    let (_, params) = MegaByte::init(&cfg, 13, DType::F64, &Device::Cpu).unwrap();
+    let ratio = 1.0 / plain.init_std;
+    for (name, var) in params.vars() {
+        let (a, b) = (var.as_tensor(), plain_params.vars()[name].as_tensor());
+        let b = if name.starts_with("patch_embedder.") { (b * ratio).unwrap() } else { b.clone() };
+        let diff = crate::max_abs_diff(&a.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap());
+        assert!(diff < 1e-5, "{name}: {diff}");
+    }
+    let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap().to_scalar::<f64>().unwrap();
+    let table = rms(params.vars()["patch_embedder.pos_embed.weight"].as_tensor());
+    assert!((0.7..1.0).contains(&table), "a truncated normal of std 1 has rms 0.88: {table}");
+    let text = serde_json::to_string(&plain).unwrap();
+    assert!(!text.contains("patch_embed_std"), "{text}");
+    assert_eq!(serde_json::from_str::<megabyte::ModelConfig>(&text).unwrap().patch_embed_std, None);
+    assert!(serde_json::to_string(&cfg).unwrap().contains("\"patch_embed_std\":1.0"));
+}
+
 /// `zero_w_gl`: w_GL starts at zero and every other parameter as it would without it. At the
 /// start the global model then gets no gradient but w_GL does, so one optimizer step makes
 /// the global term nonzero and the next gradient reaches the global blocks.

@@ -47,6 +47,7 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
         init_std: 0.2,
         cross_patch: false,
         zero_w_gl: false,
+        patch_embed_std: None,
     }
 }
 
