@@ -25,6 +25,7 @@ mkdir -p "$runs"
 head -c 2000000 "$data/enwik8/train.bin" > "$runs/train.bin"
 head -c 2200000 "$data/enwik8/train.bin" | tail -c 200000 > "$runs/valid.bin"
 commit=$("$mb" --version | sed -n 's/.*(commit \(.*\)).*/\1/p')
+: > "$runs/this.jsonl"
 for setting in "$@"; do
     read -r -a args <<<"$setting"
     name=$(echo "$setting" | tr -c 'A-Za-z0-9.\n-' '_' | sed 's/^_*//')
@@ -34,7 +35,7 @@ for setting in "$@"; do
         "$mb" train "${args[@]}" --data "$runs/train.bin" --valid "$runs/valid.bin" --steps 800 --batch-size 4 \
             --warmup 100 --eval-every 400 --sample-bytes 0 --checkpoint-every 100000 --seed "$seed" \
             $(case " $setting " in *" --lr "*) ;; *) echo --lr 2e-3 ;; esac) --out "$run" > "$run.log" 2>&1
-        python3 - "$run/metrics.jsonl" "$setting" "$seed" "$commit" <<'PY' | tee -a "$out"
+        python3 - "$run/metrics.jsonl" "$setting" "$seed" "$commit" <<'PY' | tee -a "$out" "$runs/this.jsonl"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 steps = [r for r in rows if "grad_norm" in r and r["step"] > 100]
@@ -47,11 +48,11 @@ print(json.dumps({"setting": sys.argv[2], "seed": int(sys.argv[3]), "steps_above
 PY
     done
 done
-python3 - "$out" "$commit" "$@" <<'PY'
+python3 - "$runs/this.jsonl" "$@" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-for setting in sys.argv[3:]:
-    mine = [r for r in rows if r["setting"] == setting and r["commit"] == sys.argv[2]]
+for setting in sys.argv[2:]:
+    mine = [r for r in rows if r["setting"] == setting]
     spiked = [r for r in mine if r["steps_above_5"] > 0]
     print(f"{setting}: {len(spiked)} of {len(mine)} seeds above 5 after step 100, largest {max(r['max_grad_norm'] for r in mine)}, "
           f"valid bpb mean {statistics.mean(r['valid_bpb'] for r in mine):.4f}")
