@@ -32,9 +32,13 @@ for setting in "$@"; do
     for seed in $seeds; do
         run="$runs/$name-seed$seed"
         rm -rf "$run"
-        "$mb" train "${args[@]}" --data "$runs/train.bin" --valid "$runs/valid.bin" --steps 800 --batch-size 4 \
-            --warmup 100 --eval-every 400 --sample-bytes 0 --checkpoint-every 100000 --seed "$seed" \
-            $(case " $setting " in *" --lr "*) ;; *) echo --lr 2e-3 ;; esac) --out "$run" > "$run.log" 2>&1
+        # --lr 2e-3 and --warmup 100 unless the setting gives its own
+        defaults=()
+        [[ " $setting " == *" --lr "* ]] || defaults+=(--lr 2e-3)
+        [[ " $setting " == *" --warmup "* ]] || defaults+=(--warmup 100)
+        "$mb" train "${args[@]}" "${defaults[@]}" --data "$runs/train.bin" --valid "$runs/valid.bin" --steps 800 \
+            --batch-size 4 --eval-every 400 --sample-bytes 0 --checkpoint-every 100000 --seed "$seed" \
+            --out "$run" > "$run.log" 2>&1
         python3 - "$run/metrics.jsonl" "$setting" "$seed" "$commit" <<'PY' | tee -a "$out" "$runs/this.jsonl"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
