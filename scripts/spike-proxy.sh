@@ -28,7 +28,7 @@ commit=$("$mb" --version | sed -n 's/.*(commit \(.*\)).*/\1/p')
 : > "$runs/this.jsonl"
 for setting in "$@"; do
     read -r -a args <<<"$setting"
-    name=$(echo "$setting" | tr -c 'A-Za-z0-9.\n-' '_' | sed 's/^_*//')
+    name=$(echo "$setting" | tr -c 'A-Za-z0-9.\n-' '_' | sed 's/^[-_]*//')
     for seed in $seeds; do
         run="$runs/$name-seed$seed"
         rm -rf "$run"
@@ -58,6 +58,7 @@ rows = [json.loads(l) for l in open(sys.argv[1])]
 for setting in sys.argv[2:]:
     mine = [r for r in rows if r["setting"] == setting]
     spiked = [r for r in mine if r["steps_above_5"] > 0]
-    print(f"{setting}: {len(spiked)} of {len(mine)} seeds above 5 after step 100, largest {max(r['max_grad_norm'] for r in mine)}, "
-          f"valid bpb mean {statistics.mean(r['valid_bpb'] for r in mine):.4f}")
+    patch = [r for r in mine if r["patch_embedder_at_max"] > 5]
+    print(f"{setting}: {len(spiked)} of {len(mine)} seeds above 5 after step 100 ({len(patch)} with the patch embedder above 5 "
+          f"at the peak), largest {max(r['max_grad_norm'] for r in mine)}, valid bpb mean {statistics.mean(r['valid_bpb'] for r in mine):.4f}")
 PY

@@ -47,6 +47,9 @@ pub fn run(args: Args) -> Result<()> {
     if cfg.zero_w_gl {
         println!("w_GL starts at zero (zero_w_gl)");
     }
+    if let Some(std) = cfg.patch_embed_std {
+        println!("the patch embedder starts at std {std} (patch_embed_std)");
+    }
     println!("parameters: global {}  local {}  total {}", human(counts.global), human(counts.local), human(counts.total));
     println!("training FLOPs per byte: {:.4e}  (6·(m_G/P + m_L) + attention)", flops);
     Ok(())
