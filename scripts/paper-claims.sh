@@ -16,8 +16,9 @@
 #       The early part of an equal-time run: each model trains on the MINUTES run's schedule
 #       (--time MINUTES) and is stopped with Ctrl-C after SECONDS, so its curve lies on the
 #       full run's; records its validation bpb by step (set --eval-every and --eval-bytes in
-#       TRAIN-ARGS), steps, bytes/s and its gradient spikes (the largest norm after step 100 and
-#       the steps above 5). For comparing starts, and learning rates, at a fraction of the cost.
+#       TRAIN-ARGS), steps, bytes/s, the last 100 steps' mean training bpb and its gradient
+#       spikes (the largest norm after step 100, its step and each part's norm there, and the
+#       steps above 5). For comparing starts, and learning rates, at a fraction of the cost.
 #   scripts/paper-claims.sh curves PNG RUN [RUN...]
 #       Training bpb (mean of the last 100 steps) and validation bpb against minutes, one
 #       line per run (a run folder or its metrics.jsonl, plain or gzipped), in one PNG.

@@ -8,12 +8,14 @@ for each patch row: the spread (standard deviation) of the residual stream befor
 global model's final norm, and the row's own sensitivity, |Δ output row| / |Δ input row| for
 a small random change of its input. Rows whose residual nearly cancels have a small spread,
 and the final norm then multiplies every change of them: those are where gradient spikes
-come from. Also prints each block's attention entropy.
+come from.
 
     python3 tools/spikes/global_rows.py CHECKPOINT_DIR DATA_FILE [--windows N] [--start BYTE]
 
-With --start, that one window in detail; otherwise N random windows (default 200), the
-five most sensitive listed. Standard LayerNorm models (the `layer_norm` norm) only.
+With --start, that one window in detail (every row, and each block's and head's median
+attention entropy); otherwise N random windows (default 200): the median over windows of
+each window's median row sensitivity, and the five windows with the most sensitive row.
+LayerNorm models (the `layer_norm` norm) only.
 """
 import argparse, json, math, os, sys
 
@@ -108,6 +110,8 @@ def main():
     rng = np.random.default_rng(0)
     window = lambda s: data[s : s + g.T].astype(np.int64)
     if args.start is not None:
+        if not 0 <= args.start <= len(data) - g.T:
+            sys.exit(f"--start must lie in 0..={len(data) - g.T} (the file has {len(data)} bytes, a window {g.T})")
         spread, sens = g.rows(window(args.start), rng)
         ent = []
         g.run(g.input_rows(window(args.start)), ent)
@@ -122,7 +126,8 @@ def main():
         r = int(sens.argmax())
         found.append((sens[r], s, r, spread[r], float(np.median(sens)), float(np.median(spread))))
     found.sort(reverse=True)
-    print(f"{args.windows} windows; median own-row sensitivity {np.median([f[4] for f in found]):.2f}")
+    print(f"{args.windows} windows; the median over windows of each window's median own-row sensitivity: "
+          f"{np.median([f[4] for f in found]):.2f}")
     for sens, s, r, spread, med_sens, med_spread in found[:5]:
         text = bytes(data[s + (r - 1) * g.P : s + r * g.P]).decode("latin-1") if r > 0 else "(pad)"
         print(f"start {s}: row {r} sensitivity {sens:.1f} (window median {med_sens:.2f}), residual spread {spread:.2f} "

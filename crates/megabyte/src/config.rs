@@ -22,6 +22,7 @@ pub enum NormKind {
 
 /// One decoder-only causal transformer (pre-norm, attention + 4× MLP, no biases).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TransformerConfig {
     /// Model width (the global model's is P·D_G, the local model's D_L).
     pub width: usize,
@@ -55,8 +56,10 @@ impl TransformerConfig {
 }
 
 /// The whole MEGABYTE architecture. Saved with every checkpoint; there is deliberately no
-/// `Default`: pick a preset or write every field.
+/// `Default`: pick a preset or write every field. An unknown key is an error, not ignored: a
+/// misspelt option would otherwise train without it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// P: bytes per patch.
     pub patch_size: usize,
@@ -87,12 +90,12 @@ pub struct ModelConfig {
     pub zero_w_gl: bool,
     /// The patch embedder's initial standard deviation (its byte and position tables and the
     /// global pad); `init_std` when absent. At `init_std` (0.02) the global model's input is
-    /// about 35 times smaller than the unit scale its first norm maps it to, so the norm
-    /// multiplies every change of that input by 35, and AdamW's steps of size lr move it by
-    /// a tenth of itself per step. 1.0 starts it at the norm's scale. Measured (RESULTS.md,
-    /// "MEGABYTE's training can spike"): the gradient spikes of one enwik8 MEGABYTE run in
-    /// three start in the patch embedder, and on the CPU proxy `scripts/spike-proxy.sh` 1.0
-    /// removes them.
+    /// about 40 times smaller than the unit scale its first norm maps it to, so the norm
+    /// multiplies every change of that input by about 40, and AdamW's steps of size lr move
+    /// it by a tenth of itself per step. 1.0 starts it at the norm's scale. Measured
+    /// (RESULTS.md, "MEGABYTE's training can spike"): the gradient spikes of one enwik8
+    /// MEGABYTE run in three start in the patch embedder, and on the CPU proxy
+    /// `scripts/spike-proxy.sh` 1.0 removes them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_embed_std: Option<f64>,
 }

@@ -62,14 +62,11 @@ impl AdamW {
             .iter()
             .map(|(_, p)| Ok(Tensor::zeros(2 * p.elem_count(), DType::F32, p.device())?))
             .collect::<Result<Vec<_>>>()?;
-        let mut parts: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut by_part: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
         for (i, (name, _)) in params.iter().enumerate() {
-            let part = part_of(name);
-            match parts.last_mut() {
-                Some((last, members)) if last == part => members.push(i),
-                _ => parts.push((part.to_string(), vec![i])),
-            }
+            by_part.entry(part_of(name)).or_default().push(i);
         }
+        let parts: Vec<(String, Vec<usize>)> = by_part.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         Ok(AdamW { cfg, params, moments, t: 0, parts })
     }
 

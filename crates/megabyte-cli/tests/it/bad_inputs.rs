@@ -105,6 +105,15 @@ fn invalid_configs_are_refused() {
     cfg.patch_embed_std = Some(0.0);
     std::fs::write(dir.join("pe.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
     fails_with(&["info", "--config", s(&dir.join("pe.json"))], "patch_embed_std must be positive");
+    // A misspelt key is refused, not ignored (the run would train without the option).
+    let mut text = serde_json::to_value(megabyte::ModelConfig::preset("tiny").unwrap()).unwrap();
+    text["patch_embed_sd"] = serde_json::json!(1.0);
+    std::fs::write(dir.join("typo.json"), text.to_string()).unwrap();
+    fails_with(&["info", "--config", s(&dir.join("typo.json"))], "unknown field `patch_embed_sd`");
+    text.as_object_mut().unwrap().remove("patch_embed_sd");
+    text["global"]["qk_norm"] = serde_json::json!(true);
+    std::fs::write(dir.join("typo2.json"), text.to_string()).unwrap();
+    fails_with(&["info", "--config", s(&dir.join("typo2.json"))], "unknown field `qk_norm`");
     fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "0"], "positive");
     fails_with(&["train", "--out", s(&dir.join("run")), "--steps", "2", "--lr=-1"], "lr");
     fails_with(&["train", "--out", s(&dir.join("run"))], "stopping rule");
