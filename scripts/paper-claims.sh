@@ -27,7 +27,8 @@
 #       The runs side by side from their metrics (a run folder or its metrics.jsonl, plain or
 #       gzipped): steps, training seconds, bytes/s (the median of the steps' rates), validation
 #       bpb by step, the gradient norm after step 100 (median, maximum, steps above 2 and 5: loss
-#       spikes), and the mean training bpb over each 1,000-step range (runs with one seed and
+#       spikes; where recorded, each part's norm at the peak and its median before and after
+#       step 1,000), and the mean training bpb over each 1,000-step range (runs with one seed and
 #       batch shape train on the same bytes at each step, so these pair them).
 #   scripts/paper-claims.sh generation BYTES PRESET [PRESET...]
 #       Batch-1 KV-cached generation of BYTES bytes on random weights. Claim 3.
@@ -217,6 +218,26 @@ for name, (steps, valid) in runs.items():
               f" at step {peak['step']}, {sum(n > 2 for n in norms)} steps above 2, {sum(n > 5 for n in norms)} above 5")
         if "grad_norms" in peak:  # per part of the model, recorded since ca78b42
             print("    by part at that step: " + ", ".join(f"{k} {v:.2f}" for k, v in peak["grad_norms"].items()))
+            # Each part's typical norm (the median) before and after step 1,000; the embedders'
+            # tables and pads (separate parts since afcf92b) summed into their embedder.
+            def by_part(r):
+                out = {}
+                for k, v in r["grad_norms"].items():
+                    out[k.split(".")[0]] = out.get(k.split(".")[0], 0.0) + v * v
+                return {k: v**0.5 for k, v in out.items()}
+            for name, rows in (("101-1,000", [r for r in late if r["step"] <= 1000]), ("after 1,000", [r for r in late if r["step"] > 1000])):
+                parts = [by_part(r) for r in rows if "grad_norms" in r]
+                if parts:
+                    print(f"    median by part, steps {name}: " + ", ".join(f"{k} {statistics.median(p[k] for p in parts):.4f}" for k in parts[0]))
+            spikes = [r for r in late if r["grad_norm"] > 5 and "grad_norms" in r]
+            if spikes:
+                share = lambda k: [by_part(r)[k] ** 2 / r["grad_norm"] ** 2 for r in spikes]
+                print(f"    share of the squared norm in the steps above 5 (steps {spikes[0]['step']}-{spikes[-1]['step']}): "
+                      + ", ".join(f"{k} {min(share(k)):.0%}-{max(share(k)):.0%}" for k in by_part(spikes[0])))
+    # Leaving the bigram plateau: the first step whose last 50 steps average below 3.0 bpb.
+    bpb = [r["bpb"] for k, r in sorted(steps.items())]
+    left = next((i + 1 for i in range(49, len(bpb)) if sum(bpb[i - 49 : i + 1]) / 50 < 3.0), None)
+    print(f"  training bpb (mean of 50 steps) below 3.0 from step {left}")
 print("mean training bpb by step range (" + " | ".join(runs) + "):")
 top = min(max(steps) for steps, _ in runs.values())
 for lo in range(0, top - top % 1000, 1000):
