@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One call on a CUDA machine without Rust or network (the lent H200): the binaries and enwik8
+# travel xz-compressed in .devbin/ (git-ignored; see scripts/device-env.sh), and what the call
+# measured is copied to $OUT (the device tool's output folder; default /tmp/out).
+#
+#   scripts/device-call.sh run CONFIG BATCH MINUTES LR [TRAIN-ARGS...]
+#       One paper-claims equal-time run of CONFIG (batch BATCH, peak learning rate LR, warm-up
+#       200, validation every 1,000 steps, no samples) plus its test scores; TRAIN-ARGS go to
+#       `megabyte train` (e.g. --dropout 0.1 --seed 2). $OUT gets results.jsonl and the run's
+#       metrics.jsonl.gz, and the log ends with `paper-claims.sh compare` of the run.
+#   scripts/device-call.sh engine
+#       The CUDA integration tests (.devbin/it.xz: `cargo test --release --features cuda
+#       --no-run`'s `it` binary) with `cuda` in their name.
+#
+# Preparing .devbin here (a machine with Rust; commit first, the binary stamps the commit):
+#   eval "$(scripts/cuda-toolchain.sh)"; CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda
+#   mkdir -p .devbin && strip -o .devbin/megabyte target/cuda/release/megabyte && xz -T2 -3 -f .devbin/megabyte
+#   cp enwik8.gz .devbin/     # or enwik8.zip or the raw file: whatever `megabyte data fetch enwik8 --from` takes
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+# shellcheck source=device-env.sh
+source scripts/device-env.sh # unpacks .devbin/*.xz into /tmp/mb
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+mode=${1:?usage: see the header of $0}
+shift
+case "$mode" in
+run)
+    config=${1:?config} batch=${2:?batch} minutes=${3:?minutes} lr=${4:?lr}
+    shift 4
+    export MEGABYTE=/tmp/mb/megabyte DATA=/tmp/data RUNS=/tmp/runs OUT=$out/results.jsonl
+    src=$(ls .devbin/enwik8* | head -1)
+    [ -f /tmp/data/enwik8/test.bin ] || /tmp/mb/megabyte data fetch enwik8 --from "$src" --dir /tmp/data
+    status=0
+    scripts/paper-claims.sh equal-time "$minutes" "$config" -- --batch-size "$batch" --lr "$lr" \
+        --warmup 200 --eval-every 1000 --checkpoint-every 100000 --sample-bytes 0 "$@" || status=$?
+    run=$(ls -dt /tmp/runs/"$(basename "$config" .json)"-"${minutes}"min* | head -1)
+    gzip -c "$run/metrics.jsonl" > "$out/metrics.jsonl.gz"
+    scripts/paper-claims.sh compare "$run" || true
+    exit "$status"
+    ;;
+engine)
+    /tmp/mb/it cuda --test-threads 1 2>&1 | tail -40
+    ;;
+*)
+    echo "unknown mode $mode: run or engine" >&2
+    exit 2
+    ;;
+esac
