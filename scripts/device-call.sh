@@ -5,7 +5,8 @@
 #
 #   scripts/device-call.sh run CONFIG BATCH MINUTES LR [TRAIN-ARGS...]
 #       One paper-claims equal-time run of CONFIG (batch BATCH, peak learning rate LR, warm-up
-#       200, validation every 1,000 steps, no samples) plus its test scores; TRAIN-ARGS go to
+#       200, validation every 1,000 steps, no samples) plus its test scores, after three
+#       untimed steps of the same model; TRAIN-ARGS go to
 #       `megabyte train` (e.g. --dropout 0.1 --seed 2). $OUT gets results.jsonl and the run's
 #       metrics.jsonl.gz, and the log ends with `paper-claims.sh compare` of the run.
 #   scripts/device-call.sh engine
@@ -32,6 +33,14 @@ run)
     export MEGABYTE=/tmp/mb/megabyte DATA=/tmp/data RUNS=/tmp/runs OUT=$out/results.jsonl
     src=$(ls .devbin/enwik8* | head -1)
     [ -f /tmp/data/enwik8/test.bin ] || /tmp/mb/megabyte data fetch enwik8 --from "$src" --dir /tmp/data
+    # A fresh machine spent 12-17 s in a timed run's first two steps (RESULTS.md, s19-1 and
+    # s19-3; most likely the driver compiling the kernels' PTX into an empty cache). A few
+    # untimed steps of the same model first keep that out of the timed run.
+    s=$(date +%s)
+    /tmp/mb/megabyte train --config "$config" --device cuda --data /tmp/data/enwik8/train.bin \
+        --valid /tmp/data/enwik8/valid.bin --steps 3 --eval-every 2 --batch-size "$batch" \
+        --sample-bytes 0 --out "/tmp/warm-up-$$" "$@" > /tmp/warm-up.log 2>&1 || { cat /tmp/warm-up.log; exit 1; }
+    echo "warm-up: 3 untimed steps in $(( $(date +%s) - s )) s"
     status=0
     scripts/paper-claims.sh equal-time "$minutes" "$config" -- --batch-size "$batch" --lr "$lr" \
         --warmup 200 --eval-every 1000 --checkpoint-every 100000 --sample-bytes 0 "$@" || status=$?
