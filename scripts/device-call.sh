@@ -16,7 +16,10 @@
 # Preparing .devbin here (a machine with Rust; commit first, the binary stamps the commit):
 #   eval "$(scripts/cuda-toolchain.sh)"; CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda
 #   mkdir -p .devbin && strip -o .devbin/megabyte target/cuda/release/megabyte && xz -T2 -3 -f .devbin/megabyte
-#   cp enwik8.gz .devbin/     # or enwik8.zip or the raw file: whatever `megabyte data fetch enwik8 --from` takes
+#   strip -o .devbin/it $(ls target/cuda/release/deps/it-* | grep -v '\.d$') && xz -T2 -3 -f .devbin/it
+#                             # after `CARGO_TARGET_DIR=target/cuda cargo test --release --features cuda --no-run`
+#   xz -T2 -9 -c ENWIK8 > .devbin/enwik8.xz   # the raw 10^8 bytes; or cp enwik8.gz .devbin/ (36 MB:
+#                                             # then it.xz may not fit in the device tool's 64 MiB)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${OUT:-/tmp/out}
@@ -31,7 +34,8 @@ run)
     config=${1:?config} batch=${2:?batch} minutes=${3:?minutes} lr=${4:?lr}
     shift 4
     export MEGABYTE=/tmp/mb/megabyte DATA=/tmp/data RUNS=/tmp/runs OUT=$out/results.jsonl
-    src=$(ls .devbin/enwik8* | head -1)
+    src=/tmp/mb/enwik8 # device-env.sh unpacked .devbin/enwik8.xz here; else a .gz or .zip
+    [ -f "$src" ] || src=$(ls .devbin/enwik8.* | head -1)
     [ -f /tmp/data/enwik8/test.bin ] || /tmp/mb/megabyte data fetch enwik8 --from "$src" --dir /tmp/data
     # A fresh machine spent 12-17 s in a timed run's first two steps (RESULTS.md, s19-1 and
     # s19-3; most likely the driver compiling the kernels' PTX into an empty cache). A few
