@@ -197,6 +197,15 @@ PY
 compare)
     python3 - "$@" <<'PY'
 import gzip, json, os, statistics, sys
+
+def by_model_part(grad_norms):
+    """A step's per-part norms with each embedder's tables and pads (separate parts since
+    afcf92b) summed into their embedder."""
+    sq = {}
+    for k, v in grad_norms.items():
+        sq[k.split(".")[0]] = sq.get(k.split(".")[0], 0.0) + v * v
+    return {k: v**0.5 for k, v in sq.items()}
+
 runs = {}
 for arg in sys.argv[1:]:
     path = os.path.join(arg, "metrics.jsonl") if os.path.isdir(arg) else arg
@@ -218,22 +227,16 @@ for name, (steps, valid) in runs.items():
               f" at step {peak['step']}, {sum(n > 2 for n in norms)} steps above 2, {sum(n > 5 for n in norms)} above 5")
         if "grad_norms" in peak:  # per part of the model, recorded since ca78b42
             print("    by part at that step: " + ", ".join(f"{k} {v:.2f}" for k, v in peak["grad_norms"].items()))
-            # Each part's typical norm (the median) before and after step 1,000; the embedders'
-            # tables and pads (separate parts since afcf92b) summed into their embedder.
-            def by_part(r):
-                out = {}
-                for k, v in r["grad_norms"].items():
-                    out[k.split(".")[0]] = out.get(k.split(".")[0], 0.0) + v * v
-                return {k: v**0.5 for k, v in out.items()}
-            for name, rows in (("101-1,000", [r for r in late if r["step"] <= 1000]), ("after 1,000", [r for r in late if r["step"] > 1000])):
-                parts = [by_part(r) for r in rows if "grad_norms" in r]
+            # Each part's typical norm (the median) before and after step 1,000.
+            for label, rows in (("101-1,000", [r for r in late if r["step"] <= 1000]), ("after 1,000", [r for r in late if r["step"] > 1000])):
+                parts = [by_model_part(r["grad_norms"]) for r in rows if "grad_norms" in r]
                 if parts:
-                    print(f"    median by part, steps {name}: " + ", ".join(f"{k} {statistics.median(p[k] for p in parts):.4f}" for k in parts[0]))
+                    print(f"    median by part, steps {label}: " + ", ".join(f"{k} {statistics.median(p[k] for p in parts):.4f}" for k in parts[0]))
             spikes = [r for r in late if r["grad_norm"] > 5 and "grad_norms" in r]
             if spikes:
-                share = lambda k: [by_part(r)[k] ** 2 / r["grad_norm"] ** 2 for r in spikes]
+                shares = [{k: v * v / r["grad_norm"] ** 2 for k, v in by_model_part(r["grad_norms"]).items()} for r in spikes]
                 print(f"    share of the squared norm in the steps above 5 (steps {spikes[0]['step']}-{spikes[-1]['step']}): "
-                      + ", ".join(f"{k} {min(share(k)):.0%}-{max(share(k)):.0%}" for k in by_part(spikes[0])))
+                      + ", ".join(f"{k} {min(s[k] for s in shares):.0%}-{max(s[k] for s in shares):.0%}" for k in shares[0]))
     # Leaving the bigram plateau: the first step whose last 50 steps average below 3.0 bpb.
     bpb = [r["bpb"] for k, r in sorted(steps.items())]
     left = next((i + 1 for i in range(49, len(bpb)) if sum(bpb[i - 49 : i + 1]) / 50 < 3.0), None)
