@@ -9,6 +9,11 @@
 #       untimed steps of the same model; TRAIN-ARGS go to
 #       `megabyte train` (e.g. --dropout 0.1 --seed 2). $OUT gets results.jsonl and the run's
 #       metrics.jsonl.gz, and the log ends with `paper-claims.sh compare` of the run.
+#   scripts/device-call.sh probe SECONDS CONFIG BATCH MINUTES LR "SEED..." [TRAIN-ARGS...]
+#       The first SECONDS of that run (`paper-claims.sh probe`: the MINUTES run's schedule,
+#       stopped early; validation every 250 steps on 100,000 bytes) once per seed, after the
+#       same untimed steps. For more seeds' spikes at a fraction of a run's cost. $OUT gets
+#       results.jsonl and each seed's metrics-seedN.jsonl.gz.
 #   scripts/device-call.sh engine
 #       The CUDA integration tests (.devbin/it.xz: `cargo test --release --features cuda
 #       --no-run`'s `it` binary) with `cuda` in their name.
@@ -30,9 +35,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 mode=${1:?usage: see the header of $0}
 shift
 case "$mode" in
-run)
+run | probe)
+    [ "$mode" = probe ] && { secs=${1:?seconds}; shift; }
     config=${1:?config} batch=${2:?batch} minutes=${3:?minutes} lr=${4:?lr}
     shift 4
+    [ "$mode" = probe ] && { seeds=${1:?seeds}; shift; }
     export MEGABYTE=/tmp/mb/megabyte DATA=/tmp/data RUNS=/tmp/runs OUT=$out/results.jsonl
     src=/tmp/mb/enwik8 # device-env.sh unpacked .devbin/enwik8.xz here; else a .gz or .zip
     [ -f "$src" ] || src=$(ls .devbin/enwik8.* | head -1)
@@ -45,6 +52,27 @@ run)
         --valid /tmp/data/enwik8/valid.bin --steps 3 --eval-every 2 --batch-size "$batch" \
         --sample-bytes 0 --out "/tmp/warm-up-$$" "$@" > /tmp/warm-up.log 2>&1 || { cat /tmp/warm-up.log; exit 1; }
     echo "warm-up: 3 untimed steps in $(( $(date +%s) - s )) s"
+    if [ "$mode" = probe ]; then
+        name=$(basename "$config" .json)
+        for seed in $seeds; do
+            scripts/paper-claims.sh probe "$secs" "$minutes" "$config" -- --batch-size "$batch" --lr "$lr" \
+                --warmup 200 --eval-every 250 --checkpoint-every 100000 --sample-bytes 0 "$@" --seed "$seed" \
+                | grep -v '^{' || true
+            run=$(ls -dt /tmp/runs/"$name"-probe-"${secs}"s* | head -1)
+            gzip -c "$run/metrics.jsonl" > "$out/metrics-seed$seed.jsonl.gz"
+        done
+        python3 - "$OUT" <<'PY'
+import json, sys
+print("seed  steps  max grad norm after 100 (step)  steps above 5  valid bpb (step)")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    seed = r["train_args"].split("--seed ")[-1].split()[0]
+    last = max(r["valid_bpb_by_step"], key=int)
+    print(f'{seed:>4}  {r["steps"]:>5}  {r["grad_norm_max_after_100"]:>8} ({r["grad_norm_max_step"]})'
+          f'  {r["steps_grad_norm_above_5"]:>5}  {r["valid_bpb_by_step"][last]} ({last})')
+PY
+        exit 0
+    fi
     status=0
     scripts/paper-claims.sh equal-time "$minutes" "$config" -- --batch-size "$batch" --lr "$lr" \
         --warmup 200 --eval-every 1000 --checkpoint-every 100000 --sample-bytes 0 "$@" || status=$?
@@ -57,7 +85,7 @@ engine)
     /tmp/mb/it cuda --test-threads 1 2>&1 | tail -40
     ;;
 *)
-    echo "unknown mode $mode: run or engine" >&2
+    echo "unknown mode $mode: run, probe or engine" >&2
     exit 2
     ;;
 esac
