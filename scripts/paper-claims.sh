@@ -149,7 +149,9 @@ probe)
         name=$(model_name "$m")
         run=$(fresh_run "$runs/$name-probe-${secs}s")
         status=0
-        timeout -s INT "$secs" "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" \
+        # --foreground: SIGINT to the run alone. Without it timeout also signals its own process
+        # group, so the run got two at once, which binaries before the fix took as "leave now".
+        timeout --foreground -s INT "$secs" "$mb" train "${model[@]}" --device "$device" --data "$data/enwik8/train.bin" \
             --valid "$data/enwik8/valid.bin" --time "$minutes" --out "$run" "${train_args[@]}" || status=$?
         [ "$status" = 0 ] || [ "$status" = 124 ] || exit "$status" # 124: stopped by the timeout
         json=$(python3 - "$run/metrics.jsonl" "$secs" "$minutes" <<'PY'

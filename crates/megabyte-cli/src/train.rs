@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -225,9 +226,11 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     {
         let stop = stop.clone();
+        let mut first = None;
         ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                std::process::exit(130); // a second Ctrl-C: leave now
+            stop.store(true, Ordering::SeqCst);
+            if leave_now(&mut first, Instant::now()) {
+                std::process::exit(130);
             }
         })
         .context("installing the Ctrl-C handler")?;
@@ -362,4 +365,32 @@ fn data_spec(args: &Args) -> Result<DataSpec> {
         }
     };
     Ok(DataSpec { train: args.data.clone(), valid: args.valid.clone(), holdout_bytes, documents: args.documents })
+}
+
+/// Whether a Ctrl-C at `now` means "leave now": a second one, a second or more after the first
+/// (recorded in `first`). The first asks for a clean stop with a checkpoint. One signal can
+/// arrive twice at once, sent to the process and to its process group, as `timeout -s INT`
+/// does; that is still one.
+fn leave_now(first: &mut Option<Instant>, now: Instant) -> bool {
+    match *first {
+        None => {
+            *first = Some(now);
+            false
+        }
+        Some(t) => now.saturating_duration_since(t) >= Duration::from_secs(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_later_second_ctrl_c_leaves_at_once() {
+        let t = Instant::now();
+        let mut first = None;
+        assert!(!leave_now(&mut first, t), "the first asks for a clean stop");
+        assert!(!leave_now(&mut first, t + Duration::from_millis(20)), "the same signal delivered twice");
+        assert!(leave_now(&mut first, t + Duration::from_millis(1500)), "a second Ctrl-C");
+    }
 }
