@@ -13,7 +13,8 @@
 #       The first SECONDS of that run (`paper-claims.sh probe`: the MINUTES run's schedule,
 #       stopped early; validation every 250 steps on 100,000 bytes) once per seed, after the
 #       same untimed steps. For more seeds' spikes at a fraction of a run's cost. $OUT gets
-#       results.jsonl and each seed's metrics-seedN.jsonl.gz.
+#       results.jsonl and each seed's metrics-seedN.jsonl.gz, and the log ends with a table of
+#       the probes in $OUT/results.jsonl (empty at the start of a device call).
 #   scripts/device-call.sh engine
 #       The CUDA integration tests (.devbin/it.xz: `cargo test --release --features cuda
 #       --no-run`'s `it` binary) with `cuda` in their name.
@@ -23,7 +24,7 @@
 #   mkdir -p .devbin && strip -o .devbin/megabyte target/cuda/release/megabyte && xz -T2 -3 -f .devbin/megabyte
 #   strip -o .devbin/it $(ls target/cuda/release/deps/it-* | grep -v '\.d$') && xz -T2 -3 -f .devbin/it
 #                             # after `CARGO_TARGET_DIR=target/cuda cargo test --release --features cuda --no-run`
-#   xz -T2 -9 -c ENWIK8 > .devbin/enwik8.xz   # the raw 10^8 bytes; or cp enwik8.gz .devbin/ (36 MB)
+#   xz -T2 -9 -c ENWIK8 > .devbin/enwik8.xz   # the raw 10^8 bytes (25 MB; enwik8.gz, 36 MB, no longer fits)
 # The device tool carries at most 64 MiB: the tracked files (23 MB in December 2026) plus
 # .devbin. megabyte.xz (11 MB) and enwik8.xz (25 MB) fit; with it.xz (10 MB) as well they no
 # longer do, so keep it.xz aside except for `engine` calls, which need no enwik8.
@@ -41,11 +42,18 @@ run | probe)
     [ "$mode" = probe ] && { secs=${1:?seconds}; shift; }
     config=${1:?config} batch=${2:?batch} minutes=${3:?minutes} lr=${4:?lr}
     shift 4
-    [ "$mode" = probe ] && { seeds=${1:?seeds}; shift; }
+    if [ "$mode" = probe ]; then
+        seeds=${1:?seeds}
+        shift
+        [[ $seeds =~ ^[0-9\ ]+$ ]] || { echo "SEEDS must be seed numbers, e.g. \"3 4 5\": got $seeds" >&2; exit 2; }
+        [[ " $* " != *" --seed "* ]] || { echo "probe sets --seed itself, from SEEDS" >&2; exit 2; }
+    fi
     export MEGABYTE=/tmp/mb/megabyte DATA=/tmp/data RUNS=/tmp/runs OUT=$out/results.jsonl
-    src=/tmp/mb/enwik8 # device-env.sh unpacked .devbin/enwik8.xz here; else a .gz or .zip
-    [ -f "$src" ] || src=$(ls .devbin/enwik8.* | head -1)
-    [ -f /tmp/data/enwik8/test.bin ] || /tmp/mb/megabyte data fetch enwik8 --from "$src" --dir /tmp/data
+    if [ ! -f /tmp/data/enwik8/test.bin ]; then
+        src=/tmp/mb/enwik8 # device-env.sh unpacked .devbin/enwik8.xz here; else a .gz or .zip
+        [ -f "$src" ] || src=$(ls .devbin/enwik8.* | head -1)
+        /tmp/mb/megabyte data fetch enwik8 --from "$src" --dir /tmp/data
+    fi
     # A fresh machine spent 12-17 s in a timed run's first two steps (RESULTS.md, s19-1 and
     # s19-3; most likely the driver compiling the kernels' PTX into an empty cache). A few
     # untimed steps of the same model first keep that out of the timed run.
@@ -55,13 +63,20 @@ run | probe)
         --sample-bytes 0 --out "/tmp/warm-up-$$" "$@" > /tmp/warm-up.log 2>&1 || { cat /tmp/warm-up.log; exit 1; }
     echo "warm-up: 3 untimed steps in $(( $(date +%s) - s )) s"
     if [ "$mode" = probe ]; then
-        name=$(basename "$config" .json)
+        failed=0
         for seed in $seeds; do
+            rm -rf /tmp/runs # each probe's run folder is then /tmp/runs/NAME-probe-SECONDSs
+            status=0
             scripts/paper-claims.sh probe "$secs" "$minutes" "$config" -- --batch-size "$batch" --lr "$lr" \
                 --warmup 200 --eval-every 250 --checkpoint-every 100000 --sample-bytes 0 "$@" --seed "$seed" \
-                | grep -v '^{' || true
-            run=$(ls -dt /tmp/runs/"$name"-probe-"${secs}"s* | head -1)
-            gzip -c "$run/metrics.jsonl" > "$out/metrics-seed$seed.jsonl.gz"
+                > /tmp/probe.log 2>&1 || status=$?
+            grep -v '^{' /tmp/probe.log || true
+            if [ "$status" != 0 ]; then
+                echo "seed $seed: the probe failed (status $status)" >&2
+                failed=1
+                continue
+            fi
+            gzip -c /tmp/runs/"$(basename "$config" .json)"-probe-"${secs}"s/metrics.jsonl > "$out/metrics-seed$seed.jsonl.gz"
         done
         python3 - "$OUT" <<'PY'
 import json, sys
@@ -73,7 +88,7 @@ for line in open(sys.argv[1]):
     print(f'{seed:>4}  {r["steps"]:>5}  {r["grad_norm_max_after_100"]:>8} ({r["grad_norm_max_step"]})'
           f'  {r["steps_grad_norm_above_5"]:>5}  {r["valid_bpb_by_step"][last]} ({last})')
 PY
-        exit 0
+        exit "$failed"
     fi
     status=0
     scripts/paper-claims.sh equal-time "$minutes" "$config" -- --batch-size "$batch" --lr "$lr" \

@@ -95,7 +95,7 @@ pub struct ModelConfig {
     /// it by a tenth of itself per step. 1.0 starts it at the norm's scale. Measured
     /// (RESULTS.md, "MEGABYTE's training can spike"): the gradient spikes of one enwik8
     /// MEGABYTE run in three start in the patch embedder; 1.0 removes them on the CPU proxy
-    /// `scripts/spike-proxy.sh`, and none of three enwik8 seeds with it spiked. Meant for MEGABYTE:
+    /// `scripts/spike-proxy.sh`, and none of six enwik8 seeds with it spiked. Meant for MEGABYTE:
     /// a byte transformer (P = 1) with its input embedding at 1.0 trained worse on enwik8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_embed_std: Option<f64>,
