@@ -35,50 +35,63 @@ mkdir -p "$out"
 # shellcheck source=device-env.sh
 source scripts/device-env.sh # unpacks .devbin/*.xz into /tmp/mb
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-mode=${1:?usage: see the header of $0}
-shift
-case "$mode" in
-run | probe)
-    [ "$mode" = probe ] && { secs=${1:?seconds}; shift; }
-    config=${1:?config} batch=${2:?batch} minutes=${3:?minutes} lr=${4:?lr}
-    shift 4
-    if [ "$mode" = probe ]; then
-        seeds=${1:?seeds}
-        shift
-        [[ $seeds =~ ^[0-9\ ]+$ ]] || { echo "SEEDS must be seed numbers, e.g. \"3 4 5\": got $seeds" >&2; exit 2; }
-        [[ " $* " != *" --seed "* ]] || { echo "probe sets --seed itself, from SEEDS" >&2; exit 2; }
-    fi
+# prepare CONFIG BATCH [TRAIN-ARGS...]: enwik8's splits in /tmp/data, the environment
+# paper-claims.sh reads, and three untimed steps of the model. A fresh machine spent 12-17 s in
+# a timed run's first two steps (RESULTS.md, s19-1 and s19-3; most likely the driver compiling
+# the kernels' PTX into an empty cache); the untimed steps keep that out of the timed run.
+prepare() {
+    local config=$1 batch=$2 src s
+    shift 2
     export MEGABYTE=/tmp/mb/megabyte DATA=/tmp/data RUNS=/tmp/runs OUT=$out/results.jsonl
     if [ ! -f /tmp/data/enwik8/test.bin ]; then
         src=/tmp/mb/enwik8 # device-env.sh unpacked .devbin/enwik8.xz here; else a .gz or .zip
         [ -f "$src" ] || src=$(ls .devbin/enwik8.* | head -1)
         /tmp/mb/megabyte data fetch enwik8 --from "$src" --dir /tmp/data
     fi
-    # A fresh machine spent 12-17 s in a timed run's first two steps (RESULTS.md, s19-1 and
-    # s19-3; most likely the driver compiling the kernels' PTX into an empty cache). A few
-    # untimed steps of the same model first keep that out of the timed run.
     s=$(date +%s)
     /tmp/mb/megabyte train --config "$config" --device cuda --data /tmp/data/enwik8/train.bin \
         --valid /tmp/data/enwik8/valid.bin --steps 3 --eval-every 2 --batch-size "$batch" \
         --sample-bytes 0 --out "/tmp/warm-up-$$" "$@" > /tmp/warm-up.log 2>&1 || { cat /tmp/warm-up.log; exit 1; }
     echo "warm-up: 3 untimed steps in $(( $(date +%s) - s )) s"
-    if [ "$mode" = probe ]; then
-        failed=0
-        for seed in $seeds; do
-            rm -rf /tmp/runs # each probe's run folder is then /tmp/runs/NAME-probe-SECONDSs
-            status=0
-            scripts/paper-claims.sh probe "$secs" "$minutes" "$config" -- --batch-size "$batch" --lr "$lr" \
-                --warmup 200 --eval-every 250 --checkpoint-every 100000 --sample-bytes 0 "$@" --seed "$seed" \
-                > /tmp/probe.log 2>&1 || status=$?
-            grep -v '^{' /tmp/probe.log || true
-            if [ "$status" != 0 ]; then
-                echo "seed $seed: the probe failed (status $status)" >&2
-                failed=1
-                continue
-            fi
-            gzip -c /tmp/runs/"$(basename "$config" .json)"-probe-"${secs}"s/metrics.jsonl > "$out/metrics-seed$seed.jsonl.gz"
-        done
-        python3 - "$OUT" <<'PY'
+}
+
+mode=${1:?usage: see the header of $0}
+shift
+case "$mode" in
+run)
+    config=${1:?config} batch=${2:?batch} minutes=${3:?minutes} lr=${4:?lr}
+    shift 4
+    prepare "$config" "$batch" "$@"
+    status=0
+    scripts/paper-claims.sh equal-time "$minutes" "$config" -- --batch-size "$batch" --lr "$lr" \
+        --warmup 200 --eval-every 1000 --checkpoint-every 100000 --sample-bytes 0 "$@" || status=$?
+    run=$(ls -dt /tmp/runs/"$(basename "$config" .json)"-"${minutes}"min* | head -1)
+    gzip -c "$run/metrics.jsonl" > "$out/metrics.jsonl.gz"
+    scripts/paper-claims.sh compare "$run" || true
+    exit "$status"
+    ;;
+probe)
+    secs=${1:?seconds} config=${2:?config} batch=${3:?batch} minutes=${4:?minutes} lr=${5:?lr} seeds=${6:?seeds}
+    shift 6
+    [[ $seeds =~ ^[0-9\ ]+$ ]] || { echo "SEEDS must be seed numbers, e.g. \"3 4 5\": got $seeds" >&2; exit 2; }
+    [[ " $* " != *" --seed "* ]] || { echo "probe sets --seed itself, from SEEDS" >&2; exit 2; }
+    prepare "$config" "$batch" "$@"
+    failed=0
+    for seed in $seeds; do
+        rm -rf /tmp/runs # each probe's run folder is then /tmp/runs/NAME-probe-SECONDSs
+        status=0
+        scripts/paper-claims.sh probe "$secs" "$minutes" "$config" -- --batch-size "$batch" --lr "$lr" \
+            --warmup 200 --eval-every 250 --checkpoint-every 100000 --sample-bytes 0 "$@" --seed "$seed" \
+            > /tmp/probe.log 2>&1 || status=$?
+        grep -v '^{' /tmp/probe.log || true
+        if [ "$status" != 0 ]; then
+            echo "seed $seed: the probe failed (status $status)" >&2
+            failed=1
+            continue
+        fi
+        gzip -c /tmp/runs/"$(basename "$config" .json)"-probe-"${secs}"s/metrics.jsonl > "$out/metrics-seed$seed.jsonl.gz"
+    done
+    [ -f "$OUT" ] && python3 - "$OUT" <<'PY'
 import json, sys
 print("seed  steps  max grad norm after 100 (step)  steps above 5  valid bpb (step)")
 for line in open(sys.argv[1]):
@@ -88,15 +101,7 @@ for line in open(sys.argv[1]):
     print(f'{seed:>4}  {r["steps"]:>5}  {r["grad_norm_max_after_100"]:>8} ({r["grad_norm_max_step"]})'
           f'  {r["steps_grad_norm_above_5"]:>5}  {r["valid_bpb_by_step"][last]} ({last})')
 PY
-        exit "$failed"
-    fi
-    status=0
-    scripts/paper-claims.sh equal-time "$minutes" "$config" -- --batch-size "$batch" --lr "$lr" \
-        --warmup 200 --eval-every 1000 --checkpoint-every 100000 --sample-bytes 0 "$@" || status=$?
-    run=$(ls -dt /tmp/runs/"$(basename "$config" .json)"-"${minutes}"min* | head -1)
-    gzip -c "$run/metrics.jsonl" > "$out/metrics.jsonl.gz"
-    scripts/paper-claims.sh compare "$run" || true
-    exit "$status"
+    exit "$failed"
     ;;
 engine)
     /tmp/mb/it cuda --test-threads 1 2>&1 | tail -40

@@ -205,7 +205,8 @@ def by_model_part(grad_norms):
     afcf92b) summed into their embedder."""
     sq = {}
     for k, v in grad_norms.items():
-        sq[k.split(".")[0]] = sq.get(k.split(".")[0], 0.0) + v * v
+        part = k.split(".")[0]
+        sq[part] = sq.get(part, 0.0) + v * v
     return {k: v**0.5 for k, v in sq.items()}
 
 runs = {}
