@@ -98,7 +98,7 @@ pub fn run(args: Args) -> Result<()> {
     device.synchronize()?;
     let secs = start.elapsed().as_secs_f64();
     let peak_memory = megabyte::gpu::peak_memory(&device);
-    let peak_tflops = args.peak_tflops.or(device.is_cuda().then_some(790.0));
+    let peak_tflops = args.peak_tflops.or(megabyte::gpu::peak_tflops(&device));
     let trained = args.steps > 0;
     let train_bytes_per_sec = (args.steps as usize * args.batch_size * cfg.context) as f64 / secs.max(1e-9);
     let flops_per_byte = cfg.train_flops_per_byte();

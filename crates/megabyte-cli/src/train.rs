@@ -248,10 +248,8 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
             let by_steps = limits.0.map_or(0.0, |n| s.step as f64 / n as f64);
             let by_time = limits.1.map_or(0.0, |m| s.elapsed_secs / (m * 60.0));
             bar.set_position((by_steps.max(by_time).min(1.0) * 1000.0) as u64);
-            bar.set_message(format!(
-                "step {} loss {:.3} bpb {:.3} {:.0} B/s",
-                s.step, s.loss, s.bpb, s.bytes_per_sec
-            ));
+            let mfu = s.mfu.map_or(String::new(), |m| format!(" {:.0}% MFU", 100.0 * m));
+            bar.set_message(format!("step {} loss {:.3} bpb {:.3} {:.0} B/s{mfu}", s.step, s.loss, s.bpb, s.bytes_per_sec));
         }
         Event::Eval { step, report } => {
             say(&bar, format!("step {step:>6}: valid bpb {:.3} ({} bytes)", report.bpb, report.bytes))

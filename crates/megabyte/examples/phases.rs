@@ -2,6 +2,7 @@
 //! `cargo run --release --example phases -- tiny 4`
 use std::time::Instant;
 
+use megabyte::model::{mean_weights, TrainPass};
 use megabyte::optim::{AdamW, AdamWConfig};
 use megabyte::{DType, Device, MegaByte, ModelConfig, Tensor};
 
@@ -23,7 +24,7 @@ fn main() -> megabyte::Result<()> {
         let loss = model.loss(&x.clone())?.detach();
         let _ = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
-        let (_, grads) = model.loss_and_grads(&x, 1.0)?;
+        let (_, grads) = model.loss_and_grads(&x, &mean_weights(&x)?, TrainPass::default())?;
         let t2 = Instant::now();
         opt.step(&grads, 1e-3, 1.0)?;
         let t3 = Instant::now();

@@ -19,9 +19,10 @@
 //! Ranks find each other torchrun-style ([`DistEnv`]: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
 //! `MASTER_ADDR`, `MASTER_PORT`): rank 0 hands the NCCL id to the others over a small TCP
 //! rendezvous ([`exchange_id`]), which also checks that every rank runs the same configuration
-//! ([`fingerprint`]). [`ThreadGroup`] is an in-process group of CPU ranks (threads), which the
-//! tests use to check the data-parallel path without GPUs; `nccl::NcclGroup` (feature `cuda`)
-//! is the real one.
+//! ([`fingerprint`]). [`Alone`] is the group of one that a single process trains in (the same
+//! code, every collective a no-op); [`ThreadGroup`] is an in-process group of CPU ranks
+//! (threads), which the tests use to check the data-parallel path without GPUs;
+//! `nccl::NcclGroup` (feature `cuda`) is the real one.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -375,6 +376,53 @@ pub trait Collective: Send + Sync {
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+/// A group of one: the process trains alone. Every collective returns its buffers as they
+/// are, so single-process training runs the data-parallel code with nothing to branch on.
+pub struct Alone;
+
+impl Collective for Alone {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world_size(&self) -> usize {
+        1
+    }
+
+    fn all_reduce_sum(&mut self, bufs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        Ok(bufs)
+    }
+
+    fn broadcast(&mut self, bufs: Vec<Tensor>, root: usize) -> Result<Vec<Tensor>> {
+        if root != 0 {
+            return Err(dist_err(format!("broadcast from rank {root} of 1")));
+        }
+        Ok(bufs)
+    }
+}
+
+/// The sums over the ranks of `tensors` (one dtype, any shapes) and of `extra` (sent along in
+/// the same collective call), with the tensors packed into flat buckets of about
+/// `bucket_elems` elements: a few large all-reduces instead of one per tensor. A group of one
+/// returns them untouched (no copy).
+pub fn all_reduce_sum_packed(
+    group: &mut dyn Collective,
+    tensors: Vec<Tensor>,
+    extra: Tensor,
+    bucket_elems: usize,
+) -> Result<(Vec<Tensor>, Tensor)> {
+    if group.world_size() == 1 {
+        return Ok((tensors, extra));
+    }
+    let shapes: Vec<candle_core::Shape> = tensors.iter().map(|t| t.shape().clone()).collect();
+    let (mut bufs, packing) = pack(&tensors.iter().collect::<Vec<_>>(), bucket_elems)?;
+    drop(tensors); // the buckets hold the values now
+    bufs.push(extra);
+    let mut summed = group.all_reduce_sum(bufs)?;
+    let extra = summed.pop().ok_or_else(|| dist_err("a buffer went missing in the all-reduce"))?;
+    Ok((packing.unpack(&summed, &shapes.iter().collect::<Vec<_>>())?, extra))
 }
 
 /// An in-process group of `world` ranks, one per thread, on the CPU: sums are taken in rank

@@ -1,18 +1,56 @@
-//! CUDA memory: the allocator's pool settings and peak-memory statistics. Without the `cuda`
-//! feature (or on the CPU) these do nothing and report nothing.
+//! Devices: opening one by name, CUDA memory (the allocator's pool settings and peak-memory
+//! statistics) and the dense rate MFU is measured against. Without the `cuda` feature (or on
+//! the CPU) the memory functions do nothing and report nothing.
 
 use candle_core::Device;
 
+use crate::error::{Error, Result};
+
+/// A device from `cpu`, `cuda` or `cuda:N`.
+pub fn device(spec: &str) -> Result<Device> {
+    let spec = spec.trim();
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| Error::Config(format!("bad device `{spec}`: use cpu, cuda or cuda:N")))?,
+        None => return Err(Error::Config(format!("bad device `{spec}`: use cpu, cuda or cuda:N"))),
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::Config(format!(
+            "device `{spec}` needs a build with `--features cuda` (this one is CPU-only)"
+        )));
+    }
+    let device = Device::new_cuda(ordinal)?;
+    single_stream(&device);
+    keep_freed_memory(&device);
+    Ok(device)
+}
+
+/// The dense bf16 matrix rate of one device of `device`'s kind, in TFLOP/s, which model FLOPs
+/// utilisation (MFU) is a fraction of: on CUDA the H200's measured rate (BENCHMARKS.md), `None`
+/// on the CPU.
+pub fn peak_tflops(device: &Device) -> Option<f64> {
+    device.is_cuda().then_some(PEAK_BF16_TFLOPS)
+}
+
+/// See [`peak_tflops`].
+pub const PEAK_BF16_TFLOPS: f64 = 790.0;
+
 /// The CUDA GPUs this process can see; an error on a build without `--features cuda`.
-pub fn cuda_device_count() -> crate::Result<usize> {
+pub fn cuda_device_count() -> Result<usize> {
     #[cfg(feature = "cuda")]
     {
         candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
             .map(|n| n.max(0) as usize)
-            .map_err(|e| crate::Error::Config(format!("cannot count the CUDA GPUs ({e:?}): is the NVIDIA driver installed?")))
+            .map_err(|e| Error::Config(format!("cannot count the CUDA GPUs ({e:?}): is the NVIDIA driver installed?")))
     }
     #[cfg(not(feature = "cuda"))]
-    Err(crate::Error::Config("CUDA GPUs need a build with `--features cuda` (this one is CPU-only)".into()))
+    Err(Error::Config("CUDA GPUs need a build with `--features cuda` (this one is CPU-only)".into()))
 }
 
 /// Keeps memory freed to CUDA's stream-ordered pool (which candle allocates from) for reuse

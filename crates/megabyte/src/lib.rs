@@ -29,32 +29,8 @@ pub mod train;
 pub use config::{ModelConfig, NormKind, Precision, TransformerConfig, V};
 pub use error::{Error, Result};
 pub use candle_core::{DType, Device, Tensor, Var};
+pub use gpu::device;
 pub use model::MegaByte;
-
-/// A device from `cpu`, `cuda` or `cuda:N`.
-pub fn device(spec: &str) -> Result<Device> {
-    let spec = spec.trim();
-    if spec == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let ordinal = match spec.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| Error::Config(format!("bad device `{spec}`: use cpu, cuda or cuda:N")))?,
-        None => return Err(Error::Config(format!("bad device `{spec}`: use cpu, cuda or cuda:N"))),
-    };
-    if !candle_core::utils::cuda_is_available() {
-        return Err(Error::Config(format!(
-            "device `{spec}` needs a build with `--features cuda` (this one is CPU-only)"
-        )));
-    }
-    let device = Device::new_cuda(ordinal)?;
-    gpu::single_stream(&device);
-    gpu::keep_freed_memory(&device);
-    Ok(device)
-}
 
 /// Process-wide CPU settings for training and generation on the CPU; call it first thing in
 /// `main`, before any thread starts (the `megabyte` command does). Measured on 2 cores with the

@@ -6,12 +6,13 @@
 //!
 //! Invariant protected by the two shifts below: the logits for byte t depend only on bytes < t.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::{ModelConfig, V};
 use crate::error::{Error, Result};
 use crate::grad::{sum_rows, Grads};
-use crate::nn::{accumulation_dtype, Dropout, Init, KvCache, Linear, Params, Transformer};
+use crate::nn::{Dropout, Init, KvCache, Linear, Params, Transformer};
+use crate::ops::{self, accumulation_dtype};
 
 /// §2.2.1: byte embeddings plus learned byte positions, concatenated into patches.
 #[derive(Clone, Debug)]
@@ -28,7 +29,7 @@ impl PatchEmbedder {
         let (b, len) = bytes.dims2()?;
         let dg = self.byte_embed.dim(1)?;
         let h = embed(&self.byte_embed, bytes)?; // [B, len, D_G]
-        let h = h.broadcast_add(&self.pos_embed.narrow(0, start, len)?)?.to_dtype(act)?;
+        let h = h.broadcast_add(&self.pos_embed.narrow(0, start, len)?.detach())?.to_dtype(act)?;
         Ok(h.reshape((b, len / self.patch_size, self.patch_size * dg))?) // [B, n, P·D_G]
     }
 }
@@ -38,7 +39,7 @@ impl PatchEmbedder {
 /// bytes < k·P. h: [B, K, P·D_G] → [B, K, P·D_G].
 pub fn shift_one_patch(h: &Tensor, global_pad: &Tensor) -> Result<Tensor> {
     let (b, k, w) = h.dims3()?;
-    let pad = global_pad.to_dtype(h.dtype())?.reshape((1, 1, w))?.broadcast_as((b, 1, w))?; // [B, 1, P·D_G]
+    let pad = global_pad.detach().to_dtype(h.dtype())?.reshape((1, 1, w))?.broadcast_as((b, 1, w))?; // [B, 1, P·D_G]
     Ok(Tensor::cat(&[&pad, &h.narrow(1, 0, k - 1)?], 1)?)
 }
 
@@ -47,7 +48,7 @@ pub fn shift_one_patch(h: &Tensor, global_pad: &Tensor) -> Result<Tensor> {
 /// patch. e: [N, P, D_L] → [N, P, D_L].
 pub fn shift_one_byte(e: &Tensor, local_pad: &Tensor) -> Result<Tensor> {
     let (n, p, dl) = e.dims3()?;
-    let pad = local_pad.to_dtype(e.dtype())?.reshape((1, 1, dl))?.broadcast_as((n, 1, dl))?; // [N, 1, D_L]
+    let pad = local_pad.detach().to_dtype(e.dtype())?.reshape((1, 1, dl))?.broadcast_as((n, 1, dl))?; // [N, 1, D_L]
     Ok(Tensor::cat(&[&pad, &e.narrow(1, 0, p - 1)?], 1)?)
 }
 
@@ -67,7 +68,7 @@ impl LocalEmbedder {
         let s = bytes.dim(1)?;
         let e = embed(&self.byte_embed, bytes)?; // [N, S, D_L]
         let e = shift_one_byte(&e, &self.local_pad)?;
-        Ok(e.broadcast_add(&self.pos_embed.narrow(0, 0, s)?)?.to_dtype(act)?)
+        Ok(e.broadcast_add(&self.pos_embed.narrow(0, 0, s)?.detach())?.to_dtype(act)?)
     }
 }
 
@@ -85,11 +86,28 @@ pub struct MegaByte {
     /// The activations' dtype: the parameters' (f32) or bf16 (mixed precision: matmuls in
     /// bf16 from the f32 master weights, norm and softmax statistics in f32).
     act: DType,
-    /// The training pass keeps only each block's inputs and recomputes the rest in the
-    /// backward pass (activation checkpointing): for sequences whose activations do not fit.
-    recompute: bool,
-    /// Branch dropout of this training pass (`with_dropout`), in units of the batch's rows.
-    dropout: Option<Dropout>,
+}
+
+/// How one training pass runs. Not state of the model: every shard and micro-batch of a step
+/// passes its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TrainPass {
+    /// Branch dropout, keyed by the step and micro-batch, with the index of this pass's first
+    /// row in the global batch (`row_offset`, in rows [B, T']). The global model and the local
+    /// one (whose N sequences are B·K patches, or B windows with cross-patch attention) each
+    /// derive a key of their own and the offset in their own rows.
+    pub dropout: Option<Dropout>,
+    /// Keep only each block's inputs and recompute the rest in the backward pass (activation
+    /// checkpointing): the same gradients, about a third more compute, a fraction of the
+    /// activation memory, for sequences whose activations do not fit.
+    pub recompute: bool,
+}
+
+impl TrainPass {
+    /// The dropout of the global model, or (`local` with N sequences for B rows) the local one.
+    fn dropout(&self, local: bool, n: usize, b: usize) -> Option<Dropout> {
+        self.dropout.map(|d| Dropout { p: d.p, key: ops::pointwise::mix64(d.key ^ (1 + local as u64)), row_offset: d.row_offset * (n / b) })
+    }
 }
 
 impl MegaByte {
@@ -119,7 +137,7 @@ impl MegaByte {
         let local = Transformer::new(params, "local", &cfg.local, cfg.norm, std)?;
         let head = if cfg.tied_head { None } else { Some(Linear::new(params, "head", dl, V, std)?) };
         let act = params.dtype();
-        Ok(MegaByte { cfg: cfg.clone(), patch_embedder, global, global_to_local, local_embedder, local, head, act, recompute: false, dropout: None })
+        Ok(MegaByte { cfg: cfg.clone(), patch_embedder, global, global_to_local, local_embedder, local, head, act })
     }
 
     /// A freshly initialised model and its parameters.
@@ -144,27 +162,6 @@ impl MegaByte {
         self.act
     }
 
-    /// Recompute each block's activations in the backward pass instead of keeping them
-    /// (same gradients, about a third more compute, a fraction of the activation memory).
-    pub fn with_recompute(mut self, on: bool) -> Self {
-        self.recompute = on;
-        self
-    }
-
-    /// Branch dropout for the passes of this copy (training only: `Trainer` makes one per
-    /// shard and micro-batch). `row_offset` counts the batch's rows [B, T']; the global model
-    /// and the local one (whose N sequences are B·K patches, or B windows with cross-patch
-    /// attention) each get a key of their own and the offset in their own rows.
-    pub fn with_dropout(mut self, dropout: Option<Dropout>) -> Self {
-        self.dropout = dropout;
-        self
-    }
-
-    /// The dropout of the global model, or (`local` with N sequences for B rows) the local one.
-    fn transformer_dropout(&self, local: bool, n: usize, b: usize) -> Option<Dropout> {
-        self.dropout.map(|d| Dropout { p: d.p, key: crate::ops::mix64(d.key ^ (1 + local as u64)), row_offset: d.row_offset * (n / b) })
-    }
-
     /// A copy whose parameters (and activations) are `dtype`: bf16 for sampling on CUDA, where
     /// casting f32 weights at every decoding step would cost more than the step.
     pub fn converted(&self, params: &Params, dtype: DType) -> Result<(MegaByte, Params)> {
@@ -183,12 +180,11 @@ impl MegaByte {
         let (b, t) = self.check_input(bytes)?;
         let h = self.patch_embedder.forward(bytes, 0, self.act)?; // [B, K, P·D_G]
         let h = shift_one_patch(&h, &self.patch_embedder.global_pad)?; // [B, K, P·D_G]
-        let h = self.global.forward_dropped(&h, self.transformer_dropout(false, b, b))?; // [B, K, P·D_G]
+        let h = self.global.forward(&h)?; // [B, K, P·D_G]
         let context = self.global_to_local(&h)?; // [B·K, P, D_L]
         let local_bytes = self.local_sequences(bytes)?; // [N, S]: patches, or whole windows
         let local_in = self.local_embedder.forward(&local_bytes, self.act)?; // [N, S, D_L]
-        let local_drop = self.transformer_dropout(true, local_bytes.dim(0)?, b);
-        let h = self.local.forward_dropped(&(context.reshape(local_in.shape())? + local_in)?, local_drop)?; // [N, S, D_L]
+        let h = self.local.forward(&(context.reshape(local_in.shape())? + local_in)?)?; // [N, S, D_L]
         let logits = self.head(&h)?; // [N, S, V]
         Ok(logits.reshape((b, t, V))?)
     }
@@ -198,7 +194,7 @@ impl MegaByte {
         let (b, t) = bytes.dims2()?;
         let logits = self.logits(bytes)?.reshape((b * t, V))?; // [B·T', V]
         // Statistics in f32 (or f64) whatever the logits' dtype.
-        let losses = crate::ops::cross_entropy(&logits, &bytes.flatten_all()?)?;
+        let losses = ops::cross_entropy::forward(&logits, &bytes.flatten_all()?)?;
         Ok(losses.to_dtype(accumulation_dtype(losses.dtype()))?.reshape((b, t))?)
     }
 
@@ -207,63 +203,52 @@ impl MegaByte {
         Ok(self.byte_losses(bytes)?.mean_all()?)
     }
 
-    /// The mean loss over the batch (a scalar tensor, f32 or the parameters' dtype) and the
-    /// gradients of `weight`·loss for every parameter, by the explicit backward pass
-    /// (grad.rs): the same result as `loss(bytes).backward()`, without candle's autograd.
-    pub fn loss_and_grads(&self, bytes: &Tensor, weight: f64) -> Result<(Tensor, Grads)> {
-        let (b, t) = self.check_input(bytes)?;
-        let n = b * t;
-        let dtype = accumulation_dtype(self.act);
-        let dloss = Tensor::full((weight / n as f64) as f32, n, bytes.device())?.to_dtype(dtype)?;
-        let (losses, grads) = self.weighted_losses_and_grads(bytes, dloss)?;
-        Ok((losses.mean_all()?, grads))
-    }
-
-    /// Σ_t w_t·loss_t over the batch (a scalar tensor) and its gradients, for per-byte weights
-    /// w [B, T'] (f32): with document isolation, 0 on the padding after a document's end (its
-    /// losses are not counted) and 1/N on the N real bytes of a step. Same pass as
-    /// [`MegaByte::loss_and_grads`].
-    pub fn weighted_loss_and_grads(&self, bytes: &Tensor, weights: &Tensor) -> Result<(Tensor, Grads)> {
+    /// Σ_t w_t·loss_t over the batch (a scalar tensor, f32 or the parameters' dtype) for
+    /// per-byte weights w [B, T'], and its gradient for every parameter, by the explicit
+    /// backward pass. The weights say what the step's loss is: uniform 1/(B·T') for the mean
+    /// over plain windows; with document isolation 0 on the padding after a document's end and
+    /// 1/N on the N real bytes of a step.
+    pub fn loss_and_grads(&self, bytes: &Tensor, weights: &Tensor, pass: TrainPass) -> Result<(Tensor, Grads)> {
         let (b, t) = self.check_input(bytes)?;
         if weights.dims() != [b, t] {
             return Err(Error::Input(format!("byte weights must be [B, T'] = [{b}, {t}], got {:?}", weights.dims())));
         }
         let dtype = accumulation_dtype(self.act);
         let w = weights.flatten_all()?.to_dtype(dtype)?; // [B·T']
-        let (losses, grads) = self.weighted_losses_and_grads(bytes, w.clone())?;
+        let (losses, grads) = self.weighted_losses_and_grads(bytes, w.clone(), pass)?;
         let w = w.to_dtype(losses.dtype())?;
         Ok(((losses * w)?.sum_all()?, grads))
     }
 
     /// Every byte's loss [B·T'] and the gradients of Σ_t dloss_t·loss_t (dloss [B·T'] in the
     /// losses' dtype), by the explicit backward pass.
-    fn weighted_losses_and_grads(&self, bytes: &Tensor, dloss: Tensor) -> Result<(Tensor, Grads)> {
+    fn weighted_losses_and_grads(&self, bytes: &Tensor, dloss: Tensor, pass: TrainPass) -> Result<(Tensor, Grads)> {
         let (b, t) = self.check_input(bytes)?;
         let (p, k, dg, dl) = (self.cfg.patch_size, t / self.cfg.patch_size, self.cfg.d_global(), self.cfg.local.width);
         let pe = &self.patch_embedder;
         let le = &self.local_embedder;
         let head = self.head_linear();
         // Forward, keeping what the backward pass reads.
-        let h0 = pe.forward(bytes, 0, self.act)?.detach(); // [B, K, P·D_G]
-        let hin = shift_one_patch(&h0, &pe.global_pad.detach())?;
-        let (hg, global_saved) = self.global.forward_saved(&hin, self.recompute, self.transformer_dropout(false, b, b))?;
+        let h0 = pe.forward(bytes, 0, self.act)?; // [B, K, P·D_G]
+        let hin = shift_one_patch(&h0, &pe.global_pad)?;
+        let (hg, global_saved) = self.global.forward_saved(&hin, pass.recompute, pass.dropout(false, b, b))?;
         let hg = hg.reshape((b * k, p, dg))?; // [B·K, P, D_G]
         let (w_gl, context) = self.global_to_local.fwd(&hg)?; // [B·K, P, D_L]
         let local_bytes = self.local_sequences(bytes)?; // [N, S]
-        let local_in = le.forward(&local_bytes, self.act)?.detach(); // [N, S, D_L]
-        let local_drop = self.transformer_dropout(true, local_bytes.dim(0)?, b);
-        let (hl, local_saved) = self.local.forward_saved(&(context.reshape(local_in.shape())? + local_in)?, self.recompute, local_drop)?;
+        let local_in = le.forward(&local_bytes, self.act)?; // [N, S, D_L]
+        let local_drop = pass.dropout(true, local_bytes.dim(0)?, b);
+        let (hl, local_saved) = self.local.forward_saved(&(context.reshape(local_in.shape())? + local_in)?, pass.recompute, local_drop)?;
         let (n, s) = local_bytes.dims2()?;
         let (w_head, logits) = head.fwd(&hl)?;
         let logits = logits.reshape((b * t, V))?; // [B·T, V]
         let targets = bytes.flatten_all()?;
-        let losses = crate::ops::cross_entropy_forward(&logits, &targets)?; // [B·T]
+        let losses = ops::cross_entropy::forward(&logits, &targets)?; // [B·T]
         let losses = losses.to_dtype(accumulation_dtype(losses.dtype()))?;
 
         // Backward.
         let mut grads = Grads::new();
         let dloss = dloss.to_dtype(losses.dtype())?;
-        let dlogits = crate::ops::cross_entropy_backward(&logits, &targets, &losses, &dloss)?;
+        let dlogits = ops::cross_entropy::backward(&logits, &targets, &losses, &dloss)?;
         drop(logits);
         let dhl = head.bwd(&hl, &w_head, &dlogits.reshape((n, s, V))?, &mut grads)?;
         let dx = self.local.backward(local_saved, &dhl, &mut grads)?; // [N, S, D_L]
@@ -274,7 +259,7 @@ impl MegaByte {
         grads.add(&le.pos_embed, pad_rows(dpos, le.pos_embed.dim(0)?)?)?;
         grads.add(&le.local_pad, sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((n, dl))?)?)?;
         let dembed = shift_back(&dlocal)?; // byte j's embedding fed position j + 1
-        grads.add(&le.byte_embed, crate::ops::embedding_backward(&le.byte_embed, &local_bytes, &dembed)?)?;
+        grads.add(&le.byte_embed, ops::embedding::backward(&le.byte_embed, &local_bytes, &dembed)?)?;
         let dhg = self.global_to_local.bwd(&hg, &w_gl, &dx.reshape((b * k, p, dl))?, &mut grads)?;
         let dhin = self.global.backward(global_saved, &dhg.reshape((b, k, p * dg))?, &mut grads)?;
         // hin = shift_one_patch(E_global[bytes] + positions)
@@ -283,7 +268,7 @@ impl MegaByte {
         let dh0 = shift_back(&dhin)?.reshape((b, t, dg))?; // [B, T, D_G]
         let dpos = pad_rows(sum_rows(&dh0.reshape((b, t * dg))?)?.reshape((t, dg))?, self.cfg.context)?;
         grads.add(&pe.pos_embed, dpos)?;
-        grads.add(&pe.byte_embed, crate::ops::embedding_backward(&pe.byte_embed, bytes, &dh0)?)?;
+        grads.add(&pe.byte_embed, ops::embedding::backward(&pe.byte_embed, bytes, &dh0)?)?;
         Ok((losses, grads))
     }
 
@@ -303,12 +288,12 @@ impl MegaByte {
     fn global_to_local(&self, h: &Tensor) -> Result<Tensor> {
         let (b, k, _) = h.dims3()?;
         let h = h.reshape((b * k, self.cfg.patch_size, self.cfg.d_global()))?; // [B·K, P, D_G]
-        Ok(self.global_to_local.forward(&h)?)
+        self.global_to_local.forward(&h)
     }
 
     /// h [.., D_L] → logits [.., V], through the tied or untied head.
     fn head(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(self.head_linear().forward(h)?)
+        self.head_linear().forward(h)
     }
 
     /// The output projection: the untied head, or E_local_embed (tied).
@@ -404,7 +389,7 @@ impl MegaByte {
                 self.cfg.context
             )));
         }
-        Ok(self.global.forward_cached(&input, cache)?) // [B, s, P·D_G]
+        self.global.forward_cached(&input, cache) // [B, s, P·D_G]
     }
 
     /// One local position: `context` [B, D_L] is the global context of this position,
@@ -445,6 +430,13 @@ impl MegaByte {
     }
 }
 
+/// The loss weights [B, T'] under which [`MegaByte::loss_and_grads`] takes the mean loss over
+/// every byte of `bytes` [B, T'] (f32, 1/(B·T') each).
+pub fn mean_weights(bytes: &Tensor) -> Result<Tensor> {
+    let (b, t) = bytes.dims2()?;
+    Ok(Tensor::full((1.0 / (b * t) as f64) as f32, (b, t), bytes.device())?)
+}
+
 /// The gradient of a position table of `rows` rows from that of its first rows (a sequence
 /// shorter than the table): zeros for the rest. g: [S, D] → [rows, D].
 fn pad_rows(g: Tensor, rows: usize) -> Result<Tensor> {
@@ -468,5 +460,5 @@ fn shift_back(dy: &Tensor) -> Result<Tensor> {
 
 /// Embedding lookup: table [V, D] and ids [..] → [.., D].
 fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    Ok(crate::ops::embedding(table, ids)?)
+    Ok(ops::embedding::forward(table, ids)?)
 }

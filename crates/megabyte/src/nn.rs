@@ -1,18 +1,21 @@
 //! Transformer building blocks: parameters, linear layers, norms, attention, MLP, blocks and
-//! the KV cache. Norms, attention and GELU run as the fused ops of `ops.rs`, which carry their
-//! own backward passes (candle-nn's fused `softmax_last_dim`, `layer_norm` and `rms_norm` have
-//! none: gradients would silently stop). The gradient tests cover every parameter kind.
+//! the KV cache, each with its one forward pass, its backward pass and (for attention and
+//! blocks) its cached decoding step. Every op is a fused kernel of `ops` (candle-nn's fused
+//! `softmax_last_dim`, `layer_norm` and `rms_norm` have no backward); the backward pass runs
+//! the ops' own backward kernels in reverse order over what the forward pass kept, without
+//! candle's autograd. tests/it/gradients.rs checks it against finite differences and against
+//! autograd through an independent reference model.
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::{NormKind, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::grad::Grads;
-use crate::ops;
+use crate::ops::{self, accumulation_dtype};
 
 /// How a new parameter is filled.
 #[derive(Clone, Copy, Debug)]
@@ -145,15 +148,26 @@ impl Linear {
     pub fn new(p: &mut Params, name: &str, d_in: usize, d_out: usize, std: f64) -> Result<Self> {
         Ok(Linear { weight: p.get(&format!("{name}.weight"), &[d_out, d_in], Init::TruncNormal(std))? })
     }
-}
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::ops::linear(x, &self.weight)
+    /// y for x [.., in] → [.., out], in x's dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.fwd(x)?.1)
+    }
+
+    /// (the weight in x's dtype, y): the backward pass reuses that cast.
+    pub(crate) fn fwd(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(ops::linear::forward(x, &self.weight)?)
+    }
+
+    /// dx from the forward's input and weight cast, adding dW to `grads`.
+    pub(crate) fn bwd(&self, x: &Tensor, w_act: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let (dx, dw) = ops::linear::backward(x, w_act, dy, self.weight.dtype())?;
+        grads.add(&self.weight, dw)?;
+        Ok(dx)
     }
 }
 
-/// LayerNorm or RMSNorm over the last dimension (the fused [`crate::ops::norm`]).
+/// LayerNorm or RMSNorm over the last dimension (the fused `ops::norm`).
 #[derive(Clone, Debug)]
 pub struct Norm {
     pub(crate) weight: Tensor,
@@ -171,19 +185,24 @@ impl Norm {
         };
         Ok(Norm { weight, bias })
     }
-}
 
-impl Module for Norm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::ops::norm(x, &self.weight, self.bias.as_ref(), NORM_EPS)
+    /// The residual stream x (= base + delta when a delta is given) and norm(x): the residual
+    /// add and the norm after it in one pass.
+    pub(crate) fn fwd(&self, base: &Tensor, delta: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        Ok(match delta {
+            Some(a) => ops::norm::add_forward(base, a, &self.weight, self.bias.as_ref(), NORM_EPS)?,
+            None => (base.clone(), ops::norm::forward(base, &self.weight, self.bias.as_ref(), NORM_EPS)?),
+        })
     }
-}
 
-/// The dtype reductions run in: fp32 for half-precision activations, else the same.
-pub fn accumulation_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::BF16 | DType::F16 => DType::F32,
-        other => other,
+    /// dx (+ dres, the residual stream's gradient, when given).
+    pub(crate) fn bwd(&self, x: &Tensor, dy: &Tensor, dres: Option<&Tensor>, grads: &mut Grads) -> Result<Tensor> {
+        let (dx, dw, db) = ops::norm::backward(x, &self.weight, self.bias.as_ref(), dy, dres, NORM_EPS)?;
+        grads.add(&self.weight, dw)?;
+        if let (Some(b), Some(db)) = (&self.bias, db) {
+            grads.add(b, db)?;
+        }
+        Ok(dx)
     }
 }
 
@@ -290,21 +309,15 @@ impl Attention {
         })
     }
 
-    /// x: [N, S, D] → [N, S, D], causal over S.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let qkv = self.qkv.forward(x)?; // [N, S, 3D]: q, k, v as column blocks, heads within each
-        self.proj.forward(&crate::ops::causal_self_attention(&qkv, self.heads, self.window)?) // [N, S, D]
-    }
-
     /// The S new positions of x [N, S, D] after the `len` in the layer's cache buffers, into
     /// which it writes their keys and values.
     fn forward_cached(&self, x: &Tensor, layer: &LayerCache, len: usize) -> Result<Tensor> {
         let (_, s, d) = x.dims3()?;
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]
-        ops::kv_append(&qkv, &layer.k, &layer.v, len)?;
-        let (k, v) = (layer.k.narrow(1, 0, len + s)?, layer.v.narrow(1, 0, len + s)?);
-        let y = ops::causal_attention(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window)?;
-        Ok(self.proj.forward(&y)?)
+        ops::attention::kv_append(&qkv, &layer.k, &layer.v, len)?;
+        let (k, v) = (layer.k.narrow(1, 0, len + s)?, layer.v.narrow(1, 0, len + s)?); // [N, len + S, D]
+        let y = ops::attention::cached(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window)?; // [N, S, D]
+        self.proj.forward(&y)
     }
 }
 
@@ -315,18 +328,18 @@ pub struct Mlp {
     pub(crate) down: Linear,
 }
 
-impl Module for Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.down.forward(&crate::ops::gelu(&self.up.forward(x)?)?)
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down.forward(&ops::pointwise::gelu(&self.up.forward(x)?)?)
     }
 }
 
 /// Dropout of one transformer's residual branches in one training pass: each block's
 /// attention and MLP outputs, before they join the residual stream, are zeroed with
-/// probability `p` and the rest scaled by 1/(1 − p) (`ops::dropout`). Block i's two masks are
-/// keyed by (key, i, branch), so the forward pass, its recomputation and the backward pass
-/// draw the same ones; `row_offset` is the index of the first of the N sequences in the whole
-/// batch, so shards and ranks draw the whole batch's masks.
+/// probability `p` and the rest scaled by 1/(1 − p) (`ops::pointwise::dropout`). Block i's two
+/// masks are keyed by (key, i, branch), so the forward pass, its recomputation and the
+/// backward pass draw the same ones; `row_offset` is the index of the first of the N
+/// sequences in the whole batch, so shards and ranks draw the whole batch's masks.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Dropout {
     pub p: f64,
@@ -336,13 +349,13 @@ pub struct Dropout {
 
 impl Dropout {
     /// `x` of block `block`'s branch `branch` (0: attention, 1: MLP); also its own backward.
-    fn apply(&self, x: &Tensor, block: usize, branch: u64) -> candle_core::Result<Tensor> {
-        ops::dropout(x, self.p, ops::mix64(self.key ^ ((block as u64) << 1 | branch)), self.row_offset)
+    fn apply(&self, x: &Tensor, block: usize, branch: u64) -> Result<Tensor> {
+        Ok(ops::pointwise::dropout(x, self.p, ops::pointwise::mix64(self.key ^ ((block as u64) << 1 | branch)), self.row_offset)?)
     }
 }
 
 /// `x` through block `i`'s branch dropout, when there is one.
-fn dropped(x: Tensor, drop: Option<(Dropout, usize)>, branch: u64) -> candle_core::Result<Tensor> {
+fn dropped(x: Tensor, drop: Option<(Dropout, usize)>, branch: u64) -> Result<Tensor> {
     match drop {
         Some((d, i)) => d.apply(&x, i, branch),
         None => Ok(x),
@@ -356,6 +369,23 @@ pub struct Block {
     pub(crate) attn: Attention,
     pub(crate) mlp_norm: Norm,
     pub(crate) mlp: Mlp,
+}
+
+/// What a block's backward pass reads of its forward pass.
+pub(crate) struct BlockSaved {
+    x: Tensor,
+    h1: Tensor,
+    qkv: Tensor,
+    y: Tensor,
+    lse: Option<Tensor>,
+    x1: Tensor,
+    h2: Tensor,
+    u: Tensor,
+    g: Tensor,
+    /// The four weights in the activations' dtype: qkv, proj, up, down.
+    w: [Tensor; 4],
+    /// The branch dropout and this block's index.
+    drop: Option<(Dropout, usize)>,
 }
 
 impl Block {
@@ -372,18 +402,55 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, drop: Option<(Dropout, usize)>) -> candle_core::Result<Tensor> {
-        let x = (x + dropped(self.attn.forward(&self.attn_norm.forward(x)?)?, drop, 0)?)?;
-        &x + dropped(self.mlp.forward(&self.mlp_norm.forward(&x)?)?, drop, 1)?
+    /// The block on x = base + delta (delta: the previous block's MLP output, added here in
+    /// one pass with the norm). Returns the block's output as (x1, mlp output), which the next
+    /// block or the final norm adds, and what the backward pass reads.
+    fn forward(&self, base: &Tensor, delta: Option<&Tensor>, drop: Option<(Dropout, usize)>) -> Result<((Tensor, Tensor), BlockSaved)> {
+        let (x, h1) = self.attn_norm.fwd(base, delta)?; // [N, S, D]
+        let (w_qkv, qkv) = self.attn.qkv.fwd(&h1)?; // [N, S, 3D]
+        let (y, lse) = ops::attention::forward(&qkv, self.attn.heads, self.attn.window)?; // [N, S, D]
+        let (w_proj, a) = self.attn.proj.fwd(&y)?;
+        let (x1, h2) = self.mlp_norm.fwd(&x, Some(&dropped(a, drop, 0)?))?;
+        let (w_up, u) = self.mlp.up.fwd(&h2)?; // [N, S, 4D]
+        let g = ops::pointwise::gelu(&u)?;
+        let (w_down, m) = self.mlp.down.fwd(&g)?; // [N, S, D]
+        let w = [w_qkv, w_proj, w_up, w_down];
+        Ok(((x1.clone(), dropped(m, drop, 1)?), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g, w, drop }))
     }
 
-    /// One cached step on x = base + delta (as `forward_saved`): returns (x1, mlp output).
+    fn backward(&self, s: BlockSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let [w_qkv, w_proj, w_up, w_down] = &s.w;
+        // dropout is linear and its own backward: d(branch) = dropout(d(dropped branch))
+        let dg = self.mlp.down.bwd(&s.g, w_down, &dropped(dout.clone(), s.drop, 1)?, grads)?;
+        let du = ops::pointwise::gelu_backward(&s.u, &dg)?;
+        let dh2 = self.mlp.up.bwd(&s.h2, w_up, &du, grads)?;
+        let dx1 = self.mlp_norm.bwd(&s.x1, &dh2, Some(dout), grads)?;
+        let dy = self.attn.proj.bwd(&s.y, w_proj, &dropped(dx1.clone(), s.drop, 0)?, grads)?;
+        let dqkv = ops::attention::backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads, self.attn.window)?;
+        let dh1 = self.attn.qkv.bwd(&s.h1, w_qkv, &dqkv, grads)?;
+        self.attn_norm.bwd(&s.x, &dh1, Some(&dx1), grads)
+    }
+
+    /// One cached step on x = base + delta (as `forward`): returns (x1, mlp output).
     fn step(&self, base: &Tensor, delta: Option<&Tensor>, layer: &LayerCache, len: usize) -> Result<(Tensor, Tensor)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?;
         let a = self.attn.forward_cached(&h1, layer, len)?;
         let (x1, h2) = self.mlp_norm.fwd(&x, Some(&a))?;
         Ok((x1, self.mlp.forward(&h2)?))
     }
+}
+
+/// What a block's backward pass gets of its forward pass: everything it reads, or (with
+/// recomputation) only the block's inputs, from which its forward runs again.
+enum Kept {
+    Saved(BlockSaved),
+    Inputs(Tensor, Option<Tensor>, Option<(Dropout, usize)>),
+}
+
+/// What a transformer's backward pass reads of its forward pass.
+pub(crate) struct TransformerSaved {
+    blocks: Vec<Kept>,
+    before_norm: Tensor,
 }
 
 /// A decoder-only causal transformer: blocks then a final norm.
@@ -405,148 +472,27 @@ impl Transformer {
         self.blocks.len()
     }
 
-    /// x: [N, S, D] → [N, S, D], causal over S.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_dropped(x, None)
-    }
-
-    /// `forward` with branch dropout (training through candle's autograd; the tests').
-    pub fn forward_dropped(&self, x: &Tensor, drop: Option<Dropout>) -> candle_core::Result<Tensor> {
-        let mut x = x.clone();
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, drop.map(|d| (d, i)))?;
-        }
-        self.norm.forward(&x)
-    }
-
-    /// Like `forward`, for S new positions after those in `cache`, which it extends. Each
-    /// residual add runs in one pass with the norm after it.
-    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (n, s, d) = x.dims3()?;
-        if cache.len + s > cache.capacity {
-            return Err(Error::Input(format!("KV cache: {} + {s} positions exceed its {}", cache.len, cache.capacity)));
-        }
+    /// x: [N, S, D] → [N, S, D], causal over S: the forward pass alone (evaluation and
+    /// sampling), each block's activations freed as soon as the next block has its input.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (mut base, mut delta) = (x.clone(), None);
-        for (i, block) in self.blocks.iter().enumerate() {
-            let layer = cache.layer(i, n, d, x.dtype(), x.device())?;
-            let (b, dd) = block.step(&base, delta.as_ref(), &layer, cache.len)?;
-            (base, delta) = (b, Some(dd));
+        for block in &self.blocks {
+            let ((b, d), _) = block.forward(&base, delta.as_ref(), None)?;
+            (base, delta) = (b, Some(d));
         }
-        let out = self.norm.fwd(&base, delta.as_ref())?.1;
-        cache.len += s; // only once every layer has succeeded
-        Ok(out)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Explicit forward (keeping activations) and backward passes; see grad.rs.
-
-impl Linear {
-    /// (the weight in x's dtype, y): the backward reuses that cast.
-    pub(crate) fn fwd(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok(ops::linear_forward(x, &self.weight)?)
+        Ok(self.norm.fwd(&base, delta.as_ref())?.1)
     }
 
-    /// dx from the forward's input and weight cast, adding dW to `grads`.
-    pub(crate) fn bwd(&self, x: &Tensor, w_act: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let (dx, dw) = ops::linear_backward(x, w_act, dy, self.weight.dtype())?;
-        grads.add(&self.weight, dw)?;
-        Ok(dx)
-    }
-}
-
-impl Norm {
-    /// The residual stream x (= base + delta when a delta is given) and norm(x).
-    pub(crate) fn fwd(&self, base: &Tensor, delta: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
-        Ok(match delta {
-            Some(a) => ops::add_norm_forward(base, a, &self.weight, self.bias.as_ref(), NORM_EPS)?,
-            None => (base.clone(), ops::norm_forward(base, &self.weight, self.bias.as_ref(), NORM_EPS)?),
-        })
-    }
-
-    /// dx (+ dres, the residual stream's gradient, when given).
-    pub(crate) fn bwd(&self, x: &Tensor, dy: &Tensor, dres: Option<&Tensor>, grads: &mut Grads) -> Result<Tensor> {
-        let (dx, dw, db) = ops::norm_backward(x, &self.weight, self.bias.as_ref(), dy, dres, NORM_EPS)?;
-        grads.add(&self.weight, dw)?;
-        if let (Some(b), Some(db)) = (&self.bias, db) {
-            grads.add(b, db)?;
-        }
-        Ok(dx)
-    }
-}
-
-/// What a block's backward pass reads of its forward pass.
-pub(crate) struct BlockSaved {
-    x: Tensor,
-    h1: Tensor,
-    qkv: Tensor,
-    y: Tensor,
-    lse: Option<Tensor>,
-    x1: Tensor,
-    h2: Tensor,
-    u: Tensor,
-    g: Tensor,
-    /// The four weights in the activations' dtype: qkv, proj, up, down.
-    w: [Tensor; 4],
-    /// The branch dropout and this block's index.
-    drop: Option<(Dropout, usize)>,
-}
-
-impl Block {
-    /// The block on x = base + delta (delta: the previous block's MLP output, added here in
-    /// one pass with the norm). Returns the block's output as (x1, mlp output): the next block
-    /// or the final norm adds them.
-    fn forward_saved(&self, base: &Tensor, delta: Option<&Tensor>, drop: Option<(Dropout, usize)>) -> Result<((Tensor, Tensor), BlockSaved)> {
-        let (x, h1) = self.attn_norm.fwd(base, delta)?;
-        let (w_qkv, qkv) = self.attn.qkv.fwd(&h1)?;
-        let (y, lse) = ops::self_attention_forward(&qkv, self.attn.heads, self.attn.window)?;
-        let (w_proj, a) = self.attn.proj.fwd(&y)?;
-        let (x1, h2) = self.mlp_norm.fwd(&x, Some(&dropped(a, drop, 0)?))?;
-        let (w_up, u) = self.mlp.up.fwd(&h2)?;
-        let g = ops::gelu_forward(&u)?;
-        let (w_down, m) = self.mlp.down.fwd(&g)?;
-        let w = [w_qkv, w_proj, w_up, w_down];
-        Ok(((x1.clone(), dropped(m, drop, 1)?), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g, w, drop }))
-    }
-
-    fn backward(&self, s: BlockSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let [w_qkv, w_proj, w_up, w_down] = &s.w;
-        // dropout is linear and its own backward: d(branch) = dropout(d(dropped branch))
-        let dg = self.mlp.down.bwd(&s.g, w_down, &dropped(dout.clone(), s.drop, 1)?, grads)?;
-        let du = ops::gelu_backward(&s.u, &dg)?;
-        let dh2 = self.mlp.up.bwd(&s.h2, w_up, &du, grads)?;
-        let dx1 = self.mlp_norm.bwd(&s.x1, &dh2, Some(dout), grads)?;
-        let dy = self.attn.proj.bwd(&s.y, w_proj, &dropped(dx1.clone(), s.drop, 0)?, grads)?;
-        let dqkv = ops::self_attention_backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads, self.attn.window)?;
-        let dh1 = self.attn.qkv.bwd(&s.h1, w_qkv, &dqkv, grads)?;
-        self.attn_norm.bwd(&s.x, &dh1, Some(&dx1), grads)
-    }
-}
-
-/// What a block's backward pass gets of its forward pass: everything it reads, or (with
-/// recomputation) only the block's inputs, from which its forward runs again.
-enum Kept {
-    Saved(BlockSaved),
-    Inputs(Tensor, Option<Tensor>, Option<(Dropout, usize)>),
-}
-
-/// What a transformer's backward pass reads of its forward pass.
-pub(crate) struct TransformerSaved {
-    blocks: Vec<Kept>,
-    before_norm: Tensor,
-}
-
-impl Transformer {
-    /// The forward pass, keeping what the backward pass reads. With `recompute` each block
-    /// keeps only its inputs (2 of the ~16 activations of width D per position it would
-    /// keep) and the backward pass runs the block's forward again: about a third more
+    /// The training pass's forward, keeping what the backward pass reads. With `recompute`
+    /// each block keeps only its inputs (2 of the ~16 activations of width D per position it
+    /// would keep) and the backward pass runs the block's forward again: about a third more
     /// compute for a fraction of the memory (activation checkpointing).
     pub(crate) fn forward_saved(&self, x: &Tensor, recompute: bool, drop: Option<Dropout>) -> Result<(Tensor, TransformerSaved)> {
         let (mut base, mut delta) = (x.clone(), None);
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for (i, block) in self.blocks.iter().enumerate() {
             let drop = drop.map(|d| (d, i));
-            let ((b, d), saved) = block.forward_saved(&base, delta.as_ref(), drop)?;
+            let ((b, d), saved) = block.forward(&base, delta.as_ref(), drop)?;
             blocks.push(if recompute { Kept::Inputs(base, delta, drop) } else { Kept::Saved(saved) });
             (base, delta) = (b, Some(d));
         }
@@ -561,11 +507,28 @@ impl Transformer {
         for block in self.blocks.iter().rev() {
             let s = match saved.blocks.pop().expect("one saved state per block") {
                 Kept::Saved(s) => s,
-                Kept::Inputs(base, delta, drop) => block.forward_saved(&base, delta.as_ref(), drop)?.1,
+                Kept::Inputs(base, delta, drop) => block.forward(&base, delta.as_ref(), drop)?.1,
             };
             dx = block.backward(s, &dx, grads)?;
         }
         Ok(dx)
+    }
+
+    /// Like `forward`, for S new positions after those in `cache`, which it extends.
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (n, s, d) = x.dims3()?;
+        if cache.len + s > cache.capacity {
+            return Err(Error::Input(format!("KV cache: {} + {s} positions exceed its {}", cache.len, cache.capacity)));
+        }
+        let (mut base, mut delta) = (x.clone(), None);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let layer = cache.layer(i, n, d, x.dtype(), x.device())?;
+            let (b, dd) = block.step(&base, delta.as_ref(), &layer, cache.len)?;
+            (base, delta) = (b, Some(dd));
+        }
+        let out = self.norm.fwd(&base, delta.as_ref())?.1;
+        cache.len += s; // only once every layer has succeeded
+        Ok(out)
     }
 }
 

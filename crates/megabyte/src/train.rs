@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use crate::dist::{self, Collective};
 use crate::error::{Error, IoContext, Result};
 use crate::eval::{self, EvalSettings};
 use crate::grad::Grads;
-use crate::model::MegaByte;
+use crate::model::{MegaByte, TrainPass};
 use crate::nn::{Dropout, Params};
 use crate::optim::{AdamW, AdamWConfig};
 
@@ -225,10 +226,21 @@ pub struct StepStats {
     /// The norm of each part of the model (see [`crate::optim::GradNorm`]).
     pub grad_norms: BTreeMap<String, f64>,
     pub bytes_per_sec: f64,
+    /// Model FLOP/s of this step, all ranks together, in TFLOP/s: the model's training FLOPs
+    /// per byte ([`ModelConfig::train_flops_per_byte`]) times the step's bytes over its time.
+    pub tflops: f64,
+    /// Model FLOPs utilisation: `tflops` over the devices' dense bf16 rate
+    /// ([`crate::gpu::peak_tflops`]); `None` on the CPU, which has no such figure.
+    pub mfu: Option<f64>,
     pub elapsed_secs: f64,
 }
 
 /// A model being trained with its optimizer, data sampler and progress.
+///
+/// [`Trainer::train_step`] is one optimizer step, top to bottom: draw this rank's rows of
+/// every micro-batch with their loss weights, run the forward and backward passes, sum the
+/// gradients over the ranks, clip and update. A single process is a group of one
+/// ([`dist::Alone`]), so it runs the same lines as a data-parallel rank.
 pub struct Trainer {
     model: MegaByte,
     params: Params,
@@ -236,17 +248,13 @@ pub struct Trainer {
     sampler: WindowSampler,
     record: TrainRecord,
     device: Device,
+    /// The ranks training together ([`Trainer::join`]); [`dist::Alone`] until then.
+    group: Box<dyn Collective>,
+    /// Elements per gradient bucket of the all-reduce.
+    bucket_elems: usize,
     /// Threads a CPU micro-batch is split over (one per core).
     cpu_workers: usize,
     cpu_pool: Arc<rayon::ThreadPool>,
-    /// The other ranks, when this is one rank of a data-parallel job (see [`crate::dist`]).
-    group: Option<DataParallel>,
-}
-
-/// A trainer's data-parallel group and the size of its gradient buckets.
-struct DataParallel {
-    group: Box<dyn Collective>,
-    bucket_elems: usize,
 }
 
 impl Trainer {
@@ -255,7 +263,6 @@ impl Trainer {
         train.validate()?;
         train.precision.check(device)?;
         let (model, params) = MegaByte::init(model_cfg, train.seed, DType::F32, device)?;
-        let model = model.with_activations(train.precision.dtype()).with_recompute(train.recompute);
         let opt = AdamW::new(params.vars(), train.adamw)?;
         // A distinct stream for data: the weights used the seed itself.
         let sampler = WindowSampler::new(train.seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
@@ -269,8 +276,7 @@ impl Trainer {
             data,
             world_size: 1,
         };
-        let (cpu_workers, cpu_pool) = cpu_pool()?;
-        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), cpu_workers, cpu_pool, group: None })
+        Trainer::assemble(model, params, opt, sampler, record, device)
     }
 
     /// Continues from a training checkpoint (or a run folder's newest one) exactly.
@@ -299,15 +305,20 @@ impl Trainer {
         record.world_size = 1;
         record.train.validate()?;
         record.train.precision.check(device)?;
-        let model = model.with_activations(record.train.precision.dtype()).with_recompute(record.train.recompute);
         let mut opt = AdamW::new(params.vars(), record.train.adamw)?;
         let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
         let moments = checkpoint::load_tensors(&opt_path)?;
         opt.load_state(&moments, record.step)
             .map_err(|msg| Error::Checkpoint { path: opt_path, msg })?;
         let sampler = WindowSampler::restore(record.sampler);
+        Trainer::assemble(model, params, opt, sampler, record, device)
+    }
+
+    fn assemble(model: MegaByte, params: Params, opt: AdamW, sampler: WindowSampler, record: TrainRecord, device: &Device) -> Result<Self> {
+        let model = model.with_activations(record.train.precision.dtype());
         let (cpu_workers, cpu_pool) = cpu_pool()?;
-        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), cpu_workers, cpu_pool, group: None })
+        let bucket_elems = dist::BUCKET_BYTES / 4;
+        Ok(Trainer { model, params, opt, sampler, record, device: device.clone(), group: Box::new(dist::Alone), bucket_elems, cpu_workers, cpu_pool })
     }
 
     /// Makes this trainer one rank of a data-parallel group (see [`crate::dist`]): it trains
@@ -315,39 +326,36 @@ impl Trainer {
     /// in flat buckets of about `bucket_bytes` ([`dist::BUCKET_BYTES`]) before each optimizer
     /// step. Rank 0's parameters are broadcast first, so every rank starts from the same
     /// weights. Every rank calls it, after [`Trainer::new`] or [`Trainer::resume`].
-    pub fn join(&mut self, group: Box<dyn Collective>, bucket_bytes: usize) -> Result<()> {
+    pub fn join(&mut self, mut group: Box<dyn Collective>, bucket_bytes: usize) -> Result<()> {
         dist::rank_rows(self.record.train.batch_size, group.world_size(), group.rank())?;
-        let mut dp = DataParallel { group, bucket_elems: (bucket_bytes / 4).max(1) };
+        let bucket_elems = (bucket_bytes / 4).max(1);
         let vars: Vec<&candle_core::Var> = self.params.vars().values().collect();
         let tensors: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
         let shapes: Vec<&candle_core::Shape> = tensors.iter().map(|t| t.shape()).collect();
-        let (buckets, packing) = dist::pack(&tensors, dp.bucket_elems)?;
-        let buckets = dp.group.broadcast(buckets, 0)?;
+        let (buckets, packing) = dist::pack(&tensors, bucket_elems)?;
+        let buckets = group.broadcast(buckets, 0)?;
         for (var, value) in vars.iter().zip(packing.unpack(&buckets, &shapes)?) {
             var.set(&value)?;
         }
-        self.record.world_size = dp.group.world_size();
-        self.group = Some(dp);
+        self.record.world_size = group.world_size();
+        (self.group, self.bucket_elems) = (group, bucket_elems);
         Ok(())
     }
 
     /// Leaves the data-parallel group cleanly (see [`Collective::finish`]); call it on every
     /// rank after [`run`] returns. Alone, nothing to do.
     pub fn leave(&mut self) -> Result<()> {
-        match self.group.take() {
-            Some(mut dp) => dp.group.finish(),
-            None => Ok(()),
-        }
+        std::mem::replace(&mut self.group, Box::new(dist::Alone)).finish()
     }
 
     /// This process's rank in its data-parallel group (0 when training alone).
     pub fn rank(&self) -> usize {
-        self.group.as_ref().map_or(0, |dp| dp.group.rank())
+        self.group.rank()
     }
 
     /// Ranks training together (1 when training alone).
     pub fn world_size(&self) -> usize {
-        self.group.as_ref().map_or(1, |dp| dp.group.world_size())
+        self.group.world_size()
     }
 
     /// The run's fingerprint (model config and training record): data-parallel ranks must
@@ -386,35 +394,35 @@ impl Trainer {
     pub fn train_step(&mut self, train: &Split) -> Result<StepStats> {
         let started = Instant::now();
         let t = self.record.train.clone();
-        let context = self.model.config().context;
         let lr = learning_rate(&t, self.record.step, self.progress());
+        // Forward and backward over this rank's rows of every micro-batch.
         let (grads, loss) = self.local_gradients(train)?;
+        // Summed over the ranks: the step's gradient and mean loss on every rank.
         let (grads, loss) = self.sum_over_ranks(grads, loss)?;
-        // Everything is queued before the first read back: the GPU never waits on the host
-        // within a step.
-        let norm = match self.group.as_mut() {
-            None => self.opt.step_clipped(&grads, lr, t.grad_clip)?,
-            // Every rank clips by rank 0's norm (see `AdamW::step_clipped_agreed`).
-            Some(dp) => self.opt.step_clipped_agreed(&grads, lr, t.grad_clip, |sumsq| {
-                let shared = dp.group.broadcast(vec![sumsq.reshape(1)?], 0)?;
-                let sumsq = shared.into_iter().next().ok_or_else(|| Error::Dist("the gradient norm went missing".into()))?;
-                Ok(sumsq.reshape(())?)
-            })?,
-        };
+        // Clip and update. Every rank clips by rank 0's norm (see
+        // `AdamW::step_clipped_agreed`). Everything is queued before the first read back: the
+        // GPU never waits on the host within a step.
+        let group = &mut self.group;
+        let norm = self.opt.step_clipped_agreed(&grads, lr, t.grad_clip, |sumsq| {
+            let shared = group.broadcast(vec![sumsq.reshape(1)?], 0)?;
+            let sumsq = shared.into_iter().next().ok_or_else(|| Error::Dist("the gradient norm went missing".into()))?;
+            Ok(sumsq.reshape(())?)
+        })?;
         if !norm.total.is_finite() {
             return Err(Error::Input(format!(
                 "the gradient norm is {} at step {}: training diverged; lower the learning rate",
                 norm.total, self.record.step
             )));
         }
-        // The shards' losses are already weighted by their share of the step.
-        let loss = loss.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        let loss = loss.to_scalar::<f64>()?;
         let secs = started.elapsed().as_secs_f64();
-        let bytes = (t.batch_size * t.grad_accum * context) as u64; // the global batch
+        let bytes = (t.batch_size * t.grad_accum * self.model.config().context) as u64; // the global batch
         self.record.step += 1;
         self.record.bytes_seen += bytes;
         self.record.elapsed_secs += secs;
         self.record.sampler = self.sampler.state();
+        let tflops = self.model.config().train_flops_per_byte() * bytes as f64 / secs / 1e12;
+        let peak = crate::gpu::peak_tflops(&self.device).map(|p| p * self.world_size() as f64);
         Ok(StepStats {
             step: self.record.step,
             loss,
@@ -423,146 +431,119 @@ impl Trainer {
             grad_norm: norm.total,
             grad_norms: norm.parts,
             bytes_per_sec: bytes as f64 / secs,
+            tflops,
+            mfu: peak.map(|p| tflops / p),
             elapsed_secs: self.record.elapsed_secs,
         })
     }
 
     /// This rank's share of the next optimizer step: the gradients and the loss (an f64
-    /// scalar) of its rows of every micro-batch, each weighted by its share of the whole
-    /// global step, so the ranks' shares sum to the step's gradient and mean loss. Alone, it
-    /// is the step's gradient and loss. Advances the sampler by one step.
+    /// scalar) of its rows of every micro-batch, weighted so that the ranks' shares sum to
+    /// the step's gradient and mean loss (alone: the step's). Advances the sampler by one step.
     pub fn local_gradients(&mut self, train: &Split) -> Result<(Grads, Tensor)> {
-        let t = self.record.train.clone();
-        let context = self.model.config().context;
-        let rows = dist::rank_rows(t.batch_size, self.world_size(), self.rank())?;
-        let mut grads: Option<Grads> = None;
+        let rows = dist::rank_rows(self.record.train.batch_size, self.world_size(), self.rank())?;
+        let mut grads = Grads::new();
         let mut losses = Vec::new();
-        let mut add = |shards: Vec<(Tensor, Grads)>| -> Result<()> {
-            for (loss, g) in shards {
+        for (micro, (x, w)) in self.draw_step(train, rows.clone())?.into_iter().enumerate() {
+            let dropout = self.dropout_at(micro, rows.start);
+            for (loss, g) in self.micro_batch(&x, &w, dropout)? {
                 losses.push(loss);
-                match grads.as_mut() {
-                    None => grads = Some(g),
-                    Some(acc) => acc.merge(g)?,
-                }
-            }
-            Ok(())
-        };
-        if train.documents().is_some() {
-            // Document tiles: the step's loss is the mean over the real bytes of all its
-            // micro-batches (all ranks' rows), so every micro-batch is drawn first to count them.
-            let mut batches = Vec::with_capacity(t.grad_accum);
-            for _ in 0..t.grad_accum {
-                batches.push(self.sampler.document_batch_rows(train, t.batch_size, context, rows.clone(), &self.device)?);
-            }
-            let real: usize = batches.iter().map(|b| b.2).sum();
-            for (micro, (x, w, _)) in batches.into_iter().enumerate() {
-                let w = (w / real as f64)?; // [B/W, T]: 1/N on real bytes, 0 on padding
-                add(self.shard_weighted_grads(&x, &w, self.dropout_at(micro, rows.start))?)?;
-            }
-        } else {
-            for micro in 0..t.grad_accum {
-                let x = self.sampler.batch_rows(train, t.batch_size, context, rows.clone(), &self.device)?; // [B/W, T]
-                add(self.shard_grads(&x, t.batch_size * t.grad_accum, self.dropout_at(micro, rows.start))?)?;
+                grads.merge(g)?;
             }
         }
-        let grads = grads.ok_or_else(|| Error::Config("grad_accum must be at least 1".into()))?;
         Ok((grads, Tensor::stack(&losses, 0)?.sum_all()?))
     }
 
-    /// The sums over all ranks of the gradients and the loss: one all-reduce per bucket of
-    /// gradients (in parameter order), with the loss in the same group. Alone, unchanged.
-    fn sum_over_ranks(&mut self, grads: Grads, loss: Tensor) -> Result<(Grads, Tensor)> {
-        let Some(dp) = self.group.as_mut() else { return Ok((grads, loss)) };
-        let vars: Vec<(&String, &candle_core::Var)> = self.params.vars().iter().collect();
-        let tensors = vars
-            .iter()
-            .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
-            .collect::<Result<Vec<&Tensor>>>()?;
-        let shapes: Vec<&candle_core::Shape> = vars.iter().map(|(_, p)| p.shape()).collect();
-        let (mut bufs, packing) = dist::pack(&tensors, dp.bucket_elems)?;
-        drop(tensors);
-        drop(grads); // the buckets hold the gradients now
-        bufs.push(loss.reshape(1)?);
-        let mut summed = dp.group.all_reduce_sum(bufs)?;
-        let loss = summed.pop().ok_or_else(|| Error::Dist("the loss went missing in the all-reduce".into()))?;
-        let mut out = Grads::new();
-        for ((_, p), g) in vars.iter().zip(packing.unpack(&summed, &shapes)?) {
-            out.add(p.as_tensor(), g)?;
+    /// This rank's `rows` of the step's micro-batches x [R, T], each with per-byte loss
+    /// weights w [R, T] under which Σ w·loss over every micro-batch and rank is the step's mean
+    /// loss: 1/(B·accum·T) everywhere for plain windows; with documents, 1/N on the N real
+    /// bytes of the whole step (all micro-batches, all ranks) and 0 on padding.
+    fn draw_step(&mut self, train: &Split, rows: Range<usize>) -> Result<Vec<(Tensor, Tensor)>> {
+        let t = &self.record.train;
+        let context = self.model.config().context;
+        if train.documents().is_some() {
+            let batches = (0..t.grad_accum)
+                .map(|_| self.sampler.document_batch_rows(train, t.batch_size, context, rows.clone(), &self.device))
+                .collect::<Result<Vec<_>>>()?;
+            let real: usize = batches.iter().map(|b| b.2).sum();
+            return batches.into_iter().map(|(x, w, _)| Ok((x, (w / real as f64)?))).collect();
         }
-        Ok((out, loss))
-    }
-
-    /// At the start of every step, the ranks agree on whether to stop (any rank's Ctrl-C) and
-    /// take rank 0's elapsed time, which drives the time limit and a timed schedule. This is
-    /// also where the other ranks wait while rank 0 validates or saves. Alone: `stop`.
-    fn agree(&mut self, stop: bool, elapsed_secs: f64) -> Result<bool> {
-        let Some(dp) = self.group.as_mut() else { return Ok(stop) };
-        let own = if dp.group.rank() == 0 { elapsed_secs } else { 0.0 };
-        let votes = Tensor::new(&[f64::from(u8::from(stop)), own], &self.device)?;
-        let summed = dp.group.all_reduce_sum(vec![votes])?;
-        let v = summed.first().ok_or_else(|| Error::Dist("the step agreement went missing".into()))?.to_vec1::<f64>()?;
-        self.record.elapsed_secs = v[1];
-        Ok(v[0] > 0.0)
-    }
-
-    /// Rank 0's `values` (the leader's), on every rank (alone: `values`).
-    fn leaders(&mut self, values: &[f64]) -> Result<Vec<f64>> {
-        let Some(dp) = self.group.as_mut() else { return Ok(values.to_vec()) };
-        let out = dp.group.broadcast(vec![Tensor::new(values, &self.device)?], 0)?;
-        Ok(out.first().ok_or_else(|| Error::Dist("a broadcast went missing".into()))?.to_vec1::<f64>()?)
-    }
-
-    /// Loss (its share of the step's mean) and gradients of one micro-batch x [B, T] (this
-    /// rank's rows of it), of a step of `step_rows` sequences in all (B·accum, all ranks).
-    ///
-    /// On the CPU the batch is split into one shard per core, each run forward and backward
-    /// on its own thread: the small ops of a small model are serial, so this data
-    /// parallelism is what fills the cores (measured in BENCHMARKS.md). The shards' losses
-    /// are weighted by their share of the step, so the summed gradient is the step's.
-    fn shard_grads(&self, x: &Tensor, step_rows: usize, drop: Option<Dropout>) -> Result<Vec<(Tensor, Grads)>> {
-        let b = x.dim(0)?;
-        self.in_shards(b, &|start: usize, len: usize| -> Result<(Tensor, Grads)> {
-            let weight = len as f64 / step_rows as f64;
-            let (loss, grads) = self.shard_model(drop, start).loss_and_grads(&x.narrow(0, start, len)?, weight)?;
-            Ok(((loss.to_dtype(DType::F64)? * weight)?, grads))
-        })
+        let weight = (1.0 / (t.batch_size * t.grad_accum * context) as f64) as f32;
+        (0..t.grad_accum)
+            .map(|_| {
+                let x = self.sampler.batch_rows(train, t.batch_size, context, rows.clone(), &self.device)?; // [R, T]
+                let w = Tensor::full(weight, x.dims(), &self.device)?; // [R, T]
+                Ok((x, w))
+            })
+            .collect()
     }
 
     /// This step's dropout for micro-batch `micro`, whose rows start at `first_row` of the
     /// global batch (this rank's share): keyed by the seed, the step and the micro-batch.
     fn dropout_at(&self, micro: usize, first_row: usize) -> Option<Dropout> {
         let t = &self.record.train;
-        let key = crate::ops::mix64(t.seed ^ crate::ops::mix64(self.record.step ^ crate::ops::mix64(micro as u64)));
+        let key = crate::ops::pointwise::mix64(t.seed ^ crate::ops::pointwise::mix64(self.record.step ^ crate::ops::pointwise::mix64(micro as u64)));
         (t.dropout > 0.0).then_some(Dropout { p: t.dropout, key, row_offset: first_row })
     }
 
-    /// The model for the shard whose rows start at `start` of a micro-batch with dropout `drop`.
-    fn shard_model(&self, drop: Option<Dropout>, start: usize) -> std::borrow::Cow<'_, MegaByte> {
-        match drop {
-            Some(d) => std::borrow::Cow::Owned(self.model.clone().with_dropout(Some(Dropout { row_offset: d.row_offset + start, ..d }))),
-            None => std::borrow::Cow::Borrowed(&self.model),
-        }
-    }
-
-    /// Like `shard_grads` for per-byte weights w [B, T] (summing to the micro-batch's share
-    /// of the step): each shard's Σ w·loss and its gradients.
-    fn shard_weighted_grads(&self, x: &Tensor, w: &Tensor, drop: Option<Dropout>) -> Result<Vec<(Tensor, Grads)>> {
-        self.in_shards(x.dim(0)?, &|start: usize, len: usize| -> Result<(Tensor, Grads)> {
-            let (loss, grads) = self.shard_model(drop, start).weighted_loss_and_grads(&x.narrow(0, start, len)?, &w.narrow(0, start, len)?)?;
+    /// Σ w·loss (f64) and the gradients of one micro-batch x [R, T] with weights w [R, T].
+    ///
+    /// On the CPU the rows are split into one shard per core, each run forward and backward on
+    /// its own thread: the small ops of a small model are serial, so this data parallelism is
+    /// what fills the cores (measured in BENCHMARKS.md). Each shard draws the dropout masks of
+    /// its own rows of the global batch.
+    fn micro_batch(&self, x: &Tensor, w: &Tensor, dropout: Option<Dropout>) -> Result<Vec<(Tensor, Grads)>> {
+        let b = x.dim(0)?;
+        let recompute = self.record.train.recompute;
+        let run = |start: usize, len: usize| -> Result<(Tensor, Grads)> {
+            let dropout = dropout.map(|d| Dropout { row_offset: d.row_offset + start, ..d });
+            let pass = TrainPass { dropout, recompute };
+            let (loss, grads) = self.model.loss_and_grads(&x.narrow(0, start, len)?, &w.narrow(0, start, len)?, pass)?;
             Ok((loss.to_dtype(DType::F64)?, grads))
-        })
-    }
-
-    /// Runs `run(start, rows)` over shards of a batch of `b` rows: one per core on the CPU.
-    fn in_shards(&self, b: usize, run: &(dyn Fn(usize, usize) -> Result<(Tensor, Grads)> + Sync)) -> Result<Vec<(Tensor, Grads)>> {
+        };
         let shards = if self.device.is_cpu() { self.cpu_workers.min(b) } else { 1 };
-        let sizes: Vec<usize> = (0..shards).map(|i| b / shards + usize::from(i < b % shards)).collect();
         if shards == 1 {
             return Ok(vec![run(0, b)?]);
         }
+        let sizes: Vec<usize> = (0..shards).map(|i| b / shards + usize::from(i < b % shards)).collect();
         let starts: Vec<usize> = sizes.iter().scan(0, |acc, &n| { let s = *acc; *acc += n; Some(s) }).collect();
         // One pool thread per shard; the fused ops' own parallel loops share the same pool.
         self.cpu_pool.install(|| starts.par_iter().zip(&sizes).map(|(&s, &n)| run(s, n)).collect())
+    }
+
+    /// The sums over all ranks of the gradients (in parameter order, in buckets) and of the
+    /// loss, in one all-reduce. Alone: unchanged.
+    fn sum_over_ranks(&mut self, grads: Grads, loss: Tensor) -> Result<(Grads, Tensor)> {
+        let vars: Vec<(&String, &candle_core::Var)> = self.params.vars().iter().collect();
+        let tensors = vars
+            .iter()
+            .map(|(name, p)| grads.get(p.as_tensor()).cloned().ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
+            .collect::<Result<Vec<Tensor>>>()?;
+        drop(grads); // `tensors` hold the gradients now
+        let (summed, loss) = dist::all_reduce_sum_packed(self.group.as_mut(), tensors, loss.reshape(1)?, self.bucket_elems)?;
+        let mut out = Grads::new();
+        for ((_, p), g) in vars.iter().zip(summed) {
+            out.add(p.as_tensor(), g)?;
+        }
+        Ok((out, loss.reshape(())?))
+    }
+
+    /// At the start of every step, the ranks agree on whether to stop (any rank's Ctrl-C) and
+    /// take rank 0's elapsed time, which drives the time limit and a timed schedule. This is
+    /// also where the other ranks wait while rank 0 validates or saves.
+    fn agree(&mut self, stop: bool, elapsed_secs: f64) -> Result<bool> {
+        let own = if self.rank() == 0 { elapsed_secs } else { 0.0 };
+        let votes = Tensor::new(&[f64::from(u8::from(stop)), own], &self.device)?;
+        let summed = self.group.all_reduce_sum(vec![votes])?;
+        let v = summed.first().ok_or_else(|| Error::Dist("the step agreement went missing".into()))?.to_vec1::<f64>()?;
+        self.record.elapsed_secs = v[1];
+        Ok(v[0] > 0.0)
+    }
+
+    /// Rank 0's `values` (the leader's), on every rank.
+    fn leaders(&mut self, values: &[f64]) -> Result<Vec<f64>> {
+        let out = self.group.broadcast(vec![Tensor::new(values, &self.device)?], 0)?;
+        Ok(out.first().ok_or_else(|| Error::Dist("a broadcast went missing".into()))?.to_vec1::<f64>()?)
     }
 
     /// Validation bpb over the first `eval_bytes` bytes of `valid`.

@@ -274,7 +274,9 @@ fn model_config() -> ModelConfig {
 fn loss_and_grads(cfg: &ModelConfig, device: &Device, act: DType, bytes: &Tensor) -> (f32, Vec<(String, Tensor)>) {
     let (model, params) = MegaByte::init(cfg, 3, DType::F32, device).unwrap();
     let model = model.with_activations(act);
-    let (loss, grads) = model.loss_and_grads(&bytes.to_device(device).unwrap(), 1.0).unwrap();
+    let bytes = bytes.to_device(device).unwrap();
+    let w = megabyte::model::mean_weights(&bytes).unwrap();
+    let (loss, grads) = model.loss_and_grads(&bytes, &w, megabyte::model::TrainPass::default()).unwrap();
     let g = params.vars().iter().map(|(name, v)| (name.clone(), f32_cpu(grads.get(v.as_tensor()).expect("gradient")))).collect();
     (loss.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap(), g)
 }

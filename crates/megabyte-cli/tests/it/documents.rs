@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use megabyte::model::TrainPass;
 use megabyte::data::{ByteStream, Split, WindowSampler};
 use megabyte::documents::{tiles, DocumentIndex};
 use megabyte::eval::{document_windows, evaluate, windows, EvalSettings, Window};
@@ -125,20 +126,23 @@ fn padding_weights_leave_the_loss_and_gradients_unchanged() {
     let weights = megabyte::Tensor::from_vec(w, (2, 32), &Device::Cpu).unwrap();
     let mut other = x.clone();
     other[20..32].iter_mut().for_each(|b| *b = b.wrapping_mul(7).wrapping_add(3));
-    let (l1, g1) = model.weighted_loss_and_grads(&bytes_tensor(&[x[..32].to_vec(), x[32..].to_vec()]), &weights).unwrap();
+    let (l1, g1) = model.loss_and_grads(&bytes_tensor(&[x[..32].to_vec(), x[32..].to_vec()]), &weights, TrainPass::default()).unwrap();
     let (l2, g2) =
-        model.weighted_loss_and_grads(&bytes_tensor(&[other[..32].to_vec(), other[32..].to_vec()]), &weights).unwrap();
+        model.loss_and_grads(&bytes_tensor(&[other[..32].to_vec(), other[32..].to_vec()]), &weights, TrainPass::default()).unwrap();
     assert_eq!(l1.to_scalar::<f32>().unwrap(), l2.to_scalar::<f32>().unwrap());
     for (name, var) in params.vars() {
         let (a, b) = (g1.get(var.as_tensor()).unwrap(), g2.get(var.as_tensor()).unwrap());
         assert!(max_abs_diff(a, b) < 1e-7, "{name}: padding bytes moved the gradient");
     }
-    // With all weights 1/N the weighted pass is the mean loss of `loss_and_grads`.
+    // With all weights 1/N the weighted pass is the mean loss, and its gradients are the
+    // reference model's.
     let ones = megabyte::Tensor::full(1f32 / 64.0, (2, 32), &Device::Cpu).unwrap();
     let xt = bytes_tensor(&[x[..32].to_vec(), x[32..].to_vec()]);
-    let (lw, gw) = model.weighted_loss_and_grads(&xt, &ones).unwrap();
-    let (lm, gm) = model.loss_and_grads(&xt, 1.0).unwrap();
-    assert!((lw.to_scalar::<f32>().unwrap() - lm.to_scalar::<f32>().unwrap()).abs() < 1e-6);
+    let (lw, gw) = model.loss_and_grads(&xt, &ones, TrainPass::default()).unwrap();
+    let mean = crate::reference::loss(&cfg, &params, &xt, None);
+    let gm = megabyte::grad::Grads::from_store(&mean.backward().unwrap(), params.vars()).unwrap();
+    assert!((lw.to_scalar::<f32>().unwrap() - model.loss(&xt).unwrap().to_scalar::<f32>().unwrap()).abs() < 1e-6);
+    assert!((lw.to_scalar::<f32>().unwrap() - mean.to_scalar::<f32>().unwrap()).abs() < 1e-6);
     for (name, var) in params.vars() {
         let (a, b) = (gw.get(var.as_tensor()).unwrap(), gm.get(var.as_tensor()).unwrap());
         assert!(max_abs_diff(a, b) < 1e-6, "{name}");

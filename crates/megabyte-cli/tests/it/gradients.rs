@@ -1,19 +1,38 @@
-//! Autograd against central finite differences, in f64, for every parameter kind: each
-//! distinct parameter name with its block index removed, under both norms and both heads.
+//! The model's one backward pass (`MegaByte::loss_and_grads`: fused kernels in reverse
+//! order) against central finite differences of its forward pass, and against candle's
+//! autograd through the independent reference model (`reference.rs`), in f64, for every
+//! parameter kind: each distinct parameter name with its block index removed, under both
+//! norms and both heads, windows, cross-patch attention, dropout and recomputation.
 
 use std::collections::BTreeMap;
 
-use megabyte::{DType, Device, MegaByte, NormKind, Tensor};
+use megabyte::grad::Grads;
+use megabyte::model::{mean_weights, TrainPass};
+use megabyte::nn::Dropout;
+use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, Tensor};
 
-use crate::{random_bytes, small_config};
+use crate::{random_bytes, reference, small_config};
 
-fn check(norm: NormKind, tied_head: bool) {
+/// The mean loss and its gradients by the explicit pass, without dropout.
+fn mean_loss_and_grads(model: &MegaByte, x: &Tensor) -> (f64, Grads) {
+    let (loss, grads) = model.loss_and_grads(x, &mean_weights(x).unwrap(), TrainPass::default()).unwrap();
+    (loss.to_scalar::<f64>().unwrap(), grads)
+}
+
+/// Autograd's gradients of `scale`·(the reference model's mean loss), and that loss.
+fn reference_grads(cfg: &ModelConfig, params: &megabyte::nn::Params, x: &Tensor, dropout: Option<Dropout>, scale: f64) -> (f64, Grads) {
+    let loss = reference::loss(cfg, params, x, dropout);
+    let store = (loss.clone() * scale).unwrap().backward().unwrap();
+    (loss.to_scalar::<f64>().unwrap(), Grads::from_store(&store, params.vars()).unwrap())
+}
+
+fn check_finite_differences(norm: NormKind, tied_head: bool) {
     let cfg = small_config(norm, tied_head);
     let (model, params) = MegaByte::init(&cfg, 7, DType::F64, &Device::Cpu).unwrap();
     let rows = vec![random_bytes(cfg.context, 1), random_bytes(cfg.context, 2)];
     let x = crate::bytes_tensor(&rows);
     let loss = |m: &MegaByte| m.loss(&x).unwrap().to_scalar::<f64>().unwrap();
-    let grads = model.loss(&x).unwrap().backward().unwrap();
+    let (_, grads) = mean_loss_and_grads(&model, &x);
 
     // One representative per kind: `global.blocks.1.attn.qkv.weight` → `global.blocks.*.attn.qkv.weight`.
     let mut kinds: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -49,49 +68,54 @@ fn check(norm: NormKind, tied_head: bool) {
             set(0.0);
             let fd = (up - down) / (2.0 * eps);
             let err = (fd - g[idx]).abs() / (fd.abs() + g[idx].abs()).max(1e-6);
-            assert!(err < 1e-4, "{kind} ({name}[{idx}]): autograd {} vs finite difference {fd}", g[idx]);
+            assert!(err < 1e-4, "{kind} ({name}[{idx}]): explicit backward {} vs finite difference {fd}", g[idx]);
         }
     }
     assert!(kinds.len() >= 14, "only {} parameter kinds checked", kinds.len());
 }
 
 #[test]
-fn gradients_match_finite_differences_layernorm_tied() {
-    check(NormKind::LayerNorm, true);
+fn explicit_backward_matches_finite_differences_layernorm_tied() {
+    check_finite_differences(NormKind::LayerNorm, true);
 }
 
 #[test]
-fn gradients_match_finite_differences_rmsnorm_untied() {
-    check(NormKind::RmsNorm, false);
+fn explicit_backward_matches_finite_differences_rmsnorm_untied() {
+    check_finite_differences(NormKind::RmsNorm, false);
 }
 
-/// The explicit backward pass (`loss_and_grads`, what training runs) against candle's
-/// autograd, which the finite differences above check: every parameter, f64, both norms and
-/// heads, with a partial sequence (T' < T) and a loss weight.
+/// The explicit forward and backward pass against candle's autograd through the reference
+/// model: the same losses (byte by byte) and every parameter's gradient, f64, both norms and
+/// heads, a global window, cross-patch attention, a partial sequence (T' < T) and weights
+/// other than the mean.
 #[test]
-fn explicit_backward_equals_autograd() {
-    // The last case gives the global model a sliding window of 2 patches.
-    for (norm, tied, window) in [(NormKind::LayerNorm, true, None), (NormKind::RmsNorm, false, None), (NormKind::LayerNorm, false, Some(2))] {
-        let mut cfg = small_config(norm, tied);
-        cfg.global.window = window;
+fn explicit_backward_equals_the_reference_autograd() {
+    let mut windowed = small_config(NormKind::LayerNorm, false);
+    windowed.global.window = Some(2); // a sliding window of 2 patches
+    let cases = [small_config(NormKind::LayerNorm, true), small_config(NormKind::RmsNorm, false), windowed, crate::cross_patch_config()];
+    for cfg in cases {
         let (model, params) = MegaByte::init(&cfg, 9, DType::F64, &Device::Cpu).unwrap();
         for t in [cfg.context, cfg.context / 2] {
+            let what = format!("{:?} tied={} window={:?} cross_patch={} T'={t}", cfg.norm, cfg.tied_head, cfg.global.window, cfg.cross_patch);
             let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(t, 40 + i)).collect();
             let x = crate::bytes_tensor(&rows);
+            let diff = (model.byte_losses(&x).unwrap() - reference::byte_losses(&cfg, &params, &x, None)).unwrap();
+            let byte_diff = diff.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+            assert!(byte_diff < 1e-12, "{what}: per-byte losses differ by {byte_diff}");
             let weight = 0.75;
-            let auto_loss = model.loss(&x).unwrap();
-            let auto = (auto_loss.clone() * weight).unwrap().backward().unwrap();
-            let (loss, grads) = model.loss_and_grads(&x, weight).unwrap();
-            let (a, b) = (auto_loss.to_scalar::<f64>().unwrap(), loss.to_scalar::<f64>().unwrap());
-            assert!((a - b).abs() < 1e-12, "loss {a} vs {b}");
-            crate::assert_grads_equal(&params, &megabyte::grad::Grads::from_store(&auto, params.vars()).unwrap(), &grads, &format!("{norm:?} tied={tied} window={window:?} T'={t}"));
+            let (want, auto) = reference_grads(&cfg, &params, &x, None, weight);
+            let w = (mean_weights(&x).unwrap() * weight).unwrap();
+            let (loss, grads) = model.loss_and_grads(&x, &w, TrainPass::default()).unwrap();
+            let loss = loss.to_scalar::<f64>().unwrap();
+            assert!((loss - weight * want).abs() < 1e-12, "{what}: loss {loss} vs {}", weight * want);
+            crate::assert_grads_equal(&params, &auto, &grads, &what);
         }
     }
 }
 
-/// Recomputing each block's activations in the backward pass (`with_recompute`) gives
-/// exactly the gradients of keeping them, for both transformers, with a partial sequence and
-/// with cross-patch attention.
+/// Recomputing each block's activations in the backward pass gives exactly the gradients of
+/// keeping them, for both transformers, with a partial sequence and with cross-patch
+/// attention.
 #[test]
 fn recomputed_activations_give_the_same_gradients() {
     for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config()] {
@@ -99,8 +123,9 @@ fn recomputed_activations_give_the_same_gradients() {
         for t in [cfg.context, cfg.context / 2] {
             let rows: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(t, 70 + i)).collect();
             let x = crate::bytes_tensor(&rows);
-            let (loss, kept) = model.clone().loss_and_grads(&x, 1.0).unwrap();
-            let (loss_re, recomputed) = model.clone().with_recompute(true).loss_and_grads(&x, 1.0).unwrap();
+            let w = mean_weights(&x).unwrap();
+            let (loss, kept) = model.loss_and_grads(&x, &w, TrainPass::default()).unwrap();
+            let (loss_re, recomputed) = model.loss_and_grads(&x, &w, TrainPass { recompute: true, ..Default::default() }).unwrap();
             assert_eq!(loss.to_scalar::<f64>().unwrap(), loss_re.to_scalar::<f64>().unwrap());
             for (name, var) in params.vars() {
                 let (a, b) = (kept.get(var.as_tensor()).unwrap(), recomputed.get(var.as_tensor()).unwrap());
@@ -161,43 +186,47 @@ fn a_zero_w_gl_grows_in_and_then_trains_the_global_model() {
         params.vars().iter().filter(|(n, _)| n.starts_with("global.")).map(|(_, v)| abs_max(grads.get(v.as_tensor()).unwrap())).fold(0.0, f64::max)
     };
     let w_gl = params.vars()["global_to_local.weight"].as_tensor().clone();
-    let (_, grads) = model.loss_and_grads(&x, 1.0).unwrap();
+    let (_, grads) = mean_loss_and_grads(&model, &x);
     assert_eq!(global_grad(&grads), 0.0, "no gradient reaches the global model through a zero w_GL");
     assert!(abs_max(grads.get(&w_gl).unwrap()) > 0.0, "w_GL gets a gradient");
     let mut opt = megabyte::optim::AdamW::new(params.vars(), megabyte::train::TrainConfig::standard(2, 1e-2).adamw).unwrap();
     opt.step(&grads, 1e-2, 1.0).unwrap();
     assert!(abs_max(&w_gl) > 0.0, "one step makes w_GL nonzero");
-    let (_, grads) = model.loss_and_grads(&x, 1.0).unwrap();
+    let (_, grads) = mean_loss_and_grads(&model, &x);
     assert!(global_grad(&grads) > 0.0, "then the global model trains");
 }
 
-/// With dropout (`with_dropout`) the explicit backward pass still equals autograd through the
-/// same masks, recomputation included, for the per-patch and the cross-patch local model;
-/// dropout changes the loss, and a batch split in two at row r (the second part with offset
-/// r) draws the masks of the whole batch.
+/// With dropout the explicit backward pass still equals autograd through the reference model
+/// with the same masks, recomputation included, for the per-patch and the cross-patch local
+/// model; dropout changes the loss; and a batch split in two at row r (the second part with
+/// row offset r) is the whole batch: the same loss and gradients once summed.
 #[test]
 fn dropout_keeps_the_explicit_backward_exact_and_splits_by_rows() {
     for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config()] {
+        let what = format!("dropout, cross_patch={}", cfg.cross_patch);
         let (model, params) = MegaByte::init(&cfg, 17, DType::F64, &Device::Cpu).unwrap();
         let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(cfg.context, 110 + i)).collect();
         let x = crate::bytes_tensor(&rows);
-        let drop = megabyte::nn::Dropout { p: 0.25, key: 12345, row_offset: 0 };
-        let dropped = model.clone().with_dropout(Some(drop));
+        let w = mean_weights(&x).unwrap();
+        let drop = Dropout { p: 0.25, key: 12345, row_offset: 0 };
         let plain = model.loss(&x).unwrap().to_scalar::<f64>().unwrap();
-        let auto_loss = dropped.loss(&x).unwrap();
-        assert!((auto_loss.to_scalar::<f64>().unwrap() - plain).abs() > 1e-6, "dropout changes the loss");
-        let auto = megabyte::grad::Grads::from_store(&auto_loss.backward().unwrap(), params.vars()).unwrap();
+        let (want, auto) = reference_grads(&cfg, &params, &x, Some(drop), 1.0);
+        assert!((want - plain).abs() > 1e-6, "{what}: dropout changes the loss");
         for recompute in [false, true] {
-            let (loss, grads) = dropped.clone().with_recompute(recompute).loss_and_grads(&x, 1.0).unwrap();
-            assert!((loss.to_scalar::<f64>().unwrap() - auto_loss.to_scalar::<f64>().unwrap()).abs() < 1e-12);
-            crate::assert_grads_equal(&params, &auto, &grads, &format!("dropout, cross_patch={} recompute={recompute}", cfg.cross_patch));
+            let (loss, grads) = model.loss_and_grads(&x, &w, TrainPass { dropout: Some(drop), recompute }).unwrap();
+            assert!((loss.to_scalar::<f64>().unwrap() - want).abs() < 1e-12, "{what}: loss");
+            crate::assert_grads_equal(&params, &auto, &grads, &format!("{what} recompute={recompute}"));
         }
-        // Rows [0, 1) and [1, 3) with offsets 0 and 1: the whole batch's per-byte losses.
-        let whole = dropped.byte_losses(&x).unwrap();
-        let head = model.clone().with_dropout(Some(drop)).byte_losses(&x.narrow(0, 0, 1).unwrap()).unwrap();
-        let tail = model.clone().with_dropout(Some(megabyte::nn::Dropout { row_offset: 1, ..drop })).byte_losses(&x.narrow(0, 1, 2).unwrap()).unwrap();
-        let joined = Tensor::cat(&[head, tail], 0).unwrap();
-        assert_eq!(crate::max_abs_diff(&joined.to_dtype(DType::F32).unwrap(), &whole.to_dtype(DType::F32).unwrap()), 0.0, "cross_patch={}", cfg.cross_patch);
+        // Rows [0, 1) and [1, 3), with row offsets 0 and 1, under the whole batch's weights.
+        let part = |start: usize, len: usize| {
+            let pass = TrainPass { dropout: Some(Dropout { row_offset: start, ..drop }), recompute: false };
+            let (loss, grads) = model.loss_and_grads(&x.narrow(0, start, len).unwrap(), &w.narrow(0, start, len).unwrap(), pass).unwrap();
+            (loss.to_scalar::<f64>().unwrap(), grads)
+        };
+        let ((head, mut grads), (tail, tail_grads)) = (part(0, 1), part(1, 2));
+        grads.merge(tail_grads).unwrap();
+        assert!((head + tail - want).abs() < 1e-12, "{what}: split loss {} vs {want}", head + tail);
+        crate::assert_grads_equal(&params, &auto, &grads, &format!("{what}, split by rows"));
     }
 }
 
@@ -210,7 +239,7 @@ fn clipped_step_reports_the_norm_of_every_part() {
     let cfg = crate::cross_patch_config();
     let (model, params) = MegaByte::init(&cfg, 23, DType::F32, &Device::Cpu).unwrap();
     let x = crate::bytes_tensor(&(0..2).map(|i| random_bytes(cfg.context, 130 + i)).collect::<Vec<_>>());
-    let (_, grads) = model.loss_and_grads(&x, 1.0).unwrap();
+    let (_, grads) = mean_loss_and_grads(&model, &x);
     let mut by_part: BTreeMap<String, f64> = BTreeMap::new();
     for (name, var) in params.vars() {
         let g = grads.get(var.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();

@@ -23,6 +23,7 @@ mod images;
 mod ops;
 mod overfit;
 mod plot;
+mod reference;
 mod sampling;
 
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
 //! A tiny model memorises one fixed batch: the loss falls near zero.
 
+use megabyte::model::{mean_weights, TrainPass};
 use megabyte::nn::Params;
 use megabyte::optim::{AdamW, AdamWConfig};
 use megabyte::{MegaByte, Tensor};
@@ -22,7 +23,7 @@ pub fn overfit(model: &MegaByte, params: &Params, x: &Tensor) -> (f32, f32) {
     let first = model.loss(x).unwrap().to_scalar::<f32>().unwrap();
     let mut last = first;
     for _ in 0..400 {
-        let (loss, grads) = model.loss_and_grads(x, 1.0).unwrap();
+        let (loss, grads) = model.loss_and_grads(x, &mean_weights(x).unwrap(), TrainPass::default()).unwrap();
         last = loss.to_scalar::<f32>().unwrap();
         if last < 0.02 {
             break;

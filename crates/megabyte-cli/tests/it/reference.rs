@@ -1,0 +1,91 @@
+//! The test oracle for the whole model: MEGABYTE written again from the checkpoint contract
+//! (parameter names and shapes, ARCHITECTURE.md) with plain candle ops and the compositions
+//! of `ops::reference`, so that candle's autograd differentiates it. The model's one
+//! forward/backward pass (fused kernels, explicit backward) is checked against it in
+//! `gradients.rs`; it shares no code with `model.rs` or `nn.rs`.
+
+use megabyte::nn::{Dropout, Params};
+use megabyte::ops::pointwise::mix64;
+use megabyte::ops::reference;
+use megabyte::{ModelConfig, NormKind, Tensor, TransformerConfig, V};
+
+const EPS: f64 = 1e-5;
+
+/// Every byte's loss [B, T'] (nats) for bytes [B, T'], differentiable with respect to every
+/// parameter, with the branch dropout of a training pass (`dropout`, keyed as the model keys
+/// it: one key per transformer, one mask per block and branch, rows counted from
+/// `row_offset` of the global batch).
+pub fn byte_losses(cfg: &ModelConfig, params: &Params, bytes: &Tensor, dropout: Option<Dropout>) -> Tensor {
+    let p = |name: &str| params.vars().get(name).unwrap_or_else(|| panic!("no parameter {name}")).as_tensor().clone();
+    let (b, t) = bytes.dims2().unwrap();
+    let (pp, dg, dl) = (cfg.patch_size, cfg.d_global(), cfg.local.width);
+    let k = t / pp;
+    let ids = bytes.flatten_all().unwrap();
+
+    // Patch embedder: byte embeddings plus positions, P bytes to a patch, shifted one patch.
+    let h = p("patch_embedder.byte_embed.weight").index_select(&ids, 0).unwrap().reshape((b, t, dg)).unwrap();
+    let h = h.broadcast_add(&p("patch_embedder.pos_embed.weight").narrow(0, 0, t).unwrap()).unwrap();
+    let h = h.reshape((b, k, pp * dg)).unwrap(); // [B, K, P·D_G]
+    let pad = p("patch_embedder.global_pad").reshape((1, 1, pp * dg)).unwrap().broadcast_as((b, 1, pp * dg)).unwrap();
+    let h = Tensor::cat(&[&pad, &h.narrow(1, 0, k - 1).unwrap()], 1).unwrap();
+
+    // Global model, then w_GL on every D_G slice of its output.
+    let global_drop = dropout.map(|d| (mix64(d.key ^ 1), d.row_offset, d.p));
+    let h = transformer(&p, "global", &cfg.global, cfg.norm, &h, global_drop); // [B, K, P·D_G]
+    let context = linear(&h.reshape((b * k, pp, dg)).unwrap(), &p("global_to_local.weight")); // [B·K, P, D_L]
+
+    // Local model over patches [B·K, P] or, cross-patch, whole windows [B, T'].
+    let local_bytes = if cfg.cross_patch { bytes.clone() } else { bytes.reshape((b * k, pp)).unwrap() };
+    let (n, s) = local_bytes.dims2().unwrap();
+    let e = p("local_embedder.byte_embed.weight").index_select(&local_bytes.flatten_all().unwrap(), 0).unwrap().reshape((n, s, dl)).unwrap();
+    let pad = p("local_embedder.local_pad").reshape((1, 1, dl)).unwrap().broadcast_as((n, 1, dl)).unwrap();
+    let e = Tensor::cat(&[&pad, &e.narrow(1, 0, s - 1).unwrap()], 1).unwrap(); // the previous byte's embedding
+    let e = e.broadcast_add(&p("local_embedder.pos_embed.weight").narrow(0, 0, s).unwrap()).unwrap();
+    let x = (context.reshape((n, s, dl)).unwrap() + e).unwrap();
+    let local_drop = dropout.map(|d| (mix64(d.key ^ 2), d.row_offset * (n / b), d.p));
+    let h = transformer(&p, "local", &cfg.local, cfg.norm, &x, local_drop); // [N, S, D_L]
+
+    let head = if cfg.tied_head { p("local_embedder.byte_embed.weight") } else { p("head.weight") };
+    let logits = linear(&h, &head).reshape((b * t, V)).unwrap();
+    reference::cross_entropy(&logits, &ids).unwrap().reshape((b, t)).unwrap()
+}
+
+/// The mean loss over every byte.
+pub fn loss(cfg: &ModelConfig, params: &Params, bytes: &Tensor, dropout: Option<Dropout>) -> Tensor {
+    byte_losses(cfg, params, bytes, dropout).mean_all().unwrap()
+}
+
+fn linear(x: &Tensor, w: &Tensor) -> Tensor {
+    x.broadcast_matmul(&w.t().unwrap()).unwrap()
+}
+
+fn norm(p: &impl Fn(&str) -> Tensor, name: &str, kind: NormKind, x: &Tensor) -> Tensor {
+    let bias = match kind {
+        NormKind::LayerNorm => Some(p(&format!("{name}.bias"))),
+        NormKind::RmsNorm => None,
+    };
+    reference::norm(x, &p(&format!("{name}.weight")), bias.as_ref(), EPS).unwrap()
+}
+
+/// Pre-norm blocks then the final norm; `drop` is (transformer key, first row, p).
+fn transformer(p: &impl Fn(&str) -> Tensor, name: &str, cfg: &TransformerConfig, kind: NormKind, x: &Tensor, drop: Option<(u64, usize, f64)>) -> Tensor {
+    let d = cfg.width;
+    let dropped = |x: Tensor, block: usize, branch: u64| match drop {
+        Some((key, row, prob)) => {
+            let mask = reference::dropout_mask(x.shape(), prob, mix64(key ^ ((block as u64) << 1 | branch)), row, x.device()).unwrap();
+            (x * mask.to_dtype(x.dtype()).unwrap()).unwrap()
+        }
+        None => x,
+    };
+    let mut x = x.clone();
+    for i in 0..cfg.layers {
+        let blk = format!("{name}.blocks.{i}");
+        let qkv = linear(&norm(p, &format!("{blk}.attn_norm"), kind, &x), &p(&format!("{blk}.attn.qkv.weight")));
+        let (q, k, v) = (qkv.narrow(2, 0, d).unwrap(), qkv.narrow(2, d, d).unwrap(), qkv.narrow(2, 2 * d, d).unwrap());
+        let y = reference::causal_attention(&q.contiguous().unwrap(), &k.contiguous().unwrap(), &v.contiguous().unwrap(), cfg.heads, cfg.window).unwrap();
+        x = (&x + dropped(linear(&y, &p(&format!("{blk}.attn.proj.weight"))), i, 0)).unwrap();
+        let u = linear(&norm(p, &format!("{blk}.mlp_norm"), kind, &x), &p(&format!("{blk}.mlp.up.weight")));
+        x = (&x + dropped(linear(&u.gelu_erf().unwrap(), &p(&format!("{blk}.mlp.down.weight"))), i, 1)).unwrap();
+    }
+    norm(p, &format!("{name}.norm"), kind, &x)
+}
