@@ -147,12 +147,12 @@ PY
     [ -s "$out/speed.jsonl" ] && "$mb" plot "$out/speed.jsonl" --x gpus --y speedup --y efficiency --by series --out "$out/speed.png" > /dev/null
     ;;
 image640)
-    # The paper's Image640 shape (docs/image640.json: P = 192, T = 1,228,800, global 768 x 12,
+    # The paper's Image640 shape (configs/image640.json: P = 192, T = 1,228,800, global 768 x 12,
     # local 768 x 8) on every visible GPU, one sequence each, with --recompute, on random bytes
     # (speed and memory only): bytes/s and rank 0's peak memory.
     head -c 40000000 /dev/urandom > "$out/random.bin"
     if [ "$gpus" = 1 ]; then devs=(--device cuda:0); else devs=(--devices "$(seq -s, 0 $((gpus - 1)))"); fi
-    train image640 --config docs/image640.json "${devs[@]}" --batch-size "$gpus" --recompute --steps 8 --warmup 1 \
+    train image640 --config configs/image640.json "${devs[@]}" --batch-size "$gpus" --recompute --steps 8 --warmup 1 \
         --eval-every 1000 --eval-bytes 1228800 --checkpoint-every 1000 --keep 1 --data "$out/random.bin"
     rc=$?
     r=$(rate "$out/image640" 2> /dev/null)

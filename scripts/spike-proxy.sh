@@ -8,7 +8,7 @@
 #
 #   scripts/spike-proxy.sh [SETTING...]
 #       SETTING: the model and train arguments of one setting, quoted, e.g. "--preset tiny" or
-#       "--config docs/tiny-pe1.json" or "--preset tiny --lr 1e-3"; default: those first two.
+#       "--config configs/tiny-pe1.json" or "--preset tiny --lr 1e-3"; default: those first two.
 #       Prints one line per run and a line per setting; appends one JSON line per run to $OUT.
 #
 # Environment: MEGABYTE (the binary, default megabyte on the PATH), DATA (default data: holds
@@ -20,7 +20,7 @@ data=${DATA:-data}
 runs=${RUNS:-runs/spike-proxy}
 out=${OUT:-benchmarks/spike-proxy.jsonl}
 seeds=${SEEDS:-1 2 3 4 5 6}
-[ $# -gt 0 ] || set -- "--preset tiny" "--config docs/tiny-pe1.json"
+[ $# -gt 0 ] || set -- "--preset tiny" "--config configs/tiny-pe1.json"
 [ -f "$data/enwik8/train.bin" ] || "$mb" data fetch enwik8 --dir "$data"
 mkdir -p "$runs"
 head -c 2000000 "$data/enwik8/train.bin" > "$runs/train.bin"
