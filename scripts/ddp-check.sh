@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Multi-GPU (data-parallel, NCCL) checks on a GPU host, ending with a table. Run from the
-# repository root after `source scripts/device-env.sh` (it unpacks .devbin/{megabyte,it}.xz
+# repository root after `source scripts/gpu-env.sh` (it unpacks .gpu-host/{megabyte,it}.xz
 # into /tmp/mb and puts PyTorch's libraries, libnccl.so.2 included, on the library path).
 #   usage: scripts/ddp-check.sh [PART...]   PART: tests smoke agree speed env fault image640
 #          (default: tests smoke, and with 2 GPUs or more agree speed env fault)
 # Environment: MEGABYTE (default /tmp/mb/megabyte), IT (the test binary, default /tmp/mb/it),
 # OUT (default runs/ddp-check), STEPS (agreement steps, default 200), SPEED_BATCH (paper-arxiv
-# sequences per GPU, default 16), PEAK_TFLOPS. Within a 10-minute limit per call, run it as
-# two calls, on 8 GPUs three: tests smoke agree env | fault speed | image640 (speed's four runs)
+# sequences per GPU, default 16), PEAK_TFLOPS. To keep each run under about 10 minutes, give
+# the parts in two groups, on 8 GPUs (where speed makes four runs) three:
+# tests smoke agree env | fault speed | image640
 #   tests  the NCCL tests of tests/it/cuda.rs (world of 1; 2 GPUs train as one)
 #   smoke  `--devices 0` (NCCL, world 1) against plain `--device cuda:0`: tiny, 60 steps
 #   agree  the same global batch (enwik8, batch 8, bf16) for STEPS steps on GPU 0, again on
@@ -33,7 +34,7 @@ row() { printf '%-34s %s\n' "$1" "$2" | tee -a "$table"; }
 
 gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
 if ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2 && ! ls ${LD_LIBRARY_PATH//:/ } 2>/dev/null | grep -q '^libnccl.so.2$'; then
-    echo "libnccl.so.2 is not on the library path: source scripts/device-env.sh (PyTorch's nvidia/nccl/lib)" >&2
+    echo "libnccl.so.2 is not on the library path: source scripts/gpu-env.sh (PyTorch's nvidia/nccl/lib)" >&2
     exit 1
 fi
 parts=("$@")

@@ -266,8 +266,8 @@ modality)
     take_models "$@"
     conv="$runs/$set_name"
     mkdir -p "$conv"
-    # Converted splits already in $RUNS/SET (e.g. carried to a machine with no network) are
-    # used as they are; otherwise the set is fetched (once) and converted.
+    # Converted splits already in $RUNS/SET (e.g. converted elsewhere for a host with no
+    # network) are used as they are; otherwise the set is fetched (once) and converted.
     splits="train test"
     [ "$set_name" = fashion-mnist ] && splits="train t10k"
     for split in $splits; do
