@@ -2,12 +2,12 @@
 # CPU figures for BENCHMARKS.md: training and generation bytes/s of the `tiny` preset (the
 # shape of the PyTorch CPU peer: T = 256, P = 8, global 2 × 128, local 2 × 32, batch 4), three
 # runs each, then the README quick start with its wall time and final bpb.
-# Appends every record to benchmarks/cpu.jsonl.  Usage: scripts/bench-cpu.sh [--no-quickstart]
+# Appends every record to benchmarks/cpu/cpu.jsonl.  Usage: scripts/bench-cpu.sh [--no-quickstart]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q
 bin=target/release/megabyte
-out=benchmarks/cpu.jsonl
+out=benchmarks/cpu/cpu.jsonl
 commit=$(git rev-parse --short HEAD)
 echo "commit $commit, $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 for i in 1 2 3; do

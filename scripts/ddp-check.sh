@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Multi-GPU (data-parallel, NCCL) checks on a GPU host, ending with a table. Run from the
-# repository root after `source scripts/device-env.sh` (it unpacks .devbin/{megabyte,it}.xz
+# repository root after `source scripts/gpu-env.sh` (it unpacks .gpu-host/{megabyte,it}.xz
 # into /tmp/mb and puts PyTorch's libraries, libnccl.so.2 included, on the library path).
 #   usage: scripts/ddp-check.sh [PART...]   PART: tests smoke agree speed env fault image640
 #          (default: tests smoke, and with 2 GPUs or more agree speed env fault)
 # Environment: MEGABYTE (default /tmp/mb/megabyte), IT (the test binary, default /tmp/mb/it),
 # OUT (default runs/ddp-check), STEPS (agreement steps, default 200), SPEED_BATCH (paper-arxiv
-# sequences per GPU, default 16), PEAK_TFLOPS. Within a 10-minute limit per call, run it as
-# two calls, on 8 GPUs three: tests smoke agree env | fault speed | image640 (speed's four runs)
+# sequences per GPU, default 16), PEAK_TFLOPS. To keep each run under about 10 minutes, give
+# the parts in two groups, on 8 GPUs (where speed makes four runs) three:
+# tests smoke agree env | fault speed | image640
 #   tests  the NCCL tests of tests/it/cuda.rs (world of 1; 2 GPUs train as one)
 #   smoke  `--devices 0` (NCCL, world 1) against plain `--device cuda:0`: tiny, 60 steps
 #   agree  the same global batch (enwik8, batch 8, bf16) for STEPS steps on GPU 0, again on
@@ -33,7 +34,7 @@ row() { printf '%-34s %s\n' "$1" "$2" | tee -a "$table"; }
 
 gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l)
 if ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2 && ! ls ${LD_LIBRARY_PATH//:/ } 2>/dev/null | grep -q '^libnccl.so.2$'; then
-    echo "libnccl.so.2 is not on the library path: source scripts/device-env.sh (PyTorch's nvidia/nccl/lib)" >&2
+    echo "libnccl.so.2 is not on the library path: source scripts/gpu-env.sh (PyTorch's nvidia/nccl/lib)" >&2
     exit 1
 fi
 parts=("$@")
@@ -147,12 +148,12 @@ PY
     [ -s "$out/speed.jsonl" ] && "$mb" plot "$out/speed.jsonl" --x gpus --y speedup --y efficiency --by series --out "$out/speed.png" > /dev/null
     ;;
 image640)
-    # The paper's Image640 shape (docs/image640.json: P = 192, T = 1,228,800, global 768 x 12,
+    # The paper's Image640 shape (configs/image640.json: P = 192, T = 1,228,800, global 768 x 12,
     # local 768 x 8) on every visible GPU, one sequence each, with --recompute, on random bytes
     # (speed and memory only): bytes/s and rank 0's peak memory.
     head -c 40000000 /dev/urandom > "$out/random.bin"
     if [ "$gpus" = 1 ]; then devs=(--device cuda:0); else devs=(--devices "$(seq -s, 0 $((gpus - 1)))"); fi
-    train image640 --config docs/image640.json "${devs[@]}" --batch-size "$gpus" --recompute --steps 8 --warmup 1 \
+    train image640 --config configs/image640.json "${devs[@]}" --batch-size "$gpus" --recompute --steps 8 --warmup 1 \
         --eval-every 1000 --eval-bytes 1228800 --checkpoint-every 1000 --keep 1 --data "$out/random.bin"
     rc=$?
     r=$(rate "$out/image640" 2> /dev/null)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# First GPU check on a CUDA machine without Rust: a `--features cuda` binary built elsewhere
-# (xz-compressed at .devbin/megabyte.xz) against the driver and PyTorch's CUDA 13 libraries.
+# First GPU check on a CUDA host without a Rust toolchain: a `--features cuda` binary built
+# elsewhere (xz-compressed at .gpu-host/megabyte.xz, see scripts/gpu-host.sh) against the driver
+# and the CUDA 13 libraries of the host's PyTorch installation.
 # Checks that CPU and GPU agree on a checkpoint's bpb and greedy sample, then measures plain
 # (unfused, f32) GPU speed for `tiny` and `enwik8`.
 #   usage: scripts/gpu-smoke.sh CHECKPOINT DATA_FILE [OUT_DIR]
@@ -8,7 +9,7 @@ set -uo pipefail
 ckpt=$1 data=$2 out=${3:-/tmp}
 SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 export LD_LIBRARY_PATH=$(ls -d "$SP"/nvidia/*/lib | tr '\n' ':')$SP/torch/lib:${LD_LIBRARY_PATH:-}
-xz -dc .devbin/megabyte.xz > /tmp/megabyte && chmod +x /tmp/megabyte
+xz -dc .gpu-host/megabyte.xz > /tmp/megabyte && chmod +x /tmp/megabyte
 bin=/tmp/megabyte
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for d in cpu cuda; do

@@ -11,7 +11,7 @@
 #   scripts/paper-claims.sh search MINUTES MODEL [MODEL...] [-- TRAIN-ARGS...]
 #       The hyper-parameter search: as equal-time, but scored on the validation split only
 #       (the test split is never used to choose).
-#       MODEL is a preset name or a model config JSON file (e.g. docs/enwik8/*.json).
+#       MODEL is a preset name or a model config JSON file (e.g. configs/enwik8/*.json).
 #   scripts/paper-claims.sh probe SECONDS MINUTES MODEL [MODEL...] [-- TRAIN-ARGS...]
 #       The early part of an equal-time run: each model trains on the MINUTES run's schedule
 #       (--time MINUTES) and is stopped with Ctrl-C after SECONDS, so its curve lies on the
@@ -35,8 +35,8 @@
 #   scripts/paper-claims.sh modality SET MINUTES CONFIG [CONFIG...] [-- TRAIN-ARGS...]
 #       SET: fashion-mnist, speech-en or code. Fetches and converts the set's train and test
 #       files (unless $RUNS/SET/{train,test}.bin exist; t10k.bin for fashion-mnist), trains
-#       each model config (a JSON file; e.g. docs/fashion-mnist.json and its
-#       same-time baseline docs/fashion-mnist-baseline.json) for MINUTES with --documents,
+#       each model config (a JSON file; e.g. configs/fashion-mnist.json and its
+#       same-time baseline configs/fashion-mnist-baseline.json) for MINUTES with --documents,
 #       scores the test split and writes a sample: an image grid, a 5-second WAV or code.
 #   scripts/paper-claims.sh long-context MODEL BYTES-PER-STEP T [T...]
 #       Training time per byte and peak memory of one architecture at each context T (batch
@@ -266,8 +266,8 @@ modality)
     take_models "$@"
     conv="$runs/$set_name"
     mkdir -p "$conv"
-    # Converted splits already in $RUNS/SET (e.g. carried to a machine with no network) are
-    # used as they are; otherwise the set is fetched (once) and converted.
+    # Converted splits already in $RUNS/SET (e.g. converted elsewhere for a host with no
+    # network) are used as they are; otherwise the set is fetched (once) and converted.
     splits="train test"
     [ "$set_name" = fashion-mnist ] && splits="train t10k"
     for split in $splits; do

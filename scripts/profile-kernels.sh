@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU time per kernel of one megabyte command, by Nsight Compute (ncu), summed by kernel name
 # and divided by N (the steps or bytes the command ran); kernels inside CUDA graphs (the
-# decoding engine) count one by one. Runs on the CUDA machine after
-# `source scripts/device-env.sh`.
+# decoding engine) count one by one. Runs on the GPU host after
+# `source scripts/gpu-env.sh`.
 #   usage: scripts/profile-kernels.sh N MEGABYTE-ARGS...
 #   e.g.   scripts/profile-kernels.sh 1 bench --preset enwik8 --device cuda --batch-size 24 --warmup 0 --steps 1 --gen-bytes 0
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A CPU proxy for MEGABYTE's training spikes (RESULTS.md, "MEGABYTE's training can spike"):
+# A CPU proxy for MEGABYTE's training spikes (benchmarks/spike-proxy/README.md):
 # the `tiny` shape (437K parameters) on the first 2M bytes of enwik8's train split, 800 steps
 # of 4 × 256 bytes at lr 2e-3 (warm-up 100, cosine), once per seed and setting. About 20 s a
 # run on 2 cores. Like the enwik8 runs on the H200, some seeds' gradient norms spike far
@@ -8,19 +8,19 @@
 #
 #   scripts/spike-proxy.sh [SETTING...]
 #       SETTING: the model and train arguments of one setting, quoted, e.g. "--preset tiny" or
-#       "--config docs/tiny-pe1.json" or "--preset tiny --lr 1e-3"; default: those first two.
+#       "--config configs/tiny-pe1.json" or "--preset tiny --lr 1e-3"; default: those first two.
 #       Prints one line per run and a line per setting; appends one JSON line per run to $OUT.
 #
 # Environment: MEGABYTE (the binary, default megabyte on the PATH), DATA (default data: holds
 # enwik8/train.bin, fetched with `megabyte data fetch enwik8` when absent), RUNS (default
-# runs/spike-proxy), SEEDS (default "1 2 3 4 5 6"), OUT (default benchmarks/spike-proxy.jsonl).
+# runs/spike-proxy), SEEDS (default "1 2 3 4 5 6"), OUT (default benchmarks/spike-proxy/spike-proxy.jsonl).
 set -euo pipefail
 mb=${MEGABYTE:-megabyte}
 data=${DATA:-data}
 runs=${RUNS:-runs/spike-proxy}
-out=${OUT:-benchmarks/spike-proxy.jsonl}
+out=${OUT:-benchmarks/spike-proxy/spike-proxy.jsonl}
 seeds=${SEEDS:-1 2 3 4 5 6}
-[ $# -gt 0 ] || set -- "--preset tiny" "--config docs/tiny-pe1.json"
+[ $# -gt 0 ] || set -- "--preset tiny" "--config configs/tiny-pe1.json"
 [ -f "$data/enwik8/train.bin" ] || "$mb" data fetch enwik8 --dir "$data"
 mkdir -p "$runs"
 head -c 2000000 "$data/enwik8/train.bin" > "$runs/train.bin"

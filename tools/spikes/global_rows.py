@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a MEGABYTE checkpoint's global model is sensitive to its input, row by row.
 
-RESULTS.md ("MEGABYTE's training can spike") uses it on the CPU proxy's checkpoints
+benchmarks/spike-proxy/README.md uses it on the CPU proxy's checkpoints
 (scripts/spike-proxy.sh). For windows of a data file it runs the global model in float64
 with tools/reference's NumPy pieces and reports, for each patch row: the spread (standard
 deviation) of the residual stream before the global model's final norm, and the row's own

@@ -1,51 +1,53 @@
 #!/usr/bin/env bash
-# One call on a CUDA machine without Rust or network (the lent H200): the binaries and enwik8
-# travel xz-compressed in .devbin/ (git-ignored; see scripts/device-env.sh), and what the call
-# measured is copied to $OUT (the device tool's output folder; default /tmp/out).
+# The GPU runs of RESULTS.md (equal-time runs, their early probes, the CUDA tests) on a CUDA host
+# that has no Rust toolchain and no network. The `--features cuda` binary is built on a machine
+# with Rust and copied to the host xz-compressed, with enwik8, in .gpu-host/ (git-ignored) of a
+# checkout of this repository; there scripts/gpu-env.sh unpacks them and points LD_LIBRARY_PATH
+# at the CUDA 13 libraries of the host's PyTorch installation. What a run measured is written to
+# $OUT (default /tmp/out).
 #
-#   scripts/device-call.sh run CONFIG BATCH MINUTES LR [TRAIN-ARGS...]
+#   scripts/gpu-host.sh run CONFIG BATCH MINUTES LR [TRAIN-ARGS...]
 #       One paper-claims equal-time run of CONFIG (batch BATCH, peak learning rate LR, warm-up
 #       200, validation every 1,000 steps, no samples) plus its test scores, after three
 #       untimed steps of the same model; TRAIN-ARGS go to
 #       `megabyte train` (e.g. --dropout 0.1 --seed 2). $OUT gets results.jsonl and the run's
 #       metrics.jsonl.gz, and the log ends with `paper-claims.sh compare` of the run.
-#   scripts/device-call.sh probe SECONDS CONFIG BATCH MINUTES LR "SEED..." [TRAIN-ARGS...]
+#   scripts/gpu-host.sh probe SECONDS CONFIG BATCH MINUTES LR "SEED..." [TRAIN-ARGS...]
 #       The first SECONDS of that run (`paper-claims.sh probe`: the MINUTES run's schedule,
 #       stopped early; validation every 250 steps on 100,000 bytes) once per seed, after the
 #       same untimed steps. For more seeds' spikes at a fraction of a run's cost. $OUT gets
 #       results.jsonl and each seed's metrics-seedN.jsonl.gz, and the log ends with a table of
-#       the probes in $OUT/results.jsonl (empty at the start of a device call).
-#   scripts/device-call.sh engine
-#       The CUDA integration tests (.devbin/it.xz: `cargo test --release --features cuda
+#       the probes in $OUT/results.jsonl (start with an empty $OUT).
+#   scripts/gpu-host.sh engine
+#       The CUDA integration tests (.gpu-host/it.xz: `cargo test --release --features cuda
 #       --no-run`'s `it` binary) with `cuda` in their name.
 #
-# Preparing .devbin here (a machine with Rust; commit first, the binary stamps the commit):
+# Preparing .gpu-host on the build machine (commit first, the binary stamps the commit):
 #   eval "$(scripts/cuda-toolchain.sh)"; CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda
-#   mkdir -p .devbin && strip -o .devbin/megabyte target/cuda/release/megabyte && xz -T2 -3 -f .devbin/megabyte
-#   strip -o .devbin/it $(ls target/cuda/release/deps/it-* | grep -v '\.d$') && xz -T2 -3 -f .devbin/it
+#   mkdir -p .gpu-host && strip -o .gpu-host/megabyte target/cuda/release/megabyte && xz -T2 -3 -f .gpu-host/megabyte
+#   strip -o .gpu-host/it $(ls target/cuda/release/deps/it-* | grep -v '\.d$') && xz -T2 -3 -f .gpu-host/it
 #                             # after `CARGO_TARGET_DIR=target/cuda cargo test --release --features cuda --no-run`
-#   xz -T2 -9 -c ENWIK8 > .devbin/enwik8.xz   # the raw 10^8 bytes (25 MB; enwik8.gz, 36 MB, no longer fits)
-# The device tool carries at most 64 MiB: the tracked files (23 MB in December 2026) plus
-# .devbin. megabyte.xz (11 MB) and enwik8.xz (25 MB) fit; with it.xz (10 MB) as well they no
-# longer do, so keep it.xz aside except for `engine` calls, which need no enwik8.
+#   xz -T2 -9 -c ENWIK8 > .gpu-host/enwik8.xz   # the raw 10^8 bytes (25 MB); a .gz or .zip also works
+# `run` and `probe` need megabyte.xz and enwik8.xz; `engine` needs it.xz only.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-# shellcheck source=device-env.sh
-source scripts/device-env.sh # unpacks .devbin/*.xz into /tmp/mb
+# shellcheck source=gpu-env.sh
+source scripts/gpu-env.sh # unpacks .gpu-host/*.xz into /tmp/mb
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # prepare CONFIG BATCH [TRAIN-ARGS...]: enwik8's splits in /tmp/data, the environment
-# paper-claims.sh reads, and three untimed steps of the model. A fresh machine spent 12-17 s in
-# a timed run's first two steps (RESULTS.md, s19-1 and s19-3; most likely the driver compiling
-# the kernels' PTX into an empty cache); the untimed steps keep that out of the timed run.
+# paper-claims.sh reads, and three untimed steps of the model. A freshly started host spent
+# 12-17 s in a timed run's first two steps (benchmarks/claims/enwik8-10min/README.md, runs
+# s19-1 and s19-3; most likely the driver compiling the kernels' PTX into an empty cache); the
+# untimed steps keep that out of the timed run.
 prepare() {
     local config=$1 batch=$2 src s
     shift 2
     export MEGABYTE=/tmp/mb/megabyte DATA=/tmp/data RUNS=/tmp/runs OUT=$out/results.jsonl
     if [ ! -f /tmp/data/enwik8/test.bin ]; then
-        src=/tmp/mb/enwik8 # device-env.sh unpacked .devbin/enwik8.xz here; else a .gz or .zip
-        [ -f "$src" ] || src=$(ls .devbin/enwik8.* | head -1)
+        src=/tmp/mb/enwik8 # gpu-env.sh unpacked .gpu-host/enwik8.xz here; else a .gz or .zip
+        [ -f "$src" ] || src=$(ls .gpu-host/enwik8.* | head -1)
         /tmp/mb/megabyte data fetch enwik8 --from "$src" --dir /tmp/data
     fi
     s=$(date +%s)
