@@ -2,7 +2,7 @@
 //! pass's logits on the same bytes.
 
 use megabyte::generate::Decoder;
-use megabyte::{Device, MegaByte};
+use megabyte::{DType, Device, MegaByte, ModelConfig};
 
 use crate::{bytes_tensor, random_bytes, tiny};
 
@@ -38,17 +38,54 @@ fn cached_logits_equal_full_forward_from_mid_patch() {
     check(&model, 29);
 }
 
+/// Decodes past the context twice over from a 3-byte prompt, forcing known bytes. Whenever a
+/// completed patch fills the context, the decoder slides to the window's last half
+/// (patch-aligned) and prefills again, with positions restarting at 0: every step's logits,
+/// before and after each slide, must equal a fresh full forward over the bytes the window
+/// holds then (padded to a patch; causality makes the padding irrelevant). f64, so a byte
+/// or position off by one cannot hide in the tolerance (the CPU kernels are the same code
+/// for f32 and f64).
+fn check_slides(model: &MegaByte) {
+    let (t, p) = (model.config().context, model.config().patch_size);
+    let keep = t / 2 / p * p; // the bytes a slide keeps
+    let rows = vec![random_bytes(3 + 2 * t + 5, 31), random_bytes(3 + 2 * t + 5, 32)];
+    let prompts: Vec<Vec<u8>> = rows.iter().map(|r| r[..3].to_vec()).collect();
+    let mut decoder = Decoder::new(model, &prompts, &Device::Cpu).unwrap();
+    let (mut start, mut slides, mut worst) = (0, 0, 0.0f64); // the window holds bytes start..pos
+    for pos in 3..rows[0].len() {
+        let step = decoder.logits().unwrap(); // [B, V]
+        assert_eq!(step.dims(), &[2, 256]);
+        let window: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|r| {
+                let mut w = r[start..=pos].to_vec();
+                w.resize(w.len().div_ceil(p) * p, 0);
+                w
+            })
+            .collect();
+        let full = model.logits(&bytes_tensor(&window)).unwrap(); // [B, ≤ T, V], positions from 0
+        let want = full.narrow(1, pos - start, 1).unwrap().squeeze(1).unwrap();
+        let diff = (&step - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff < 1e-12, "byte {pos} (window from {start}, after {slides} slides) differs by {diff:.1e}");
+        worst = worst.max(diff);
+        decoder.push(&rows.iter().map(|r| r[pos]).collect::<Vec<u8>>()).unwrap();
+        let n = pos + 1 - start;
+        if n % p == 0 && n + p > t {
+            start = pos + 1 - keep;
+            slides += 1;
+        }
+    }
+    assert!(slides >= 3, "only {slides} slides");
+    assert_eq!(decoder.history()[0], rows[0]);
+    eprintln!("T = {t}, P = {p}: {} steps, {slides} slides, logits within {worst:.1e} of the full forward", rows[0].len() - 3);
+}
+
 #[test]
 fn decoding_past_the_context_slides_the_window() {
-    let (model, _) = tiny(6);
-    let t = model.config().context;
-    let mut decoder = Decoder::new(&model, &[b"abc".to_vec()], &Device::Cpu).unwrap();
-    for i in 0..(2 * t + 5) {
-        let logits = decoder.logits().unwrap();
-        assert_eq!(logits.dims(), &[1, 256]);
-        decoder.push(&[(i % 251) as u8]).unwrap();
-    }
-    assert_eq!(decoder.history()[0].len(), 3 + 2 * t + 5);
+    let (model, _) = MegaByte::init(&ModelConfig::preset("tiny").unwrap(), 6, DType::F64, &Device::Cpu).unwrap();
+    check_slides(&model);
+    let (model, _) = MegaByte::init(&crate::cross_patch_config(), 6, DType::F64, &Device::Cpu).unwrap();
+    check_slides(&model);
 }
 
 #[test]
