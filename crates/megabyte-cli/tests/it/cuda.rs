@@ -546,7 +546,7 @@ fn cuda_decoder_bf16_follows_the_cached_logits() {
 
 // ---------------------------------------------------------------------------------------------
 // Data-parallel training over NCCL (tests/it/dist.rs checks the rest on the CPU). They need
-// libnccl.so.2 on the library path (scripts/device-env.sh).
+// libnccl.so.2 on the library path (scripts/gpu-env.sh).
 
 mod data_parallel {
     use std::time::Duration;

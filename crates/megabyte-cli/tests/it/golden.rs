@@ -79,7 +79,8 @@ fn cross_patch_logits_loss_and_gradients_match_the_numpy_reference() {
     let logits = to_f64(&model.logits(&input).unwrap());
     let diff = logits.iter().zip(&want_logits).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(diff < 1e-12, "logits differ from the reference by {diff}");
-    let (loss, grads) = model.loss_and_grads(&input, 1.0).unwrap();
+    let weights = megabyte::model::mean_weights(&input).unwrap();
+    let (loss, grads) = model.loss_and_grads(&input, &weights, megabyte::model::TrainPass::default()).unwrap();
     let loss = loss.to_scalar::<f64>().unwrap();
     assert!((loss - want_loss).abs() < 1e-12, "loss {loss} vs reference {want_loss}");
 
