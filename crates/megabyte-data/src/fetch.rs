@@ -1137,6 +1137,46 @@ pub(crate) mod tests {
         assert_eq!(sdist_in(&project, "0.1.0"), None);
     }
 
+    #[test]
+    fn sources_are_tried_in_order_until_one_works() {
+        let sources = ["https://a/x", "https://b/x", "https://c/x"];
+        let failing = |url: &str| -> Result<&str> {
+            match url {
+                "https://a/x" => Err(fetch_err("x", "https://a/x: status 404")),
+                "https://b/x" => Err(Error::Input("bad package".into())),
+                "https://c/x" => Ok("c"),
+                _ => unreachable!(),
+            }
+        };
+        let mut events = Vec::new();
+        let got = first_that_works("x", "x 1.0", &sources, "HINT", &mut |e| events.push(e), |url, _| failing(url));
+        assert_eq!(got.unwrap(), "c");
+        let failed: Vec<_> = events
+            .iter()
+            .map(|e| match e {
+                FetchEvent::SourceFailed { url, msg } => format!("{url} {msg}"),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(failed, ["https://a/x status 404", "https://b/x bad package"]);
+
+        // None works: every reason, then the hint.
+        let err = first_that_works("x", "x 1.0", &sources[..2], "HINT", &mut |_| {}, |url, _| failing(url)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "fetch x: could not download x 1.0; tried:\n  - https://a/x: status 404\n  - https://b/x: bad package\nHINT"
+        );
+
+        // A local I/O error ends the search.
+        let mut tried = 0;
+        let err = first_that_works("x", "x 1.0", &sources, "HINT", &mut |_| {}, |_, _| -> Result<()> {
+            tried += 1;
+            Err(Error::Io { context: "writing".into(), source: io::Error::other("disk full") })
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::Io { .. }) && tried == 1, "{err}");
+    }
+
     /// A real fetch into $MEGABYTE_FETCH_TEST_DIR (default: a temp folder), reporting progress on
     /// stderr, then a second call that must find it present (needs the network; the callers
     /// are `#[ignore]`d).
