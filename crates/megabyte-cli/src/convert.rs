@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use anyhow::Result;
-use megabyte::image::PixelOrder;
+use megabyte_data::image::PixelOrder;
 
 pub fn images(input: &Path, output: &Path, order: &str, block: usize) -> Result<()> {
     let order = PixelOrder::parse(order, block)?;
-    let r = megabyte::image::convert_images(input, output, order)?;
+    let r = megabyte_data::image::convert_images(input, output, order)?;
     let order = match order {
         PixelOrder::Raster => "raster order".to_string(),
         PixelOrder::PatchScan { block } => format!("patch-scan order, {block}×{block} blocks ({} bytes each)", block * block * r.shape.channels),
@@ -19,7 +19,7 @@ pub fn images(input: &Path, output: &Path, order: &str, block: usize) -> Result<
 }
 
 pub fn audio(input: &Path, output: &Path) -> Result<()> {
-    let r = megabyte::audio::convert_audio(input, output)?;
+    let r = megabyte_data::audio::convert_audio(input, output)?;
     println!(
         "{}: {} clips, {}, {:.1} s, {} bytes ({}-byte frames)",
         r.output.display(),
@@ -35,11 +35,11 @@ pub fn audio(input: &Path, output: &Path) -> Result<()> {
 
 pub fn code(folder: &Path, output: &Path, ext: &[String]) -> Result<()> {
     let ext: Vec<String> = if ext.is_empty() {
-        megabyte::code::DEFAULT_EXTENSIONS.iter().map(|e| e.to_string()).collect()
+        megabyte_data::code::DEFAULT_EXTENSIONS.iter().map(|e| e.to_string()).collect()
     } else {
         ext.to_vec()
     };
-    let r = megabyte::code::join_code(folder, output, &ext)?;
+    let r = megabyte_data::code::join_code(folder, output, &ext)?;
     println!("{}: {} files, {} bytes, each after one 0x00 byte", r.output.display(), r.files, r.bytes);
     println!("document index: {}", r.index.display());
     Ok(())

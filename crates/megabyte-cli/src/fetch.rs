@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
-use megabyte::fetch::{fetch, fetch_from_file, Dataset, FetchEvent};
+use megabyte_data::fetch::{fetch, fetch_from_file, Dataset, FetchEvent};
 
 pub fn run(name: &str, dir: &Path, from: Option<&Path>) -> Result<()> {
     let dataset = Dataset::parse(name)?;

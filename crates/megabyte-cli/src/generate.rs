@@ -16,10 +16,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use megabyte::audio::{clip_bytes, write_wav, PcmFormat};
 use megabyte::generate::{generate, Sampler, Sampling};
-use megabyte::image::{write_grid_png, ImageShape, PixelOrder};
 use megabyte::{Device, MegaByte};
+use megabyte_data::audio::{clip_bytes, write_wav, PcmFormat};
+use megabyte_data::image::{write_grid_png, ImageShape, PixelOrder};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -159,7 +159,7 @@ fn images(args: &Args, shape: &str, model: &MegaByte, prompt: Vec<u8>, sampler: 
     let bar = byte_bar(n);
     let rows = generate(model, &vec![prompt; args.count], n, sampler, device, &mut |_| bar.inc(1))?;
     bar.finish_and_clear();
-    let images: Vec<Vec<u8>> = rows.iter().map(|r| order.to_raster(r, shape)).collect::<megabyte::Result<_>>()?;
+    let images: Vec<Vec<u8>> = rows.iter().map(|r| order.to_raster(r, shape)).collect::<megabyte_data::Result<_>>()?;
     write_grid_png(&images, shape, args.columns, out)?;
     println!("{}: {} images of {shape} in {} columns", out.display(), images.len(), args.columns.min(images.len()));
     Ok(())

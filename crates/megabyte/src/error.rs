@@ -20,9 +20,6 @@ pub enum Error {
     #[error("multi-GPU training: {0}")]
     Dist(String),
 
-    #[error("fetch {name}: {msg}")]
-    Fetch { name: String, msg: String },
-
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -1,24 +1,23 @@
 //! megabyte: MEGABYTE byte-level language models (Yu et al., 2023, arXiv 2305.07185).
 //!
-//! The library holds the model, data, training, evaluation and sampling; the `megabyte`
-//! command (crate `megabyte-cli`) is a thin layer over it. Nothing here prints.
+//! The library holds the model, the byte streams it trains on (with their document
+//! boundaries), training, evaluation and sampling. Getting and converting data (downloads,
+//! archives, images, audio, source code) is the crate `megabyte-data`, so none of that code is
+//! linked here; the `megabyte` command (crate `megabyte-cli`) is a thin layer over both.
+//! Nothing here prints.
 //!
 //! Letters used in shape comments: B batch, T bytes per sequence, P patch size, K = T/P
 //! patches, D_G per-byte global width (global model width P·D_G), D_L local width, V = 256.
 
 pub mod checkpoint;
 pub mod config;
-pub mod audio;
-pub mod code;
 pub mod data;
 pub mod dist;
 pub mod documents;
 pub mod error;
 pub mod eval;
-pub mod fetch;
 pub mod generate;
 pub mod grad;
-pub mod image;
 pub mod gpu;
 pub mod model;
 pub mod nn;

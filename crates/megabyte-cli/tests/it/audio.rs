@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use megabyte::audio::{clip_bytes, convert_audio, read_wav, write_wav, PcmFormat};
+use megabyte_data::audio::{clip_bytes, convert_audio, read_wav, write_wav, PcmFormat};
 
 use crate::temp_dir;
 

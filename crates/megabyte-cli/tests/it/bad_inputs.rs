@@ -150,7 +150,7 @@ fn a_prompt_longer_than_the_context_is_refused() {
 fn data_fetch_lists_its_sets_and_refuses_a_wrong_package() {
     let help = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(["data", "fetch", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    for d in megabyte::fetch::Dataset::ALL {
+    for d in megabyte_data::fetch::Dataset::ALL {
         assert!(help.contains(&format!("  {}  ", d.name())), "`data fetch --help` does not list {d}:\n{help}");
     }
     fails_with(&["data", "fetch", "mnist"], "valid names: enwik8, fashion-mnist, speech-en, code");

@@ -1,7 +1,7 @@
 //! Code as bytes: a folder of sources joined with the document separator and an index.
 
-use megabyte::code::{join_code, SEPARATOR};
 use megabyte::documents::DocumentIndex;
+use megabyte_data::code::{join_code, SEPARATOR};
 
 use crate::temp_dir;
 

