@@ -45,9 +45,8 @@ library_value_enum!(
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
     /// Named architecture [default: tiny]. `enwik8-10min` and `byte-enwik8-10min` are
-    /// training recipes, RESULTS.md's best 10-minute enwik8 MEGABYTE and its byte-transformer
-    /// baseline: `train` takes their training settings too (`megabyte info --preset NAME`
-    /// lists them; every flag given replaces the recipe's).
+    /// recipes, a model and the training settings of a measured enwik8 run (README: Presets):
+    /// `train` takes those settings too (each flag given replaces one), and `info` lists them.
     #[arg(long, value_parser = PossibleValuesParser::new(PRESETS))]
     pub preset: Option<String>,
     /// A model config JSON file (as saved in checkpoints as config.json); replaces the
@@ -68,6 +67,14 @@ impl ModelArgs {
     /// The preset named, or the default one.
     pub fn preset_name(&self) -> &str {
         self.preset.as_deref().unwrap_or(DEFAULT_PRESET)
+    }
+
+    /// The flag that names the model: `--config PATH` or `--preset NAME`.
+    pub fn describe_flag(&self) -> String {
+        match &self.config {
+            Some(path) => format!("--config {}", path.display()),
+            None => format!("--preset {}", self.preset_name()),
+        }
     }
 
     /// What `--config` or `--preset` names, for records and tables.

@@ -1,5 +1,6 @@
 //! The `megabyte` command: a thin layer over the `megabyte` library. Arguments are validated
-//! into library configs before any work starts; each subcommand lives in its own module.
+//! into library configs before any work starts; each subcommand lives in its own module, and
+//! the argument groups several share in `args`.
 
 use std::path::PathBuf;
 
@@ -115,6 +116,17 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn help_shows_the_library_defaults() {
+        let mut cli = super::Cli::command();
+        let help = cli.find_subcommand_mut("train").expect("train").render_long_help().to_string();
+        assert!(help.contains(&format!("[default: {}]", megabyte::config::DEFAULT_PRESET)), "{help}");
+        let defaults = megabyte::train::TrainConfig::defaults();
+        for flag in [format!("--batch-size {} ", defaults.batch_size), format!("--eval-every {} ", defaults.eval_every)] {
+            assert!(help.contains(&flag), "no `{flag}` in {help}");
+        }
+    }
 
     #[test]
     fn version_names_the_commit_it_was_built_from() {

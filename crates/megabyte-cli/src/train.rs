@@ -13,10 +13,11 @@ use megabyte::data::ByteStream;
 use megabyte::generate::{generate, Sampler, Sampling};
 use megabyte::dist::DistEnv;
 use megabyte::train::{self, DataSpec, Event, StopReason, TrainConfig, Trainer};
+use megabyte::Precision;
 
 use crate::args::{ComputeArgs, DecayArg, ModelArgs, PrecisionArg};
 
-/// Bytes sampled at the end of a run that names no recipe (a recipe's is 0: its runs are timed).
+/// Bytes sampled at the end of a run that names no recipe.
 const SAMPLE_BYTES: usize = 300;
 
 #[derive(clap::Args)]
@@ -177,15 +178,34 @@ impl ScheduleArgs {
 }
 
 impl Args {
+    /// `cfg` and `data` with every setting given replacing theirs.
+    fn apply(&self, cfg: &mut TrainConfig, data: &mut DataSpec, device: &megabyte::Device) {
+        self.optim.apply(cfg);
+        self.schedule.apply(cfg);
+        if self.compute.device.precision != PrecisionArg::Auto {
+            cfg.precision = self.compute.device.precision.on(device);
+        }
+        cfg.recompute |= self.compute.recompute;
+        set(&mut data.train, self.data.data.clone().map(Some));
+        set(&mut data.valid, self.data.valid.clone().map(Some));
+        set(&mut data.holdout_bytes, self.data.valid_bytes);
+        data.documents |= self.data.documents;
+    }
+
     /// A new run's settings: the recipe's or the defaults, then every flag given. The
     /// trainer validates them.
-    fn train_config(&self, device: &megabyte::Device) -> TrainConfig {
+    fn train_config(&self, device: &megabyte::Device) -> Result<(TrainConfig, DataSpec)> {
         let mut cfg = self.model.recipe().unwrap_or_else(TrainConfig::defaults);
-        cfg.precision = self.compute.device.precision.on(device);
-        cfg.recompute |= self.compute.recompute;
-        self.optim.apply(&mut cfg);
-        self.schedule.apply(&mut cfg);
-        cfg
+        cfg.precision = Precision::default_for(device);
+        let mut data = DataSpec { train: None, valid: None, holdout_bytes: 0, documents: false };
+        self.apply(&mut cfg, &mut data, device);
+        if data.valid.is_none() && self.data.valid_bytes.is_none() {
+            data.holdout_bytes = match &data.train {
+                None => 100_000,
+                Some(path) => (ByteStream::open(path)?.len() / 20).clamp(1, 5_000_000),
+            };
+        }
+        Ok((cfg, data))
     }
 
     /// The stopping rules given to a resumed run, by flags or a recipe: they replace the
@@ -198,73 +218,43 @@ impl Args {
     }
 
     fn sample_bytes(&self) -> usize {
-        self.sample_bytes.unwrap_or(if self.model.recipe().is_some() { 0 } else { SAMPLE_BYTES })
+        self.sample_bytes.unwrap_or(default_sample_bytes(self.model.recipe().as_ref()))
     }
 
     /// Refuses a resumed run's settings given anew that are not the run's: the first such
     /// flag, with its value and the run's. Runs after loading, before anything is written.
     fn check_agrees(&self, trainer: &Trainer, device: &megabyte::Device) -> Result<()> {
-        let refuse = |what: String| {
+        let differs = |what: String, given: String, recorded: String| {
             anyhow::anyhow!(
-                "{what}: a resumed run keeps the settings it started with; only --steps, --time, --device, --devices, \
-                 --nccl-timeout, --out and --sample-bytes may change"
+                "{what} is {given} here and {recorded} in the resumed run, which keeps the settings it started with: \
+                 only --steps, --time, --device, --devices, --nccl-timeout, --out and --sample-bytes may change"
             )
         };
-        let differs = |given: String, recorded: String| refuse(format!("{given} is not the resumed run's {recorded}"));
         // The model: --config's or --preset's, or the run's, with --context and --window.
         let model = trainer.model().config();
-        let given = self.model.resolve_over(Some(model))?;
-        if self.model.context.is_some() && given.context != model.context {
-            return Err(differs(format!("--context {}", given.context), model.context.to_string()));
-        }
-        if self.model.window.is_some() && given.global.window != model.global.window {
-            let w = |w: Option<usize>| w.map_or("none".to_string(), |w| w.to_string());
-            return Err(differs(format!("--window {}", w(given.global.window)), w(model.global.window)));
-        }
         let json = |c: &megabyte::ModelConfig| serde_json::to_value(c).expect("a model config is JSON");
-        if let Some((field, g, r)) = first_difference(&json(&given), &json(model)) {
-            let what = self.model.config.as_ref().map_or_else(
-                || format!("--preset {}", self.model.preset_name()),
-                |p| format!("--config {}", p.display()),
-            );
-            return Err(differs(format!("{what}'s {field} {g}"), r));
-        }
-        // The data, where given.
-        let data = &trainer.record().data;
-        let shown = |p: &Option<PathBuf>, none: &str| p.as_ref().map_or(none.to_string(), |p| p.display().to_string());
-        if let Some(d) = self.data.data.as_ref().filter(|&d| data.train.as_ref() != Some(d)) {
-            return Err(differs(format!("--data {}", d.display()), shown(&data.train, "embedded corpus")));
-        }
-        if let Some(v) = self.data.valid.as_ref().filter(|&v| data.valid.as_ref() != Some(v)) {
-            return Err(differs(format!("--valid {}", v.display()), shown(&data.valid, "hold-out from its --data")));
-        }
-        if let Some(n) = self.data.valid_bytes.filter(|&n| n != data.holdout_bytes) {
-            return Err(differs(format!("--valid-bytes {n}"), data.holdout_bytes.to_string()));
-        }
-        if self.data.documents && !data.documents {
-            return Err(refuse("the resumed run trains without --documents".into()));
-        }
-        // Where it runs may change, and with it what `auto` means: only a format named is checked.
-        let t = &trainer.record().train;
-        let precision = self.compute.device.precision;
-        if precision != PrecisionArg::Auto && precision.on(device) != t.precision {
-            return Err(differs(format!("--precision {}", precision_name(precision.on(device))), precision_name(t.precision)));
-        }
-        if self.compute.recompute && !t.recompute {
-            return Err(refuse("the resumed run trains without --recompute".into()));
+        if let Some((field, g, r)) = first_difference(&json(&self.model.resolve_over(Some(model))?), &json(model)) {
+            let what = match field.as_str() {
+                "context" if self.model.context.is_some() => "--context".to_string(),
+                "global.window" if self.model.window.is_some() => "--window".to_string(),
+                _ => format!("{}'s {field}", self.model.describe_flag()),
+            };
+            return Err(differs(what, g, r));
         }
         // Every other setting given, over the run's; then a recipe's, over its own.
-        let mut given = t.clone();
-        self.optim.apply(&mut given);
-        self.schedule.apply(&mut given);
-        if let Some((flag, g, r)) = first_change(&given, t) {
-            return Err(differs(format!("{flag} {g}"), r));
+        let record = trainer.record();
+        let recorded = run_settings(&record.train, &record.data);
+        let (mut cfg, mut data) = (record.train.clone(), record.data.clone());
+        self.apply(&mut cfg, &mut data, device);
+        if let Some((flag, g, r)) = first_change(run_settings(&cfg, &data), recorded.clone()) {
+            return Err(differs(flag.into(), g, r));
         }
         if let Some(mut recipe) = self.model.recipe() {
-            self.optim.apply(&mut recipe);
-            self.schedule.apply(&mut recipe);
-            if let Some((flag, g, r)) = first_change(&recipe, t) {
-                return Err(differs(format!("--preset {}'s {flag} {g}", self.model.preset_name()), r));
+            (recipe.precision, recipe.recompute) = (record.train.precision, record.train.recompute);
+            let mut data = record.data.clone();
+            self.apply(&mut recipe, &mut data, device);
+            if let Some((flag, g, r)) = first_change(run_settings(&recipe, &data), recorded) {
+                return Err(differs(format!("--preset {}'s {flag}", self.model.preset_name()), g, r));
             }
         }
         Ok(())
@@ -272,7 +262,7 @@ impl Args {
 }
 
 /// The training settings that flags set, as (flag, value), in `--help`'s order; the stopping
-/// rules (--steps, --time) are not among them.
+/// rules (--steps, --time) are not among them, nor where it runs.
 fn settings(cfg: &TrainConfig) -> [(&'static str, String); 14] {
     [
         ("--batch-size", cfg.batch_size.to_string()),
@@ -292,21 +282,48 @@ fn settings(cfg: &TrainConfig) -> [(&'static str, String); 14] {
     ]
 }
 
-/// The first setting in which `given` differs from `recorded`: (flag, given's, recorded's).
-fn first_change(given: &TrainConfig, recorded: &TrainConfig) -> Option<(&'static str, String, String)> {
-    settings(given).into_iter().zip(settings(recorded)).find(|(g, r)| g.1 != r.1).map(|((flag, g), (_, r))| (flag, g, r))
+/// Every setting of a run that a flag sets but the model's: what a resumed run keeps.
+fn run_settings(cfg: &TrainConfig, data: &DataSpec) -> Vec<(&'static str, String)> {
+    let path = |p: &Option<PathBuf>, none: &str| p.as_ref().map_or(none.to_string(), |p| p.display().to_string());
+    let mut all = settings(cfg).to_vec();
+    all.extend([
+        ("--precision", precision_name(cfg.precision)),
+        ("--recompute", cfg.recompute.to_string()),
+        ("--data", path(&data.train, "the embedded corpus")),
+        ("--valid", path(&data.valid, "none")),
+        ("--valid-bytes", data.holdout_bytes.to_string()),
+        ("--documents", data.documents.to_string()),
+    ]);
+    all
 }
 
-/// The first field (a dotted path) in which two JSON values differ, with both values.
+/// The first setting in which `given` differs from `recorded`: (flag, given's, recorded's).
+fn first_change(given: Vec<(&'static str, String)>, recorded: Vec<(&'static str, String)>) -> Option<(&'static str, String, String)> {
+    given.into_iter().zip(recorded).find(|(g, r)| g.1 != r.1).map(|((flag, g), (_, r))| (flag, g, r))
+}
+
+/// The first field (a dotted path) in which two JSON values differ, with both values
+/// (`none` where one has no such field).
 fn first_difference(given: &serde_json::Value, recorded: &serde_json::Value) -> Option<(String, String, String)> {
     use serde_json::Value;
+    let show = |v: &Value| v.as_str().map_or_else(|| if v.is_null() { "none".into() } else { v.to_string() }, String::from);
     match (given, recorded) {
         (Value::Object(g), Value::Object(r)) => g.keys().chain(r.keys()).find_map(|k| {
             let (gk, rk) = (g.get(k).unwrap_or(&Value::Null), r.get(k).unwrap_or(&Value::Null));
             first_difference(gk, rk).map(|(path, a, b)| (if path.is_empty() { k.clone() } else { format!("{k}.{path}") }, a, b))
         }),
-        _ if given != recorded => Some((String::new(), given.to_string(), recorded.to_string())),
+        _ if given != recorded => Some((String::new(), show(given), show(recorded))),
         _ => None,
+    }
+}
+
+/// Bytes sampled at the end of a run: none for a recipe's (its runs are timed, and the
+/// sample would count in their time).
+fn default_sample_bytes(recipe: Option<&TrainConfig>) -> usize {
+    if recipe.is_some() {
+        0
+    } else {
+        SAMPLE_BYTES
     }
 }
 
@@ -319,7 +336,7 @@ pub fn recipe_flags(cfg: &TrainConfig) -> String {
     let mut flags: Vec<String> = settings(cfg).iter().map(|(flag, v)| format!("{flag} {v}")).collect();
     flags.extend(cfg.steps.map(|n| format!("--steps {n}")));
     flags.extend(cfg.time_minutes.map(|m| format!("--time {m}")));
-    flags.push("--sample-bytes 0".into());
+    flags.push(format!("--sample-bytes {}", default_sample_bytes(Some(cfg))));
     flags.join(" ")
 }
 
@@ -387,8 +404,7 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
         }
         None => {
             let model_cfg = args.model.resolve()?;
-            let cfg = args.train_config(&device);
-            let data = args.data.spec()?;
+            let (cfg, data) = args.train_config(&device)?;
             Trainer::new(&model_cfg, cfg, data, &device)?
         }
     };
@@ -539,18 +555,6 @@ fn run_folder_of(path: &std::path::Path) -> PathBuf {
         path.parent().map_or_else(|| PathBuf::from("."), |p| p.to_path_buf())
     } else {
         path.to_path_buf()
-    }
-}
-
-impl DataArgs {
-    fn spec(&self) -> Result<DataSpec> {
-        let holdout_bytes = match (&self.valid, self.valid_bytes, &self.data) {
-            (Some(_), _, _) => 0,
-            (None, Some(n), _) => n,
-            (None, None, None) => 100_000,
-            (None, None, Some(path)) => (ByteStream::open(path)?.len() / 20).clamp(1, 5_000_000),
-        };
-        Ok(DataSpec { train: self.data.clone(), valid: self.valid.clone(), holdout_bytes, documents: self.documents })
     }
 }
 

@@ -99,19 +99,22 @@ fn a_resumed_run_refuses_settings_that_are_not_its_own() {
     let tiny_json = dir.join("tiny.json");
     std::fs::write(&tiny_json, serde_json::to_vec(&megabyte::ModelConfig::preset("tiny").unwrap()).unwrap()).unwrap();
     for (setting, says) in [
-        (&["--lr", "2e-3"][..], "--lr 0.002 is not the resumed run's 0.001"),
-        (&["--batch-size", "4"], "--batch-size 4 is not the resumed run's 2"),
-        (&["--seed", "3"], "--seed 3 is not the resumed run's 0"),
-        (&["--eval-every", "5"], "--eval-every 5 is not the resumed run's 250"),
-        (&["--dropout", "0.1"], "--dropout 0.1 is not the resumed run's 0"),
-        (&["--decay", "linear"], "--decay linear is not the resumed run's cosine"),
-        (&["--preset", "enwik8"], "--preset enwik8's context 4096 is not the resumed run's 256"),
-        (&["--preset", "byte-enwik8-10min", "--context", "256"], "--preset byte-enwik8-10min's global.heads 8 is not the resumed run's 2"),
-        (&["--context", "512"], "--context 512 is not the resumed run's 256"),
-        (&["--data", s(&dir.join("other.txt"))], "other.txt is not the resumed run's embedded corpus"),
-        (&["--documents"], "the resumed run trains without --documents"),
+        (&["--lr", "2e-3"][..], "--lr is 0.002 here and 0.001 in the resumed run"),
+        (&["--batch-size", "4"], "--batch-size is 4 here and 2 in the resumed run"),
+        (&["--seed", "3"], "--seed is 3 here and 0 in the resumed run"),
+        (&["--eval-every", "5"], "--eval-every is 5 here and 250 in the resumed run"),
+        (&["--dropout", "0.1"], "--dropout is 0.1 here and 0 in the resumed run"),
+        (&["--decay", "linear"], "--decay is linear here and cosine in the resumed run"),
+        (&["--preset", "enwik8"], "--preset enwik8's context is 4096 here and 256 in the resumed run"),
+        (&["--preset", "byte-enwik8-10min", "--context", "256"], "--preset byte-enwik8-10min's global.heads is 8 here and 2 in the resumed run"),
+        (&["--context", "512"], "--context is 512 here and 256 in the resumed run"),
+        (&["--window", "4"], "--window is 4 here and none in the resumed run"),
+        (&["--data", s(&dir.join("other.txt"))], "other.txt here and the embedded corpus in the resumed run"),
+        (&["--valid-bytes", "100"], "--valid-bytes is 100 here and 100000 in the resumed run"),
+        (&["--documents"], "--documents is true here and false in the resumed run"),
+        (&["--recompute"], "--recompute is true here and false in the resumed run"),
         // The same model, but a recipe's settings come with it.
-        (&["--config", s(&tiny_json), "--preset", "enwik8-10min"], "--preset enwik8-10min's --batch-size 64 is not the resumed run's 2"),
+        (&["--config", s(&tiny_json), "--preset", "enwik8-10min"], "--preset enwik8-10min's --batch-size is 64 here and 2 in the resumed run"),
     ] {
         let args = [&["train", "--resume", s(&run), "--steps", "3"][..], setting].concat();
         fails_with(&args, says);

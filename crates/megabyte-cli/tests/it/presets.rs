@@ -33,3 +33,17 @@ fn recipe_presets_are_the_recorded_models() {
         }
     }
 }
+
+#[test]
+fn every_recipe_is_a_model_preset_with_valid_settings() {
+    use megabyte::config::PRESETS;
+    use megabyte::train::{TrainConfig, RECIPES};
+    for name in PRESETS {
+        ModelConfig::preset(name).unwrap();
+        let recipe = TrainConfig::recipe(name);
+        assert_eq!(recipe.is_some(), RECIPES.contains(name), "{name}");
+        if let Some(recipe) = recipe {
+            recipe.validate().unwrap();
+        }
+    }
+}
