@@ -11,15 +11,18 @@ use anyhow::{Context, Result};
 use megabyte::generate::{generate, generate_stepwise, Sampler, Sampling};
 use megabyte::train::{DataSpec, TrainConfig, Trainer};
 
-use crate::ModelArgs;
+use crate::args::{ComputeArgs, ModelArgs};
+
+/// Sequences per training step unless a recipe preset gives its own.
+const BATCH_SIZE: usize = 4;
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
-    /// Sequences per training step.
-    #[arg(long, default_value_t = 4)]
-    batch_size: usize,
+    /// Sequences per training step [default: 4, or a recipe preset's].
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Untimed warm-up training steps (none when --steps is 0).
     #[arg(long, default_value_t = 3)]
     warmup: u64,
@@ -40,17 +43,8 @@ pub struct Args {
     /// decoding engine runs: the engine's reference, for measuring what it gains.
     #[arg(long)]
     stepwise: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Activations' format: f32, bf16 (mixed precision, CUDA only) or auto (bf16 on CUDA).
-    #[arg(long, default_value = "auto")]
-    precision: String,
-    /// Recompute each block's activations in the backward pass instead of keeping them
-    /// (activation checkpointing): the same gradients for about a third more compute, when a
-    /// sequence's activations would not fit in memory.
-    #[arg(long)]
-    recompute: bool,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// The device's dense bf16 rate in TFLOP/s, for MFU (default: 790 on CUDA, the H200's
     /// measured rate; none on the CPU).
     #[arg(long)]
@@ -65,12 +59,18 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let cfg = args.model.resolve()?;
-    let device = megabyte::device(&args.device)?;
-    let mut tc = TrainConfig::standard(args.batch_size, 1e-3);
+    let device = megabyte::device(args.compute.device.name())?;
+    // A recipe's step as it trains (its batch and dropout), else a plain one.
+    let mut tc = args.model.recipe().unwrap_or_else(|| TrainConfig::standard(BATCH_SIZE, 1e-3));
+    if let Some(b) = args.batch_size {
+        tc.batch_size = b;
+    }
+    let batch_size = tc.batch_size;
     tc.steps = Some((args.warmup + args.steps).max(1));
+    tc.time_minutes = None;
     tc.warmup_steps = 1;
-    tc.precision = megabyte::Precision::parse(&args.precision, &device)?;
-    tc.recompute = args.recompute;
+    tc.precision = args.compute.device.precision.on(&device);
+    tc.recompute = args.compute.recompute;
     let data = DataSpec { train: args.data.clone(), valid: None, holdout_bytes: 100_000, documents: false };
     let splits = data.open()?;
     splits.train.require(cfg.context, "the benchmark's data (the embedded corpus unless --data)")?;
@@ -100,7 +100,7 @@ pub fn run(args: Args) -> Result<()> {
     let peak_memory = megabyte::gpu::peak_memory(&device);
     let peak_tflops = args.peak_tflops.or(megabyte::gpu::peak_tflops(&device));
     let trained = args.steps > 0;
-    let train_bytes_per_sec = (args.steps as usize * args.batch_size * cfg.context) as f64 / secs.max(1e-9);
+    let train_bytes_per_sec = (args.steps as usize * batch_size * cfg.context) as f64 / secs.max(1e-9);
     let flops_per_byte = cfg.train_flops_per_byte();
     let train_tflops = train_bytes_per_sec * flops_per_byte / 1e12;
     let mfu = peak_tflops.filter(|_| trained).map(|p| train_tflops / p);
@@ -132,13 +132,13 @@ pub fn run(args: Args) -> Result<()> {
     }
     let counts = cfg.param_counts();
     let record = serde_json::json!({
-        "preset": args.model.config.is_none().then_some(&args.model.preset),
-        "device": args.device,
+        "preset": args.model.config.is_none().then(|| args.model.preset_name()),
+        "device": args.compute.device.name(),
         "precision": format!("{:?}", trainer.record().train.precision).to_lowercase(),
         "recompute": trainer.record().train.recompute,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "params": counts.total,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "context": cfg.context,
         "steps": args.steps,
         "train_bytes_per_sec": trained.then_some(train_bytes_per_sec),
@@ -163,11 +163,11 @@ pub fn run(args: Args) -> Result<()> {
         println!("{record}");
         return Ok(());
     }
-    println!("{:<28} {}", "model", args.model.config.as_ref().map_or(args.model.preset.clone(), |p| p.display().to_string()));
+    println!("{:<28} {}", "model", args.model.describe());
     println!("{:<28} {:.2}M", "parameters", counts.total as f64 / 1e6);
-    println!("{:<28} {}", "device", args.device);
+    println!("{:<28} {}", "device", args.compute.device.name());
     if trained {
-        println!("{:<28} {} × {} bytes", "training batch", args.batch_size, cfg.context);
+        println!("{:<28} {} × {} bytes", "training batch", batch_size, cfg.context);
         println!("{:<28} {:.0}", "training bytes/s", train_bytes_per_sec);
         println!("{:<28} {:.1}", "training step ms", secs * 1e3 / args.steps as f64);
         println!("{:<28} {:.3}", "training TFLOP/s", train_tflops);

@@ -6,8 +6,7 @@ use std::path::Path;
 use anyhow::Result;
 use megabyte_data::image::PixelOrder;
 
-pub fn images(input: &Path, output: &Path, order: &str, block: usize) -> Result<()> {
-    let order = PixelOrder::parse(order, block)?;
+pub fn images(input: &Path, output: &Path, order: PixelOrder) -> Result<()> {
     let r = megabyte_data::image::convert_images(input, output, order)?;
     let order = match order {
         PixelOrder::Raster => "raster order".to_string(),

@@ -9,6 +9,8 @@ use megabyte::data::{ByteStream, Split};
 use megabyte::eval::{evaluate, EvalSettings};
 use megabyte::DType;
 
+use crate::args::DeviceArgs;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// A checkpoint folder, or a run folder (its newest checkpoint).
@@ -33,19 +35,15 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Activations' format: f32, bf16 (CUDA only) or auto (bf16 on CUDA, f32 on the CPU).
-    #[arg(long, default_value = "auto")]
-    precision: String,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = megabyte::device(&args.device)?;
+    let (device, precision) = args.device.open()?;
     let dir = megabyte::checkpoint::resolve(&args.checkpoint)?;
     let (model, _) = megabyte::checkpoint::load_model(&dir, DType::F32, &device)?;
-    let model = model.with_activations(megabyte::Precision::parse(&args.precision, &device)?.dtype());
+    let model = model.with_activations(precision.dtype());
     let stream = Arc::new(ByteStream::open(&args.data)?);
     let split = if args.documents {
         let starts = stream.documents()?;

@@ -6,8 +6,7 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use megabyte_data::fetch::{fetch, fetch_from_file, Dataset, FetchEvent};
 
-pub fn run(name: &str, dir: &Path, from: Option<&Path>) -> Result<()> {
-    let dataset = Dataset::parse(name)?;
+pub fn run(dataset: Dataset, dir: &Path, from: Option<&Path>) -> Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}").expect("valid template"),

@@ -1,8 +1,9 @@
-//! `megabyte info`: parameter counts and training FLOPs per byte.
+//! `megabyte info`: parameter counts and training FLOPs per byte, and a recipe's training
+//! settings.
 
 use anyhow::Result;
 
-use crate::ModelArgs;
+use crate::args::ModelArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -17,12 +18,15 @@ pub fn run(args: Args) -> Result<()> {
     let cfg = args.model.resolve()?;
     let counts = cfg.param_counts();
     let flops = cfg.train_flops_per_byte();
+    let recipe = args.model.recipe();
     if args.json {
         let out = serde_json::json!({
-            "preset": args.model.config.is_none().then_some(&args.model.preset),
+            "preset": args.model.config.is_none().then(|| args.model.preset_name()),
             "config": cfg,
             "params": counts,
             "train_flops_per_byte": flops,
+            // As flags: its precision is the device's, not the recipe's.
+            "recipe": recipe.as_ref().map(crate::train::recipe_flags),
         });
         println!("{out}");
         return Ok(());
@@ -52,6 +56,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     println!("parameters: global {}  local {}  total {}", human(counts.global), human(counts.local), human(counts.total));
     println!("training FLOPs per byte: {:.4e}  (6·(m_G/P + m_L) + attention)", flops);
+    if let Some(recipe) = recipe {
+        println!("training recipe (`megabyte train --preset {}`): {}", args.model.preset_name(), crate::train::recipe_flags(&recipe));
+    }
     Ok(())
 }
 

@@ -1,11 +1,12 @@
 //! The `megabyte` command: a thin layer over the `megabyte` library. Arguments are validated
-//! into library configs before any work starts; each subcommand lives in its own module.
+//! into library configs before any work starts; each subcommand lives in its own module, and
+//! the argument groups several share in `args`.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod args;
 mod bench;
 mod convert;
 mod eval;
@@ -56,8 +57,9 @@ enum DataCommand {
     ///   code           Linux 6.1 C sources, ~0.78 GB; train/test by file (139 MB .deb; GPL-2.0)
     #[command(verbatim_doc_comment)]
     Fetch {
-        /// Data set name: enwik8, fashion-mnist, speech-en or code.
-        name: String,
+        /// Data set name.
+        #[arg(value_enum, hide_possible_values = true)]
+        name: args::DatasetArg,
         /// Folder to write into (the set gets a subfolder).
         #[arg(long, default_value = "data")]
         dir: PathBuf,
@@ -71,14 +73,8 @@ enum DataCommand {
     Images {
         input: PathBuf,
         output: PathBuf,
-        /// patch-scan (the paper's: --block × --block pixel blocks in raster order, raster
-        /// order inside each) or raster.
-        #[arg(long, default_value = "patch-scan", value_parser = ["patch-scan", "raster"])]
-        order: String,
-        /// Block side p of patch-scan order; width and height must be multiples of it. Use
-        /// P = p·p·C as the model's patch size so one patch is one block.
-        #[arg(long, default_value_t = 4)]
-        block: usize,
+        #[command(flatten)]
+        order: args::PixelOrderArgs,
     },
     /// WAV clips (PCM 8/16-bit, mono/stereo; a file or a folder, all one format) → OUT (their
     /// sample bytes concatenated, as in the WAV data chunk) and OUT.documents.json.
@@ -105,8 +101,8 @@ fn main() {
         Command::Bench(args) => bench::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Data { command } => match command {
-            DataCommand::Fetch { name, dir, from } => fetch::run(&name, &dir, from.as_deref()),
-            DataCommand::Images { input, output, order, block } => convert::images(&input, &output, &order, block),
+            DataCommand::Fetch { name, dir, from } => fetch::run(name.0, &dir, from.as_deref()),
+            DataCommand::Images { input, output, order } => convert::images(&input, &output, order.pixel_order()),
             DataCommand::Audio { input, output } => convert::audio(&input, &output),
             DataCommand::Code { folder, output, ext } => convert::code(&folder, &output, &ext),
         },
@@ -117,54 +113,20 @@ fn main() {
     }
 }
 
-/// Options shared by commands that build a model: a preset, optionally overridden by a JSON
-/// model config.
-#[derive(clap::Args, Clone)]
-pub struct ModelArgs {
-    /// Named architecture: tiny, enwik8, paper-arxiv, paper-pg19, or a byte-transformer
-    /// baseline: byte-enwik8, byte-350m.
-    #[arg(long, default_value = "tiny")]
-    preset: String,
-    /// A model config JSON file (as saved in checkpoints as config.json); overrides --preset.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Bytes per sequence (T), replacing the preset's or config's: the same architecture at
-    /// another context length (a multiple of P).
-    #[arg(long)]
-    context: Option<usize>,
-    /// Sliding-window attention in the global model: each position sees only its last W
-    /// positions (patches; bytes for the byte-* presets).
-    #[arg(long, value_name = "W")]
-    window: Option<usize>,
-}
-
-impl ModelArgs {
-    fn resolve(&self) -> Result<megabyte::ModelConfig> {
-        use anyhow::Context;
-        let cfg = match &self.config {
-            Some(path) => {
-                let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-                let cfg: megabyte::ModelConfig = serde_json::from_slice(&text)
-                    .with_context(|| format!("{} is not a valid model config", path.display()))?;
-                cfg
-            }
-            None => megabyte::ModelConfig::preset(&self.preset)?,
-        };
-        let mut cfg = cfg;
-        if let Some(t) = self.context {
-            cfg.context = t;
-        }
-        if self.window.is_some() {
-            cfg.global.window = self.window;
-        }
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn help_shows_the_library_defaults() {
+        let mut cli = super::Cli::command();
+        let help = cli.find_subcommand_mut("train").expect("train").render_long_help().to_string();
+        assert!(help.contains(&format!("[default: {}]", megabyte::config::DEFAULT_PRESET)), "{help}");
+        let defaults = megabyte::train::TrainConfig::defaults();
+        for flag in [format!("--batch-size {} ", defaults.batch_size), format!("--eval-every {} ", defaults.eval_every)] {
+            assert!(help.contains(&flag), "no `{flag}` in {help}");
+        }
+    }
 
     #[test]
     fn version_names_the_commit_it_was_built_from() {

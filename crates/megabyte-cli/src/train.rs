@@ -12,14 +12,57 @@ use indicatif::{ProgressBar, ProgressStyle};
 use megabyte::data::ByteStream;
 use megabyte::generate::{generate, Sampler, Sampling};
 use megabyte::dist::DistEnv;
-use megabyte::train::{self, DataSpec, Decay, Event, StopReason, TrainConfig, Trainer};
+use megabyte::train::{self, DataSpec, Event, StopReason, TrainConfig, Trainer};
+use megabyte::Precision;
 
-use crate::ModelArgs;
+use crate::args::{ComputeArgs, DecayArg, ModelArgs, PrecisionArg};
+
+/// Bytes sampled at the end of a run that names no recipe.
+const SAMPLE_BYTES: usize = 300;
 
 #[derive(clap::Args)]
+#[command(after_help = defaults_help())]
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Run folder: checkpoints, metrics.jsonl, loss.png [default with --resume: the resumed run's].
+    #[arg(long, required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder (or from this checkpoint) exactly where it stopped,
+    /// with its recorded settings. The command that started it may be given again with
+    /// --resume added: every setting given must be the run's (one that is not is refused, not
+    /// ignored). Only --steps and --time may change, besides where it runs (--device,
+    /// --devices, --nccl-timeout, --out) and --sample-bytes.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[command(flatten)]
+    optim: OptimArgs,
+    #[command(flatten)]
+    schedule: ScheduleArgs,
+    #[command(flatten)]
+    compute: ComputeArgs,
+    /// Train on several GPUs of this host, data-parallel: `0,1,2,3` or `all`. Starts one
+    /// worker process per GPU; each trains on its slice of every batch and the gradients are
+    /// summed over NCCL, so the result is the one-GPU run's with the same --batch-size.
+    /// For several hosts, start one `megabyte train` per GPU yourself, with RANK, WORLD_SIZE,
+    /// LOCAL_RANK, MASTER_ADDR and MASTER_PORT set as for torchrun (README: Several GPUs).
+    #[arg(long, value_name = "LIST")]
+    devices: Option<String>,
+    /// Multi-GPU: seconds a worker waits for the others (to join, or to finish a gradient
+    /// exchange) before it stops the whole job with an error. Must exceed rank 0's longest
+    /// validation plus checkpoint save.
+    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
+    nccl_timeout: f64,
+    /// Bytes to sample from the trained model at the end (0 = none).
+    #[arg(long)]
+    sample_bytes: Option<usize>,
+}
+
+/// Where the bytes come from.
+#[derive(clap::Args)]
+struct DataArgs {
     /// Training bytes: a file or a folder of files. Default: the embedded corpus.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -34,101 +77,284 @@ pub struct Args {
     documents: bool,
     /// Bytes held out from the end of --data for validation when --valid is not given
     /// [default: 5% of the data, at most 5 MB; 100 KB of the embedded corpus].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "valid")]
     valid_bytes: Option<u64>,
-    /// Run folder: checkpoints, metrics.jsonl, loss.png [default with --resume: the resumed run's].
-    #[arg(long, required_unless_present = "resume")]
-    out: Option<PathBuf>,
-    /// Continue the run in this folder (or from this checkpoint) exactly where it stopped,
-    /// with its recorded settings; only --steps and --time may be changed (besides where it
-    /// runs: --device, --devices, --out, and --sample-bytes). Any other setting is refused,
-    /// not ignored.
-    #[arg(long, conflicts_with_all = [
-        "preset", "config", "context", "window", "data", "valid", "valid_bytes", "documents",
-        "batch_size", "grad_accum", "lr", "min_lr", "warmup", "decay", "weight_decay", "grad_clip",
-        "dropout", "eval_every", "eval_bytes", "checkpoint_every", "keep", "seed", "precision", "recompute",
-    ])]
-    resume: Option<PathBuf>,
+}
+
+/// The optimisation. Each setting left out is the recipe preset's, else the default
+/// (listed at the end of `--help`); on --resume, the run's.
+#[derive(clap::Args)]
+struct OptimArgs {
+    /// Sequences per micro-batch: the global batch, split evenly over the GPUs of a multi-GPU
+    /// run (so it must be a multiple of their number).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Final learning rate [default: lr / 10].
+    #[arg(long)]
+    min_lr: Option<f64>,
+    /// Linear warm-up steps.
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Decay after warm-up.
+    #[arg(long, value_enum)]
+    decay: Option<DecayArg>,
+    /// AdamW weight decay (matrices only).
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Dropout probability of every block's attention and MLP outputs (the paper used 0.1).
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Seed of the initial weights and data order.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// When the run stops, validates and saves.
+#[derive(clap::Args)]
+struct ScheduleArgs {
     /// Stop after this many optimizer steps.
     #[arg(long)]
     steps: Option<u64>,
     /// Stop after this many minutes of wall time (whichever of --steps and --time comes first).
     #[arg(long)]
     time: Option<f64>,
-    /// Sequences per micro-batch: the global batch, split evenly over the GPUs of a multi-GPU
-    /// run (so it must be a multiple of their number).
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 2e-3)]
-    lr: f64,
-    /// Final learning rate [default: lr / 10].
-    #[arg(long)]
-    min_lr: Option<f64>,
-    /// Linear warm-up steps.
-    #[arg(long, default_value_t = 100)]
-    warmup: u64,
-    /// Decay after warm-up: cosine or linear.
-    #[arg(long, default_value = "cosine", value_parser = ["cosine", "linear"])]
-    decay: String,
-    /// AdamW weight decay (matrices only).
-    #[arg(long, default_value_t = 0.1)]
-    weight_decay: f64,
-    /// Clip the global gradient norm (0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    grad_clip: f64,
-    /// Dropout probability of every block's attention and MLP outputs (the paper used 0.1)
-    #[arg(long, default_value_t = 0.0)]
-    dropout: f64,
     /// Validate every N steps.
-    #[arg(long, default_value_t = 250)]
-    eval_every: u64,
+    #[arg(long)]
+    eval_every: Option<u64>,
     /// Validation bytes scored each time.
-    #[arg(long, default_value_t = 100_000)]
-    eval_bytes: u64,
+    #[arg(long)]
+    eval_bytes: Option<u64>,
     /// Checkpoint every N steps.
-    #[arg(long, default_value_t = 1000)]
-    checkpoint_every: u64,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
     /// Checkpoints kept.
-    #[arg(long, default_value_t = 3)]
-    keep: usize,
-    /// Seed of the initial weights and data order.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// cpu, cuda or cuda:N [default: cpu; as a rank of a multi-GPU job: cuda:LOCAL_RANK].
     #[arg(long)]
-    device: Option<String>,
-    /// Train on several GPUs of this host, data-parallel: `0,1,2,3` or `all`. Starts one
-    /// worker process per GPU; each trains on its slice of every batch and the gradients are
-    /// summed over NCCL, so the result is the one-GPU run's with the same --batch-size.
-    /// For several hosts, start one `megabyte train` per GPU yourself, with RANK, WORLD_SIZE,
-    /// LOCAL_RANK, MASTER_ADDR and MASTER_PORT set as for torchrun (README: Several GPUs).
-    #[arg(long, value_name = "LIST")]
-    devices: Option<String>,
-    /// Multi-GPU: seconds a worker waits for the others (to join, or to finish a gradient
-    /// exchange) before it stops the whole job with an error. Must exceed rank 0's longest
-    /// validation plus checkpoint save.
-    #[arg(long, default_value_t = 600.0, value_name = "SECS")]
-    nccl_timeout: f64,
-    /// Activations' format: f32, bf16 (mixed precision, CUDA only) or auto (bf16 on CUDA).
-    #[arg(long, default_value = "auto")]
-    precision: String,
-    /// Recompute each block's activations in the backward pass instead of keeping them
-    /// (activation checkpointing): the same gradients for about a third more compute, when a
-    /// sequence's activations would not fit in memory.
-    #[arg(long)]
-    recompute: bool,
-    /// Bytes to sample from the trained model at the end (0 = none).
-    #[arg(long, default_value_t = 300)]
-    sample_bytes: usize,
+    keep: Option<usize>,
+}
+
+/// `slot` replaced by `value` when there is one.
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+impl OptimArgs {
+    /// `cfg` with every setting given replacing its own; --lr without --min-lr sets both.
+    fn apply(&self, cfg: &mut TrainConfig) {
+        set(&mut cfg.batch_size, self.batch_size);
+        set(&mut cfg.grad_accum, self.grad_accum);
+        set(&mut cfg.min_lr, self.lr.map(|lr| lr / 10.0));
+        set(&mut cfg.lr, self.lr);
+        set(&mut cfg.min_lr, self.min_lr);
+        set(&mut cfg.warmup_steps, self.warmup);
+        set(&mut cfg.decay, self.decay.map(|d| d.0));
+        set(&mut cfg.adamw.weight_decay, self.weight_decay);
+        set(&mut cfg.grad_clip, self.grad_clip);
+        set(&mut cfg.dropout, self.dropout);
+        set(&mut cfg.seed, self.seed);
+    }
+}
+
+impl ScheduleArgs {
+    /// `cfg` with every setting given replacing its own.
+    fn apply(&self, cfg: &mut TrainConfig) {
+        set(&mut cfg.steps, self.steps.map(Some));
+        set(&mut cfg.time_minutes, self.time.map(Some));
+        set(&mut cfg.eval_every, self.eval_every);
+        set(&mut cfg.eval_bytes, self.eval_bytes);
+        set(&mut cfg.checkpoint_every, self.checkpoint_every);
+        set(&mut cfg.keep_checkpoints, self.keep);
+    }
+}
+
+impl Args {
+    /// `cfg` and `data` with every setting given replacing theirs.
+    fn apply(&self, cfg: &mut TrainConfig, data: &mut DataSpec, device: &megabyte::Device) {
+        self.optim.apply(cfg);
+        self.schedule.apply(cfg);
+        if self.compute.device.precision != PrecisionArg::Auto {
+            cfg.precision = self.compute.device.precision.on(device);
+        }
+        cfg.recompute |= self.compute.recompute;
+        set(&mut data.train, self.data.data.clone().map(Some));
+        set(&mut data.valid, self.data.valid.clone().map(Some));
+        set(&mut data.holdout_bytes, self.data.valid_bytes);
+        data.documents |= self.data.documents;
+    }
+
+    /// A new run's settings: the recipe's or the defaults, then every flag given. The
+    /// trainer validates them.
+    fn train_config(&self, device: &megabyte::Device) -> Result<(TrainConfig, DataSpec)> {
+        let mut cfg = self.model.recipe().unwrap_or_else(TrainConfig::defaults);
+        cfg.precision = Precision::default_for(device);
+        let mut data = DataSpec { train: None, valid: None, holdout_bytes: 0, documents: false };
+        self.apply(&mut cfg, &mut data, device);
+        if data.valid.is_none() && self.data.valid_bytes.is_none() {
+            data.holdout_bytes = match &data.train {
+                None => 100_000,
+                Some(path) => (ByteStream::open(path)?.len() / 20).clamp(1, 5_000_000),
+            };
+        }
+        Ok((cfg, data))
+    }
+
+    /// The stopping rules given to a resumed run, by flags or a recipe: they replace the
+    /// recorded ones (both, even where one is given).
+    fn stopping_rules(&self) -> Option<(Option<u64>, Option<f64>)> {
+        let mut rules = self.model.recipe().map_or((None, None), |r| (r.steps, r.time_minutes));
+        set(&mut rules.0, self.schedule.steps.map(Some));
+        set(&mut rules.1, self.schedule.time.map(Some));
+        (rules != (None, None)).then_some(rules)
+    }
+
+    fn sample_bytes(&self) -> usize {
+        self.sample_bytes.unwrap_or(default_sample_bytes(self.model.recipe().as_ref()))
+    }
+
+    /// Refuses a resumed run's settings given anew that are not the run's: the first such
+    /// flag, with its value and the run's. Runs after loading, before anything is written.
+    fn check_agrees(&self, trainer: &Trainer, device: &megabyte::Device) -> Result<()> {
+        let differs = |what: String, given: String, recorded: String| {
+            anyhow::anyhow!(
+                "{what} is {given} here and {recorded} in the resumed run, which keeps the settings it started with: \
+                 only --steps, --time, --device, --devices, --nccl-timeout, --out and --sample-bytes may change"
+            )
+        };
+        // The model: --config's or --preset's, or the run's, with --context and --window.
+        let model = trainer.model().config();
+        let json = |c: &megabyte::ModelConfig| serde_json::to_value(c).expect("a model config is JSON");
+        if let Some((field, g, r)) = first_difference(&json(&self.model.resolve_over(Some(model))?), &json(model)) {
+            let what = match field.as_str() {
+                "context" if self.model.context.is_some() => "--context".to_string(),
+                "global.window" if self.model.window.is_some() => "--window".to_string(),
+                _ => format!("{}'s {field}", self.model.describe_flag()),
+            };
+            return Err(differs(what, g, r));
+        }
+        // Every other setting given, over the run's; then a recipe's, over its own.
+        let record = trainer.record();
+        let recorded = run_settings(&record.train, &record.data);
+        let (mut cfg, mut data) = (record.train.clone(), record.data.clone());
+        self.apply(&mut cfg, &mut data, device);
+        if let Some((flag, g, r)) = first_change(run_settings(&cfg, &data), recorded.clone()) {
+            return Err(differs(flag.into(), g, r));
+        }
+        if let Some(mut recipe) = self.model.recipe() {
+            (recipe.precision, recipe.recompute) = (record.train.precision, record.train.recompute);
+            let mut data = record.data.clone();
+            self.apply(&mut recipe, &mut data, device);
+            if let Some((flag, g, r)) = first_change(run_settings(&recipe, &data), recorded) {
+                return Err(differs(format!("--preset {}'s {flag}", self.model.preset_name()), g, r));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The training settings that flags set, as (flag, value), in `--help`'s order; the stopping
+/// rules (--steps, --time) are not among them, nor where it runs.
+fn settings(cfg: &TrainConfig) -> [(&'static str, String); 14] {
+    [
+        ("--batch-size", cfg.batch_size.to_string()),
+        ("--grad-accum", cfg.grad_accum.to_string()),
+        ("--lr", cfg.lr.to_string()),
+        ("--min-lr", cfg.min_lr.to_string()),
+        ("--warmup", cfg.warmup_steps.to_string()),
+        ("--decay", cfg.decay.name().to_string()),
+        ("--weight-decay", cfg.adamw.weight_decay.to_string()),
+        ("--grad-clip", cfg.grad_clip.to_string()),
+        ("--dropout", cfg.dropout.to_string()),
+        ("--seed", cfg.seed.to_string()),
+        ("--eval-every", cfg.eval_every.to_string()),
+        ("--eval-bytes", cfg.eval_bytes.to_string()),
+        ("--checkpoint-every", cfg.checkpoint_every.to_string()),
+        ("--keep", cfg.keep_checkpoints.to_string()),
+    ]
+}
+
+/// Every setting of a run that a flag sets but the model's: what a resumed run keeps.
+fn run_settings(cfg: &TrainConfig, data: &DataSpec) -> Vec<(&'static str, String)> {
+    let path = |p: &Option<PathBuf>, none: &str| p.as_ref().map_or(none.to_string(), |p| p.display().to_string());
+    let mut all = settings(cfg).to_vec();
+    all.extend([
+        ("--precision", precision_name(cfg.precision)),
+        ("--recompute", cfg.recompute.to_string()),
+        ("--data", path(&data.train, "the embedded corpus")),
+        ("--valid", path(&data.valid, "none")),
+        ("--valid-bytes", data.holdout_bytes.to_string()),
+        ("--documents", data.documents.to_string()),
+    ]);
+    all
+}
+
+/// The first setting in which `given` differs from `recorded`: (flag, given's, recorded's).
+fn first_change(given: Vec<(&'static str, String)>, recorded: Vec<(&'static str, String)>) -> Option<(&'static str, String, String)> {
+    given.into_iter().zip(recorded).find(|(g, r)| g.1 != r.1).map(|((flag, g), (_, r))| (flag, g, r))
+}
+
+/// The first field (a dotted path) in which two JSON values differ, with both values
+/// (`none` where one has no such field).
+fn first_difference(given: &serde_json::Value, recorded: &serde_json::Value) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    let show = |v: &Value| v.as_str().map_or_else(|| if v.is_null() { "none".into() } else { v.to_string() }, String::from);
+    match (given, recorded) {
+        (Value::Object(g), Value::Object(r)) => g.keys().chain(r.keys()).find_map(|k| {
+            let (gk, rk) = (g.get(k).unwrap_or(&Value::Null), r.get(k).unwrap_or(&Value::Null));
+            first_difference(gk, rk).map(|(path, a, b)| (if path.is_empty() { k.clone() } else { format!("{k}.{path}") }, a, b))
+        }),
+        _ if given != recorded => Some((String::new(), show(given), show(recorded))),
+        _ => None,
+    }
+}
+
+/// Bytes sampled at the end of a run: none for a recipe's (its runs are timed, and the
+/// sample would count in their time).
+fn default_sample_bytes(recipe: Option<&TrainConfig>) -> usize {
+    if recipe.is_some() {
+        0
+    } else {
+        SAMPLE_BYTES
+    }
+}
+
+fn precision_name(p: megabyte::Precision) -> String {
+    format!("{p:?}").to_lowercase()
+}
+
+/// A recipe's settings as the flags of one `megabyte train` command.
+pub fn recipe_flags(cfg: &TrainConfig) -> String {
+    let mut flags: Vec<String> = settings(cfg).iter().map(|(flag, v)| format!("{flag} {v}")).collect();
+    flags.extend(cfg.steps.map(|n| format!("--steps {n}")));
+    flags.extend(cfg.time_minutes.map(|m| format!("--time {m}")));
+    flags.push(format!("--sample-bytes {}", default_sample_bytes(Some(cfg))));
+    flags.join(" ")
+}
+
+/// The end of `--help`: the defaults, from the library.
+fn defaults_help() -> String {
+    let flags: Vec<String> = settings(&TrainConfig::defaults()).iter().map(|(flag, v)| format!("{flag} {v}")).collect();
+    format!(
+        "Defaults of the settings left out, unless the preset is a recipe ({}; `megabyte info --preset NAME` lists \
+         its settings) or the run is resumed:\n  --preset {} {} --sample-bytes {SAMPLE_BYTES}",
+        megabyte::train::RECIPES.join(", "),
+        megabyte::config::DEFAULT_PRESET,
+        flags.join(" ")
+    )
 }
 
 pub fn run(args: Args) -> Result<()> {
     if let Some(list) = args.devices.as_deref() {
-        return crate::launch::run(list, args.device.as_deref());
+        return crate::launch::run(list, args.compute.device.device.as_deref());
     }
     if !(args.nccl_timeout > 0.0 && args.nccl_timeout.is_finite()) {
         bail!("--nccl-timeout must be a positive number of seconds");
@@ -160,8 +386,8 @@ fn worker_device(spec: Option<&str>, env: &DistEnv) -> Result<megabyte::Device> 
 /// Trains alone (`dist` None) or as one rank of a multi-GPU job.
 fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     let device = match &dist {
-        None => megabyte::device(args.device.as_deref().unwrap_or("cpu"))?,
-        Some(env) => worker_device(args.device.as_deref(), env)?,
+        None => megabyte::device(args.compute.device.name())?,
+        Some(env) => worker_device(args.compute.device.device.as_deref(), env)?,
     };
     let leader = dist.as_ref().is_none_or(|env| env.rank == 0);
     let resuming = args.resume.is_some();
@@ -172,13 +398,13 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     };
     let mut trainer = match &args.resume {
         Some(path) => {
-            let limits = (args.steps.is_some() || args.time.is_some()).then_some((args.steps, args.time));
-            Trainer::resume(path, limits, &device)?
+            let trainer = Trainer::resume(path, args.stopping_rules(), &device)?;
+            args.check_agrees(&trainer, &device)?;
+            trainer
         }
         None => {
             let model_cfg = args.model.resolve()?;
-            let cfg = train_config(&args, &device)?;
-            let data = data_spec(&args)?;
+            let (cfg, data) = args.train_config(&device)?;
             Trainer::new(&model_cfg, cfg, data, &device)?
         }
     };
@@ -283,10 +509,11 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
         let whose = if dist.is_some() { " (rank 0's GPU)" } else { "" };
         println!("peak GPU memory: {:.1} GiB{whose}", bytes as f64 / (1u64 << 30) as f64);
     }
-    if args.sample_bytes > 0 {
-        let mut sampler = Sampler::new(Sampling::TopP { p: 0.9, temperature: 0.8 }, args.seed)?;
+    let sample_bytes = args.sample_bytes();
+    if sample_bytes > 0 {
+        let mut sampler = Sampler::new(Sampling::TopP { p: 0.9, temperature: 0.8 }, trainer.record().train.seed)?;
         let prompt = data.valid.window(0, cfg.patch_size * 4);
-        let sample = generate(trainer.model(), &[prompt.clone()], args.sample_bytes, &mut sampler, &device, &mut |_| {})?;
+        let sample = generate(trainer.model(), &[prompt.clone()], sample_bytes, &mut sampler, &device, &mut |_| {})?;
         println!("sample (prompt in brackets):\n[{}]{}", String::from_utf8_lossy(&prompt), String::from_utf8_lossy(&sample[0]));
     }
     Ok(())
@@ -327,42 +554,6 @@ fn run_folder_of(path: &std::path::Path) -> PathBuf {
     } else {
         path.to_path_buf()
     }
-}
-
-fn train_config(args: &Args, device: &megabyte::Device) -> Result<TrainConfig> {
-    let mut cfg = TrainConfig::standard(args.batch_size, args.lr);
-    cfg.grad_accum = args.grad_accum;
-    cfg.min_lr = args.min_lr.unwrap_or(args.lr / 10.0);
-    cfg.warmup_steps = args.warmup;
-    cfg.decay = if args.decay == "linear" { Decay::Linear } else { Decay::Cosine };
-    cfg.steps = args.steps;
-    cfg.time_minutes = args.time;
-    cfg.adamw.weight_decay = args.weight_decay;
-    cfg.grad_clip = args.grad_clip;
-    cfg.eval_every = args.eval_every;
-    cfg.eval_bytes = args.eval_bytes;
-    cfg.checkpoint_every = args.checkpoint_every;
-    cfg.keep_checkpoints = args.keep;
-    cfg.seed = args.seed;
-    cfg.precision = megabyte::Precision::parse(&args.precision, device)?;
-    cfg.recompute = args.recompute;
-    cfg.dropout = args.dropout;
-    cfg.validate()?;
-    Ok(cfg)
-}
-
-fn data_spec(args: &Args) -> Result<DataSpec> {
-    let holdout_bytes = match (&args.valid, args.valid_bytes, &args.data) {
-        (Some(_), Some(_), _) => bail!("give either --valid or --valid-bytes, not both"),
-        (Some(_), None, _) => 0,
-        (None, Some(n), _) => n,
-        (None, None, None) => 100_000,
-        (None, None, Some(path)) => {
-            let len = ByteStream::open(path)?.len();
-            (len / 20).clamp(1, 5_000_000)
-        }
-    };
-    Ok(DataSpec { train: args.data.clone(), valid: args.valid.clone(), holdout_bytes, documents: args.documents })
 }
 
 /// Whether a Ctrl-C at `now` means "leave now": a second one, a second or more after the first

@@ -101,12 +101,27 @@ pub struct ModelConfig {
     pub patch_embed_std: Option<f64>,
 }
 
-pub const PRESETS: &[&str] = &["tiny", "enwik8", "paper-arxiv", "paper-pg19", "byte-enwik8", "byte-350m"];
+pub const PRESETS: &[&str] = &[
+    "tiny",
+    "enwik8",
+    "enwik8-10min",
+    "paper-arxiv",
+    "paper-pg19",
+    "byte-enwik8",
+    "byte-enwik8-10min",
+    "byte-350m",
+];
+
+/// The preset of a command that names none.
+pub const DEFAULT_PRESET: &str = "tiny";
 
 impl ModelConfig {
     /// A named preset. `tiny` is the CPU shape; `enwik8` the 88.6M shape of the GPU issue;
     /// `paper-arxiv` and `paper-pg19` are Table 15's compute-matched and generation models;
     /// `byte-enwik8` and `byte-350m` are byte-transformer baselines (see [`ModelConfig::is_byte_transformer`]).
+    /// `enwik8-10min` and `byte-enwik8-10min` are the models of a training recipe, the best
+    /// measured 10-minute enwik8 MEGABYTE and its byte-transformer baseline of the same cost
+    /// (their training settings: [`crate::train::TrainConfig::recipe`]).
     pub fn preset(name: &str) -> Result<Self> {
         let tf = |width, layers, heads| TransformerConfig { width, layers, heads, window: None };
         let cfg = match name {
@@ -133,6 +148,22 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+            },
+            // RESULTS.md's `xp8-g768x4-l512x11-w1024-t1024-z-pe1`: P = 8, T = 1,024, a small
+            // global model (768 × 4) and a local model of the baseline's layers less one that
+            // sees the whole sequence across patches (window 1,024), w_GL starting at zero and
+            // the patch embedder at unit scale. 63.8M parameters, 300M FLOPs per byte.
+            "enwik8-10min" => ModelConfig {
+                patch_size: 8,
+                context: 1024,
+                global: tf(768, 4, 12),
+                local: TransformerConfig { window: Some(1024), ..tf(512, 11, 8) },
+                norm: NormKind::LayerNorm,
+                tied_head: true,
+                init_std: 0.02,
+                cross_patch: true,
+                zero_w_gl: true,
+                patch_embed_std: Some(1.0),
             },
             "paper-arxiv" => ModelConfig {
                 patch_size: 8,
@@ -167,6 +198,20 @@ impl ModelConfig {
                 context: 1024,
                 global: tf(768, 12, 12),
                 local: tf(768, 0, 12),
+                norm: NormKind::LayerNorm,
+                tied_head: true,
+                init_std: 0.02,
+                cross_patch: false,
+                zero_w_gl: false,
+                patch_embed_std: None,
+            },
+            // RESULTS.md's `byte-512x12`, `enwik8-10min`'s baseline: 38.8M parameters, 304M
+            // FLOPs per byte.
+            "byte-enwik8-10min" => ModelConfig {
+                patch_size: 1,
+                context: 1024,
+                global: tf(512, 12, 8),
+                local: tf(512, 0, 8),
                 norm: NormKind::LayerNorm,
                 tied_head: true,
                 init_std: 0.02,

@@ -129,3 +129,32 @@ fn reported_loss_is_the_batch_mean_with_accumulation() {
         assert!((stats.loss - 256f64.ln()).abs() < 0.1, "grad_accum {accum}: loss {}", stats.loss);
     }
 }
+
+#[test]
+fn resuming_with_the_command_that_started_the_run_continues_it() {
+    // People rerun the line that started a run with --resume added: its settings are the
+    // run's, so it resumes (only --steps changes). Here the line names a recipe, whose
+    // settings are the run's too, and flags that replace some of them.
+    let dir = temp_dir("resume-agrees");
+    let (run, tiny) = (dir.join("run"), dir.join("tiny.json"));
+    std::fs::write(&tiny, serde_json::to_vec(&megabyte::ModelConfig::preset("tiny").unwrap()).unwrap()).unwrap();
+    let line = |steps: &str| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_megabyte"));
+        cmd.args(["train", "--preset", "enwik8-10min", "--config"]).arg(&tiny);
+        cmd.args(["--batch-size", "2", "--eval-bytes", "2048", "--seed", "4", "--precision", "f32", "--steps", steps, "--out"]).arg(&run);
+        cmd
+    };
+    let out = line("2").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = line("3").arg("--resume").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("after 3 steps"), "{stdout}");
+    assert!(!stdout.contains("sample"), "a recipe samples nothing at the end: {stdout}");
+    assert_eq!(checkpoint::list(&run).unwrap().iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 3]);
+    // The recipe's settings, with the flags given in place of some.
+    let t = Trainer::resume(&run, None, &Device::Cpu).unwrap().record().train.clone();
+    assert_eq!((t.batch_size, t.seed, t.steps, t.eval_bytes), (2, 4, Some(3), 2048));
+    assert_eq!((t.lr, t.warmup_steps, t.dropout, t.time_minutes), (2e-3, 200, 0.1, Some(8.5)));
+    assert_eq!((t.eval_every, t.checkpoint_every), (1000, 100_000));
+}

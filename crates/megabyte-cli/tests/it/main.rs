@@ -22,6 +22,7 @@ mod gradients;
 mod images;
 mod ops;
 mod overfit;
+mod presets;
 mod plot;
 mod reference;
 mod sampling;

@@ -1,0 +1,49 @@
+//! The recipe presets are the models of the records they name.
+
+use std::process::Command;
+
+use megabyte::ModelConfig;
+
+/// RESULTS.md's "enwik8 in 10 minutes" models, as their config files give them.
+const RECORDED: [(&str, &str); 2] = [
+    (
+        "enwik8-10min", // xp8-g768x4-l512x11-w1024-t1024-z-pe1.json
+        r#"{"patch_size": 8, "context": 1024, "global": {"width": 768, "layers": 4, "heads": 12}, "local": {"width": 512, "layers": 11, "heads": 8, "window": 1024}, "norm": "layer_norm", "tied_head": true, "init_std": 0.02, "cross_patch": true, "zero_w_gl": true, "patch_embed_std": 1.0}"#,
+    ),
+    (
+        "byte-enwik8-10min", // byte-512x12.json
+        r#"{"patch_size": 1, "context": 1024, "global": {"width": 512, "layers": 12, "heads": 8}, "local": {"width": 512, "layers": 0, "heads": 8}, "norm": "layer_norm", "tied_head": true, "init_std": 0.02}"#,
+    ),
+];
+
+#[test]
+fn recipe_presets_are_the_recorded_models() {
+    for (name, json) in RECORDED {
+        let recorded: ModelConfig = serde_json::from_str(json).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(["info", "--preset", name, "--json"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let cfg: ModelConfig = serde_json::from_value(info["config"].clone()).unwrap();
+        assert_eq!(cfg, recorded, "{name}");
+        // The record's command: `--batch-size 64 --lr 2e-3 --warmup 200 --eval-every 1000
+        // --checkpoint-every 100000 --sample-bytes 0 --dropout 0.1` for 8.5 minutes.
+        let recipe = info["recipe"].as_str().unwrap();
+        for flag in ["--batch-size 64 ", "--lr 0.002 ", "--warmup 200 ", "--eval-every 1000 ", "--checkpoint-every 100000 ", "--dropout 0.1 ", "--time 8.5 ", "--sample-bytes 0"] {
+            assert!(recipe.contains(flag), "{name}: no `{flag}` in {recipe}");
+        }
+    }
+}
+
+#[test]
+fn every_recipe_is_a_model_preset_with_valid_settings() {
+    use megabyte::config::PRESETS;
+    use megabyte::train::{TrainConfig, RECIPES};
+    for name in PRESETS {
+        ModelConfig::preset(name).unwrap();
+        let recipe = TrainConfig::recipe(name);
+        assert_eq!(recipe.is_some(), RECIPES.contains(name), "{name}");
+        if let Some(recipe) = recipe {
+            recipe.validate().unwrap();
+        }
+    }
+}
