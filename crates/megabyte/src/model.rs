@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::config::{ModelConfig, V};
 use crate::error::{Error, Result};
 use crate::grad::{sum_rows, Grads};
-use crate::nn::{accumulation_dtype, Dropout, Init, KvCache, Linear, Params, Transformer};
+use crate::nn::{Dropout, Init, KvCache, Linear, Params, Transformer};
+use crate::ops::accumulation_dtype;
 
 /// §2.2.1: byte embeddings plus learned byte positions, concatenated into patches.
 #[derive(Clone, Debug)]
@@ -162,7 +163,7 @@ impl MegaByte {
 
     /// The dropout of the global model, or (`local` with N sequences for B rows) the local one.
     fn transformer_dropout(&self, local: bool, n: usize, b: usize) -> Option<Dropout> {
-        self.dropout.map(|d| Dropout { p: d.p, key: crate::ops::mix64(d.key ^ (1 + local as u64)), row_offset: d.row_offset * (n / b) })
+        self.dropout.map(|d| Dropout { p: d.p, key: crate::ops::pointwise::mix64(d.key ^ (1 + local as u64)), row_offset: d.row_offset * (n / b) })
     }
 
     /// A copy whose parameters (and activations) are `dtype`: bf16 for sampling on CUDA, where
@@ -198,7 +199,7 @@ impl MegaByte {
         let (b, t) = bytes.dims2()?;
         let logits = self.logits(bytes)?.reshape((b * t, V))?; // [B·T', V]
         // Statistics in f32 (or f64) whatever the logits' dtype.
-        let losses = crate::ops::cross_entropy(&logits, &bytes.flatten_all()?)?;
+        let losses = crate::ops::cross_entropy::forward(&logits, &bytes.flatten_all()?)?;
         Ok(losses.to_dtype(accumulation_dtype(losses.dtype()))?.reshape((b, t))?)
     }
 
@@ -257,13 +258,13 @@ impl MegaByte {
         let (w_head, logits) = head.fwd(&hl)?;
         let logits = logits.reshape((b * t, V))?; // [B·T, V]
         let targets = bytes.flatten_all()?;
-        let losses = crate::ops::cross_entropy_forward(&logits, &targets)?; // [B·T]
+        let losses = crate::ops::cross_entropy::forward(&logits, &targets)?; // [B·T]
         let losses = losses.to_dtype(accumulation_dtype(losses.dtype()))?;
 
         // Backward.
         let mut grads = Grads::new();
         let dloss = dloss.to_dtype(losses.dtype())?;
-        let dlogits = crate::ops::cross_entropy_backward(&logits, &targets, &losses, &dloss)?;
+        let dlogits = crate::ops::cross_entropy::backward(&logits, &targets, &losses, &dloss)?;
         drop(logits);
         let dhl = head.bwd(&hl, &w_head, &dlogits.reshape((n, s, V))?, &mut grads)?;
         let dx = self.local.backward(local_saved, &dhl, &mut grads)?; // [N, S, D_L]
@@ -274,7 +275,7 @@ impl MegaByte {
         grads.add(&le.pos_embed, pad_rows(dpos, le.pos_embed.dim(0)?)?)?;
         grads.add(&le.local_pad, sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((n, dl))?)?)?;
         let dembed = shift_back(&dlocal)?; // byte j's embedding fed position j + 1
-        grads.add(&le.byte_embed, crate::ops::embedding_backward(&le.byte_embed, &local_bytes, &dembed)?)?;
+        grads.add(&le.byte_embed, crate::ops::embedding::backward(&le.byte_embed, &local_bytes, &dembed)?)?;
         let dhg = self.global_to_local.bwd(&hg, &w_gl, &dx.reshape((b * k, p, dl))?, &mut grads)?;
         let dhin = self.global.backward(global_saved, &dhg.reshape((b, k, p * dg))?, &mut grads)?;
         // hin = shift_one_patch(E_global[bytes] + positions)
@@ -283,7 +284,7 @@ impl MegaByte {
         let dh0 = shift_back(&dhin)?.reshape((b, t, dg))?; // [B, T, D_G]
         let dpos = pad_rows(sum_rows(&dh0.reshape((b, t * dg))?)?.reshape((t, dg))?, self.cfg.context)?;
         grads.add(&pe.pos_embed, dpos)?;
-        grads.add(&pe.byte_embed, crate::ops::embedding_backward(&pe.byte_embed, bytes, &dh0)?)?;
+        grads.add(&pe.byte_embed, crate::ops::embedding::backward(&pe.byte_embed, bytes, &dh0)?)?;
         Ok((losses, grads))
     }
 
@@ -468,5 +469,5 @@ fn shift_back(dy: &Tensor) -> Result<Tensor> {
 
 /// Embedding lookup: table [V, D] and ids [..] → [.., D].
 fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    Ok(crate::ops::embedding(table, ids)?)
+    Ok(crate::ops::embedding::forward(table, ids)?)
 }

@@ -12,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::config::{NormKind, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::grad::Grads;
-use crate::ops;
+use crate::ops::{self, accumulation_dtype};
 
 /// How a new parameter is filled.
 #[derive(Clone, Copy, Debug)]
@@ -149,7 +149,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::ops::linear(x, &self.weight)
+        Ok(ops::linear::forward(x, &self.weight)?.1)
     }
 }
 
@@ -175,15 +175,7 @@ impl Norm {
 
 impl Module for Norm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        crate::ops::norm(x, &self.weight, self.bias.as_ref(), NORM_EPS)
-    }
-}
-
-/// The dtype reductions run in: fp32 for half-precision activations, else the same.
-pub fn accumulation_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::BF16 | DType::F16 => DType::F32,
-        other => other,
+        ops::norm::forward(x, &self.weight, self.bias.as_ref(), NORM_EPS)
     }
 }
 
@@ -293,7 +285,7 @@ impl Attention {
     /// x: [N, S, D] → [N, S, D], causal over S.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]: q, k, v as column blocks, heads within each
-        self.proj.forward(&crate::ops::causal_self_attention(&qkv, self.heads, self.window)?) // [N, S, D]
+        self.proj.forward(&ops::attention::forward(&qkv, self.heads, self.window)?.0) // [N, S, D]
     }
 
     /// The S new positions of x [N, S, D] after the `len` in the layer's cache buffers, into
@@ -301,9 +293,9 @@ impl Attention {
     fn forward_cached(&self, x: &Tensor, layer: &LayerCache, len: usize) -> Result<Tensor> {
         let (_, s, d) = x.dims3()?;
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]
-        ops::kv_append(&qkv, &layer.k, &layer.v, len)?;
+        ops::attention::kv_append(&qkv, &layer.k, &layer.v, len)?;
         let (k, v) = (layer.k.narrow(1, 0, len + s)?, layer.v.narrow(1, 0, len + s)?);
-        let y = ops::causal_attention(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window)?;
+        let y = ops::attention::cached(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window)?;
         Ok(self.proj.forward(&y)?)
     }
 }
@@ -317,13 +309,13 @@ pub struct Mlp {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.down.forward(&crate::ops::gelu(&self.up.forward(x)?)?)
+        self.down.forward(&ops::pointwise::gelu(&self.up.forward(x)?)?)
     }
 }
 
 /// Dropout of one transformer's residual branches in one training pass: each block's
 /// attention and MLP outputs, before they join the residual stream, are zeroed with
-/// probability `p` and the rest scaled by 1/(1 − p) (`ops::dropout`). Block i's two masks are
+/// probability `p` and the rest scaled by 1/(1 − p) (`ops::pointwise::dropout`). Block i's two masks are
 /// keyed by (key, i, branch), so the forward pass, its recomputation and the backward pass
 /// draw the same ones; `row_offset` is the index of the first of the N sequences in the whole
 /// batch, so shards and ranks draw the whole batch's masks.
@@ -337,7 +329,7 @@ pub struct Dropout {
 impl Dropout {
     /// `x` of block `block`'s branch `branch` (0: attention, 1: MLP); also its own backward.
     fn apply(&self, x: &Tensor, block: usize, branch: u64) -> candle_core::Result<Tensor> {
-        ops::dropout(x, self.p, ops::mix64(self.key ^ ((block as u64) << 1 | branch)), self.row_offset)
+        ops::pointwise::dropout(x, self.p, ops::pointwise::mix64(self.key ^ ((block as u64) << 1 | branch)), self.row_offset)
     }
 }
 
@@ -444,12 +436,12 @@ impl Transformer {
 impl Linear {
     /// (the weight in x's dtype, y): the backward reuses that cast.
     pub(crate) fn fwd(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok(ops::linear_forward(x, &self.weight)?)
+        Ok(ops::linear::forward(x, &self.weight)?)
     }
 
     /// dx from the forward's input and weight cast, adding dW to `grads`.
     pub(crate) fn bwd(&self, x: &Tensor, w_act: &Tensor, dy: &Tensor, grads: &mut Grads) -> Result<Tensor> {
-        let (dx, dw) = ops::linear_backward(x, w_act, dy, self.weight.dtype())?;
+        let (dx, dw) = ops::linear::backward(x, w_act, dy, self.weight.dtype())?;
         grads.add(&self.weight, dw)?;
         Ok(dx)
     }
@@ -459,14 +451,14 @@ impl Norm {
     /// The residual stream x (= base + delta when a delta is given) and norm(x).
     pub(crate) fn fwd(&self, base: &Tensor, delta: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
         Ok(match delta {
-            Some(a) => ops::add_norm_forward(base, a, &self.weight, self.bias.as_ref(), NORM_EPS)?,
-            None => (base.clone(), ops::norm_forward(base, &self.weight, self.bias.as_ref(), NORM_EPS)?),
+            Some(a) => ops::norm::add_forward(base, a, &self.weight, self.bias.as_ref(), NORM_EPS)?,
+            None => (base.clone(), ops::norm::forward(base, &self.weight, self.bias.as_ref(), NORM_EPS)?),
         })
     }
 
     /// dx (+ dres, the residual stream's gradient, when given).
     pub(crate) fn bwd(&self, x: &Tensor, dy: &Tensor, dres: Option<&Tensor>, grads: &mut Grads) -> Result<Tensor> {
-        let (dx, dw, db) = ops::norm_backward(x, &self.weight, self.bias.as_ref(), dy, dres, NORM_EPS)?;
+        let (dx, dw, db) = ops::norm::backward(x, &self.weight, self.bias.as_ref(), dy, dres, NORM_EPS)?;
         grads.add(&self.weight, dw)?;
         if let (Some(b), Some(db)) = (&self.bias, db) {
             grads.add(b, db)?;
@@ -499,11 +491,11 @@ impl Block {
     fn forward_saved(&self, base: &Tensor, delta: Option<&Tensor>, drop: Option<(Dropout, usize)>) -> Result<((Tensor, Tensor), BlockSaved)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?;
         let (w_qkv, qkv) = self.attn.qkv.fwd(&h1)?;
-        let (y, lse) = ops::self_attention_forward(&qkv, self.attn.heads, self.attn.window)?;
+        let (y, lse) = ops::attention::forward(&qkv, self.attn.heads, self.attn.window)?;
         let (w_proj, a) = self.attn.proj.fwd(&y)?;
         let (x1, h2) = self.mlp_norm.fwd(&x, Some(&dropped(a, drop, 0)?))?;
         let (w_up, u) = self.mlp.up.fwd(&h2)?;
-        let g = ops::gelu_forward(&u)?;
+        let g = ops::pointwise::gelu(&u)?;
         let (w_down, m) = self.mlp.down.fwd(&g)?;
         let w = [w_qkv, w_proj, w_up, w_down];
         Ok(((x1.clone(), dropped(m, drop, 1)?), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g, w, drop }))
@@ -513,11 +505,11 @@ impl Block {
         let [w_qkv, w_proj, w_up, w_down] = &s.w;
         // dropout is linear and its own backward: d(branch) = dropout(d(dropped branch))
         let dg = self.mlp.down.bwd(&s.g, w_down, &dropped(dout.clone(), s.drop, 1)?, grads)?;
-        let du = ops::gelu_backward(&s.u, &dg)?;
+        let du = ops::pointwise::gelu_backward(&s.u, &dg)?;
         let dh2 = self.mlp.up.bwd(&s.h2, w_up, &du, grads)?;
         let dx1 = self.mlp_norm.bwd(&s.x1, &dh2, Some(dout), grads)?;
         let dy = self.attn.proj.bwd(&s.y, w_proj, &dropped(dx1.clone(), s.drop, 0)?, grads)?;
-        let dqkv = ops::self_attention_backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads, self.attn.window)?;
+        let dqkv = ops::attention::backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads, self.attn.window)?;
         let dh1 = self.attn.qkv.bwd(&s.h1, w_qkv, &dqkv, grads)?;
         self.attn_norm.bwd(&s.x, &dh1, Some(&dx1), grads)
     }

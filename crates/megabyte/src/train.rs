@@ -532,7 +532,7 @@ impl Trainer {
     /// global batch (this rank's share): keyed by the seed, the step and the micro-batch.
     fn dropout_at(&self, micro: usize, first_row: usize) -> Option<Dropout> {
         let t = &self.record.train;
-        let key = crate::ops::mix64(t.seed ^ crate::ops::mix64(self.record.step ^ crate::ops::mix64(micro as u64)));
+        let key = crate::ops::pointwise::mix64(t.seed ^ crate::ops::pointwise::mix64(self.record.step ^ crate::ops::pointwise::mix64(micro as u64)));
         (t.dropout > 0.0).then_some(Dropout { p: t.dropout, key, row_offset: first_row })
     }
 
