@@ -1,17 +1,16 @@
-//! With the `cuda` feature, compiles kernels/megabyte.cu and kernels/decode.cu with nvcc (from
-//! `CUDA_HOME`, `CUDA_PATH` or the PATH; `scripts/cuda-toolchain.sh` provides one) into fat
-//! binaries: machine code for `CUDA_COMPUTE_CAP` (default 90, the H100/H200), so the driver does
-//! not spend ~20 s compiling PTX at a run's first steps, plus that PTX for newer GPUs. CPU
-//! builds need nothing.
+//! With the `cuda` feature, compiles kernels/megabyte.cu (which includes one header per op,
+//! kernels/*.cuh) and kernels/decode.cu with nvcc (from `CUDA_HOME`, `CUDA_PATH` or the PATH;
+//! `scripts/cuda-toolchain.sh` provides one) into fat binaries: machine code for
+//! `CUDA_COMPUTE_CAP` (default 90, the H100/H200), so the driver does not spend ~20 s compiling
+//! PTX at a run's first steps, plus that PTX for newer GPUs. CPU builds need nothing.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    for file in ["kernels/common.cuh", "kernels/megabyte.cu", "kernels/decode.cu"] {
-        println!("cargo::rerun-if-changed={file}");
-    }
+    // megabyte.cu includes one header per op; every file in kernels/ counts.
+    println!("cargo::rerun-if-changed=kernels");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
     println!("cargo::rerun-if-env-changed=CUDA_PATH");

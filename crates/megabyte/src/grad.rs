@@ -2,7 +2,7 @@
 //!
 //! candle's autograd adds every gradient into a fresh zero tensor, one memset and one add per
 //! graph edge; on the H200 that was 40% of an `enwik8` training step (BENCHMARKS.md). The
-//! explicit pass runs the same fused kernels (`ops::*_backward`) in reverse order over the
+//! explicit pass runs the same fused kernels (`ops::*::backward`) in reverse order over the
 //! activations its forward pass kept, and frees each block's activations as it goes.
 //! tests/it/gradients.rs checks it against candle's autograd and finite differences.
 

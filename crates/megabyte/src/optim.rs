@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Tensor, Var};
 
 use crate::grad::Grads;
-use crate::ops::AdamWStep;
+use crate::ops::adamw::AdamWStep;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -21,7 +21,7 @@ pub struct AdamWConfig {
 
 /// AdamW over a fixed set of named parameters. Weight decay applies to tensors of rank ≥ 2
 /// (the matrices and embedding tables), never to norms, pads or other vectors. On CUDA one
-/// fused kernel updates every parameter ([`crate::ops::adamw_update_many`]).
+/// fused kernel updates every parameter ([`crate::ops::adamw::update_many`]).
 pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<(String, Var)>,
@@ -105,7 +105,7 @@ impl AdamW {
         let part_sums = self
             .parts
             .iter()
-            .map(|(_, members)| crate::ops::sum_squares(&members.iter().map(|&i| gs[i]).collect::<Vec<_>>()))
+            .map(|(_, members)| crate::ops::adamw::sum_squares(&members.iter().map(|&i| gs[i]).collect::<Vec<_>>()))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let part_sums = Tensor::stack(&part_sums, 0)?; // [parts]
         let sumsq = agree(part_sums.sum_all()?)?;
@@ -128,7 +128,7 @@ impl AdamW {
             .collect()
     }
 
-    /// Applies one AdamW step to every parameter (fused, `ops::adamw_update_clipped`).
+    /// Applies one AdamW step to every parameter (fused, `ops::adamw::update_many`).
     fn update(&mut self, gs: &[&Tensor], lr: f64, grad_scale: f64, clip: Option<(&Tensor, f64)>) -> Result<()> {
         self.t += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
@@ -142,7 +142,7 @@ impl AdamW {
             .map(|(((_, p), mv), g)| (p, *g, mv, if p.rank() >= 2 { weight_decay } else { 0.0 }))
             .collect();
         let hp = AdamWStep { lr, beta1, beta2, eps, weight_decay, bc1, bc2, grad_scale };
-        if let Err(e) = crate::ops::adamw_update_many(&mut items, hp, clip) {
+        if let Err(e) = crate::ops::adamw::update_many(&mut items, hp, clip) {
             // Some parameters may be updated already: the step count stays as it was and the
             // error ends training (the last checkpoint is intact).
             self.t -= 1;

@@ -1,12 +1,13 @@
 //! The CUDA kernels (built with `--features cuda`, run on a machine with an NVIDIA GPU) against
-//! the CPU kernels, which tests/it/ops.rs checks against plain candle compositions: forward
-//! values and every input's gradient, by relative error, in f32 (tight) and bf16 (loose).
+//! the CPU kernels, which tests/it/ops.rs checks against plain candle compositions: each op's
+//! explicit forward and backward, forward values and every input's gradient, by relative
+//! error, in f32 (tight) and bf16 (loose).
 //! Then the whole model: CPU and CUDA losses and gradients agree, bf16 stays close to f32,
 //! cached decoding on CUDA equals the full forward pass, and the CUDA decoding engine gives
 //! the stepwise path's bytes.
 
 use megabyte::generate::{generate, Decoder, Sampler, Sampling};
-use megabyte::ops;
+use megabyte::ops::{adamw, attention, cross_entropy, embedding, norm, pointwise};
 use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, Tensor, TransformerConfig, Var};
 
 use crate::{bytes_tensor, random_bytes};
@@ -41,25 +42,33 @@ fn tolerance(dtype: DType) -> (f32, f32) {
     }
 }
 
-/// Runs `op` on `inputs` on the CPU (f32) and on CUDA (`dtype`; inputs listed in `keep_f32`
-/// stay f32, as norm weights do) and compares outputs and the gradients of Σ out·w.
-fn compare(inputs: &[Tensor], keep_f32: &[usize], dtype: DType, op: impl Fn(&[Tensor]) -> Tensor, what: &str) {
+/// Runs an op's explicit passes on `inputs` on the CPU (f32) and on CUDA (`dtype`; inputs
+/// listed in `keep_f32` stay f32, as norm weights do) and compares outputs and the gradients
+/// for one output gradient dy. `forward` gives (y, what the backward reads of the forward),
+/// `backward` (inputs, y, that, dy) the gradient of every input.
+fn compare<S>(
+    inputs: &[Tensor],
+    keep_f32: &[usize],
+    dtype: DType,
+    forward: impl Fn(&[Tensor]) -> (Tensor, S),
+    backward: impl Fn(&[Tensor], &Tensor, &S, &Tensor) -> Vec<Tensor>,
+    what: &str,
+) {
     let dev = gpu();
     let run = |device: &Device, dt: DType| {
-        let vars: Vec<Var> = inputs
+        let xs: Vec<Tensor> = inputs
             .iter()
             .enumerate()
             .map(|(i, x)| {
                 let dt = if keep_f32.contains(&i) { DType::F32 } else { dt };
-                Var::from_tensor(&x.to_dtype(dt).unwrap().to_device(device).unwrap()).unwrap()
+                x.to_dtype(dt).unwrap().to_device(device).unwrap()
             })
             .collect();
-        let xs: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let y = op(&xs);
-        let w = values(y.dims(), 99).to_dtype(y.dtype()).unwrap().to_device(device).unwrap();
-        let grads = (y.clone() * w).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
-        let g: Vec<Tensor> = xs.iter().map(|x| f32_cpu(grads.get(x).expect("every input gets a gradient"))).collect();
-        (f32_cpu(&y), g)
+        let (y, kept) = forward(&xs);
+        let dy = values(y.dims(), 99).to_dtype(y.dtype()).unwrap().to_device(device).unwrap();
+        let g = backward(&xs, &y, &kept, &dy);
+        assert_eq!(g.len(), xs.len(), "{what}: one gradient per input");
+        (f32_cpu(&y), g.iter().map(f32_cpu).collect::<Vec<_>>())
     };
     let (y_cpu, g_cpu) = run(&Device::Cpu, DType::F32);
     let (y_gpu, g_gpu) = run(&dev, dtype);
@@ -87,7 +96,8 @@ fn cuda_self_attention_matches_cpu() {
                 &[values(&[n, s, 3 * d], 1)],
                 &[],
                 dtype,
-                |xs| ops::causal_self_attention(&xs[0], h, None).unwrap(),
+                |xs| attention::forward(&xs[0], h, None).unwrap(),
+                |xs, y, lse, dy| vec![attention::backward(&xs[0], y, lse.as_ref(), dy, h, None).unwrap()],
                 &format!("self-attention n{n} s{s} h{h} hd{hd}"),
             );
         }
@@ -106,7 +116,8 @@ fn cuda_sliding_window_attention_matches_cpu() {
                 &[values(&[n, s, 3 * d], 1)],
                 &[],
                 dtype,
-                |xs| ops::causal_self_attention(&xs[0], h, Some(window)).unwrap(),
+                |xs| attention::forward(&xs[0], h, Some(window)).unwrap(),
+                |xs, y, lse, dy| vec![attention::backward(&xs[0], y, lse.as_ref(), dy, h, Some(window)).unwrap()],
                 &format!("windowed self-attention n{n} s{s} h{h} hd{hd} window {window}"),
             );
         }
@@ -126,7 +137,7 @@ fn cuda_cached_attention_matches_cpu() {
             let (q, kv) = (q.to_dtype(dtype).unwrap().to_device(device).unwrap(), kv.to_dtype(dtype).unwrap().to_device(device).unwrap());
             // k and v as strided column views of one tensor, as the KV cache never is but could be.
             let (k, v) = (kv.narrow(2, 0, d).unwrap(), kv.narrow(2, d, d).unwrap());
-            f32_cpu(&ops::causal_attention(&q, &k, &v, h, None).unwrap())
+            f32_cpu(&attention::cached(&q, &k, &v, h, None).unwrap())
         };
         let want = run(&Device::Cpu, DType::F32);
         for dtype in DTYPES {
@@ -141,8 +152,20 @@ fn cuda_norms_match_cpu() {
     for (rows, d) in [(37, 768), (100, 256), (5, 2048), (300, 32)] {
         let (x, w, b) = (values(&[rows, d], 4), values(&[d], 5), values(&[d], 6));
         for dtype in DTYPES {
-            compare(&[x.clone(), w.clone(), b.clone()], &[1, 2], dtype, |xs| ops::norm(&xs[0], &xs[1], Some(&xs[2]), 1e-5).unwrap(), &format!("layer norm {rows}x{d}"));
-            compare(&[x.clone(), w.clone()], &[1], dtype, |xs| ops::norm(&xs[0], &xs[1], None, 1e-5).unwrap(), &format!("rms norm {rows}x{d}"));
+            for inputs in [vec![x.clone(), w.clone(), b.clone()], vec![x.clone(), w.clone()]] {
+                let what = format!("{} {rows}x{d}", if inputs.len() == 3 { "layer norm" } else { "rms norm" });
+                compare(
+                    &inputs,
+                    &[1, 2],
+                    dtype,
+                    |xs| (norm::forward(&xs[0], &xs[1], xs.get(2), 1e-5).unwrap(), ()),
+                    |xs, _, _, dy| {
+                        let (dx, dw, db) = norm::backward(&xs[0], &xs[1], xs.get(2), dy, None, 1e-5).unwrap();
+                        [dx, dw].into_iter().chain(db).collect()
+                    },
+                    &what,
+                );
+            }
         }
     }
 }
@@ -150,7 +173,14 @@ fn cuda_norms_match_cpu() {
 #[test]
 fn cuda_gelu_matches_cpu() {
     for dtype in DTYPES {
-        compare(&[values(&[1000, 3], 7)], &[], dtype, |xs| ops::gelu(&xs[0]).unwrap(), "gelu");
+        compare(
+            &[values(&[1000, 3], 7)],
+            &[],
+            dtype,
+            |xs| (pointwise::gelu(&xs[0]).unwrap(), ()),
+            |xs, _, _, dy| vec![pointwise::gelu_backward(&xs[0], dy).unwrap()],
+            "gelu",
+        );
     }
 }
 
@@ -158,10 +188,17 @@ fn cuda_gelu_matches_cpu() {
 #[test]
 fn cuda_dropout_matches_cpu() {
     for dtype in DTYPES {
-        compare(&[values(&[300, 70], 10)], &[], dtype, |xs| ops::dropout(&xs[0], 0.2, 31, 5).unwrap(), "dropout");
+        compare(
+            &[values(&[300, 70], 10)],
+            &[],
+            dtype,
+            |xs| (pointwise::dropout(&xs[0], 0.2, 31, 5).unwrap(), ()),
+            |_, _, _, dy| vec![pointwise::dropout(dy, 0.2, 31, 5).unwrap()],
+            "dropout",
+        );
         let x = values(&[64, 33], 11);
-        let cpu = ops::dropout(&x, 0.4, 99, 3).unwrap();
-        let cuda = f32_cpu(&ops::dropout(&x.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap(), 0.4, 99, 3).unwrap());
+        let cpu = pointwise::dropout(&x, 0.4, 99, 3).unwrap();
+        let cuda = f32_cpu(&pointwise::dropout(&x.to_dtype(dtype).unwrap().to_device(&gpu()).unwrap(), 0.4, 99, 3).unwrap());
         let zeros = |t: &Tensor| t.eq(0f32).unwrap().to_dtype(DType::F32).unwrap();
         assert_eq!(crate::max_abs_diff(&zeros(&cpu), &zeros(&cuda)), 0.0, "{dtype:?}: the same elements dropped");
     }
@@ -175,14 +212,13 @@ fn cuda_cross_entropy_matches_cpu() {
         let dev = gpu();
         let t_cpu = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
         let t_gpu = t_cpu.to_device(&dev).unwrap();
+        let targets = |x: &Tensor| if x.device().is_cuda() { &t_gpu } else { &t_cpu };
         compare(
             &[logits.clone()],
             &[],
             dtype,
-            |xs| {
-                let t = if xs[0].device().is_cuda() { &t_gpu } else { &t_cpu };
-                ops::cross_entropy(&xs[0], t).unwrap()
-            },
+            |xs| (cross_entropy::forward(&xs[0], targets(&xs[0])).unwrap(), ()),
+            |xs, losses, _, dloss| vec![cross_entropy::backward(&xs[0], targets(&xs[0]), losses, dloss).unwrap()],
             "cross-entropy",
         );
     }
@@ -195,14 +231,14 @@ fn cuda_adamw_many_with_clipping_matches_cpu() {
     let dev = gpu();
     let shapes: [&[usize]; 3] = [&[70_001], &[64, 48], &[10]];
     let decays = [0.1, 0.0, 0.3];
-    let hp = ops::AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.0, bc1: 0.1, bc2: 0.02, grad_scale: 1.0 };
+    let hp = adamw::AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.0, bc1: 0.1, bc2: 0.02, grad_scale: 1.0 };
     let grads = |t: u64| -> Vec<Tensor> { shapes.iter().enumerate().map(|(i, s)| values(s, 70 + 10 * t + i as u64)).collect() };
     // Σ g² by each device's kernel: a sum of 75,000 squares, so f32 summation order shows.
     for t in 0..2 {
         let gs = grads(t);
-        let cpu = ops::sum_squares(&gs.iter().collect::<Vec<_>>()).unwrap();
+        let cpu = adamw::sum_squares(&gs.iter().collect::<Vec<_>>()).unwrap();
         let gpu_gs: Vec<Tensor> = gs.iter().map(|g| g.to_device(&dev).unwrap()).collect();
-        let gpu = ops::sum_squares(&gpu_gs.iter().collect::<Vec<_>>()).unwrap();
+        let gpu = adamw::sum_squares(&gpu_gs.iter().collect::<Vec<_>>()).unwrap();
         assert!(rel_err(&gpu, &cpu) < 1e-4, "Σ g²: CUDA {gpu} vs CPU {cpu}");
     }
     // The updates, given the same Σ g² (exact in f64 on the host), so that only the update
@@ -215,7 +251,7 @@ fn cuda_adamw_many_with_clipping_matches_cpu() {
             let exact: f64 = grads(t).iter().map(|g| g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()).sum();
             let sumsq = Tensor::new(&[exact as f32], device).unwrap();
             let mut items: Vec<_> = ws.iter().zip(&gs).zip(mvs.iter_mut()).zip(decays).map(|(((w, g), mv), d)| (w, g, mv, d)).collect();
-            ops::adamw_update_many(&mut items, hp, Some((&sumsq, 50.0))).unwrap();
+            adamw::update_many(&mut items, hp, Some((&sumsq, 50.0))).unwrap();
         }
         (ws.iter().map(|w| f32_cpu(w.as_tensor())).collect::<Vec<_>>(), mvs.iter().map(f32_cpu).collect::<Vec<_>>())
     };
@@ -231,7 +267,7 @@ fn cuda_adamw_many_with_clipping_matches_cpu() {
 fn cuda_adamw_in_place_matches_cpu() {
     let dev = gpu();
     let n = 5000;
-    let hp = |t: i32| ops::AdamWStep {
+    let hp = |t: i32| adamw::AdamWStep {
         lr: 1e-2,
         beta1: 0.9,
         beta2: 0.98,
@@ -246,8 +282,8 @@ fn cuda_adamw_in_place_matches_cpu() {
     let (mut mv_cpu, mut mv_gpu) = (Tensor::zeros(2 * n, DType::F32, &Device::Cpu).unwrap(), Tensor::zeros(2 * n, DType::F32, &dev).unwrap());
     for t in 1..=3 {
         let g = values(&[50, 100], 10 + t as u64);
-        ops::adamw_update(&w_cpu, &g, &mut mv_cpu, hp(t)).unwrap();
-        ops::adamw_update(&w_gpu, &g.to_device(&dev).unwrap(), &mut mv_gpu, hp(t)).unwrap();
+        adamw::update_many(&mut [(&w_cpu, &g, &mut mv_cpu, 0.1)], hp(t), None).unwrap();
+        adamw::update_many(&mut [(&w_gpu, &g.to_device(&dev).unwrap(), &mut mv_gpu, 0.1)], hp(t), None).unwrap();
     }
     assert!(rel_err(w_gpu.as_tensor(), w_cpu.as_tensor()) < 1e-6, "weights differ");
     assert!(rel_err(&mv_gpu, &mv_cpu) < 1e-6, "moments differ");
@@ -370,11 +406,13 @@ fn cuda_cached_decoding_equals_full_forward() {
 fn cuda_embedding_matches_cpu() {
     // 5000 ids over 256 rows: many repeats, as bytes have; 40 columns: a partial column block.
     let ids: Vec<u32> = random_bytes(5000, 31).iter().map(|&b| b as u32).collect();
+    let ids = |table: &Tensor| Tensor::new(ids.as_slice(), table.device()).unwrap().reshape((50, 100)).unwrap();
     compare(
         &[values(&[256, 40], 30)],
         &[0],
         DType::F32,
-        |xs| ops::embedding(&xs[0], &Tensor::new(ids.as_slice(), xs[0].device()).unwrap().reshape((50, 100)).unwrap()).unwrap(),
+        |xs| (embedding::forward(&xs[0], &ids(&xs[0])).unwrap(), ()),
+        |xs, _, _, dy| vec![embedding::backward(&xs[0], &ids(&xs[0]), dy).unwrap()],
         "embedding",
     );
 }

@@ -1,51 +1,105 @@
-//! Each fused op against its plain candle composition (`megabyte::ops::reference`) on random
-//! inputs: forward values and the gradients of every input, by relative error.
+//! Every fused op's explicit forward and backward against its plain candle composition
+//! (`megabyte::ops::reference`) on random inputs, in f64 and f32 on the CPU: forward values,
+//! and the backward's gradient of every input against the composition's vector-Jacobian
+//! product by candle's autograd (`reference::vjp`) at a random output gradient, by relative
+//! error.
 
-use megabyte::ops::{self, reference};
+use megabyte::ops::{adamw, attention, cross_entropy, embedding, linear, norm, pointwise, reference};
 use megabyte::{DType, Device, Tensor, Var};
 
-fn rand(shape: &[usize], seed: u64) -> Var {
+const DTYPES: [DType; 2] = [DType::F64, DType::F32];
+
+const EPS: f64 = 1e-5;
+
+/// Values in about ±2, deterministic, as `dtype` on the CPU.
+fn rand(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = crate::random_bytes(n, seed).iter().map(|&b| (b as f32 - 127.5) / 64.0).collect();
-    Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }
 
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
-    crate::max_abs_diff(a, b) / scale
+fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());
+    let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    max(&(a - &b).unwrap()) / max(&b).max(1e-6)
 }
 
-/// Compares `fused` and `plain` on `inputs`: outputs, then gradients of Σ out·w for a fixed
-/// random w.
-fn compare(inputs: &[Var], fused: impl Fn(&[Tensor]) -> Tensor, plain: impl Fn(&[Tensor]) -> Tensor, what: &str) {
-    let xs: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
-    let (yf, yp) = (fused(&xs), plain(&xs));
-    let err = rel_err(&yf, &yp);
-    assert!(err < 1e-5, "{what}: forward relative error {err}");
-    let w = rand(yf.dims(), 99).as_tensor().clone();
-    let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
-    let gp = (yp * &w).unwrap().sum_all().unwrap().backward().unwrap();
-    for (i, x) in xs.iter().enumerate() {
-        let (a, b) = (gf.get(x).unwrap(), gp.get(x).unwrap());
-        let err = rel_err(a, b);
-        assert!(err < 1e-4, "{what}: gradient of input {i} relative error {err}");
+/// Largest relative errors (forward, backward): f64 kernels and compositions differ by rounding
+/// alone; f32 also by summation order and (GELU) the erf approximation.
+fn tolerance(dtype: DType) -> (f64, f64) {
+    match dtype {
+        DType::F64 => (1e-10, 1e-9),
+        _ => (1e-5, 1e-4),
+    }
+}
+
+/// Checks an op's explicit passes on `inputs` against `plain`, its reference composition:
+/// `forward` gives (y, what the backward reads of the forward), `backward` (inputs, y, that, dy)
+/// the gradient of every input, compared with `reference::vjp` of `plain` at dy.
+fn check<S>(
+    what: &str,
+    inputs: &[Tensor],
+    forward: impl Fn(&[Tensor]) -> (Tensor, S),
+    backward: impl Fn(&[Tensor], &Tensor, &S, &Tensor) -> Vec<Tensor>,
+    plain: impl Fn(&[Tensor]) -> Tensor,
+) {
+    let dtype = inputs[0].dtype();
+    let (tf, tb) = tolerance(dtype);
+    let (y, kept) = forward(inputs);
+    let want = plain(inputs);
+    assert_eq!((y.dims(), y.dtype()), (want.dims(), want.dtype()), "{what} {dtype:?}: output");
+    let err = rel_err(&y, &want);
+    assert!(err < tf, "{what} {dtype:?}: forward relative error {err}");
+    let dy = rand(y.dims(), 99, y.dtype());
+    let grads = backward(inputs, &y, &kept, &dy);
+    let want = reference::vjp(&inputs.iter().collect::<Vec<_>>(), &dy, |t| Ok(plain(t))).unwrap();
+    assert_eq!(grads.len(), inputs.len(), "{what}: one gradient per input");
+    for (i, (g, w)) in grads.iter().zip(&want).enumerate() {
+        assert_eq!((g.dims(), g.dtype()), (w.dims(), w.dtype()), "{what} {dtype:?}: gradient of input {i}");
+        let err = rel_err(g, w);
+        assert!(err < tb, "{what} {dtype:?}: gradient of input {i} relative error {err}");
     }
 }
 
 #[test]
-fn fused_self_attention_matches_composition() {
+fn linear_matches_composition() {
+    // Rank 3 and rank 2 inputs, odd widths.
+    for dtype in DTYPES {
+        for (x, w) in [(vec![3, 5, 24], vec![40, 24]), (vec![7, 13], vec![5, 13])] {
+            check(
+                &format!("linear {x:?}·{w:?}ᵀ"),
+                &[rand(&x, 31, dtype), rand(&w, 32, dtype)],
+                |xs| {
+                    let (w_act, y) = linear::forward(&xs[0], &xs[1]).unwrap();
+                    (y, w_act)
+                },
+                |xs, _, w_act, dy| {
+                    let (dx, dw) = linear::backward(&xs[0], w_act, dy, xs[1].dtype()).unwrap();
+                    vec![dx, dw]
+                },
+                |xs| reference::linear(&xs[0], &xs[1]).unwrap(),
+            );
+        }
+    }
+    // dW comes in the master weight's dtype.
+    let (x, w) = (rand(&[4, 6], 33, DType::F32), rand(&[3, 6], 34, DType::F32));
+    let (w_act, y) = linear::forward(&x, &w).unwrap();
+    assert_eq!(linear::backward(&x, &w_act, &y, DType::F64).unwrap().1.dtype(), DType::F64);
+}
+
+#[test]
+fn self_attention_matches_composition() {
     // Full causal, and sliding windows shorter than, equal to and longer than the sequence.
-    for (n, s, d, h, window) in [(3, 8, 32, 2, None), (2, 12, 24, 3, None), (4, 1, 16, 4, None), (2, 12, 24, 3, Some(1)), (2, 12, 24, 3, Some(5)), (3, 8, 32, 2, Some(8)), (1, 6, 16, 2, Some(40))] {
-        let split = |qkv: &Tensor| {
-            let (q, k, v) = (qkv.narrow(2, 0, d).unwrap(), qkv.narrow(2, d, d).unwrap(), qkv.narrow(2, 2 * d, d).unwrap());
-            reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h, window).unwrap()
-        };
-        compare(
-            &[rand(&[n, s, 3 * d], 1)],
-            |xs| ops::causal_self_attention(&xs[0], h, window).unwrap(),
-            |xs| split(&xs[0]),
-            &format!("self-attention n{n} s{s} d{d} h{h} window {window:?}"),
-        );
+    for dtype in DTYPES {
+        for (n, s, d, h, window) in [(3, 8, 32, 2, None), (2, 12, 24, 3, None), (4, 1, 16, 4, None), (2, 12, 24, 3, Some(1)), (2, 12, 24, 3, Some(5)), (3, 8, 32, 2, Some(8)), (1, 6, 16, 2, Some(40))] {
+            check(
+                &format!("self-attention n{n} s{s} d{d} h{h} window {window:?}"),
+                &[rand(&[n, s, 3 * d], 1, dtype)],
+                |xs| attention::forward(&xs[0], h, window).unwrap(),
+                |xs, y, lse, dy| vec![attention::backward(&xs[0], y, lse.as_ref(), dy, h, window).unwrap()],
+                |xs| reference::self_attention(&xs[0], h, window).unwrap(),
+            );
+        }
     }
 }
 
@@ -53,14 +107,15 @@ fn fused_self_attention_matches_composition() {
 fn a_sliding_window_hides_older_positions() {
     // With window W, output i changes when key i − W + 1 changes and not when key i − W does.
     let (n, s, d, h, w) = (1, 10, 8, 1, 4);
-    let qkv = rand(&[n, s, 3 * d], 7).as_tensor().clone();
-    let y = ops::causal_self_attention(&qkv, h, Some(w)).unwrap();
+    let qkv = rand(&[n, s, 3 * d], 7, DType::F32);
+    let attend = |qkv: &Tensor| attention::forward(qkv, h, Some(w)).unwrap().0;
+    let y = attend(&qkv);
     let bump = |pos: usize| {
         let mut v = qkv.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for c in d..3 * d {
             v[pos * 3 * d + c] += 1.0; // its key and value
         }
-        ops::causal_self_attention(&Tensor::from_vec(v, (n, s, 3 * d), qkv.device()).unwrap(), h, Some(w)).unwrap()
+        attend(&Tensor::from_vec(v, (n, s, 3 * d), qkv.device()).unwrap())
     };
     let row = |t: &Tensor, i: usize| t.narrow(1, i, 1).unwrap();
     let i = 9;
@@ -72,82 +127,159 @@ fn a_sliding_window_hides_older_positions() {
 fn cached_attention_matches_composition() {
     // Queries after a cache (Sk > Sq), k and v as strided column views; with and without a window.
     let (n, sq, sk, d, h) = (2, 3, 11, 24, 3);
-    let q = rand(&[n, sq, d], 2).as_tensor().clone();
-    let kv = rand(&[n, sk, 2 * d], 3).as_tensor().clone();
-    let (k, v) = (kv.narrow(2, 0, d).unwrap(), kv.narrow(2, d, d).unwrap());
-    for window in [None, Some(4)] {
-        let fused = ops::causal_attention(&q, &k, &v, h, window).unwrap();
-        let plain = reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h, window).unwrap();
-        assert!(rel_err(&fused, &plain) < 1e-5, "window {window:?}");
+    for dtype in DTYPES {
+        let q = rand(&[n, sq, d], 2, dtype);
+        let kv = rand(&[n, sk, 2 * d], 3, dtype);
+        let (k, v) = (kv.narrow(2, 0, d).unwrap(), kv.narrow(2, d, d).unwrap());
+        for window in [None, Some(4)] {
+            let fused = attention::cached(&q, &k, &v, h, window).unwrap();
+            let plain = reference::causal_attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), h, window).unwrap();
+            assert!(rel_err(&fused, &plain) < tolerance(dtype).0, "{dtype:?} window {window:?}");
+        }
+    }
+}
+
+/// An output and x itself as one vector: the cotangent of the second half is the residual
+/// stream's gradient `dres` that the norm's backward adds to dx.
+fn joined(y: &Tensor, x: &Tensor) -> Tensor {
+    Tensor::cat(&[y.flatten_all().unwrap(), x.flatten_all().unwrap()], 0).unwrap()
+}
+
+#[test]
+fn norms_match_composition() {
+    // LayerNorm (bias) and RMSNorm (none), an even and an odd width, with and without dres.
+    for dtype in DTYPES {
+        for (shape, seed) in [([6, 5, 48], 3), ([4, 3, 13], 13)] {
+            let d = shape[2];
+            let (x, w, b) = (rand(&shape, seed, dtype), rand(&[d], seed + 1, dtype), rand(&[d], seed + 2, dtype));
+            for bias in [true, false] {
+                let inputs = if bias { vec![x.clone(), w.clone(), b.clone()] } else { vec![x.clone(), w.clone()] };
+                let what = format!("{} {shape:?}", if bias { "layer norm" } else { "rms norm" });
+                let grads = |(dx, dw, db): (Tensor, Tensor, Option<Tensor>)| {
+                    assert_eq!(db.is_some(), bias, "{what}: db with a bias only");
+                    [dx, dw].into_iter().chain(db).collect::<Vec<_>>()
+                };
+                check(
+                    &what,
+                    &inputs,
+                    |xs| (norm::forward(&xs[0], &xs[1], xs.get(2), EPS).unwrap(), ()),
+                    |xs, _, _, dy| grads(norm::backward(&xs[0], &xs[1], xs.get(2), dy, None, EPS).unwrap()),
+                    |xs| reference::norm(&xs[0], &xs[1], xs.get(2), EPS).unwrap(),
+                );
+                check(
+                    &format!("{what} with dres"),
+                    &inputs,
+                    |xs| (joined(&norm::forward(&xs[0], &xs[1], xs.get(2), EPS).unwrap(), &xs[0]), ()),
+                    |xs, _, _, dy| {
+                        let n = xs[0].elem_count();
+                        let part = |at: usize| dy.narrow(0, at, n).unwrap().reshape(xs[0].shape()).unwrap();
+                        grads(norm::backward(&xs[0], &xs[1], xs.get(2), &part(0), Some(&part(n)), EPS).unwrap())
+                    },
+                    |xs| joined(&reference::norm(&xs[0], &xs[1], xs.get(2), EPS).unwrap(), &xs[0]),
+                );
+                // The residual add fused with the norm after it.
+                let a = rand(&shape, seed + 3, dtype);
+                let (sum, y) = norm::add_forward(&x, &a, &w, bias.then_some(&b), EPS).unwrap();
+                let want = (&x + &a).unwrap();
+                assert_eq!(crate::max_abs_diff(&sum.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap()), 0.0, "{what}: x + a");
+                let err = rel_err(&y, &reference::norm(&want, &w, bias.then_some(&b), EPS).unwrap());
+                assert!(err < tolerance(dtype).0, "{what} {dtype:?}: add_forward relative error {err}");
+            }
+        }
     }
 }
 
 #[test]
-fn fused_norms_match_composition() {
-    let (x, w, b) = (rand(&[6, 5, 48], 3), rand(&[48], 4), rand(&[48], 5));
-    compare(
-        &[x.clone(), w.clone(), b],
-        |xs| ops::norm(&xs[0], &xs[1], Some(&xs[2]), 1e-5).unwrap(),
-        |xs| reference::norm(&xs[0], &xs[1], Some(&xs[2]), 1e-5).unwrap(),
-        "layer norm",
-    );
-    compare(
-        &[x, w],
-        |xs| ops::norm(&xs[0], &xs[1], None, 1e-5).unwrap(),
-        |xs| reference::norm(&xs[0], &xs[1], None, 1e-5).unwrap(),
-        "rms norm",
-    );
-}
-
-#[test]
-fn fused_cross_entropy_matches_composition() {
-    let logits = rand(&[37, 256], 6);
+fn cross_entropy_matches_composition() {
+    // A random d losses: the weight of each row's loss.
     let targets: Vec<u32> = crate::random_bytes(37, 7).into_iter().map(u32::from).collect();
     let targets = Tensor::from_vec(targets, 37, &Device::Cpu).unwrap();
-    compare(
-        &[logits],
-        |xs| ops::cross_entropy(&xs[0], &targets).unwrap(),
-        |xs| reference::cross_entropy(&xs[0], &targets).unwrap(),
-        "cross-entropy",
-    );
-    assert_eq!(ops::cross_entropy(&rand(&[2, 256], 1).as_tensor().to_dtype(DType::F64).unwrap(), &targets.narrow(0, 0, 2).unwrap()).unwrap().dtype(), DType::F64);
+    for dtype in DTYPES {
+        check(
+            "cross-entropy",
+            &[rand(&[37, 256], 6, dtype)],
+            |xs| (cross_entropy::forward(&xs[0], &targets).unwrap(), ()),
+            |xs, losses, _, dloss| vec![cross_entropy::backward(&xs[0], &targets, losses, dloss).unwrap()],
+            |xs| reference::cross_entropy(&xs[0], &targets).unwrap(),
+        );
+    }
 }
 
 #[test]
-fn fused_gelu_matches_composition() {
-    compare(&[rand(&[7, 33], 8)], |xs| ops::gelu(&xs[0]).unwrap(), |xs| xs[0].gelu_erf().unwrap(), "gelu");
+fn gelu_matches_composition() {
+    // An odd and an even element count; the reference agrees with candle's gelu_erf.
+    for dtype in DTYPES {
+        let x = rand(&[7, 33], 9, dtype);
+        assert!(rel_err(&reference::gelu(&x).unwrap(), &x.gelu_erf().unwrap()) < tolerance(dtype).0);
+        for shape in [[7, 33], [4, 16]] {
+            check(
+                &format!("gelu {shape:?}"),
+                &[rand(&shape, 8, dtype)],
+                |xs| (pointwise::gelu(&xs[0]).unwrap(), ()),
+                |xs, _, _, dy| vec![pointwise::gelu_backward(&xs[0], dy).unwrap()],
+                |xs| reference::gelu(&xs[0]).unwrap(),
+            );
+        }
+    }
 }
 
-/// Dropout equals x times its mask (`reference::dropout_mask`), forward and gradient; keeps
-/// about 1 − p of the elements; rows taken with their offset draw the whole tensor's mask;
-/// another key draws another mask; p = 0 is the identity and p outside [0, 1) an error.
+/// Dropout equals x times its mask (`reference::dropout_mask`: the kept elements, scaled in
+/// x's dtype), forward and backward (its own);
+/// keeps about 1 − p of the elements; rows taken with their offset draw the whole tensor's
+/// mask; another key draws another mask; p = 0 is the identity and p outside [0, 1) an error.
 #[test]
-fn fused_dropout_matches_its_mask() {
+fn dropout_matches_its_mask() {
     let (p, key) = (0.3, 77);
-    let x = rand(&[6, 5, 8], 21);
-    let mask = |t: &Tensor| reference::dropout_mask(t.shape(), p, key, 0, &Device::Cpu).unwrap();
-    compare(&[x.clone()], |t| ops::dropout(&t[0], p, key, 0).unwrap(), |t| (&t[0] * mask(&t[0])).unwrap(), "dropout");
-    let whole = ops::dropout(x.as_tensor(), p, key, 0).unwrap();
-    let rows = ops::dropout(&x.as_tensor().narrow(0, 2, 3).unwrap(), p, key, 2).unwrap();
-    assert_eq!(crate::max_abs_diff(&rows, &whole.narrow(0, 2, 3).unwrap()), 0.0, "rows with their offset");
-    assert!(crate::max_abs_diff(&ops::dropout(x.as_tensor(), p, key + 1, 0).unwrap(), &whole) > 0.0, "another key");
-    assert_eq!(crate::max_abs_diff(&ops::dropout(x.as_tensor(), 0.0, key, 0).unwrap(), x.as_tensor()), 0.0);
-    assert!(ops::dropout(x.as_tensor(), 1.0, key, 0).is_err());
+    for dtype in DTYPES {
+        let x = rand(&[6, 5, 8], 21, dtype);
+        let kept = |t: &Tensor| reference::dropout_mask(t.shape(), p, key, 0, &Device::Cpu).unwrap().ne(0f32).unwrap().to_dtype(t.dtype()).unwrap();
+        check(
+            "dropout",
+            &[x.clone()],
+            |xs| (pointwise::dropout(&xs[0], p, key, 0).unwrap(), ()),
+            |_, _, _, dy| vec![pointwise::dropout(dy, p, key, 0).unwrap()],
+            |xs| ((&xs[0] * kept(&xs[0])).unwrap() * (1.0 / (1.0 - p))).unwrap(),
+        );
+        let whole = pointwise::dropout(&x, p, key, 0).unwrap();
+        let rows = pointwise::dropout(&x.narrow(0, 2, 3).unwrap(), p, key, 2).unwrap();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        assert_eq!(crate::max_abs_diff(&f32(&rows), &f32(&whole.narrow(0, 2, 3).unwrap())), 0.0, "rows with their offset");
+        assert!(crate::max_abs_diff(&f32(&pointwise::dropout(&x, p, key + 1, 0).unwrap()), &f32(&whole)) > 0.0, "another key");
+        assert_eq!(crate::max_abs_diff(&f32(&pointwise::dropout(&x, 0.0, key, 0).unwrap()), &f32(&x)), 0.0);
+        assert!(pointwise::dropout(&x, 1.0, key, 0).is_err());
+    }
     let n = 200_000u64;
-    let kept = (0..n).filter(|&i| ops::dropout_keeps(key, i, p)).count() as f64 / n as f64;
+    let kept = (0..n).filter(|&i| pointwise::dropout_keeps(key, i, p)).count() as f64 / n as f64;
     assert!((kept - (1.0 - p)).abs() < 0.005, "kept {kept}");
+}
+
+#[test]
+fn embedding_matches_composition() {
+    // 5000 ids over 256 rows: many repeats, as bytes have.
+    let ids: Vec<u32> = crate::random_bytes(5000, 31).iter().map(|&b| b as u32).collect();
+    let ids = Tensor::from_vec(ids, (50, 100), &Device::Cpu).unwrap();
+    for dtype in DTYPES {
+        check(
+            "embedding",
+            &[rand(&[256, 40], 30, dtype)],
+            |xs| (embedding::forward(&xs[0], &ids).unwrap(), ()),
+            |xs, _, _, dy| vec![embedding::backward(&xs[0], &ids, dy).unwrap()],
+            |xs| reference::embedding(&xs[0], &ids).unwrap(),
+        );
+    }
 }
 
 #[test]
 fn fused_adamw_step_matches_the_textbook_update() {
     use megabyte::optim::{AdamW, AdamWConfig};
     let cfg = AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 };
-    let (w, b) = (rand(&[5, 7], 11), rand(&[7], 12));
+    let var = |shape: &[usize], seed| Var::from_tensor(&rand(shape, seed, DType::F32)).unwrap();
+    let (w, b) = (var(&[5, 7], 11), var(&[7], 12));
     let params: std::collections::BTreeMap<String, Var> =
         [("w".to_string(), w.clone()), ("b".to_string(), b.clone())].into_iter().collect();
     let mut opt = AdamW::new(&params, cfg).unwrap();
     let (w0, b0) = (w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
-    let x = rand(&[7], 13).as_tensor().clone();
+    let x = rand(&[7], 13, DType::F32);
     let loss = |w: &Tensor, b: &Tensor| w.broadcast_mul(&(b + &x).unwrap()).unwrap().sqr().unwrap().sum_all().unwrap();
     let (lr, scale) = (0.01, 0.5);
     // Two steps, then the same two steps by hand in f64.
@@ -177,34 +309,44 @@ fn fused_adamw_step_matches_the_textbook_update() {
     }
 }
 
+/// The fused update of two parameters (f64 and f32 weights) equals the reference step of
+/// each, with a fixed gradient scale and with clipping by the global norm (which Σ g² of
+/// `sum_squares` gives).
 #[test]
 fn reference_adamw_step_matches_the_fused_one() {
-    let (w, g) = (rand(&[6, 5], 21), rand(&[6, 5], 22));
-    let mv = Tensor::cat(&[rand(&[30], 23).as_tensor().abs().unwrap(), rand(&[30], 24).as_tensor().abs().unwrap()], 0).unwrap();
-    let hp = ops::AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1, bc1: 0.19, bc2: 0.0396, grad_scale: 0.7 };
-    let fused = ops::adamw_step(w.as_tensor(), g.as_tensor(), &mv, hp).unwrap();
-    let plain = reference::adamw_step(w.as_tensor(), g.as_tensor(), &mv, hp).unwrap();
-    assert!(rel_err(&fused, &plain) < 1e-6);
-}
-
-#[test]
-fn fused_linear_matches_composition() {
-    compare(
-        &[rand(&[3, 5, 24], 31), rand(&[40, 24], 32)],
-        |xs| ops::linear(&xs[0], &xs[1]).unwrap(),
-        |xs| xs[0].reshape((15, 24)).unwrap().matmul(&xs[1].t().unwrap()).unwrap().reshape((3, 5, 40)).unwrap(),
-        "linear",
-    );
+    let (w0, g) = ([rand(&[6, 5], 21, DType::F64), rand(&[7], 25, DType::F32)], [rand(&[6, 5], 22, DType::F64), rand(&[7], 26, DType::F32)]);
+    let mv0 = [30, 7].map(|n| Tensor::cat(&[rand(&[n], 23, DType::F32).abs().unwrap(), rand(&[n], 24, DType::F32).abs().unwrap()], 0).unwrap());
+    let sumsq = adamw::sum_squares(&[&g[0], &g[1]]).unwrap();
+    let exact: f64 = g.iter().map(|g| g.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()).sum();
+    let norm = (sumsq.to_scalar::<f32>().unwrap() as f64).sqrt();
+    assert!((norm * norm - exact).abs() < 1e-5 * exact, "Σ g²: {} vs {exact}", norm * norm);
+    let hp = adamw::AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.0, bc1: 0.19, bc2: 0.0396, grad_scale: 0.7 };
+    let max_norm = 0.5 * norm;
+    for (clip, scale) in [(None, hp.grad_scale), (Some((&sumsq, max_norm)), max_norm / norm)] {
+        let ws = w0.clone().map(|w| Var::from_tensor(&w).unwrap());
+        let mut mvs = mv0.clone();
+        let decays = [0.1, 0.0];
+        let mut items: Vec<_> = ws.iter().zip(&g).zip(mvs.iter_mut()).zip(decays).map(|(((w, g), mv), d)| (w, g, mv, d)).collect();
+        adamw::update_many(&mut items, hp, clip).unwrap();
+        for i in 0..2 {
+            let hp = adamw::AdamWStep { weight_decay: decays[i], grad_scale: scale, ..hp };
+            let want = reference::adamw_step(&w0[i], &g[i], &mv0[i], hp).unwrap(); // [w' | m' | v']
+            let n = w0[i].elem_count();
+            let got = Tensor::cat(&[ws[i].as_tensor().flatten_all().unwrap().to_dtype(DType::F32).unwrap(), mvs[i].clone()], 0).unwrap();
+            assert_eq!(got.dims(), [3 * n]);
+            assert!(rel_err(&got, &want) < 1e-6, "parameter {i}, clip {}", clip.is_some());
+        }
+    }
 }
 
 #[test]
 fn optimizer_state_holds_no_graph() {
     // The plain (non-CPU) AdamW path must not chain each step's moments to the last step's:
     // a tracked result kept every step alive and ran the GPU out of memory.
-    let w = rand(&[4, 4], 41);
+    let w = Var::from_tensor(&rand(&[4, 4], 41, DType::F32)).unwrap();
     let mv = Tensor::zeros(32, DType::F32, &Device::Cpu).unwrap();
-    let hp = ops::AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1, bc1: 0.1, bc2: 0.02, grad_scale: 1.0 };
-    let out = reference::adamw_step(w.as_tensor(), rand(&[4, 4], 42).as_tensor(), &mv, hp).unwrap();
+    let hp = adamw::AdamWStep { lr: 0.01, beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1, bc1: 0.1, bc2: 0.02, grad_scale: 1.0 };
+    let out = reference::adamw_step(w.as_tensor(), &rand(&[4, 4], 42, DType::F32), &mv, hp).unwrap();
     let grads = (out.sum_all().unwrap() + w.as_tensor().sum_all().unwrap()).unwrap().backward().unwrap();
     let g = grads.get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(g.iter().all(|&x| x == 1.0), "the update must not be differentiable through w: {g:?}");

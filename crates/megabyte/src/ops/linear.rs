@@ -1,0 +1,200 @@
+//! Bias-free linear maps y = x Wᵀ for x [.., in] and W [out, in]. On the CPU one gemm per
+//! product (forward: y; backward: dx and dW from one call); elsewhere cuBLAS through candle's
+//! matmul in the activations' dtype, and on CUDA with bf16 activations an f32 dW straight from
+//! one cuBLAS GEMM.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::{contiguous, CResult, Elem};
+
+/// (W_act, y): the weight W cast once to x's dtype (the backward pass reuses the cast), and
+/// y = x W_actᵀ [.., out].
+pub fn forward(x: &Tensor, w: &Tensor) -> CResult<(Tensor, Tensor)> {
+    let x = x.detach();
+    let w_act = w.detach().to_dtype(x.dtype())?;
+    let dims = x.dims();
+    let d_in = dims[dims.len() - 1];
+    let mut out = dims.to_vec();
+    out[dims.len() - 1] = w_act.dim(0)?;
+    let y = if x.device().is_cpu() {
+        x.contiguous()?.apply_op2_no_bwd(&w_act.contiguous()?, &Linear)?.reshape(out)?
+    } else {
+        // cuBLAS, in the activations' dtype (bf16 weights cast from the f32 masters).
+        let m = x.elem_count() / d_in;
+        x.reshape((m, d_in))?.matmul(&w_act.t()?)?.reshape(out)?
+    };
+    Ok((w_act, y))
+}
+
+/// (dx, dW) of y = x W_actᵀ, with W_act the forward's weight in x's dtype ([`forward`]); dW in
+/// `dw_dtype` (the master weight's).
+pub fn backward(x: &Tensor, w_act: &Tensor, dy: &Tensor, dw_dtype: DType) -> CResult<(Tensor, Tensor)> {
+    let dims = x.dims();
+    let d_in = dims[dims.len() - 1];
+    let m = x.elem_count() / d_in;
+    let d_out = w_act.dim(0)?;
+    if x.device().is_cpu() {
+        let all = x.contiguous()?.apply_op3_no_bwd(&w_act.contiguous()?, &dy.contiguous()?, &LinearBackward)?;
+        let n = x.elem_count();
+        let dw = all.narrow(0, n, w_act.elem_count())?.reshape(w_act.shape())?.to_dtype(dw_dtype)?;
+        return Ok((all.narrow(0, 0, n)?.reshape(x.shape())?, dw));
+    }
+    let (x2, dy2) = (x.reshape((m, d_in))?, dy.reshape((m, d_out))?);
+    let dx = dy2.matmul(w_act)?.reshape(x.shape())?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() == DType::BF16 && dw_dtype == DType::F32 {
+        return Ok((dx, cuda::weight_grad_f32(&x2, &dy2)?));
+    }
+    let dw = dy2.t()?.matmul(&x2)?.to_dtype(dw_dtype)?;
+    Ok((dx, dw))
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU kernels.
+
+/// C = A·B for row-major views given by their (row, column) strides; dst is [m, n] contiguous.
+#[allow(clippy::too_many_arguments)]
+fn matmul_into<T: Elem>(dst: &mut [T], m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs: usize, b: &[T], b_rs: usize, b_cs: usize) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    assert!(dst.len() >= m * n);
+    // SAFETY: the strides describe views inside `a` and `b` (checked by the callers' shapes)
+    // and `dst` holds m·n elements.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, n as isize, false,
+            a.as_ptr(), a_cs as isize, a_rs as isize,
+            b.as_ptr(), b_cs as isize, b_rs as isize,
+            T::zero(), T::one(), false, false, false, parallelism,
+        )
+    }
+}
+
+/// x [M, in] · W [out, in]ᵀ → [M, out].
+fn linear_fwd<T: Elem>(x: &[T], w: &[T], d_in: usize, d_out: usize) -> Vec<T> {
+    let m = x.len() / d_in;
+    let mut y = vec![T::zero(); m * d_out];
+    matmul_into(&mut y, m, d_out, d_in, x, d_in, 1, w, 1, d_in);
+    y
+}
+
+/// [dx (M·in) | dW (out·in)] from dy [M, out].
+fn linear_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], d_in: usize, d_out: usize) -> Vec<T> {
+    let m = x.len() / d_in;
+    let mut out = vec![T::zero(); m * d_in + d_out * d_in];
+    let (dx, dw) = out.split_at_mut(m * d_in);
+    matmul_into(dx, m, d_in, d_out, dy, d_out, 1, w, d_in, 1); // dy · W
+    matmul_into(dw, d_out, d_in, m, dy, 1, d_out, x, d_in, 1); // dyᵀ · x
+    out
+}
+
+/// y [M, out] from contiguous x [.., in] and W [out, in].
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "megabyte-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (d_out, d_in) = l2.shape().dims2()?;
+        let x_dims = l1.dims();
+        if x_dims[x_dims.len() - 1] != d_in {
+            candle_core::bail!("linear: input {x_dims:?} does not end in {d_in}");
+        }
+        let m = l1.shape().elem_count() / d_in;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(linear_fwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, d_in, d_out)),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(linear_fwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, d_in, d_out)),
+            _ => candle_core::bail!("linear: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, Shape::from((m, d_out))))
+    }
+}
+
+/// [dx | dW] flat from x, W and dy (all contiguous).
+struct LinearBackward;
+
+impl CustomOp3 for LinearBackward {
+    fn name(&self) -> &'static str {
+        "megabyte-linear-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (d_out, d_in) = l2.shape().dims2()?;
+        let len = l1.shape().elem_count() + d_out * d_in;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => CpuStorage::F32(linear_bwd(
+                contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, contiguous(dy, l3, "dy")?, d_in, d_out,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => CpuStorage::F64(linear_bwd(
+                contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, contiguous(dy, l3, "dy")?, d_in, d_out,
+            )),
+            _ => candle_core::bail!("linear backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, Shape::from(len)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA.
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::{DType, Tensor};
+
+    use crate::ops::cuda::{alloc, contiguous_at, cuda_device, tensor, with_cuda};
+    use crate::ops::CResult;
+
+    /// dW [out, in] (f32) = dyᵀ · x for bf16 x [m, in] and dy [m, out], by one cuBLAS GEMM with
+    /// f32 output (no bf16 rounding of dW and no cast kernel).
+    pub(super) fn weight_grad_f32(x: &Tensor, dy: &Tensor) -> CResult<Tensor> {
+        use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+        let (m, d_in) = x.dims2()?;
+        let (m2, d_out) = dy.dims2()?;
+        if m != m2 || x.dtype() != DType::BF16 || dy.dtype() != DType::BF16 {
+            candle_core::bail!("weight_grad_f32: bf16 x [m, in] and dy [m, out] expected");
+        }
+        let (x, dy) = (x.contiguous()?, dy.contiguous()?);
+        let dev = cuda_device(&x)?;
+        let (out, pout) = alloc(&dev, DType::F32, d_out * d_in)?;
+        with_cuda(&x, |xs, xl| {
+            with_cuda(&dy, |gs, gl| {
+                let (px, pg) = (contiguous_at(xs, xl, "x")?, contiguous_at(gs, gl, "dy")?);
+                let blas = dev.cublas_handle();
+                let (alpha, beta) = (1f32, 0f32);
+                // Column-major: C [in × out] = x_cm [in × m] · dy_cm [out × m]ᵀ.
+                // SAFETY: the pointers cover [m, in], [m, out] and [out, in] elements on this
+                // device, and cuBLAS runs on candle's stream (its handle is bound to it).
+                unsafe {
+                    gemm_ex(
+                        *blas.handle(),
+                        sys::cublasOperation_t::CUBLAS_OP_N,
+                        sys::cublasOperation_t::CUBLAS_OP_T,
+                        d_in as i32,
+                        d_out as i32,
+                        m as i32,
+                        &alpha as *const f32 as *const _,
+                        px as *const _,
+                        sys::cudaDataType::CUDA_R_16BF,
+                        d_in as i32,
+                        pg as *const _,
+                        sys::cudaDataType::CUDA_R_16BF,
+                        d_out as i32,
+                        &beta as *const f32 as *const _,
+                        pout as *mut _,
+                        sys::cudaDataType::CUDA_R_32F,
+                        d_in as i32,
+                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                    .map_err(|e| candle_core::Error::Msg(format!("cuBLAS: {e:?}")))?;
+                }
+                Ok(())
+            })
+        })?;
+        Ok(tensor(out, (d_out, d_in)))
+    }
+}

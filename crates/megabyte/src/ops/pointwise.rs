@@ -1,0 +1,263 @@
+//! Elementwise ops: GELU (exact, erf form) with its backward, and dropout, whose mask is a
+//! hash of (key, element index), never stored, and which is its own backward.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous, fused_cuda, map2, reference, CResult, Elem, CHUNK};
+
+// ---------------------------------------------------------------------------------------------
+// GELU.
+
+/// GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)), elementwise.
+pub fn gelu(x: &Tensor) -> CResult<Tensor> {
+    let x = x.detach();
+    if fused_cuda(&x) && x.elem_count() % 2 == 0 {
+        return x.contiguous()?.apply_op1_no_bwd(&Gelu);
+    }
+    if !x.device().is_cpu() {
+        return x.gelu_erf();
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Gelu)
+}
+
+/// dx of [`gelu`] at x from dy.
+pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> CResult<Tensor> {
+    if (fused_cuda(x) && x.elem_count() % 2 == 0) || x.device().is_cpu() {
+        return x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &GeluBackward);
+    }
+    Ok(reference::vjp(&[x], dy, |t| t[0].gelu_erf())?.remove(0))
+}
+
+/// The standard normal's CDF Φ(x) and density φ(x), as GELU and its derivative need them.
+trait Gaussian: Elem {
+    fn normal_cdf_pdf(self) -> (Self, Self);
+}
+
+/// 1/√(2π)
+const FRAC_1_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+impl Gaussian for f32 {
+    /// erf by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7, below f32 resolution near 1),
+    /// whose exp(−z²) with z = x/√2 is also the density's exp(−x²/2): one exp for both.
+    /// libm's erff plus a separate exp were 25% of a `tiny` training step.
+    fn normal_cdf_pdf(self) -> (f32, f32) {
+        let z = self.abs() * std::f32::consts::FRAC_1_SQRT_2;
+        let t = 1.0 / (1.0 + 0.327_591_1 * z);
+        let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+        let e = (-z * z).exp();
+        let erf = (1.0 - poly * e).copysign(self);
+        (0.5 * (1.0 + erf), e * FRAC_1_SQRT_2PI as f32)
+    }
+}
+
+impl Gaussian for f64 {
+    fn normal_cdf_pdf(self) -> (f64, f64) {
+        (0.5 * (1.0 + libm::erf(self * std::f64::consts::FRAC_1_SQRT_2)), (-0.5 * self * self).exp() * FRAC_1_SQRT_2PI)
+    }
+}
+
+fn gelu_fwd<T: Gaussian>(x: &[T]) -> Vec<T> {
+    map2(x, x, |x, _| x * x.normal_cdf_pdf().0)
+}
+
+/// dGELU/dx = Φ(x) + x·φ(x).
+fn gelu_bwd<T: Gaussian>(x: &[T], dy: &[T]) -> Vec<T> {
+    map2(x, dy, |x, g| {
+        let (cdf, pdf) = x.normal_cdf_pdf();
+        g * (cdf + x * pdf)
+    })
+}
+
+/// GELU of a contiguous x (CPU and CUDA).
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "megabyte-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(gelu_fwd(contiguous(x, l, "gelu")?)),
+            CpuStorage::F64(x) => CpuStorage::F64(gelu_fwd(contiguous(x, l, "gelu")?)),
+            _ => candle_core::bail!("gelu: unsupported dtype {:?} on the CPU", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::gelu_fwd((s, l))
+    }
+}
+
+/// dx of GELU from contiguous x and dy (CPU and CUDA).
+struct GeluBackward;
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "megabyte-gelu-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(gelu_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?)),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(gelu_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?)),
+            _ => candle_core::bail!("gelu backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::gelu_bwd((s1, l1), (s2, l2))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout (training only).
+
+/// SplitMix64's finaliser: a bijective mix of 64 bits.
+pub fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Elements whose 24-bit hash is below this are dropped: p·2²⁴, rounded.
+fn drop_threshold(p: f64) -> u32 {
+    (p * (1u64 << 24) as f64).round() as u32
+}
+
+/// Whether dropout under `key` with probability `p` keeps element `index`: the top 24 bits of
+/// mix64(key ^ mix64(index)) against p·2²⁴. The CUDA kernel computes the same bits.
+pub fn dropout_keeps(key: u64, index: u64, p: f64) -> bool {
+    keeps(key, index, drop_threshold(p))
+}
+
+fn keeps(key: u64, index: u64, threshold: u32) -> bool {
+    ((mix64(key ^ mix64(index)) >> 40) as u32) >= threshold
+}
+
+/// The whole batch's index of the first element of a tensor of `shape` whose first row is
+/// row `row_offset` of the batch.
+pub(super) fn first_index(shape: &Shape, row_offset: usize) -> u64 {
+    let n = shape.dims().first().copied().unwrap_or(1).max(1);
+    (row_offset * (shape.elem_count() / n)) as u64
+}
+
+/// Inverted dropout of x [N, ...]: each element zeroed with probability p, the rest scaled by
+/// 1/(1 − p). Element i of row r is element (row_offset + r)·(its row length) + i of the whole
+/// batch, and its mask is [`dropout_keeps`] of that index, so a batch split into shards or
+/// ranks (each with the offset of its first row) draws the mask of the whole batch. It is its
+/// own backward pass: dx = dropout(dy) with the same key.
+pub fn dropout(x: &Tensor, p: f64, key: u64, row_offset: usize) -> CResult<Tensor> {
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability must be in [0, 1), got {p}");
+    }
+    let op = Dropout { p, key, row_offset };
+    if x.device().is_cpu() || fused_cuda(x) {
+        return x.contiguous()?.apply_op1_no_bwd(&op);
+    }
+    x.broadcast_mul(&reference::dropout_mask(x.shape(), p, key, row_offset, x.device())?.to_dtype(x.dtype())?)
+}
+
+/// Dropout of a contiguous x (CPU and CUDA).
+#[derive(Clone, Copy)]
+struct Dropout {
+    p: f64,
+    key: u64,
+    row_offset: usize,
+}
+
+impl Dropout {
+    fn apply<T: Elem>(&self, x: &[T], base: u64) -> Vec<T> {
+        let scale = T::from(1.0 / (1.0 - self.p)).expect("a finite scale");
+        let threshold = drop_threshold(self.p);
+        let mut out = vec![T::zero(); x.len()];
+        out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (o, x))| {
+            let start = base + (c * CHUNK) as u64;
+            for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                if keeps(self.key, start + i as u64, threshold) {
+                    *o = x * scale;
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "megabyte-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let base = first_index(l.shape(), self.row_offset);
+        let out = match s {
+            CpuStorage::F32(x) => CpuStorage::F32(self.apply(contiguous(x, l, "dropout")?, base)),
+            CpuStorage::F64(x) => CpuStorage::F64(self.apply(contiguous(x, l, "dropout")?, base)),
+            _ => candle_core::bail!("dropout: unsupported dtype {:?} on the CPU", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
+        cuda::dropout((s, l), first_index(l.shape(), self.row_offset), self.key, drop_threshold(self.p), (1.0 / (1.0 - self.p)) as f32)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA.
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, Layout, Shape};
+
+    use crate::ops::cuda::{alloc, contiguous_at, elementwise_blocks, launch, launch_cfg, paired, suffix};
+    use crate::ops::CResult;
+
+    pub(super) fn gelu_fwd(x: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shape)> {
+        let dev = &x.0.device;
+        let n = x.1.shape().elem_count();
+        let px = contiguous_at(x.0, x.1, "gelu x")?;
+        paired(&[px], n, x.0.dtype(), "gelu")?;
+        let (out, py) = alloc(dev, x.0.dtype(), n)?;
+        let n64 = n as u64;
+        launch!(dev, format!("gelu_fwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n / 2), 1), 256, 0), px, py, n64);
+        Ok((out, x.1.shape().clone()))
+    }
+
+    pub(super) fn gelu_bwd(x: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shape)> {
+        let dev = &x.0.device;
+        let n = x.1.shape().elem_count();
+        let (px, pg) = (contiguous_at(x.0, x.1, "gelu x")?, contiguous_at(dy.0, dy.1, "gelu dy")?);
+        if dy.0.dtype() != x.0.dtype() || dy.1.shape().elem_count() != n {
+            candle_core::bail!("gelu backward: dy must match x");
+        }
+        paired(&[px, pg], n, x.0.dtype(), "gelu backward")?;
+        let (out, pdx) = alloc(dev, x.0.dtype(), n)?;
+        let n64 = n as u64;
+        launch!(dev, format!("gelu_bwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n / 2), 1), 256, 0), px, pg, pdx, n64);
+        Ok((out, x.1.shape().clone()))
+    }
+
+    /// x (T, contiguous) with element i kept by `dropout_keeps(key, base + i)` and scaled.
+    pub(super) fn dropout(x: (&CudaStorage, &Layout), base: u64, key: u64, threshold: u32, scale: f32) -> CResult<(CudaStorage, Shape)> {
+        let dev = &x.0.device;
+        let n = x.1.shape().elem_count();
+        let px = contiguous_at(x.0, x.1, "dropout x")?;
+        let (out, py) = alloc(dev, x.0.dtype(), n)?;
+        let n64 = n as u64;
+        launch!(dev, format!("dropout_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n), 1), 256, 0), px, py, n64, base, key, threshold, scale);
+        Ok((out, x.1.shape().clone()))
+    }
+}
