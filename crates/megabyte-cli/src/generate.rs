@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use megabyte::generate::{generate, Sampler, Sampling};
 use megabyte::{Device, MegaByte};
 use megabyte_data::audio::{clip_bytes, write_wav, PcmFormat};
-use megabyte_data::image::{write_grid_png, ImageShape, PixelOrder};
+use megabyte_data::image::{write_grid_png, ImageShape};
 
 use crate::args::{DeviceArgs, PixelOrderArgs};
 

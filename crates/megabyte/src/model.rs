@@ -431,10 +431,11 @@ impl MegaByte {
 }
 
 /// The loss weights [B, T'] under which [`MegaByte::loss_and_grads`] takes the mean loss over
-/// every byte of `bytes` [B, T'] (f32, 1/(B·T') each).
+/// every byte of `bytes` [B, T']: 1/(B·T') each, in f64 (exact for an f64 model; the pass
+/// rounds them to its own precision).
 pub fn mean_weights(bytes: &Tensor) -> Result<Tensor> {
     let (b, t) = bytes.dims2()?;
-    Ok(Tensor::full((1.0 / (b * t) as f64) as f32, (b, t), bytes.device())?)
+    Ok(Tensor::full(1.0 / (b * t) as f64, (b, t), bytes.device())?)
 }
 
 /// The gradient of a position table of `rows` rows from that of its first rows (a sequence

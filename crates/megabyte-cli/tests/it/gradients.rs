@@ -16,7 +16,7 @@ use crate::{random_bytes, reference, small_config};
 /// The mean loss and its gradients by the explicit pass, without dropout.
 fn mean_loss_and_grads(model: &MegaByte, x: &Tensor) -> (f64, Grads) {
     let (loss, grads) = model.loss_and_grads(x, &mean_weights(x).unwrap(), TrainPass::default()).unwrap();
-    (loss.to_scalar::<f64>().unwrap(), grads)
+    (loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(), grads)
 }
 
 /// Autograd's gradients of `scale`·(the reference model's mean loss), and that loss.
@@ -214,7 +214,8 @@ fn dropout_keeps_the_explicit_backward_exact_and_splits_by_rows() {
         assert!((want - plain).abs() > 1e-6, "{what}: dropout changes the loss");
         for recompute in [false, true] {
             let (loss, grads) = model.loss_and_grads(&x, &w, TrainPass { dropout: Some(drop), recompute }).unwrap();
-            assert!((loss.to_scalar::<f64>().unwrap() - want).abs() < 1e-12, "{what}: loss");
+            let loss = loss.to_scalar::<f64>().unwrap();
+            assert!((loss - want).abs() < 1e-12, "{what}: loss {loss} vs the reference {want} (no dropout: {plain})");
             crate::assert_grads_equal(&params, &auto, &grads, &format!("{what} recompute={recompute}"));
         }
         // Rows [0, 1) and [1, 3), with row offsets 0 and 1, under the whole batch's weights.

@@ -72,8 +72,10 @@ fn transformer(p: &impl Fn(&str) -> Tensor, name: &str, cfg: &TransformerConfig,
     let d = cfg.width;
     let dropped = |x: Tensor, block: usize, branch: u64| match drop {
         Some((key, row, prob)) => {
+            // The mask's kept elements, scaled by 1/(1 − p) in x's own precision.
             let mask = reference::dropout_mask(x.shape(), prob, mix64(key ^ ((block as u64) << 1 | branch)), row, x.device()).unwrap();
-            (x * mask.to_dtype(x.dtype()).unwrap()).unwrap()
+            let kept = mask.ne(0f32).unwrap().to_dtype(x.dtype()).unwrap();
+            ((x * kept).unwrap() * (1.0 / (1.0 - prob))).unwrap()
         }
         None => x,
     };
@@ -85,7 +87,7 @@ fn transformer(p: &impl Fn(&str) -> Tensor, name: &str, cfg: &TransformerConfig,
         let y = reference::causal_attention(&q.contiguous().unwrap(), &k.contiguous().unwrap(), &v.contiguous().unwrap(), cfg.heads, cfg.window).unwrap();
         x = (&x + dropped(linear(&y, &p(&format!("{blk}.attn.proj.weight"))), i, 0)).unwrap();
         let u = linear(&norm(p, &format!("{blk}.mlp_norm"), kind, &x), &p(&format!("{blk}.mlp.up.weight")));
-        x = (&x + dropped(linear(&u.gelu_erf().unwrap(), &p(&format!("{blk}.mlp.down.weight"))), i, 1)).unwrap();
+        x = (&x + dropped(linear(&reference::gelu(&u).unwrap(), &p(&format!("{blk}.mlp.down.weight"))), i, 1)).unwrap();
     }
     norm(p, &format!("{name}.norm"), kind, &x)
 }
