@@ -62,7 +62,7 @@ fn check<S>(
 }
 
 #[test]
-fn linear_matches_composition() {
+fn fused_linear_matches_composition() {
     // Rank 3 and rank 2 inputs, odd widths.
     for dtype in DTYPES {
         for (x, w) in [(vec![3, 5, 24], vec![40, 24]), (vec![7, 13], vec![5, 13])] {
@@ -88,7 +88,7 @@ fn linear_matches_composition() {
 }
 
 #[test]
-fn self_attention_matches_composition() {
+fn fused_self_attention_matches_composition() {
     // Full causal, and sliding windows shorter than, equal to and longer than the sequence.
     for dtype in DTYPES {
         for (n, s, d, h, window) in [(3, 8, 32, 2, None), (2, 12, 24, 3, None), (4, 1, 16, 4, None), (2, 12, 24, 3, Some(1)), (2, 12, 24, 3, Some(5)), (3, 8, 32, 2, Some(8)), (1, 6, 16, 2, Some(40))] {
@@ -146,7 +146,7 @@ fn joined(y: &Tensor, x: &Tensor) -> Tensor {
 }
 
 #[test]
-fn norms_match_composition() {
+fn fused_norms_match_composition() {
     // LayerNorm (bias) and RMSNorm (none), an even and an odd width, with and without dres.
     for dtype in DTYPES {
         for (shape, seed) in [([6, 5, 48], 3), ([4, 3, 13], 13)] {
@@ -190,7 +190,7 @@ fn norms_match_composition() {
 }
 
 #[test]
-fn cross_entropy_matches_composition() {
+fn fused_cross_entropy_matches_composition() {
     // A random d losses: the weight of each row's loss.
     let targets: Vec<u32> = crate::random_bytes(37, 7).into_iter().map(u32::from).collect();
     let targets = Tensor::from_vec(targets, 37, &Device::Cpu).unwrap();
@@ -206,7 +206,7 @@ fn cross_entropy_matches_composition() {
 }
 
 #[test]
-fn gelu_matches_composition() {
+fn fused_gelu_matches_composition() {
     // An odd and an even element count; the reference agrees with candle's gelu_erf.
     for dtype in DTYPES {
         let x = rand(&[7, 33], 9, dtype);
@@ -228,7 +228,7 @@ fn gelu_matches_composition() {
 /// keeps about 1 − p of the elements; rows taken with their offset draw the whole tensor's
 /// mask; another key draws another mask; p = 0 is the identity and p outside [0, 1) an error.
 #[test]
-fn dropout_matches_its_mask() {
+fn fused_dropout_matches_its_mask() {
     let (p, key) = (0.3, 77);
     for dtype in DTYPES {
         let x = rand(&[6, 5, 8], 21, dtype);
@@ -254,7 +254,7 @@ fn dropout_matches_its_mask() {
 }
 
 #[test]
-fn embedding_matches_composition() {
+fn fused_embedding_matches_composition() {
     // 5000 ids over 256 rows: many repeats, as bytes have.
     let ids: Vec<u32> = crate::random_bytes(5000, 31).iter().map(|&b| b as u32).collect();
     let ids = Tensor::from_vec(ids, (50, 100), &Device::Cpu).unwrap();
