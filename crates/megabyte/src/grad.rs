@@ -1,10 +1,12 @@
-//! Gradients by parameter, and the model's explicit backward pass (`MegaByte::loss_and_grads`).
+//! Gradients by parameter (`Grads`), which the model's backward pass fills
+//! (`MegaByte::loss_and_grads`, `nn.rs`) and the optimizer reads.
 //!
-//! candle's autograd adds every gradient into a fresh zero tensor, one memset and one add per
-//! graph edge; on the H200 that was 40% of an `enwik8` training step (BENCHMARKS.md). The
-//! explicit pass runs the same fused kernels (`ops::*::backward`) in reverse order over the
-//! activations its forward pass kept, and frees each block's activations as it goes.
-//! tests/it/gradients.rs checks it against candle's autograd and finite differences.
+//! The backward pass does not use candle's autograd, which adds every gradient into a fresh
+//! zero tensor, one memset and one add per graph edge (40% of an `enwik8` training step on the
+//! H200, BENCHMARKS.md): each layer runs its ops' backward kernels in reverse order over the
+//! activations its forward kept. `from_store` reads autograd's gradients for the tests, which
+//! check the backward pass against autograd through the reference model (tests/it/reference.rs)
+//! and against finite differences.
 
 use std::collections::HashMap;
 
