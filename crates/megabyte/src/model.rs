@@ -215,14 +215,14 @@ impl MegaByte {
         }
         let dtype = accumulation_dtype(self.act);
         let w = weights.flatten_all()?.to_dtype(dtype)?; // [B·T']
-        let (losses, grads) = self.weighted_losses_and_grads(bytes, w.clone(), pass)?;
+        let (losses, grads) = self.byte_losses_and_grads(bytes, w.clone(), pass)?;
         let w = w.to_dtype(losses.dtype())?;
         Ok(((losses * w)?.sum_all()?, grads))
     }
 
     /// Every byte's loss [B·T'] and the gradients of Σ_t dloss_t·loss_t (dloss [B·T'] in the
     /// losses' dtype), by the explicit backward pass.
-    fn weighted_losses_and_grads(&self, bytes: &Tensor, dloss: Tensor, pass: TrainPass) -> Result<(Tensor, Grads)> {
+    fn byte_losses_and_grads(&self, bytes: &Tensor, dloss: Tensor, pass: TrainPass) -> Result<(Tensor, Grads)> {
         let (b, t) = self.check_input(bytes)?;
         let (p, k, dg, dl) = (self.cfg.patch_size, t / self.cfg.patch_size, self.cfg.d_global(), self.cfg.local.width);
         let pe = &self.patch_embedder;
