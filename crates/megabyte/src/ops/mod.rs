@@ -10,20 +10,21 @@
 //! arithmetic, bounds the speed of small models (`tiny`: 17K → 23K training bytes/s from
 //! fusing alone; BENCHMARKS.md has the whole log); on CUDA, candle's autograd added every
 //! gradient into a fresh zero tensor (one memset and one add per graph edge: 40% of an `enwik8`
-//! step on the H200). Nothing here builds a graph: the forward functions detach their inputs.
+//! step on the H200). The kernels run outside candle's autograd (`apply_op*_no_bwd`) and the
+//! forward functions detach their inputs: the explicit passes build no graph.
 //!
 //! Kernels exist for the CPU in f32 and f64 (rayon loops in the calling pool) and for CUDA in
 //! f32 and bf16 (`kernels/*.cuh`, one fat binary; launchers in each op's `cuda` module over the
 //! plumbing of `ops/cuda.rs`). Norm weights, losses, softmax statistics and optimizer state
 //! stay f32 on CUDA. Without a kernel for a device, dtype or shape (odd widths, other head
-//! dimensions, windows the CUDA kernels do not take), an op runs its plain composition in
-//! [`reference`] forward and backward by candle's autograd ([`reference::vjp`]): correct, not
-//! fast.
+//! dimensions, windows the CUDA kernels do not take), an op runs a plain composition of candle
+//! ops ([`reference`]'s; for GELU candle's `gelu_erf`), its backward by candle's autograd
+//! ([`reference::vjp`]): correct, not fast.
 //!
 //! Tests: tests/it/ops.rs checks every op's forward and backward against [`reference`] by
 //! autograd, in f64 and f32 on the CPU (AdamW against the textbook update too);
-//! tests/it/cuda.rs checks the CUDA kernels against the CPU ones in f32 and
-//! bf16; tests/it/gradients.rs checks the whole model's backward pass.
+//! tests/it/cuda.rs checks the CUDA kernels against the CPU ones in f32 and bf16;
+//! tests/it/gradients.rs checks the whole model's backward pass.
 
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor, WithDType};
 use num_traits::Float;
