@@ -79,9 +79,13 @@ pub struct Args {
     /// Channels of the WAV clip: 1 or 2 (that of the training audio).
     #[arg(long, default_value_t = 1)]
     channels: u16,
-    /// Output file of --image (PNG) or --wav (WAV).
+    /// Output file of --image (PNG) or --wav (WAV). An existing file is refused unless
+    /// --overwrite is given.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Replace the --out file if it exists.
+    #[arg(long, requires = "out")]
+    overwrite: bool,
 }
 
 /// `--sampling`: the rules of [`Sampling`], whose parameters are their own flags.
@@ -106,6 +110,9 @@ pub fn run(args: Args) -> Result<()> {
         Rule::TopP => Sampling::TopP { p: args.top_p, temperature: t },
     };
     let mut sampler = Sampler::new(sampling, args.seed)?;
+    if let Some(out) = args.out.as_ref().filter(|out| !args.overwrite && out.symlink_metadata().is_ok()) {
+        bail!("{} already exists: pass --overwrite to replace it, or choose another --out", out.display());
+    }
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(text), _) => text.as_bytes().to_vec(),
         (None, Some(path)) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,

@@ -396,8 +396,15 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
         (None, Some(resume)) => run_folder_of(resume),
         (None, None) => bail!("--out is required"),
     };
+    // Rank 0 alone writes the run folder, and holds its lock until this returns (the other
+    // ranks never touch it). A resumed run is locked before its checkpoint is read, so no other
+    // process saves or prunes under it, and an interrupted save is restored first.
+    let mut lock = None;
     let mut trainer = match &args.resume {
         Some(path) => {
+            if leader {
+                lock = Some(train::prepare_run_dir(&out, true)?);
+            }
             let trainer = Trainer::resume(path, args.stopping_rules(), &device)?;
             args.check_agrees(&trainer, &device)?;
             trainer
@@ -416,8 +423,8 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     if let Some(env) = &dist {
         megabyte::dist::rank_rows(trainer.record().train.batch_size, env.world_size, env.rank)?;
     }
-    if leader {
-        train::prepare_run_dir(&out, resuming)?;
+    if leader && lock.is_none() {
+        lock = Some(train::prepare_run_dir(&out, resuming)?);
     }
     if let Some(env) = &dist {
         join_job(&mut trainer, env, &device, args.nccl_timeout)?;
@@ -516,6 +523,7 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
         let sample = generate(trainer.model(), &[prompt.clone()], sample_bytes, &mut sampler, &device, &mut |_| {})?;
         println!("sample (prompt in brackets):\n[{}]{}", String::from_utf8_lossy(&prompt), String::from_utf8_lossy(&sample[0]));
     }
+    drop(lock); // the run folder is free for another process from here
     Ok(())
 }
 

@@ -6,7 +6,10 @@
 //!   checkpoints only; eval and generate need just the first two).
 //!
 //! A checkpoint is written into a hidden temporary folder, synced, then renamed into place, so
-//! a crash or a full disk never leaves a half-written `step-*` folder behind.
+//! a crash or a full disk never leaves a half-written `step-*` folder behind. Replacing a
+//! checkpoint of the same step never removes the complete one before its replacement is in
+//! place (see [`save`]), and a complete copy that an interrupted save left under a hidden name
+//! is found by [`list`] and moved back by [`remove_stale_temps`], never deleted.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +26,11 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const TRAIN_FILE: &str = "train.json";
 const PREFIX: &str = "step-";
+/// The hidden folder a save writes into: `.step-NNNNNNNN.tmp-PID` (possibly incomplete).
+const TMP_MARK: &str = ".tmp-";
+/// Where a save without an atomic exchange moves the step's previous, complete checkpoint:
+/// `.step-NNNNNNNN.old-PID`.
+const OLD_MARK: &str = ".old-";
 
 fn ckpt_err(path: &Path, msg: impl Into<String>) -> Error {
     Error::Checkpoint { path: path.into(), msg: msg.into() }
@@ -43,29 +51,68 @@ pub fn dir_for(run_dir: &Path, step: u64) -> PathBuf {
 }
 
 /// Writes `data` as `run_dir/step-NNNNNNNN` atomically and returns that path.
+///
+/// Saving a step that already has a checkpoint (a resumed run re-saving its step) swaps the new
+/// folder for the old one in one atomic rename where the system can (Linux's
+/// `RENAME_EXCHANGE`); elsewhere the old folder is moved aside to `.step-NNNNNNNN.old-PID`
+/// first. Either way a crash at any instant leaves a complete checkpoint of the step, under
+/// `step-NNNNNNNN` or that hidden name, which [`list`] counts and [`remove_stale_temps`]
+/// restores.
 pub fn save(run_dir: &Path, data: &CheckpointData) -> Result<PathBuf> {
     let name = format!("{PREFIX}{:08}", data.step);
     let final_dir = dir_for(run_dir, data.step);
-    let tmp = run_dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let old = run_dir.join(format!(".{name}.old-{}", std::process::id()));
+    let tmp = run_dir.join(format!(".{name}{TMP_MARK}{}", std::process::id()));
+    let old = run_dir.join(format!(".{name}{OLD_MARK}{}", std::process::id()));
     let result = write_into(&tmp, data).and_then(|()| {
-        // Replacing a checkpoint of the same step: move the old one aside first, so that a
-        // crash at any point leaves one complete `step-*` folder or the hidden copy.
-        let replacing = final_dir.exists();
-        if replacing {
-            std::fs::rename(&final_dir, &old).io_context(|| format!("moving aside {}", final_dir.display()))?;
+        if final_dir.exists() {
+            replace(&tmp, &final_dir, &old, run_dir)
+        } else {
+            std::fs::rename(&tmp, &final_dir).io_context(|| format!("renaming into {}", final_dir.display()))?;
+            sync_dir(run_dir);
+            Ok(())
         }
-        std::fs::rename(&tmp, &final_dir).io_context(|| format!("renaming into {}", final_dir.display()))?;
-        sync_dir(run_dir);
-        if replacing {
-            std::fs::remove_dir_all(&old).io_context(|| format!("removing {}", old.display()))?;
-        }
-        Ok(())
     });
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result.map(|()| final_dir)
+}
+
+/// Puts the complete checkpoint `new` in the place of the complete checkpoint `dest`, so that
+/// at every instant `dest` or `aside` holds a complete checkpoint of the step.
+fn replace(new: &Path, dest: &Path, aside: &Path, run_dir: &Path) -> Result<()> {
+    if exchange(new, dest) {
+        // `new` now holds the previous checkpoint, under a name start-up cleanup removes.
+        sync_dir(run_dir);
+        return std::fs::remove_dir_all(new).io_context(|| format!("removing {}", new.display()));
+    }
+    // No atomic exchange here: move the old one aside first. A crash between the two renames
+    // leaves it complete under `aside`, which `list` counts as the step's checkpoint.
+    std::fs::rename(dest, aside).io_context(|| format!("moving aside {}", dest.display()))?;
+    std::fs::rename(new, dest).io_context(|| format!("renaming into {}", dest.display()))?;
+    sync_dir(run_dir);
+    std::fs::remove_dir_all(aside).io_context(|| format!("removing {}", aside.display()))
+}
+
+/// Swaps two paths atomically; false where the system or filesystem cannot.
+#[cfg(target_os = "linux")]
+fn exchange(a: &Path, b: &Path) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let (Ok(a), Ok(b)) = (CString::new(a.as_os_str().as_bytes()), CString::new(b.as_os_str().as_bytes())) else {
+        return false;
+    };
+    // SAFETY: two valid NUL-terminated paths; the call only renames. The raw system call,
+    // not glibc's wrapper, which older glibc versions lack.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_renameat2, libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE)
+    };
+    rc == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange(_: &Path, _: &Path) -> bool {
+    false
 }
 
 fn write_into(dir: &Path, data: &CheckpointData) -> Result<()> {
@@ -105,9 +152,11 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-/// The checkpoint folders of a run, oldest first.
+/// The checkpoint folders of a run, oldest first: every `step-*` folder, and the complete copy
+/// an interrupted save left moved aside (`.step-*.old-*`) of a step that has no `step-*` folder.
 pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
+    let mut aside = Vec::new();
     let entries = match std::fs::read_dir(run_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
@@ -115,26 +164,57 @@ pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(step) = name.to_str().and_then(|n| n.strip_prefix(PREFIX)).and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if entry.path().is_dir() {
-            out.push((step, entry.path()));
+        let Some(name) = name.to_str() else { continue };
+        if let Some(step) = name.strip_prefix(PREFIX).and_then(|s| s.parse::<u64>().ok()) {
+            if entry.path().is_dir() {
+                out.push((step, entry.path()));
+            }
+        } else if let Some(step) = moved_aside(name) {
+            if entry.path().is_dir() {
+                aside.push((step, entry.path()));
+            }
+        }
+    }
+    for (step, path) in aside {
+        if !out.iter().any(|(s, _)| *s == step) {
+            out.push((step, path));
         }
     }
     out.sort();
+    out.dedup_by_key(|(step, _)| *step);
     Ok(out)
 }
 
-/// Removes hidden temporary folders that an interrupted save left in a run folder.
+/// The step of a complete checkpoint moved aside by an interrupted save (`.step-N.old-PID`).
+fn moved_aside(name: &str) -> Option<u64> {
+    let (step, pid) = name.strip_prefix(&format!(".{PREFIX}"))?.split_once(OLD_MARK)?;
+    pid.parse::<u32>().ok()?;
+    step.parse().ok()
+}
+
+/// Tidies what an interrupted save left in a run folder: a complete checkpoint moved aside
+/// (`.step-N.old-PID`) goes back to `step-N` when that is missing (and is removed when
+/// `step-N` is there, complete, in its place); temporary folders (`.step-N.tmp-PID`, never
+/// renamed into place, or holding a replaced checkpoint) are removed. Call it only while
+/// holding the run folder's lock (`train::prepare_run_dir`), never beside a running save.
 pub fn remove_stale_temps(run_dir: &Path) -> Result<()> {
     let Ok(entries) = std::fs::read_dir(run_dir) else { return Ok(()) };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(&format!(".{PREFIX}")) && (name.contains(".tmp-") || name.contains(".old-")) {
-            std::fs::remove_dir_all(entry.path()).io_context(|| format!("removing {}", entry.path().display()))?;
+    let mut names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    for name in names {
+        let path = run_dir.join(&name);
+        if let Some(step) = moved_aside(&name) {
+            let home = dir_for(run_dir, step);
+            if !home.exists() {
+                std::fs::rename(&path, &home)
+                    .io_context(|| format!("restoring the checkpoint {} to {}", path.display(), home.display()))?;
+                sync_dir(run_dir);
+                continue;
+            }
+        } else if !(name.starts_with(&format!(".{PREFIX}")) && name.contains(TMP_MARK)) {
+            continue;
         }
+        std::fs::remove_dir_all(&path).io_context(|| format!("removing {}", path.display()))?;
     }
     Ok(())
 }
