@@ -282,15 +282,15 @@ impl DataSpec {
         let now = self.files()?;
         let redo = "resume with the data the run was trained on, or start a new run in another folder";
         for was in recorded {
-            let changed = |msg: String| Error::Data { path: was.path.clone(), msg: format!("{msg} since the run started; {redo}") };
+            let changed = |msg: String| Error::Data { path: was.path.clone(), msg: format!("{msg}; {redo}") };
             match now.iter().find(|f| f.path == was.path) {
-                None => return Err(changed(format!("is gone (it held {} bytes)", was.bytes))),
+                None => return Err(changed(format!("is gone since the run started (it held {} bytes)", was.bytes))),
                 Some(f) if f.bytes != was.bytes => {
-                    return Err(changed(format!("changed size: {} bytes then, {} now", was.bytes, f.bytes)))
+                    return Err(changed(format!("has changed size since the run started: {} bytes then, {} now", was.bytes, f.bytes)))
                 }
                 Some(f) if f.xxh3 != was.xxh3 => {
                     return Err(changed(format!(
-                        "holds other bytes of the same length ({} bytes; XXH3 {} then, {} now)",
+                        "holds other bytes than when the run started, of the same length ({} bytes; XXH3 {} then, {} now)",
                         f.bytes, was.xxh3, f.xxh3
                     )))
                 }
@@ -761,13 +761,14 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 /// Ctrl-C, `kill -9`). The file stays behind; a later run takes its free lock.
 #[derive(Debug)]
 pub struct RunLock {
-    _file: std::fs::File,
+    file: std::fs::File,
+    path: PathBuf,
 }
 
 impl RunLock {
     fn acquire(run_dir: &Path) -> Result<Self> {
         let path = run_dir.join(LOCK_FILE);
-        let mut file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -789,10 +790,15 @@ impl RunLock {
                 return Err(Error::Io { context: format!("locking {}", path.display()), source: e })
             }
         }
-        file.set_len(0)
-            .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
-            .io_context(|| format!("the output folder {} is not writable: writing {}", run_dir.display(), path.display()))?;
-        Ok(RunLock { _file: file })
+        Ok(RunLock { file, path })
+    }
+
+    /// Writes this process's pid into the lock file, for the message of a process refused.
+    fn claim(&mut self) -> Result<()> {
+        self.file
+            .set_len(0)
+            .and_then(|()| self.file.write_all(format!("{}\n", std::process::id()).as_bytes()))
+            .io_context(|| format!("writing {}", self.path.display()))
     }
 }
 
@@ -841,10 +847,11 @@ pub fn prepare_run_dir(run_dir: &Path, resuming: bool) -> Result<RunLock> {
             names[0]
         )));
     }
-    let lock = match held {
+    let mut lock = match held {
         Some(lock) => lock,
         None => RunLock::acquire(run_dir)?,
     };
+    lock.claim().map_err(|e| Error::Input(format!("the output folder {dir} is not writable: {e}")))?;
     checkpoint::remove_stale_temps(run_dir)?;
     // Prove that checkpoints can be written, with a name no one else's file can have.
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());

@@ -25,6 +25,7 @@ mod overfit;
 mod presets;
 mod plot;
 mod reference;
+mod run_folder;
 mod sampling;
 
 use std::path::PathBuf;
