@@ -426,6 +426,10 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     if leader && lock.is_none() {
         lock = Some(train::prepare_run_dir(&out, resuming)?);
     }
+    // The run goes on: its pid names it to any process refused from here on.
+    if let Some(lock) = lock.as_mut() {
+        lock.claim()?;
+    }
     if let Some(env) = &dist {
         join_job(&mut trainer, env, &device, args.nccl_timeout)?;
     }

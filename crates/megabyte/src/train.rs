@@ -778,12 +778,17 @@ impl RunLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u32>().ok());
+                // The pid of the holder's `claim`; a dead one is an earlier holder's, written
+                // before the current holder, still starting, claimed the lock.
+                let holder = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+                    .filter(|&pid| process_exists(pid));
                 return Err(Error::Input(format!(
                     "{} is in use by another megabyte process ({}): two runs in one folder would overwrite each \
                      other's checkpoints; wait for it to finish or stop it, or choose another output folder",
                     run_dir.display(),
-                    holder.map_or("pid unknown".to_string(), |pid| format!("pid {pid}"))
+                    holder.map_or("starting up, pid not yet written".to_string(), |pid| format!("pid {pid}"))
                 )));
             }
             Err(std::fs::TryLockError::Error(e)) => {
@@ -793,8 +798,10 @@ impl RunLock {
         Ok(RunLock { file, path })
     }
 
-    /// Writes this process's pid into the lock file, for the message of a process refused.
-    fn claim(&mut self) -> Result<()> {
+    /// Writes this process's pid into the lock file, for the message of a process refused:
+    /// call it once the run is sure to go on, so that a run refused for another reason (a
+    /// resume with settings not its own) leaves the folder as it was.
+    pub fn claim(&mut self) -> Result<()> {
         self.file
             .set_len(0)
             .and_then(|()| self.file.write_all(format!("{}\n", std::process::id()).as_bytes()))
@@ -802,13 +809,28 @@ impl RunLock {
     }
 }
 
+/// Whether process `pid` exists.
+#[cfg(unix)]
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    alive || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(not(unix))]
+fn process_exists(_: u32) -> bool {
+    true
+}
+
 /// Whether a run folder entry is one a run writes.
 fn is_run_file(name: &str) -> bool {
     name == LOCK_FILE || name == METRICS_FILE || name == "loss.png" || name.starts_with("step-") || name.starts_with(".step-")
 }
 
-/// Prepares a run folder and locks it ([`RunLock`]; keep it for the whole run): creates it,
-/// restores what an interrupted save left (under the lock), and proves it writable.
+/// Prepares a run folder and locks it ([`RunLock`]; keep it for the whole run, and
+/// [`RunLock::claim`] it once the run goes on): creates it, restores what an interrupted save
+/// left (under the lock), and proves it writable.
 ///
 /// A new run needs a new or empty folder: one that holds checkpoints is refused unless
 /// resuming, one whose run stopped before its first checkpoint is refused (it cannot be
@@ -847,13 +869,13 @@ pub fn prepare_run_dir(run_dir: &Path, resuming: bool) -> Result<RunLock> {
             names[0]
         )));
     }
-    let mut lock = match held {
+    let lock = match held {
         Some(lock) => lock,
         None => RunLock::acquire(run_dir)?,
     };
-    lock.claim().map_err(|e| Error::Input(format!("the output folder {dir} is not writable: {e}")))?;
     checkpoint::remove_stale_temps(run_dir)?;
-    // Prove that checkpoints can be written, with a name no one else's file can have.
+    // Prove that checkpoints can be written, with a new file (create_new), so that no file of
+    // the user's is ever overwritten or removed.
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let probe = run_dir.join(format!(".write-test-{}-{nanos}", std::process::id()));
     std::fs::OpenOptions::new()

@@ -100,7 +100,8 @@ fn a_process_refused_by_the_lock_writes_and_deletes_nothing() {
     let run = temp_dir("locked-still").join("run");
     let (ok, err) = train(&run, &["--steps", "2"]);
     assert!(ok, "{err}");
-    let lock = train::prepare_run_dir(&run, true).unwrap();
+    let mut lock = train::prepare_run_dir(&run, true).unwrap();
+    lock.claim().unwrap();
     let saving = run.join(".step-00000004.tmp-4242");
     std::fs::create_dir(&saving).unwrap();
     std::fs::write(saving.join(checkpoint::CONFIG_FILE), b"{}").unwrap();
@@ -254,4 +255,20 @@ fn a_run_does_not_resume_on_other_bytes_of_the_same_length() {
     std::fs::write(&data, random_bytes(20_000, 3)).unwrap();
     let (ok, err) = resume("3");
     assert!(ok, "{err}");
+}
+
+#[test]
+fn a_re_saved_step_holds_the_new_weights() {
+    use megabyte::checkpoint::CheckpointData;
+    use megabyte::{DType, Device};
+    let run = temp_dir("resave-weights");
+    let (a, b) = (crate::tiny(1), crate::tiny(2));
+    for (model, params) in [&a, &b] {
+        checkpoint::save(&run, &CheckpointData { step: 7, config: model.config(), params, training: None }).unwrap();
+    }
+    let (loaded, _) = checkpoint::load_model(&checkpoint::resolve(&run).unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let x = crate::bytes_tensor(&[random_bytes(256, 4)]);
+    assert_eq!(crate::max_abs_diff(&b.0.logits(&x).unwrap(), &loaded.logits(&x).unwrap()), 0.0);
+    let names: Vec<String> = std::fs::read_dir(&run).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert_eq!(names, vec!["step-00000007".to_string()]);
 }
