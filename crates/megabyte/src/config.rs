@@ -419,7 +419,7 @@ impl ModelConfig {
             Workload::Training { rows, .. } => format!("to train ({} parameters, {rows} sequences a micro-batch)", self.param_counts().total),
         };
         Err(Error::Config(format!(
-            "the model does not fit: it needs at least {:.1} GiB {doing}, and the {what} has {:.1} GiB; \
+            "the model does not fit: it needs at least {:.1} GiB {doing}, and {:.1} GiB are {what}; \
              choose a smaller model, batch or context (or --recompute)",
             gib(need),
             gib(limit as f64)
@@ -452,7 +452,7 @@ pub enum Workload {
     Training { rows: usize, recompute: bool, precision: Precision },
 }
 
-/// Bytes `device` can still allocate and what to call it: the CPU's `MemAvailable`
+/// Bytes `device` can still allocate and where they are: the CPU's `MemAvailable`
 /// (/proc/meminfo), a CUDA device's free memory; `None` when unknown.
 fn available_memory(device: &candle_core::Device) -> Option<(u64, &'static str)> {
     match device {
@@ -460,12 +460,12 @@ fn available_memory(device: &candle_core::Device) -> Option<(u64, &'static str)>
             let info = std::fs::read_to_string("/proc/meminfo").ok()?;
             let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
             let kib: u64 = line.trim_start_matches("MemAvailable:").trim().trim_end_matches("kB").trim().parse().ok()?;
-            Some((kib.checked_mul(1024)?, "machine's available memory"))
+            Some((kib.checked_mul(1024)?, "available on this machine"))
         }
         #[cfg(feature = "cuda")]
         candle_core::Device::Cuda(d) => {
             let (free, _total) = d.cuda_stream().context().mem_get_info().ok()?;
-            Some((free as u64, "GPU's free memory"))
+            Some((free as u64, "free on the GPU"))
         }
         #[allow(unreachable_patterns)]
         _ => None,
