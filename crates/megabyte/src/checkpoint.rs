@@ -206,7 +206,7 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<(MegaByte, Params)> {
     let cfg = load_config(dir)?;
     let precision = if dtype == DType::BF16 { crate::config::Precision::Bf16 } else { crate::config::Precision::F32 };
-    cfg.check_fits(crate::config::Workload::Inference { precision }, device)
+    cfg.check_fits(crate::config::Workload::Inference { rows: 1, precision }, device)
         .map_err(|e| ckpt_err(&dir.join(CONFIG_FILE), e.to_string()))?;
     let mut params = Params::for_loading(dtype, device);
     let model = MegaByte::new(&cfg, &mut params)?;

@@ -376,7 +376,7 @@ impl ModelConfig {
     ///   values of its width per position (its input, normed input, attention output, MLP
     ///   input; the MLP's hidden 4·width is not counted), 1 with recomputation, plus the f32
     ///   logits (T·V);
-    /// - inference: one sequence's KV caches.
+    /// - inference: the KV caches and f32 logits (V) of every sequence decoded together.
     ///
     /// Measured against it: `paper-arxiv` at batch 16 in bf16 peaks at about 104 GiB on an
     /// H200, and this estimate is 36 GiB.
@@ -388,10 +388,10 @@ impl ModelConfig {
         };
         let f = |n: usize| n as f64;
         match work {
-            Workload::Inference { precision } => {
+            Workload::Inference { rows, precision } => {
                 let kv = 2.0 * (f(self.global.layers) * f(self.patches()) * f(self.global.width)
                     + f(self.local.layers) * f(self.local_positions()) * f(self.local.width));
-                (params + kv) * bytes(precision)
+                (params + f(rows) * kv) * bytes(precision) + f(rows) * 4.0 * f(V)
             }
             Workload::Training { rows, recompute, precision } => {
                 let kept = if recompute { 1.0 } else { 4.0 };
@@ -415,7 +415,7 @@ impl ModelConfig {
         }
         let gib = |b: f64| b / (1u64 << 30) as f64;
         let doing = match work {
-            Workload::Inference { .. } => "to hold its weights and caches".to_string(),
+            Workload::Inference { rows, .. } => format!("to hold its weights and the caches of {rows} sequences"),
             Workload::Training { rows, .. } => format!("to train ({} parameters, {rows} sequences a micro-batch)", self.param_counts().total),
         };
         Err(Error::Config(format!(
@@ -446,8 +446,8 @@ impl ModelConfig {
 /// What a model is for, in [`ModelConfig::memory_estimate`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Workload {
-    /// Evaluation or sampling of one sequence, weights in `precision`.
-    Inference { precision: Precision },
+    /// Evaluation or sampling of `rows` sequences together, weights in `precision`.
+    Inference { rows: usize, precision: Precision },
     /// Training with `rows` sequences a micro-batch on this device.
     Training { rows: usize, recompute: bool, precision: Precision },
 }
