@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::files::{has_extension, list_files, OutputFile};
 
+/// The most sample bytes one WAV file holds: its sizes are 32-bit, and the RIFF size counts
+/// the 36 header bytes after it too.
+pub const MAX_WAV_DATA: usize = u32::MAX as usize - 36;
+
 /// Sample rate, bits per sample and channels of raw PCM bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PcmFormat {
@@ -74,7 +78,10 @@ pub fn read_wav(path: &Path) -> Result<(PcmFormat, Vec<u8>)> {
     }
     let format = PcmFormat { sample_rate: spec.sample_rate, bits: spec.bits_per_sample, channels: spec.channels };
     format.validate().map_err(|e| bad(e.to_string()))?;
-    let mut bytes = Vec::with_capacity(reader.len() as usize * format.bits as usize / 8);
+    // The header's sample count, bounded by the file's size: a header may claim anything.
+    let announced = (reader.len() as u64).saturating_mul(format.bits as u64 / 8);
+    let file_len = std::fs::metadata(path).map_or(0, |m| m.len());
+    let mut bytes = Vec::with_capacity(announced.min(file_len) as usize);
     let truncated = |e: hound::Error| bad(format!("truncated or corrupt sample data ({e})"));
     if format.bits == 8 {
         let mut reader = reader;
@@ -122,7 +129,10 @@ pub fn write_wav(path: &Path, format: PcmFormat, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, path).map_err(|e| Error::Io { context: format!("renaming {} into place", tmp.display()), source: e })
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Io { context: format!("renaming {} into place", tmp.display()), source: e }
+    })
 }
 
 /// Bytes of a clip of `seconds` at `format`, rounded down to whole frames (at least one).
@@ -131,8 +141,16 @@ pub fn clip_bytes(format: PcmFormat, seconds: f64) -> Result<usize> {
     if !(seconds > 0.0 && seconds.is_finite()) {
         return Err(Error::Input(format!("a clip needs a positive length, got {seconds} s")));
     }
-    let frames = ((seconds * format.sample_rate as f64).floor() as usize).max(1);
-    Ok(frames * format.frame_bytes())
+    // A WAV file counts its data in 32 bits: at most MAX_WAV_DATA bytes of whole frames.
+    let frames = (seconds * format.sample_rate as f64).floor().max(1.0);
+    let max_frames = (MAX_WAV_DATA / format.frame_bytes()) as f64;
+    if frames > max_frames {
+        return Err(Error::Input(format!(
+            "a clip of {seconds} s of {format} would not fit one WAV file (at most {:.0} s); choose a shorter length",
+            max_frames / format.sample_rate as f64
+        )));
+    }
+    Ok(frames as usize * format.frame_bytes())
 }
 
 /// What a conversion wrote.

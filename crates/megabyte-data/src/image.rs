@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::files::{has_extension, list_files, OutputFile};
 
+/// The largest image, in bytes, that a shape may describe (8192×8192 RGBA): a bound on what
+/// one image allocates, whatever a file header or a flag says.
+pub const MAX_IMAGE_BYTES: usize = 1 << 28;
+
 /// Width, height and channels (1 grey, 2 grey + alpha, 3 RGB, 4 RGBA) of 8-bit images.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageShape {
@@ -46,12 +50,19 @@ impl ImageShape {
                 "image shape {self}: width and height must be positive and channels 1 to 4"
             )));
         }
+        let bytes = self.width.checked_mul(self.height).and_then(|n| n.checked_mul(self.channels));
+        if bytes.is_none_or(|n| n > MAX_IMAGE_BYTES) {
+            return Err(Error::Input(format!(
+                "image shape {self}: an image may hold at most {MAX_IMAGE_BYTES} bytes (8192x8192x4); this one {}",
+                bytes.map_or_else(|| "overflows a 64-bit count".to_string(), |n| format!("holds {n}"))
+            )));
+        }
         Ok(())
     }
 
-    /// Bytes per image: W·H·C.
+    /// Bytes per image: W·H·C (at most [`MAX_IMAGE_BYTES`] once validated).
     pub fn bytes(&self) -> usize {
-        self.width * self.height * self.channels
+        self.width.saturating_mul(self.height).saturating_mul(self.channels)
     }
 }
 
@@ -394,6 +405,10 @@ fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
 pub const GRID_GAP: usize = 2;
 /// The value of the gap pixels (every channel): mid grey, visible on black and white.
 pub const GRID_GAP_VALUE: u8 = 128;
+/// The largest side of a grid PNG, in pixels (PNG allows 2³¹ − 1).
+pub const MAX_GRID_SIDE: usize = (1 << 31) - 1;
+/// The largest grid, in bytes.
+pub const MAX_GRID_BYTES: usize = 1 << 32;
 
 /// Top-left pixel (x, y) of image `i` in a grid of `columns` columns.
 pub fn grid_cell(i: usize, columns: usize, shape: ImageShape) -> (usize, usize) {
@@ -401,17 +416,33 @@ pub fn grid_cell(i: usize, columns: usize, shape: ImageShape) -> (usize, usize) 
     (GRID_GAP + col * (shape.width + GRID_GAP), GRID_GAP + row * (shape.height + GRID_GAP))
 }
 
+/// The width and height in pixels of the grid PNG of `count` images of `shape` in `columns`
+/// columns, or an error when it would be empty or larger than [`MAX_GRID_SIDE`] a side or
+/// [`MAX_GRID_BYTES`] in all: callers check it before generating the images.
+pub fn grid_size(count: usize, shape: ImageShape, columns: usize) -> Result<(usize, usize)> {
+    shape.validate()?;
+    if count == 0 || columns == 0 {
+        return Err(Error::Input("a grid needs at least one image and one column".into()));
+    }
+    let columns = columns.min(count);
+    let rows = count.div_ceil(columns);
+    let side = |n: usize, len: usize| n.checked_mul(len + GRID_GAP).and_then(|x| x.checked_add(GRID_GAP));
+    match (side(columns, shape.width), side(rows, shape.height)) {
+        (Some(gw), Some(gh)) if gw <= MAX_GRID_SIDE && gh <= MAX_GRID_SIDE && gw.saturating_mul(gh).saturating_mul(shape.channels) <= MAX_GRID_BYTES => {
+            Ok((gw, gh))
+        }
+        _ => Err(Error::Input(format!(
+            "a grid of {count} images of {shape} in {columns} columns is too large for one PNG (at most \
+             {MAX_GRID_SIDE} pixels a side and {MAX_GRID_BYTES} bytes); generate fewer or smaller images"
+        ))),
+    }
+}
+
 /// Writes raster images (each `shape.bytes()`) as one PNG: `columns` per row, a gap of
 /// [`GRID_GAP`] pixels of [`GRID_GAP_VALUE`] between and around them.
 pub fn write_grid_png(images: &[Vec<u8>], shape: ImageShape, columns: usize, path: &Path) -> Result<()> {
-    shape.validate()?;
-    if images.is_empty() || columns == 0 {
-        return Err(Error::Input("a grid needs at least one image and one column".into()));
-    }
+    let (gw, gh) = grid_size(images.len(), shape, columns)?;
     let columns = columns.min(images.len());
-    let rows = images.len().div_ceil(columns);
-    let gw = GRID_GAP + columns * (shape.width + GRID_GAP);
-    let gh = GRID_GAP + rows * (shape.height + GRID_GAP);
     let c = shape.channels;
     let mut grid = vec![GRID_GAP_VALUE; gw * gh * c];
     for (i, img) in images.iter().enumerate() {
@@ -435,7 +466,9 @@ pub fn write_grid_png(images: &[Vec<u8>], shape: ImageShape, columns: usize, pat
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::Input(format!("writing {}: {e}", path.display())));
     }
-    std::fs::rename(&tmp, path).io_context(|| format!("renaming {} into place", tmp.display()))
+    std::fs::rename(&tmp, path).io_context(|| format!("renaming {} into place", tmp.display())).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// Reads a PNG written by [`write_grid_png`] back into its cells (raster bytes each).

@@ -59,6 +59,8 @@ pub fn dir_for(run_dir: &Path, step: u64) -> PathBuf {
 /// `step-NNNNNNNN` or that hidden name, which [`list`] counts and [`remove_stale_temps`]
 /// restores.
 pub fn save(run_dir: &Path, data: &CheckpointData) -> Result<PathBuf> {
+    // Nothing non-finite is saved: a last guard (training stops before such a step is counted).
+    refuse_non_finite(&dir_for(run_dir, data.step), data)?;
     let name = format!("{PREFIX}{:08}", data.step);
     let final_dir = dir_for(run_dir, data.step);
     let tmp = run_dir.join(format!(".{name}{TMP_MARK}{}", std::process::id()));
@@ -113,6 +115,24 @@ fn exchange(a: &Path, b: &Path) -> bool {
 #[cfg(not(target_os = "linux"))]
 fn exchange(_: &Path, _: &Path) -> bool {
     false
+}
+
+/// An error naming the first parameter or optimizer moment of `data` that holds a NaN or an
+/// infinity (one device reduction when all are finite).
+fn refuse_non_finite(dir: &Path, data: &CheckpointData) -> Result<()> {
+    let mut named: Vec<(&str, &Tensor)> = data.params.vars().iter().map(|(k, v)| (k.as_str(), v.as_tensor())).collect();
+    if let Some((moments, _)) = &data.training {
+        let mut moments: Vec<(&str, &Tensor)> = moments.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        moments.sort_by_key(|(k, _)| *k);
+        named.extend(moments);
+    }
+    match crate::optim::first_non_finite(&named)? {
+        Some(name) => Err(ckpt_err(
+            dir,
+            format!("not saved: `{name}` holds NaN or infinite values (the model diverged); the run's earlier checkpoints are kept"),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn write_into(dir: &Path, data: &CheckpointData) -> Result<()> {
@@ -265,10 +285,20 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 /// Loads a checkpoint's model (config + weights) in `dtype` on `device`.
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<(MegaByte, Params)> {
     let cfg = load_config(dir)?;
+    let precision = if dtype == DType::BF16 { crate::config::Precision::Bf16 } else { crate::config::Precision::F32 };
+    cfg.check_fits(crate::config::Workload::Inference { rows: 1, precision }, device)
+        .map_err(|e| ckpt_err(&dir.join(CONFIG_FILE), e.to_string()))?;
     let mut params = Params::for_loading(dtype, device);
     let model = MegaByte::new(&cfg, &mut params)?;
     let path = dir.join(MODEL_FILE);
     let tensors = load_tensors(&path)?;
     params.assign(&tensors).map_err(|msg| ckpt_err(&path, format!("does not match {CONFIG_FILE}: {msg}")))?;
+    let named: Vec<(&str, &Tensor)> = params.vars().iter().map(|(k, v)| (k.as_str(), v.as_tensor())).collect();
+    if let Some(name) = crate::optim::first_non_finite(&named)? {
+        return Err(ckpt_err(
+            &path,
+            format!("weight `{name}` holds NaN or infinite values (the run diverged before this checkpoint was saved); use an earlier checkpoint of the run"),
+        ));
+    }
     Ok((model, params))
 }

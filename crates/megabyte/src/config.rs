@@ -39,19 +39,27 @@ impl TransformerConfig {
         self.width / self.heads
     }
 
-    /// Parameters of the blocks and final norm (the matrices dominate: 12·width² per layer).
+    /// Parameters of the blocks and final norm (the matrices dominate: 12·width² per layer);
+    /// `usize::MAX` when the count overflows (which [`ModelConfig::validate`] refuses).
     pub fn params(&self, norm: NormKind) -> usize {
-        let d = self.width;
-        let norm_params = match norm {
-            NormKind::LayerNorm => 2 * d,
-            NormKind::RmsNorm => d,
-        };
-        self.layers * (12 * d * d + 2 * norm_params) + norm_params
+        self.checked_params(norm).unwrap_or(usize::MAX)
     }
 
-    /// Matrix parameters only, the ones that cost 2 FLOPs each per position in a forward pass.
+    /// [`TransformerConfig::params`], `None` when it overflows.
+    pub fn checked_params(&self, norm: NormKind) -> Option<usize> {
+        let d = self.width;
+        let norm_params = match norm {
+            NormKind::LayerNorm => d.checked_mul(2)?,
+            NormKind::RmsNorm => d,
+        };
+        let per_layer = d.checked_mul(d)?.checked_mul(12)?.checked_add(norm_params.checked_mul(2)?)?;
+        self.layers.checked_mul(per_layer)?.checked_add(norm_params)
+    }
+
+    /// Matrix parameters only, the ones that cost 2 FLOPs each per position in a forward pass
+    /// (`usize::MAX` when the count overflows, which [`ModelConfig::validate`] refuses).
     pub fn matmul_params(&self) -> usize {
-        self.layers * 12 * self.width * self.width
+        self.layers.checked_mul(12).and_then(|n| n.checked_mul(self.width)).and_then(|n| n.checked_mul(self.width)).unwrap_or(usize::MAX)
     }
 }
 
@@ -314,18 +322,108 @@ impl ModelConfig {
                 return bad(format!("patch_embed_std must be positive (or absent for init_std), got {std}"));
             }
         }
+        // Every count derived from the shape must fit a machine word: a larger model could not
+        // be allocated, and its counts would wrap around.
+        if self.checked_param_counts().is_none() || self.kv_cache_elems().is_none() {
+            return bad(format!(
+                "the model is far too large: its parameter or cache sizes overflow a {}-bit count; \
+                 lower the widths, layers or context",
+                usize::BITS
+            ));
+        }
         Ok(())
     }
 
-    /// Parameter counts, as the model allocates them.
+    /// Parameter counts, as the model allocates them (`usize::MAX` where a count overflows,
+    /// which [`ModelConfig::validate`] refuses).
     pub fn param_counts(&self) -> ParamCounts {
+        self.checked_param_counts().unwrap_or(ParamCounts { global: usize::MAX, local: usize::MAX, total: usize::MAX })
+    }
+
+    /// [`ModelConfig::param_counts`], `None` when a count overflows.
+    pub fn checked_param_counts(&self) -> Option<ParamCounts> {
         let (p, t, dg, dl) = (self.patch_size, self.context, self.d_global(), self.local.width);
+        let sum = |terms: &[Option<usize>]| terms.iter().try_fold(0usize, |acc, &x| acc.checked_add(x?));
         // patch embedder: byte table, byte positions, global pad; plus the global transformer
-        let global = V * dg + t * dg + p * dg + self.global.params(self.norm);
+        let global = sum(&[V.checked_mul(dg), t.checked_mul(dg), p.checked_mul(dg), self.global.checked_params(self.norm)])?;
         // w_GL, local byte table, local positions, local pad, local transformer, untied head
-        let head = if self.tied_head { 0 } else { V * dl };
-        let local = dg * dl + V * dl + self.local_positions() * dl + dl + self.local.params(self.norm) + head;
-        ParamCounts { global, local, total: global + local }
+        let head = if self.tied_head { 0 } else { V.checked_mul(dl)? };
+        let local = sum(&[
+            dg.checked_mul(dl),
+            V.checked_mul(dl),
+            self.local_positions().checked_mul(dl),
+            Some(dl),
+            self.local.checked_params(self.norm),
+            Some(head),
+        ])?;
+        Some(ParamCounts { global, local, total: global.checked_add(local)? })
+    }
+
+    /// Elements of one sequence's KV caches (keys and values of every layer: the global model
+    /// over K patches, the local one over its positions), `None` when the count overflows.
+    pub fn kv_cache_elems(&self) -> Option<usize> {
+        let cache = |t: &TransformerConfig, positions: usize| 2usize.checked_mul(t.layers)?.checked_mul(positions)?.checked_mul(t.width);
+        cache(&self.global, self.patches())?.checked_add(cache(&self.local, self.local_positions())?)
+    }
+
+    /// A deliberately low estimate of the bytes `work` needs on its device, so that a model
+    /// refused by [`ModelConfig::check_fits`] certainly cannot run (f64: no overflow):
+    ///
+    /// - the weights: 4 bytes a parameter in f32 (training keeps f32 master weights; inference
+    ///   holds them in the activations' format);
+    /// - training: their gradient and the two AdamW moments, 12 more bytes a parameter, and
+    ///   activations for the micro-batch's rows: per sequence, each block keeps at least 4
+    ///   values of its width per position (its input, normed input, attention output, MLP
+    ///   input; the MLP's hidden 4·width is not counted), 1 with recomputation, plus the f32
+    ///   logits (T·V);
+    /// - inference: the KV caches and f32 logits (V) of every sequence decoded together.
+    ///
+    /// Measured against it: `paper-arxiv` at batch 16 in bf16 peaks at about 104 GiB on an
+    /// H200, and this estimate is 36 GiB.
+    pub fn memory_estimate(&self, work: Workload) -> f64 {
+        let params = self.param_counts().total as f64;
+        let bytes = |p: Precision| match p {
+            Precision::F32 => 4.0,
+            Precision::Bf16 => 2.0,
+        };
+        let f = |n: usize| n as f64;
+        match work {
+            Workload::Inference { rows, precision } => {
+                let kv = 2.0 * (f(self.global.layers) * f(self.patches()) * f(self.global.width)
+                    + f(self.local.layers) * f(self.local_positions()) * f(self.local.width));
+                (params + f(rows) * kv) * bytes(precision) + f(rows) * 4.0 * f(V)
+            }
+            Workload::Training { rows, recompute, precision } => {
+                let kept = if recompute { 1.0 } else { 4.0 };
+                let per_sequence = f(self.global.layers) * f(self.patches()) * f(self.global.width)
+                    + f(self.local.layers) * f(self.context) * f(self.local.width);
+                let activations = f(rows) * (kept * per_sequence * bytes(precision) + 4.0 * f(self.context) * f(V));
+                16.0 * params + activations
+            }
+        }
+    }
+
+    /// Refuses, before anything is allocated, a model whose [`ModelConfig::memory_estimate`]
+    /// exceeds what `device` has: on the CPU the memory the kernel reports available
+    /// (`MemAvailable` of /proc/meminfo; no limit where it cannot be read), on CUDA the
+    /// device's free memory. The error gives the estimate and the limit.
+    pub fn check_fits(&self, work: Workload, device: &candle_core::Device) -> Result<()> {
+        let Some((limit, what)) = available_memory(device) else { return Ok(()) };
+        let need = self.memory_estimate(work);
+        if need <= limit as f64 {
+            return Ok(());
+        }
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        let doing = match work {
+            Workload::Inference { rows, .. } => format!("to hold its weights and the caches of {rows} sequences"),
+            Workload::Training { rows, .. } => format!("to train ({} parameters, {rows} sequences a micro-batch)", self.param_counts().total),
+        };
+        Err(Error::Config(format!(
+            "the model does not fit: it needs at least {:.1} GiB {doing}, and {:.1} GiB are {what}; \
+             choose a smaller model, batch or context (or --recompute)",
+            gib(need),
+            gib(limit as f64)
+        )))
     }
 
     /// Training FLOPs per byte: paper §3's `6(m_G/P + m_L)` over matrix parameters (w_GL and
@@ -335,14 +433,42 @@ impl ModelConfig {
         let p = self.patch_size as f64;
         let k = self.global.window.map_or(self.patches(), |w| w.min(self.patches())) as f64;
         let m_g = self.global.matmul_params() as f64;
-        let m_l = (self.local.matmul_params() + self.d_global() * self.local.width + V * self.local.width)
-            as f64;
+        let m_l = self.local.matmul_params() as f64 + (self.d_global() as f64 + V as f64) * self.local.width as f64;
         let dense = 6.0 * (m_g / p + m_l);
-        let attn_global = 12.0 * (self.global.layers * self.global.width) as f64 * k / p;
+        let attn_global = 12.0 * self.global.layers as f64 * self.global.width as f64 * k / p;
         // The local model attends within its patch, or across patches over its window.
         let local_reach = if self.cross_patch { self.context as f64 } else { p };
-        let attn_local = 12.0 * (self.local.layers * self.local.width) as f64 * self.local.window.map_or(local_reach, |w| (w as f64).min(local_reach));
+        let attn_local = 12.0 * self.local.layers as f64 * self.local.width as f64 * self.local.window.map_or(local_reach, |w| (w as f64).min(local_reach));
         dense + attn_global + attn_local
+    }
+}
+
+/// What a model is for, in [`ModelConfig::memory_estimate`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Evaluation or sampling of `rows` sequences together, weights in `precision`.
+    Inference { rows: usize, precision: Precision },
+    /// Training with `rows` sequences a micro-batch on this device.
+    Training { rows: usize, recompute: bool, precision: Precision },
+}
+
+/// Bytes `device` can still allocate and where they are: the CPU's `MemAvailable`
+/// (/proc/meminfo), a CUDA device's free memory; `None` when unknown.
+fn available_memory(device: &candle_core::Device) -> Option<(u64, &'static str)> {
+    match device {
+        candle_core::Device::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.trim_start_matches("MemAvailable:").trim().trim_end_matches("kB").trim().parse().ok()?;
+            Some((kib.checked_mul(1024)?, "available on this machine"))
+        }
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            let (free, _total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some((free as u64, "free on the GPU"))
+        }
+        #[allow(unreachable_patterns)]
+        _ => None,
     }
 }
 

@@ -335,7 +335,7 @@ pub fn generate_stepwise(
     on_bytes: &mut dyn FnMut(&[u8]),
 ) -> Result<Vec<Vec<u8>>> {
     let mut decoder = Decoder::new(model, prompts, device)?;
-    let mut out = vec![Vec::with_capacity(n); prompts.len()];
+    let mut out = vec![Vec::new(); prompts.len()];
     for _ in 0..n {
         let logits = decoder.logits()?.to_dtype(DType::F32)?.to_vec2::<f32>()?; // [B][V]
         let next: Vec<u8> = logits.iter().map(|row| sampler.sample(row)).collect();

@@ -19,6 +19,25 @@ pub struct AdamWConfig {
     pub weight_decay: f64,
 }
 
+impl AdamWConfig {
+    /// Every setting finite and in range: 0 ≤ β1, β2 < 1, ε > 0 and weight decay ≥ 0 (a NaN
+    /// here would make every weight NaN at the first step).
+    pub fn validate(&self) -> Result<()> {
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = *self;
+        let bad = |m: String| Err(Error::Config(m));
+        if !((0.0..1.0).contains(&beta1) && (0.0..1.0).contains(&beta2)) {
+            return bad(format!("AdamW betas must be in [0, 1), got β1 {beta1} β2 {beta2}"));
+        }
+        if !(eps > 0.0 && eps.is_finite()) {
+            return bad(format!("AdamW eps must be positive and finite, got {eps}"));
+        }
+        if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
+            return bad(format!("weight decay must be finite and at least 0 (0 = off), got {weight_decay}"));
+        }
+        Ok(())
+    }
+}
+
 /// AdamW over a fixed set of named parameters. Weight decay applies to tensors of rank ≥ 2
 /// (the matrices and embedding tables), never to norms, pads or other vectors. On CUDA one
 /// fused kernel updates every parameter ([`crate::ops::adamw::update_many`]).
@@ -55,8 +74,31 @@ pub fn part_of(name: &str) -> &str {
     }
 }
 
+/// The name of the first of `tensors` that holds a NaN or an infinity, `None` when all are
+/// finite. One fused Σx² over all of them and one read back; only when that sum is not finite
+/// is each tensor checked exactly (x − x sums to 0 exactly when every x is finite), so finite
+/// values whose squares overflow f32 (|x| ≳ 1e19) are not mistaken for non-finite ones.
+pub fn first_non_finite<'a>(tensors: &[(&'a str, &Tensor)]) -> Result<Option<&'a str>> {
+    if tensors.is_empty() {
+        return Ok(None);
+    }
+    let all: Vec<&Tensor> = tensors.iter().map(|(_, t)| *t).collect();
+    let sumsq = crate::ops::adamw::sum_squares(&all)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?[0];
+    if sumsq.is_finite() {
+        return Ok(None);
+    }
+    for (name, t) in tensors {
+        let t = t.to_dtype(DType::F32)?;
+        if (&t - &t)?.sum_all()?.to_scalar::<f32>()? != 0.0 {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
 impl AdamW {
     pub fn new(params: &BTreeMap<String, Var>, cfg: AdamWConfig) -> Result<Self> {
+        cfg.validate()?;
         let params: Vec<(String, Var)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let moments = params
             .iter()
@@ -149,6 +191,13 @@ impl AdamW {
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// The name of the first parameter (in name order) holding a NaN or an infinity, if any
+    /// ([`first_non_finite`]: one device reduction and one read back when all are finite).
+    pub fn first_non_finite_param(&self) -> Result<Option<String>> {
+        let named: Vec<(&str, &Tensor)> = self.params.iter().map(|(n, p)| (n.as_str(), p.as_tensor())).collect();
+        Ok(first_non_finite(&named)?.map(str::to_string))
     }
 
     /// Moments by name (`m.{param}`, `v.{param}`) for a checkpoint.

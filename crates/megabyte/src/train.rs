@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointData};
-use crate::config::{ModelConfig, Precision};
+use crate::config::{ModelConfig, Precision, Workload};
 use crate::data::{ByteStream, SamplerState, Split, WindowSampler};
 use crate::dist::{self, Collective};
 use crate::error::{Error, IoContext, Result};
@@ -161,14 +161,19 @@ impl TrainConfig {
         if self.batch_size == 0 || self.grad_accum == 0 {
             return bad("batch size and gradient accumulation must be at least 1".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr < 0.0 || self.min_lr > self.lr {
-            return bad(format!("need 0 ≤ min_lr ≤ lr and lr > 0; got lr {} min_lr {}", self.lr, self.min_lr));
+        // Written so that NaN fails every comparison: every number finite and in range.
+        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad(format!("need 0 ≤ min_lr ≤ lr and lr > 0, both finite; got lr {} min_lr {}", self.lr, self.min_lr));
         }
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return bad(format!("grad_clip must be finite and at least 0 (0 = no clipping), got {}", self.grad_clip));
+        }
+        self.adamw.validate()?;
         if self.steps.is_none() && self.time_minutes.is_none() {
             return bad("give a stopping rule: a number of steps, a time limit, or both".into());
         }
-        if self.steps == Some(0) || self.time_minutes.is_some_and(|m| !(m > 0.0)) {
-            return bad("steps and minutes must be positive".into());
+        if self.steps == Some(0) || self.time_minutes.is_some_and(|m| !(m > 0.0 && m.is_finite())) {
+            return bad("steps and minutes must be positive (and minutes finite)".into());
         }
         if self.eval_every == 0 || self.checkpoint_every == 0 || self.keep_checkpoints == 0 {
             return bad("eval_every, checkpoint_every and keep_checkpoints must be at least 1".into());
@@ -395,6 +400,10 @@ impl Trainer {
         train.validate()?;
         train.precision.check(device)?;
         let data_files = data.files()?;
+        // Refused before anything is allocated: this rank's share of every micro-batch.
+        let world = dist::DistEnv::from_env().ok().flatten().map_or(1, |env| env.world_size.max(1));
+        let work = Workload::Training { rows: train.batch_size.div_ceil(world), recompute: train.recompute, precision: train.precision };
+        model_cfg.check_fits(work, device)?;
         let (model, params) = MegaByte::init(model_cfg, train.seed, DType::F32, device)?;
         let opt = AdamW::new(params.vars(), train.adamw)?;
         // A distinct stream for data: the weights used the seed itself.
@@ -543,13 +552,38 @@ impl Trainer {
             let sumsq = shared.into_iter().next().ok_or_else(|| Error::Dist("the gradient norm went missing".into()))?;
             Ok(sumsq.reshape(())?)
         })?;
-        if !norm.total.is_finite() {
-            return Err(Error::Input(format!(
-                "the gradient norm is {} at step {}: training diverged; lower the learning rate",
-                norm.total, self.record.step
-            )));
-        }
         let loss = loss.to_scalar::<f64>()?;
+        // Nothing non-finite goes on: the step is not counted, so no checkpoint holds it, and
+        // the error names the first quantity that went non-finite, in the order they are made.
+        let step = self.record.step + 1;
+        let diverged = |what: String| {
+            Error::Input(format!(
+                "training stopped at step {step}: {what}; this step was not saved (the checkpoints before it are kept): \
+                 resume from the newest with a lower --lr or a --grad-clip, or check the data"
+            ))
+        };
+        if !loss.is_finite() {
+            // Weights made non-finite by the previous update (with a finite loss and gradient
+            // norm then) show here first; checking them at every step would cost a reduction
+            // and a read back per step, and a checkpoint of such weights is refused anyway.
+            if let Some(name) = self.opt.first_non_finite_param()? {
+                return Err(Error::Input(format!(
+                    "training stopped at step {step}: the weights went non-finite first, in the update of step {} (`{name}`, part {}); \
+                     nothing after the last checkpoint was saved: resume from the newest with a lower --lr or a --grad-clip",
+                    step - 1,
+                    crate::optim::part_of(&name)
+                )));
+            }
+            return Err(diverged(format!("the loss went non-finite ({loss}) first")));
+        }
+        if !norm.total.is_finite() {
+            let parts: Vec<&str> = norm.parts.iter().filter(|(_, v)| !v.is_finite()).map(|(k, _)| k.as_str()).collect();
+            let parts = match parts.is_empty() {
+                true => "each part finite, their squares summing past f32's range".to_string(),
+                false => format!("non-finite in {}", parts.join(", ")),
+            };
+            return Err(diverged(format!("the gradient norm went non-finite ({}) first, with a finite loss ({loss}): {parts}", norm.total)));
+        }
         let secs = started.elapsed().as_secs_f64();
         let bytes = (t.batch_size * t.grad_accum * self.model.config().context) as u64; // the global batch
         self.record.step += 1;

@@ -20,6 +20,7 @@ mod eval;
 mod golden;
 mod gradients;
 mod images;
+mod limits;
 mod ops;
 mod overfit;
 mod presets;

@@ -71,7 +71,7 @@ pub(super) fn generate(
     let cross = model.config().cross_patch;
     let mut engine = Engine::new(model, rows, &mut dec, rule, device)?;
     engine.restart(&dec)?;
-    let mut out = vec![Vec::with_capacity(n); rows];
+    let mut out = vec![Vec::new(); rows];
     let mut t = start; // index of the next byte
     while t < start + n {
         let local_len = dec.local.len(); // with cross-patch attention: bytes in the window
