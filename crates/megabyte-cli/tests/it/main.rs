@@ -23,6 +23,7 @@ mod images;
 mod ops;
 mod overfit;
 mod presets;
+mod properties;
 mod plot;
 mod reference;
 mod sampling;
