@@ -158,22 +158,22 @@ fn axes(series: &[Series], x: &str, y: &str, log_x: bool, log_y: bool) -> Result
     let points = || series.iter().flat_map(|s| s.1.iter());
     let xs = bounds(points().map(|p| p.0), log_x);
     let ys = bounds(points().map(|p| p.1), log_y);
-    check_axis(x, points().map(|p| p.0), xs, log_x)?;
-    check_axis(y, points().map(|p| p.1), ys, log_y)?;
+    check_axis(x, "--log-x", points().map(|p| p.0), xs, log_x)?;
+    check_axis(y, "--log-y", points().map(|p| p.1), ys, log_y)?;
     Ok((xs, ys))
 }
 
 /// Refuses an axis range that plotters cannot place tick marks on. It spaces them by the
 /// span (linear) or by the ratio of the ends (log), and loops forever once that overflows
 /// to infinity: values of ±1e308, or a log axis over more than about 300 powers of ten.
-fn check_axis(field: &str, values: impl Iterator<Item = f64>, (lo, hi): (f64, f64), log: bool) -> Result<()> {
+fn check_axis(field: &str, log_flag: &str, values: impl Iterator<Item = f64>, (lo, hi): (f64, f64), log: bool) -> Result<()> {
     let drawable = if log { lo > 0.0 && (hi / lo).is_finite() } else { (hi - lo).is_finite() };
     if !drawable {
         let (min, max) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
         let (what, fix) = if log {
-            ("more than about 300 powers of ten, which a log axis cannot show", "leave out the records far from the rest or drop the --log flag")
+            ("more than about 300 powers of ten, which a log axis cannot show", format!("leave out the records far from the rest or drop {log_flag}"))
         } else {
-            ("a span larger than the largest number, which an axis cannot show", "leave out the records far from the rest")
+            ("a span larger than the largest number, which an axis cannot show", "leave out the records far from the rest".to_string())
         };
         anyhow::bail!("cannot draw `{field}`: its values run from {min:e} to {max:e}, {what}; {fix}");
     }
