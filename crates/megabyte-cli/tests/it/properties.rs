@@ -2,8 +2,9 @@
 //! IDX/PNG/WAV converters and the data folder walk. Each gets arbitrary or mutated input and
 //! must return an error or a valid result: never panic, abort or allocate without bound.
 //!
-//! The case counts keep each property to a few seconds on two CPU cores; a failing case is
-//! kept in `proptest-regressions/` only when it reproduces a real bug.
+//! The case counts keep each property to a few seconds on two CPU cores (`PROPTEST_CASES=N`
+//! runs N each); a failing case is kept in `proptest-regressions/` only when it reproduces a
+//! real bug.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,9 @@ use proptest::prelude::*;
 
 use crate::{temp_dir, tiny};
 
+/// `cases` cases per property, unless `PROPTEST_CASES` asks for more (a longer local run).
 fn config(cases: u32) -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(cases);
     ProptestConfig { cases, max_shrink_iters: 256, ..ProptestConfig::default() }
 }
 
