@@ -104,30 +104,45 @@ pub fn run(args: Args) -> Result<()> {
         .enumerate()
         .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {} is not JSON", args.input.display(), i + 1)))
         .collect::<Result<_>>()?;
-    let panels: Vec<Vec<Series>> = args.y.iter().map(|y| series(&records, &args.x, y, args.by.as_deref())).collect();
+    let panels: Vec<Vec<Series>> = args.y.iter().map(|y| series(&records, &args.x, y, args.by.as_deref(), args.log_x, args.log_y)).collect();
     if panels.iter().all(|p| p.iter().all(|s| s.1.is_empty())) {
         anyhow::bail!("no record of {} has numeric `{}` and {}", args.input.display(), args.x, args.y.iter().map(|y| format!("`{y}`")).collect::<Vec<_>>().join(" or "));
     }
+    // Every axis is checked before the PNG is created: the bitmap backend writes its file
+    // when dropped, so a refusal after it would leave a blank image behind.
+    let axes: Vec<Axes> = panels.iter().zip(&args.y).map(|(panel, y)| axes(panel, &args.x, y, args.log_x, args.log_y)).collect::<Result<_>>()?;
     let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     let root = BitMapBackend::new(&args.out, (560 * panels.len() as u32, 460)).into_drawing_area();
     root.fill(&WHITE)?;
-    for ((area, y), panel) in root.split_evenly((1, panels.len())).iter().zip(&args.y).zip(&panels) {
-        draw_panel(area, &args.x, y, panel, args.log_x, args.log_y)?;
+    for (((area, y), panel), axes) in root.split_evenly((1, panels.len())).iter().zip(&args.y).zip(&panels).zip(&axes) {
+        draw_panel(area, &args.x, y, panel, *axes, args.log_x, args.log_y)?;
     }
     root.present()?;
     Ok(())
 }
 
-/// The records' (x, y) points where both fields are numbers, grouped by `by`.
-fn series(records: &[serde_json::Value], x: &str, y: &str, by: Option<&str>) -> Vec<Series> {
+/// The records' (x, y) points where both fields are numbers, grouped by `by`. Points that no
+/// axis can show (a value that is not finite, or not positive on a log axis) are left out,
+/// with a note saying how many.
+fn series(records: &[serde_json::Value], x: &str, y: &str, by: Option<&str>, log_x: bool, log_y: bool) -> Vec<Series> {
+    let drawable = |v: f64, log: bool| v.is_finite() && (!log || v > 0.0);
     let mut out: Vec<Series> = Vec::new();
+    let mut left_out = 0;
     for r in records {
         let (Some(px), Some(py)) = (r[x].as_f64(), r[y].as_f64()) else { continue };
+        if !drawable(px, log_x) || !drawable(py, log_y) {
+            left_out += 1;
+            continue;
+        }
         let label = by.map(|b| r[b].as_str().map(str::to_string).unwrap_or_else(|| r[b].to_string())).unwrap_or_default();
         match out.iter_mut().find(|s| s.0 == label) {
             Some(s) => s.1.push((px, py)),
             None => out.push((label, vec![(px, py)])),
         }
+    }
+    if left_out > 0 {
+        let positive = if log_x || log_y { " and positive on a log axis" } else { "" };
+        eprintln!("note: {left_out} record(s) left out of the `{y}` panel: `{x}` and `{y}` must be finite{positive}");
     }
     for s in &mut out {
         s.1.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -135,10 +150,37 @@ fn series(records: &[serde_json::Value], x: &str, y: &str, by: Option<&str>) -> 
     out
 }
 
-fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, x: &str, y: &str, series: &[Series], log_x: bool, log_y: bool) -> Result<()> {
+/// A panel's x and y axis ranges.
+type Axes = ((f64, f64), (f64, f64));
+
+/// The axis ranges of a panel, or an error when one cannot be drawn.
+fn axes(series: &[Series], x: &str, y: &str, log_x: bool, log_y: bool) -> Result<Axes> {
     let points = || series.iter().flat_map(|s| s.1.iter());
-    let (x0, x1) = bounds(points().map(|p| p.0), log_x);
-    let (y0, y1) = bounds(points().map(|p| p.1), log_y);
+    let xs = bounds(points().map(|p| p.0), log_x);
+    let ys = bounds(points().map(|p| p.1), log_y);
+    check_axis(x, "--log-x", points().map(|p| p.0), xs, log_x)?;
+    check_axis(y, "--log-y", points().map(|p| p.1), ys, log_y)?;
+    Ok((xs, ys))
+}
+
+/// Refuses an axis range that plotters cannot place tick marks on. It spaces them by the
+/// span (linear) or by the ratio of the ends (log), and loops forever once that overflows
+/// to infinity: values of ±1e308, or a log axis over more than about 300 powers of ten.
+fn check_axis(field: &str, log_flag: &str, values: impl Iterator<Item = f64>, (lo, hi): (f64, f64), log: bool) -> Result<()> {
+    let drawable = if log { lo > 0.0 && (hi / lo).is_finite() } else { (hi - lo).is_finite() };
+    if !drawable {
+        let (min, max) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+        let (what, fix) = if log {
+            ("more than about 300 powers of ten, which a log axis cannot show", format!("leave out the records far from the rest or drop {log_flag}"))
+        } else {
+            ("a span larger than the largest number, which an axis cannot show", "leave out the records far from the rest".to_string())
+        };
+        anyhow::bail!("cannot draw `{field}`: its values run from {min:e} to {max:e}, {what}; {fix}");
+    }
+    Ok(())
+}
+
+fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, x: &str, y: &str, series: &[Series], ((x0, x1), (y0, y1)): Axes, log_x: bool, log_y: bool) -> Result<()> {
     // Ten colours told apart at a glance (Tableau 10), so a comparison of up to ten runs
     // never reuses one.
     let colors = [
@@ -190,10 +232,34 @@ fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     if !lo.is_finite() {
         return (if log { 1.0 } else { 0.0 }, 1.0);
     }
+    // The margins stop at the largest finite number, so that values near it still get an
+    // axis (`check_axis` refuses the spans that overflow all the same).
     if log {
-        (lo / 1.5, hi * 1.5)
+        (lo / 1.5, (hi * 1.5).min(f64::MAX))
     } else {
         let pad = ((hi - lo) * 0.08).max(hi.abs() * 0.01).max(1e-9);
-        (if lo >= 0.0 { (lo - pad).max(0.0) } else { lo - pad }, hi + pad)
+        (if lo >= 0.0 { (lo - pad).max(0.0) } else { (lo - pad).max(f64::MIN) }, (hi + pad).min(f64::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The loss curve's axes stay finite whatever the metrics hold (its y axis stops at 9
+    /// bits per byte), so it draws extreme records instead of hanging in the tick marks.
+    #[test]
+    fn loss_curve_of_extreme_records_is_drawn() {
+        let dir = std::env::temp_dir().join(format!("megabyte-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let metrics = dir.join("metrics.jsonl");
+        let lines = [r#"{"step": 1, "bpb": 1e308}"#, r#"{"step": 1.79e308, "bpb": -1.79e308}"#, r#"{"step": 2, "valid_bpb": 1e-300}"#];
+        std::fs::write(&metrics, lines.join("\n")).unwrap();
+        let png = dir.join("loss.png");
+        let (send, done) = std::sync::mpsc::channel();
+        let (m, p) = (metrics.clone(), png.clone());
+        std::thread::spawn(move || send.send(super::loss_curve(&m, &p).map_err(|e| e.to_string())));
+        let result = done.recv_timeout(std::time::Duration::from_secs(30)).expect("loss_curve did not return within 30 s");
+        result.unwrap();
+        assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -24,6 +24,7 @@ mod limits;
 mod ops;
 mod overfit;
 mod presets;
+mod properties;
 mod plot;
 mod reference;
 mod run_folder;
