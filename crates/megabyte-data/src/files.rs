@@ -82,29 +82,12 @@ impl Drop for OutputFile {
 }
 
 /// The files of a folder, recursively and sorted by path, keeping those `keep` accepts;
-/// hidden entries (names starting with '.') and symbolic links to folders are skipped.
+/// hidden entries (names starting with '.') are skipped. The walk is the library's
+/// ([`megabyte::data::folder_files`]): it stays inside `dir` (a symbolic link to a kept file
+/// or a folder outside is refused, naming the link) and ends (a folder reached twice, by a loop or
+/// a second link, is refused).
 pub(crate) fn list_files(dir: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, keep: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>) -> Result<()> {
-        let entries = std::fs::read_dir(dir).io_context(|| format!("listing {}", dir.display()))?;
-        for entry in entries {
-            let entry = entry.io_context(|| format!("listing {}", dir.display()))?;
-            let path = entry.path();
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let kind = entry.file_type().io_context(|| format!("reading {}", path.display()))?;
-            if kind.is_dir() {
-                walk(&path, keep, out)?;
-            } else if path.is_file() && keep(&path) {
-                out.push(path);
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    walk(dir, keep, &mut out)?;
-    out.sort();
-    Ok(out)
+    Ok(megabyte::data::folder_files(dir, true, keep)?)
 }
 
 /// Whether a path's extension (case-insensitive) is one of `exts` (given without dots).

@@ -338,10 +338,13 @@ impl Trainer {
         let dir = checkpoint::resolve(path)?;
         let (model, params) = checkpoint::load_model(&dir, DType::F32, device)?;
         let record_path = dir.join(checkpoint::TRAIN_FILE);
-        let text = std::fs::read(&record_path).map_err(|e| Error::Checkpoint {
-            path: record_path.clone(),
-            msg: format!("cannot read ({e}); only a training checkpoint can be resumed"),
-        })?;
+        if !record_path.exists() {
+            return Err(Error::Checkpoint {
+                path: record_path,
+                msg: "cannot read (it is missing); only a training checkpoint can be resumed".into(),
+            });
+        }
+        let text = checkpoint::read_json(&record_path, "training record")?;
         let mut record: TrainRecord = serde_json::from_slice(&text)
             .map_err(|e| Error::Checkpoint { path: record_path.clone(), msg: format!("corrupt: {e}") })?;
         if record.format != RECORD_FORMAT {
