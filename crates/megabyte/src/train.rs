@@ -621,6 +621,28 @@ impl Trainer {
         Ok(path)
     }
 
+    /// What a run does with `err`, which stopped it after a completed step: on a data error
+    /// (a data file changed under the run), rank 0 saves that step, unless it is step 0 or
+    /// saved already, so that nothing trained is lost (the record holds the sampler as of the
+    /// step, not as of the failed draw). Returns the error, saying where the step went.
+    pub fn save_on_data_error(&self, run_dir: &Path, err: Error) -> Error {
+        let Error::Data { path, msg } = err else { return err };
+        let step = self.record.step;
+        if self.rank() != 0 || step == 0 {
+            return Error::Data { path, msg };
+        }
+        let saved = checkpoint::dir_for(run_dir, step);
+        let note = if saved.exists() {
+            format!("step {step}, the last completed, is saved in {}", saved.display())
+        } else {
+            match self.save(run_dir) {
+                Ok(saved) => format!("step {step}, the last completed, was saved to {}", saved.display()),
+                Err(e) => format!("saving step {step}, the last completed, failed too: {e}"),
+            }
+        };
+        Error::Data { path, msg: format!("{msg}; {note}") }
+    }
+
     fn finished(&self) -> Option<StopReason> {
         let t = &self.record.train;
         if t.steps.is_some_and(|s| self.record.step >= s) {
@@ -743,7 +765,7 @@ pub fn run(
         if interrupted {
             break StopReason::Interrupted;
         }
-        let stats = trainer.train_step(&data.train)?;
+        let stats = trainer.train_step(&data.train).map_err(|e| trainer.save_on_data_error(run_dir, e))?;
         // Wall time, not compute time, drives the time limit: evaluation and saving count.
         trainer.record.elapsed_secs = wall_before + wall.elapsed().as_secs_f64();
         log(serde_json::to_value(&stats)?)?;
@@ -753,7 +775,7 @@ pub fn run(
             continue;
         }
         if step % trainer.record.train.eval_every == 0 && trainer.finished().is_none() {
-            let report = trainer.validate(&data.valid)?;
+            let report = trainer.validate(&data.valid).map_err(|e| trainer.save_on_data_error(run_dir, e))?;
             log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
             on_event(Event::Eval { step, report: &report });
         }
@@ -766,7 +788,7 @@ pub fn run(
     let mut final_valid_bpb = f64::NAN;
     let mut checkpoint = checkpoint::dir_for(run_dir, step);
     if leader {
-        let report = trainer.validate(&data.valid)?;
+        let report = trainer.validate(&data.valid).map_err(|e| trainer.save_on_data_error(run_dir, e))?;
         log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
         on_event(Event::Eval { step, report: &report });
         final_valid_bpb = report.bpb;
