@@ -26,8 +26,9 @@ pub const EMBEDDED_CORPUS: &[u8] = include_bytes!("../corpus/enwik8-head.txt");
 pub const EMBEDDED_NAME: &str = "embedded:enwik8-head";
 
 /// Files smaller than this are read into memory; larger ones stay open and are read in
-/// place. A process may hold only so many open files (`ulimit -n`, often 1,024), and a folder
-/// of source code or clips can hold more files than that.
+/// place (each holding a file descriptor). A process may hold only so many open files
+/// (`ulimit -n`, often 1,024), and a folder of source code or clips can hold more files than
+/// that.
 pub const MAP_MIN_BYTES: u64 = 1 << 20;
 
 /// The most bytes a JSON file read whole may hold: a model config, a checkpoint's training
@@ -125,7 +126,7 @@ impl ByteStream {
         let mut parts = Vec::new();
         let mut kept = Vec::new();
         for file in &files {
-            let f = File::open(file).map_err(|e| match e.raw_os_error() {
+            let f = open_keeping(file).map_err(|e| match e.raw_os_error() {
                 Some(libc::EMFILE) | Some(libc::ENFILE) => Error::Data {
                     path: file.clone(),
                     msg: format!(
@@ -237,6 +238,29 @@ impl ByteStream {
             i += 1;
         }
         Ok(())
+    }
+}
+
+/// Opens a data file. Files read in place stay open for the whole run: when the process runs
+/// out of file descriptors, its soft limit is raised to the hard one (often 1,024 → 524,288)
+/// and the open tried again.
+fn open_keeping(path: &Path) -> std::io::Result<File> {
+    match File::open(path) {
+        Err(e) if e.raw_os_error() == Some(libc::EMFILE) && raise_open_files_limit() => File::open(path),
+        opened => opened,
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit; whether it rose.
+fn raise_open_files_limit() -> bool {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max {
+            return false;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
     }
 }
 
