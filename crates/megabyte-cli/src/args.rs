@@ -92,7 +92,7 @@ impl ModelArgs {
     pub fn resolve_over(&self, base: Option<&ModelConfig>) -> Result<ModelConfig> {
         let mut cfg = match (&self.config, &self.preset, base) {
             (Some(path), _, _) => {
-                let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = megabyte::data::read_regular_file(path, megabyte::data::JSON_MAX_BYTES, "model config")?;
                 serde_json::from_slice(&text).with_context(|| format!("{} is not a valid model config", path.display()))?
             }
             (None, None, Some(base)) => base.clone(),

@@ -2,11 +2,22 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use megabyte_data::fetch::{fetch, fetch_from_file, Dataset, FetchEvent};
 
 pub fn run(dataset: Dataset, dir: &Path, from: Option<&Path>) -> Result<()> {
+    // Ctrl-C stops the fetch at its next read, which removes its temporary files as it
+    // unwinds and ends with an error; a fetch stuck in a read (a stalled server) gets two
+    // seconds, then its temporary files are removed and the process exits.
+    ctrlc::set_handler(|| {
+        megabyte_data::fetch::interrupt();
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        megabyte_data::fetch::remove_temporaries();
+        eprintln!("error: fetch interrupted; its temporary files were removed");
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}").expect("valid template"),

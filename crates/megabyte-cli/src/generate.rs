@@ -23,6 +23,11 @@ use megabyte_data::image::{write_grid_png, ImageShape};
 
 use crate::args::{DeviceArgs, PixelOrderArgs};
 
+/// The most bytes `--prompt-file` may hold: far more than any model's context, so a prompt is
+/// never cut, while `/dev/zero` or a wrong file is refused at once rather than read until
+/// memory runs out.
+const PROMPT_MAX_BYTES: u64 = 16 << 20;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// A checkpoint folder, or a run folder (its newest checkpoint).
@@ -31,7 +36,7 @@ pub struct Args {
     /// Text to continue.
     #[arg(long, conflicts_with = "prompt_file")]
     prompt: Option<String>,
-    /// A file whose bytes are the prompt.
+    /// A file whose bytes are the prompt: a regular file of at most 16 MiB.
     #[arg(long)]
     prompt_file: Option<PathBuf>,
     /// Bytes to generate.
@@ -115,7 +120,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(text), _) => text.as_bytes().to_vec(),
-        (None, Some(path)) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        (None, Some(path)) => megabyte::data::read_regular_file(path, PROMPT_MAX_BYTES, "prompt file")?,
         (None, None) => Vec::new(),
     };
     // Every size is checked before the model is loaded or anything allocated.

@@ -523,7 +523,7 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     let sample_bytes = args.sample_bytes();
     if sample_bytes > 0 {
         let mut sampler = Sampler::new(Sampling::TopP { p: 0.9, temperature: 0.8 }, trainer.record().train.seed)?;
-        let prompt = data.valid.window(0, cfg.patch_size * 4);
+        let prompt = data.valid.window(0, cfg.patch_size * 4)?;
         let sample = generate(trainer.model(), &[prompt.clone()], sample_bytes, &mut sampler, &device, &mut |_| {})?;
         println!("sample (prompt in brackets):\n[{}]{}", String::from_utf8_lossy(&prompt), String::from_utf8_lossy(&sample[0]));
     }

@@ -32,7 +32,9 @@ pub struct CodeReport {
 }
 
 /// Joins every file under `folder` whose extension is one of `extensions` (without dots,
-/// case-insensitive; hidden files and folders skipped), in sorted path order, into `output`:
+/// case-insensitive; hidden files and folders skipped; a symbolic link to a file or folder
+/// outside `folder` refused, so an untrusted tree cannot pull in `/etc/passwd`), in sorted
+/// path order, into `output`:
 /// for each file the separator then its bytes. Writes the sidecar index of document starts
 /// with the relative paths. Nothing is left at `output` on an error.
 pub fn join_code(folder: &Path, output: &Path, extensions: &[String]) -> Result<CodeReport> {

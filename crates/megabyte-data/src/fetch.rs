@@ -8,6 +8,10 @@
 //!
 //! Nothing here prints; progress is reported through a `FnMut(FetchEvent)` callback.
 //!
+//! An interrupted fetch leaves nothing either: [`interrupt`] (the CLI calls it on Ctrl-C) makes
+//! every read loop stop with an error, so the temporary files and folders are removed as the
+//! fetch unwinds; [`remove_temporaries`] removes them at once for a fetch stuck in a read.
+//!
 //! enwik8 (the first 10^8 bytes of an English Wikipedia XML dump, Hutter Prize) is tried
 //! from, in order:
 //! 1. `http://mattmahoney.net/dc/enwik8.zip` (a zip holding the single file `enwik8`);
@@ -29,7 +33,8 @@ use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flate2::read::{GzDecoder, MultiGzDecoder};
@@ -333,6 +338,7 @@ fn first_that_works<S: fmt::Display, T>(
         let msg = match attempt(source, progress) {
             Ok(done) => return Ok(done),
             Err(e @ Error::Io { .. }) => return Err(e),
+            Err(_) if INTERRUPTED.load(Ordering::SeqCst) => return Err(interrupted_err(name)),
             Err(Error::Fetch { msg, .. }) => msg,
             Err(other) => other.to_string(),
         };
@@ -827,6 +833,42 @@ fn sdist_in(doc: &serde_json::Value, version: &str) -> Option<(String, Option<St
 // ---------------------------------------------------------------------------------------
 // Small helpers
 
+/// Set by [`interrupt`]; every read of a fetch checks it.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The temporary files and folders of the fetches in progress, for [`remove_temporaries`].
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Asks the fetches in progress to stop: their next read fails with an "interrupted" error,
+/// and their temporary files and folders are removed as they unwind. The CLI calls it on
+/// Ctrl-C; nothing can resume a fetch after it.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Removes the temporary files and folders of the fetches in progress now, for a process
+/// about to exit while a fetch is stuck in a read (a stalled server) after [`interrupt`].
+pub fn remove_temporaries() {
+    let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|e| e.into_inner()));
+    for p in live {
+        let _ = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+    }
+}
+
+fn interrupted_err(name: &str) -> Error {
+    fetch_err(name, "interrupted; its temporary files were removed, run it again to fetch the set")
+}
+
+/// Records a temporary file or folder as live (see [`remove_temporaries`]).
+fn register(p: &Path) {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner()).push(p.to_path_buf());
+}
+
+/// The file or folder was renamed into place or removed: no longer live.
+fn unregister(p: &Path) {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner()).retain(|q| q != p);
+}
+
 /// Temporary files in the destination folder, removed on drop unless kept. (`deb` also
 /// names its temporary folders here, and removes those itself.)
 #[derive(Default)]
@@ -842,12 +884,14 @@ impl Temps {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let p = dir.join(format!("{TEMP_PREFIX}{}.{n}.{what}.part", std::process::id()));
         self.paths.push(p.clone());
+        register(&p);
         p
     }
 
     /// The file was renamed into place: do not remove it.
     fn keep(&mut self, p: &Path) {
         self.paths.retain(|q| q != p);
+        unregister(p);
     }
 }
 
@@ -855,6 +899,7 @@ impl Drop for Temps {
     fn drop(&mut self) {
         for p in &self.paths {
             let _ = fs::remove_file(p);
+            unregister(p);
         }
     }
 }
@@ -887,8 +932,12 @@ fn remove_stale_temps(dir: &Path) {
     }
 }
 
+/// Reads into `buf`, retrying on EINTR; fails once [`interrupt`] was called.
 fn read_retry(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     loop {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            return Err(io::Error::other("interrupted"));
+        }
         match r.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             other => return other,

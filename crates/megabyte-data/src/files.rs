@@ -82,32 +82,76 @@ impl Drop for OutputFile {
 }
 
 /// The files of a folder, recursively and sorted by path, keeping those `keep` accepts;
-/// hidden entries (names starting with '.') and symbolic links to folders are skipped.
+/// hidden entries (names starting with '.') are skipped. The walk is the library's
+/// ([`megabyte::data::folder_files`]): it stays inside `dir` (a symbolic link to a kept file
+/// or a folder outside is refused, naming the link) and ends (a folder reached twice, by a loop or
+/// a second link, is refused).
 pub(crate) fn list_files(dir: &Path, keep: &dyn Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
-    fn walk(dir: &Path, keep: &dyn Fn(&Path) -> bool, out: &mut Vec<PathBuf>) -> Result<()> {
-        let entries = std::fs::read_dir(dir).io_context(|| format!("listing {}", dir.display()))?;
-        for entry in entries {
-            let entry = entry.io_context(|| format!("listing {}", dir.display()))?;
-            let path = entry.path();
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let kind = entry.file_type().io_context(|| format!("reading {}", path.display()))?;
-            if kind.is_dir() {
-                walk(&path, keep, out)?;
-            } else if path.is_file() && keep(&path) {
-                out.push(path);
-            }
-        }
-        Ok(())
-    }
-    let mut out = Vec::new();
-    walk(dir, keep, &mut out)?;
-    out.sort();
-    Ok(out)
+    Ok(megabyte::data::folder_files(dir, true, keep)?)
 }
 
 /// Whether a path's extension (case-insensitive) is one of `exts` (given without dots).
 pub(crate) fn has_extension(path: &Path, exts: &[&str]) -> bool {
     path.extension().and_then(|e| e.to_str()).is_some_and(|e| exts.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+    use crate::fetch::tests::TestDir;
+
+    fn names(dir: &Path, files: &[PathBuf]) -> Vec<String> {
+        files.iter().map(|f| f.strip_prefix(dir).unwrap().to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn the_walk_follows_links_inside_the_folder_and_skips_hidden_and_other_extensions() {
+        let t = TestDir::new("walk-inside");
+        let dir = t.0.join("src");
+        fs::create_dir_all(dir.join("a/b")).unwrap();
+        fs::create_dir_all(dir.join(".git")).unwrap();
+        fs::write(dir.join("a/b/x.rs"), "x").unwrap();
+        fs::write(dir.join(".git/y.rs"), "y").unwrap();
+        fs::write(dir.join("a/z.txt"), "z").unwrap();
+        symlink(dir.join("a/b/x.rs"), dir.join("link.rs")).unwrap();
+        symlink("/nonexistent", dir.join("broken.txt")).unwrap(); // not a kept file: ignored
+        let files = list_files(&dir, &|p| has_extension(p, &["rs"])).unwrap();
+        assert_eq!(names(&dir, &files), ["a/b/x.rs", "link.rs"]);
+    }
+
+    #[test]
+    fn the_walk_refuses_loops_and_links_out_of_the_folder() {
+        let rs = |p: &Path| has_extension(p, &["rs"]);
+        let refused = |dir: &Path, needle: &str, link: &str| {
+            let msg = list_files(dir, &rs).unwrap_err().to_string();
+            assert!(msg.contains(needle) && msg.contains(link), "expected `{needle}` naming {link} in: {msg}");
+        };
+        let t = TestDir::new("walk-refused");
+        let dir = t.0.join("src");
+        fs::create_dir_all(dir.join("a")).unwrap();
+        fs::write(dir.join("a/x.rs"), "x").unwrap();
+        fs::write(t.0.join("outside.rs"), "secret").unwrap();
+
+        symlink("..", dir.join("a/up")).unwrap(); // a loop
+        refused(&dir, "symbolic link loop", "a/up");
+        fs::remove_file(dir.join("a/up")).unwrap();
+
+        symlink(dir.join("a"), dir.join("again")).unwrap(); // one folder by two paths
+        refused(&dir, "already reached", "again");
+        fs::remove_file(dir.join("again")).unwrap();
+
+        symlink(t.0.join("outside.rs"), dir.join("a/out.rs")).unwrap(); // a file outside
+        refused(&dir, "outside the folder", "a/out.rs");
+        fs::remove_file(dir.join("a/out.rs")).unwrap();
+
+        symlink(&t.0, dir.join("parent")).unwrap(); // a folder outside
+        refused(&dir, "outside the folder", "parent");
+        fs::remove_file(dir.join("parent")).unwrap();
+
+        symlink("missing.rs", dir.join("gone.rs")).unwrap(); // a kept name that leads nowhere
+        refused(&dir, "cannot be followed", "gone.rs");
+    }
 }

@@ -266,11 +266,20 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 /// Reads a checkpoint's model config.
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read(&path).map_err(|e| ckpt_err(&path, format!("cannot read ({e})")))?;
+    let text = read_json(&path, "model config")?;
     let cfg: ModelConfig =
         serde_json::from_slice(&text).map_err(|e| ckpt_err(&path, format!("not a valid model config: {e}")))?;
     cfg.validate().map_err(|e| ckpt_err(&path, e.to_string()))?;
     Ok(cfg)
+}
+
+/// Reads a checkpoint's JSON file (`what`: its model config or training record) whole: a
+/// regular file of at most [`crate::data::JSON_MAX_BYTES`].
+pub(crate) fn read_json(path: &Path, what: &str) -> Result<Vec<u8>> {
+    crate::data::read_regular_file(path, crate::data::JSON_MAX_BYTES, what).map_err(|e| match e {
+        Error::Data { msg, .. } => ckpt_err(path, msg),
+        e => e,
+    })
 }
 
 /// Reads a safetensors file whole, with a clear error when corrupt or truncated.

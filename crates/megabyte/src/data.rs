@@ -1,14 +1,17 @@
-//! Bytes to train on: any file or folder of files as one byte stream (large files
-//! memory-mapped), split into training and validation ranges, and seeded random windows over a
-//! split.
+//! Bytes to train on: any file or folder of files as one byte stream (large files read in
+//! place), split into training and validation ranges, and seeded random windows over a split.
+//! Also the two ways every user-named input is opened: [`folder_files`], the folder walk that
+//! stays inside its folder, and [`read_regular_file`], a file read whole with a size bound.
 
+use std::collections::HashSet;
+use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use memmap2::Mmap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -22,32 +25,78 @@ pub const EMBEDDED_CORPUS: &[u8] = include_bytes!("../corpus/enwik8-head.txt");
 /// Name under which the embedded corpus is reported.
 pub const EMBEDDED_NAME: &str = "embedded:enwik8-head";
 
-/// Files smaller than this are read into memory rather than mapped: a process may hold only
-/// so many mappings (Linux's `vm.max_map_count`, 65,530 by default), and a folder of source
-/// code or clips can hold more files than that.
+/// Files smaller than this are read into memory; larger ones stay open and are read in
+/// place (each holding a file descriptor). A process may hold only so many open files
+/// (`ulimit -n`, often 1,024), and a folder of source code or clips can hold more files than
+/// that.
 pub const MAP_MIN_BYTES: u64 = 1 << 20;
+
+/// The most bytes a JSON file read whole may hold: a model config, a checkpoint's training
+/// record. A file larger than this is not one of them (or was given by mistake).
+pub const JSON_MAX_BYTES: u64 = 1 << 20;
+
+/// The most bytes a document index (sidecar) may hold: a million documents' starts with
+/// their paths fit well within it.
+pub const SIDECAR_MAX_BYTES: u64 = 256 << 20;
 
 /// Consecutive small files share one in-memory part of up to this many bytes.
 const READ_CHUNK_BYTES: usize = 64 << 20;
 
+/// A large file read in place with positioned reads (`pread`), not memory-mapped: a mapped
+/// file that shrinks kills the process with SIGBUS at the next read past its new end, while a
+/// short read here is an error naming the file (one system call per window, nothing next to
+/// a training step).
+struct InPlace {
+    file: File,
+    path: PathBuf,
+    len: u64,
+}
+
 enum Part {
-    Mapped(Mmap),
+    InPlace(InPlace),
     Read(Vec<u8>),
     Static(&'static [u8]),
 }
 
 impl Part {
-    fn bytes(&self) -> &[u8] {
+    fn len(&self) -> u64 {
         match self {
-            Part::Mapped(m) => m,
-            Part::Read(v) => v,
-            Part::Static(s) => s,
+            Part::InPlace(f) => f.len,
+            Part::Read(v) => v.len() as u64,
+            Part::Static(s) => s.len() as u64,
+        }
+    }
+
+    /// Copies the part's bytes [at, at + out.len()) into `out`.
+    fn read(&self, at: u64, out: &mut [u8]) -> Result<()> {
+        match self {
+            Part::InPlace(f) => f.file.read_exact_at(out, at).map_err(|e| {
+                let now = f.file.metadata().map_or_else(|_| "an unknown length".into(), |m| format!("{} bytes", m.len()));
+                Error::Data {
+                    path: f.path.clone(),
+                    msg: format!(
+                        "cannot read bytes {at}..{} ({e}): the file had {} bytes when opened and has {now} now; \
+                         data files must not change during a run (restore it, or start again on the new data)",
+                        at + out.len() as u64,
+                        f.len,
+                    ),
+                }
+            }),
+            Part::Read(v) => {
+                out.copy_from_slice(&v[at as usize..at as usize + out.len()]);
+                Ok(())
+            }
+            Part::Static(s) => {
+                out.copy_from_slice(&s[at as usize..at as usize + out.len()]);
+                Ok(())
+            }
         }
     }
 }
 
 /// One or more files read as a single stream of bytes: files of [`MAP_MIN_BYTES`] or more
-/// are memory-mapped (never loaded whole), smaller ones read into shared in-memory parts.
+/// stay open and are read in place (never loaded whole), smaller ones are read into shared
+/// in-memory parts.
 pub struct ByteStream {
     name: String,
     parts: Vec<Part>,
@@ -59,27 +108,37 @@ pub struct ByteStream {
 }
 
 impl ByteStream {
-    /// A file, or every file under a folder (recursively, in path order). Document indexes
-    /// (`*.documents.json`, see [`crate::documents`]) in a folder are metadata, not data, and
-    /// are skipped.
+    /// A file, or every file under a folder (recursively, in path order; see
+    /// [`folder_files`]). Document indexes (`*.documents.json`, see [`crate::documents`]) in a
+    /// folder are metadata, not data, and are skipped. A FIFO, socket or device is refused: it
+    /// has no length and may never end.
     pub fn open(path: &Path) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| Error::Data {
             path: path.into(),
             msg: format!("cannot read it ({e}); pass an existing file or folder"),
         })?;
         let files = if meta.is_dir() {
-            let mut files = Vec::new();
-            collect_files(path, &mut files)?;
-            files.sort();
-            files
+            folder_files(path, false, &|f| !f.to_string_lossy().ends_with(crate::documents::SIDECAR_SUFFIX))?
         } else {
+            require_regular(path, &meta, "data file or folder")?;
             vec![path.to_path_buf()]
         };
         let mut parts = Vec::new();
         let mut kept = Vec::new();
         for file in &files {
-            let f = std::fs::File::open(file).io_context(|| format!("opening {}", file.display()))?;
-            let len = f.metadata().io_context(|| format!("reading {}", file.display()))?.len();
+            let f = open_keeping(file).map_err(|e| match e.raw_os_error() {
+                Some(libc::EMFILE) | Some(libc::ENFILE) => Error::Data {
+                    path: file.clone(),
+                    msg: format!(
+                        "cannot open it ({e}): the folder holds more files of {MAP_MIN_BYTES} bytes or more than \
+                         this process may keep open; raise the limit (`ulimit -n`) or join the files into fewer"
+                    ),
+                },
+                _ => Error::Io { context: format!("opening {}", file.display()), source: e },
+            })?;
+            let meta = f.metadata().io_context(|| format!("reading {}", file.display()))?;
+            require_regular(file, &meta, "data file")?;
+            let len = meta.len();
             if len == 0 {
                 continue; // an empty file adds nothing (and cannot be mapped)
             }
@@ -102,10 +161,7 @@ impl ByteStream {
                     });
                 }
             } else {
-                // SAFETY: the file is only read; a concurrent writer could change what we
-                // read, which the user controls, as with any reader.
-                let map = unsafe { Mmap::map(&f) }.io_context(|| format!("mapping {}", file.display()))?;
-                parts.push(Part::Mapped(map));
+                parts.push(Part::InPlace(InPlace { file: f, path: file.clone(), len }));
             }
             kept.push((file.clone(), len));
         }
@@ -135,7 +191,7 @@ impl ByteStream {
         let mut len = 0u64;
         for p in &parts {
             starts.push(len);
-            len += p.bytes().len() as u64;
+            len += p.len();
         }
         ByteStream { name, parts, starts, len, files: Vec::new() }
     }
@@ -166,30 +222,174 @@ impl ByteStream {
         self.len == 0
     }
 
-    /// Copies bytes [offset, offset + out.len()) into `out`, across file boundaries.
-    fn read(&self, offset: u64, out: &mut [u8]) {
+    /// Copies bytes [offset, offset + out.len()) into `out`, across file boundaries. Errors
+    /// when a file read in place has shrunk since it was opened.
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<()> {
         let mut pos = offset;
         let mut filled = 0;
         let mut i = self.starts.partition_point(|&s| s <= pos) - 1;
         while filled < out.len() {
-            let part = self.parts[i].bytes();
-            let within = (pos - self.starts[i]) as usize;
-            let n = (part.len() - within).min(out.len() - filled);
-            out[filled..filled + n].copy_from_slice(&part[within..within + n]);
+            let part = &self.parts[i];
+            let within = pos - self.starts[i];
+            let n = ((part.len() - within) as usize).min(out.len() - filled);
+            part.read(within, &mut out[filled..filled + n])?;
             filled += n;
             pos += n as u64;
             i += 1;
         }
+        Ok(())
     }
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+/// Opens a data file. Files read in place stay open for the whole run: when the process runs
+/// out of file descriptors, its soft limit is raised to the hard one (often 1,024 → 524,288)
+/// and the open tried again.
+fn open_keeping(path: &Path) -> std::io::Result<File> {
+    match File::open(path) {
+        Err(e) if e.raw_os_error() == Some(libc::EMFILE) && raise_open_files_limit() => File::open(path),
+        opened => opened,
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit; whether it rose.
+fn raise_open_files_limit() -> bool {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max {
+            return false;
+        }
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+    }
+}
+
+/// Errors unless `meta` (of `path`) is a regular file: a FIFO, socket or device has no length
+/// and a read of it may block or never end.
+fn require_regular(path: &Path, meta: &std::fs::Metadata, what: &str) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if meta.is_file() {
+        return Ok(());
+    }
+    let t = meta.file_type();
+    let kind = if meta.is_dir() {
+        "a folder"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    };
+    Err(Error::Data { path: path.into(), msg: format!("is {kind}; pass a regular file as the {what}") })
+}
+
+/// Reads a file named by the user whole: it must be a regular file (a FIFO or device, which
+/// may block or never end, is refused before it is opened) of at most `max_bytes` bytes
+/// (checked before reading and again while reading). `what` names it in the errors ("model
+/// config", "prompt file").
+pub fn read_regular_file(path: &Path, max_bytes: u64, what: &str) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::Data { path: path.into(), msg: format!("cannot read the {what} ({e})") })?;
+    require_regular(path, &meta, what)?;
+    let too_large = |n: String| Error::Data {
+        path: path.into(),
+        msg: format!("holds {n} bytes, more than the {max_bytes} a {what} may have; is it the right file?"),
+    };
+    if meta.len() > max_bytes {
+        return Err(too_large(meta.len().to_string()));
+    }
+    let file = File::open(path).io_context(|| format!("opening {}", path.display()))?;
+    // Checked again on the open file: the path may have been replaced in between.
+    require_regular(path, &file.metadata().io_context(|| format!("reading {}", path.display()))?, what)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max_bytes + 1).read_to_end(&mut bytes).io_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_large(format!("more than {max_bytes}")));
+    }
+    Ok(bytes)
+}
+
+/// The regular files under `root` that `keep` accepts, recursively, sorted by path; with
+/// `skip_hidden`, names starting with '.' are left out. The walk stays inside `root` and ends:
+/// a symbolic link (to a kept file or to a folder) whose target lies outside `root` is
+/// refused, naming the link, and so is a folder reached a second time, by a link to one of its
+/// parents (a loop) or by a second path, told apart by (device, inode). FIFOs, sockets and
+/// devices inside are skipped: they have no bytes to read and may block.
+pub fn folder_files(root: &Path, skip_hidden: bool, keep: &dyn Fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
+    let canonical_root = root
+        .canonicalize()
+        .map_err(|e| Error::Data { path: root.into(), msg: format!("cannot read the folder ({e})") })?;
+    let root_meta = std::fs::metadata(&canonical_root).io_context(|| format!("reading {}", root.display()))?;
+    let mut seen = HashSet::from([(root_meta.dev(), root_meta.ino())]);
+    let mut out = Vec::new();
+    walk(root, &canonical_root, skip_hidden, keep, &mut seen, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn walk(
+    dir: &Path,
+    root: &Path,
+    skip_hidden: bool,
+    keep: &dyn Fn(&Path) -> bool,
+    seen: &mut HashSet<(u64, u64)>,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
     let entries = std::fs::read_dir(dir).io_context(|| format!("listing {}", dir.display()))?;
+    let mut paths = Vec::new();
     for entry in entries {
-        let path = entry.io_context(|| format!("listing {}", dir.display()))?.path();
-        if path.is_dir() {
-            collect_files(&path, out)?;
-        } else if path.is_file() && !path.to_string_lossy().ends_with(crate::documents::SIDECAR_SUFFIX) {
+        let entry = entry.io_context(|| format!("listing {}", dir.display()))?;
+        if skip_hidden && entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        paths.push(entry.path());
+    }
+    paths.sort(); // the same error whatever order the folder lists its entries in
+    for path in paths {
+        let link = std::fs::symlink_metadata(&path).io_context(|| format!("reading {}", path.display()))?;
+        let is_link = link.file_type().is_symlink();
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(_) if is_link && !keep(&path) => continue, // a broken link the caller would not read
+            Err(e) if is_link => {
+                return Err(Error::Data {
+                    path: path.clone(),
+                    msg: format!("is a symbolic link that cannot be followed ({e}); remove it or fix its target"),
+                })
+            }
+            Err(e) => return Err(Error::Io { context: format!("reading {}", path.display()), source: e }),
+        };
+        if !meta.is_dir() && !(meta.is_file() && keep(&path)) {
+            continue;
+        }
+        if is_link {
+            let target = path.canonicalize().io_context(|| format!("following {}", path.display()))?;
+            if !target.starts_with(root) {
+                return Err(Error::Data {
+                    path: path.clone(),
+                    msg: format!(
+                        "is a symbolic link to {}, outside the folder {}; only files inside it are read: \
+                         copy the target in or remove the link",
+                        target.display(),
+                        root.display()
+                    ),
+                });
+            }
+        }
+        if meta.is_dir() {
+            if !seen.insert((meta.dev(), meta.ino())) {
+                return Err(Error::Data {
+                    path: path.clone(),
+                    msg: "leads to a folder the walk has already reached (a symbolic link loop, or a second \
+                          link to one folder); remove the link"
+                        .into(),
+                });
+            }
+            walk(&path, root, skip_hidden, keep, seen, out)?;
+        } else {
             out.push(path);
         }
     }
@@ -283,21 +483,22 @@ impl Split {
         self.stream.name()
     }
 
-    /// Bytes [offset, offset + len) of this split, zero-padded past its end.
-    pub fn window(&self, offset: u64, len: usize) -> Vec<u8> {
+    /// Bytes [offset, offset + len) of this split, zero-padded past its end. Errors when a
+    /// data file has shrunk since it was opened.
+    pub fn window(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut out = vec![0u8; len];
         let avail = self.len.saturating_sub(offset).min(len as u64) as usize;
         if avail > 0 {
-            self.stream.read(self.start + offset, &mut out[..avail]);
+            self.stream.read(self.start + offset, &mut out[..avail])?;
         }
-        out
+        Ok(out)
     }
 
     /// `real` bytes from `offset`, then zero padding up to `len` bytes.
-    pub fn padded_window(&self, offset: u64, real: usize, len: usize) -> Vec<u8> {
-        let mut out = self.window(offset, real.min(len));
+    pub fn padded_window(&self, offset: u64, real: usize, len: usize) -> Result<Vec<u8>> {
+        let mut out = self.window(offset, real.min(len))?;
         out.resize(len, 0);
-        out
+        Ok(out)
     }
 
     /// Errors unless the split holds at least one window of `context` bytes.
@@ -371,7 +572,7 @@ impl WindowSampler {
         for row in 0..batch {
             let start = self.rng.random_range(0..=max_start);
             if rows.contains(&row) {
-                ids.extend(split.window(start, context).into_iter().map(u32::from));
+                ids.extend(split.window(start, context)?.into_iter().map(u32::from));
             }
         }
         Ok(Tensor::from_vec(ids, (rows.len(), context), device)?)
@@ -424,7 +625,7 @@ impl WindowSampler {
             let start = d + (u - d) / context as u64 * context as u64; // the tile holding u
             let real = (e - start).min(context as u64) as usize;
             if rows.contains(&row) {
-                ids.extend(split.padded_window(start, real, context).into_iter().map(u32::from));
+                ids.extend(split.padded_window(start, real, context)?.into_iter().map(u32::from));
                 weights.extend((0..context).map(|i| if i < real { 1f32 } else { 0.0 }));
             }
             real_total += real;

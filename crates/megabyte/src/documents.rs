@@ -88,7 +88,7 @@ impl DocumentIndex {
             return Ok(None);
         }
         let bad = |msg: String| Error::Data { path: path.clone(), msg };
-        let text = std::fs::read(&path).io_context(|| format!("reading {}", path.display()))?;
+        let text = crate::data::read_regular_file(&path, crate::data::SIDECAR_MAX_BYTES, "document index")?;
         let index: DocumentIndex =
             serde_json::from_slice(&text).map_err(|e| bad(format!("not a document index ({e})")))?;
         if index.format != INDEX_FORMAT {

@@ -144,8 +144,10 @@ pub fn evaluate(
     // Scores one batch of windows: the scored bytes' nats by patch position and by window
     // position (one read-back of the losses; the totals are either tally's sums).
     let score = |chunk: &[Window]| -> Result<(Tally, Tally)> {
-        let ids: Vec<u32> =
-            chunk.iter().flat_map(|w| split.padded_window(w.start, w.len, t).into_iter().map(u32::from)).collect();
+        let mut ids: Vec<u32> = Vec::with_capacity(chunk.len() * t);
+        for w in chunk {
+            ids.extend(split.padded_window(w.start, w.len, t)?.into_iter().map(u32::from));
+        }
         let x = Tensor::from_vec(ids, (chunk.len(), t), device)?; // [B, T]
         let losses = model.byte_losses(&x)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?; // [B][T] nats
         let (mut by_patch, mut by_window) = (Tally::new(p), Tally::new(bins));

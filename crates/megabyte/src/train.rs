@@ -428,10 +428,13 @@ impl Trainer {
         let dir = checkpoint::resolve(path)?;
         let (model, params) = checkpoint::load_model(&dir, DType::F32, device)?;
         let record_path = dir.join(checkpoint::TRAIN_FILE);
-        let text = std::fs::read(&record_path).map_err(|e| Error::Checkpoint {
-            path: record_path.clone(),
-            msg: format!("cannot read ({e}); only a training checkpoint can be resumed"),
-        })?;
+        if !record_path.exists() {
+            return Err(Error::Checkpoint {
+                path: record_path,
+                msg: "cannot read (it is missing); only a training checkpoint can be resumed".into(),
+            });
+        }
+        let text = checkpoint::read_json(&record_path, "training record")?;
         let mut record: TrainRecord = serde_json::from_slice(&text)
             .map_err(|e| Error::Checkpoint { path: record_path.clone(), msg: format!("corrupt: {e}") })?;
         if record.format != RECORD_FORMAT {
@@ -734,6 +737,28 @@ impl Trainer {
         Ok(path)
     }
 
+    /// What a run does with `err`, which stopped it after a completed step: on a data error
+    /// (a data file changed under the run), rank 0 saves that step, unless it is step 0 or
+    /// saved already, so that nothing trained is lost (the record holds the sampler as of the
+    /// step, not as of the failed draw). Returns the error, saying where the step went.
+    pub fn save_on_data_error(&self, run_dir: &Path, err: Error) -> Error {
+        let Error::Data { path, msg } = err else { return err };
+        let step = self.record.step;
+        if self.rank() != 0 || step == 0 {
+            return Error::Data { path, msg };
+        }
+        let saved = checkpoint::dir_for(run_dir, step);
+        let note = if saved.exists() {
+            format!("step {step}, the last completed, is saved in {}", saved.display())
+        } else {
+            match self.save(run_dir) {
+                Ok(saved) => format!("step {step}, the last completed, was saved to {}", saved.display()),
+                Err(e) => format!("saving step {step}, the last completed, failed too: {e}"),
+            }
+        };
+        Error::Data { path, msg: format!("{msg}; {note}") }
+    }
+
     fn finished(&self) -> Option<StopReason> {
         let t = &self.record.train;
         if t.steps.is_some_and(|s| self.record.step >= s) {
@@ -977,7 +1002,7 @@ pub fn run(
         if interrupted {
             break StopReason::Interrupted;
         }
-        let stats = trainer.train_step(&data.train)?;
+        let stats = trainer.train_step(&data.train).map_err(|e| trainer.save_on_data_error(run_dir, e))?;
         // Wall time, not compute time, drives the time limit: evaluation and saving count.
         trainer.record.elapsed_secs = wall_before + wall.elapsed().as_secs_f64();
         log(serde_json::to_value(&stats)?)?;
@@ -987,7 +1012,7 @@ pub fn run(
             continue;
         }
         if step % trainer.record.train.eval_every == 0 && trainer.finished().is_none() {
-            let report = trainer.validate(&data.valid)?;
+            let report = trainer.validate(&data.valid).map_err(|e| trainer.save_on_data_error(run_dir, e))?;
             log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
             on_event(Event::Eval { step, report: &report });
         }
@@ -1000,7 +1025,7 @@ pub fn run(
     let mut final_valid_bpb = f64::NAN;
     let mut checkpoint = checkpoint::dir_for(run_dir, step);
     if leader {
-        let report = trainer.validate(&data.valid)?;
+        let report = trainer.validate(&data.valid).map_err(|e| trainer.save_on_data_error(run_dir, e))?;
         log(serde_json::json!({"step": step, "valid_bpb": report.bpb, "valid_bytes": report.bytes}))?;
         on_event(Event::Eval { step, report: &report });
         final_valid_bpb = report.bpb;

@@ -19,7 +19,7 @@ fn leak(bytes: Vec<u8>) -> &'static [u8] {
 /// The loss of every scored byte, by its position in the split.
 fn scored_losses(model: &MegaByte, split: &Split, plan: &[Window]) -> BTreeMap<u64, f32> {
     let t = model.config().context;
-    let rows: Vec<Vec<u8>> = plan.iter().map(|w| split.padded_window(w.start, w.len, t)).collect();
+    let rows: Vec<Vec<u8>> = plan.iter().map(|w| split.padded_window(w.start, w.len, t).unwrap()).collect();
     let losses = model.byte_losses(&bytes_tensor(&rows)).unwrap().to_vec2::<f32>().unwrap();
     let mut out = BTreeMap::new();
     for (w, row) in plan.iter().zip(losses) {

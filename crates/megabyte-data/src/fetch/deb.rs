@@ -312,6 +312,7 @@ impl Staging {
         // `Temps` only removes files; this folder is removed by `Staging`.
         temps.keep(&path);
         fs::create_dir(&path).io_context(|| format!("creating {}", path.display()))?;
+        super::register(&path);
         Ok(Staging { path, keep: false })
     }
 }
@@ -321,6 +322,7 @@ impl Drop for Staging {
         if !self.keep {
             let _ = fs::remove_dir_all(&self.path);
         }
+        super::unregister(&self.path);
     }
 }
 
@@ -391,6 +393,8 @@ fn install(
     // Commit: move an earlier copy aside (removed when `old` drops), then rename.
     let _old = if out.exists() {
         let old = Staging::new(&mut temps, root, &format!("{name}.old"))?;
+        // The earlier copy goes here: an exit on interruption must not remove it.
+        super::unregister(&old.path);
         fs::remove_dir(&old.path).io_context(|| format!("removing {}", old.path.display()))?;
         fs::rename(&out, &old.path).io_context(|| format!("moving {} aside", out.display()))?;
         Some(old)
