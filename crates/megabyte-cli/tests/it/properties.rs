@@ -414,7 +414,7 @@ proptest! {
             Ok(stream) => {
                 let stream = std::sync::Arc::new(stream);
                 prop_assert_eq!(stream.len(), expected.len() as u64);
-                prop_assert_eq!(Split::all(stream.clone()).window(0, expected.len()), expected);
+                prop_assert_eq!(Split::all(stream.clone()).window(0, expected.len()).unwrap(), expected);
                 let kept: Vec<&PathBuf> = files.iter().filter(|(_, b)| !b.is_empty()).map(|(p, _)| p).collect();
                 prop_assert_eq!(stream.files().iter().map(|(p, _)| p).collect::<Vec<_>>(), kept);
             }
