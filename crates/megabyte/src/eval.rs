@@ -187,6 +187,12 @@ pub fn evaluate(
     if bytes != len {
         return Err(Error::Input(format!("evaluation scored {bytes} of {len} bytes (an internal bug)")));
     }
+    if !nats.is_finite() {
+        // Finite weights whose activations overflow (a diverged run's last finite step).
+        return Err(Error::Input(format!(
+            "the model's loss is not finite ({nats} nats over {bytes} bytes): its weights overflow in the forward pass; use an earlier checkpoint"
+        )));
+    }
     Ok(EvalReport {
         bpb: nats / bytes as f64 / std::f64::consts::LN_2,
         bytes,

@@ -280,4 +280,20 @@ fn non_finite_weights_are_never_saved_nor_loaded() {
     std::fs::write(&data, crate::random_bytes(600, 1)).unwrap();
     fails_with(&["eval", "--checkpoint", s(&ckpt), "--data", s(&data)], "NaN or infinite");
     fails_with(&["generate", "--checkpoint", s(&ckpt), "-n", "4"], name);
+
+    // Finite weights that overflow in the forward pass: eval refuses a non-finite score
+    // instead of printing `bpb NaN` and exiting 0.
+    let ckpt = trained_checkpoint(&dir.join("huge"));
+    let path = ckpt.join(checkpoint::MODEL_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    for name in ["local.blocks.0.mlp.up.weight", "local.blocks.0.mlp.down.weight"] {
+        let [start, end] = [0, 1].map(|i| header[name]["data_offsets"][i].as_u64().unwrap() as usize + 8 + header_len);
+        for at in (start..end).step_by(4) {
+            bytes[at..at + 4].copy_from_slice(&1e30f32.to_le_bytes());
+        }
+    }
+    std::fs::write(&path, bytes).unwrap();
+    fails_with(&["eval", "--checkpoint", s(&ckpt), "--data", s(&data)], "not finite");
 }
