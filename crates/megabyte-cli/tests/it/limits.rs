@@ -9,20 +9,8 @@ use std::process::{Command, Stdio};
 use megabyte::checkpoint::{self, CheckpointData};
 use megabyte::{DType, Device, ModelConfig, Precision, Tensor, Workload};
 
-use crate::{temp_dir, tiny};
+use crate::{fails_with, megabyte, temp_dir, tiny};
 
-/// Runs the command; returns (success, stderr).
-fn megabyte(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn fails_with(args: &[&str], needle: &str) {
-    let (ok, stderr) = megabyte(args);
-    assert!(!ok, "`megabyte {}` should fail", args.join(" "));
-    assert!(stderr.contains(needle), "`megabyte {}`: expected `{needle}` in:\n{stderr}", args.join(" "));
-    assert!(!stderr.contains("panicked"), "`megabyte {}` panicked:\n{stderr}", args.join(" "));
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

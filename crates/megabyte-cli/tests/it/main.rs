@@ -103,6 +103,20 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Runs the `megabyte` binary; returns (success, stderr).
+pub fn megabyte(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_megabyte")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// `megabyte ARGS` fails with `needle` in its message, without a panic.
+pub fn fails_with(args: &[&str], needle: &str) {
+    let (ok, stderr) = megabyte(args);
+    assert!(!ok, "`megabyte {}` should fail", args.join(" "));
+    assert!(stderr.contains(needle), "`megabyte {}`: expected `{needle}` in:\n{stderr}", args.join(" "));
+    assert!(!stderr.contains("panicked"), "`megabyte {}` panicked:\n{stderr}", args.join(" "));
+}
+
 pub fn bytes_tensor(rows: &[Vec<u8>]) -> Tensor {
     megabyte::data::bytes_to_tensor(rows, &Device::Cpu).unwrap()
 }

@@ -2,12 +2,7 @@
 
 use std::process::Command;
 
-use crate::temp_dir;
-
-fn megabyte(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
+use crate::{megabyte, temp_dir};
 
 #[test]
 fn plot_draws_records_and_refuses_missing_fields() {

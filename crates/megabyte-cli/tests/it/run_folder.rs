@@ -9,15 +9,10 @@ use std::process::{Child, Command, Stdio};
 use megabyte::checkpoint;
 use megabyte::train;
 
-use crate::{random_bytes, temp_dir};
+use crate::{megabyte, random_bytes, temp_dir};
 
 /// A short `tiny` run's flags on the embedded corpus (add --out, --steps or --time).
 const TINY: [&str; 8] = ["--preset", "tiny", "--eval-bytes", "2048", "--sample-bytes", "0", "--eval-every", "1000"];
-
-fn megabyte(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
 
 fn train(run: &Path, more: &[&str]) -> (bool, String) {
     let mut args = vec!["train"];
