@@ -38,9 +38,9 @@ source scripts/gpu-env.sh # unpacks .gpu-host/*.xz into /tmp/mb
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # prepare CONFIG BATCH [TRAIN-ARGS...]: enwik8's splits in /tmp/data, the environment
 # paper-claims.sh reads, and three untimed steps of the model. A freshly started host spent
-# 12-17 s in a timed run's first two steps (benchmarks/claims/enwik8-10min/README.md, runs
-# s19-1 and s19-3; most likely the driver compiling the kernels' PTX into an empty cache); the
-# untimed steps keep that out of the timed run.
+# 12-17 s in a timed run's first two steps (benchmarks/claims/enwik8-10min/README.md; most
+# likely the driver compiling the kernels' PTX into an empty cache); the untimed steps keep that
+# out of the timed run.
 prepare() {
     local config=$1 batch=$2 src s
     shift 2
