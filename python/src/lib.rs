@@ -24,7 +24,7 @@ use megabyte_cli::generate::Rule;
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyString};
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyString};
 
 /// How often a waiting call checks for Ctrl-C.
 const POLL: Duration = Duration::from_millis(50);
@@ -710,7 +710,7 @@ fn train_argv(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<String>> {
             }
             continue;
         }
-        if value.extract::<bool>().is_ok() && value.cast::<pyo3::types::PyBool>().is_ok() {
+        if value.cast::<PyBool>().is_ok() {
             return Err(PyTypeError::new_err(format!("{key} takes a value, not {value}")));
         }
         let text = match value.cast::<PyString>() {
@@ -779,7 +779,7 @@ fn train<'py>(
             Python::attach(|py| {
                 let result = from_json(py, stats).and_then(|d| callback.call1(py, (d,)));
                 match result {
-                    Ok(answer) => !answer.bind(py).is(&pyo3::types::PyBool::new(py, false)),
+                    Ok(answer) => !answer.bind(py).is(&PyBool::new(py, false)),
                     Err(e) => {
                         *hook_raised.lock().expect("one writer") = Some(e);
                         false
