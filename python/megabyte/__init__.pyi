@@ -48,7 +48,7 @@ class Model:
         """The activations' format."""
     def generate(
         self,
-        prompt: Union[bytes, bytearray, str, None] = None,
+        prompt: Union[bytes, bytearray, str] = b"",
         n: int = 512,
         sampling: Rule = "top-p",
         temperature: float = 1.0,
@@ -78,7 +78,7 @@ class Model:
         """
     def stream(
         self,
-        prompt: Union[bytes, bytearray, str, None] = None,
+        prompt: Union[bytes, bytearray, str] = b"",
         n: int = 512,
         sampling: Rule = "top-p",
         temperature: float = 1.0,
