@@ -196,6 +196,10 @@ def test_errors_are_typed_and_carry_the_library_message(tmp_path, model, cli, co
         model.generate(top_p=1.5)
     with pytest.raises(ValueError, match="temperature must be positive"):
         model.generate(sampling="temperature", temperature=0.0)
+    with pytest.raises(ValueError, match="give a prompt of at most 255 bytes"):
+        model.generate(b"x" * 256)
+    with pytest.raises(ValueError, match="give a prompt of at most 255 bytes"):
+        next(model.stream(b"x" * 256))
     with pytest.raises(TypeError, match="prompt must be bytes"):
         model.generate(prompt=12)
     with pytest.raises(FileNotFoundError, match="cannot read it"):
