@@ -95,7 +95,7 @@ pub struct Args {
 
 /// `--sampling`: the rules of [`Sampling`], whose parameters are their own flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Rule {
+pub enum Rule {
     /// The most likely byte.
     Greedy,
     /// Sample from softmax(logits / temperature).
@@ -106,14 +106,20 @@ enum Rule {
     TopP,
 }
 
+impl Rule {
+    /// The rule with its parameters (those it does not use are ignored, as their flags are).
+    pub fn sampling(self, temperature: f64, top_k: usize, top_p: f64) -> Sampling {
+        match self {
+            Rule::Greedy => Sampling::Greedy,
+            Rule::Temperature => Sampling::Temperature { temperature },
+            Rule::TopK => Sampling::TopK { k: top_k, temperature },
+            Rule::TopP => Sampling::TopP { p: top_p, temperature },
+        }
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
-    let t = args.temperature;
-    let sampling = match args.sampling {
-        Rule::Greedy => Sampling::Greedy,
-        Rule::Temperature => Sampling::Temperature { temperature: t },
-        Rule::TopK => Sampling::TopK { k: args.top_k, temperature: t },
-        Rule::TopP => Sampling::TopP { p: args.top_p, temperature: t },
-    };
+    let sampling = args.sampling.sampling(args.temperature, args.top_k, args.top_p);
     let mut sampler = Sampler::new(sampling, args.seed)?;
     if let Some(out) = args.out.as_ref().filter(|out| !args.overwrite && out.symlink_metadata().is_ok()) {
         bail!("{} already exists: pass --overwrite to replace it, or choose another --out", out.display());

@@ -1,21 +1,12 @@
 //! The `megabyte` command: a thin layer over the `megabyte` library. Arguments are validated
-//! into library configs before any work starts; each subcommand lives in its own module, and
-//! the argument groups several share in `args`.
+//! into library configs before any work starts; each subcommand lives in its own module of
+//! the `megabyte_cli` library (which the Python package also runs), and the argument groups
+//! several share in `args`.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-
-mod args;
-mod bench;
-mod convert;
-mod eval;
-mod fetch;
-mod generate;
-mod info;
-mod launch;
-mod plot;
-mod train;
+use megabyte_cli::{args, bench, convert, eval, fetch, generate, info, plot, train};
 
 /// MEGABYTE byte-level language models: train, evaluate and sample on any bytes.
 #[derive(Parser)]

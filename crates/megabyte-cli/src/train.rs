@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use megabyte::data::ByteStream;
 use megabyte::generate::{generate, Sampler, Sampling};
 use megabyte::dist::DistEnv;
-use megabyte::train::{self, DataSpec, Event, StopReason, TrainConfig, Trainer};
+use megabyte::train::{self, DataSpec, Event, RunSummary, StepStats, StopReason, TrainConfig, Trainer};
 use megabyte::Precision;
 
 use crate::args::{ComputeArgs, DecayArg, ModelArgs, PrecisionArg};
@@ -352,19 +352,43 @@ fn defaults_help() -> String {
     )
 }
 
+/// How a caller follows and stops a run: the command's Ctrl-C handler, or another program's
+/// (the Python package's) flag and per-step callback.
+pub struct Hooks<'a> {
+    /// Set, it stops the run cleanly before the next step, with a checkpoint: what Ctrl-C does.
+    pub stop: Arc<AtomicBool>,
+    /// Install the command's Ctrl-C handler, which sets `stop` (a second Ctrl-C leaves at once).
+    pub ctrl_c: bool,
+    /// Called after every step (by rank 0); `false` stops the run as `stop` does.
+    pub on_step: Option<&'a mut dyn FnMut(&StepStats) -> bool>,
+}
+
+/// A finished run, as rank 0 knows it.
+pub struct Outcome {
+    pub run_dir: PathBuf,
+    pub summary: RunSummary,
+}
+
 pub fn run(args: Args) -> Result<()> {
+    let hooks = Hooks { stop: Arc::new(AtomicBool::new(false)), ctrl_c: true, on_step: None };
+    run_with(args, hooks).map(drop)
+}
+
+/// `megabyte train` with `hooks`: the run's outcome on rank 0 (`None` on the other ranks and
+/// for `--devices`, whose workers train).
+pub fn run_with(args: Args, hooks: Hooks) -> Result<Option<Outcome>> {
     if let Some(list) = args.devices.as_deref() {
-        return crate::launch::run(list, args.compute.device.device.as_deref());
+        return crate::launch::run(list, args.compute.device.device.as_deref()).map(|()| None);
     }
     if !(args.nccl_timeout > 0.0 && args.nccl_timeout.is_finite()) {
         bail!("--nccl-timeout must be a positive number of seconds");
     }
     let dist = DistEnv::from_env()?;
     match &dist {
-        None => train(args, None),
+        None => train(args, None, hooks),
         Some(env) => {
             let (rank, world) = (env.rank, env.world_size);
-            train(args, dist).with_context(|| format!("rank {rank} of {world}"))
+            train(args, dist, hooks).with_context(|| format!("rank {rank} of {world}"))
         }
     }
 }
@@ -384,7 +408,7 @@ fn worker_device(spec: Option<&str>, env: &DistEnv) -> Result<megabyte::Device> 
 }
 
 /// Trains alone (`dist` None) or as one rank of a multi-GPU job.
-fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
+fn train(args: Args, dist: Option<DistEnv>, hooks: Hooks) -> Result<Option<Outcome>> {
     let device = match &dist {
         None => megabyte::device(args.compute.device.name())?,
         Some(env) => worker_device(args.compute.device.device.as_deref(), env)?,
@@ -460,8 +484,8 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
         }
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    {
+    let Hooks { stop, ctrl_c, mut on_step } = hooks;
+    if ctrl_c {
         let stop = stop.clone();
         let mut first = None;
         ctrlc::set_handler(move || {
@@ -479,9 +503,15 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
             .expect("valid template"),
     );
     let limits = (trainer.record().train.steps, trainer.record().train.time_minutes);
+    let stop_after_step = stop.clone();
     let mut on_event = |event: Event| match event {
         _ if !leader => {}
         Event::Step(s) => {
+            if let Some(hook) = on_step.as_mut() {
+                if !hook(s) {
+                    stop_after_step.store(true, Ordering::SeqCst);
+                }
+            }
             let by_steps = limits.0.map_or(0.0, |n| s.step as f64 / n as f64);
             let by_time = limits.1.map_or(0.0, |m| s.elapsed_secs / (m * 60.0));
             bar.set_position((by_steps.max(by_time).min(1.0) * 1000.0) as u64);
@@ -497,7 +527,7 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
     trainer.leave()?;
     bar.finish_and_clear();
     if !leader {
-        return Ok(());
+        return Ok(None);
     }
 
     let png = out.join("loss.png");
@@ -528,7 +558,7 @@ fn train(args: Args, dist: Option<DistEnv>) -> Result<()> {
         println!("sample (prompt in brackets):\n[{}]{}", String::from_utf8_lossy(&prompt), String::from_utf8_lossy(&sample[0]));
     }
     drop(lock); // the run folder is free for another process from here
-    Ok(())
+    Ok(Some(Outcome { run_dir: out, summary }))
 }
 
 /// Joins the multi-GPU job `env` describes: the rendezvous with rank 0, NCCL, and rank 0's

@@ -186,6 +186,11 @@ impl ByteStream {
         Self::from_parts(name.into(), vec![Part::Static(bytes)])
     }
 
+    /// In-memory bytes owned by the stream (the Python package's `bpb(bytes)`).
+    pub fn from_vec(name: &str, bytes: Vec<u8>) -> Self {
+        Self::from_parts(name.into(), vec![Part::Read(bytes)])
+    }
+
     fn from_parts(name: String, parts: Vec<Part>) -> Self {
         let mut starts = Vec::with_capacity(parts.len());
         let mut len = 0u64;
