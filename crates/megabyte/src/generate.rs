@@ -166,11 +166,17 @@ impl<'m> Decoder<'m> {
         if prompts.iter().any(|p| p.len() != len) {
             return Err(Error::Input("prompts of one batch must have the same length".into()));
         }
+        Decoder::prefilled(model, prompts.to_vec(), window_start_after(model.config(), len), device)
+    }
+
+    /// A decoder over `history` with its window from `window_start` (patch-aligned, fewer
+    /// than T bytes), both caches prefilled.
+    fn prefilled(model: &'m MegaByte, history: Vec<Vec<u8>>, window_start: usize, device: &Device) -> Result<Self> {
         let mut d = Decoder {
             model,
             device: device.clone(),
-            history: prompts.to_vec(),
-            window_start: window_start_after(model.config(), len),
+            history,
+            window_start,
             global: model.global_cache(),
             local: model.local_cache(),
             context: Tensor::zeros(1, DType::F32, device)?, // set by prefill
