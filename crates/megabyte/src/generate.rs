@@ -1,6 +1,7 @@
 //! KV-cached sampling (paper section 3, "parallelism in decoding"): the global model steps
 //! once per completed patch, the local model once per byte, and the local cache is reset at
-//! every patch boundary (kept, with cross-patch attention).
+//! every patch boundary (kept, with cross-patch attention). [`Batch`] (`generate/batch.rs`)
+//! decodes sequences that join and leave at any step in one batched step.
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};

@@ -464,7 +464,7 @@ impl MegaByte {
         let e = (e + embed(&self.local_embedder.pos_embed.detach(), &positions)?.to_dtype(self.act)?)?;
         let x = (context + e)?; // [B, D_L]
         let h = self.local.forward_cached(&x.reshape((b, 1, dl))?, cache)?; // [B, 1, D_L]
-        Ok(self.head(&h.squeeze(1)?)?) // [B, V]
+        self.head(&h.squeeze(1)?) // [B, V]
     }
 
     /// Cross-patch prefill: runs the first n bytes of a window through the local model into
