@@ -8,8 +8,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::bytes_to_tensor;
 use crate::config::ModelConfig;
+use crate::data::bytes_to_tensor;
 use crate::error::{Error, Result};
 use crate::model::MegaByte;
 use crate::nn::KvCache;
@@ -159,9 +159,10 @@ pub struct Decoder<'m> {
 }
 
 impl<'m> Decoder<'m> {
-    /// Prefills both caches from equal-length prompts (possibly empty, possibly longer than
-    /// the context: the window then starts where feeding the prompt byte by byte would have
-    /// left it: each completed patch that leaves no room for the next slides it to its last half).
+    /// Prefills both caches from equal-length prompts, possibly empty, possibly longer than
+    /// the context. The window then starts where feeding the prompt byte by byte would have
+    /// left it (each completed patch that leaves no room for the next slides it to its last
+    /// half), so the bytes after a long prompt are those of generating through it.
     pub fn new(model: &'m MegaByte, prompts: &[Vec<u8>], device: &Device) -> Result<Self> {
         let len = prompts.first().map(|p| p.len()).ok_or_else(|| Error::Input("no prompt given".into()))?;
         if prompts.iter().any(|p| p.len() != len) {
