@@ -10,6 +10,7 @@ mod args;
 mod bench;
 mod convert;
 mod eval;
+mod export;
 mod fetch;
 mod generate;
 mod info;
@@ -33,6 +34,11 @@ enum Command {
     Eval(eval::Args),
     /// Sample bytes from a checkpoint, streamed to stdout.
     Generate(generate::Args),
+    /// Write a checkpoint as a Hugging Face-style folder for PyTorch (config.json,
+    /// model.safetensors, modeling_megabyte.py).
+    Export(export::ExportArgs),
+    /// Turn an exported (or PyTorch-trained) folder back into a checkpoint.
+    Import(export::ImportArgs),
     /// Parameter counts and training FLOPs per byte of a preset or config.
     Info(info::Args),
     /// Measure training and generation speed.
@@ -97,6 +103,8 @@ fn main() {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Export(args) => export::export(args),
+        Command::Import(args) => export::import(args),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Plot(args) => plot::run(args),
