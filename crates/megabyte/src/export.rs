@@ -138,6 +138,19 @@ pub fn import(dir: &Path) -> Result<Imported> {
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| folder_err(&model_path, format!("not a safetensors file, or truncated: {e}")))?;
 
+    // Sizes are checked before the config's tensors are allocated: an absurd config is refused
+    // by the memory estimate, and one far larger than the file by the count of its weights.
+    config
+        .check_fits(crate::config::Workload::Inference { rows: 1, precision: crate::config::Precision::F32 }, &Device::Cpu)
+        .map_err(|e| folder_err(&config_path, e.to_string()))?;
+    let held: usize = file.tensors().iter().map(|(_, v)| v.shape().iter().product::<usize>()).sum();
+    let needed = config.param_counts().total;
+    if needed > held.saturating_mul(2).saturating_add(1 << 20) {
+        return Err(folder_err(
+            &model_path,
+            format!("holds {held} weights, but {CONFIG_FILE}'s architecture has {needed}: the config and the weights do not belong together"),
+        ));
+    }
     let mut params = Params::for_loading(DType::F32, &Device::Cpu);
     MegaByte::new(&config, &mut params).map_err(|e| folder_err(&config_path, e.to_string()))?;
     let expected: Vec<(&String, &[usize])> = params.vars().iter().map(|(k, v)| (k, v.dims())).collect();

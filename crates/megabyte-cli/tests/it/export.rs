@@ -223,6 +223,10 @@ fn import_names_what_is_wrong_with_a_folder() {
     refused(&missing, "missing tensors that config.json's architecture needs: global.blocks.1.mlp.up.weight");
     let wider = variant(&dir, &good, "wider", |c| c["local"]["width"] = 16.into(), keep);
     refused(&wider, "tensor `global_to_local.weight` has shape [8, 4], but config.json's architecture gives it [16, 4]");
+    let huge = variant(&dir, &good, "huge", |c| c["global"]["layers"] = 100_000.into(), keep);
+    refused(&huge, "config and the weights do not belong together");
+    let absurd = variant(&dir, &good, "absurd", |c| c["global"]["width"] = (1u64 << 20).into(), keep);
+    refused(&absurd, "the model does not fit");
     let ints = variant(&dir, &good, "ints", same, |t| {
         let x = t.iter_mut().find(|x| x.0 == "global_to_local.weight").unwrap();
         x.3 = f32s_to(Dtype::I32, &x.3);
