@@ -45,7 +45,7 @@ pub const MODELING_PY: &str = include_str!("../export/modeling_megabyte.py");
 const META_KEYS: &[&str] = &["model_type", "architectures", FORMAT_KEY, "vocab_size", "torch_dtype"];
 
 fn folder_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Checkpoint { path: path.into(), msg: msg.into() }
+    Error::Input(format!("{}: {}", path.display(), msg.into()))
 }
 
 /// The export's `config.json`: the folder's keys and every architecture field, optional ones
@@ -127,6 +127,9 @@ pub fn import(dir: &Path) -> Result<Imported> {
     }
     let config_path = dir.join(CONFIG_FILE);
     if !config_path.is_file() {
+        if checkpoint::list(dir).is_ok_and(|l| !l.is_empty()) {
+            return Err(folder_err(dir, "a megabyte run folder, not an export: use it as it is (--checkpoint), or export it first"));
+        }
         return Err(folder_err(dir, format!("no {CONFIG_FILE}: not a megabyte export; {what}")));
     }
     let config = read_config(&config_path)?;
@@ -226,6 +229,9 @@ fn read_config(path: &Path) -> Result<ModelConfig> {
         Some(Value::String(t)) if t == MODEL_TYPE => {}
         Some(other) => {
             return Err(folder_err(path, format!("model_type is {other}, not \"{MODEL_TYPE}\": this folder holds another kind of model")))
+        }
+        None if serde_json::from_value::<ModelConfig>(Value::Object(fields.clone())).is_ok() => {
+            return Err(folder_err(path, "a megabyte checkpoint's config, not an export's: use the checkpoint as it is (--checkpoint), or export it first"))
         }
         None => return Err(folder_err(path, format!("no model_type: not a megabyte export (its config.json says \"model_type\": \"{MODEL_TYPE}\")"))),
     }

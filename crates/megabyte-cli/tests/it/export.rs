@@ -190,6 +190,8 @@ fn import_names_what_is_wrong_with_a_folder() {
     let no_weights = variant(&dir, &good, "no-weights", same, keep);
     std::fs::remove_file(no_weights.join("model.safetensors")).unwrap();
     refused(&no_weights, "no model.safetensors");
+    refused(&dir.join("run"), "a megabyte run folder, not an export");
+    refused(&dir.join("run/step-00000003"), "a megabyte checkpoint's config, not an export's");
     let garbage = variant(&dir, &good, "not-json", same, keep);
     std::fs::write(garbage.join("config.json"), b"{\"model_type\": \"megabyte\",").unwrap();
     refused(&garbage, "not valid JSON");
