@@ -311,3 +311,45 @@ fn eval_writes_the_logits_of_every_window() {
     fails_with(&strs(&args(&["--overwrite", "--sliding", "16"])), "--logits writes the logits of plain windows");
     assert!(names_in(&dir).iter().all(|n| !n.starts_with('.')), "{:?}", names_in(&dir));
 }
+
+/// An export folder with damaged or forged bytes (config.json and model.safetensors, the
+/// safetensors header most of all): `import` returns an error or finite weights of the
+/// config's shape, never a panic or an unbounded allocation.
+#[test]
+fn import_of_damaged_folders_errs_or_succeeds_without_panicking() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let dir = temp_dir("import-fuzz");
+    saved(&dir.join("run"), &crate::small_config(NormKind::RmsNorm, false), 6);
+    let good = dir.join("hf");
+    run_ok(&["export", "--checkpoint", s(&dir.join("run")), "--out", s(&good)]);
+    let config = std::fs::read(good.join("config.json")).unwrap();
+    let weights = std::fs::read(good.join("model.safetensors")).unwrap();
+    let header = 8 + u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(64);
+    let edits = prop::collection::vec((any::<bool>(), 0.0..1.0f64, any::<u8>()), 1..4);
+    let case = dir.join("case");
+    TestRunner::new(Config { cases, ..Config::default() })
+        .run(&(edits, prop::option::of(0.0..1.0f64)), |(edits, cut)| {
+            let (mut c, mut w) = (config.clone(), weights.clone());
+            for (in_config, at, byte) in edits {
+                // Config bytes anywhere; weight bytes mostly in the header, where the lengths are.
+                let (buf, span) = if in_config { (&mut c, config.len()) } else { (&mut w, header) };
+                let i = ((at * span as f64) as usize).min(buf.len() - 1);
+                buf[i] = byte;
+            }
+            if let Some(cut) = cut {
+                w.truncate((cut * w.len() as f64) as usize);
+            }
+            std::fs::create_dir_all(&case).unwrap();
+            std::fs::write(case.join("config.json"), &c).unwrap();
+            std::fs::write(case.join("model.safetensors"), &w).unwrap();
+            if let Ok(imported) = megabyte::export::import(&case) {
+                let mut model = megabyte::nn::Params::for_loading(DType::F32, &Device::Cpu);
+                megabyte::MegaByte::new(&imported.config, &mut model).unwrap();
+                prop_assert_eq!(model.count(), imported.params.count());
+            }
+            Ok(())
+        })
+        .unwrap();
+}
