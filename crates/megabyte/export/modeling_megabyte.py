@@ -245,8 +245,9 @@ class MegabyteForCausalLM(nn.Module):
         """Writes config.json, model.safetensors (as the parameters are stored) and this file,
         the layout `megabyte import` reads."""
         os.makedirs(path, exist_ok=True)
+        config = dict(self.config, torch_dtype=str(next(self.parameters()).dtype).replace("torch.", ""))
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
-            json.dump(self.config, f, indent=2)
+            json.dump(config, f, indent=2)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, os.path.join(path, WEIGHTS_FILE), metadata={"format": "pt"})
         here = os.path.abspath(__file__)
@@ -293,7 +294,10 @@ class MegabyteForCausalLM(nn.Module):
         keep = t_max // 2 // p * p
         device = next(self.parameters()).device
         gen = torch.Generator(device=device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
         history, start, out = list(bytes(prompt)), 0, []
         for _ in range(n):
             if len(history) - start >= t_max:
