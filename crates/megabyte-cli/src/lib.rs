@@ -5,6 +5,7 @@ pub mod args;
 pub mod bench;
 pub mod convert;
 pub mod eval;
+pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod info;

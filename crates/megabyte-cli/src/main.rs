@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use megabyte_cli::{args, bench, convert, eval, fetch, generate, info, plot, train};
+use megabyte_cli::{args, bench, convert, eval, export, fetch, generate, info, plot, train};
 
 /// MEGABYTE byte-level language models: train, evaluate and sample on any bytes.
 #[derive(Parser)]
@@ -24,6 +24,11 @@ enum Command {
     Eval(eval::Args),
     /// Sample bytes from a checkpoint, streamed to stdout.
     Generate(generate::Args),
+    /// Write a checkpoint as a Hugging Face-style folder for PyTorch (config.json,
+    /// model.safetensors, modeling_megabyte.py).
+    Export(export::ExportArgs),
+    /// Turn an exported (or PyTorch-trained) folder back into a checkpoint.
+    Import(export::ImportArgs),
     /// Parameter counts and training FLOPs per byte of a preset or config.
     Info(info::Args),
     /// Measure training and generation speed.
@@ -88,6 +93,8 @@ fn main() {
         Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Export(args) => export::export(args),
+        Command::Import(args) => export::import(args),
         Command::Info(args) => info::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Plot(args) => plot::run(args),

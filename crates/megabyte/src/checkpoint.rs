@@ -96,6 +96,73 @@ fn replace(new: &Path, dest: &Path, aside: &Path, run_dir: &Path) -> Result<()> 
     std::fs::remove_dir_all(aside).io_context(|| format!("removing {}", aside.display()))
 }
 
+/// Writes a model checkpoint (config.json and model.safetensors, no training state) as the
+/// folder `dir`, whole or not at all (see [`publish`]): the form `megabyte import` writes, which
+/// `eval`, `generate` and [`load_model`] read like any `step-*` folder. Non-finite weights are
+/// refused. With `overwrite`, an existing model checkpoint folder is replaced.
+pub fn save_model(dir: &Path, config: &ModelConfig, params: &Params, overwrite: bool) -> Result<()> {
+    let data = CheckpointData { step: 0, config, params, training: None };
+    refuse_non_finite(dir, &data)?;
+    publish(dir, overwrite, &[CONFIG_FILE, MODEL_FILE], |tmp| write_into(tmp, &data))
+}
+
+/// Writes a folder as `dest` whole or not at all: `write` fills a hidden temporary sibling
+/// (`.NAME.tmp-PID`), which is then renamed into place. `dest` must not exist or be empty; with
+/// `overwrite` it may also be a folder holding only files named in `ours` (what the command
+/// writes), and the new folder is swapped in as [`save`] swaps a re-saved step, so a crash
+/// leaves the old folder or the new one. Any other content is refused, never deleted.
+pub fn publish(dest: &Path, overwrite: bool, ours: &[&str], write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let out_err = |msg: String| Error::Input(format!("{}: {msg}", dest.display()));
+    let existing = match std::fs::symlink_metadata(dest) {
+        Ok(meta) if !meta.is_dir() => return Err(out_err("exists and is not a folder; choose another path".into())),
+        Ok(_) => {
+            let mut names = Vec::new();
+            for entry in std::fs::read_dir(dest).io_context(|| format!("listing {}", dest.display()))? {
+                let entry = entry.io_context(|| format!("listing {}", dest.display()))?;
+                let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
+                names.push((entry.file_name().to_string_lossy().into_owned(), is_file));
+            }
+            if !names.is_empty() && !overwrite {
+                return Err(out_err("already exists and is not empty: pass --overwrite to replace it, or choose another folder".into()));
+            }
+            if let Some((name, _)) = names.iter().find(|(name, is_file)| !(*is_file && ours.contains(&name.as_str()))) {
+                return Err(out_err(format!(
+                    "holds `{name}`, which this command does not write ({}), so it is not replaced; move it away or choose another folder",
+                    ours.join(", ")
+                )));
+            }
+            Some(names.is_empty())
+        }
+        Err(_) => None,
+    };
+    let name = dest.file_name().ok_or_else(|| out_err("names no folder".into()))?.to_string_lossy().into_owned();
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).io_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".{name}{TMP_MARK}{}", std::process::id()));
+    let aside = parent.join(format!(".{name}{OLD_MARK}{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp); // this process's own leftover, if any
+    let result = std::fs::create_dir(&tmp)
+        .io_context(|| format!("creating {}", tmp.display()))
+        .and_then(|()| write(&tmp))
+        .and_then(|()| match existing {
+            Some(false) => replace(&tmp, dest, &aside, &parent),
+            Some(true) => {
+                // Empty: remove_dir removes only an empty folder, so nothing else can be lost.
+                std::fs::remove_dir(dest).io_context(|| format!("replacing the empty folder {}", dest.display()))?;
+                std::fs::rename(&tmp, dest).io_context(|| format!("renaming into {}", dest.display()))
+            }
+            None => std::fs::rename(&tmp, dest).io_context(|| format!("renaming into {}", dest.display())),
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    sync_dir(&parent);
+    result
+}
+
 /// Swaps two paths atomically; false where the system or filesystem cannot.
 #[cfg(target_os = "linux")]
 fn exchange(a: &Path, b: &Path) -> bool {
@@ -154,7 +221,7 @@ fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     sync_file(path)
 }
 
-fn write_synced(path: &Path, bytes: Vec<u8>) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: Vec<u8>) -> Result<()> {
     std::fs::write(path, bytes).io_context(|| format!("writing {}", path.display()))?;
     sync_file(path)
 }

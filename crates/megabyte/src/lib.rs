@@ -16,6 +16,7 @@ pub mod dist;
 pub mod documents;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod generate;
 pub mod grad;
 pub mod gpu;

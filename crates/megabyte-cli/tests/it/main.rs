@@ -18,6 +18,7 @@ mod dist;
 mod data;
 mod documents;
 mod eval;
+mod export;
 mod files;
 mod golden;
 mod gradients;
