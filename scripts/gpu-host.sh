@@ -21,6 +21,13 @@
 #   scripts/gpu-host.sh engine
 #       The CUDA integration tests (.gpu-host/it.xz: `cargo test --release --features cuda
 #       --no-run`'s `it` binary) with `cuda` in their name.
+#   scripts/gpu-host.sh serve [CLIENTS] [BYTES] [ROUNDS]
+#       The server's load benchmark: a checkpoint of the `enwik8` preset (20 steps on the
+#       embedded corpus: speed does not depend on the weights), `megabyte serve` on the GPU, and
+#       scripts/bench-serve.py with 1, then CLIENTS (default 16) streaming clients of BYTES
+#       (default 1024) bytes each, ROUNDS (default 3) requests per client; then, for comparison,
+#       `megabyte bench`'s generation at batch 1 and 16 (the fixed-batch decoding engine).
+#       $OUT gets serve.jsonl, bench.json and the server's log.
 #
 # Preparing .gpu-host on the build machine (commit first, the binary stamps the commit):
 #   eval "$(scripts/cuda-toolchain.sh)"; CARGO_TARGET_DIR=target/cuda cargo build --release --features cuda
@@ -108,8 +115,27 @@ PY
 engine)
     /tmp/mb/it cuda --test-threads 1 2>&1 | tail -40
     ;;
+serve)
+    clients=${1:-16} bytes=${2:-1024} rounds=${3:-3}
+    /tmp/mb/megabyte train --preset enwik8 --device cuda --steps 20 --sample-bytes 0 --out /tmp/serve-run \
+        > /tmp/serve-train.log 2>&1 || { cat /tmp/serve-train.log; exit 1; }
+    /tmp/mb/megabyte serve --checkpoint /tmp/serve-run --device cuda --port 8080 > "$out/serve.log" 2>&1 &
+    server=$!
+    for _ in $(seq 120); do
+        python3 -c 'import urllib.request as u; u.urlopen("http://127.0.0.1:8080/health", timeout=2)' 2>/dev/null && break
+        sleep 0.5
+    done
+    status=0
+    python3 scripts/bench-serve.py --url http://127.0.0.1:8080 --bytes "$bytes" --rounds "$rounds" \
+        --clients "1,$clients" | tee "$out/serve.jsonl" || status=$?
+    kill -TERM "$server"
+    wait "$server" || status=$?
+    /tmp/mb/megabyte bench --preset enwik8 --device cuda --steps 0 --gen-bytes "$bytes" --gen-batch "1,$clients" --json \
+        | tee "$out/bench.json" || status=$?
+    exit "$status"
+    ;;
 *)
-    echo "unknown mode $mode: run, probe or engine" >&2
+    echo "unknown mode $mode: run, probe, engine or serve" >&2
     exit 2
     ;;
 esac
