@@ -14,6 +14,7 @@ mod fetch;
 mod generate;
 mod info;
 mod launch;
+mod media;
 mod plot;
 mod train;
 
