@@ -8,12 +8,16 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::bytes_to_tensor;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::MegaByte;
 use crate::nn::KvCache;
 
+mod batch;
 #[cfg(feature = "cuda")]
 mod cuda;
+
+pub use batch::{Batch, SeqId};
 
 /// How the next byte is chosen from the logits.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -154,24 +158,19 @@ pub struct Decoder<'m> {
 }
 
 impl<'m> Decoder<'m> {
-    /// Prefills both caches from equal-length prompts (possibly empty).
+    /// Prefills both caches from equal-length prompts (possibly empty, possibly longer than
+    /// the context: the window then starts where feeding the prompt byte by byte would have
+    /// left it: each completed patch that leaves no room for the next slides it to its last half).
     pub fn new(model: &'m MegaByte, prompts: &[Vec<u8>], device: &Device) -> Result<Self> {
-        let t = model.config().context;
         let len = prompts.first().map(|p| p.len()).ok_or_else(|| Error::Input("no prompt given".into()))?;
         if prompts.iter().any(|p| p.len() != len) {
             return Err(Error::Input("prompts of one batch must have the same length".into()));
-        }
-        if len >= t {
-            return Err(Error::Input(format!(
-                "the prompt is {len} bytes but the model's context is {t} bytes: give a prompt of at most {} bytes",
-                t - 1
-            )));
         }
         let mut d = Decoder {
             model,
             device: device.clone(),
             history: prompts.to_vec(),
-            window_start: 0,
+            window_start: window_start_after(model.config(), len),
             global: model.global_cache(),
             local: model.local_cache(),
             context: Tensor::zeros(1, DType::F32, device)?, // set by prefill
@@ -283,6 +282,21 @@ impl<'m> Decoder<'m> {
         }
         Ok(())
     }
+}
+
+/// Where the context window starts after `len` bytes fed one at a time from an empty window:
+/// every completed patch that leaves no room for the next slides the window to its last half
+/// (the rule of `Decoder::slide_if_full`). The window then holds fewer than T bytes.
+pub(crate) fn window_start_after(cfg: &ModelConfig, len: usize) -> usize {
+    let (p, t) = (cfg.patch_size, cfg.context);
+    let mut start = 0;
+    for end in (p..=len).step_by(p) {
+        let n = end - start; // bytes in the window, a multiple of P
+        if n + p > t {
+            start += (n - t / 2 / p * p).min(n);
+        }
+    }
+    start
 }
 
 impl Decoder<'_> {

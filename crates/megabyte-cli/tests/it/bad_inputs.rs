@@ -175,14 +175,26 @@ fn unwritable_output_and_existing_runs_are_refused() {
     assert_eq!(std::fs::read(ckpt.join("model.safetensors")).unwrap(), before);
 }
 
+/// A prompt longer than the context is taken whole, decoded as if fed byte by byte: its
+/// window (T = 256, P = 8) slid to its last half at byte 256, so the 300-byte prompt continues
+/// exactly like its last 172 bytes alone.
 #[test]
-fn a_prompt_longer_than_the_context_is_refused() {
-    let dir = temp_dir("bad-prompt");
+fn a_prompt_longer_than_the_context_continues_its_last_window() {
+    let dir = temp_dir("long-prompt");
     let ckpt = saved_checkpoint(&dir);
-    let long = "x".repeat(300);
-    fails_with(&["generate", "--checkpoint", s(&ckpt), "--prompt", &long, "-n", "4"], "context is 256 bytes");
-    let (ok, err) = megabyte(&["generate", "--checkpoint", s(&ckpt), "--prompt", "hello", "-n", "4"]);
-    assert!(ok, "{err}");
+    let long: String = (0..300).map(|i| (b'a' + (i * 7 % 26) as u8) as char).collect();
+    let generate = |prompt: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_megabyte"))
+            .args(["generate", "--checkpoint", s(&ckpt), "--prompt", prompt, "-n", "24", "--seed", "3"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    let whole = generate(&long);
+    assert!(!whole.is_empty());
+    assert_eq!(whole, generate(&long[128..]));
+    assert_ne!(whole, generate(&long[127..]), "the window must start at byte 128, not before");
 }
 
 #[test]

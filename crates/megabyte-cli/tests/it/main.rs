@@ -6,6 +6,7 @@
 mod audio;
 mod bad_inputs;
 mod baseline;
+mod batch;
 mod cached;
 mod causality;
 mod checkpoint;
