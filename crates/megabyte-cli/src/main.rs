@@ -16,6 +16,7 @@ mod info;
 mod launch;
 mod media;
 mod plot;
+mod serve;
 mod train;
 
 /// MEGABYTE byte-level language models: train, evaluate and sample on any bytes.
@@ -36,6 +37,8 @@ enum Command {
     Generate(generate::Args),
     /// Parameter counts and training FLOPs per byte of a preset or config.
     Info(info::Args),
+    /// Serve a checkpoint over HTTP: OpenAI-compatible completions and a playground page.
+    Serve(serve::Args),
     /// Measure training and generation speed.
     Bench(bench::Args),
     /// Plot fields of JSON-lines records (bench results, scaling runs) as a PNG.
@@ -99,6 +102,7 @@ fn main() {
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Info(args) => info::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Data { command } => match command {
