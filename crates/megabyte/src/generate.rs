@@ -1,14 +1,15 @@
 //! KV-cached sampling (paper section 3, "parallelism in decoding"): the global model steps
 //! once per completed patch, the local model once per byte, and the local cache is reset at
-//! every patch boundary (kept, with cross-patch attention).
+//! every patch boundary (kept, with cross-patch attention). [`Batch`] (`generate/batch.rs`)
+//! decodes sequences that join and leave at any step in one batched step.
 
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::bytes_to_tensor;
 use crate::config::ModelConfig;
+use crate::data::bytes_to_tensor;
 use crate::error::{Error, Result};
 use crate::model::MegaByte;
 use crate::nn::KvCache;
@@ -158,19 +159,26 @@ pub struct Decoder<'m> {
 }
 
 impl<'m> Decoder<'m> {
-    /// Prefills both caches from equal-length prompts (possibly empty, possibly longer than
-    /// the context: the window then starts where feeding the prompt byte by byte would have
-    /// left it: each completed patch that leaves no room for the next slides it to its last half).
+    /// Prefills both caches from equal-length prompts, possibly empty, possibly longer than
+    /// the context. The window then starts where feeding the prompt byte by byte would have
+    /// left it (each completed patch that leaves no room for the next slides it to its last
+    /// half), so the bytes after a long prompt are those of generating through it.
     pub fn new(model: &'m MegaByte, prompts: &[Vec<u8>], device: &Device) -> Result<Self> {
         let len = prompts.first().map(|p| p.len()).ok_or_else(|| Error::Input("no prompt given".into()))?;
         if prompts.iter().any(|p| p.len() != len) {
             return Err(Error::Input("prompts of one batch must have the same length".into()));
         }
+        Decoder::prefilled(model, prompts.to_vec(), window_start_after(model.config(), len), device)
+    }
+
+    /// A decoder over `history` with its window from `window_start` (patch-aligned, fewer
+    /// than T bytes), both caches prefilled.
+    fn prefilled(model: &'m MegaByte, history: Vec<Vec<u8>>, window_start: usize, device: &Device) -> Result<Self> {
         let mut d = Decoder {
             model,
             device: device.clone(),
-            history: prompts.to_vec(),
-            window_start: window_start_after(model.config(), len),
+            history,
+            window_start,
             global: model.global_cache(),
             local: model.local_cache(),
             context: Tensor::zeros(1, DType::F32, device)?, // set by prefill

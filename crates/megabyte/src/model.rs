@@ -32,6 +32,18 @@ impl PatchEmbedder {
         let h = h.broadcast_add(&self.pos_embed.narrow(0, start, len)?.detach())?.to_dtype(act)?;
         Ok(h.reshape((b, len / self.patch_size, self.patch_size * dg))?) // [B, n, P·D_G]
     }
+
+    /// One patch per row, bytes [B, P], row r's at positions starts[r]..starts[r] + P →
+    /// patch embeddings [B, 1, P·D_G] in `act` (the same values as [`PatchEmbedder::forward`]
+    /// of each row alone).
+    fn forward_rows(&self, bytes: &Tensor, starts: &[usize], act: DType) -> Result<Tensor> {
+        let (b, p) = bytes.dims2()?;
+        let positions: Vec<u32> = starts.iter().flat_map(|&s| (s..s + p).map(|t| t as u32)).collect();
+        let positions = Tensor::from_vec(positions, (b, p), bytes.device())?;
+        let h = embed(&self.byte_embed, bytes)?; // [B, P, D_G]
+        let h = (h + embed(&self.pos_embed.detach(), &positions)?)?.to_dtype(act)?;
+        Ok(h.reshape((b, 1, p * self.byte_embed.dim(1)?))?) // [B, 1, P·D_G]
+    }
 }
 
 /// The global model's input for patch k is patch k−1's embedding; patch 0 gets the trainable
@@ -411,6 +423,48 @@ impl MegaByte {
         let x = (context + e)?; // [B, D_L]
         let h = self.local.forward_cached(&x.reshape((b, 1, dl))?, cache)?; // [B, 1, D_L]
         Ok(self.head(&h.squeeze(1)?)?) // [B, V]
+    }
+
+    /// [`MegaByte::global_step`] for a ragged batch (`cache` from `KvCache::from_rows`, every
+    /// row past its pad): one completed patch per row, patches [B, P], each continuing its own
+    /// row at its own byte position. Returns the next patch's local contexts [B, P, D_L].
+    pub(crate) fn global_step_rows(&self, patches: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, p) = patches.dims2()?;
+        // Row r holds the pad and the patches before this one, which starts at byte (ℓ_r − 1)·P.
+        let lens = cache.row_lens(b);
+        if p != self.cfg.patch_size || lens.iter().any(|&l| l == 0 || l >= self.cfg.patches()) {
+            return Err(Error::Input(format!("global_step_rows: one patch per row after the pad, within the context; rows hold {lens:?}")));
+        }
+        let starts: Vec<usize> = lens.iter().map(|&l| (l - 1) * p).collect();
+        let input = self.patch_embedder.forward_rows(patches, &starts, self.act)?; // [B, 1, P·D_G]
+        let h = self.global.forward_cached(&input, cache)?; // [B, 1, P·D_G]
+        self.global_to_local(&h)
+    }
+
+    /// [`MegaByte::local_step`] for a ragged batch: row r's previous byte is `prev[r]`
+    /// (`None` at its local sequence's first position: the pad), its position the number of
+    /// positions its row of `cache` holds. context: [B, D_L] → logits [B, V].
+    pub(crate) fn local_step_rows(&self, context: &Tensor, prev: &[Option<u8>], cache: &mut KvCache) -> Result<Tensor> {
+        let (b, dl) = context.dims2()?;
+        let positions = cache.row_lens(b);
+        if prev.len() != b || positions.iter().any(|&pos| pos >= self.cfg.local_positions()) {
+            return Err(Error::Input("local_step_rows: one previous byte per row, within the local sequence".into()));
+        }
+        let device = context.device();
+        let ids: Vec<u32> = prev.iter().map(|p| p.map_or(0, u32::from)).collect();
+        let e = embed(&self.local_embedder.byte_embed, &Tensor::from_vec(ids, b, device)?)?.to_dtype(self.act)?; // [B, D_L]
+        let e = if prev.iter().any(|p| p.is_none()) {
+            let pad = self.local_embedder.local_pad.to_dtype(self.act)?.reshape((1, dl))?.broadcast_as((b, dl))?;
+            let first: Vec<u8> = prev.iter().map(|p| u8::from(p.is_none())).collect();
+            Tensor::from_vec(first, (b, 1), device)?.broadcast_as((b, dl))?.where_cond(&pad, &e)?
+        } else {
+            e
+        };
+        let positions = Tensor::from_vec(positions.iter().map(|&p| p as u32).collect::<Vec<_>>(), b, device)?;
+        let e = (e + embed(&self.local_embedder.pos_embed.detach(), &positions)?.to_dtype(self.act)?)?;
+        let x = (context + e)?; // [B, D_L]
+        let h = self.local.forward_cached(&x.reshape((b, 1, dl))?, cache)?; // [B, 1, D_L]
+        self.head(&h.squeeze(1)?) // [B, V]
     }
 
     /// Cross-patch prefill: runs the first n bytes of a window through the local model into

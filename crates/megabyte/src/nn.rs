@@ -217,6 +217,15 @@ pub struct KvCache {
     /// Positions cached so far, the same in every layer (and counted for a transformer
     /// without layers too).
     len: usize,
+    /// A ragged batch (rows of different lengths, right-aligned at `len`): each row's first
+    /// slot; the slots before it are padding no query sees. Empty: every row starts at 0.
+    starts: Vec<usize>,
+}
+
+/// One row of a [`KvCache`]: its ℓ positions' keys and values [1, ℓ, D] in every layer.
+pub(crate) struct CachedRow {
+    pub(crate) len: usize,
+    layers: Vec<(Tensor, Tensor)>,
 }
 
 /// One layer's key and value buffers [N, capacity, D]; the cache's first `len` positions hold
@@ -229,7 +238,7 @@ struct LayerCache {
 
 impl KvCache {
     pub fn new(layers: usize, capacity: usize) -> Self {
-        KvCache { layers: (0..layers).map(|_| None).collect(), capacity, len: 0 }
+        KvCache { layers: (0..layers).map(|_| None).collect(), capacity, len: 0, starts: Vec::new() }
     }
 
     /// Positions cached so far.
@@ -244,6 +253,58 @@ impl KvCache {
     /// Forgets every position (the buffers are kept for the next use).
     pub fn reset(&mut self) {
         self.len = 0;
+        self.starts.clear();
+    }
+
+    /// The positions each of `rows` rows holds: `len`, less its padding in a ragged batch.
+    pub(crate) fn row_lens(&self, rows: usize) -> Vec<usize> {
+        (0..rows).map(|r| self.len - self.starts.get(r).copied().unwrap_or(0)).collect()
+    }
+
+    /// Row `r`'s keys and values in every layer, [1, ℓ, D] each for its ℓ positions (none
+    /// when it holds none).
+    pub(crate) fn row(&self, r: usize) -> Result<CachedRow> {
+        let start = self.starts.get(r).copied().unwrap_or(0);
+        let len = self.len - start;
+        let mut layers = Vec::new();
+        if len > 0 {
+            for l in self.layers.iter().flatten() {
+                let take = |t: &Tensor| t.narrow(0, r, 1)?.narrow(1, start, len); // [1, ℓ, D]
+                layers.push((take(&l.k)?, take(&l.v)?));
+            }
+        }
+        Ok(CachedRow { len, layers })
+    }
+
+    /// A ragged batch of `rows` (each from [`KvCache::row`] of a cache of this shape): every
+    /// row right-aligned at the longest one's length, the shorter ones padded in front.
+    pub(crate) fn from_rows(layers: usize, capacity: usize, rows: &[CachedRow]) -> Result<KvCache> {
+        let len = rows.iter().map(|r| r.len).max().unwrap_or(0);
+        let mut cache = KvCache::new(layers, capacity);
+        cache.len = len;
+        cache.starts = rows.iter().map(|r| len - r.len).collect();
+        if len == 0 || layers == 0 {
+            return Ok(cache);
+        }
+        let (k0, _) = &rows.iter().find(|r| r.len == len).expect("the longest row").layers[0];
+        let (d, dtype, device) = (k0.dim(2)?, k0.dtype(), k0.device().clone());
+        let place = |t: Option<&Tensor>, n: usize| -> Result<Tensor> {
+            // [1, capacity, D]: padding, the row's n positions, room after them
+            let mut parts = vec![Tensor::zeros((1, len - n, d), dtype, &device)?];
+            parts.extend(t.cloned());
+            parts.push(Tensor::zeros((1, capacity - len, d), dtype, &device)?);
+            Ok(Tensor::cat(&parts, 1)?)
+        };
+        for (i, slot) in cache.layers.iter_mut().enumerate() {
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            for r in rows {
+                let kv = r.layers.get(i);
+                k.push(place(kv.map(|x| &x.0), r.len)?);
+                v.push(place(kv.map(|x| &x.1), r.len)?);
+            }
+            *slot = Some(LayerCache { k: Tensor::cat(&k, 0)?, v: Tensor::cat(&v, 0)? }); // [N, capacity, D]
+        }
+        Ok(cache)
     }
 
     /// Layer `i`'s buffers for `n` sequences of width `d`: allocated at first use, and again
@@ -310,13 +371,13 @@ impl Attention {
     }
 
     /// The S new positions of x [N, S, D] after the `len` in the layer's cache buffers, into
-    /// which it writes their keys and values.
-    fn forward_cached(&self, x: &Tensor, layer: &LayerCache, len: usize) -> Result<Tensor> {
+    /// which it writes their keys and values; row n sees no key before slot `starts[n]`.
+    fn forward_cached(&self, x: &Tensor, layer: &LayerCache, len: usize, starts: &[usize]) -> Result<Tensor> {
         let (_, s, d) = x.dims3()?;
         let qkv = self.qkv.forward(x)?; // [N, S, 3D]
         ops::attention::kv_append(&qkv, &layer.k, &layer.v, len)?;
         let (k, v) = (layer.k.narrow(1, 0, len + s)?, layer.v.narrow(1, 0, len + s)?); // [N, len + S, D]
-        let y = ops::attention::cached(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window)?; // [N, S, D]
+        let y = ops::attention::cached_from(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window, starts)?; // [N, S, D]
         self.proj.forward(&y)
     }
 }
@@ -432,9 +493,9 @@ impl Block {
     }
 
     /// One cached step on x = base + delta (as `forward`): returns (x1, mlp output).
-    fn step(&self, base: &Tensor, delta: Option<&Tensor>, layer: &LayerCache, len: usize) -> Result<(Tensor, Tensor)> {
+    fn step(&self, base: &Tensor, delta: Option<&Tensor>, layer: &LayerCache, len: usize, starts: &[usize]) -> Result<(Tensor, Tensor)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?;
-        let a = self.attn.forward_cached(&h1, layer, len)?;
+        let a = self.attn.forward_cached(&h1, layer, len, starts)?;
         let (x1, h2) = self.mlp_norm.fwd(&x, Some(&a))?;
         Ok((x1, self.mlp.forward(&h2)?))
     }
@@ -523,7 +584,7 @@ impl Transformer {
         let (mut base, mut delta) = (x.clone(), None);
         for (i, block) in self.blocks.iter().enumerate() {
             let layer = cache.layer(i, n, d, x.dtype(), x.device())?;
-            let (b, dd) = block.step(&base, delta.as_ref(), &layer, cache.len)?;
+            let (b, dd) = block.step(&base, delta.as_ref(), &layer, cache.len, &cache.starts)?;
             (base, delta) = (b, Some(dd));
         }
         let out = self.norm.fwd(&base, delta.as_ref())?.1;

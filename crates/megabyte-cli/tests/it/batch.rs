@@ -3,7 +3,8 @@
 //! prompt longer than the context decodes as if it had been fed byte by byte.
 
 use megabyte::generate::{generate_stepwise, Batch, Decoder, Sampler, Sampling, SeqId};
-use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind};
+use megabyte::ops::{attention, reference};
+use megabyte::{DType, Device, MegaByte, ModelConfig, NormKind, Tensor};
 
 use crate::{cross_patch_config, random_bytes, small_config};
 
@@ -151,6 +152,9 @@ fn removing_a_sequence_frees_its_row_and_leaves_the_others_unchanged() {
     assert!(batch.remove(a));
     assert!(batch.is_empty());
     assert!(batch.step().unwrap().is_empty());
+    // A server steps the batch on a thread of its own.
+    fn sendable<T: Send>(_: &T) {}
+    sendable(&batch);
 }
 
 /// A prompt longer than the context starts its window where feeding it one byte at a time
@@ -182,4 +186,41 @@ fn check_long_prompt(cfg: &ModelConfig) {
 fn a_prompt_longer_than_the_context_decodes_as_if_fed_byte_by_byte() {
     check_long_prompt(&small_config(NormKind::LayerNorm, true));
     check_long_prompt(&cross_patch_config());
+}
+
+/// Attention after a ragged cache (rows right-aligned, row n's keys from slot starts[n]): each
+/// row's output is that of the row alone, its padding cut off, bit for bit on the CPU, however
+/// large the padding's values; with and without a sliding window; and the plain composition
+/// agrees.
+#[test]
+fn ragged_cached_attention_sees_each_row_as_alone() {
+    let (sq, sk, d, heads) = (2, 9, 12, 3);
+    let starts = [0usize, 4, 7];
+    let n = starts.len();
+    for dtype in [DType::F64, DType::F32] {
+        let rand = |shape: &[usize], seed| Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap() * (seed as f64);
+        let q = rand(&[n, sq, d], 1).unwrap();
+        let (mut k, mut v) = (rand(&[n, sk, d], 1).unwrap(), rand(&[n, sk, d], 1).unwrap());
+        for (r, &s) in starts.iter().enumerate() {
+            if s > 0 {
+                // Padding of huge values: seen at all, it would swamp the row.
+                let junk = rand(&[1, s, d], 1000).unwrap();
+                k = k.slice_assign(&[r..r + 1, 0..s, 0..d], &junk).unwrap();
+                v = v.slice_assign(&[r..r + 1, 0..s, 0..d], &junk).unwrap();
+            }
+        }
+        for window in [None, Some(3)] {
+            let y = attention::cached_from(&q, &k, &v, heads, window, &starts).unwrap();
+            let plain = reference::causal_attention_from(&q, &k, &v, heads, window, &starts).unwrap();
+            let diff = (&y - &plain).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff < 1e-5, "{dtype:?} window {window:?}: the composition differs by {diff}");
+            for (r, &s) in starts.iter().enumerate() {
+                let row = |t: &Tensor, from: usize| t.narrow(0, r, 1).unwrap().narrow(1, from, sk - from).unwrap();
+                let alone = attention::cached(&q.narrow(0, r, 1).unwrap(), &row(&k, s), &row(&v, s), heads, window).unwrap();
+                let got = y.narrow(0, r, 1).unwrap();
+                let same = (got - alone).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                assert_eq!(same, 0.0, "{dtype:?} window {window:?}: row {r} (from slot {s}) differs from the row alone");
+            }
+        }
+    }
 }

@@ -60,16 +60,30 @@ pub fn backward(qkv: &Tensor, y: &Tensor, lse: Option<&Tensor>, dy: &Tensor, hea
 /// to it (or, with `window`, the last W positions up to it). For cached decoding: no backward
 /// pass.
 pub fn cached(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
+    cached_from(q, k, v, heads, window, &[])
+}
+
+/// [`cached`] for a ragged batch whose rows are right-aligned in the cache: sequence n's keys
+/// start at slot `starts[n]` (its left padding, never seen; empty `starts`: every row starts
+/// at 0). Positions within a row are contiguous slots, so a window counts the same keys as
+/// in the row alone. On the CPU the kernel skips the padding, so each row's result is that
+/// of the row alone bit for bit; on CUDA a masked row runs the plain composition.
+pub fn cached_from(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, window: Option<usize>, starts: &[usize]) -> CResult<Tensor> {
+    let ragged = starts.iter().any(|&s| s > 0);
+    if ragged && starts.len() != q.dim(0)? {
+        candle_core::bail!("attention: {} row starts for {} rows", starts.len(), q.dim(0)?);
+    }
     // The kernels read any rank-3 view whose last dimension is contiguous.
     let rows = |t: &Tensor| if t.stride()[2] == 1 { Ok(t.clone()) } else { t.contiguous() };
     #[cfg(feature = "cuda")]
-    if window.is_none() && fused_cuda(q) && cuda::head_dim_supported(q.dim(2)? / heads) {
-        return rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads, window });
+    if !ragged && window.is_none() && fused_cuda(q) && cuda::head_dim_supported(q.dim(2)? / heads) {
+        return rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads, window, starts: Vec::new() });
     }
     if !q.device().is_cpu() {
-        return reference::causal_attention(q, &k.contiguous()?, &v.contiguous()?, heads, window);
+        return reference::causal_attention_from(q, &k.contiguous()?, &v.contiguous()?, heads, window, if ragged { starts } else { &[] });
     }
-    rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads, window })
+    let starts = if ragged { starts.to_vec() } else { Vec::new() };
+    rows(q)?.apply_op3_no_bwd(&rows(k)?, &rows(v)?, &Attention { heads, window, starts })
 }
 
 /// Writes the k and v column blocks of qkv [N, S, 3D] into the cache buffers k, v
@@ -140,13 +154,14 @@ fn attn_dims(lq: &Layout, lk: &Layout, lv: &Layout, heads: usize, window: Option
 }
 
 /// Probabilities of query `i` of head `h` in sequence `n` over the keys it sees, lo..hi
-/// (returned; hi − 1 is its own position), into p[lo..hi].
+/// (returned; hi − 1 is its own position, lo at least `first`, the row's first key), into
+/// p[lo..hi].
 #[allow(clippy::too_many_arguments)]
-fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n: usize, h: usize, i: usize, p: &mut [T]) -> (usize, usize) {
+fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n: usize, h: usize, i: usize, first: usize, p: &mut [T]) -> (usize, usize) {
     let hd = dims.hd();
     let scale = T::from(dims.scale()).expect("scale fits");
     let hi = dims.sk - dims.sq + i + 1;
-    let lo = hi.saturating_sub(dims.window);
+    let lo = hi.saturating_sub(dims.window).max(first);
     let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
     let mut max = T::neg_infinity();
     for (j, pj) in p.iter_mut().enumerate().take(hi).skip(lo) {
@@ -167,14 +182,17 @@ fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n
     (lo, hi)
 }
 
-fn attn_fwd<T: Elem>(q: &[T], k: &[T], v: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims) -> Vec<T> {
+/// `starts`: each sequence's first key (empty: 0 for all).
+#[allow(clippy::too_many_arguments)]
+fn attn_fwd<T: Elem>(q: &[T], k: &[T], v: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims, starts: &[usize]) -> Vec<T> {
     let (sq, d, hd) = (dims.sq, dims.d, dims.hd());
     let mut y = vec![T::zero(); dims.n * sq * d];
     y.par_chunks_mut(sq * d).enumerate().for_each(|(n, yn)| {
         let mut p = vec![T::zero(); dims.sk];
+        let first = starts.get(n).copied().unwrap_or(0);
         for h in 0..dims.heads {
             for i in 0..sq {
-                let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
+                let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, first, &mut p);
                 let yi = &mut yn[i * d + h * hd..][..hd];
                 for (j, &pj) in p.iter().enumerate().take(hi).skip(lo) {
                     let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
@@ -200,7 +218,7 @@ fn attn_bwd<T: Elem>(qkv: &[T], dy: &[T], vq: View3, vk: View3, vv: View3, dims:
         let mut dp = vec![T::zero(); s];
         for h in 0..dims.heads {
             for i in 0..s {
-                let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, &mut p);
+                let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, 0, &mut p);
                 let dyi = &dy[(n * s + i) * d + h * hd..][..hd];
                 // dP_ij = dy_i · v_j, and Σ_j P_ij dP_ij = dy_i · y_i.
                 let mut row = T::zero();
@@ -244,8 +262,8 @@ impl CustomOp1 for SelfAttention {
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let (dims, vq, vk, vv) = qkv_views(l, self.heads, self.window)?;
         let out = match st {
-            CpuStorage::F32(x) => CpuStorage::F32(attn_fwd(x, x, x, vq, vk, vv, dims)),
-            CpuStorage::F64(x) => CpuStorage::F64(attn_fwd(x, x, x, vq, vk, vv, dims)),
+            CpuStorage::F32(x) => CpuStorage::F32(attn_fwd(x, x, x, vq, vk, vv, dims, &[])),
+            CpuStorage::F64(x) => CpuStorage::F64(attn_fwd(x, x, x, vq, vk, vv, dims, &[])),
             _ => candle_core::bail!("attention: unsupported dtype {:?} on the CPU", st.dtype()),
         };
         Ok((out, Shape::from((dims.n, dims.sq, dims.d))))
@@ -274,10 +292,12 @@ impl CustomOp2 for SelfAttentionBackward {
     }
 }
 
-/// Attention of q after a KV cache of k, v (CPU and CUDA).
+/// Attention of q after a KV cache of k, v (CPU and CUDA; `starts` on the CPU only).
 struct Attention {
     heads: usize,
     window: Option<usize>,
+    /// Each sequence's first key (empty: 0 for all).
+    starts: Vec<usize>,
 }
 
 impl CustomOp3 for Attention {
@@ -289,8 +309,8 @@ impl CustomOp3 for Attention {
         let (dims, vq, vk, vv) = attn_dims(l1, l2, l3, self.heads, self.window)?;
         let shape = Shape::from((dims.n, dims.sq, dims.d));
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(attn_fwd(q, k, v, vq, vk, vv, dims)),
-            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => CpuStorage::F64(attn_fwd(q, k, v, vq, vk, vv, dims)),
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(attn_fwd(q, k, v, vq, vk, vv, dims, &self.starts)),
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => CpuStorage::F64(attn_fwd(q, k, v, vq, vk, vv, dims, &self.starts)),
             _ => candle_core::bail!("attention: unsupported dtype {:?} on the CPU", s1.dtype()),
         };
         Ok((out, shape))

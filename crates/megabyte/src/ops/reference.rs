@@ -38,6 +38,12 @@ pub fn softmax_last(x: &Tensor) -> CResult<Tensor> {
 
 /// Causal attention as in [`super::attention::cached`].
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, window: Option<usize>) -> CResult<Tensor> {
+    causal_attention_from(q, k, v, heads, window, &[])
+}
+
+/// Causal attention as in [`super::attention::cached_from`]: sequence n sees no key before
+/// slot `starts[n]` (empty `starts`: every key).
+pub fn causal_attention_from(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, window: Option<usize>, starts: &[usize]) -> CResult<Tensor> {
     let (n, sq, d) = q.dims3()?;
     let sk = k.dim(1)?;
     let hd = d / heads;
@@ -52,7 +58,15 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, window
         })
         .collect();
     let mask = Tensor::from_vec(mask, (sq, sk), &Device::Cpu)?.to_dtype(q.dtype())?.to_device(q.device())?;
-    let y = softmax_last(&scores.broadcast_add(&mask)?)?.matmul(&v)?; // [N, H, Sq, hd]
+    let scores = scores.broadcast_add(&mask)?;
+    let scores = if starts.is_empty() {
+        scores
+    } else {
+        let rows: Vec<f32> = starts.iter().flat_map(|&s| (0..sk).map(move |j| if j < s { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let rows = Tensor::from_vec(rows, (n, 1, 1, sk), &Device::Cpu)?.to_dtype(q.dtype())?.to_device(q.device())?;
+        scores.broadcast_add(&rows)?
+    };
+    let y = softmax_last(&scores)?.matmul(&v)?; // [N, H, Sq, hd]
     y.transpose(1, 2)?.reshape((n, sq, d))
 }
 
