@@ -230,10 +230,11 @@ fn interleaved_streams_each_equal_the_request_alone() {
     let requests: Vec<Value> = rules()
         .into_iter()
         .enumerate()
-        .map(|(i, (rule, _))| with(rule, json!({"prompt": "ab".repeat(i * 3 + 1), "max_tokens": 30 + 7 * i})))
+        .map(|(i, (rule, _))| with(rule, json!({"prompt": "ab".repeat(i * 3 + 1), "max_tokens": 300 + 37 * i})))
         .collect();
     let alone: Vec<Vec<u8>> = requests.iter().map(|r| complete(&server, r.clone()).0).collect();
-    // Five streams on four rows: they start at different bytes of a patch and one waits.
+    // Five streams on four rows: they start at different bytes of a patch, one waits for a
+    // row, and each outlives the context (the window slides while others decode).
     let together: Vec<Vec<u8>> = std::thread::scope(|scope| {
         let handles: Vec<_> = requests.iter().map(|r| scope.spawn(|| stream(&server, r.clone()).0)).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
