@@ -151,11 +151,14 @@ pub fn run(args: Args) -> Result<()> {
 
     let grace = Duration::from_secs_f64(args.shutdown_grace);
     let app = router(server.clone(), args.max_body);
+    let stopping = Arc::new(tokio::sync::Notify::new());
     runtime.block_on(async move {
         let shutdown = {
             let server = server.clone();
+            let stopping = stopping.clone();
             async move {
                 stop_signal().await;
+                stopping.notify_one();
                 eprintln!("megabyte serve: stopping; running requests have {}s to finish", grace.as_secs_f64());
                 server.load.shutting_down.store(true, Ordering::SeqCst);
                 if let Some(jobs) = server.jobs.lock().expect("jobs lock").take() {
@@ -165,7 +168,17 @@ pub fn run(args: Args) -> Result<()> {
         };
         let serving = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown);
-        serving.await
+        // Cancelled streams end at once, but a client that has stopped reading could hold its
+        // connection open: the process stops a few seconds after the grace all the same.
+        let deadline = async {
+            stopping.notified().await;
+            tokio::time::sleep(grace + Duration::from_secs(5)).await;
+            eprintln!("megabyte serve: closing connections that are still open");
+        };
+        tokio::select! {
+            served = serving => served,
+            () = deadline => Ok(()),
+        }
     })?;
     // Every connection has closed: the decoding thread has finished or cancelled every request.
     decoder.join().map_err(|_| anyhow::anyhow!("the decoding thread panicked"))?;
