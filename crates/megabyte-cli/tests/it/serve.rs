@@ -359,6 +359,31 @@ fn sigterm_cancels_running_requests_within_the_grace_and_exits_0() {
 }
 
 #[test]
+fn sigterm_lets_a_running_request_finish_within_the_grace_and_exits_0() {
+    let mut server = Server::start(checkpoint(), &["--shutdown-grace", "600"]);
+    let request = json!({"prompt": "a", "max_tokens": 20000, "temperature": 0});
+    let want = complete(&server, request.clone()).0;
+    let mut events = open_stream(&server, &with(request, json!({"stream": true})));
+    let first = events.next().unwrap();
+    assert_eq!(unsafe { libc::kill(server.pid(), libc::SIGTERM) }, 0);
+    // (20,000 bytes take far longer than a signal: the request is running when it comes.)
+    // Every byte still comes, then the end of a normal stream.
+    let mut bytes = Vec::new();
+    let mut finish = None;
+    for event in std::iter::once(first).chain(events.by_ref()).take_while(|e| e != "[DONE]") {
+        let chunk: Value = serde_json::from_str(&event).unwrap();
+        assert!(chunk.get("error").is_none(), "{chunk}");
+        bytes.extend(b64(chunk["choices"][0]["bytes"].as_str().unwrap()));
+        finish = chunk["choices"][0]["finish_reason"].as_str().map(str::to_string).or(finish);
+    }
+    assert_eq!(bytes, want);
+    assert_eq!(finish.as_deref(), Some("length"));
+    drop(events);
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "serve exited with {status}");
+}
+
+#[test]
 fn a_run_trained_with_a_media_record_shows_it_in_models() {
     let dir = temp_dir("serve-media");
     let run = dir.join("images");
