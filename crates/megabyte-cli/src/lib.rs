@@ -10,5 +10,7 @@ pub mod fetch;
 pub mod generate;
 pub mod info;
 pub mod launch;
+pub mod media;
 pub mod plot;
+pub mod serve;
 pub mod train;

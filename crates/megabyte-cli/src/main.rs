@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use megabyte_cli::{args, bench, convert, eval, export, fetch, generate, info, plot, train};
+use megabyte_cli::{args, bench, convert, eval, export, fetch, generate, info, plot, serve, train};
 
 /// MEGABYTE byte-level language models: train, evaluate and sample on any bytes.
 #[derive(Parser)]
@@ -31,6 +31,8 @@ enum Command {
     Import(export::ImportArgs),
     /// Parameter counts and training FLOPs per byte of a preset or config.
     Info(info::Args),
+    /// Serve a checkpoint over HTTP: OpenAI-compatible completions and a playground page.
+    Serve(serve::Args),
     /// Measure training and generation speed.
     Bench(bench::Args),
     /// Plot fields of JSON-lines records (bench results, scaling runs) as a PNG.
@@ -96,6 +98,7 @@ fn main() {
         Command::Export(args) => export::export(args),
         Command::Import(args) => export::import(args),
         Command::Info(args) => info::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Data { command } => match command {

@@ -58,6 +58,8 @@ pub struct Args {
     /// Bytes to sample from the trained model at the end (0 = none).
     #[arg(long)]
     sample_bytes: Option<usize>,
+    #[command(flatten)]
+    media: crate::media::MediaArgs,
 }
 
 /// Where the bytes come from.
@@ -415,6 +417,7 @@ fn train(args: Args, dist: Option<DistEnv>, hooks: Hooks) -> Result<Option<Outco
     };
     let leader = dist.as_ref().is_none_or(|env| env.rank == 0);
     let resuming = args.resume.is_some();
+    let media = args.media.resolve()?;
     let out = match (&args.out, &args.resume) {
         (Some(out), _) => out.clone(),
         (None, Some(resume)) => run_folder_of(resume),
@@ -449,6 +452,9 @@ fn train(args: Args, dist: Option<DistEnv>, hooks: Hooks) -> Result<Option<Outco
     }
     if leader && lock.is_none() {
         lock = Some(train::prepare_run_dir(&out, resuming)?);
+    }
+    if leader {
+        crate::media::record(&out, media.as_ref(), resuming)?;
     }
     // The run goes on: its pid names it to any process refused from here on.
     if let Some(lock) = lock.as_mut() {

@@ -32,6 +32,7 @@ mod plot;
 mod reference;
 mod run_folder;
 mod sampling;
+mod serve;
 
 use std::path::PathBuf;
 
