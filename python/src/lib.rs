@@ -287,6 +287,14 @@ impl Stream {
             if self.done {
                 return Ok(None);
             }
+            // Checked on every call, not only when the channel is quiet: a fast generation
+            // never lets `recv_timeout` time out, and `generate` loops here without returning
+            // to the interpreter.
+            if let Err(e) = py.check_signals() {
+                self.cancel.store(true, Ordering::SeqCst);
+                self.done = true;
+                return Err(e);
+            }
             if let Some(end) = self.pending.take() {
                 self.done = true;
                 return end.map(|()| None);
@@ -307,13 +315,7 @@ impl Stream {
                     return Ok(Some(chunk));
                 }
                 Ok(Msg::End(end)) => self.pending = Some(end),
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Err(e) = py.check_signals() {
-                        self.cancel.store(true, Ordering::SeqCst);
-                        self.done = true;
-                        return Err(e);
-                    }
-                }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     self.done = true;
                     return Err(PyRuntimeError::new_err("internal error: the generation thread ended without a result"));
