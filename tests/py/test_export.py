@@ -166,8 +166,8 @@ def test_pytorch_logits_equal_the_rust_models(name, exported, work):
 
 @pytest.mark.parametrize("name", ["plain", "cross_patch", "everything"])
 def test_a_shorter_sequence_gives_the_rust_logits_of_its_bytes(name, exported, work):
-    """T' < T (a multiple of P): the logits of the first T' bytes of a window, as megabyte
-    computes them over the whole window (its logits of byte t see only bytes < t)."""
+    """T' < T, a multiple of P or not: the logits of the first T' bytes of a window, as
+    megabyte computes them over the whole window (its logits of byte t see only bytes < t)."""
     run, hf, cfg = exported(name)
     p, t = cfg["patch_size"], cfg["context"]
     data = random_bytes(t, 3)
@@ -176,13 +176,13 @@ def test_a_shorter_sequence_gives_the_rust_logits_of_its_bytes(name, exported, w
     megabyte("eval", "--checkpoint", run, "--data", work / f"short-{name}.bin", "--logits", npy, "--overwrite")
     rust = np.load(npy)[0]
     model = load_module(hf).MegabyteForCausalLM.from_pretrained(hf)
-    for length in (p, 2 * p, t - p):
+    for length in (1, p, p + 1, 2 * p - 1, t - p, t - 1):
         with torch.no_grad():
             logits = model(torch.tensor([list(data[:length])]))[0].numpy()
         diff = np.abs(logits - rust[:length]).max()
         assert diff < 1e-4, f"{name}, T' = {length}: differs from megabyte by {diff}"
-    with pytest.raises(ValueError, match="multiple of P"):
-        model(torch.tensor([list(data[: p + 1])]))
+    with pytest.raises(ValueError, match="0 < T' <= "):
+        model(torch.tensor([list(data) + [0]]))
 
 
 def test_generate_is_seeded_greedy_follows_the_logits_and_runs_past_the_context(exported):

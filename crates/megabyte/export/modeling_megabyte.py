@@ -256,12 +256,17 @@ class MegabyteForCausalLM(nn.Module):
             shutil.copyfile(here, target)
 
     def forward(self, x):
-        """Logits [B, T', 256] for bytes x [B, T'] (integers 0..255; 0 < T' <= T, T' a multiple
-        of P): logits[:, t] predicts byte t from the bytes before it."""
+        """Logits [B, T', 256] for bytes x [B, T'] (integers 0..255; 0 < T' <= T):
+        logits[:, t] predicts byte t from the bytes before it. A T' that is not a multiple of P
+        is padded to the next one and the logits cut back (the model is causal, so the padding
+        changes nothing before it)."""
         c = self.config
         p, t_max, dl = c["patch_size"], c["context"], c["local"]["width"]
-        if x.dim() != 2 or x.shape[1] == 0 or x.shape[1] > t_max or x.shape[1] % p:
-            raise ValueError(f"bytes must be [B, T'] with 0 < T' <= {t_max} and T' a multiple of P = {p}, got {tuple(x.shape)}")
+        if x.dim() != 2 or x.shape[1] == 0 or x.shape[1] > t_max:
+            raise ValueError(f"bytes must be [B, T'] with 0 < T' <= {t_max}, got {tuple(x.shape)}")
+        if x.shape[1] % p:
+            t = x.shape[1]
+            return self(F.pad(x.long(), (0, -t % p)))[:, :t]
         x = x.long()
         b, t = x.shape
         k = t // p
