@@ -169,6 +169,10 @@ def train(
     devices: None = None,
     nccl_timeout: Optional[float] = None,
     sample_bytes: Optional[int] = None,
+    image: Optional[str] = None,
+    order: Optional[Literal["patch-scan", "raster"]] = None,
+    block: Optional[int] = None,
+    audio: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Train a model (or resume a run) as ``megabyte train`` does: the same options, checks,
     messages, run folder, checkpoints, ``metrics.jsonl`` and ``loss.png``.
