@@ -16,7 +16,7 @@ root=$PWD
 cargo test --release --workspace
 [ "${1:-}" = --rust ] && exit 0
 
-cargo build --release   # target/release/megabyte, which the Python tests run beside the package
+# The Python tests run target/release/megabyte beside the package: `cargo test` built it.
 venv=$root/.venv-test
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
