@@ -18,7 +18,7 @@ use clap::{CommandFactory, FromArgMatches, ValueEnum};
 use megabyte::data::{ByteStream, Split};
 use megabyte::eval::{evaluate, EvalSettings};
 use megabyte::generate::{Sampler, Sampling};
-use megabyte::{DType, Device, MegaByte, ModelConfig, Precision, Tensor, Workload};
+use megabyte::{DType, Device, MegaByte, ModelConfig, Precision, Tensor};
 use megabyte_cli::args::{DeviceArgs, PrecisionArg};
 use megabyte_cli::generate::Rule;
 use numpy::{PyArray1, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
@@ -233,17 +233,16 @@ fn load(py: Python<'_>, path: &Bound<'_, PyAny>, device: &str, precision: &str) 
     let loaded = py.detach(move || -> PyResult<Loaded> {
         let (device, precision) = device_args.open().map_err(cli_err)?;
         let dir = megabyte::checkpoint::resolve(&path).map_err(lib_err)?;
-        let config = megabyte::checkpoint::load_config(&dir).map_err(lib_err)?;
-        config.check_fits(Workload::Inference { rows: 1, precision }, &device).map_err(lib_err)?;
+        let sampling = megabyte::checkpoint::load_for_sampling(&dir, 1, precision, &device).map_err(lib_err)?;
         let dtype = precision.dtype();
-        let (scoring, _) = megabyte::checkpoint::load_model(&dir, DType::F32, &device).map_err(lib_err)?;
-        let sampling = match dtype {
-            DType::F32 => scoring.clone(),
-            _ => megabyte::checkpoint::load_model(&dir, dtype, &device).map_err(lib_err)?.0,
+        // Scoring keeps f32 parameters, as `megabyte eval` does.
+        let scoring = match dtype {
+            DType::F32 => sampling.clone(),
+            _ => megabyte::checkpoint::load_model(&dir, DType::F32, &device).map_err(lib_err)?.0.with_activations(dtype),
         };
         Ok(Loaded {
-            scoring: scoring.with_activations(dtype),
-            sampling: sampling.with_activations(dtype),
+            scoring,
+            sampling,
             device,
             precision,
             dir,

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use megabyte::generate::{generate, Sampler, Sampling};
-use megabyte::{Device, MegaByte, Workload};
+use megabyte::{Device, MegaByte};
 use megabyte_data::audio::{clip_bytes, write_wav, PcmFormat};
 use megabyte_data::image::{write_grid_png, ImageShape};
 
@@ -146,11 +146,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (device, precision) = args.device.open()?;
     let dir = megabyte::checkpoint::resolve(&args.checkpoint)?;
-    megabyte::checkpoint::load_config(&dir)?.check_fits(Workload::Inference { rows, precision }, &device)?;
-    // Parameters in the activations' dtype: no weight casts at each decoding step.
-    let dtype = precision.dtype();
-    let (model, _) = megabyte::checkpoint::load_model(&dir, dtype, &device)?;
-    let model = model.with_activations(dtype);
+    let model = megabyte::checkpoint::load_for_sampling(&dir, rows, precision, &device)?;
     if let Some(shape) = &args.image {
         return images(&args, shape, &model, prompt, &mut sampler, &device);
     }

@@ -358,6 +358,15 @@ pub fn load_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         .map_err(|e| ckpt_err(path, format!("corrupt or truncated safetensors file: {e}")))
 }
 
+/// Loads a checkpoint's model for sampling `rows` sequences at once in `precision`: the memory
+/// it needs checked against the device first, then the parameters in the activations' dtype
+/// (no weight casts at each decoding step). What `generate`, `serve` and Python sample with.
+pub fn load_for_sampling(dir: &Path, rows: usize, precision: crate::config::Precision, device: &Device) -> Result<MegaByte> {
+    load_config(dir)?.check_fits(crate::config::Workload::Inference { rows, precision }, device)?;
+    let dtype = precision.dtype();
+    Ok(load_model(dir, dtype, device)?.0.with_activations(dtype))
+}
+
 /// Loads a checkpoint's model (config + weights) in `dtype` on `device`.
 pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<(MegaByte, Params)> {
     let cfg = load_config(dir)?;

@@ -292,17 +292,23 @@ impl<'m> Decoder<'m> {
     }
 }
 
-/// Where the context window starts after `len` bytes fed one at a time from an empty window:
-/// every completed patch that leaves no room for the next slides the window to its last half
-/// (the rule of `Decoder::slide_if_full`). The window then holds fewer than T bytes.
-pub(crate) fn window_start_after(cfg: &ModelConfig, len: usize) -> usize {
+/// The bytes a window of `n` bytes (at a patch boundary, a multiple of P) drops when the next
+/// patch would not fit the context: all but its last half, patch-aligned; 0 while it fits.
+/// The one slide rule of `Decoder`, `Batch` and long prompts.
+pub(crate) fn slide(cfg: &ModelConfig, n: usize) -> usize {
     let (p, t) = (cfg.patch_size, cfg.context);
+    if n + p <= t {
+        return 0;
+    }
+    (n - t / 2 / p * p).min(n)
+}
+
+/// Where the context window starts after `len` bytes fed one at a time from an empty window:
+/// [`slide`] at every completed patch. The window then holds fewer than T bytes.
+pub(crate) fn window_start_after(cfg: &ModelConfig, len: usize) -> usize {
     let mut start = 0;
-    for end in (p..=len).step_by(p) {
-        let n = end - start; // bytes in the window, a multiple of P
-        if n + p > t {
-            start += (n - t / 2 / p * p).min(n);
-        }
+    for end in (cfg.patch_size..=len).step_by(cfg.patch_size) {
+        start += slide(cfg, end - start);
     }
     start
 }
@@ -311,13 +317,12 @@ impl Decoder<'_> {
     /// At a patch boundary: when the next global position would not fit the context, keeps
     /// the last half of the window (patch-aligned), prefills both caches again and returns true.
     fn slide_if_full(&mut self) -> Result<bool> {
-        let cfg = self.model.config();
-        let p = cfg.patch_size;
         let n = self.history[0].len() - self.window_start; // bytes in the window, a multiple of P
-        if n + p <= cfg.context {
+        let drop = slide(self.model.config(), n);
+        if drop == 0 {
             return Ok(false);
         }
-        self.window_start += (n - cfg.context / 2 / p * p).min(n);
+        self.window_start += drop;
         self.prefill()?;
         Ok(true)
     }

@@ -36,7 +36,6 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use futures_util::stream::{self, Stream, StreamExt};
 use megabyte::generate::Sampler;
-use megabyte::Workload;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -113,12 +112,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (device, precision) = args.device.open()?;
     let dir = megabyte::checkpoint::resolve(&args.checkpoint)?;
-    let config = megabyte::checkpoint::load_config(&dir)?;
-    config.check_fits(Workload::Inference { rows: args.max_batch, precision }, &device)?;
     let media = read_media(&dir)?;
-    let dtype = precision.dtype();
-    let (model, _) = megabyte::checkpoint::load_model(&dir, dtype, &device)?;
-    let model = model.with_activations(dtype);
+    let model = megabyte::checkpoint::load_for_sampling(&dir, args.max_batch, precision, &device)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let addr = format!("{}:{}", args.host, args.port);
@@ -132,7 +127,7 @@ pub fn run(args: Args) -> Result<()> {
     let server = Arc::new(Server {
         name: args.model_name.clone().unwrap_or_else(|| model_name(&args.checkpoint, &dir)),
         created: unix_now(),
-        info: json!({"context": config.context, "patch_size": config.patch_size, "media": media}),
+        info: json!({"context": model.config().context, "patch_size": model.config().patch_size, "media": media}),
         api_key: args.api_key.clone(),
         max_bytes_per_request: args.max_bytes_per_request,
         capacity: args.max_batch.saturating_add(args.max_queue),

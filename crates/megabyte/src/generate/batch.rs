@@ -19,7 +19,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{Decoder, Sampler};
+use super::{slide, Decoder, Sampler};
 use crate::data::bytes_to_tensor;
 use crate::error::{Error, Result};
 use crate::model::MegaByte;
@@ -231,11 +231,11 @@ impl<'m> Batch<'m> {
     /// cross-patch attention, a fresh local cache).
     fn complete_patch(&mut self) -> Result<()> {
         let cfg = self.model.config();
-        let (p, t) = (cfg.patch_size, cfg.context);
+        let p = cfg.patch_size;
         if !cfg.cross_patch {
             self.local.reset();
         }
-        let full = |r: &Row| r.window.len() + p > t;
+        let full = |r: &Row| slide(cfg, r.window.len()) > 0;
         let sliding: Vec<Row> = if self.rows.iter().any(full) {
             let staying: Vec<Source> = (0..self.rows.len()).filter(|&i| !full(&self.rows[i])).map(Source::Row).collect();
             self.rebuild(&staying)?;
@@ -255,8 +255,7 @@ impl<'m> Batch<'m> {
         }
         let mut alone = Vec::with_capacity(sliding.len());
         for mut row in sliding {
-            let n = row.window.len(); // a multiple of P
-            row.window.drain(..(n - t / 2 / p * p).min(n));
+            row.window.drain(..slide(cfg, row.window.len()));
             alone.push(Decoder::prefilled(self.model, vec![row.window.clone()], 0, &self.device)?);
             self.rows.push(row);
         }
