@@ -39,8 +39,17 @@ pub fn run(dataset: Dataset, dir: &Path, from: Option<&Path>) -> Result<()> {
         _ => {}
     };
     let report = match from {
-        Some(src) => fetch_from_file(dataset, src, dir, &mut on_event)?,
-        None => fetch(dataset, dir, &mut on_event)?,
+        Some(src) => fetch_from_file(dataset, src, dir, &mut on_event),
+        None => fetch(dataset, dir, &mut on_event),
+    };
+    // Ctrl-C ends with 130 whether the fetch noticed it first or the handler's timer did.
+    let report = match report {
+        Err(e) if megabyte_data::fetch::was_interrupted() => {
+            bar.finish_and_clear();
+            eprintln!("error: {e}");
+            std::process::exit(130);
+        }
+        other => other?,
     };
     bar.finish_and_clear();
     if report.already_present {

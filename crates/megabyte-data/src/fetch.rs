@@ -179,12 +179,13 @@ pub struct FetchReport {
 /// Downloads `dataset` into `dir/NAME/`, unless it is already there (then nothing is
 /// downloaded and `already_present` is set in the report).
 pub fn fetch(dataset: Dataset, dir: &Path, progress: &mut dyn FnMut(FetchEvent)) -> Result<FetchReport> {
-    match dataset {
+    let result = match dataset {
         Dataset::Enwik8 => fetch_download(&ENWIK8, ENWIK8_SOURCES, dir, progress),
         Dataset::FashionMnist => deb::fetch(&deb::FASHION_MNIST, dir, progress),
         Dataset::SpeechEn => deb::fetch(&deb::SPEECH_EN, dir, progress),
         Dataset::Code => deb::fetch(&deb::CODE, dir, progress),
-    }
+    };
+    or_interrupted(dataset, result)
 }
 
 /// Like [`fetch`], from a copy the user already has: for enwik8 the raw 100,000,000-byte
@@ -197,11 +198,21 @@ pub fn fetch_from_file(
     dir: &Path,
     progress: &mut dyn FnMut(FetchEvent),
 ) -> Result<FetchReport> {
-    match dataset {
+    let result = match dataset {
         Dataset::Enwik8 => from_file(&ENWIK8, src, dir, progress),
         Dataset::FashionMnist => deb::from_file(&deb::FASHION_MNIST, src, dir, progress),
         Dataset::SpeechEn => deb::from_file(&deb::SPEECH_EN, src, dir, progress),
         Dataset::Code => deb::from_file(&deb::CODE, src, dir, progress),
+    };
+    or_interrupted(dataset, result)
+}
+
+/// Once [`interrupt`] was called, whatever a fetch failed with (a read refused mid-file, a
+/// truncated archive, a source that closed) is the interruption: one error for one cause.
+fn or_interrupted(dataset: Dataset, result: Result<FetchReport>) -> Result<FetchReport> {
+    match result {
+        Err(_) if was_interrupted() => Err(interrupted_err(dataset.name())),
+        other => other,
     }
 }
 
@@ -844,6 +855,11 @@ static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 /// Ctrl-C; nothing can resume a fetch after it.
 pub fn interrupt() {
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Whether [`interrupt`] was called: a fetch error is then [`interrupted_err`]'s.
+pub fn was_interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// Removes the temporary files and folders of the fetches in progress now, for a process
