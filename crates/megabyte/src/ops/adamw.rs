@@ -6,7 +6,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
-use super::{contiguous, reference, CResult, Elem, CHUNK};
+use std::mem::MaybeUninit;
+
+use super::{contiguous, filled, reference, CResult, Elem, CHUNK};
 
 /// One AdamW update of a parameter, fused: from weights w, gradient g and moments
 /// `mv` = [m | v] (f32, 2·numel) returns [w' | m' | v'] (f32, 3·numel).
@@ -89,7 +91,13 @@ pub fn sum_squares(tensors: &[&Tensor]) -> CResult<Tensor> {
 
 fn adamw_cpu<W: Elem>(w: &[W], g: &[W], mv: &[f32], hp: &AdamWStep) -> Vec<f32> {
     let n = w.len();
-    let mut out = vec![0f32; 3 * n];
+    assert!(g.len() == n && mv.len() == 2 * n);
+    // Every element: the three outputs' chunks are walked whole, index by index.
+    filled(3 * n, |out| adamw_into(out, w, g, mv, hp))
+}
+
+fn adamw_into<W: Elem>(out: &mut [MaybeUninit<f32>], w: &[W], g: &[W], mv: &[f32], hp: &AdamWStep) {
+    let n = w.len();
     let (wo, rest) = out.split_at_mut(n);
     let (mo, vo) = rest.split_at_mut(n);
     let (m, v) = mv.split_at(n);
@@ -107,12 +115,11 @@ fn adamw_cpu<W: Elem>(w: &[W], g: &[W], mv: &[f32], hp: &AdamWStep) -> Vec<f32> 
                 let mi = b1 * m[j] + (1.0 - b1) * gi;
                 let vi = b2 * v[j] + (1.0 - b2) * gi * gi;
                 let update = (mi * inv_bc1) / ((vi * inv_bc2).sqrt() + eps);
-                wo[i] = WithDType::to_f64(w[j]) as f32 * decay - lr * update;
-                mo[i] = mi;
-                vo[i] = vi;
+                wo[i].write(WithDType::to_f64(w[j]) as f32 * decay - lr * update);
+                mo[i].write(mi);
+                vo[i].write(vi);
             }
         });
-    out
 }
 
 /// [w' | m' | v'] from w, g and [m | v] (CPU).

@@ -10,12 +10,11 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
-use num_traits::Float;
 use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::fused_cuda;
-use super::{contiguous, reference, view3, CResult, Elem, View3};
+use super::{contiguous, dot, exp_shifted_sum, max_of, reference, view3, CResult, Elem, View3};
 
 /// Causal self-attention of one fused projection: qkv [N, S, 3D] (q, k, v as column blocks,
 /// `heads` heads as contiguous column blocks of each) → (y [N, S, D], lse). lse is the CUDA
@@ -163,19 +162,12 @@ fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n
     let hi = dims.sk - dims.sq + i + 1;
     let lo = hi.saturating_sub(dims.window).max(first);
     let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
-    let mut max = T::neg_infinity();
     for (j, pj) in p.iter_mut().enumerate().take(hi).skip(lo) {
         let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
-        let s = qi.iter().zip(kj).fold(T::zero(), |acc, (&a, &b)| acc + a * b) * scale;
-        *pj = s;
-        max = Float::max(max, s);
+        *pj = dot(qi, kj) * scale;
     }
-    let mut sum = T::zero();
-    for pj in &mut p[lo..hi] {
-        *pj = (*pj - max).exp();
-        sum = sum + *pj;
-    }
-    let inv = sum.recip();
+    let max = max_of(&p[lo..hi]);
+    let inv = exp_shifted_sum(&mut p[lo..hi], max).recip();
     for pj in &mut p[lo..hi] {
         *pj = *pj * inv;
     }
@@ -224,7 +216,7 @@ fn attn_bwd<T: Elem>(qkv: &[T], dy: &[T], vq: View3, vk: View3, vv: View3, dims:
                 let mut row = T::zero();
                 for j in lo..hi {
                     let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
-                    dp[j] = dyi.iter().zip(vj).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                    dp[j] = dot(dyi, vj);
                     row = row + p[j] * dp[j];
                 }
                 let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];

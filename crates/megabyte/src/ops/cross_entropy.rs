@@ -4,10 +4,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
-use num_traits::Float;
 use rayon::prelude::*;
 
-use super::{accumulation_dtype, contiguous, fused_cuda, reference, with_cpu_storage, CResult, Elem};
+use super::{accumulation_dtype, contiguous, filled, fused_cuda, max_of, reference, with_cpu_storage, CResult, Elem, LANES};
 
 /// Per-row cross-entropy in nats: logits [N, V], targets [N] u32 → [N] (logits' dtype, f32
 /// for bf16 logits).
@@ -47,8 +46,16 @@ struct CrossEntropy;
 
 /// log Σ exp of a row, stably.
 fn log_sum_exp<T: Elem>(row: &[T]) -> T {
-    let max = row.iter().fold(T::neg_infinity(), |a, &b| Float::max(a, b));
-    max + row.iter().fold(T::zero(), |a, &b| a + (b - max).exp()).ln()
+    let max = max_of(row);
+    let (chunks, rest) = row.as_chunks::<LANES>();
+    let mut acc = [T::zero(); LANES];
+    for x in chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l] + (x[l] - max).exp_fast();
+        }
+    }
+    let tail = rest.iter().fold(T::zero(), |a, &b| a + (b - max).exp_fast());
+    max + acc.iter().fold(tail, |a, &b| a + b).ln()
 }
 
 /// Rows per parallel task of the cross-entropy kernels.
@@ -69,19 +76,20 @@ fn ce_fwd<T: Elem>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
 /// d logits = (softmax − onehot)·dloss, with log Σ exp = loss + logit of the target taken
 /// from the forward pass's losses (one exp per logit instead of two).
 fn ce_bwd<T: Elem>(logits: &[T], targets: &[u32], losses: &[T], dloss: &[T], v: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); logits.len()];
-    out.par_chunks_mut(CE_ROWS * v).zip(logits.par_chunks(CE_ROWS * v)).enumerate().for_each(|(c, (o, rows))| {
-        for (i, (o, row)) in o.chunks_mut(v).zip(rows.chunks(v)).enumerate() {
-            let r = c * CE_ROWS + i;
-            let t = targets[r] as usize;
-            let lse = losses[r] + row[t];
-            for (oi, &l) in o.iter_mut().zip(row) {
-                *oi = (l - lse).exp() * dloss[r];
+    // Every element: each row of the output is written whole from its row of logits.
+    filled(logits.len(), |out| {
+        out.par_chunks_mut(CE_ROWS * v).zip(logits.par_chunks(CE_ROWS * v)).enumerate().for_each(|(c, (o, rows))| {
+            for (i, (o, row)) in o.chunks_mut(v).zip(rows.chunks(v)).enumerate() {
+                let r = c * CE_ROWS + i;
+                let t = targets[r] as usize;
+                let lse = losses[r] + row[t];
+                for (oi, &l) in o.iter_mut().zip(row) {
+                    oi.write((l - lse).exp_fast() * dloss[r]);
+                }
+                o[t].write((row[t] - lse).exp_fast() * dloss[r] - dloss[r]);
             }
-            o[t] = o[t] - dloss[r];
-        }
-    });
-    out
+        });
+    })
 }
 
 impl CustomOp2 for CrossEntropy {

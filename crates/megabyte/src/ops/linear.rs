@@ -6,7 +6,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::{contiguous, CResult, Elem};
+use std::mem::MaybeUninit;
+
+use super::{contiguous, filled, CResult, Elem};
 
 /// (W_act, y): the weight W cast once to x's dtype (the backward pass reuses the cast), and
 /// y = x W_actᵀ [.., out].
@@ -53,18 +55,20 @@ pub fn backward(x: &Tensor, w_act: &Tensor, dy: &Tensor, dw_dtype: DType) -> CRe
 // ---------------------------------------------------------------------------------------------
 // CPU kernels.
 
-/// C = A·B for row-major views given by their (row, column) strides; dst is [m, n] contiguous.
+/// C = A·B for row-major views given by their (row, column) strides, written (not added)
+/// into the m·n elements at `dst`, row-major [m, n], which need not be initialised.
 #[allow(clippy::too_many_arguments)]
-fn matmul_into<T: Elem>(dst: &mut [T], m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs: usize, b: &[T], b_rs: usize, b_cs: usize) {
+fn matmul_into<T: Elem>(dst: &mut [MaybeUninit<T>], m: usize, n: usize, k: usize, a: &[T], a_rs: usize, a_cs: usize, b: &[T], b_rs: usize, b_cs: usize) {
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     assert!(dst.len() >= m * n);
-    // SAFETY: the strides describe views inside `a` and `b` (checked by the callers' shapes)
-    // and `dst` holds m·n elements.
+    assert!(m == 0 || n == 0 || k == 0 || (a.len() > (m - 1) * a_rs + (k - 1) * a_cs && b.len() > (k - 1) * b_rs + (n - 1) * b_cs));
+    // SAFETY: the strides describe views inside `a` and `b` (asserted above) and `dst` holds
+    // m·n elements; with read_dst false gemm writes every one of them without reading any.
     unsafe {
         gemm::gemm(
             m, n, k,
-            dst.as_mut_ptr(), 1, n as isize, false,
+            dst.as_mut_ptr().cast::<T>(), 1, n as isize, false,
             a.as_ptr(), a_cs as isize, a_rs as isize,
             b.as_ptr(), b_cs as isize, b_rs as isize,
             T::zero(), T::one(), false, false, false, parallelism,
@@ -75,19 +79,17 @@ fn matmul_into<T: Elem>(dst: &mut [T], m: usize, n: usize, k: usize, a: &[T], a_
 /// x [M, in] · W [out, in]ᵀ → [M, out].
 fn linear_fwd<T: Elem>(x: &[T], w: &[T], d_in: usize, d_out: usize) -> Vec<T> {
     let m = x.len() / d_in;
-    let mut y = vec![T::zero(); m * d_out];
-    matmul_into(&mut y, m, d_out, d_in, x, d_in, 1, w, 1, d_in);
-    y
+    filled(m * d_out, |y| matmul_into(y, m, d_out, d_in, x, d_in, 1, w, 1, d_in))
 }
 
 /// [dx (M·in) | dW (out·in)] from dy [M, out].
 fn linear_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], d_in: usize, d_out: usize) -> Vec<T> {
     let m = x.len() / d_in;
-    let mut out = vec![T::zero(); m * d_in + d_out * d_in];
-    let (dx, dw) = out.split_at_mut(m * d_in);
-    matmul_into(dx, m, d_in, d_out, dy, d_out, 1, w, d_in, 1); // dy · W
-    matmul_into(dw, d_out, d_in, m, dy, 1, d_out, x, d_in, 1); // dyᵀ · x
-    out
+    filled(m * d_in + d_out * d_in, |out| {
+        let (dx, dw) = out.split_at_mut(m * d_in);
+        matmul_into(dx, m, d_in, d_out, dy, d_out, 1, w, d_in, 1); // dy · W
+        matmul_into(dw, d_out, d_in, m, dy, 1, d_out, x, d_in, 1); // dyᵀ · x
+    })
 }
 
 /// y [M, out] from contiguous x [.., in] and W [out, in].
