@@ -235,7 +235,7 @@ def bench(args):
 
     def step():
         x = torch.randint(0, V, (args.batch_size, t), device=dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
             loss = loss_fn(x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -262,7 +262,7 @@ def bench(args):
     print(json.dumps({
         "peer": "pytorch", "torch": torch.__version__, "preset": args.preset, "params": params,
         "batch_size": args.batch_size, "context": t, "steps": args.steps,
-        "compile": not args.no_compile, "train_bytes_per_sec": bps,
+        "compile": not args.no_compile, "autocast": args.autocast, "train_bytes_per_sec": bps,
         "train_step_ms": secs * 1e3 / args.steps, "train_tflops": tflops,
         "mfu": tflops / 790.0, "peak_memory_gib": peak,
         "flops_per_byte": fpb, "final_loss": loss.detach().item(), "generation": generation,
@@ -317,6 +317,8 @@ def main():
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--no-compile", action="store_true")
+    b.add_argument("--autocast", default="bf16", choices=["bf16", "off"],
+                   help="bf16 autocast of the training step (off: fp32 throughout, the faster on most CPUs)")
     g = sub.add_parser("gen", help="KV-cached greedy generation speed only")
     g.add_argument("--preset", default="enwik8", choices=sorted(PRESETS))
     for q in (b, g):
