@@ -142,6 +142,8 @@ def train(
     config: Optional[StrPath] = None,
     context: Optional[int] = None,
     window: Optional[int] = None,
+    qk_norm: bool = False,
+    mlp: Optional[Literal["gelu", "relu2"]] = None,
     data: Optional[StrPath] = None,
     valid: Optional[StrPath] = None,
     documents: bool = False,

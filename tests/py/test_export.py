@@ -59,6 +59,16 @@ CONFIGS = {
         patch_embed_std=1.0,
         **{"global": {"window": 3, "heads": 4}, "local": {"window": 10, "layers": 3}},
     ),
+    "qk_norm": small(qk_norm=True),
+    "relu2": small(mlp="relu2"),
+    "recipe": small(
+        norm="rms_norm",
+        tied_head=False,
+        cross_patch=True,
+        qk_norm=True,
+        mlp="relu2",
+        **{"global": {"window": 3, "heads": 4}, "local": {"window": 10, "layers": 3}},
+    ),
     "byte_transformer": {
         "patch_size": 1,
         "context": 32,
@@ -164,7 +174,7 @@ def test_pytorch_logits_equal_the_rust_models(name, exported, work):
     assert np.abs(rust).max() > 0.1
 
 
-@pytest.mark.parametrize("name", ["plain", "cross_patch", "everything"])
+@pytest.mark.parametrize("name", ["plain", "cross_patch", "everything", "recipe"])
 def test_a_shorter_sequence_gives_the_rust_logits_of_its_bytes(name, exported, work):
     """T' < T, a multiple of P or not: the logits of the first T' bytes of a window, as
     megabyte computes them over the whole window (its logits of byte t see only bytes < t)."""
@@ -204,7 +214,7 @@ def test_generate_is_seeded_greedy_follows_the_logits_and_runs_past_the_context(
         seq.append(byte)
 
 
-@pytest.mark.parametrize("name", ["plain", "everything"])
+@pytest.mark.parametrize("name", ["plain", "everything", "recipe"])
 def test_a_model_trained_in_pytorch_imports_with_pytorch_loss(name, exported, work):
     """export -> PyTorch -> AdamW steps -> save_pretrained -> megabyte import -> megabyte eval
     gives PyTorch's loss on the same bytes."""

@@ -14,6 +14,8 @@ Commands:
     python3 tools/reference/megabyte_ref.py fixture --out crates/megabyte/tests/fixtures/golden-tiny-v1.safetensors
     python3 tools/reference/megabyte_ref.py fixture --preset cross-patch \
         --out crates/megabyte/tests/fixtures/golden-cross-patch-v1.safetensors
+    python3 tools/reference/megabyte_ref.py fixture --preset recipe \
+        --out crates/megabyte/tests/fixtures/golden-recipe-v1.safetensors
     python3 tools/reference/megabyte_ref.py check
 
 Dependencies: Python 3 and NumPy only (the safetensors file is written and read by hand).
@@ -35,8 +37,8 @@ EPS = 1e-5
 FIXTURE_FORMAT = "megabyte-golden"
 # Per preset: the version in the fixture's metadata and file name (golden-<preset>-v<version>),
 # and the seed its weights and input are drawn from.
-FIXTURE_VERSION = {"tiny": "1", "cross-patch": "1"}
-FIXTURE_SEED = {"tiny": 1234, "cross-patch": 2024}
+FIXTURE_VERSION = {"tiny": "1", "cross-patch": "1", "recipe": "1"}
+FIXTURE_SEED = {"tiny": 1234, "cross-patch": 2024, "recipe": 2025}
 # Central differences: fourth-order stencil, step CD_STEP (see central_difference).
 CD_STEP = 1e-3
 CD_ENTRIES = 3
@@ -72,6 +74,11 @@ class Cfg:
     init_std: float = 0.02
     zero_w_gl: bool = False
     patch_embed_std: float = None
+    # QK-norm: each head's q and k RMS-normalised over the head dimension and scaled by a gain
+    # [head_dim] (`attn.q_norm.weight`, `attn.k_norm.weight`) before the scores.
+    qk_norm: bool = False
+    # The MLP's activation: "gelu" (exact, erf) or "relu2" (max(x, 0)²).
+    mlp: str = "gelu"
 
     @property
     def d_global(self):  # D_G
@@ -110,6 +117,10 @@ class Cfg:
             d["zero_w_gl"] = True
         if self.patch_embed_std is not None:
             d["patch_embed_std"] = self.patch_embed_std
+        if self.qk_norm:
+            d["qk_norm"] = True
+        if self.mlp != "gelu":
+            d["mlp"] = self.mlp
         return json.dumps(d, separators=(",", ":"))
 
 
@@ -123,6 +134,12 @@ PRESETS = {
         4, 32, TransformerCfg(16, 2, 2, window=3), TransformerCfg(8, 2, 2, window=6), "rms_norm", False,
         cross_patch=True, init_std=0.2, zero_w_gl=True, patch_embed_std=1.0,
     ),
+    # The cross-patch preset with the model options of the modern training recipe on: QK-norm
+    # (q and k gains [head_dim] per block) and the ReLU² MLP.
+    "recipe": Cfg(
+        4, 32, TransformerCfg(16, 2, 2, window=3), TransformerCfg(8, 2, 2, window=6), "rms_norm", False,
+        cross_patch=True, init_std=0.2, zero_w_gl=True, patch_embed_std=1.0, qk_norm=True, mlp="relu2",
+    ),
 }
 
 
@@ -131,7 +148,7 @@ PRESETS = {
 # --------------------------------------------------------------------------------------------
 
 
-def transformer_specs(prefix, tc, norm):
+def transformer_specs(prefix, tc, norm, qk_norm=False):
     """(name, shape, kind) of one transformer; kind is 'normal', 'norm_w' or 'norm_b'."""
     d = tc.width
     out = []
@@ -145,6 +162,9 @@ def transformer_specs(prefix, tc, norm):
         b = f"{prefix}.blocks.{i}"
         norm_specs(f"{b}.attn_norm")
         out.append((f"{b}.attn.qkv.weight", (3 * d, d), "normal"))
+        if qk_norm:
+            out.append((f"{b}.attn.q_norm.weight", (d // tc.heads,), "norm_w"))
+            out.append((f"{b}.attn.k_norm.weight", (d // tc.heads,), "norm_w"))
         out.append((f"{b}.attn.proj.weight", (d, d), "normal"))
         norm_specs(f"{b}.mlp_norm")
         out.append((f"{b}.mlp.up.weight", (4 * d, d), "normal"))
@@ -161,14 +181,14 @@ def param_specs(cfg):
         ("patch_embedder.pos_embed.weight", (t, dg), "normal"),
         ("patch_embedder.global_pad", (p * dg,), "normal"),
     ]
-    specs += transformer_specs("global", cfg.glob, cfg.norm)
+    specs += transformer_specs("global", cfg.glob, cfg.norm, cfg.qk_norm)
     specs.append(("global_to_local.weight", (dl, dg), "normal"))
     specs += [
         ("local_embedder.byte_embed.weight", (V, dl), "normal"),
         ("local_embedder.pos_embed.weight", (cfg.local_positions, dl), "normal"),
         ("local_embedder.local_pad", (dl,), "normal"),
     ]
-    specs += transformer_specs("local", cfg.local, cfg.norm)
+    specs += transformer_specs("local", cfg.local, cfg.norm, cfg.qk_norm)
     if not cfg.tied_head:
         specs.append(("head.weight", (V, dl), "normal"))
     return specs
@@ -250,10 +270,11 @@ def log_softmax(x):
     return s - np.log(np.exp(s).sum(axis=-1, keepdims=True))
 
 
-def attention(x, w_qkv, w_proj, heads, window=None):
+def attention(x, w_qkv, w_proj, heads, window=None, qk_gains=None):
     """Causal multi-head self-attention. x [N, S, D]; w_qkv [3D, D] with rows 0..D = q,
     D..2D = k, 2D..3D = v; head h uses columns h·hd..(h+1)·hd of each; w_proj [D, D].
-    With a window W, query i sees keys i−W+1..=i only."""
+    With a window W, query i sees keys i−W+1..=i only. With qk_gains (g_q, g_k), each [hd]
+    (QK-norm), every head's q and k are RMS-normalised over hd and scaled by them first."""
     n, s, d = x.shape
     hd = d // heads
     qkv = linear(x, w_qkv)  # [N, S, 3D]
@@ -263,6 +284,8 @@ def attention(x, w_qkv, w_proj, heads, window=None):
         return t.reshape(n, s, heads, hd).transpose(0, 2, 1, 3)
 
     q, k, v = split(q), split(k), split(v)
+    if qk_gains is not None:
+        q, k = norm(q, qk_gains[0], None, "rms_norm"), norm(k, qk_gains[1], None, "rms_norm")
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)  # [N, H, S, S]
     i, j = np.arange(s)[:, None], np.arange(s)[None, :]
     hidden = j > i  # the future
@@ -274,11 +297,17 @@ def attention(x, w_qkv, w_proj, heads, window=None):
     return linear(y, w_proj)
 
 
-def mlp(x, w_up, w_down):
-    return linear(gelu_erf(linear(x, w_up)), w_down)
+def relu2(x):
+    """ReLU²: max(x, 0)²."""
+    return np.maximum(x, 0.0) ** 2
 
 
-def transformer(x, params, prefix, tc, norm_kind):
+def mlp(x, w_up, w_down, act="gelu"):
+    u = linear(x, w_up)
+    return linear(relu2(u) if act == "relu2" else gelu_erf(u), w_down)
+
+
+def transformer(x, params, prefix, tc, norm_kind, qk_norm=False, act="gelu"):
     """Pre-norm blocks (x + attn(norm(x)); x + mlp(norm(x))) then a final norm. x [N, S, D]."""
 
     def nrm(name, h):
@@ -286,11 +315,12 @@ def transformer(x, params, prefix, tc, norm_kind):
 
     for i in range(tc.layers):
         b = f"{prefix}.blocks.{i}"
+        gains = (params[f"{b}.attn.q_norm.weight"], params[f"{b}.attn.k_norm.weight"]) if qk_norm else None
         x = x + attention(
             nrm(f"{b}.attn_norm", x), params[f"{b}.attn.qkv.weight"], params[f"{b}.attn.proj.weight"], tc.heads,
-            tc.window,
+            tc.window, gains,
         )
-        x = x + mlp(nrm(f"{b}.mlp_norm", x), params[f"{b}.mlp.up.weight"], params[f"{b}.mlp.down.weight"])
+        x = x + mlp(nrm(f"{b}.mlp_norm", x), params[f"{b}.mlp.up.weight"], params[f"{b}.mlp.down.weight"], act)
     return nrm(f"{prefix}.norm", x)
 
 
@@ -317,7 +347,7 @@ def shift_one_patch(h, global_pad):
 
 def global_model(h, params, cfg):
     """2. Causal transformer of width P·D_G over the K patches."""
-    return transformer(h, params, "global", cfg.glob, cfg.norm)
+    return transformer(h, params, "global", cfg.glob, cfg.norm, cfg.qk_norm, cfg.mlp)
 
 
 def local_sequences(x, cfg):
@@ -351,7 +381,7 @@ def local_input(x, params, cfg):
 def local_model(h, params, cfg):
     """5. Causal transformer of width D_L over each local sequence independently (each patch,
     or each row through the local window)."""
-    return transformer(h, params, "local", cfg.local, cfg.norm)
+    return transformer(h, params, "local", cfg.local, cfg.norm, cfg.qk_norm, cfg.mlp)
 
 
 def head(h, params, cfg):
@@ -366,7 +396,8 @@ def logits(x, params, cfg):
     x = np.asarray(x, dtype=np.int64)
     b, t = x.shape
     assert t % cfg.patch_size == 0 and 0 < t <= cfg.context
-    params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    # float64, or complex128 for complex-step derivatives (see complex_step)
+    params = {k: np.asarray(v, dtype=np.result_type(v, np.float64)) for k, v in params.items()}
     h = patch_embedder(x, params, cfg)
     h = shift_one_patch(h, params["patch_embedder.global_pad"])
     h = global_model(h, params, cfg)
@@ -474,6 +505,23 @@ def central_difference(f, w, i, h=CD_STEP):
     return (8.0 * (values[0] - values[1]) - (values[2] - values[3])) / (12.0 * h)
 
 
+def complex_step(x, params, cfg, name, i, h=1e-30):
+    """d loss / d params[name].flat[i] by the complex step Im L(w + ih) / h (Squire & Trapp
+    1998): the loss evaluated once in complex arithmetic, with no difference of two values,
+    so no round-off beyond the loss's own (relative ~1e-15) and a truncation of O(h²), zero
+    in double precision at h = 1e-30. It needs every op to extend analytically to complex
+    inputs: matmuls, exp, log and sqrt do; max(x, 0) keeps the branch of the real part, so
+    ReLU² = max(x, 0)² is differentiated exactly even where central differences straddle its
+    kink (its second derivative jumps at 0, and a stencil that crosses it is off by far more
+    than the tolerance). The erf of GELU has no complex version here: ReLU² models only."""
+    assert cfg.mlp == "relu2", "complex steps need the ReLU² MLP (math.erf is real only)"
+    shifted = dict(params)
+    w = params[name].astype(np.complex128)
+    w.reshape(-1)[i] += 1j * h
+    shifted[name] = w
+    return float(byte_losses(x, logits(x, shifted, cfg)).mean().imag / h)
+
+
 def probe_entries(name, shape, cfg, x, rng):
     """CD_ENTRIES flat indices of parameter `name` whose gradient is not structurally zero:
     byte-table rows of bytes that feed the model (not a row's last patch for the global table,
@@ -513,15 +561,28 @@ def make_gradient_fixture(preset, seed):
     grads = {}
     for name, shape, _ in param_specs(cfg):
         idx = probe_entries(name, shape, cfg, x, rng)
-        grads[name] = (np.array(idx, dtype=np.uint32), np.array([central_difference(f, params[name], i) for i in idx]))
+        if cfg.mlp == "relu2":
+            g = [complex_step(x, params, cfg, name, i) for i in idx]
+        else:
+            g = [central_difference(f, params[name], i) for i in idx]
+        grads[name] = (np.array(idx, dtype=np.uint32), np.array(g))
     return cfg, params, x, lg, ls, grads
+
+
+def derivative_key(cfg):
+    """The fixture's name for its derivatives: complex steps (ReLU² models) or central
+    differences."""
+    return "complex_step" if cfg.mlp == "relu2" else "central_difference"
 
 
 def fixture_metadata(preset, seed, cfg):
     meta = {"format": FIXTURE_FORMAT, "version": FIXTURE_VERSION[preset], "preset": preset, "seed": str(seed)}
     if preset != "tiny":  # version 1 of `tiny` predates these fields
         meta["config"] = cfg.to_json()
-        meta["central_difference"] = f"fourth-order stencil, h = {CD_STEP}"
+        if derivative_key(cfg) == "complex_step":
+            meta["complex_step"] = "Im L(w + ih) / h, h = 1e-30"
+        else:
+            meta["central_difference"] = f"fourth-order stencil, h = {CD_STEP}"
     return meta
 
 
@@ -535,8 +596,9 @@ def cmd_fixture(args):
         cfg, params, x, lg, ls, grads = make_gradient_fixture(args.preset, seed)
         tensors = [(k, "F64", v) for k, v in params.items()]
         tensors += [("input.bytes", "U32", x), ("output.logits", "F64", lg), ("output.loss", "F64", np.float64(ls))]
+        key = derivative_key(cfg)
         for name, (idx, g) in grads.items():
-            tensors += [(f"central_difference.index.{name}", "U32", idx), (f"central_difference.grad.{name}", "F64", g)]
+            tensors += [(f"{key}.index.{name}", "U32", idx), (f"{key}.grad.{name}", "F64", g)]
     write_safetensors(args.out, tensors, fixture_metadata(args.preset, seed, cfg))
     nparams = sum(v.size for v in params.values())
     print(f"wrote {args.out}: {os.path.getsize(args.out)} bytes, {len(params)} weight tensors, {nparams} parameters")
@@ -544,7 +606,7 @@ def cmd_fixture(args):
     print(f"loss {ls!r} nats/byte ({ls / math.log(2):.6f} bpb; ln 256 = {math.log(256):.6f})")
     if args.preset != "tiny":
         g = np.concatenate([g for _, g in grads.values()])
-        print(f"central differences: {g.size} entries of {len(grads)} tensors, |grad| from {np.abs(g).min():.2e} to {np.abs(g).max():.2e}")
+        print(f"{derivative_key(cfg)}: {g.size} entries of {len(grads)} tensors, |grad| from {np.abs(g).min():.2e} to {np.abs(g).max():.2e}")
 
 
 def cmd_check(args):
@@ -711,6 +773,59 @@ def cmd_check(args):
         same = all(np.array_equal(got[f"central_difference.index.{k}"], i)
                    and np.array_equal(got[f"central_difference.grad.{k}"], g) for k, (i, g) in grads.items())
         report("cross-patch central differences round-trip", same)
+
+    # (d) the recipe preset: the cross-patch preset with QK-norm and ReLU².
+    cfg, params, x, lg, ls, grads = make_gradient_fixture("recipe", FIXTURE_SEED["recipe"])
+    before, after = causal(cfg, params, x, lg, range(cfg.context))
+    report("causality (recipe, every byte)", before == 0.0 and after > 1e-6,
+           f"max change at <= t {before:.1e}, min change at t+1 {after:.1e}")
+    for n in (cfg.patch_size, 3 * cfg.patch_size):
+        dp = float(np.abs(logits(x[:, :n], params, cfg) - lg[:, :n]).max())
+        report(f"recipe: prefix T'={n // cfg.patch_size}P matches full forward", dp < 1e-12, f"max diff {dp:.1e}")
+    # QK-norm: scaling a block's q and k rows of w_qkv changes the logits only through the
+    # norm's eps (far less than a gain does), and its q gain matters.
+    scaled = dict(params)
+    w = params["local.blocks.0.attn.qkv.weight"].copy()
+    d = cfg.local.width
+    w[:d] *= 3.0
+    w[d : 2 * d] *= 0.25
+    scaled["local.blocks.0.attn.qkv.weight"] = w
+    dq = float(np.abs(logits(x, scaled, cfg) - lg).max())
+    gained = dict(params, **{"local.blocks.0.attn.q_norm.weight": params["local.blocks.0.attn.q_norm.weight"] * 2.0})
+    dg = float(np.abs(logits(x, gained, cfg) - lg).max())
+    report("recipe: q and k scale-free up to eps, gains not", dq < 1e-2 * dg and dg > 1e-3,
+           f"scaled q, k: {dq:.1e}; doubled gain: {dg:.1e}")
+    report("recipe: relu2 spot values", np.array_equal(relu2(np.array([-1.5, 0.0, 0.5, 2.0])), np.array([0.0, 0.0, 0.25, 4.0])))
+
+    # The complex steps against central differences where the stencil is smooth (its value at
+    # h and h/2 agree within 1e-9·|g| + 3e-12; where they do not, it straddles a kink of ReLU²):
+    # they agree within twice that bound (the stencil's own error, truncation and round-off,
+    # is of that size) at every such probe, and the smooth probes are many.
+    def f_recipe():
+        return loss(x, logits(x, params, cfg))
+
+    worst, smooth, total, smallest = 0.0, 0, 0, np.inf
+    for name, (idx, g) in grads.items():
+        for i, g0 in zip(idx, g):
+            total += 1
+            smallest = min(smallest, abs(g0))
+            cd = central_difference(f_recipe, params[name], int(i))
+            bound = 1e-9 * abs(cd) + 3e-12
+            if abs(central_difference(f_recipe, params[name], int(i), CD_STEP / 2) - cd) <= bound:
+                smooth += 1
+                worst = max(worst, abs(g0 - cd) / (2 * bound))
+    report("recipe: complex steps equal the smooth central differences", worst <= 1.0 and smooth >= total // 3,
+           f"{smooth} of {total} probes smooth, worst |CS - CD| = {worst:.2f} of 2·(1e-9·|g| + 3e-12)")
+    report("recipe: complex steps cover every tensor", set(grads) == set(k for k, _, _ in param_specs(cfg))
+           and smallest > 1e-5, f"{len(grads)} tensors, smallest |grad| {smallest:.1e}")
+    with tempfile.TemporaryDirectory() as dname:
+        path = os.path.join(dname, "golden.safetensors")
+        cmd_fixture(argparse.Namespace(preset="recipe", seed=None, out=path))
+        meta, got = read_safetensors(path)
+        conf = json.loads(meta["config"])
+        report("recipe config JSON", conf["qk_norm"] is True and conf["mlp"] == "relu2", meta["config"])
+        lg3 = logits(got["input.bytes"], {k: got[k] for k in params}, cfg)
+        report("recipe recomputed from file", np.array_equal(lg3, lg) and float(got["output.loss"]) == ls)
 
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1

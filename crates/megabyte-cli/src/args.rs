@@ -37,6 +37,10 @@ library_value_enum!(
     DecayArg(megabyte::train::Decay)
 );
 library_value_enum!(
+    /// `--mlp`: the blocks' MLP activation.
+    ActivationArg(megabyte::Activation)
+);
+library_value_enum!(
     /// `megabyte data fetch NAME`: a known data set.
     DatasetArg(megabyte_data::fetch::Dataset)
 );
@@ -61,6 +65,14 @@ pub struct ModelArgs {
     /// positions (patches; bytes for the byte-* presets).
     #[arg(long, value_name = "W")]
     pub window: Option<usize>,
+    /// QK-norm in both transformers: each head's query and key RMS-normalised, with a learned
+    /// gain, before the attention scores (`qk_norm` of a model config).
+    #[arg(long)]
+    pub qk_norm: bool,
+    /// The MLP's activation in both transformers (`mlp` of a model config) [default: the
+    /// preset's or config's, gelu].
+    #[arg(long, value_enum, value_name = "ACT")]
+    pub mlp: Option<ActivationArg>,
 }
 
 impl ModelArgs {
@@ -82,7 +94,8 @@ impl ModelArgs {
         self.config.as_ref().map_or_else(|| self.preset_name().to_string(), |p| p.display().to_string())
     }
 
-    /// The model: `--config`'s or the preset's, with `--context` and `--window` applied.
+    /// The model: `--config`'s or the preset's, with `--context`, `--window` and the model
+    /// options given (`--qk-norm`, `--mlp`) applied.
     pub fn resolve(&self) -> Result<ModelConfig> {
         self.resolve_over(None)
     }
@@ -103,6 +116,10 @@ impl ModelArgs {
         }
         if self.window.is_some() {
             cfg.global.window = self.window;
+        }
+        cfg.qk_norm |= self.qk_norm;
+        if let Some(act) = self.mlp {
+            cfg.mlp = act.0;
         }
         // A config file or --context may break a shape rule; say so before any work.
         cfg.validate()?;

@@ -51,6 +51,12 @@ pub fn run(args: Args) -> Result<()> {
     if cfg.zero_w_gl {
         println!("w_GL starts at zero (zero_w_gl)");
     }
+    if cfg.qk_norm {
+        println!("queries and keys RMS-normalised per head, with gains (qk_norm)");
+    }
+    if cfg.mlp != megabyte::Activation::Gelu {
+        println!("MLP activation: {}", cfg.mlp.name());
+    }
     if let Some(std) = cfg.patch_embed_std {
         println!("the patch embedder starts at std {std} (patch_embed_std)");
     }

@@ -234,11 +234,15 @@ impl Args {
         };
         // The model: --config's or --preset's, or the run's, with --context and --window.
         let model = trainer.model().config();
-        let json = |c: &megabyte::ModelConfig| serde_json::to_value(c).expect("a model config is JSON");
+        // Every field written out (optional ones at their defaults, as an export's config.json),
+        // so that an option the run lacks reads as its default, not as missing.
+        let json = |c: &megabyte::ModelConfig| megabyte::export::hf_config(c).expect("a model config is JSON");
         if let Some((field, g, r)) = first_difference(&json(&self.model.resolve_over(Some(model))?), &json(model)) {
             let what = match field.as_str() {
                 "context" if self.model.context.is_some() => "--context".to_string(),
                 "global.window" if self.model.window.is_some() => "--window".to_string(),
+                "qk_norm" if self.model.qk_norm => "--qk-norm".to_string(),
+                "mlp" if self.model.mlp.is_some() => "--mlp".to_string(),
                 _ => format!("{}'s {field}", self.model.describe_flag()),
             };
             return Err(differs(what, g, r));

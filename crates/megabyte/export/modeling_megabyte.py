@@ -30,8 +30,10 @@ The forward pass, in the paper's order (logits for byte t depend only on bytes <
      head: h E_local^T (tied_head) or head.weight                         [B, T, V]
 
 Every transformer is pre-norm (LayerNorm with bias, or RMSNorm; eps 1e-5): x + attn(norm(x)),
-then x + down(gelu(up(norm(x)))) with exact (erf) GELU, no biases in linear layers, and a
-final norm. Attention heads are contiguous in the stacked qkv weight [3D, D] (q, k, v).
+then x + down(act(up(norm(x)))) with exact (erf) GELU or (mlp "relu2") relu(x)^2, no biases
+in linear layers, and a final norm. Attention heads are contiguous in the stacked qkv weight
+[3D, D] (q, k, v). With qk_norm, each head's q and k are RMS-normalised over the head
+dimension (eps 1e-5) and scaled by the gains q_norm.weight and k_norm.weight before the scores.
 
 Tensors of model.safetensors (D: the width of the transformer, P*D_G global, D_L local; linear
 weights are [out, in]):
@@ -41,6 +43,7 @@ weights are [out, in]):
     patch_embedder.global_pad                [P*D_G]      the global model's first input
     {global,local}.blocks.{i}.attn_norm.weight / .bias    [D]   (bias: layer_norm only)
     {global,local}.blocks.{i}.attn.qkv.weight             [3D, D]
+    {global,local}.blocks.{i}.attn.{q,k}_norm.weight      [D/heads]  (qk_norm only)
     {global,local}.blocks.{i}.attn.proj.weight            [D, D]
     {global,local}.blocks.{i}.mlp_norm.weight / .bias     [D]
     {global,local}.blocks.{i}.mlp.up.weight               [4D, D]
@@ -99,37 +102,47 @@ def causal_mask(s, window, device):
 
 
 class Attention(nn.Module):
-    def __init__(self, d, heads, window):
+    def __init__(self, d, heads, window, qk_norm=False):
         super().__init__()
         self.heads, self.window = heads, window
         self.qkv = nn.Linear(d, 3 * d, bias=False)
+        # QK-norm: RMSNorm over each head's dimension, one gain for q and one for k.
+        self.q_norm = Norm(d // heads, "rms_norm") if qk_norm else None
+        self.k_norm = Norm(d // heads, "rms_norm") if qk_norm else None
         self.proj = nn.Linear(d, d, bias=False)
 
     def forward(self, x):
         n, s, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (t.reshape(n, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))  # [N, H, S, hd]
+        q, k, v = (t.reshape(n, s, self.heads, d // self.heads) for t in (q, k, v))  # [N, S, H, hd]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [N, H, S, hd]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(s, self.window, x.device))
         return self.proj(y.transpose(1, 2).reshape(n, s, d))
 
 
 class Mlp(nn.Module):
-    def __init__(self, d):
+    def __init__(self, d, act="gelu"):
         super().__init__()
+        if act not in ("gelu", "relu2"):
+            raise ValueError(f"mlp must be gelu or relu2, got {act!r}")
+        self.act = act
         self.up = nn.Linear(d, 4 * d, bias=False)
         self.down = nn.Linear(4 * d, d, bias=False)
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x)))  # exact (erf) GELU
+        u = self.up(x)
+        return self.down(F.relu(u).square() if self.act == "relu2" else F.gelu(u))  # GELU: exact (erf)
 
 
 class Block(nn.Module):
-    def __init__(self, d, heads, window, norm, dropout):
+    def __init__(self, d, heads, window, norm, dropout, qk_norm=False, mlp="gelu"):
         super().__init__()
         self.attn_norm = Norm(d, norm)
-        self.attn = Attention(d, heads, window)
+        self.attn = Attention(d, heads, window, qk_norm)
         self.mlp_norm = Norm(d, norm)
-        self.mlp = Mlp(d)
+        self.mlp = Mlp(d, mlp)
         self.drop = nn.Dropout(dropout)  # on each branch's output; identity in eval()
 
     def forward(self, x):
@@ -140,10 +153,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Pre-norm causal blocks and a final norm."""
 
-    def __init__(self, cfg, norm, dropout):
+    def __init__(self, cfg, norm, dropout, qk_norm=False, mlp="gelu"):
         super().__init__()
         d, heads, window = cfg["width"], cfg["heads"], cfg.get("window")
-        self.blocks = nn.ModuleList(Block(d, heads, window, norm, dropout) for _ in range(cfg["layers"]))
+        self.blocks = nn.ModuleList(Block(d, heads, window, norm, dropout, qk_norm, mlp) for _ in range(cfg["layers"]))
         self.norm = Norm(d, norm)
 
     def forward(self, x):
@@ -202,10 +215,11 @@ class MegabyteForCausalLM(nn.Module):
         p, t, dl = c["patch_size"], c["context"], c["local"]["width"]
         dg = c["global"]["width"] // p
         self.patch_embedder = PatchEmbedder(t, p, dg)
-        self.add_module("global", Transformer(c["global"], c["norm"], dropout))  # `global` is a keyword
+        qk_norm, mlp = bool(c.get("qk_norm")), c.get("mlp") or "gelu"
+        self.add_module("global", Transformer(c["global"], c["norm"], dropout, qk_norm, mlp))  # `global` is a keyword
         self.global_to_local = nn.Linear(dg, dl, bias=False)
         self.local_embedder = LocalEmbedder(t if c.get("cross_patch") else p, dl)
-        self.local = Transformer(c["local"], c["norm"], dropout)
+        self.local = Transformer(c["local"], c["norm"], dropout, qk_norm, mlp)
         self.head = None if c["tied_head"] else nn.Linear(dl, V, bias=False)
         self._init_weights()
 

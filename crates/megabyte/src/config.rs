@@ -20,6 +20,35 @@ pub enum NormKind {
     RmsNorm,
 }
 
+/// The activation of the blocks' MLP (`down(act(up(x)))`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// The exact (erf) GELU, as GPT-2 and the paper's models.
+    #[default]
+    Gelu,
+    /// ReLU²: max(x, 0)² (So et al. 2021, "Primer"; modded-nanogpt's MLP): cheaper than
+    /// GELU and sparse, with a derivative 2·max(x, 0) that grows with x.
+    Relu2,
+}
+
+impl Activation {
+    /// Every activation, in the order they are listed to users.
+    pub const ALL: &'static [Activation] = &[Activation::Gelu, Activation::Relu2];
+
+    /// The name users type (`--mlp NAME`), as in config.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Gelu => "gelu",
+            Activation::Relu2 => "relu2",
+        }
+    }
+
+    fn is_gelu(&self) -> bool {
+        *self == Activation::Gelu
+    }
+}
+
 /// One decoder-only causal transformer (pre-norm, attention + 4× MLP, no biases).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +136,22 @@ pub struct ModelConfig {
     /// a byte transformer (P = 1) with its input embedding at 1.0 trained worse on enwik8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_embed_std: Option<f64>,
+    /// QK-norm, in both transformers: each head's query and key are RMS-normalised over the
+    /// head dimension, each scaled by a learned gain of head_dim entries (one for q, one for k
+    /// per block, shared by the heads, starting at 1), before the scores `q·k/√head_dim`; the
+    /// KV cache holds the normalised keys. SpaceByte found that byte models need QK layer norm
+    /// to train stably (`qk_layer_norm`, a LayerNorm with weight and bias over d_key);
+    /// modded-nanogpt's is parameterless and raises the attention scale to a tuned constant
+    /// instead. A parameterless norm caps every score at √head_dim (8 for heads of 64), which
+    /// limits how sharply a position can attend to one earlier byte, the copying a byte model
+    /// lives on; the gains let each block learn its own temperature for 2·head_dim parameters,
+    /// with no constant to tune. RMS without centring, as in the blocks' RMSNorm.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm: bool,
+    /// The MLP's activation in both transformers: GELU (the default, absent from config.json)
+    /// or ReLU².
+    #[serde(default, skip_serializing_if = "Activation::is_gelu")]
+    pub mlp: Activation,
 }
 
 pub const PRESETS: &[&str] = &[
@@ -144,6 +189,8 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
             },
             "enwik8" => ModelConfig {
                 patch_size: 8,
@@ -156,6 +203,8 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
             },
             // RESULTS.md's `xp8-g768x4-l512x11-w1024-t1024-z-pe1`: P = 8, T = 1,024, a small
             // global model (768 × 4) and a local model of the baseline's layers less one that
@@ -172,6 +221,8 @@ impl ModelConfig {
                 cross_patch: true,
                 zero_w_gl: true,
                 patch_embed_std: Some(1.0),
+                qk_norm: false,
+                mlp: Activation::Gelu,
             },
             "paper-arxiv" => ModelConfig {
                 patch_size: 8,
@@ -184,6 +235,8 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
             },
             "paper-pg19" => ModelConfig {
                 patch_size: 8,
@@ -196,6 +249,8 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
             },
             // Byte-transformer baselines (paper §5, Table 2's "Transformer"): one level, full
             // causal attention over bytes. Expressed as MEGABYTE with P = 1 and no local
@@ -212,6 +267,8 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
             },
             // RESULTS.md's `byte-512x12`, `enwik8-10min`'s baseline: 38.8M parameters, 304M
             // FLOPs per byte.
@@ -226,6 +283,8 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
             },
             "byte-350m" => ModelConfig {
                 patch_size: 1,
@@ -238,6 +297,8 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
             },
             other => {
                 return Err(Error::Config(format!(
@@ -345,7 +406,7 @@ impl ModelConfig {
         let (p, t, dg, dl) = (self.patch_size, self.context, self.d_global(), self.local.width);
         let sum = |terms: &[Option<usize>]| terms.iter().try_fold(0usize, |acc, &x| acc.checked_add(x?));
         // patch embedder: byte table, byte positions, global pad; plus the global transformer
-        let global = sum(&[V.checked_mul(dg), t.checked_mul(dg), p.checked_mul(dg), self.global.checked_params(self.norm)])?;
+        let global = sum(&[V.checked_mul(dg), t.checked_mul(dg), p.checked_mul(dg), self.global.checked_params(self.norm), self.qk_gains(&self.global)])?;
         // w_GL, local byte table, local positions, local pad, local transformer, untied head
         let head = if self.tied_head { 0 } else { V.checked_mul(dl)? };
         let local = sum(&[
@@ -354,9 +415,18 @@ impl ModelConfig {
             self.local_positions().checked_mul(dl),
             Some(dl),
             self.local.checked_params(self.norm),
+            self.qk_gains(&self.local),
             Some(head),
         ])?;
         Some(ParamCounts { global, local, total: global.checked_add(local)? })
+    }
+
+    /// The QK-norm gains of one transformer: a q and a k gain of head_dim entries per block.
+    fn qk_gains(&self, t: &TransformerConfig) -> Option<usize> {
+        if !self.qk_norm {
+            return Some(0);
+        }
+        t.layers.checked_mul(2)?.checked_mul(t.width.checked_div(t.heads)?)
     }
 
     /// Elements of one sequence's KV caches (keys and values of every layer: the global model

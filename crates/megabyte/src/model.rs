@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{ModelConfig, V};
 use crate::error::{Error, Result};
 use crate::grad::{sum_rows, Grads};
-use crate::nn::{Dropout, Init, KvCache, Linear, Params, Transformer};
+use crate::nn::{BlockOptions, Dropout, Init, KvCache, Linear, Params, Transformer};
 use crate::ops::{self, accumulation_dtype};
 
 /// §2.2.1: byte embeddings plus learned byte positions, concatenated into patches.
@@ -135,7 +135,8 @@ impl MegaByte {
             global_pad: params.get("patch_embedder.global_pad", &[p * dg], pe)?,
             patch_size: p,
         };
-        let global = Transformer::new(params, "global", &cfg.global, cfg.norm, std)?;
+        let blocks = BlockOptions::of(cfg);
+        let global = Transformer::new(params, "global", &cfg.global, blocks, std)?;
         // w_GL reads the global model's normed output (unit scale per element): std/√D_G gives
         // its projection the scale of the local byte embedding it is added to. Zero (drawn
         // all the same, so every other parameter keeps its value) with `zero_w_gl`.
@@ -146,7 +147,7 @@ impl MegaByte {
             pos_embed: params.get("local_embedder.pos_embed.weight", &[cfg.local_positions(), dl], n)?,
             local_pad: params.get("local_embedder.local_pad", &[dl], n)?,
         };
-        let local = Transformer::new(params, "local", &cfg.local, cfg.norm, std)?;
+        let local = Transformer::new(params, "local", &cfg.local, blocks, std)?;
         let head = if cfg.tied_head { None } else { Some(Linear::new(params, "head", dl, V, std)?) };
         let act = params.dtype();
         Ok(MegaByte { cfg: cfg.clone(), patch_embedder, global, global_to_local, local_embedder, local, head, act })

@@ -98,6 +98,8 @@ fn a_resumed_run_refuses_settings_that_are_not_its_own() {
         (&["--preset", "byte-enwik8-10min", "--context", "256"], "--preset byte-enwik8-10min's global.heads is 8 here and 2 in the resumed run"),
         (&["--context", "512"], "--context is 512 here and 256 in the resumed run"),
         (&["--window", "4"], "--window is 4 here and none in the resumed run"),
+        (&["--qk-norm"], "--qk-norm is true here and false in the resumed run"),
+        (&["--mlp", "relu2"], "--mlp is relu2 here and gelu in the resumed run"),
         (&["--data", s(&dir.join("other.txt"))], "other.txt here and the embedded corpus in the resumed run"),
         (&["--valid-bytes", "100"], "--valid-bytes is 100 here and 100000 in the resumed run"),
         (&["--documents"], "--documents is true here and false in the resumed run"),

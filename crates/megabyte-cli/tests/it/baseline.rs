@@ -19,6 +19,8 @@ fn byte_config() -> ModelConfig {
         cross_patch: false,
         zero_w_gl: false,
         patch_embed_std: None,
+        qk_norm: false,
+        mlp: megabyte::Activation::Gelu,
     }
 }
 

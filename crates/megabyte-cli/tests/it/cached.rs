@@ -88,6 +88,22 @@ fn decoding_past_the_context_slides_the_window() {
     check_slides(&model);
 }
 
+/// The recipe's model options (QK-norm: the cache holds the normalised keys; ReLU²) decode
+/// like the full forward, from and off patch boundaries and across slides, per patch and
+/// across patches.
+#[test]
+fn cached_decoding_with_the_recipe_options_equals_the_full_forward() {
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    (cfg.qk_norm, cfg.mlp) = (true, megabyte::Activation::Relu2);
+    let (model, _) = MegaByte::init(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    check(&model, 0);
+    check(&model, 29);
+    let (model, _) = MegaByte::init(&cfg, 6, DType::F64, &Device::Cpu).unwrap();
+    check_slides(&model);
+    let (model, _) = MegaByte::init(&crate::cross_patch_recipe_config(), 6, DType::F64, &Device::Cpu).unwrap();
+    check_slides(&model);
+}
+
 #[test]
 fn a_cache_refuses_steps_of_another_batch() {
     // Positions cached for 2 sequences cannot be continued by a step over 3: that would drop

@@ -27,7 +27,13 @@ fn reference_grads(cfg: &ModelConfig, params: &megabyte::nn::Params, x: &Tensor,
 }
 
 fn check_finite_differences(norm: NormKind, tied_head: bool) {
-    let cfg = small_config(norm, tied_head);
+    check_finite_differences_of(&small_config(norm, tied_head), 14);
+}
+
+/// The explicit backward pass of `cfg` against central differences at three entries of one
+/// parameter of every kind; at least `min_kinds` kinds.
+fn check_finite_differences_of(cfg: &ModelConfig, min_kinds: usize) {
+    let cfg = cfg.clone();
     let (model, params) = MegaByte::init(&cfg, 7, DType::F64, &Device::Cpu).unwrap();
     let rows = vec![random_bytes(cfg.context, 1), random_bytes(cfg.context, 2)];
     let x = crate::bytes_tensor(&rows);
@@ -71,7 +77,15 @@ fn check_finite_differences(norm: NormKind, tied_head: bool) {
             assert!(err < 1e-4, "{kind} ({name}[{idx}]): explicit backward {} vs finite difference {fd}", g[idx]);
         }
     }
-    assert!(kinds.len() >= 14, "only {} parameter kinds checked", kinds.len());
+    assert!(kinds.len() >= min_kinds, "only {} parameter kinds checked", kinds.len());
+}
+
+/// The recipe's options (QK-norm: its q and k gains are two more kinds), per patch and
+/// across patches.
+#[test]
+fn explicit_backward_matches_finite_differences_with_the_recipe_options() {
+    check_finite_differences_of(&crate::recipe_config(), 16);
+    check_finite_differences_of(&crate::cross_patch_recipe_config(), 16);
 }
 
 #[test]
@@ -92,11 +106,18 @@ fn explicit_backward_matches_finite_differences_rmsnorm_untied() {
 fn explicit_backward_equals_the_reference_autograd() {
     let mut windowed = small_config(NormKind::LayerNorm, false);
     windowed.global.window = Some(2); // a sliding window of 2 patches
-    let cases = [small_config(NormKind::LayerNorm, true), small_config(NormKind::RmsNorm, false), windowed, crate::cross_patch_config()];
+    let cases = [
+        small_config(NormKind::LayerNorm, true),
+        small_config(NormKind::RmsNorm, false),
+        windowed,
+        crate::cross_patch_config(),
+        crate::recipe_config(),
+        crate::cross_patch_recipe_config(),
+    ];
     for cfg in cases {
         let (model, params) = MegaByte::init(&cfg, 9, DType::F64, &Device::Cpu).unwrap();
         for t in [cfg.context, cfg.context / 2] {
-            let what = format!("{:?} tied={} window={:?} cross_patch={} T'={t}", cfg.norm, cfg.tied_head, cfg.global.window, cfg.cross_patch);
+            let what = format!("{:?} tied={} window={:?} cross_patch={} qk_norm={} T'={t}", cfg.norm, cfg.tied_head, cfg.global.window, cfg.cross_patch, cfg.qk_norm);
             let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(t, 40 + i)).collect();
             let x = crate::bytes_tensor(&rows);
             let diff = (model.byte_losses(&x).unwrap() - reference::byte_losses(&cfg, &params, &x, None)).unwrap();
@@ -118,7 +139,7 @@ fn explicit_backward_equals_the_reference_autograd() {
 /// attention.
 #[test]
 fn recomputed_activations_give_the_same_gradients() {
-    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config()] {
+    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config(), crate::recipe_config()] {
         let (model, params) = MegaByte::init(&cfg, 11, DType::F64, &Device::Cpu).unwrap();
         for t in [cfg.context, cfg.context / 2] {
             let rows: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(t, 70 + i)).collect();
@@ -202,8 +223,8 @@ fn a_zero_w_gl_grows_in_and_then_trains_the_global_model() {
 /// row offset r) is the whole batch: the same loss and gradients once summed.
 #[test]
 fn dropout_keeps_the_explicit_backward_exact_and_splits_by_rows() {
-    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config()] {
-        let what = format!("dropout, cross_patch={}", cfg.cross_patch);
+    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config(), crate::cross_patch_recipe_config()] {
+        let what = format!("dropout, cross_patch={} qk_norm={}", cfg.cross_patch, cfg.qk_norm);
         let (model, params) = MegaByte::init(&cfg, 17, DType::F64, &Device::Cpu).unwrap();
         let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(cfg.context, 110 + i)).collect();
         let x = crate::bytes_tensor(&rows);

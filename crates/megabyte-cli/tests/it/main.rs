@@ -57,6 +57,8 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
         cross_patch: false,
         zero_w_gl: false,
         patch_embed_std: None,
+        qk_norm: false,
+        mlp: megabyte::Activation::Gelu,
     }
 }
 
@@ -66,6 +68,21 @@ pub fn cross_patch_config() -> ModelConfig {
     let mut cfg = small_config(NormKind::LayerNorm, true);
     cfg.cross_patch = true;
     cfg.local.window = Some(3);
+    cfg
+}
+
+/// `small_config` with the model options of the modern training recipe on: QK-norm and the
+/// ReLU² MLP (with RMSNorm and an untied head).
+pub fn recipe_config() -> ModelConfig {
+    let mut cfg = small_config(NormKind::RmsNorm, false);
+    (cfg.qk_norm, cfg.mlp) = (true, megabyte::Activation::Relu2);
+    cfg
+}
+
+/// `cross_patch_config` with the recipe's model options on (as `recipe_config`).
+pub fn cross_patch_recipe_config() -> ModelConfig {
+    let mut cfg = cross_patch_config();
+    (cfg.qk_norm, cfg.mlp) = (true, megabyte::Activation::Relu2);
     cfg
 }
 

@@ -223,6 +223,26 @@ fn fused_gelu_matches_composition() {
     }
 }
 
+#[test]
+fn fused_relu2_matches_composition() {
+    // An odd and an even element count, about half of them negative; the reference is
+    // max(x, 0)² spelt out.
+    for dtype in DTYPES {
+        let x = rand(&[7, 33], 9, dtype);
+        let spelt = x.maximum(0.0).unwrap().powf(2.0).unwrap();
+        assert!(rel_err(&reference::relu2(&x).unwrap(), &spelt) < tolerance(dtype).0);
+        for shape in [[7, 33], [4, 16]] {
+            check(
+                &format!("relu2 {shape:?}"),
+                &[rand(&shape, 8, dtype)],
+                |xs| (pointwise::relu2(&xs[0]).unwrap(), ()),
+                |xs, _, _, dy| vec![pointwise::relu2_backward(&xs[0], dy).unwrap()],
+                |xs| reference::relu2(&xs[0]).unwrap(),
+            );
+        }
+    }
+}
+
 /// Dropout equals x times its mask (`reference::dropout_mask`: the kept elements, scaled in
 /// x's dtype), forward and backward (its own);
 /// keeps about 1 − p of the elements; rows taken with their offset draw the whole tensor's
