@@ -67,6 +67,7 @@ CONFIGS = {
         cross_patch=True,
         qk_norm=True,
         mlp="relu2",
+        zero_init_proj=True,
         **{"global": {"window": 3, "heads": 4}, "local": {"window": 10, "layers": 3}},
     ),
     "byte_transformer": {
@@ -248,6 +249,17 @@ def test_a_model_trained_in_pytorch_imports_with_pytorch_loss(name, exported, wo
     bpb = trained / math.log(2)
     assert abs(after["bpb"] - bpb) < 1e-4, f"megabyte eval gives {after['bpb']}, PyTorch {bpb}"
     assert abs(before["bpb"] - bpb) > 1e-3, "the imported checkpoint is the exported one, not the trained one"
+
+
+def test_a_fresh_pytorch_model_starts_its_projections_at_zero_with_zero_init_proj(exported):
+    _, hf, cfg = exported("recipe")
+    module = load_module(hf)
+    model = module.MegabyteForCausalLM(cfg)
+    plain = module.MegabyteForCausalLM(dict(cfg, zero_init_proj=False))
+    for name, w in model.named_parameters():
+        zero = name.endswith((".attn.proj.weight", ".mlp.down.weight"))
+        assert bool((w == 0).all()) == zero, name
+        assert not bool((dict(plain.named_parameters())[name] == 0).all()) or "norm." in name, name
 
 
 def test_bf16_weights_from_pytorch_are_converted_with_a_note(exported, work):

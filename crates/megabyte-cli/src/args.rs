@@ -73,6 +73,10 @@ pub struct ModelArgs {
     /// preset's or config's, gelu].
     #[arg(long, value_enum, value_name = "ACT")]
     pub mlp: Option<ActivationArg>,
+    /// Every block's attention output and MLP down projections start at zero
+    /// (`zero_init_proj` of a model config).
+    #[arg(long)]
+    pub zero_init_proj: bool,
 }
 
 impl ModelArgs {
@@ -95,7 +99,7 @@ impl ModelArgs {
     }
 
     /// The model: `--config`'s or the preset's, with `--context`, `--window` and the model
-    /// options given (`--qk-norm`, `--mlp`) applied.
+    /// options given (`--qk-norm`, `--mlp`, `--zero-init-proj`) applied.
     pub fn resolve(&self) -> Result<ModelConfig> {
         self.resolve_over(None)
     }
@@ -118,6 +122,7 @@ impl ModelArgs {
             cfg.global.window = self.window;
         }
         cfg.qk_norm |= self.qk_norm;
+        cfg.zero_init_proj |= self.zero_init_proj;
         if let Some(act) = self.mlp {
             cfg.mlp = act.0;
         }

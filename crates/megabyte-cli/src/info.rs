@@ -54,6 +54,9 @@ pub fn run(args: Args) -> Result<()> {
     if cfg.qk_norm {
         println!("queries and keys RMS-normalised per head, with gains (qk_norm)");
     }
+    if cfg.zero_init_proj {
+        println!("attention output and MLP down projections start at zero (zero_init_proj)");
+    }
     if cfg.mlp != megabyte::Activation::Gelu {
         println!("MLP activation: {}", cfg.mlp.name());
     }

@@ -103,9 +103,14 @@ struct OptimArgs {
     /// Linear warm-up steps.
     #[arg(long)]
     warmup: Option<u64>,
-    /// Decay after warm-up.
+    /// Decay after warm-up: cosine or linear to --min-lr over the run, or wsd (constant, then
+    /// linear to --min-lr over the last --decay-fraction of the run).
     #[arg(long, value_enum)]
     decay: Option<DecayArg>,
+    /// With --decay wsd: the last share of the run (steps after warm-up, or of --time) over
+    /// which the learning rate falls to --min-lr.
+    #[arg(long, value_name = "F")]
+    decay_fraction: Option<f64>,
     /// AdamW weight decay (matrices only).
     #[arg(long)]
     weight_decay: Option<f64>,
@@ -160,6 +165,7 @@ impl OptimArgs {
         set(&mut cfg.min_lr, self.min_lr);
         set(&mut cfg.warmup_steps, self.warmup);
         set(&mut cfg.decay, self.decay.map(|d| d.0));
+        set(&mut cfg.decay_fraction, self.decay_fraction);
         set(&mut cfg.adamw.weight_decay, self.weight_decay);
         set(&mut cfg.grad_clip, self.grad_clip);
         set(&mut cfg.dropout, self.dropout);
@@ -243,6 +249,7 @@ impl Args {
                 "global.window" if self.model.window.is_some() => "--window".to_string(),
                 "qk_norm" if self.model.qk_norm => "--qk-norm".to_string(),
                 "mlp" if self.model.mlp.is_some() => "--mlp".to_string(),
+                "zero_init_proj" if self.model.zero_init_proj => "--zero-init-proj".to_string(),
                 _ => format!("{}'s {field}", self.model.describe_flag()),
             };
             return Err(differs(what, g, r));
@@ -269,7 +276,7 @@ impl Args {
 
 /// The training settings that flags set, as (flag, value), in `--help`'s order; the stopping
 /// rules (--steps, --time) are not among them, nor where it runs.
-fn settings(cfg: &TrainConfig) -> [(&'static str, String); 14] {
+fn settings(cfg: &TrainConfig) -> [(&'static str, String); 15] {
     [
         ("--batch-size", cfg.batch_size.to_string()),
         ("--grad-accum", cfg.grad_accum.to_string()),
@@ -277,6 +284,7 @@ fn settings(cfg: &TrainConfig) -> [(&'static str, String); 14] {
         ("--min-lr", cfg.min_lr.to_string()),
         ("--warmup", cfg.warmup_steps.to_string()),
         ("--decay", cfg.decay.name().to_string()),
+        ("--decay-fraction", cfg.decay_fraction.to_string()),
         ("--weight-decay", cfg.adamw.weight_decay.to_string()),
         ("--grad-clip", cfg.grad_clip.to_string()),
         ("--dropout", cfg.dropout.to_string()),

@@ -229,7 +229,8 @@ class MegabyteForCausalLM(nn.Module):
 
     def _init_weights(self):
         """Truncated normal (2 sigma) at init_std, as a fresh megabyte model starts (the patch
-        embedder at patch_embed_std, w_GL at init_std/sqrt(D_G) or zero); norms at 1 and 0."""
+        embedder at patch_embed_std, w_GL at init_std/sqrt(D_G) or zero, the attention output
+        and MLP down projections at zero with zero_init_proj); norms at 1 and 0."""
         c = self.config
         std = c["init_std"]
         pe_std = c.get("patch_embed_std") or std
@@ -239,6 +240,8 @@ class MegabyteForCausalLM(nn.Module):
             s = pe_std if name.startswith("patch_embedder.") else std
             if name == "global_to_local.weight":
                 s = 0.0 if c.get("zero_w_gl") else std / math.sqrt(w.shape[1])
+            if c.get("zero_init_proj") and name.endswith((".attn.proj.weight", ".mlp.down.weight")):
+                s = 0.0
             with torch.no_grad():
                 if s == 0.0:
                     w.zero_()

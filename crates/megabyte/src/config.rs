@@ -152,6 +152,13 @@ pub struct ModelConfig {
     /// or ReLU².
     #[serde(default, skip_serializing_if = "Activation::is_gelu")]
     pub mlp: Activation,
+    /// Every block's attention output projection and MLP down projection start at zero
+    /// (drawn all the same, so every other parameter keeps its value), as in modded-nanogpt:
+    /// each block starts as the identity on the residual stream, and the first step gives the
+    /// zero matrices their gradients (which do not need them nonzero), then the blocks below
+    /// train through them. The init_std draw stays for everything else.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zero_init_proj: bool,
 }
 
 pub const PRESETS: &[&str] = &[
@@ -191,6 +198,7 @@ impl ModelConfig {
                 patch_embed_std: None,
                 qk_norm: false,
                 mlp: Activation::Gelu,
+                zero_init_proj: false,
             },
             "enwik8" => ModelConfig {
                 patch_size: 8,
@@ -205,6 +213,7 @@ impl ModelConfig {
                 patch_embed_std: None,
                 qk_norm: false,
                 mlp: Activation::Gelu,
+                zero_init_proj: false,
             },
             // RESULTS.md's `xp8-g768x4-l512x11-w1024-t1024-z-pe1`: P = 8, T = 1,024, a small
             // global model (768 × 4) and a local model of the baseline's layers less one that
@@ -223,6 +232,7 @@ impl ModelConfig {
                 patch_embed_std: Some(1.0),
                 qk_norm: false,
                 mlp: Activation::Gelu,
+                zero_init_proj: false,
             },
             "paper-arxiv" => ModelConfig {
                 patch_size: 8,
@@ -237,6 +247,7 @@ impl ModelConfig {
                 patch_embed_std: None,
                 qk_norm: false,
                 mlp: Activation::Gelu,
+                zero_init_proj: false,
             },
             "paper-pg19" => ModelConfig {
                 patch_size: 8,
@@ -251,6 +262,7 @@ impl ModelConfig {
                 patch_embed_std: None,
                 qk_norm: false,
                 mlp: Activation::Gelu,
+                zero_init_proj: false,
             },
             // Byte-transformer baselines (paper §5, Table 2's "Transformer"): one level, full
             // causal attention over bytes. Expressed as MEGABYTE with P = 1 and no local
@@ -269,6 +281,7 @@ impl ModelConfig {
                 patch_embed_std: None,
                 qk_norm: false,
                 mlp: Activation::Gelu,
+                zero_init_proj: false,
             },
             // RESULTS.md's `byte-512x12`, `enwik8-10min`'s baseline: 38.8M parameters, 304M
             // FLOPs per byte.
@@ -285,6 +298,7 @@ impl ModelConfig {
                 patch_embed_std: None,
                 qk_norm: false,
                 mlp: Activation::Gelu,
+                zero_init_proj: false,
             },
             "byte-350m" => ModelConfig {
                 patch_size: 1,
@@ -299,6 +313,7 @@ impl ModelConfig {
                 patch_embed_std: None,
                 qk_norm: false,
                 mlp: Activation::Gelu,
+                zero_init_proj: false,
             },
             other => {
                 return Err(Error::Config(format!(

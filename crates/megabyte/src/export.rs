@@ -65,6 +65,7 @@ pub fn hf_config(cfg: &ModelConfig) -> Result<Value> {
     fields.entry("patch_embed_std").or_insert(Value::Null);
     fields.entry("qk_norm").or_insert(json!(false));
     fields.entry("mlp").or_insert(json!("gelu"));
+    fields.entry("zero_init_proj").or_insert(json!(false));
     let mut out = Map::new();
     out.insert("model_type".into(), json!(MODEL_TYPE));
     out.insert("architectures".into(), json!([ARCHITECTURE]));

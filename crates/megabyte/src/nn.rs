@@ -357,11 +357,23 @@ pub struct BlockOptions {
     pub qk_norm: bool,
     /// The MLP's activation.
     pub mlp: Activation,
+    /// The attention output and MLP down projections start at zero.
+    pub zero_init_proj: bool,
 }
 
 impl BlockOptions {
     pub fn of(cfg: &crate::ModelConfig) -> Self {
-        BlockOptions { norm: cfg.norm, qk_norm: cfg.qk_norm, mlp: cfg.mlp }
+        BlockOptions { norm: cfg.norm, qk_norm: cfg.qk_norm, mlp: cfg.mlp, zero_init_proj: cfg.zero_init_proj }
+    }
+
+    /// The initial std of the projections back into the residual stream (attention output,
+    /// MLP down): 0 with `zero_init_proj`, else `std`.
+    fn proj_std(&self, std: f64) -> f64 {
+        if self.zero_init_proj {
+            0.0
+        } else {
+            std
+        }
     }
 }
 
@@ -424,7 +436,8 @@ impl Attention {
         let d = cfg.width;
         let qkv = Linear::new(p, &format!("{name}.qkv"), d, 3 * d, std)?;
         let qk_norm = if opts.qk_norm { Some(QkNorm::new(p, name, cfg.head_dim())?) } else { None };
-        Ok(Attention { qkv, qk_norm, proj: Linear::new(p, &format!("{name}.proj"), d, d, std)?, heads: cfg.heads, window: cfg.window })
+        let proj = Linear::new(p, &format!("{name}.proj"), d, d, opts.proj_std(std))?;
+        Ok(Attention { qkv, qk_norm, proj, heads: cfg.heads, window: cfg.window })
     }
 
     /// The fused qkv as attention reads it: with QK-norm, q and k normalised.
@@ -527,7 +540,7 @@ impl Block {
             mlp_norm: Norm::new(p, &format!("{name}.mlp_norm"), opts.norm, d)?,
             mlp: Mlp {
                 up: Linear::new(p, &format!("{name}.mlp.up"), d, 4 * d, std)?,
-                down: Linear::new(p, &format!("{name}.mlp.down"), 4 * d, d, std)?,
+                down: Linear::new(p, &format!("{name}.mlp.down"), 4 * d, d, opts.proj_std(std))?,
                 act: opts.mlp,
             },
         })

@@ -30,19 +30,35 @@ use crate::optim::{AdamW, AdamWConfig};
 pub enum Decay {
     Cosine,
     Linear,
+    /// Warm-up, stable, decay: `lr` until the last `decay_fraction` of the run, then linear
+    /// to `min_lr` (modded-nanogpt's schedule; Hu et al. 2024, "MiniCPM"): the run spends
+    /// most of its steps at the peak rate and anneals only at the end.
+    Wsd,
 }
 
 impl Decay {
     /// Every decay, in the order they are listed to users.
-    pub const ALL: &'static [Decay] = &[Decay::Cosine, Decay::Linear];
+    pub const ALL: &'static [Decay] = &[Decay::Cosine, Decay::Linear, Decay::Wsd];
 
     /// The name users type (`--decay NAME`), as in `train.json`.
     pub fn name(self) -> &'static str {
         match self {
             Decay::Cosine => "cosine",
             Decay::Linear => "linear",
+            Decay::Wsd => "wsd",
         }
     }
+}
+
+/// The share of the run over which [`Decay::Wsd`] decays when none is given.
+pub const DEFAULT_DECAY_FRACTION: f64 = 0.2;
+
+fn default_decay_fraction() -> f64 {
+    DEFAULT_DECAY_FRACTION
+}
+
+fn is_default_decay_fraction(f: &f64) -> bool {
+    *f == DEFAULT_DECAY_FRACTION
 }
 
 /// Everything about a training run except the model's shape. Saved in every checkpoint.
@@ -58,6 +74,11 @@ pub struct TrainConfig {
     pub min_lr: f64,
     pub warmup_steps: u64,
     pub decay: Decay,
+    /// With [`Decay::Wsd`]: the last share of the run (of its progress, as the other decays
+    /// count it: steps after warm-up, or wall time) over which the rate falls to `min_lr`.
+    /// Absent from `train.json` at its default (0.2), and unused by the other decays.
+    #[serde(default = "default_decay_fraction", skip_serializing_if = "is_default_decay_fraction")]
+    pub decay_fraction: f64,
     /// Stop after this many optimizer steps…
     pub steps: Option<u64>,
     /// …or after this many minutes of wall time, whichever comes first.
@@ -141,6 +162,7 @@ impl TrainConfig {
             min_lr: lr / 10.0,
             warmup_steps: 100,
             decay: Decay::Cosine,
+            decay_fraction: DEFAULT_DECAY_FRACTION,
             steps: None,
             time_minutes: None,
             adamw: AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 },
@@ -165,6 +187,9 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             return bad(format!("need 0 ≤ min_lr ≤ lr and lr > 0, both finite; got lr {} min_lr {}", self.lr, self.min_lr));
         }
+        if !(self.decay_fraction > 0.0 && self.decay_fraction <= 1.0) {
+            return bad(format!("decay_fraction must be in (0, 1] (the share of the run the wsd decay takes), got {}", self.decay_fraction));
+        }
         if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
             return bad(format!("grad_clip must be finite and at least 0 (0 = no clipping), got {}", self.grad_clip));
         }
@@ -186,7 +211,8 @@ impl TrainConfig {
 }
 
 /// The learning rate at `step` (0-based) and run progress in [0, 1]: linear warm-up over
-/// `warmup_steps`, then cosine or linear decay from `lr` to `min_lr` as progress goes to 1.
+/// `warmup_steps`, then cosine or linear decay from `lr` to `min_lr` as progress goes to 1,
+/// or (wsd) `lr` until progress reaches 1 − `decay_fraction` and linear to `min_lr` after.
 pub fn learning_rate(cfg: &TrainConfig, step: u64, progress: f64) -> f64 {
     if step < cfg.warmup_steps {
         return cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64;
@@ -195,6 +221,7 @@ pub fn learning_rate(cfg: &TrainConfig, step: u64, progress: f64) -> f64 {
     let shape = match cfg.decay {
         Decay::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * x).cos()),
         Decay::Linear => 1.0 - x,
+        Decay::Wsd => ((1.0 - x) / cfg.decay_fraction).min(1.0),
     };
     cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
 }

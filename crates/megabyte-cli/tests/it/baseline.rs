@@ -21,6 +21,7 @@ fn byte_config() -> ModelConfig {
         patch_embed_std: None,
         qk_norm: false,
         mlp: megabyte::Activation::Gelu,
+        zero_init_proj: false,
     }
 }
 

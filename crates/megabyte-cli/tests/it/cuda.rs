@@ -319,6 +319,7 @@ fn model_config() -> ModelConfig {
         patch_embed_std: None,
         qk_norm: false,
         mlp: megabyte::Activation::Gelu,
+        zero_init_proj: false,
     }
 }
 
@@ -452,6 +453,7 @@ fn decoding_config() -> ModelConfig {
         patch_embed_std: None,
         qk_norm: false,
         mlp: megabyte::Activation::Gelu,
+        zero_init_proj: false,
     }
 }
 

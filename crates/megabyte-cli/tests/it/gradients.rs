@@ -217,6 +217,54 @@ fn a_zero_w_gl_grows_in_and_then_trains_the_global_model() {
     assert!(global_grad(&grads) > 0.0, "then the global model trains");
 }
 
+/// `zero_init_proj`: every block's attention output and MLP down projections start at zero
+/// and every other parameter as it would without it; each block is then the identity, so the
+/// loss does not depend on the blocks' other weights. The zero matrices get gradients at once (the blocks'
+/// other weights none), and after one optimizer step the gradient reaches every block.
+#[test]
+fn zero_init_proj_starts_the_blocks_as_the_identity_and_then_trains_them() {
+    let plain = crate::recipe_config();
+    let mut cfg = plain.clone();
+    cfg.zero_init_proj = true;
+    let (_, plain_params) = MegaByte::init(&plain, 13, DType::F64, &Device::Cpu).unwrap();
+    let (model, params) = MegaByte::init(&cfg, 13, DType::F64, &Device::Cpu).unwrap();
+    let abs_max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let is_proj = |name: &str| name.ends_with(".attn.proj.weight") || name.ends_with(".mlp.down.weight");
+    let mut zeroed = 0;
+    for (name, var) in params.vars() {
+        let (a, b) = (var.as_tensor(), plain_params.vars()[name].as_tensor());
+        if is_proj(name) {
+            assert_eq!(abs_max(a), 0.0, "{name} starts at zero");
+            assert!(abs_max(b) > 0.0);
+            zeroed += 1;
+        } else {
+            assert_eq!(crate::max_abs_diff(&a.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap()), 0.0, "{name} is drawn as without zero_init_proj");
+        }
+    }
+    assert_eq!(zeroed, 2 * (cfg.global.layers + cfg.local.layers));
+    let x = crate::bytes_tensor(&(0..2).map(|i| random_bytes(cfg.context, 95 + i)).collect::<Vec<_>>());
+    // The blocks add nothing: the loss does not move with their other weights.
+    let loss = |m: &MegaByte| m.loss(&x).unwrap().to_scalar::<f64>().unwrap();
+    let before = loss(&model);
+    let qkv = params.vars()["local.blocks.0.attn.qkv.weight"].clone();
+    let w0 = qkv.as_tensor().copy().unwrap();
+    qkv.set(&(&w0 * 2.0).unwrap()).unwrap();
+    assert_eq!(loss(&model), before, "a block with zero projections is the identity");
+    qkv.set(&w0).unwrap();
+    let blocks_of = |grads: &Grads, proj: bool| {
+        params.vars().iter().filter(|(n, _)| n.contains(".blocks.") && is_proj(n) == proj).map(|(_, v)| abs_max(grads.get(v.as_tensor()).unwrap())).fold(0.0, f64::max)
+    };
+    let (_, grads) = mean_loss_and_grads(&model, &x);
+    assert_eq!(blocks_of(&grads, false), 0.0, "no gradient reaches a block's other weights through zero projections");
+    assert!(blocks_of(&grads, true) > 0.0, "the zero projections get gradients");
+    let mut opt = megabyte::optim::AdamW::new(params.vars(), megabyte::train::TrainConfig::standard(2, 1e-2).adamw).unwrap();
+    opt.step(&grads, 1e-2, 1.0).unwrap();
+    let (_, grads) = mean_loss_and_grads(&model, &x);
+    for (name, var) in params.vars().iter().filter(|(n, _)| n.contains(".blocks.")) {
+        assert!(abs_max(grads.get(var.as_tensor()).unwrap()) > 0.0, "after one step {name} trains");
+    }
+}
+
 /// With dropout the explicit backward pass still equals autograd through the reference model
 /// with the same masks, recomputation included, for the per-patch and the cross-patch local
 /// model; dropout changes the loss; and a batch split in two at row r (the second part with

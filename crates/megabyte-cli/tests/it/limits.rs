@@ -181,6 +181,9 @@ fn non_finite_and_out_of_range_training_flags_are_refused() {
         ("--grad-clip", "NaN", "grad_clip"),
         ("--grad-clip", "-1", "grad_clip"),
         ("--dropout", "NaN", "dropout"),
+        ("--decay-fraction", "NaN", "decay_fraction"),
+        ("--decay-fraction", "0", "decay_fraction"),
+        ("--decay-fraction", "1.5", "decay_fraction"),
         ("--time", "NaN", "minutes"),
         ("--time", "inf", "minutes"),
     ] {

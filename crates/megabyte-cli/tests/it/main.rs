@@ -32,6 +32,7 @@ mod plot;
 mod reference;
 mod run_folder;
 mod sampling;
+mod schedule;
 mod serve;
 
 use std::path::PathBuf;
@@ -59,6 +60,7 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
         patch_embed_std: None,
         qk_norm: false,
         mlp: megabyte::Activation::Gelu,
+        zero_init_proj: false,
     }
 }
 

@@ -50,24 +50,26 @@ fn every_recipe_is_a_model_preset_with_valid_settings() {
 
 /// The recipe's model options are off in every preset and absent from configs written
 /// without them, so an old config.json reads as the model it was and a preset's config
-/// writes as before; `--qk-norm` and `--mlp relu2` turn them on over a preset.
+/// writes as before; `--qk-norm`, `--mlp relu2` and `--zero-init-proj` turn them on over a
+/// preset.
 #[test]
 fn the_recipe_options_are_off_unless_asked_for_and_absent_from_old_configs() {
     use megabyte::config::PRESETS;
     for name in PRESETS {
         let cfg = ModelConfig::preset(name).unwrap();
-        assert!(!cfg.qk_norm && cfg.mlp == megabyte::Activation::Gelu, "{name}");
+        assert!(!cfg.qk_norm && cfg.mlp == megabyte::Activation::Gelu && !cfg.zero_init_proj, "{name}");
         let text = serde_json::to_string(&cfg).unwrap();
-        assert!(!text.contains("qk_norm") && !text.contains("mlp"), "{name}: {text}");
+        assert!(!text.contains("qk_norm") && !text.contains("mlp") && !text.contains("zero_init_proj"), "{name}: {text}");
     }
     for (name, json) in RECORDED {
         let old: ModelConfig = serde_json::from_str(json).unwrap();
         assert_eq!(old, ModelConfig::preset(name).unwrap(), "{name}");
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(["info", "--preset", "tiny", "--qk-norm", "--mlp", "relu2", "--json"]).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_megabyte")).args(["info", "--preset", "tiny", "--qk-norm", "--mlp", "relu2", "--zero-init-proj", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((info["config"]["qk_norm"].as_bool(), info["config"]["mlp"].as_str()), (Some(true), Some("relu2")), "{info}");
+    assert_eq!(info["config"]["zero_init_proj"].as_bool(), Some(true), "{info}");
     let cfg: ModelConfig = serde_json::from_value(info["config"].clone()).unwrap();
     let tiny = ModelConfig::preset("tiny").unwrap();
     // 2 gains of head_dim 64 (global) and 16 (local) per block, 2 blocks each.

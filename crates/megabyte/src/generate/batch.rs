@@ -288,6 +288,7 @@ mod tests {
             patch_embed_std: None,
             qk_norm: false,
             mlp: crate::Activation::Gelu,
+            zero_init_proj: false,
         }
     }
 
