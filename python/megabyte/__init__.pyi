@@ -158,6 +158,8 @@ def train(
     decay: Optional[Literal["cosine", "linear", "wsd"]] = None,
     decay_fraction: Optional[float] = None,
     weight_decay: Optional[float] = None,
+    muon_lr: Optional[float] = None,
+    muon_momentum: Optional[float] = None,
     grad_clip: Optional[float] = None,
     dropout: Optional[float] = None,
     seed: Optional[int] = None,

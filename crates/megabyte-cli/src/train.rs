@@ -114,6 +114,15 @@ struct OptimArgs {
     /// AdamW weight decay (matrices only).
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// Train the blocks' matrices (attention qkv and output, MLP up and down) with Muon at
+    /// this peak learning rate (following the schedule's shape), and every other parameter
+    /// (embeddings, norms, w_GL, the head) with AdamW at --lr [default: AdamW for all].
+    #[arg(long, value_name = "LR")]
+    muon_lr: Option<f64>,
+    /// Muon's Nesterov momentum; turns Muon on like --muon-lr (at lr 0.02 unless given)
+    /// [default: 0.95].
+    #[arg(long, value_name = "BETA")]
+    muon_momentum: Option<f64>,
     /// Clip the global gradient norm (0 = off).
     #[arg(long)]
     grad_clip: Option<f64>,
@@ -167,6 +176,14 @@ impl OptimArgs {
         set(&mut cfg.decay, self.decay.map(|d| d.0));
         set(&mut cfg.decay_fraction, self.decay_fraction);
         set(&mut cfg.adamw.weight_decay, self.weight_decay);
+        if self.muon_lr.is_some() || self.muon_momentum.is_some() {
+            let base = cfg.muon.unwrap_or(megabyte::optim::MuonConfig::DEFAULT);
+            cfg.muon = Some(megabyte::optim::MuonConfig {
+                lr: self.muon_lr.unwrap_or(base.lr),
+                momentum: self.muon_momentum.unwrap_or(base.momentum),
+                ..base
+            });
+        }
         set(&mut cfg.grad_clip, self.grad_clip);
         set(&mut cfg.dropout, self.dropout);
         set(&mut cfg.seed, self.seed);
@@ -300,7 +317,10 @@ fn settings(cfg: &TrainConfig) -> [(&'static str, String); 15] {
 fn run_settings(cfg: &TrainConfig, data: &DataSpec) -> Vec<(&'static str, String)> {
     let path = |p: &Option<PathBuf>, none: &str| p.as_ref().map_or(none.to_string(), |p| p.display().to_string());
     let mut all = settings(cfg).to_vec();
+    let muon = |f: fn(&megabyte::optim::MuonConfig) -> f64| cfg.muon.as_ref().map_or("none".to_string(), |m| f(m).to_string());
     all.extend([
+        ("--muon-lr", muon(|m| m.lr)),
+        ("--muon-momentum", muon(|m| m.momentum)),
         ("--precision", precision_name(cfg.precision)),
         ("--recompute", cfg.recompute.to_string()),
         ("--data", path(&data.train, "the embedded corpus")),
@@ -348,6 +368,7 @@ fn precision_name(p: megabyte::Precision) -> String {
 /// A recipe's settings as the flags of one `megabyte train` command.
 pub fn recipe_flags(cfg: &TrainConfig) -> String {
     let mut flags: Vec<String> = settings(cfg).iter().map(|(flag, v)| format!("{flag} {v}")).collect();
+    flags.extend(cfg.muon.map(|m| format!("--muon-lr {} --muon-momentum {}", m.lr, m.momentum)));
     flags.extend(cfg.steps.map(|n| format!("--steps {n}")));
     flags.extend(cfg.time_minutes.map(|m| format!("--time {m}")));
     flags.push(format!("--sample-bytes {}", default_sample_bytes(Some(cfg))));

@@ -1,4 +1,4 @@
-//! The training loop: AdamW, warm-up then decay, clipping, accumulation, periodic validation,
+//! The training loop: AdamW (or Muon for the blocks' matrices), warm-up then decay, clipping, accumulation, periodic validation,
 //! atomic checkpoints and exact resume. Progress is reported through events; nothing prints.
 
 use std::collections::BTreeMap;
@@ -22,7 +22,7 @@ use crate::eval::{self, EvalSettings};
 use crate::grad::Grads;
 use crate::model::{MegaByte, TrainPass};
 use crate::nn::{Dropout, Params};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamWConfig, MuonConfig, Optimizer};
 
 /// How the learning rate falls after warm-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +84,10 @@ pub struct TrainConfig {
     /// …or after this many minutes of wall time, whichever comes first.
     pub time_minutes: Option<f64>,
     pub adamw: AdamWConfig,
+    /// Muon for the blocks' matrices (AdamW, with `adamw`, for every other parameter); None:
+    /// AdamW for all. Absent from `train.json` when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muon: Option<MuonConfig>,
     /// Clip the global gradient norm to this (0: no clipping).
     pub grad_clip: f64,
     /// Validate every N steps (and at the start and the end).
@@ -166,6 +170,7 @@ impl TrainConfig {
             steps: None,
             time_minutes: None,
             adamw: AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 },
+            muon: None,
             grad_clip: 1.0,
             eval_every: 250,
             eval_bytes: 100_000,
@@ -194,6 +199,9 @@ impl TrainConfig {
             return bad(format!("grad_clip must be finite and at least 0 (0 = no clipping), got {}", self.grad_clip));
         }
         self.adamw.validate()?;
+        if let Some(muon) = &self.muon {
+            muon.validate()?;
+        }
         if self.steps.is_none() && self.time_minutes.is_none() {
             return bad("give a stopping rule: a number of steps, a time limit, or both".into());
         }
@@ -408,7 +416,7 @@ pub struct StepStats {
 pub struct Trainer {
     model: MegaByte,
     params: Params,
-    opt: AdamW,
+    opt: Optimizer,
     sampler: WindowSampler,
     record: TrainRecord,
     device: Device,
@@ -432,7 +440,7 @@ impl Trainer {
         let work = Workload::Training { rows: train.batch_size.div_ceil(world), recompute: train.recompute, precision: train.precision };
         model_cfg.check_fits(work, device)?;
         let (model, params) = MegaByte::init(model_cfg, train.seed, DType::F32, device)?;
-        let opt = AdamW::new(params.vars(), train.adamw)?;
+        let opt = Optimizer::new(params.vars(), train.adamw, train.muon, train.lr)?;
         // A distinct stream for data: the weights used the seed itself.
         let sampler = WindowSampler::new(train.seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
         let record = TrainRecord {
@@ -479,7 +487,7 @@ impl Trainer {
         record.train.validate()?;
         record.train.precision.check(device)?;
         record.data.check_files(&record.data_files)?;
-        let mut opt = AdamW::new(params.vars(), record.train.adamw)?;
+        let mut opt = Optimizer::new(params.vars(), record.train.adamw, record.train.muon, record.train.lr)?;
         let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
         let moments = checkpoint::load_tensors(&opt_path)?;
         opt.load_state(&moments, record.step)
@@ -488,7 +496,7 @@ impl Trainer {
         Trainer::assemble(model, params, opt, sampler, record, device)
     }
 
-    fn assemble(model: MegaByte, params: Params, opt: AdamW, sampler: WindowSampler, record: TrainRecord, device: &Device) -> Result<Self> {
+    fn assemble(model: MegaByte, params: Params, opt: Optimizer, sampler: WindowSampler, record: TrainRecord, device: &Device) -> Result<Self> {
         let model = model.with_activations(record.train.precision.dtype());
         let (cpu_workers, cpu_pool) = cpu_pool()?;
         let bucket_elems = dist::BUCKET_BYTES / 4;

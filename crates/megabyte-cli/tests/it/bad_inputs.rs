@@ -95,6 +95,7 @@ fn a_resumed_run_refuses_settings_that_are_not_its_own() {
         (&["--dropout", "0.1"], "--dropout is 0.1 here and 0 in the resumed run"),
         (&["--decay", "linear"], "--decay is linear here and cosine in the resumed run"),
         (&["--decay-fraction", "0.5"], "--decay-fraction is 0.5 here and 0.2 in the resumed run"),
+        (&["--muon-lr", "0.02"], "--muon-lr is 0.02 here and none in the resumed run"),
         (&["--preset", "enwik8"], "--preset enwik8's context is 4096 here and 256 in the resumed run"),
         (&["--preset", "byte-enwik8-10min", "--context", "256"], "--preset byte-enwik8-10min's global.heads is 8 here and 2 in the resumed run"),
         (&["--context", "512"], "--context is 512 here and 256 in the resumed run"),

@@ -198,6 +198,19 @@ fn cuda_relu2_matches_cpu() {
     }
 }
 
+/// Muon's Newton–Schulz iteration on cuBLAS equals the CPU's (f32; TF32 products, if the
+/// device uses them, stay within the tolerance), batched, wide and tall.
+#[test]
+fn cuda_newton_schulz_matches_cpu() {
+    for shape in [[3, 64, 64], [1, 256, 64], [1, 64, 256]] {
+        let g = values(&shape, 11);
+        let cpu = megabyte::ops::muon::newton_schulz(&g, 5).unwrap();
+        let gpu = megabyte::ops::muon::newton_schulz(&g.to_device(&gpu()).unwrap(), 5).unwrap();
+        let err = rel_err(&f32_cpu(&gpu), &cpu);
+        assert!(err < 1e-2, "{shape:?}: relative error {err}");
+    }
+}
+
 /// The CUDA kernel draws the CPU's mask bit for bit (same hash), with a row offset too.
 #[test]
 fn cuda_dropout_matches_cpu() {

@@ -184,6 +184,9 @@ fn non_finite_and_out_of_range_training_flags_are_refused() {
         ("--decay-fraction", "NaN", "decay_fraction"),
         ("--decay-fraction", "0", "decay_fraction"),
         ("--decay-fraction", "1.5", "decay_fraction"),
+        ("--muon-lr", "NaN", "Muon learning rate"),
+        ("--muon-lr", "0", "Muon learning rate"),
+        ("--muon-momentum", "1", "Muon momentum"),
         ("--time", "NaN", "minutes"),
         ("--time", "inf", "minutes"),
     ] {
