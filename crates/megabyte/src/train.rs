@@ -1,5 +1,6 @@
-//! The training loop: AdamW (or Muon for the blocks' matrices), warm-up then decay, clipping, accumulation, periodic validation,
-//! atomic checkpoints and exact resume. Progress is reported through events; nothing prints.
+//! The training loop: AdamW (or Muon for the blocks' matrices), warm-up then decay, clipping,
+//! accumulation, periodic validation, atomic checkpoints and exact resume. Progress is reported
+//! through events; nothing prints.
 
 use std::collections::BTreeMap;
 use std::io::Write;
