@@ -205,8 +205,8 @@ fn cuda_newton_schulz_matches_cpu() {
     for shape in [[3, 64, 64], [1, 256, 64], [1, 64, 256]] {
         let g = values(&shape, 11);
         let cpu = megabyte::ops::muon::newton_schulz(&g, 5).unwrap();
-        let gpu = megabyte::ops::muon::newton_schulz(&g.to_device(&gpu()).unwrap(), 5).unwrap();
-        let err = rel_err(&f32_cpu(&gpu), &cpu);
+        let on_gpu = megabyte::ops::muon::newton_schulz(&g.to_device(&gpu()).unwrap(), 5).unwrap();
+        let err = rel_err(&on_gpu, &cpu);
         assert!(err < 1e-2, "{shape:?}: relative error {err}");
     }
 }
