@@ -145,6 +145,8 @@ def train(
     qk_norm: bool = False,
     mlp: Optional[Literal["gelu", "relu2"]] = None,
     zero_init_proj: bool = False,
+    hash_ngrams: Optional[str] = None,
+    hash_buckets: Optional[int] = None,
     data: Optional[StrPath] = None,
     valid: Optional[StrPath] = None,
     documents: bool = False,

@@ -37,7 +37,7 @@ def small(**changes):
     }
     for key, value in changes.items():
         if isinstance(value, dict):
-            cfg[key] = {**cfg[key], **value}
+            cfg[key] = {**cfg.get(key, {}), **value}
         else:
             cfg[key] = value
     return cfg
@@ -70,6 +70,8 @@ CONFIGS = {
         zero_init_proj=True,
         **{"global": {"window": 3, "heads": 4}, "local": {"window": 10, "layers": 3}},
     ),
+    "hash_ngrams": small(hash_ngrams={"sizes": [2, 3], "buckets": 7}),
+    "cross_patch_hash_ngrams": small(cross_patch=True, local={"window": 6}, hash_ngrams={"sizes": [3, 5], "buckets": 11}),
     "byte_transformer": {
         "patch_size": 1,
         "context": 32,
@@ -175,7 +177,7 @@ def test_pytorch_logits_equal_the_rust_models(name, exported, work):
     assert np.abs(rust).max() > 0.1
 
 
-@pytest.mark.parametrize("name", ["plain", "cross_patch", "everything", "recipe"])
+@pytest.mark.parametrize("name", ["plain", "cross_patch", "everything", "recipe", "hash_ngrams"])
 def test_a_shorter_sequence_gives_the_rust_logits_of_its_bytes(name, exported, work):
     """T' < T, a multiple of P or not: the logits of the first T' bytes of a window, as
     megabyte computes them over the whole window (its logits of byte t see only bytes < t)."""
@@ -215,7 +217,7 @@ def test_generate_is_seeded_greedy_follows_the_logits_and_runs_past_the_context(
         seq.append(byte)
 
 
-@pytest.mark.parametrize("name", ["plain", "everything", "recipe"])
+@pytest.mark.parametrize("name", ["plain", "everything", "recipe", "hash_ngrams"])
 def test_a_model_trained_in_pytorch_imports_with_pytorch_loss(name, exported, work):
     """export -> PyTorch -> AdamW steps -> save_pretrained -> megabyte import -> megabyte eval
     gives PyTorch's loss on the same bytes."""

@@ -16,6 +16,8 @@ Commands:
         --out crates/megabyte/tests/fixtures/golden-cross-patch-v1.safetensors
     python3 tools/reference/megabyte_ref.py fixture --preset recipe \
         --out crates/megabyte/tests/fixtures/golden-recipe-v1.safetensors
+    python3 tools/reference/megabyte_ref.py fixture --preset hash-ngrams \
+        --out crates/megabyte/tests/fixtures/golden-hash-ngrams-v1.safetensors
     python3 tools/reference/megabyte_ref.py check
 
 Dependencies: Python 3 and NumPy only (the safetensors file is written and read by hand).
@@ -37,8 +39,8 @@ EPS = 1e-5
 FIXTURE_FORMAT = "megabyte-golden"
 # Per preset: the version in the fixture's metadata and file name (golden-<preset>-v<version>),
 # and the seed its weights and input are drawn from.
-FIXTURE_VERSION = {"tiny": "1", "cross-patch": "1", "recipe": "1"}
-FIXTURE_SEED = {"tiny": 1234, "cross-patch": 2024, "recipe": 2025}
+FIXTURE_VERSION = {"tiny": "1", "cross-patch": "1", "recipe": "1", "hash-ngrams": "1"}
+FIXTURE_SEED = {"tiny": 1234, "cross-patch": 2024, "recipe": 2025, "hash-ngrams": 2026}
 # Central differences: fourth-order stencil, step CD_STEP (see central_difference).
 CD_STEP = 1e-3
 CD_ENTRIES = 3
@@ -79,6 +81,11 @@ class Cfg:
     qk_norm: bool = False
     # The MLP's activation: "gelu" (exact, erf) or "relu2" (max(x, 0)²).
     mlp: str = "gelu"
+    # Hash n-gram embeddings: (sizes, buckets) or None. For each size n = sizes[i], the n bytes
+    # ending at byte t (a 257th value, 256, before the sequence) hash to one row of section i
+    # of `patch_embedder.hash_embed.weight` and `local_embedder.hash_embed.weight`
+    # ([len(sizes)·buckets, D]); the rows' sum joins the byte's embedding in each embedder.
+    hash_ngrams: tuple = None
 
     @property
     def d_global(self):  # D_G
@@ -121,6 +128,8 @@ class Cfg:
             d["qk_norm"] = True
         if self.mlp != "gelu":
             d["mlp"] = self.mlp
+        if self.hash_ngrams is not None:
+            d["hash_ngrams"] = {"sizes": list(self.hash_ngrams[0]), "buckets": self.hash_ngrams[1]}
         return json.dumps(d, separators=(",", ":"))
 
 
@@ -139,6 +148,13 @@ PRESETS = {
     "recipe": Cfg(
         4, 32, TransformerCfg(16, 2, 2, window=3), TransformerCfg(8, 2, 2, window=6), "rms_norm", False,
         cross_patch=True, init_std=0.2, zero_w_gl=True, patch_embed_std=1.0, qk_norm=True, mlp="relu2",
+    ),
+    # Hash n-gram embeddings (sizes 2 and 3, 5 rows each: rows shared by several n-grams) with
+    # the recipe's options, on the per-patch local model (n-grams reach into the previous
+    # patch); ReLU², so that its derivatives are complex steps.
+    "hash-ngrams": Cfg(
+        4, 32, TransformerCfg(16, 2, 2, window=3), TransformerCfg(8, 2, 2), "rms_norm", False,
+        init_std=0.2, patch_embed_std=1.0, qk_norm=True, mlp="relu2", hash_ngrams=((2, 3), 5),
     ),
 }
 
@@ -191,6 +207,10 @@ def param_specs(cfg):
     specs += transformer_specs("local", cfg.local, cfg.norm, cfg.qk_norm)
     if not cfg.tied_head:
         specs.append(("head.weight", (V, dl), "normal"))
+    if cfg.hash_ngrams is not None:
+        rows = len(cfg.hash_ngrams[0]) * cfg.hash_ngrams[1]
+        specs.append(("patch_embedder.hash_embed.weight", (rows, dg), "normal"))
+        specs.append(("local_embedder.hash_embed.weight", (rows, dl), "normal"))
     return specs
 
 
@@ -329,11 +349,44 @@ def transformer(x, params, prefix, tc, norm_kind, qk_norm=False, act="gelu"):
 # --------------------------------------------------------------------------------------------
 
 
+HASH_MODULUS = 2**31 - 1
+
+
+def hash_rows(x, cfg):
+    """[B, T', G] table rows of the hash n-grams of bytes x [B, T'], in Python integers: for
+    size n = sizes[i] at position t, h starts at n and takes h = (257·h + b + 1) mod (2³¹ − 1)
+    for b = x[t], x[t−1], …, x[t−n+1] (256 before the sequence); the row is
+    i·buckets + h mod buckets."""
+    sizes, buckets = cfg.hash_ngrams
+    b, t = x.shape
+    out = np.zeros((b, t, len(sizes)), dtype=np.int64)
+    for r in range(b):
+        row = [int(v) for v in x[r]]
+        for pos in range(t):
+            for i, n in enumerate(sizes):
+                h = n
+                for k in range(n):
+                    byte = row[pos - k] if pos - k >= 0 else 256
+                    h = (257 * h + byte + 1) % HASH_MODULUS
+                out[r, pos, i] = i * buckets + h % buckets
+    return out
+
+
+def byte_embedding(table, x, params, cfg, prefix):
+    """Rows of `table` at bytes x [B, T'] plus, with hash n-grams, the sum of the rows of
+    `{prefix}.hash_embed.weight` at their n-grams: [B, T', D]."""
+    e = table[x]
+    if cfg.hash_ngrams is not None:
+        e = e + params[f"{prefix}.hash_embed.weight"][hash_rows(x, cfg)].sum(axis=2)
+    return e
+
+
 def patch_embedder(x, params, cfg):
     """1. h_embed[t] = E_global_embed[x_t] + E_pos[t]: [B, T'] -> [B, T', D_G], then the K'
     patches concatenated: [B, K', P·D_G]."""
     b, t = x.shape
-    h = params["patch_embedder.byte_embed.weight"][x] + params["patch_embedder.pos_embed.weight"][:t]
+    h = byte_embedding(params["patch_embedder.byte_embed.weight"], x, params, cfg, "patch_embedder")
+    h = h + params["patch_embedder.pos_embed.weight"][:t]
     return h.reshape(b, t // cfg.patch_size, cfg.patch_size * cfg.d_global)
 
 
@@ -372,7 +425,9 @@ def local_input(x, params, cfg):
     across patches the previous byte may be the previous patch's last, and only a row's first
     byte gets the pad: [B, T', D_L]."""
     seq = local_sequences(x, cfg)  # [N, S]
-    e = params["local_embedder.byte_embed.weight"][seq]  # [N, S, D_L]
+    # each byte's embedding (with its n-grams, hashed over the whole row) laid out as seq
+    e = byte_embedding(params["local_embedder.byte_embed.weight"], x, params, cfg, "local_embedder")
+    e = e.reshape(seq.shape[0], seq.shape[1], -1)  # [N, S, D_L]
     pad = params["local_embedder.local_pad"]
     prev = np.concatenate([np.broadcast_to(pad, (e.shape[0], 1, e.shape[2])), e[:, :-1]], axis=1)
     return prev + params["local_embedder.pos_embed.weight"][None, : seq.shape[1], :]
@@ -525,14 +580,20 @@ def complex_step(x, params, cfg, name, i, h=1e-30):
 def probe_entries(name, shape, cfg, x, rng):
     """CD_ENTRIES flat indices of parameter `name` whose gradient is not structurally zero:
     byte-table rows of bytes that feed the model (not a row's last patch for the global table,
-    not its last byte for the local one), global positions before the last patch, and one of
-    each of q, k and v for a fused qkv weight."""
+    not its last byte for the local one; the same for hash n-gram rows), global positions
+    before the last patch, and one of each of q, k and v for a fused qkv weight."""
     p, t = cfg.patch_size, x.shape[1]
     cols = shape[-1]
     if name == "patch_embedder.byte_embed.weight":
         rows = rng.choice(x[:, : t - p].reshape(-1), CD_ENTRIES)
     elif name == "local_embedder.byte_embed.weight":
         fed = x[:, : t - 1] if cfg.cross_patch else x.reshape(-1, p)[:, : p - 1]
+        rows = rng.choice(fed.reshape(-1), CD_ENTRIES)
+    elif name == "patch_embedder.hash_embed.weight":  # rows of n-grams ending before the last patch
+        rows = rng.choice(hash_rows(x, cfg)[:, : t - p].reshape(-1), CD_ENTRIES)
+    elif name == "local_embedder.hash_embed.weight":  # rows of n-grams of bytes that feed the model
+        ids = hash_rows(x, cfg)
+        fed = ids[:, : t - 1] if cfg.cross_patch else ids.reshape(-1, p, ids.shape[-1])[:, : p - 1]
         rows = rng.choice(fed.reshape(-1), CD_ENTRIES)
     elif name == "patch_embedder.pos_embed.weight":
         rows = rng.integers(0, t - p, CD_ENTRIES)
@@ -607,6 +668,33 @@ def cmd_fixture(args):
     if args.preset != "tiny":
         g = np.concatenate([g for _, g in grads.values()])
         print(f"{derivative_key(cfg)}: {g.size} entries of {len(grads)} tensors, |grad| from {np.abs(g).min():.2e} to {np.abs(g).max():.2e}")
+
+
+def check_complex_steps(preset, cfg, params, x, grads, report):
+    """The complex steps `grads` against central differences where the stencil is smooth (its
+    values at h, h/2 and h/4 agree within 1e-9·|g| + 3e-12 and twice that; where they do not,
+    it straddles a kink of ReLU², or QK-norm's eps curves the loss on its scale): they agree
+    with the one at h/4 within four times that bound (its round-off, four times h's) at every
+    such probe,
+    the smooth probes are many, and every tensor is probed where its gradient is not tiny."""
+
+    def f():
+        return loss(x, logits(x, params, cfg))
+
+    worst, smooth, total, smallest = 0.0, 0, 0, np.inf
+    for name, (idx, g) in grads.items():
+        for i, g0 in zip(idx, g):
+            total += 1
+            smallest = min(smallest, abs(g0))
+            cd = [central_difference(f, params[name], int(i), CD_STEP / 2**j) for j in range(3)]  # h, h/2, h/4
+            bound = 1e-9 * abs(cd[0]) + 3e-12
+            if abs(cd[1] - cd[0]) <= bound and abs(cd[2] - cd[1]) <= 2 * bound:
+                smooth += 1
+                worst = max(worst, abs(g0 - cd[2]) / (4 * bound))
+    report(f"{preset}: complex steps equal the smooth central differences", worst <= 1.0 and smooth >= total // 3,
+           f"{smooth} of {total} probes smooth, worst |CS - CD(h/4)| = {worst:.2f} of 4·(1e-9·|g| + 3e-12)")
+    report(f"{preset}: complex steps cover every tensor", set(grads) == set(k for k, _, _ in param_specs(cfg))
+           and smallest > 1e-5, f"{len(grads)} tensors, smallest |grad| {smallest:.1e}")
 
 
 def cmd_check(args):
@@ -797,27 +885,7 @@ def cmd_check(args):
            f"scaled q, k: {dq:.1e}; doubled gain: {dg:.1e}")
     report("recipe: relu2 spot values", np.array_equal(relu2(np.array([-1.5, 0.0, 0.5, 2.0])), np.array([0.0, 0.0, 0.25, 4.0])))
 
-    # The complex steps against central differences where the stencil is smooth (its value at
-    # h and h/2 agree within 1e-9·|g| + 3e-12; where they do not, it straddles a kink of ReLU²):
-    # they agree within twice that bound (the stencil's own error, truncation and round-off,
-    # is of that size) at every such probe, and the smooth probes are many.
-    def f_recipe():
-        return loss(x, logits(x, params, cfg))
-
-    worst, smooth, total, smallest = 0.0, 0, 0, np.inf
-    for name, (idx, g) in grads.items():
-        for i, g0 in zip(idx, g):
-            total += 1
-            smallest = min(smallest, abs(g0))
-            cd = central_difference(f_recipe, params[name], int(i))
-            bound = 1e-9 * abs(cd) + 3e-12
-            if abs(central_difference(f_recipe, params[name], int(i), CD_STEP / 2) - cd) <= bound:
-                smooth += 1
-                worst = max(worst, abs(g0 - cd) / (2 * bound))
-    report("recipe: complex steps equal the smooth central differences", worst <= 1.0 and smooth >= total // 3,
-           f"{smooth} of {total} probes smooth, worst |CS - CD| = {worst:.2f} of 2·(1e-9·|g| + 3e-12)")
-    report("recipe: complex steps cover every tensor", set(grads) == set(k for k, _, _ in param_specs(cfg))
-           and smallest > 1e-5, f"{len(grads)} tensors, smallest |grad| {smallest:.1e}")
+    check_complex_steps("recipe", cfg, params, x, grads, report)
     with tempfile.TemporaryDirectory() as dname:
         path = os.path.join(dname, "golden.safetensors")
         cmd_fixture(argparse.Namespace(preset="recipe", seed=None, out=path))
@@ -826,6 +894,32 @@ def cmd_check(args):
         report("recipe config JSON", conf["qk_norm"] is True and conf["mlp"] == "relu2", meta["config"])
         lg3 = logits(got["input.bytes"], {k: got[k] for k in params}, cfg)
         report("recipe recomputed from file", np.array_equal(lg3, lg) and float(got["output.loss"]) == ls)
+
+    # (e) the hash-ngrams preset: every byte causal, hashes spot-checked, the tables used.
+    cfg, params, x, lg, ls, grads = make_gradient_fixture("hash-ngrams", FIXTURE_SEED["hash-ngrams"])
+    before, after = causal(cfg, params, x, lg, range(cfg.context))
+    report("causality (hash-ngrams, every byte)", before == 0.0 and after > 1e-6,
+           f"max change at <= t {before:.1e}, min change at t+1 {after:.1e}")
+    # h(n=2; bytes 5 then 7 at t) = ((257·(257·2 + 7 + 1) + 5 + 1) mod M) mod 5, section 0
+    h = (257 * (257 * 2 + 7 + 1) + 5 + 1) % HASH_MODULUS
+    got = hash_rows(np.array([[5, 7]]), cfg)[0, 1, 0]
+    first = hash_rows(np.array([[5, 7]]), cfg)[0, 0, 1]  # n = 3 at t = 0: 5, then 256 twice
+    h3 = 3
+    for byte in (5, 256, 256):
+        h3 = (257 * h3 + byte + 1) % HASH_MODULUS
+    report("hash-ngrams: rows spot values", got == h % 5 and first == 5 + h3 % 5, f"{got}, {first}")
+    no_tables = dict(params, **{k: np.zeros_like(v) for k, v in params.items() if "hash_embed" in k})
+    dt = float(np.abs(logits(x, no_tables, cfg) - lg).max())
+    report("hash-ngrams: the tables change the logits", dt > 1e-3, f"{dt:.1e}")
+    check_complex_steps("hash-ngrams", cfg, params, x, grads, report)
+    with tempfile.TemporaryDirectory() as dname:
+        path = os.path.join(dname, "golden.safetensors")
+        cmd_fixture(argparse.Namespace(preset="hash-ngrams", seed=None, out=path))
+        meta, got = read_safetensors(path)
+        report("hash-ngrams config JSON", json.loads(meta["config"])["hash_ngrams"] == {"sizes": [2, 3], "buckets": 5},
+               meta["config"])
+        lg3 = logits(got["input.bytes"], {k: got[k] for k in params}, cfg)
+        report("hash-ngrams recomputed from file", np.array_equal(lg3, lg) and float(got["output.loss"]) == ls)
 
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1

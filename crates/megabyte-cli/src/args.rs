@@ -77,7 +77,17 @@ pub struct ModelArgs {
     /// (`zero_init_proj` of a model config).
     #[arg(long)]
     pub zero_init_proj: bool,
+    /// Hash n-gram embeddings of these sizes (e.g. `3,4,5`) in the patch and local embedders
+    /// (`hash_ngrams` of a model config); training and evaluation only, no cached decoding.
+    #[arg(long, value_delimiter = ',', value_name = "N,N,..")]
+    pub hash_ngrams: Option<Vec<usize>>,
+    /// Rows of each n-gram size's table [default: the config's, else 8192].
+    #[arg(long, value_name = "ROWS")]
+    pub hash_buckets: Option<usize>,
 }
+
+/// Table rows per n-gram size when neither `--hash-buckets` nor the config gives them.
+pub const DEFAULT_HASH_BUCKETS: usize = 8192;
 
 impl ModelArgs {
     /// The preset named, or the default one.
@@ -99,7 +109,8 @@ impl ModelArgs {
     }
 
     /// The model: `--config`'s or the preset's, with `--context`, `--window` and the model
-    /// options given (`--qk-norm`, `--mlp`, `--zero-init-proj`) applied.
+    /// options given (`--qk-norm`, `--mlp`, `--zero-init-proj`, `--hash-ngrams`,
+    /// `--hash-buckets`) applied.
     pub fn resolve(&self) -> Result<ModelConfig> {
         self.resolve_over(None)
     }
@@ -123,6 +134,16 @@ impl ModelArgs {
         }
         cfg.qk_norm |= self.qk_norm;
         cfg.zero_init_proj |= self.zero_init_proj;
+        if self.hash_ngrams.is_some() || self.hash_buckets.is_some() {
+            let base = cfg.hash_ngrams.take();
+            let sizes = match (self.hash_ngrams.clone(), &base) {
+                (Some(sizes), _) => sizes,
+                (None, Some(b)) => b.sizes.clone(),
+                (None, None) => anyhow::bail!("--hash-buckets needs --hash-ngrams (or a model config with hash_ngrams)"),
+            };
+            let buckets = self.hash_buckets.or(base.map(|b| b.buckets)).unwrap_or(DEFAULT_HASH_BUCKETS);
+            cfg.hash_ngrams = Some(megabyte::HashNgrams { sizes, buckets });
+        }
         if let Some(act) = self.mlp {
             cfg.mlp = act.0;
         }

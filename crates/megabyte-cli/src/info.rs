@@ -54,6 +54,9 @@ pub fn run(args: Args) -> Result<()> {
     if cfg.qk_norm {
         println!("queries and keys RMS-normalised per head, with gains (qk_norm)");
     }
+    if let Some(h) = &cfg.hash_ngrams {
+        println!("hash n-gram embeddings: sizes {:?}, {} rows each (hash_ngrams)", h.sizes, h.buckets);
+    }
     if cfg.zero_init_proj {
         println!("attention output and MLP down projections start at zero (zero_init_proj)");
     }

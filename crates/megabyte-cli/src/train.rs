@@ -267,6 +267,8 @@ impl Args {
                 "qk_norm" if self.model.qk_norm => "--qk-norm".to_string(),
                 "mlp" if self.model.mlp.is_some() => "--mlp".to_string(),
                 "zero_init_proj" if self.model.zero_init_proj => "--zero-init-proj".to_string(),
+                "hash_ngrams.buckets" if self.model.hash_buckets.is_some() => "--hash-buckets".to_string(),
+                "hash_ngrams" | "hash_ngrams.sizes" if self.model.hash_ngrams.is_some() => "--hash-ngrams".to_string(),
                 _ => format!("{}'s {field}", self.model.describe_flag()),
             };
             return Err(differs(what, g, r));
@@ -590,7 +592,9 @@ fn train(args: Args, dist: Option<DistEnv>, hooks: Hooks) -> Result<Option<Outco
         println!("peak GPU memory: {:.1} GiB{whose}", bytes as f64 / (1u64 << 30) as f64);
     }
     let sample_bytes = args.sample_bytes();
-    if sample_bytes > 0 {
+    if sample_bytes > 0 && cfg.hash_ngrams.is_some() {
+        println!("no closing sample: cached decoding does not support hash n-gram embeddings yet");
+    } else if sample_bytes > 0 {
         let mut sampler = Sampler::new(Sampling::TopP { p: 0.9, temperature: 0.8 }, trainer.record().train.seed)?;
         let prompt = data.valid.window(0, cfg.patch_size * 4)?;
         let sample = generate(trainer.model(), &[prompt.clone()], sample_bytes, &mut sampler, &device, &mut |_| {})?;

@@ -53,6 +53,7 @@ weights are [out, in]):
     local_embedder.byte_embed.weight         [256, D_L]   E_local_embed (the tied head)
     local_embedder.pos_embed.weight          [P, D_L]     ([T, D_L] with cross_patch)
     local_embedder.local_pad                 [D_L]        the local model's first input
+    {patch,local}_embedder.hash_embed.weight [G*buckets, D_G or D_L]  hash n-gram rows (hash_ngrams only)
     head.weight                              [256, D_L]   tied_head false only
 """
 
@@ -165,18 +166,40 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
-class PatchEmbedder(nn.Module):
-    """Byte embeddings plus byte positions, concatenated into patches (paper 2.2.1)."""
+HASH_MODULUS = (1 << 31) - 1
 
-    def __init__(self, t, p, dg):
+
+def hash_ngram_rows(x, sizes, buckets):
+    """Hash n-gram rows [B, T, G] of bytes x [B, T] (hash_ngrams): for size n = sizes[i] at
+    position t, h = n, then h = (257 h + b + 1) mod (2^31 - 1) over the bytes from t back to
+    t - n + 1 (256 for bytes before the sequence), row i*buckets + h mod buckets. Exact in
+    int64 (every value stays below 2^40)."""
+    rows = []
+    for i, n in enumerate(sizes):
+        h = torch.full_like(x, n)
+        for k in range(n):
+            b = F.pad(x[:, : x.shape[1] - k], (k, 0), value=256) if k else x
+            h = (257 * h + b + 1) % HASH_MODULUS
+        rows.append(i * buckets + h % buckets)
+    return torch.stack(rows, dim=-1)
+
+
+class PatchEmbedder(nn.Module):
+    """Byte embeddings (plus their hash n-grams' rows) plus byte positions, concatenated into
+    patches (paper 2.2.1)."""
+
+    def __init__(self, t, p, dg, hash_rows=0):
         super().__init__()
         self.byte_embed = nn.Embedding(V, dg)
         self.pos_embed = nn.Embedding(t, dg)
         self.global_pad = nn.Parameter(torch.zeros(p * dg))
+        self.hash_embed = nn.Embedding(hash_rows, dg) if hash_rows else None
 
-    def forward(self, x, p):
+    def forward(self, x, p, ngrams=None):
         b, t = x.shape
         h = self.byte_embed(x) + self.pos_embed.weight[:t]  # [B, T, D_G]
+        if self.hash_embed is not None:
+            h = h + self.hash_embed(ngrams).sum(-2)
         return h.reshape(b, t // p, -1)  # [B, K, P*D_G]
 
 
@@ -193,14 +216,18 @@ def shift_one_byte(e, pad):
 class LocalEmbedder(nn.Module):
     """The local model's byte embedding, position table and pad (paper 2.2.3)."""
 
-    def __init__(self, positions, dl):
+    def __init__(self, positions, dl, hash_rows=0):
         super().__init__()
         self.byte_embed = nn.Embedding(V, dl)
         self.pos_embed = nn.Embedding(positions, dl)
         self.local_pad = nn.Parameter(torch.zeros(dl))
+        self.hash_embed = nn.Embedding(hash_rows, dl) if hash_rows else None
 
-    def forward(self, x):
-        e = shift_one_byte(self.byte_embed(x), self.local_pad)  # [N, S, D_L]
+    def forward(self, x, ngrams=None):
+        e = self.byte_embed(x)
+        if self.hash_embed is not None:
+            e = e + self.hash_embed(ngrams).sum(-2)  # the previous byte's n-grams travel with it
+        e = shift_one_byte(e, self.local_pad)  # [N, S, D_L]
         return e + self.pos_embed.weight[: x.shape[1]]
 
 
@@ -214,11 +241,13 @@ class MegabyteForCausalLM(nn.Module):
         c = self.config
         p, t, dl = c["patch_size"], c["context"], c["local"]["width"]
         dg = c["global"]["width"] // p
-        self.patch_embedder = PatchEmbedder(t, p, dg)
+        hashes = c.get("hash_ngrams")
+        hash_rows = len(hashes["sizes"]) * hashes["buckets"] if hashes else 0
+        self.patch_embedder = PatchEmbedder(t, p, dg, hash_rows)
         qk_norm, mlp = bool(c.get("qk_norm")), c.get("mlp") or "gelu"
         self.add_module("global", Transformer(c["global"], c["norm"], dropout, qk_norm, mlp))  # `global` is a keyword
         self.global_to_local = nn.Linear(dg, dl, bias=False)
-        self.local_embedder = LocalEmbedder(t if c.get("cross_patch") else p, dl)
+        self.local_embedder = LocalEmbedder(t if c.get("cross_patch") else p, dl, hash_rows)
         self.local = Transformer(c["local"], c["norm"], dropout, qk_norm, mlp)
         self.head = None if c["tied_head"] else nn.Linear(dl, V, bias=False)
         self._init_weights()
@@ -287,13 +316,16 @@ class MegabyteForCausalLM(nn.Module):
         x = x.long()
         b, t = x.shape
         k = t // p
-        h = self.patch_embedder(x, p)  # [B, K, P*D_G]
+        hashes = c.get("hash_ngrams")
+        ngrams = hash_ngram_rows(x, hashes["sizes"], hashes["buckets"]) if hashes else None  # [B, T, G]
+        h = self.patch_embedder(x, p, ngrams)  # [B, K, P*D_G]
         h = shift_one_patch(h, self.patch_embedder.global_pad)
         h = self.global_model(h)  # [B, K, P*D_G]
         context = self.global_to_local(h.reshape(b * k, p, -1))  # [B*K, P, D_L]
         local_bytes = x if c.get("cross_patch") else x.reshape(b * k, p)  # [N, S]
         n, s = local_bytes.shape
-        h = self.local(context.reshape(n, s, dl) + self.local_embedder(local_bytes))  # [N, S, D_L]
+        local_ngrams = None if ngrams is None else ngrams.reshape(n, s, -1)  # [N, S, G]
+        h = self.local(context.reshape(n, s, dl) + self.local_embedder(local_bytes, local_ngrams))  # [N, S, D_L]
         head = self.local_embedder.byte_embed.weight if self.head is None else self.head.weight
         return F.linear(h, head).reshape(b, t, V)
 

@@ -159,6 +159,49 @@ pub struct ModelConfig {
     /// train through them. The init_std draw stays for everything else.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub zero_init_proj: bool,
+    /// Hash n-gram embeddings (BLT, Pagnoni et al. 2024): for each size n, the n bytes
+    /// ending at a byte are hashed into one of `buckets` rows of a table of the patch
+    /// embedder (D_G wide) and one of the local embedder (D_L wide), whose rows are added to
+    /// that byte's own embedding wherever it is used: the global model then sees, in each
+    /// byte slot of a patch, the bytes before it as well. Bytes before the sequence count as
+    /// a 257th value, so a window's first bytes hash as the window alone shows them.
+    /// Training and evaluation only for now: cached decoding refuses such models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_ngrams: Option<HashNgrams>,
+}
+
+/// The n-gram sizes and table rows of [`ModelConfig::hash_ngrams`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashNgrams {
+    /// n of each n-gram (2 to 8, distinct), e.g. [3, 4, 5].
+    pub sizes: Vec<usize>,
+    /// Rows of each size's section of the tables.
+    pub buckets: usize,
+}
+
+impl HashNgrams {
+    /// The Mersenne prime 2³¹ − 1 the rolling hash reduces by: every intermediate value stays
+    /// below 2³¹·257 < 2⁴⁰, exact in any integer type and in f64.
+    pub const MODULUS: u64 = (1 << 31) - 1;
+
+    /// Table row of the n-gram of `bytes` ending at position `t` (bytes before 0 count as
+    /// 256), in section `i` (size `sizes[i]`): h = n, then h ← (257·h + b + 1) mod (2³¹ − 1)
+    /// over the bytes from t back to t − n + 1, row i·buckets + h mod buckets.
+    pub fn row(&self, i: usize, bytes: &[u8], t: usize) -> usize {
+        let n = self.sizes[i];
+        let mut h = n as u64;
+        for k in 0..n {
+            let b = if k <= t { bytes[t - k] as u64 } else { 256 };
+            h = (257 * h + b + 1) % Self::MODULUS;
+        }
+        i * self.buckets + (h % self.buckets as u64) as usize
+    }
+
+    /// Rows of the tables: one section of `buckets` per size.
+    pub fn rows(&self) -> usize {
+        self.sizes.len().saturating_mul(self.buckets)
+    }
 }
 
 pub const PRESETS: &[&str] = &[
@@ -199,6 +242,7 @@ impl ModelConfig {
                 qk_norm: false,
                 mlp: Activation::Gelu,
                 zero_init_proj: false,
+                hash_ngrams: None,
             },
             "enwik8" => ModelConfig {
                 patch_size: 8,
@@ -214,6 +258,7 @@ impl ModelConfig {
                 qk_norm: false,
                 mlp: Activation::Gelu,
                 zero_init_proj: false,
+                hash_ngrams: None,
             },
             // RESULTS.md's `xp8-g768x4-l512x11-w1024-t1024-z-pe1`: P = 8, T = 1,024, a small
             // global model (768 × 4) and a local model of the baseline's layers less one that
@@ -233,6 +278,7 @@ impl ModelConfig {
                 qk_norm: false,
                 mlp: Activation::Gelu,
                 zero_init_proj: false,
+                hash_ngrams: None,
             },
             "paper-arxiv" => ModelConfig {
                 patch_size: 8,
@@ -248,6 +294,7 @@ impl ModelConfig {
                 qk_norm: false,
                 mlp: Activation::Gelu,
                 zero_init_proj: false,
+                hash_ngrams: None,
             },
             "paper-pg19" => ModelConfig {
                 patch_size: 8,
@@ -263,6 +310,7 @@ impl ModelConfig {
                 qk_norm: false,
                 mlp: Activation::Gelu,
                 zero_init_proj: false,
+                hash_ngrams: None,
             },
             // Byte-transformer baselines (paper §5, Table 2's "Transformer"): one level, full
             // causal attention over bytes. Expressed as MEGABYTE with P = 1 and no local
@@ -282,6 +330,7 @@ impl ModelConfig {
                 qk_norm: false,
                 mlp: Activation::Gelu,
                 zero_init_proj: false,
+                hash_ngrams: None,
             },
             // RESULTS.md's `byte-512x12`, `enwik8-10min`'s baseline: 38.8M parameters, 304M
             // FLOPs per byte.
@@ -299,6 +348,7 @@ impl ModelConfig {
                 qk_norm: false,
                 mlp: Activation::Gelu,
                 zero_init_proj: false,
+                hash_ngrams: None,
             },
             "byte-350m" => ModelConfig {
                 patch_size: 1,
@@ -314,6 +364,7 @@ impl ModelConfig {
                 qk_norm: false,
                 mlp: Activation::Gelu,
                 zero_init_proj: false,
+                hash_ngrams: None,
             },
             other => {
                 return Err(Error::Config(format!(
@@ -398,6 +449,17 @@ impl ModelConfig {
                 return bad(format!("patch_embed_std must be positive (or absent for init_std), got {std}"));
             }
         }
+        if let Some(h) = &self.hash_ngrams {
+            let mut sizes = h.sizes.clone();
+            sizes.sort_unstable();
+            sizes.dedup();
+            if h.sizes.is_empty() || sizes.len() != h.sizes.len() || h.sizes.iter().any(|&n| !(2..=8).contains(&n)) {
+                return bad(format!("hash_ngrams.sizes must be distinct n-gram sizes from 2 to 8, got {:?}", h.sizes));
+            }
+            if !(1..=1 << 24).contains(&h.buckets) {
+                return bad(format!("hash_ngrams.buckets must be 1 to 16777216, got {}", h.buckets));
+            }
+        }
         // Every count derived from the shape must fit a machine word: a larger model could not
         // be allocated, and its counts would wrap around.
         if self.checked_param_counts().is_none() || self.kv_cache_elems().is_none() {
@@ -421,7 +483,15 @@ impl ModelConfig {
         let (p, t, dg, dl) = (self.patch_size, self.context, self.d_global(), self.local.width);
         let sum = |terms: &[Option<usize>]| terms.iter().try_fold(0usize, |acc, &x| acc.checked_add(x?));
         // patch embedder: byte table, byte positions, global pad; plus the global transformer
-        let global = sum(&[V.checked_mul(dg), t.checked_mul(dg), p.checked_mul(dg), self.global.checked_params(self.norm), self.qk_gains(&self.global)])?;
+        let hash_rows = self.hash_ngrams.as_ref().map_or(0, HashNgrams::rows);
+        let global = sum(&[
+            V.checked_mul(dg),
+            t.checked_mul(dg),
+            p.checked_mul(dg),
+            self.global.checked_params(self.norm),
+            self.qk_gains(&self.global),
+            hash_rows.checked_mul(dg),
+        ])?;
         // w_GL, local byte table, local positions, local pad, local transformer, untied head
         let head = if self.tied_head { 0 } else { V.checked_mul(dl)? };
         let local = sum(&[
@@ -431,6 +501,7 @@ impl ModelConfig {
             Some(dl),
             self.local.checked_params(self.norm),
             self.qk_gains(&self.local),
+            hash_rows.checked_mul(dl),
             Some(head),
         ])?;
         Some(ParamCounts { global, local, total: global.checked_add(local)? })

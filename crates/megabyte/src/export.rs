@@ -66,6 +66,7 @@ pub fn hf_config(cfg: &ModelConfig) -> Result<Value> {
     fields.entry("qk_norm").or_insert(json!(false));
     fields.entry("mlp").or_insert(json!("gelu"));
     fields.entry("zero_init_proj").or_insert(json!(false));
+    fields.entry("hash_ngrams").or_insert(Value::Null);
     let mut out = Map::new();
     out.insert("model_type".into(), json!(MODEL_TYPE));
     out.insert("architectures".into(), json!([ARCHITECTURE]));

@@ -103,6 +103,7 @@ fn a_resumed_run_refuses_settings_that_are_not_its_own() {
         (&["--qk-norm"], "--qk-norm is true here and false in the resumed run"),
         (&["--mlp", "relu2"], "--mlp is relu2 here and gelu in the resumed run"),
         (&["--zero-init-proj"], "--zero-init-proj is true here and false in the resumed run"),
+        (&["--hash-ngrams", "3,4"], "--hash-ngrams is {\"buckets\":8192,\"sizes\":[3,4]} here and none in the resumed run"),
         (&["--data", s(&dir.join("other.txt"))], "other.txt here and the embedded corpus in the resumed run"),
         (&["--valid-bytes", "100"], "--valid-bytes is 100 here and 100000 in the resumed run"),
         (&["--documents"], "--documents is true here and false in the resumed run"),

@@ -22,6 +22,7 @@ fn byte_config() -> ModelConfig {
         qk_norm: false,
         mlp: megabyte::Activation::Gelu,
         zero_init_proj: false,
+        hash_ngrams: None,
     }
 }
 

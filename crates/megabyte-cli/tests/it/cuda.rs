@@ -333,6 +333,7 @@ fn model_config() -> ModelConfig {
         qk_norm: false,
         mlp: megabyte::Activation::Gelu,
         zero_init_proj: false,
+        hash_ngrams: None,
     }
 }
 
@@ -467,6 +468,7 @@ fn decoding_config() -> ModelConfig {
         qk_norm: false,
         mlp: megabyte::Activation::Gelu,
         zero_init_proj: false,
+        hash_ngrams: None,
     }
 }
 

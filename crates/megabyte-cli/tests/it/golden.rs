@@ -80,6 +80,18 @@ fn recipe_logits_loss_and_gradients_match_the_numpy_reference() {
     check_logits_loss_and_gradients(&path, &cfg, "complex_step", |g| 1e-10 * g.abs() + 1e-14);
 }
 
+/// Hash n-gram embeddings (sizes 2 and 3, 5 rows each) with QK-norm and ReLU² on a per-patch
+/// local model (whose n-grams reach into the previous patch), in f64: logits, loss and the
+/// explicit backward pass against NumPy's complex steps, the two tables included, as for the
+/// recipe fixture.
+#[test]
+fn hash_ngram_logits_loss_and_gradients_match_the_numpy_reference() {
+    let path = fixture("golden-hash-ngrams-v1.safetensors");
+    let cfg = fixture_config(&path);
+    assert!(cfg.hash_ngrams.is_some() && !cfg.cross_patch, "{cfg:?}");
+    check_logits_loss_and_gradients(&path, &cfg, "complex_step", |g| 1e-10 * g.abs() + 1e-14);
+}
+
 /// The f64 model on a fixture's weights against its logits and loss (within 1e-12) and its
 /// derivatives `<key>.{index,grad}.<parameter>` (flat indices and d loss / d parameter there),
 /// each within `tolerance(derivative)`.

@@ -86,6 +86,9 @@ fn check_finite_differences_of(cfg: &ModelConfig, min_kinds: usize) {
 fn explicit_backward_matches_finite_differences_with_the_recipe_options() {
     check_finite_differences_of(&crate::recipe_config(), 16);
     check_finite_differences_of(&crate::cross_patch_recipe_config(), 16);
+    // Hash n-gram embeddings: two more tables.
+    check_finite_differences_of(&crate::ngram_config(), 18);
+    check_finite_differences_of(&crate::cross_patch_ngram_config(), 18);
 }
 
 #[test]
@@ -113,11 +116,13 @@ fn explicit_backward_equals_the_reference_autograd() {
         crate::cross_patch_config(),
         crate::recipe_config(),
         crate::cross_patch_recipe_config(),
+        crate::ngram_config(),
+        crate::cross_patch_ngram_config(),
     ];
     for cfg in cases {
         let (model, params) = MegaByte::init(&cfg, 9, DType::F64, &Device::Cpu).unwrap();
         for t in [cfg.context, cfg.context / 2] {
-            let what = format!("{:?} tied={} window={:?} cross_patch={} qk_norm={} T'={t}", cfg.norm, cfg.tied_head, cfg.global.window, cfg.cross_patch, cfg.qk_norm);
+            let what = format!("{:?} tied={} window={:?} cross_patch={} qk_norm={} ngrams={:?} T'={t}", cfg.norm, cfg.tied_head, cfg.global.window, cfg.cross_patch, cfg.qk_norm, cfg.hash_ngrams);
             let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(t, 40 + i)).collect();
             let x = crate::bytes_tensor(&rows);
             let diff = (model.byte_losses(&x).unwrap() - reference::byte_losses(&cfg, &params, &x, None)).unwrap();
@@ -271,7 +276,7 @@ fn zero_init_proj_starts_the_blocks_as_the_identity_and_then_trains_them() {
 /// row offset r) is the whole batch: the same loss and gradients once summed.
 #[test]
 fn dropout_keeps_the_explicit_backward_exact_and_splits_by_rows() {
-    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config(), crate::cross_patch_recipe_config()] {
+    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config(), crate::cross_patch_recipe_config(), crate::ngram_config()] {
         let what = format!("dropout, cross_patch={} qk_norm={}", cfg.cross_patch, cfg.qk_norm);
         let (model, params) = MegaByte::init(&cfg, 17, DType::F64, &Device::Cpu).unwrap();
         let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(cfg.context, 110 + i)).collect();

@@ -187,6 +187,9 @@ fn non_finite_and_out_of_range_training_flags_are_refused() {
         ("--muon-lr", "NaN", "Muon learning rate"),
         ("--muon-lr", "0", "Muon learning rate"),
         ("--muon-momentum", "1", "Muon momentum"),
+        ("--hash-ngrams", "1", "hash_ngrams.sizes"),
+        ("--hash-ngrams", "3,3", "hash_ngrams.sizes"),
+        ("--hash-buckets", "10", "--hash-buckets needs --hash-ngrams"),
         ("--time", "NaN", "minutes"),
         ("--time", "inf", "minutes"),
     ] {

@@ -61,6 +61,7 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
         qk_norm: false,
         mlp: megabyte::Activation::Gelu,
         zero_init_proj: false,
+        hash_ngrams: None,
     }
 }
 
@@ -85,6 +86,21 @@ pub fn recipe_config() -> ModelConfig {
 pub fn cross_patch_recipe_config() -> ModelConfig {
     let mut cfg = cross_patch_config();
     (cfg.qk_norm, cfg.mlp) = (true, megabyte::Activation::Relu2);
+    cfg
+}
+
+/// `recipe_config` with hash n-gram embeddings of 2 and 3 bytes in 7 rows each (few rows:
+/// n-grams share them), which cached decoding refuses.
+pub fn ngram_config() -> ModelConfig {
+    let mut cfg = recipe_config();
+    cfg.hash_ngrams = Some(megabyte::HashNgrams { sizes: vec![2, 3], buckets: 7 });
+    cfg
+}
+
+/// `cross_patch_recipe_config` with hash n-gram embeddings (as `ngram_config`).
+pub fn cross_patch_ngram_config() -> ModelConfig {
+    let mut cfg = cross_patch_recipe_config();
+    cfg.hash_ngrams = Some(megabyte::HashNgrams { sizes: vec![2, 3], buckets: 7 });
     cfg
 }
 

@@ -22,8 +22,30 @@ pub fn byte_losses(cfg: &ModelConfig, params: &Params, bytes: &Tensor, dropout: 
     let k = t / pp;
     let ids = bytes.flatten_all().unwrap();
 
+    // Hash n-gram rows of every byte [B·T', G], from the config's rule, and their sum over G
+    // from a table [rows, D] [B·T', D].
+    let ngrams = cfg.hash_ngrams.as_ref().map(|h| {
+        let rows: Vec<Vec<u32>> = bytes.to_vec2::<u32>().unwrap();
+        let ids: Vec<u32> = rows
+            .iter()
+            .flat_map(|row| {
+                let row: Vec<u8> = row.iter().map(|&x| x as u8).collect();
+                (0..t).flat_map(move |pos| (0..h.sizes.len()).map(|i| h.row(i, &row, pos) as u32).collect::<Vec<_>>())
+            })
+            .collect();
+        (Tensor::from_vec(ids, b * t * h.sizes.len(), bytes.device()).unwrap(), h.sizes.len())
+    });
+    let ngram_sum = |table: &str, d: usize| -> Option<Tensor> {
+        let (ids, g) = ngrams.as_ref()?;
+        Some(p(table).index_select(ids, 0).unwrap().reshape((b * t, *g, d)).unwrap().sum(1).unwrap()) // [B·T', D]
+    };
+
     // Patch embedder: byte embeddings plus positions, P bytes to a patch, shifted one patch.
-    let h = p("patch_embedder.byte_embed.weight").index_select(&ids, 0).unwrap().reshape((b, t, dg)).unwrap();
+    let mut h = p("patch_embedder.byte_embed.weight").index_select(&ids, 0).unwrap();
+    if let Some(extra) = ngram_sum("patch_embedder.hash_embed.weight", dg) {
+        h = (h + extra).unwrap();
+    }
+    let h = h.reshape((b, t, dg)).unwrap();
     let h = h.broadcast_add(&p("patch_embedder.pos_embed.weight").narrow(0, 0, t).unwrap()).unwrap();
     let h = h.reshape((b, k, pp * dg)).unwrap(); // [B, K, P·D_G]
     let pad = p("patch_embedder.global_pad").reshape((1, 1, pp * dg)).unwrap().broadcast_as((b, 1, pp * dg)).unwrap();
@@ -37,7 +59,11 @@ pub fn byte_losses(cfg: &ModelConfig, params: &Params, bytes: &Tensor, dropout: 
     // Local model over patches [B·K, P] or, cross-patch, whole windows [B, T'].
     let local_bytes = if cfg.cross_patch { bytes.clone() } else { bytes.reshape((b * k, pp)).unwrap() };
     let (n, s) = local_bytes.dims2().unwrap();
-    let e = p("local_embedder.byte_embed.weight").index_select(&local_bytes.flatten_all().unwrap(), 0).unwrap().reshape((n, s, dl)).unwrap();
+    let mut e = p("local_embedder.byte_embed.weight").index_select(&local_bytes.flatten_all().unwrap(), 0).unwrap();
+    if let Some(extra) = ngram_sum("local_embedder.hash_embed.weight", dl) {
+        e = (e + extra).unwrap(); // local_bytes is bytes in row order either way
+    }
+    let e = e.reshape((n, s, dl)).unwrap();
     let pad = p("local_embedder.local_pad").reshape((1, 1, dl)).unwrap().broadcast_as((n, 1, dl)).unwrap();
     let e = Tensor::cat(&[&pad, &e.narrow(1, 0, s - 1).unwrap()], 1).unwrap(); // the previous byte's embedding
     let e = e.broadcast_add(&p("local_embedder.pos_embed.weight").narrow(0, 0, s).unwrap()).unwrap();

@@ -289,6 +289,7 @@ mod tests {
             qk_norm: false,
             mlp: crate::Activation::Gelu,
             zero_init_proj: false,
+            hash_ngrams: None,
         }
     }
 

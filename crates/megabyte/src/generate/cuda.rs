@@ -54,6 +54,7 @@ pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
         && matches!(act, DType::F32 | DType::BF16)
         && [&pe.byte_embed, &pe.pos_embed, &le.byte_embed, &le.pos_embed, &model.global_to_local.weight, &model.head_linear().weight].iter().all(|t| is(t, act))
         && is(&le.local_pad, DType::F32)
+        && cfg.hash_ngrams.is_none()
         && stack_ok(&model.global, cfg.global.heads)
         && stack_ok(&model.local, cfg.local.heads)
 }
