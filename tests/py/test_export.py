@@ -37,7 +37,7 @@ def small(**changes):
     }
     for key, value in changes.items():
         if isinstance(value, dict):
-            cfg[key] = {**cfg[key], **value}
+            cfg[key] = {**cfg.get(key, {}), **value}
         else:
             cfg[key] = value
     return cfg
@@ -59,6 +59,19 @@ CONFIGS = {
         patch_embed_std=1.0,
         **{"global": {"window": 3, "heads": 4}, "local": {"window": 10, "layers": 3}},
     ),
+    "qk_norm": small(qk_norm=True),
+    "relu2": small(mlp="relu2"),
+    "recipe": small(
+        norm="rms_norm",
+        tied_head=False,
+        cross_patch=True,
+        qk_norm=True,
+        mlp="relu2",
+        zero_init_proj=True,
+        **{"global": {"window": 3, "heads": 4}, "local": {"window": 10, "layers": 3}},
+    ),
+    "hash_ngrams": small(hash_ngrams={"sizes": [2, 3], "buckets": 7}),
+    "cross_patch_hash_ngrams": small(cross_patch=True, local={"window": 6}, hash_ngrams={"sizes": [3, 5], "buckets": 11}),
     "byte_transformer": {
         "patch_size": 1,
         "context": 32,
@@ -164,7 +177,7 @@ def test_pytorch_logits_equal_the_rust_models(name, exported, work):
     assert np.abs(rust).max() > 0.1
 
 
-@pytest.mark.parametrize("name", ["plain", "cross_patch", "everything"])
+@pytest.mark.parametrize("name", ["plain", "cross_patch", "everything", "recipe", "hash_ngrams"])
 def test_a_shorter_sequence_gives_the_rust_logits_of_its_bytes(name, exported, work):
     """T' < T, a multiple of P or not: the logits of the first T' bytes of a window, as
     megabyte computes them over the whole window (its logits of byte t see only bytes < t)."""
@@ -204,7 +217,7 @@ def test_generate_is_seeded_greedy_follows_the_logits_and_runs_past_the_context(
         seq.append(byte)
 
 
-@pytest.mark.parametrize("name", ["plain", "everything"])
+@pytest.mark.parametrize("name", ["plain", "everything", "recipe", "hash_ngrams"])
 def test_a_model_trained_in_pytorch_imports_with_pytorch_loss(name, exported, work):
     """export -> PyTorch -> AdamW steps -> save_pretrained -> megabyte import -> megabyte eval
     gives PyTorch's loss on the same bytes."""
@@ -238,6 +251,17 @@ def test_a_model_trained_in_pytorch_imports_with_pytorch_loss(name, exported, wo
     bpb = trained / math.log(2)
     assert abs(after["bpb"] - bpb) < 1e-4, f"megabyte eval gives {after['bpb']}, PyTorch {bpb}"
     assert abs(before["bpb"] - bpb) > 1e-3, "the imported checkpoint is the exported one, not the trained one"
+
+
+def test_a_fresh_pytorch_model_starts_its_projections_at_zero_with_zero_init_proj(exported):
+    _, hf, cfg = exported("recipe")
+    module = load_module(hf)
+    model = module.MegabyteForCausalLM(cfg)
+    plain = module.MegabyteForCausalLM(dict(cfg, zero_init_proj=False))
+    for name, w in model.named_parameters():
+        zero = name.endswith((".attn.proj.weight", ".mlp.down.weight"))
+        assert bool((w == 0).all()) == zero, name
+        assert not bool((dict(plain.named_parameters())[name] == 0).all()) or "norm." in name, name
 
 
 def test_bf16_weights_from_pytorch_are_converted_with_a_note(exported, work):

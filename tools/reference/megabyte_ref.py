@@ -14,6 +14,10 @@ Commands:
     python3 tools/reference/megabyte_ref.py fixture --out crates/megabyte/tests/fixtures/golden-tiny-v1.safetensors
     python3 tools/reference/megabyte_ref.py fixture --preset cross-patch \
         --out crates/megabyte/tests/fixtures/golden-cross-patch-v1.safetensors
+    python3 tools/reference/megabyte_ref.py fixture --preset recipe \
+        --out crates/megabyte/tests/fixtures/golden-recipe-v1.safetensors
+    python3 tools/reference/megabyte_ref.py fixture --preset hash-ngrams \
+        --out crates/megabyte/tests/fixtures/golden-hash-ngrams-v1.safetensors
     python3 tools/reference/megabyte_ref.py check
 
 Dependencies: Python 3 and NumPy only (the safetensors file is written and read by hand).
@@ -35,8 +39,8 @@ EPS = 1e-5
 FIXTURE_FORMAT = "megabyte-golden"
 # Per preset: the version in the fixture's metadata and file name (golden-<preset>-v<version>),
 # and the seed its weights and input are drawn from.
-FIXTURE_VERSION = {"tiny": "1", "cross-patch": "1"}
-FIXTURE_SEED = {"tiny": 1234, "cross-patch": 2024}
+FIXTURE_VERSION = {"tiny": "1", "cross-patch": "1", "recipe": "1", "hash-ngrams": "1"}
+FIXTURE_SEED = {"tiny": 1234, "cross-patch": 2024, "recipe": 2025, "hash-ngrams": 2026}
 # Central differences: fourth-order stencil, step CD_STEP (see central_difference).
 CD_STEP = 1e-3
 CD_ENTRIES = 3
@@ -72,6 +76,16 @@ class Cfg:
     init_std: float = 0.02
     zero_w_gl: bool = False
     patch_embed_std: float = None
+    # QK-norm: each head's q and k RMS-normalised over the head dimension and scaled by a gain
+    # [head_dim] (`attn.q_norm.weight`, `attn.k_norm.weight`) before the scores.
+    qk_norm: bool = False
+    # The MLP's activation: "gelu" (exact, erf) or "relu2" (max(x, 0)²).
+    mlp: str = "gelu"
+    # Hash n-gram embeddings: (sizes, buckets) or None. For each size n = sizes[i], the n bytes
+    # ending at byte t (a 257th value, 256, before the sequence) hash to one row of section i
+    # of `patch_embedder.hash_embed.weight` and `local_embedder.hash_embed.weight`
+    # ([len(sizes)·buckets, D]); the rows' sum joins the byte's embedding in each embedder.
+    hash_ngrams: tuple = None
 
     @property
     def d_global(self):  # D_G
@@ -110,6 +124,12 @@ class Cfg:
             d["zero_w_gl"] = True
         if self.patch_embed_std is not None:
             d["patch_embed_std"] = self.patch_embed_std
+        if self.qk_norm:
+            d["qk_norm"] = True
+        if self.mlp != "gelu":
+            d["mlp"] = self.mlp
+        if self.hash_ngrams is not None:
+            d["hash_ngrams"] = {"sizes": list(self.hash_ngrams[0]), "buckets": self.hash_ngrams[1]}
         return json.dumps(d, separators=(",", ":"))
 
 
@@ -123,6 +143,19 @@ PRESETS = {
         4, 32, TransformerCfg(16, 2, 2, window=3), TransformerCfg(8, 2, 2, window=6), "rms_norm", False,
         cross_patch=True, init_std=0.2, zero_w_gl=True, patch_embed_std=1.0,
     ),
+    # The cross-patch preset with the model options of the modern training recipe on: QK-norm
+    # (q and k gains [head_dim] per block) and the ReLU² MLP.
+    "recipe": Cfg(
+        4, 32, TransformerCfg(16, 2, 2, window=3), TransformerCfg(8, 2, 2, window=6), "rms_norm", False,
+        cross_patch=True, init_std=0.2, zero_w_gl=True, patch_embed_std=1.0, qk_norm=True, mlp="relu2",
+    ),
+    # Hash n-gram embeddings (sizes 2 and 3, 5 rows each: rows shared by several n-grams) with
+    # the recipe's options, on the per-patch local model (n-grams reach into the previous
+    # patch); ReLU², so that its derivatives are complex steps.
+    "hash-ngrams": Cfg(
+        4, 32, TransformerCfg(16, 2, 2, window=3), TransformerCfg(8, 2, 2), "rms_norm", False,
+        init_std=0.2, patch_embed_std=1.0, qk_norm=True, mlp="relu2", hash_ngrams=((2, 3), 5),
+    ),
 }
 
 
@@ -131,7 +164,7 @@ PRESETS = {
 # --------------------------------------------------------------------------------------------
 
 
-def transformer_specs(prefix, tc, norm):
+def transformer_specs(prefix, tc, norm, qk_norm=False):
     """(name, shape, kind) of one transformer; kind is 'normal', 'norm_w' or 'norm_b'."""
     d = tc.width
     out = []
@@ -145,6 +178,9 @@ def transformer_specs(prefix, tc, norm):
         b = f"{prefix}.blocks.{i}"
         norm_specs(f"{b}.attn_norm")
         out.append((f"{b}.attn.qkv.weight", (3 * d, d), "normal"))
+        if qk_norm:
+            out.append((f"{b}.attn.q_norm.weight", (d // tc.heads,), "norm_w"))
+            out.append((f"{b}.attn.k_norm.weight", (d // tc.heads,), "norm_w"))
         out.append((f"{b}.attn.proj.weight", (d, d), "normal"))
         norm_specs(f"{b}.mlp_norm")
         out.append((f"{b}.mlp.up.weight", (4 * d, d), "normal"))
@@ -161,16 +197,20 @@ def param_specs(cfg):
         ("patch_embedder.pos_embed.weight", (t, dg), "normal"),
         ("patch_embedder.global_pad", (p * dg,), "normal"),
     ]
-    specs += transformer_specs("global", cfg.glob, cfg.norm)
+    specs += transformer_specs("global", cfg.glob, cfg.norm, cfg.qk_norm)
     specs.append(("global_to_local.weight", (dl, dg), "normal"))
     specs += [
         ("local_embedder.byte_embed.weight", (V, dl), "normal"),
         ("local_embedder.pos_embed.weight", (cfg.local_positions, dl), "normal"),
         ("local_embedder.local_pad", (dl,), "normal"),
     ]
-    specs += transformer_specs("local", cfg.local, cfg.norm)
+    specs += transformer_specs("local", cfg.local, cfg.norm, cfg.qk_norm)
     if not cfg.tied_head:
         specs.append(("head.weight", (V, dl), "normal"))
+    if cfg.hash_ngrams is not None:
+        rows = len(cfg.hash_ngrams[0]) * cfg.hash_ngrams[1]
+        specs.append(("patch_embedder.hash_embed.weight", (rows, dg), "normal"))
+        specs.append(("local_embedder.hash_embed.weight", (rows, dl), "normal"))
     return specs
 
 
@@ -250,10 +290,11 @@ def log_softmax(x):
     return s - np.log(np.exp(s).sum(axis=-1, keepdims=True))
 
 
-def attention(x, w_qkv, w_proj, heads, window=None):
+def attention(x, w_qkv, w_proj, heads, window=None, qk_gains=None):
     """Causal multi-head self-attention. x [N, S, D]; w_qkv [3D, D] with rows 0..D = q,
     D..2D = k, 2D..3D = v; head h uses columns h·hd..(h+1)·hd of each; w_proj [D, D].
-    With a window W, query i sees keys i−W+1..=i only."""
+    With a window W, query i sees keys i−W+1..=i only. With qk_gains (g_q, g_k), each [hd]
+    (QK-norm), every head's q and k are RMS-normalised over hd and scaled by them first."""
     n, s, d = x.shape
     hd = d // heads
     qkv = linear(x, w_qkv)  # [N, S, 3D]
@@ -263,6 +304,8 @@ def attention(x, w_qkv, w_proj, heads, window=None):
         return t.reshape(n, s, heads, hd).transpose(0, 2, 1, 3)
 
     q, k, v = split(q), split(k), split(v)
+    if qk_gains is not None:
+        q, k = norm(q, qk_gains[0], None, "rms_norm"), norm(k, qk_gains[1], None, "rms_norm")
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)  # [N, H, S, S]
     i, j = np.arange(s)[:, None], np.arange(s)[None, :]
     hidden = j > i  # the future
@@ -274,11 +317,17 @@ def attention(x, w_qkv, w_proj, heads, window=None):
     return linear(y, w_proj)
 
 
-def mlp(x, w_up, w_down):
-    return linear(gelu_erf(linear(x, w_up)), w_down)
+def relu2(x):
+    """ReLU²: max(x, 0)²."""
+    return np.maximum(x, 0.0) ** 2
 
 
-def transformer(x, params, prefix, tc, norm_kind):
+def mlp(x, w_up, w_down, act="gelu"):
+    u = linear(x, w_up)
+    return linear(relu2(u) if act == "relu2" else gelu_erf(u), w_down)
+
+
+def transformer(x, params, prefix, tc, norm_kind, qk_norm=False, act="gelu"):
     """Pre-norm blocks (x + attn(norm(x)); x + mlp(norm(x))) then a final norm. x [N, S, D]."""
 
     def nrm(name, h):
@@ -286,11 +335,12 @@ def transformer(x, params, prefix, tc, norm_kind):
 
     for i in range(tc.layers):
         b = f"{prefix}.blocks.{i}"
+        gains = (params[f"{b}.attn.q_norm.weight"], params[f"{b}.attn.k_norm.weight"]) if qk_norm else None
         x = x + attention(
             nrm(f"{b}.attn_norm", x), params[f"{b}.attn.qkv.weight"], params[f"{b}.attn.proj.weight"], tc.heads,
-            tc.window,
+            tc.window, gains,
         )
-        x = x + mlp(nrm(f"{b}.mlp_norm", x), params[f"{b}.mlp.up.weight"], params[f"{b}.mlp.down.weight"])
+        x = x + mlp(nrm(f"{b}.mlp_norm", x), params[f"{b}.mlp.up.weight"], params[f"{b}.mlp.down.weight"], act)
     return nrm(f"{prefix}.norm", x)
 
 
@@ -299,11 +349,44 @@ def transformer(x, params, prefix, tc, norm_kind):
 # --------------------------------------------------------------------------------------------
 
 
+HASH_MODULUS = 2**31 - 1
+
+
+def hash_rows(x, cfg):
+    """[B, T', G] table rows of the hash n-grams of bytes x [B, T'], in Python integers: for
+    size n = sizes[i] at position t, h starts at n and takes h = (257·h + b + 1) mod (2³¹ − 1)
+    for b = x[t], x[t−1], …, x[t−n+1] (256 before the sequence); the row is
+    i·buckets + h mod buckets."""
+    sizes, buckets = cfg.hash_ngrams
+    b, t = x.shape
+    out = np.zeros((b, t, len(sizes)), dtype=np.int64)
+    for r in range(b):
+        row = [int(v) for v in x[r]]
+        for pos in range(t):
+            for i, n in enumerate(sizes):
+                h = n
+                for k in range(n):
+                    byte = row[pos - k] if pos - k >= 0 else 256
+                    h = (257 * h + byte + 1) % HASH_MODULUS
+                out[r, pos, i] = i * buckets + h % buckets
+    return out
+
+
+def byte_embedding(table, x, params, cfg, prefix):
+    """Rows of `table` at bytes x [B, T'] plus, with hash n-grams, the sum of the rows of
+    `{prefix}.hash_embed.weight` at their n-grams: [B, T', D]."""
+    e = table[x]
+    if cfg.hash_ngrams is not None:
+        e = e + params[f"{prefix}.hash_embed.weight"][hash_rows(x, cfg)].sum(axis=2)
+    return e
+
+
 def patch_embedder(x, params, cfg):
     """1. h_embed[t] = E_global_embed[x_t] + E_pos[t]: [B, T'] -> [B, T', D_G], then the K'
     patches concatenated: [B, K', P·D_G]."""
     b, t = x.shape
-    h = params["patch_embedder.byte_embed.weight"][x] + params["patch_embedder.pos_embed.weight"][:t]
+    h = byte_embedding(params["patch_embedder.byte_embed.weight"], x, params, cfg, "patch_embedder")
+    h = h + params["patch_embedder.pos_embed.weight"][:t]
     return h.reshape(b, t // cfg.patch_size, cfg.patch_size * cfg.d_global)
 
 
@@ -317,7 +400,7 @@ def shift_one_patch(h, global_pad):
 
 def global_model(h, params, cfg):
     """2. Causal transformer of width P·D_G over the K patches."""
-    return transformer(h, params, "global", cfg.glob, cfg.norm)
+    return transformer(h, params, "global", cfg.glob, cfg.norm, cfg.qk_norm, cfg.mlp)
 
 
 def local_sequences(x, cfg):
@@ -342,7 +425,9 @@ def local_input(x, params, cfg):
     across patches the previous byte may be the previous patch's last, and only a row's first
     byte gets the pad: [B, T', D_L]."""
     seq = local_sequences(x, cfg)  # [N, S]
-    e = params["local_embedder.byte_embed.weight"][seq]  # [N, S, D_L]
+    # each byte's embedding (with its n-grams, hashed over the whole row) laid out as seq
+    e = byte_embedding(params["local_embedder.byte_embed.weight"], x, params, cfg, "local_embedder")
+    e = e.reshape(seq.shape[0], seq.shape[1], -1)  # [N, S, D_L]
     pad = params["local_embedder.local_pad"]
     prev = np.concatenate([np.broadcast_to(pad, (e.shape[0], 1, e.shape[2])), e[:, :-1]], axis=1)
     return prev + params["local_embedder.pos_embed.weight"][None, : seq.shape[1], :]
@@ -351,7 +436,7 @@ def local_input(x, params, cfg):
 def local_model(h, params, cfg):
     """5. Causal transformer of width D_L over each local sequence independently (each patch,
     or each row through the local window)."""
-    return transformer(h, params, "local", cfg.local, cfg.norm)
+    return transformer(h, params, "local", cfg.local, cfg.norm, cfg.qk_norm, cfg.mlp)
 
 
 def head(h, params, cfg):
@@ -366,7 +451,8 @@ def logits(x, params, cfg):
     x = np.asarray(x, dtype=np.int64)
     b, t = x.shape
     assert t % cfg.patch_size == 0 and 0 < t <= cfg.context
-    params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    # float64, or complex128 for complex-step derivatives (see complex_step)
+    params = {k: np.asarray(v, dtype=np.result_type(v, np.float64)) for k, v in params.items()}
     h = patch_embedder(x, params, cfg)
     h = shift_one_patch(h, params["patch_embedder.global_pad"])
     h = global_model(h, params, cfg)
@@ -474,17 +560,40 @@ def central_difference(f, w, i, h=CD_STEP):
     return (8.0 * (values[0] - values[1]) - (values[2] - values[3])) / (12.0 * h)
 
 
+def complex_step(x, params, cfg, name, i, h=1e-30):
+    """d loss / d params[name].flat[i] by the complex step Im L(w + ih) / h (Squire & Trapp
+    1998): the loss evaluated once in complex arithmetic, with no difference of two values,
+    so no round-off beyond the loss's own (relative ~1e-15) and a truncation of O(h²), zero
+    in double precision at h = 1e-30. It needs every op to extend analytically to complex
+    inputs: matmuls, exp, log and sqrt do; max(x, 0) keeps the branch of the real part, so
+    ReLU² = max(x, 0)² is differentiated exactly even where central differences straddle its
+    kink (its second derivative jumps at 0, and a stencil that crosses it is off by far more
+    than the tolerance). The erf of GELU has no complex version here: ReLU² models only."""
+    assert cfg.mlp == "relu2", "complex steps need the ReLU² MLP (math.erf is real only)"
+    shifted = dict(params)
+    w = params[name].astype(np.complex128)
+    w.reshape(-1)[i] += 1j * h
+    shifted[name] = w
+    return float(byte_losses(x, logits(x, shifted, cfg)).mean().imag / h)
+
+
 def probe_entries(name, shape, cfg, x, rng):
     """CD_ENTRIES flat indices of parameter `name` whose gradient is not structurally zero:
     byte-table rows of bytes that feed the model (not a row's last patch for the global table,
-    not its last byte for the local one), global positions before the last patch, and one of
-    each of q, k and v for a fused qkv weight."""
+    not its last byte for the local one; the same for hash n-gram rows), global positions
+    before the last patch, and one of each of q, k and v for a fused qkv weight."""
     p, t = cfg.patch_size, x.shape[1]
     cols = shape[-1]
     if name == "patch_embedder.byte_embed.weight":
         rows = rng.choice(x[:, : t - p].reshape(-1), CD_ENTRIES)
     elif name == "local_embedder.byte_embed.weight":
         fed = x[:, : t - 1] if cfg.cross_patch else x.reshape(-1, p)[:, : p - 1]
+        rows = rng.choice(fed.reshape(-1), CD_ENTRIES)
+    elif name == "patch_embedder.hash_embed.weight":  # rows of n-grams ending before the last patch
+        rows = rng.choice(hash_rows(x, cfg)[:, : t - p].reshape(-1), CD_ENTRIES)
+    elif name == "local_embedder.hash_embed.weight":  # rows of n-grams of bytes that feed the model
+        ids = hash_rows(x, cfg)
+        fed = ids[:, : t - 1] if cfg.cross_patch else ids.reshape(-1, p, ids.shape[-1])[:, : p - 1]
         rows = rng.choice(fed.reshape(-1), CD_ENTRIES)
     elif name == "patch_embedder.pos_embed.weight":
         rows = rng.integers(0, t - p, CD_ENTRIES)
@@ -513,15 +622,28 @@ def make_gradient_fixture(preset, seed):
     grads = {}
     for name, shape, _ in param_specs(cfg):
         idx = probe_entries(name, shape, cfg, x, rng)
-        grads[name] = (np.array(idx, dtype=np.uint32), np.array([central_difference(f, params[name], i) for i in idx]))
+        if cfg.mlp == "relu2":
+            g = [complex_step(x, params, cfg, name, i) for i in idx]
+        else:
+            g = [central_difference(f, params[name], i) for i in idx]
+        grads[name] = (np.array(idx, dtype=np.uint32), np.array(g))
     return cfg, params, x, lg, ls, grads
+
+
+def derivative_key(cfg):
+    """The fixture's name for its derivatives: complex steps (ReLU² models) or central
+    differences."""
+    return "complex_step" if cfg.mlp == "relu2" else "central_difference"
 
 
 def fixture_metadata(preset, seed, cfg):
     meta = {"format": FIXTURE_FORMAT, "version": FIXTURE_VERSION[preset], "preset": preset, "seed": str(seed)}
     if preset != "tiny":  # version 1 of `tiny` predates these fields
         meta["config"] = cfg.to_json()
-        meta["central_difference"] = f"fourth-order stencil, h = {CD_STEP}"
+        if derivative_key(cfg) == "complex_step":
+            meta["complex_step"] = "Im L(w + ih) / h, h = 1e-30"
+        else:
+            meta["central_difference"] = f"fourth-order stencil, h = {CD_STEP}"
     return meta
 
 
@@ -535,8 +657,9 @@ def cmd_fixture(args):
         cfg, params, x, lg, ls, grads = make_gradient_fixture(args.preset, seed)
         tensors = [(k, "F64", v) for k, v in params.items()]
         tensors += [("input.bytes", "U32", x), ("output.logits", "F64", lg), ("output.loss", "F64", np.float64(ls))]
+        key = derivative_key(cfg)
         for name, (idx, g) in grads.items():
-            tensors += [(f"central_difference.index.{name}", "U32", idx), (f"central_difference.grad.{name}", "F64", g)]
+            tensors += [(f"{key}.index.{name}", "U32", idx), (f"{key}.grad.{name}", "F64", g)]
     write_safetensors(args.out, tensors, fixture_metadata(args.preset, seed, cfg))
     nparams = sum(v.size for v in params.values())
     print(f"wrote {args.out}: {os.path.getsize(args.out)} bytes, {len(params)} weight tensors, {nparams} parameters")
@@ -544,7 +667,34 @@ def cmd_fixture(args):
     print(f"loss {ls!r} nats/byte ({ls / math.log(2):.6f} bpb; ln 256 = {math.log(256):.6f})")
     if args.preset != "tiny":
         g = np.concatenate([g for _, g in grads.values()])
-        print(f"central differences: {g.size} entries of {len(grads)} tensors, |grad| from {np.abs(g).min():.2e} to {np.abs(g).max():.2e}")
+        print(f"{derivative_key(cfg)}: {g.size} entries of {len(grads)} tensors, |grad| from {np.abs(g).min():.2e} to {np.abs(g).max():.2e}")
+
+
+def check_complex_steps(preset, cfg, params, x, grads, report):
+    """The complex steps `grads` against central differences where the stencil is smooth (its
+    values at h, h/2 and h/4 agree within 1e-9·|g| + 3e-12 and twice that; where they do not,
+    it straddles a kink of ReLU², or QK-norm's eps curves the loss on its scale): they agree
+    with the one at h/4 within four times that bound (its round-off, four times h's) at every
+    such probe,
+    the smooth probes are many, and every tensor is probed where its gradient is not tiny."""
+
+    def f():
+        return loss(x, logits(x, params, cfg))
+
+    worst, smooth, total, smallest = 0.0, 0, 0, np.inf
+    for name, (idx, g) in grads.items():
+        for i, g0 in zip(idx, g):
+            total += 1
+            smallest = min(smallest, abs(g0))
+            cd = [central_difference(f, params[name], int(i), CD_STEP / 2**j) for j in range(3)]  # h, h/2, h/4
+            bound = 1e-9 * abs(cd[0]) + 3e-12
+            if abs(cd[1] - cd[0]) <= bound and abs(cd[2] - cd[1]) <= 2 * bound:
+                smooth += 1
+                worst = max(worst, abs(g0 - cd[2]) / (4 * bound))
+    report(f"{preset}: complex steps equal the smooth central differences", worst <= 1.0 and smooth >= total // 3,
+           f"{smooth} of {total} probes smooth, worst |CS - CD(h/4)| = {worst:.2f} of 4·(1e-9·|g| + 3e-12)")
+    report(f"{preset}: complex steps cover every tensor", set(grads) == set(k for k, _, _ in param_specs(cfg))
+           and smallest > 1e-5, f"{len(grads)} tensors, smallest |grad| {smallest:.1e}")
 
 
 def cmd_check(args):
@@ -711,6 +861,65 @@ def cmd_check(args):
         same = all(np.array_equal(got[f"central_difference.index.{k}"], i)
                    and np.array_equal(got[f"central_difference.grad.{k}"], g) for k, (i, g) in grads.items())
         report("cross-patch central differences round-trip", same)
+
+    # (d) the recipe preset: the cross-patch preset with QK-norm and ReLU².
+    cfg, params, x, lg, ls, grads = make_gradient_fixture("recipe", FIXTURE_SEED["recipe"])
+    before, after = causal(cfg, params, x, lg, range(cfg.context))
+    report("causality (recipe, every byte)", before == 0.0 and after > 1e-6,
+           f"max change at <= t {before:.1e}, min change at t+1 {after:.1e}")
+    for n in (cfg.patch_size, 3 * cfg.patch_size):
+        dp = float(np.abs(logits(x[:, :n], params, cfg) - lg[:, :n]).max())
+        report(f"recipe: prefix T'={n // cfg.patch_size}P matches full forward", dp < 1e-12, f"max diff {dp:.1e}")
+    # QK-norm: scaling a block's q and k rows of w_qkv changes the logits only through the
+    # norm's eps (far less than a gain does), and its q gain matters.
+    scaled = dict(params)
+    w = params["local.blocks.0.attn.qkv.weight"].copy()
+    d = cfg.local.width
+    w[:d] *= 3.0
+    w[d : 2 * d] *= 0.25
+    scaled["local.blocks.0.attn.qkv.weight"] = w
+    dq = float(np.abs(logits(x, scaled, cfg) - lg).max())
+    gained = dict(params, **{"local.blocks.0.attn.q_norm.weight": params["local.blocks.0.attn.q_norm.weight"] * 2.0})
+    dg = float(np.abs(logits(x, gained, cfg) - lg).max())
+    report("recipe: q and k scale-free up to eps, gains not", dq < 1e-2 * dg and dg > 1e-3,
+           f"scaled q, k: {dq:.1e}; doubled gain: {dg:.1e}")
+    report("recipe: relu2 spot values", np.array_equal(relu2(np.array([-1.5, 0.0, 0.5, 2.0])), np.array([0.0, 0.0, 0.25, 4.0])))
+
+    check_complex_steps("recipe", cfg, params, x, grads, report)
+    with tempfile.TemporaryDirectory() as dname:
+        path = os.path.join(dname, "golden.safetensors")
+        cmd_fixture(argparse.Namespace(preset="recipe", seed=None, out=path))
+        meta, got = read_safetensors(path)
+        conf = json.loads(meta["config"])
+        report("recipe config JSON", conf["qk_norm"] is True and conf["mlp"] == "relu2", meta["config"])
+        lg3 = logits(got["input.bytes"], {k: got[k] for k in params}, cfg)
+        report("recipe recomputed from file", np.array_equal(lg3, lg) and float(got["output.loss"]) == ls)
+
+    # (e) the hash-ngrams preset: every byte causal, hashes spot-checked, the tables used.
+    cfg, params, x, lg, ls, grads = make_gradient_fixture("hash-ngrams", FIXTURE_SEED["hash-ngrams"])
+    before, after = causal(cfg, params, x, lg, range(cfg.context))
+    report("causality (hash-ngrams, every byte)", before == 0.0 and after > 1e-6,
+           f"max change at <= t {before:.1e}, min change at t+1 {after:.1e}")
+    # h(n=2; bytes 5 then 7 at t) = ((257·(257·2 + 7 + 1) + 5 + 1) mod M) mod 5, section 0
+    h = (257 * (257 * 2 + 7 + 1) + 5 + 1) % HASH_MODULUS
+    got = hash_rows(np.array([[5, 7]]), cfg)[0, 1, 0]
+    first = hash_rows(np.array([[5, 7]]), cfg)[0, 0, 1]  # n = 3 at t = 0: 5, then 256 twice
+    h3 = 3
+    for byte in (5, 256, 256):
+        h3 = (257 * h3 + byte + 1) % HASH_MODULUS
+    report("hash-ngrams: rows spot values", got == h % 5 and first == 5 + h3 % 5, f"{got}, {first}")
+    no_tables = dict(params, **{k: np.zeros_like(v) for k, v in params.items() if "hash_embed" in k})
+    dt = float(np.abs(logits(x, no_tables, cfg) - lg).max())
+    report("hash-ngrams: the tables change the logits", dt > 1e-3, f"{dt:.1e}")
+    check_complex_steps("hash-ngrams", cfg, params, x, grads, report)
+    with tempfile.TemporaryDirectory() as dname:
+        path = os.path.join(dname, "golden.safetensors")
+        cmd_fixture(argparse.Namespace(preset="hash-ngrams", seed=None, out=path))
+        meta, got = read_safetensors(path)
+        report("hash-ngrams config JSON", json.loads(meta["config"])["hash_ngrams"] == {"sizes": [2, 3], "buckets": 5},
+               meta["config"])
+        lg3 = logits(got["input.bytes"], {k: got[k] for k in params}, cfg)
+        report("hash-ngrams recomputed from file", np.array_equal(lg3, lg) and float(got["output.loss"]) == ls)
 
     print("all checks passed" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1

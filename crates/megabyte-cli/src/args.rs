@@ -37,6 +37,10 @@ library_value_enum!(
     DecayArg(megabyte::train::Decay)
 );
 library_value_enum!(
+    /// `--mlp`: the blocks' MLP activation.
+    ActivationArg(megabyte::Activation)
+);
+library_value_enum!(
     /// `megabyte data fetch NAME`: a known data set.
     DatasetArg(megabyte_data::fetch::Dataset)
 );
@@ -61,7 +65,29 @@ pub struct ModelArgs {
     /// positions (patches; bytes for the byte-* presets).
     #[arg(long, value_name = "W")]
     pub window: Option<usize>,
+    /// QK-norm in both transformers: each head's query and key RMS-normalised, with a learned
+    /// gain, before the attention scores (`qk_norm` of a model config).
+    #[arg(long)]
+    pub qk_norm: bool,
+    /// The MLP's activation in both transformers (`mlp` of a model config) [default: the
+    /// preset's or config's, gelu].
+    #[arg(long, value_enum, value_name = "ACT")]
+    pub mlp: Option<ActivationArg>,
+    /// Every block's attention output and MLP down projections start at zero
+    /// (`zero_init_proj` of a model config).
+    #[arg(long)]
+    pub zero_init_proj: bool,
+    /// Hash n-gram embeddings of these sizes (e.g. `3,4,5`) in the patch and local embedders
+    /// (`hash_ngrams` of a model config); training and evaluation only, no cached decoding.
+    #[arg(long, value_delimiter = ',', value_name = "N,N,..")]
+    pub hash_ngrams: Option<Vec<usize>>,
+    /// Rows of each n-gram size's table [default: the config's, else 8192].
+    #[arg(long, value_name = "ROWS")]
+    pub hash_buckets: Option<usize>,
 }
+
+/// Table rows per n-gram size when neither `--hash-buckets` nor the config gives them.
+pub const DEFAULT_HASH_BUCKETS: usize = 8192;
 
 impl ModelArgs {
     /// The preset named, or the default one.
@@ -82,7 +108,9 @@ impl ModelArgs {
         self.config.as_ref().map_or_else(|| self.preset_name().to_string(), |p| p.display().to_string())
     }
 
-    /// The model: `--config`'s or the preset's, with `--context` and `--window` applied.
+    /// The model: `--config`'s or the preset's, with `--context`, `--window` and the model
+    /// options given (`--qk-norm`, `--mlp`, `--zero-init-proj`, `--hash-ngrams`,
+    /// `--hash-buckets`) applied.
     pub fn resolve(&self) -> Result<ModelConfig> {
         self.resolve_over(None)
     }
@@ -103,6 +131,21 @@ impl ModelArgs {
         }
         if self.window.is_some() {
             cfg.global.window = self.window;
+        }
+        cfg.qk_norm |= self.qk_norm;
+        cfg.zero_init_proj |= self.zero_init_proj;
+        if self.hash_ngrams.is_some() || self.hash_buckets.is_some() {
+            let base = cfg.hash_ngrams.take();
+            let sizes = match (self.hash_ngrams.clone(), &base) {
+                (Some(sizes), _) => sizes,
+                (None, Some(b)) => b.sizes.clone(),
+                (None, None) => anyhow::bail!("--hash-buckets needs --hash-ngrams (or a model config with hash_ngrams)"),
+            };
+            let buckets = self.hash_buckets.or(base.map(|b| b.buckets)).unwrap_or(DEFAULT_HASH_BUCKETS);
+            cfg.hash_ngrams = Some(megabyte::HashNgrams { sizes, buckets });
+        }
+        if let Some(act) = self.mlp {
+            cfg.mlp = act.0;
         }
         // A config file or --context may break a shape rule; say so before any work.
         cfg.validate()?;

@@ -51,6 +51,18 @@ pub fn run(args: Args) -> Result<()> {
     if cfg.zero_w_gl {
         println!("w_GL starts at zero (zero_w_gl)");
     }
+    if cfg.qk_norm {
+        println!("queries and keys RMS-normalised per head, with gains (qk_norm)");
+    }
+    if let Some(h) = &cfg.hash_ngrams {
+        println!("hash n-gram embeddings: sizes {:?}, {} rows each (hash_ngrams)", h.sizes, h.buckets);
+    }
+    if cfg.zero_init_proj {
+        println!("attention output and MLP down projections start at zero (zero_init_proj)");
+    }
+    if cfg.mlp != megabyte::Activation::Gelu {
+        println!("MLP activation: {}", cfg.mlp.name());
+    }
     if let Some(std) = cfg.patch_embed_std {
         println!("the patch embedder starts at std {std} (patch_embed_std)");
     }

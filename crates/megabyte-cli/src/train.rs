@@ -103,12 +103,26 @@ struct OptimArgs {
     /// Linear warm-up steps.
     #[arg(long)]
     warmup: Option<u64>,
-    /// Decay after warm-up.
+    /// Decay after warm-up: cosine or linear to --min-lr over the run, or wsd (constant, then
+    /// linear to --min-lr over the last --decay-fraction of the run).
     #[arg(long, value_enum)]
     decay: Option<DecayArg>,
+    /// With --decay wsd: the last share of the run (steps after warm-up, or of --time) over
+    /// which the learning rate falls to --min-lr.
+    #[arg(long, value_name = "F")]
+    decay_fraction: Option<f64>,
     /// AdamW weight decay (matrices only).
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// Train the blocks' matrices (attention qkv and output, MLP up and down) with Muon at
+    /// this peak learning rate (following the schedule's shape), and every other parameter
+    /// (embeddings, norms, w_GL, the head) with AdamW at --lr [default: AdamW for all].
+    #[arg(long, value_name = "LR")]
+    muon_lr: Option<f64>,
+    /// Muon's Nesterov momentum; turns Muon on like --muon-lr (at lr 0.02 unless given)
+    /// [default: 0.95].
+    #[arg(long, value_name = "BETA")]
+    muon_momentum: Option<f64>,
     /// Clip the global gradient norm (0 = off).
     #[arg(long)]
     grad_clip: Option<f64>,
@@ -160,7 +174,16 @@ impl OptimArgs {
         set(&mut cfg.min_lr, self.min_lr);
         set(&mut cfg.warmup_steps, self.warmup);
         set(&mut cfg.decay, self.decay.map(|d| d.0));
+        set(&mut cfg.decay_fraction, self.decay_fraction);
         set(&mut cfg.adamw.weight_decay, self.weight_decay);
+        if self.muon_lr.is_some() || self.muon_momentum.is_some() {
+            let base = cfg.muon.unwrap_or(megabyte::optim::MuonConfig::DEFAULT);
+            cfg.muon = Some(megabyte::optim::MuonConfig {
+                lr: self.muon_lr.unwrap_or(base.lr),
+                momentum: self.muon_momentum.unwrap_or(base.momentum),
+                ..base
+            });
+        }
         set(&mut cfg.grad_clip, self.grad_clip);
         set(&mut cfg.dropout, self.dropout);
         set(&mut cfg.seed, self.seed);
@@ -234,11 +257,18 @@ impl Args {
         };
         // The model: --config's or --preset's, or the run's, with --context and --window.
         let model = trainer.model().config();
-        let json = |c: &megabyte::ModelConfig| serde_json::to_value(c).expect("a model config is JSON");
+        // Every field written out (optional ones at their defaults, as an export's config.json),
+        // so that an option the run lacks reads as its default, not as missing.
+        let json = |c: &megabyte::ModelConfig| megabyte::export::hf_config(c).expect("a model config is JSON");
         if let Some((field, g, r)) = first_difference(&json(&self.model.resolve_over(Some(model))?), &json(model)) {
             let what = match field.as_str() {
                 "context" if self.model.context.is_some() => "--context".to_string(),
                 "global.window" if self.model.window.is_some() => "--window".to_string(),
+                "qk_norm" if self.model.qk_norm => "--qk-norm".to_string(),
+                "mlp" if self.model.mlp.is_some() => "--mlp".to_string(),
+                "zero_init_proj" if self.model.zero_init_proj => "--zero-init-proj".to_string(),
+                "hash_ngrams.buckets" if self.model.hash_buckets.is_some() => "--hash-buckets".to_string(),
+                "hash_ngrams" | "hash_ngrams.sizes" if self.model.hash_ngrams.is_some() => "--hash-ngrams".to_string(),
                 _ => format!("{}'s {field}", self.model.describe_flag()),
             };
             return Err(differs(what, g, r));
@@ -265,7 +295,7 @@ impl Args {
 
 /// The training settings that flags set, as (flag, value), in `--help`'s order; the stopping
 /// rules (--steps, --time) are not among them, nor where it runs.
-fn settings(cfg: &TrainConfig) -> [(&'static str, String); 14] {
+fn settings(cfg: &TrainConfig) -> [(&'static str, String); 15] {
     [
         ("--batch-size", cfg.batch_size.to_string()),
         ("--grad-accum", cfg.grad_accum.to_string()),
@@ -273,6 +303,7 @@ fn settings(cfg: &TrainConfig) -> [(&'static str, String); 14] {
         ("--min-lr", cfg.min_lr.to_string()),
         ("--warmup", cfg.warmup_steps.to_string()),
         ("--decay", cfg.decay.name().to_string()),
+        ("--decay-fraction", cfg.decay_fraction.to_string()),
         ("--weight-decay", cfg.adamw.weight_decay.to_string()),
         ("--grad-clip", cfg.grad_clip.to_string()),
         ("--dropout", cfg.dropout.to_string()),
@@ -288,7 +319,10 @@ fn settings(cfg: &TrainConfig) -> [(&'static str, String); 14] {
 fn run_settings(cfg: &TrainConfig, data: &DataSpec) -> Vec<(&'static str, String)> {
     let path = |p: &Option<PathBuf>, none: &str| p.as_ref().map_or(none.to_string(), |p| p.display().to_string());
     let mut all = settings(cfg).to_vec();
+    let muon = |f: fn(&megabyte::optim::MuonConfig) -> f64| cfg.muon.as_ref().map_or("none".to_string(), |m| f(m).to_string());
     all.extend([
+        ("--muon-lr", muon(|m| m.lr)),
+        ("--muon-momentum", muon(|m| m.momentum)),
         ("--precision", precision_name(cfg.precision)),
         ("--recompute", cfg.recompute.to_string()),
         ("--data", path(&data.train, "the embedded corpus")),
@@ -336,6 +370,7 @@ fn precision_name(p: megabyte::Precision) -> String {
 /// A recipe's settings as the flags of one `megabyte train` command.
 pub fn recipe_flags(cfg: &TrainConfig) -> String {
     let mut flags: Vec<String> = settings(cfg).iter().map(|(flag, v)| format!("{flag} {v}")).collect();
+    flags.extend(cfg.muon.map(|m| format!("--muon-lr {} --muon-momentum {}", m.lr, m.momentum)));
     flags.extend(cfg.steps.map(|n| format!("--steps {n}")));
     flags.extend(cfg.time_minutes.map(|m| format!("--time {m}")));
     flags.push(format!("--sample-bytes {}", default_sample_bytes(Some(cfg))));
@@ -557,7 +592,9 @@ fn train(args: Args, dist: Option<DistEnv>, hooks: Hooks) -> Result<Option<Outco
         println!("peak GPU memory: {:.1} GiB{whose}", bytes as f64 / (1u64 << 30) as f64);
     }
     let sample_bytes = args.sample_bytes();
-    if sample_bytes > 0 {
+    if sample_bytes > 0 && cfg.hash_ngrams.is_some() {
+        println!("no closing sample: cached decoding does not support hash n-gram embeddings yet");
+    } else if sample_bytes > 0 {
         let mut sampler = Sampler::new(Sampling::TopP { p: 0.9, temperature: 0.8 }, trainer.record().train.seed)?;
         let prompt = data.valid.window(0, cfg.patch_size * 4)?;
         let sample = generate(trainer.model(), &[prompt.clone()], sample_bytes, &mut sampler, &device, &mut |_| {})?;

@@ -30,8 +30,10 @@ The forward pass, in the paper's order (logits for byte t depend only on bytes <
      head: h E_local^T (tied_head) or head.weight                         [B, T, V]
 
 Every transformer is pre-norm (LayerNorm with bias, or RMSNorm; eps 1e-5): x + attn(norm(x)),
-then x + down(gelu(up(norm(x)))) with exact (erf) GELU, no biases in linear layers, and a
-final norm. Attention heads are contiguous in the stacked qkv weight [3D, D] (q, k, v).
+then x + down(act(up(norm(x)))) with exact (erf) GELU or (mlp "relu2") relu(x)^2, no biases
+in linear layers, and a final norm. Attention heads are contiguous in the stacked qkv weight
+[3D, D] (q, k, v). With qk_norm, each head's q and k are RMS-normalised over the head
+dimension (eps 1e-5) and scaled by the gains q_norm.weight and k_norm.weight before the scores.
 
 Tensors of model.safetensors (D: the width of the transformer, P*D_G global, D_L local; linear
 weights are [out, in]):
@@ -41,6 +43,7 @@ weights are [out, in]):
     patch_embedder.global_pad                [P*D_G]      the global model's first input
     {global,local}.blocks.{i}.attn_norm.weight / .bias    [D]   (bias: layer_norm only)
     {global,local}.blocks.{i}.attn.qkv.weight             [3D, D]
+    {global,local}.blocks.{i}.attn.{q,k}_norm.weight      [D/heads]  (qk_norm only)
     {global,local}.blocks.{i}.attn.proj.weight            [D, D]
     {global,local}.blocks.{i}.mlp_norm.weight / .bias     [D]
     {global,local}.blocks.{i}.mlp.up.weight               [4D, D]
@@ -50,6 +53,7 @@ weights are [out, in]):
     local_embedder.byte_embed.weight         [256, D_L]   E_local_embed (the tied head)
     local_embedder.pos_embed.weight          [P, D_L]     ([T, D_L] with cross_patch)
     local_embedder.local_pad                 [D_L]        the local model's first input
+    {patch,local}_embedder.hash_embed.weight [G*buckets, D_G or D_L]  hash n-gram rows (hash_ngrams only)
     head.weight                              [256, D_L]   tied_head false only
 """
 
@@ -99,37 +103,47 @@ def causal_mask(s, window, device):
 
 
 class Attention(nn.Module):
-    def __init__(self, d, heads, window):
+    def __init__(self, d, heads, window, qk_norm=False):
         super().__init__()
         self.heads, self.window = heads, window
         self.qkv = nn.Linear(d, 3 * d, bias=False)
+        # QK-norm: RMSNorm over each head's dimension, one gain for q and one for k.
+        self.q_norm = Norm(d // heads, "rms_norm") if qk_norm else None
+        self.k_norm = Norm(d // heads, "rms_norm") if qk_norm else None
         self.proj = nn.Linear(d, d, bias=False)
 
     def forward(self, x):
         n, s, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (t.reshape(n, s, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))  # [N, H, S, hd]
+        q, k, v = (t.reshape(n, s, self.heads, d // self.heads) for t in (q, k, v))  # [N, S, H, hd]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [N, H, S, hd]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(s, self.window, x.device))
         return self.proj(y.transpose(1, 2).reshape(n, s, d))
 
 
 class Mlp(nn.Module):
-    def __init__(self, d):
+    def __init__(self, d, act="gelu"):
         super().__init__()
+        if act not in ("gelu", "relu2"):
+            raise ValueError(f"mlp must be gelu or relu2, got {act!r}")
+        self.act = act
         self.up = nn.Linear(d, 4 * d, bias=False)
         self.down = nn.Linear(4 * d, d, bias=False)
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x)))  # exact (erf) GELU
+        u = self.up(x)
+        return self.down(F.relu(u).square() if self.act == "relu2" else F.gelu(u))  # GELU: exact (erf)
 
 
 class Block(nn.Module):
-    def __init__(self, d, heads, window, norm, dropout):
+    def __init__(self, d, heads, window, norm, dropout, qk_norm=False, mlp="gelu"):
         super().__init__()
         self.attn_norm = Norm(d, norm)
-        self.attn = Attention(d, heads, window)
+        self.attn = Attention(d, heads, window, qk_norm)
         self.mlp_norm = Norm(d, norm)
-        self.mlp = Mlp(d)
+        self.mlp = Mlp(d, mlp)
         self.drop = nn.Dropout(dropout)  # on each branch's output; identity in eval()
 
     def forward(self, x):
@@ -140,10 +154,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Pre-norm causal blocks and a final norm."""
 
-    def __init__(self, cfg, norm, dropout):
+    def __init__(self, cfg, norm, dropout, qk_norm=False, mlp="gelu"):
         super().__init__()
         d, heads, window = cfg["width"], cfg["heads"], cfg.get("window")
-        self.blocks = nn.ModuleList(Block(d, heads, window, norm, dropout) for _ in range(cfg["layers"]))
+        self.blocks = nn.ModuleList(Block(d, heads, window, norm, dropout, qk_norm, mlp) for _ in range(cfg["layers"]))
         self.norm = Norm(d, norm)
 
     def forward(self, x):
@@ -152,18 +166,40 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
-class PatchEmbedder(nn.Module):
-    """Byte embeddings plus byte positions, concatenated into patches (paper 2.2.1)."""
+HASH_MODULUS = (1 << 31) - 1
 
-    def __init__(self, t, p, dg):
+
+def hash_ngram_rows(x, sizes, buckets):
+    """Hash n-gram rows [B, T, G] of bytes x [B, T] (hash_ngrams): for size n = sizes[i] at
+    position t, h = n, then h = (257 h + b + 1) mod (2^31 - 1) over the bytes from t back to
+    t - n + 1 (256 for bytes before the sequence), row i*buckets + h mod buckets. Exact in
+    int64 (every value stays below 2^40)."""
+    rows = []
+    for i, n in enumerate(sizes):
+        h = torch.full_like(x, n)
+        for k in range(n):
+            b = F.pad(x[:, : x.shape[1] - k], (k, 0), value=256) if k else x
+            h = (257 * h + b + 1) % HASH_MODULUS
+        rows.append(i * buckets + h % buckets)
+    return torch.stack(rows, dim=-1)
+
+
+class PatchEmbedder(nn.Module):
+    """Byte embeddings (plus their hash n-grams' rows) plus byte positions, concatenated into
+    patches (paper 2.2.1)."""
+
+    def __init__(self, t, p, dg, hash_rows=0):
         super().__init__()
         self.byte_embed = nn.Embedding(V, dg)
         self.pos_embed = nn.Embedding(t, dg)
         self.global_pad = nn.Parameter(torch.zeros(p * dg))
+        self.hash_embed = nn.Embedding(hash_rows, dg) if hash_rows else None
 
-    def forward(self, x, p):
+    def forward(self, x, p, ngrams=None):
         b, t = x.shape
         h = self.byte_embed(x) + self.pos_embed.weight[:t]  # [B, T, D_G]
+        if self.hash_embed is not None:
+            h = h + self.hash_embed(ngrams).sum(-2)
         return h.reshape(b, t // p, -1)  # [B, K, P*D_G]
 
 
@@ -180,14 +216,18 @@ def shift_one_byte(e, pad):
 class LocalEmbedder(nn.Module):
     """The local model's byte embedding, position table and pad (paper 2.2.3)."""
 
-    def __init__(self, positions, dl):
+    def __init__(self, positions, dl, hash_rows=0):
         super().__init__()
         self.byte_embed = nn.Embedding(V, dl)
         self.pos_embed = nn.Embedding(positions, dl)
         self.local_pad = nn.Parameter(torch.zeros(dl))
+        self.hash_embed = nn.Embedding(hash_rows, dl) if hash_rows else None
 
-    def forward(self, x):
-        e = shift_one_byte(self.byte_embed(x), self.local_pad)  # [N, S, D_L]
+    def forward(self, x, ngrams=None):
+        e = self.byte_embed(x)
+        if self.hash_embed is not None:
+            e = e + self.hash_embed(ngrams).sum(-2)  # the previous byte's n-grams travel with it
+        e = shift_one_byte(e, self.local_pad)  # [N, S, D_L]
         return e + self.pos_embed.weight[: x.shape[1]]
 
 
@@ -201,11 +241,14 @@ class MegabyteForCausalLM(nn.Module):
         c = self.config
         p, t, dl = c["patch_size"], c["context"], c["local"]["width"]
         dg = c["global"]["width"] // p
-        self.patch_embedder = PatchEmbedder(t, p, dg)
-        self.add_module("global", Transformer(c["global"], c["norm"], dropout))  # `global` is a keyword
+        hashes = c.get("hash_ngrams")
+        hash_rows = len(hashes["sizes"]) * hashes["buckets"] if hashes else 0
+        self.patch_embedder = PatchEmbedder(t, p, dg, hash_rows)
+        qk_norm, mlp = bool(c.get("qk_norm")), c.get("mlp") or "gelu"
+        self.add_module("global", Transformer(c["global"], c["norm"], dropout, qk_norm, mlp))  # `global` is a keyword
         self.global_to_local = nn.Linear(dg, dl, bias=False)
-        self.local_embedder = LocalEmbedder(t if c.get("cross_patch") else p, dl)
-        self.local = Transformer(c["local"], c["norm"], dropout)
+        self.local_embedder = LocalEmbedder(t if c.get("cross_patch") else p, dl, hash_rows)
+        self.local = Transformer(c["local"], c["norm"], dropout, qk_norm, mlp)
         self.head = None if c["tied_head"] else nn.Linear(dl, V, bias=False)
         self._init_weights()
 
@@ -215,7 +258,8 @@ class MegabyteForCausalLM(nn.Module):
 
     def _init_weights(self):
         """Truncated normal (2 sigma) at init_std, as a fresh megabyte model starts (the patch
-        embedder at patch_embed_std, w_GL at init_std/sqrt(D_G) or zero); norms at 1 and 0."""
+        embedder at patch_embed_std, w_GL at init_std/sqrt(D_G) or zero, the attention output
+        and MLP down projections at zero with zero_init_proj); norms at 1 and 0."""
         c = self.config
         std = c["init_std"]
         pe_std = c.get("patch_embed_std") or std
@@ -225,6 +269,8 @@ class MegabyteForCausalLM(nn.Module):
             s = pe_std if name.startswith("patch_embedder.") else std
             if name == "global_to_local.weight":
                 s = 0.0 if c.get("zero_w_gl") else std / math.sqrt(w.shape[1])
+            if c.get("zero_init_proj") and name.endswith((".attn.proj.weight", ".mlp.down.weight")):
+                s = 0.0
             with torch.no_grad():
                 if s == 0.0:
                     w.zero_()
@@ -270,13 +316,16 @@ class MegabyteForCausalLM(nn.Module):
         x = x.long()
         b, t = x.shape
         k = t // p
-        h = self.patch_embedder(x, p)  # [B, K, P*D_G]
+        hashes = c.get("hash_ngrams")
+        ngrams = hash_ngram_rows(x, hashes["sizes"], hashes["buckets"]) if hashes else None  # [B, T, G]
+        h = self.patch_embedder(x, p, ngrams)  # [B, K, P*D_G]
         h = shift_one_patch(h, self.patch_embedder.global_pad)
         h = self.global_model(h)  # [B, K, P*D_G]
         context = self.global_to_local(h.reshape(b * k, p, -1))  # [B*K, P, D_L]
         local_bytes = x if c.get("cross_patch") else x.reshape(b * k, p)  # [N, S]
         n, s = local_bytes.shape
-        h = self.local(context.reshape(n, s, dl) + self.local_embedder(local_bytes))  # [N, S, D_L]
+        local_ngrams = None if ngrams is None else ngrams.reshape(n, s, -1)  # [N, S, G]
+        h = self.local(context.reshape(n, s, dl) + self.local_embedder(local_bytes, local_ngrams))  # [N, S, D_L]
         head = self.local_embedder.byte_embed.weight if self.head is None else self.head.weight
         return F.linear(h, head).reshape(b, t, V)
 

@@ -2,8 +2,9 @@
 //!
 //! - `config.json`: the [`ModelConfig`];
 //! - `model.safetensors`: every parameter by its contract name (ARCHITECTURE.md);
-//! - `optimizer.safetensors` and `train.json`: AdamW moments, step, RNG and data state (training
-//!   checkpoints only; eval and generate need just the first two).
+//! - `optimizer.safetensors` and `train.json`: AdamW moments (`m.*`, `v.*`), with Muon its
+//!   momentum buffers (`muon.*`), step, RNG and data state (training checkpoints only; eval
+//!   and generate need just the first two).
 //!
 //! A checkpoint is written into a hidden temporary folder, synced, then renamed into place, so
 //! a crash or a full disk never leaves a half-written `step-*` folder behind. Replacing a

@@ -20,6 +20,35 @@ pub enum NormKind {
     RmsNorm,
 }
 
+/// The activation of the blocks' MLP (`down(act(up(x)))`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// The exact (erf) GELU, as GPT-2 and the paper's models.
+    #[default]
+    Gelu,
+    /// ReLU²: max(x, 0)² (So et al. 2021, "Primer"; modded-nanogpt's MLP): cheaper than
+    /// GELU and sparse, with a derivative 2·max(x, 0) that grows with x.
+    Relu2,
+}
+
+impl Activation {
+    /// Every activation, in the order they are listed to users.
+    pub const ALL: &'static [Activation] = &[Activation::Gelu, Activation::Relu2];
+
+    /// The name users type (`--mlp NAME`), as in config.json.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Gelu => "gelu",
+            Activation::Relu2 => "relu2",
+        }
+    }
+
+    fn is_gelu(&self) -> bool {
+        *self == Activation::Gelu
+    }
+}
+
 /// One decoder-only causal transformer (pre-norm, attention + 4× MLP, no biases).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +136,72 @@ pub struct ModelConfig {
     /// a byte transformer (P = 1) with its input embedding at 1.0 trained worse on enwik8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub patch_embed_std: Option<f64>,
+    /// QK-norm, in both transformers: each head's query and key are RMS-normalised over the
+    /// head dimension, each scaled by a learned gain of head_dim entries (one for q, one for k
+    /// per block, shared by the heads, starting at 1), before the scores `q·k/√head_dim`; the
+    /// KV cache holds the normalised keys. SpaceByte found that byte models need QK layer norm
+    /// to train stably (`qk_layer_norm`, a LayerNorm with weight and bias over d_key);
+    /// modded-nanogpt's is parameterless and raises the attention scale to a tuned constant
+    /// instead. A parameterless norm caps every score at √head_dim (8 for heads of 64), which
+    /// limits how sharply a position can attend to one earlier byte, the copying a byte model
+    /// lives on; the gains let each block learn its own temperature for 2·head_dim parameters,
+    /// with no constant to tune. RMS without centring, as in the blocks' RMSNorm.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm: bool,
+    /// The MLP's activation in both transformers: GELU (the default, absent from config.json)
+    /// or ReLU².
+    #[serde(default, skip_serializing_if = "Activation::is_gelu")]
+    pub mlp: Activation,
+    /// Every block's attention output projection and MLP down projection start at zero
+    /// (drawn all the same, so every other parameter keeps its value), as in modded-nanogpt:
+    /// each block starts as the identity on the residual stream, and the first step gives the
+    /// zero matrices their gradients (which do not need them nonzero), then the blocks below
+    /// train through them. The init_std draw stays for everything else.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zero_init_proj: bool,
+    /// Hash n-gram embeddings (BLT, Pagnoni et al. 2024): for each size n, the n bytes
+    /// ending at a byte are hashed into one of `buckets` rows of a table of the patch
+    /// embedder (D_G wide) and one of the local embedder (D_L wide), whose rows are added to
+    /// that byte's own embedding wherever it is used: the global model then sees, in each
+    /// byte slot of a patch, the bytes before it as well. Bytes before the sequence count as
+    /// a 257th value, so a window's first bytes hash as the window alone shows them.
+    /// Training and evaluation only for now: cached decoding refuses such models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_ngrams: Option<HashNgrams>,
+}
+
+/// The n-gram sizes and table rows of [`ModelConfig::hash_ngrams`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashNgrams {
+    /// n of each n-gram (2 to 8, distinct), e.g. [3, 4, 5].
+    pub sizes: Vec<usize>,
+    /// Rows of each size's section of the tables.
+    pub buckets: usize,
+}
+
+impl HashNgrams {
+    /// The Mersenne prime 2³¹ − 1 the rolling hash reduces by: every intermediate value stays
+    /// below 2³¹·257 < 2⁴⁰, exact in any integer type and in f64.
+    pub const MODULUS: u64 = (1 << 31) - 1;
+
+    /// Table row of the n-gram of `bytes` ending at position `t` (bytes before 0 count as
+    /// 256), in section `i` (size `sizes[i]`): h = n, then h ← (257·h + b + 1) mod (2³¹ − 1)
+    /// over the bytes from t back to t − n + 1, row i·buckets + h mod buckets.
+    pub fn row(&self, i: usize, bytes: &[u8], t: usize) -> usize {
+        let n = self.sizes[i];
+        let mut h = n as u64;
+        for k in 0..n {
+            let b = if k <= t { bytes[t - k] as u64 } else { 256 };
+            h = (257 * h + b + 1) % Self::MODULUS;
+        }
+        i * self.buckets + (h % self.buckets as u64) as usize
+    }
+
+    /// Rows of the tables: one section of `buckets` per size.
+    pub fn rows(&self) -> usize {
+        self.sizes.len().saturating_mul(self.buckets)
+    }
 }
 
 pub const PRESETS: &[&str] = &[
@@ -144,6 +239,10 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
+                zero_init_proj: false,
+                hash_ngrams: None,
             },
             "enwik8" => ModelConfig {
                 patch_size: 8,
@@ -156,6 +255,10 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
+                zero_init_proj: false,
+                hash_ngrams: None,
             },
             // RESULTS.md's `xp8-g768x4-l512x11-w1024-t1024-z-pe1`: P = 8, T = 1,024, a small
             // global model (768 × 4) and a local model of the baseline's layers less one that
@@ -172,6 +275,10 @@ impl ModelConfig {
                 cross_patch: true,
                 zero_w_gl: true,
                 patch_embed_std: Some(1.0),
+                qk_norm: false,
+                mlp: Activation::Gelu,
+                zero_init_proj: false,
+                hash_ngrams: None,
             },
             "paper-arxiv" => ModelConfig {
                 patch_size: 8,
@@ -184,6 +291,10 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
+                zero_init_proj: false,
+                hash_ngrams: None,
             },
             "paper-pg19" => ModelConfig {
                 patch_size: 8,
@@ -196,6 +307,10 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
+                zero_init_proj: false,
+                hash_ngrams: None,
             },
             // Byte-transformer baselines (paper §5, Table 2's "Transformer"): one level, full
             // causal attention over bytes. Expressed as MEGABYTE with P = 1 and no local
@@ -212,6 +327,10 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
+                zero_init_proj: false,
+                hash_ngrams: None,
             },
             // RESULTS.md's `byte-512x12`, `enwik8-10min`'s baseline: 38.8M parameters, 304M
             // FLOPs per byte.
@@ -226,6 +345,10 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
+                zero_init_proj: false,
+                hash_ngrams: None,
             },
             "byte-350m" => ModelConfig {
                 patch_size: 1,
@@ -238,6 +361,10 @@ impl ModelConfig {
                 cross_patch: false,
                 zero_w_gl: false,
                 patch_embed_std: None,
+                qk_norm: false,
+                mlp: Activation::Gelu,
+                zero_init_proj: false,
+                hash_ngrams: None,
             },
             other => {
                 return Err(Error::Config(format!(
@@ -322,6 +449,17 @@ impl ModelConfig {
                 return bad(format!("patch_embed_std must be positive (or absent for init_std), got {std}"));
             }
         }
+        if let Some(h) = &self.hash_ngrams {
+            let mut sizes = h.sizes.clone();
+            sizes.sort_unstable();
+            sizes.dedup();
+            if h.sizes.is_empty() || sizes.len() != h.sizes.len() || h.sizes.iter().any(|&n| !(2..=8).contains(&n)) {
+                return bad(format!("hash_ngrams.sizes must be distinct n-gram sizes from 2 to 8, got {:?}", h.sizes));
+            }
+            if !(1..=1 << 24).contains(&h.buckets) {
+                return bad(format!("hash_ngrams.buckets must be 1 to 16777216, got {}", h.buckets));
+            }
+        }
         // Every count derived from the shape must fit a machine word: a larger model could not
         // be allocated, and its counts would wrap around.
         if self.checked_param_counts().is_none() || self.kv_cache_elems().is_none() {
@@ -345,7 +483,15 @@ impl ModelConfig {
         let (p, t, dg, dl) = (self.patch_size, self.context, self.d_global(), self.local.width);
         let sum = |terms: &[Option<usize>]| terms.iter().try_fold(0usize, |acc, &x| acc.checked_add(x?));
         // patch embedder: byte table, byte positions, global pad; plus the global transformer
-        let global = sum(&[V.checked_mul(dg), t.checked_mul(dg), p.checked_mul(dg), self.global.checked_params(self.norm)])?;
+        let hash_rows = self.hash_ngrams.as_ref().map_or(0, HashNgrams::rows);
+        let global = sum(&[
+            V.checked_mul(dg),
+            t.checked_mul(dg),
+            p.checked_mul(dg),
+            self.global.checked_params(self.norm),
+            self.qk_gains(&self.global),
+            hash_rows.checked_mul(dg),
+        ])?;
         // w_GL, local byte table, local positions, local pad, local transformer, untied head
         let head = if self.tied_head { 0 } else { V.checked_mul(dl)? };
         let local = sum(&[
@@ -354,9 +500,19 @@ impl ModelConfig {
             self.local_positions().checked_mul(dl),
             Some(dl),
             self.local.checked_params(self.norm),
+            self.qk_gains(&self.local),
+            hash_rows.checked_mul(dl),
             Some(head),
         ])?;
         Some(ParamCounts { global, local, total: global.checked_add(local)? })
+    }
+
+    /// The QK-norm gains of one transformer: a q and a k gain of head_dim entries per block.
+    fn qk_gains(&self, t: &TransformerConfig) -> Option<usize> {
+        if !self.qk_norm {
+            return Some(0);
+        }
+        t.layers.checked_mul(2)?.checked_mul(t.width.checked_div(t.heads)?)
     }
 
     /// Elements of one sequence's KV caches (keys and values of every layer: the global model

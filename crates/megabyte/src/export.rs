@@ -63,6 +63,10 @@ pub fn hf_config(cfg: &ModelConfig) -> Result<Value> {
     fields.entry("cross_patch").or_insert(json!(false));
     fields.entry("zero_w_gl").or_insert(json!(false));
     fields.entry("patch_embed_std").or_insert(Value::Null);
+    fields.entry("qk_norm").or_insert(json!(false));
+    fields.entry("mlp").or_insert(json!("gelu"));
+    fields.entry("zero_init_proj").or_insert(json!(false));
+    fields.entry("hash_ngrams").or_insert(Value::Null);
     let mut out = Map::new();
     out.insert("model_type".into(), json!(MODEL_TYPE));
     out.insert("architectures".into(), json!([ARCHITECTURE]));

@@ -26,7 +26,7 @@ pub mod ops;
 pub mod optim;
 pub mod train;
 
-pub use config::{ModelConfig, NormKind, Precision, TransformerConfig, Workload, V};
+pub use config::{Activation, HashNgrams, ModelConfig, NormKind, Precision, TransformerConfig, Workload, V};
 pub use error::{Error, Result};
 pub use candle_core::{DType, Device, Tensor, Var};
 pub use gpu::device;

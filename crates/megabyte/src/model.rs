@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{ModelConfig, V};
 use crate::error::{Error, Result};
 use crate::grad::{sum_rows, Grads};
-use crate::nn::{Dropout, Init, KvCache, Linear, Params, Transformer};
+use crate::nn::{BlockOptions, Dropout, Init, KvCache, Linear, Params, Transformer};
 use crate::ops::{self, accumulation_dtype};
 
 /// §2.2.1: byte embeddings plus learned byte positions, concatenated into patches.
@@ -20,15 +20,18 @@ pub struct PatchEmbedder {
     pub(crate) byte_embed: Tensor, // E_global_embed [V, D_G]
     pub(crate) pos_embed: Tensor,  // E_pos [T, D_G]
     pub(crate) global_pad: Tensor, // E_global_pad [P·D_G]
+    /// Hash n-gram table [G·buckets, D_G] (`hash_ngrams`).
+    pub(crate) hash_embed: Option<Tensor>,
     patch_size: usize,
 }
 
 impl PatchEmbedder {
-    /// bytes [B, n·P] at positions start..start+n·P → patch embeddings [B, n, P·D_G] in `act`.
-    fn forward(&self, bytes: &Tensor, start: usize, act: DType) -> Result<Tensor> {
+    /// bytes [B, n·P] at positions start..start+n·P → patch embeddings [B, n, P·D_G] in `act`;
+    /// `ngrams`: the bytes' hash n-gram rows [B, n·P, G] (with `hash_ngrams`).
+    fn forward(&self, bytes: &Tensor, ngrams: Option<&Tensor>, start: usize, act: DType) -> Result<Tensor> {
         let (b, len) = bytes.dims2()?;
         let dg = self.byte_embed.dim(1)?;
-        let h = embed(&self.byte_embed, bytes)?; // [B, len, D_G]
+        let h = with_ngrams(embed(&self.byte_embed, bytes)?, self.hash_embed.as_ref(), ngrams)?; // [B, len, D_G]
         let h = h.broadcast_add(&self.pos_embed.narrow(0, start, len)?.detach())?.to_dtype(act)?;
         Ok(h.reshape((b, len / self.patch_size, self.patch_size * dg))?) // [B, n, P·D_G]
     }
@@ -70,15 +73,18 @@ pub struct LocalEmbedder {
     pub(crate) byte_embed: Tensor, // E_local_embed [V, D_L], also the tied head
     pub(crate) pos_embed: Tensor,  // [P, D_L], or [T, D_L] with cross-patch attention
     pub(crate) local_pad: Tensor,  // E_local_pad [D_L]
+    /// Hash n-gram table [G·buckets, D_L] (`hash_ngrams`).
+    pub(crate) hash_embed: Option<Tensor>,
 }
 
 impl LocalEmbedder {
     /// bytes [N, S] (one patch, or with cross-patch attention a whole window) → local inputs
-    /// [N, S, D_L] in `act`: the previous byte's embedding (the pad at position 0) plus the
-    /// position in the local sequence.
-    fn forward(&self, bytes: &Tensor, act: DType) -> Result<Tensor> {
+    /// [N, S, D_L] in `act`: the previous byte's embedding (with its hash n-grams' rows
+    /// `ngrams` [N, S, G], from the whole row) or the pad at position 0, plus the position in
+    /// the local sequence.
+    fn forward(&self, bytes: &Tensor, ngrams: Option<&Tensor>, act: DType) -> Result<Tensor> {
         let s = bytes.dim(1)?;
-        let e = embed(&self.byte_embed, bytes)?; // [N, S, D_L]
+        let e = with_ngrams(embed(&self.byte_embed, bytes)?, self.hash_embed.as_ref(), ngrams)?; // [N, S, D_L]
         let e = shift_one_byte(&e, &self.local_pad)?;
         Ok(e.broadcast_add(&self.pos_embed.narrow(0, 0, s)?.detach())?.to_dtype(act)?)
     }
@@ -129,25 +135,33 @@ impl MegaByte {
         let (p, t, dg, dl, std) = (cfg.patch_size, cfg.context, cfg.d_global(), cfg.local.width, cfg.init_std);
         let n = Init::TruncNormal(std);
         let pe = Init::TruncNormal(cfg.patch_embed_std.unwrap_or(std));
-        let patch_embedder = PatchEmbedder {
+        let mut patch_embedder = PatchEmbedder {
             byte_embed: params.get("patch_embedder.byte_embed.weight", &[V, dg], pe)?,
             pos_embed: params.get("patch_embedder.pos_embed.weight", &[t, dg], pe)?,
             global_pad: params.get("patch_embedder.global_pad", &[p * dg], pe)?,
+            hash_embed: None,
             patch_size: p,
         };
-        let global = Transformer::new(params, "global", &cfg.global, cfg.norm, std)?;
+        let blocks = BlockOptions::of(cfg);
+        let global = Transformer::new(params, "global", &cfg.global, blocks, std)?;
         // w_GL reads the global model's normed output (unit scale per element): std/√D_G gives
         // its projection the scale of the local byte embedding it is added to. Zero (drawn
         // all the same, so every other parameter keeps its value) with `zero_w_gl`.
         let w_gl_std = if cfg.zero_w_gl { 0.0 } else { std / (dg as f64).sqrt() };
         let global_to_local = Linear::new(params, "global_to_local", dg, dl, w_gl_std)?;
-        let local_embedder = LocalEmbedder {
+        let mut local_embedder = LocalEmbedder {
             byte_embed: params.get("local_embedder.byte_embed.weight", &[V, dl], n)?,
             pos_embed: params.get("local_embedder.pos_embed.weight", &[cfg.local_positions(), dl], n)?,
             local_pad: params.get("local_embedder.local_pad", &[dl], n)?,
+            hash_embed: None,
         };
-        let local = Transformer::new(params, "local", &cfg.local, cfg.norm, std)?;
+        let local = Transformer::new(params, "local", &cfg.local, blocks, std)?;
         let head = if cfg.tied_head { None } else { Some(Linear::new(params, "head", dl, V, std)?) };
+        // Drawn last, so that every other parameter keeps the value it has without them.
+        if let Some(h) = &cfg.hash_ngrams {
+            patch_embedder.hash_embed = Some(params.get("patch_embedder.hash_embed.weight", &[h.rows(), dg], pe)?);
+            local_embedder.hash_embed = Some(params.get("local_embedder.hash_embed.weight", &[h.rows(), dl], n)?);
+        }
         let act = params.dtype();
         Ok(MegaByte { cfg: cfg.clone(), patch_embedder, global, global_to_local, local_embedder, local, head, act })
     }
@@ -190,12 +204,14 @@ impl MegaByte {
     /// `logits[:, t]` is the prediction of byte t from bytes < t.
     pub fn logits(&self, bytes: &Tensor) -> Result<Tensor> {
         let (b, t) = self.check_input(bytes)?;
-        let h = self.patch_embedder.forward(bytes, 0, self.act)?; // [B, K, P·D_G]
+        let ngrams = self.ngram_rows(bytes)?; // [B, T', G]
+        let h = self.patch_embedder.forward(bytes, ngrams.as_ref(), 0, self.act)?; // [B, K, P·D_G]
         let h = shift_one_patch(&h, &self.patch_embedder.global_pad)?; // [B, K, P·D_G]
         let h = self.global.forward(&h)?; // [B, K, P·D_G]
         let context = self.global_to_local(&h)?; // [B·K, P, D_L]
         let local_bytes = self.local_sequences(bytes)?; // [N, S]: patches, or whole windows
-        let local_in = self.local_embedder.forward(&local_bytes, self.act)?; // [N, S, D_L]
+        let local_ngrams = self.local_ngram_rows(ngrams.as_ref(), &local_bytes)?; // [N, S, G]
+        let local_in = self.local_embedder.forward(&local_bytes, local_ngrams.as_ref(), self.act)?; // [N, S, D_L]
         let h = self.local.forward(&(context.reshape(local_in.shape())? + local_in)?)?; // [N, S, D_L]
         let logits = self.head(&h)?; // [N, S, V]
         Ok(logits.reshape((b, t, V))?)
@@ -241,13 +257,15 @@ impl MegaByte {
         let le = &self.local_embedder;
         let head = self.head_linear();
         // Forward, keeping what the backward pass reads.
-        let h0 = pe.forward(bytes, 0, self.act)?; // [B, K, P·D_G]
+        let ngrams = self.ngram_rows(bytes)?; // [B, T', G]
+        let h0 = pe.forward(bytes, ngrams.as_ref(), 0, self.act)?; // [B, K, P·D_G]
         let hin = shift_one_patch(&h0, &pe.global_pad)?;
         let (hg, global_saved) = self.global.forward_saved(&hin, pass.recompute, pass.dropout(false, b, b))?;
         let hg = hg.reshape((b * k, p, dg))?; // [B·K, P, D_G]
         let (w_gl, context) = self.global_to_local.fwd(&hg)?; // [B·K, P, D_L]
         let local_bytes = self.local_sequences(bytes)?; // [N, S]
-        let local_in = le.forward(&local_bytes, self.act)?; // [N, S, D_L]
+        let local_ngrams = self.local_ngram_rows(ngrams.as_ref(), &local_bytes)?; // [N, S, G]
+        let local_in = le.forward(&local_bytes, local_ngrams.as_ref(), self.act)?; // [N, S, D_L]
         let local_drop = pass.dropout(true, local_bytes.dim(0)?, b);
         let (hl, local_saved) = self.local.forward_saved(&(context.reshape(local_in.shape())? + local_in)?, pass.recompute, local_drop)?;
         let (n, s) = local_bytes.dims2()?;
@@ -272,6 +290,9 @@ impl MegaByte {
         grads.add(&le.local_pad, sum_rows(&dlocal.narrow(1, 0, 1)?.reshape((n, dl))?)?)?;
         let dembed = shift_back(&dlocal)?; // byte j's embedding fed position j + 1
         grads.add(&le.byte_embed, ops::embedding::backward(&le.byte_embed, &local_bytes, &dembed)?)?;
+        if let (Some(table), Some(ids)) = (&le.hash_embed, &local_ngrams) {
+            grads.add(table, ngram_backward(table, ids, &dembed)?)?;
+        }
         let dhg = self.global_to_local.bwd(&hg, &w_gl, &dx.reshape((b * k, p, dl))?, &mut grads)?;
         let dhin = self.global.backward(global_saved, &dhg.reshape((b, k, p * dg))?, &mut grads)?;
         // hin = shift_one_patch(E_global[bytes] + positions)
@@ -281,7 +302,45 @@ impl MegaByte {
         let dpos = pad_rows(sum_rows(&dh0.reshape((b, t * dg))?)?.reshape((t, dg))?, self.cfg.context)?;
         grads.add(&pe.pos_embed, dpos)?;
         grads.add(&pe.byte_embed, ops::embedding::backward(&pe.byte_embed, bytes, &dh0)?)?;
+        if let (Some(table), Some(ids)) = (&pe.hash_embed, &ngrams) {
+            grads.add(table, ngram_backward(table, ids, &dh0)?)?;
+        }
         Ok((losses, grads))
+    }
+
+    /// The hash n-gram rows [B, T', G] of bytes [B, T'] (`hash_ngrams`; None without), each
+    /// row hashed as it alone shows its bytes. Computed on the host.
+    fn ngram_rows(&self, bytes: &Tensor) -> Result<Option<Tensor>> {
+        let Some(h) = &self.cfg.hash_ngrams else { return Ok(None) };
+        let (b, t) = bytes.dims2()?;
+        let g = h.sizes.len();
+        let mut ids = Vec::with_capacity(b * t * g);
+        for row in bytes.to_vec2::<u32>()? {
+            let row: Vec<u8> = row.iter().map(|&x| x as u8).collect();
+            for pos in 0..t {
+                ids.extend((0..g).map(|i| h.row(i, &row, pos) as u32));
+            }
+        }
+        Ok(Some(Tensor::from_vec(ids, (b, t, g), bytes.device())?))
+    }
+
+    /// [`MegaByte::ngram_rows`] laid out as the local sequences `local_bytes` [N, S]: [N, S, G].
+    fn local_ngram_rows(&self, ngrams: Option<&Tensor>, local_bytes: &Tensor) -> Result<Option<Tensor>> {
+        let (n, s) = local_bytes.dims2()?;
+        ngrams.map(|ids| Ok(ids.reshape((n, s, ids.dim(2)?))?)).transpose()
+    }
+
+    /// Cached decoding of a model with hash n-gram embeddings is not written yet: its steps
+    /// would need the bytes before each position, which they are not given.
+    fn check_cached_decoding(&self) -> Result<()> {
+        if self.cfg.hash_ngrams.is_some() {
+            return Err(Error::Input(
+                "this model has hash n-gram embeddings (hash_ngrams), which cached decoding does not support yet: \
+                 score it with `megabyte eval` (full forward passes); generate and serve need a model without them"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The local model's sequences: bytes [B, T'] as patches [B·K, P], or (cross-patch
@@ -367,6 +426,7 @@ impl MegaByte {
     /// The global model's outputs [B, s, P·D_G] for the s positions `patches` (and the pad,
     /// with an empty cache) add to `cache`.
     fn global_forward(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        self.check_cached_decoding()?;
         let p = self.cfg.patch_size;
         let start_pos = cache.len(); // global positions already cached
         let input = match patches {
@@ -380,7 +440,7 @@ impl MegaByte {
                         self.cfg.context
                     )));
                 }
-                let h = self.patch_embedder.forward(bytes, first_byte, self.act)?; // [B, m, P·D_G]
+                let h = self.patch_embedder.forward(bytes, None, first_byte, self.act)?; // [B, m, P·D_G]
                 if start_pos == 0 {
                     let (b, _, w) = h.dims3()?;
                     let pad = self.patch_embedder.global_pad.to_dtype(self.act)?.reshape((1, 1, w))?.broadcast_as((b, 1, w))?;
@@ -409,6 +469,7 @@ impl MegaByte {
     /// gets the pad). The position in the local sequence (the patch, or with cross-patch
     /// attention the window) is the local cache's length. Returns logits [B, V].
     pub fn local_step(&self, context: &Tensor, prev: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        self.check_cached_decoding()?;
         let pos = cache.len();
         if pos >= self.cfg.local_positions() {
             return Err(Error::Input("local_step: the local sequence is complete; reset the local cache".into()));
@@ -429,6 +490,7 @@ impl MegaByte {
     /// row past its pad): one completed patch per row, patches [B, P], each continuing its own
     /// row at its own byte position. Returns the next patch's local contexts [B, P, D_L].
     pub(crate) fn global_step_rows(&self, patches: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.check_cached_decoding()?;
         let (b, p) = patches.dims2()?;
         // Row r holds the pad and the patches before this one, which starts at byte (ℓ_r − 1)·P.
         let lens = cache.row_lens(b);
@@ -445,6 +507,7 @@ impl MegaByte {
     /// (`None` at its local sequence's first position: the pad), its position the number of
     /// positions its row of `cache` holds. context: [B, D_L] → logits [B, V].
     pub(crate) fn local_step_rows(&self, context: &Tensor, prev: &[Option<u8>], cache: &mut KvCache) -> Result<Tensor> {
+        self.check_cached_decoding()?;
         let (b, dl) = context.dims2()?;
         let positions = cache.row_lens(b);
         if prev.len() != b || positions.iter().any(|&pos| pos >= self.cfg.local_positions()) {
@@ -471,6 +534,7 @@ impl MegaByte {
     /// an empty `cache`. contexts: [B, ≥ n, D_L] (from [`MegaByte::global_contexts`]), bytes
     /// [B, n].
     pub fn local_prefill(&self, contexts: &Tensor, bytes: &Tensor, cache: &mut KvCache) -> Result<()> {
+        self.check_cached_decoding()?;
         let (_, n) = bytes.dims2()?;
         if !self.cfg.cross_patch || cache.len() != 0 || n > self.cfg.context {
             return Err(Error::Input("local_prefill: cross-patch models only, from an empty cache, within the context".into()));
@@ -478,7 +542,7 @@ impl MegaByte {
         if n == 0 {
             return Ok(());
         }
-        let x = (contexts.narrow(1, 0, n)? + self.local_embedder.forward(bytes, self.act)?)?; // [B, n, D_L]
+        let x = (contexts.narrow(1, 0, n)? + self.local_embedder.forward(bytes, None, self.act)?)?; // [B, n, D_L]
         self.local.forward_cached(&x, cache)?;
         Ok(())
     }
@@ -516,4 +580,25 @@ fn shift_back(dy: &Tensor) -> Result<Tensor> {
 /// Embedding lookup: table [V, D] and ids [..] → [.., D].
 fn embed(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
     Ok(ops::embedding::forward(table, ids)?)
+}
+
+/// An embedding [.., D] plus the sum of its hash n-gram rows `ids` [.., G] of `table` (when
+/// both are given).
+fn with_ngrams(e: Tensor, table: Option<&Tensor>, ids: Option<&Tensor>) -> Result<Tensor> {
+    match (table, ids) {
+        (Some(table), Some(ids)) => {
+            let rank = ids.rank();
+            Ok((e + embed(table, ids)?.sum(rank - 1)?)?) // rows [.., G, D] summed over G
+        }
+        _ => Ok(e),
+    }
+}
+
+/// The gradient of a hash n-gram table from d(embedding) [.., D] at its rows `ids` [.., G]:
+/// every one of the G rows gets the embedding's gradient.
+fn ngram_backward(table: &Tensor, ids: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let mut shape = ids.dims().to_vec();
+    shape.push(dy.dim(candle_core::D::Minus1)?);
+    let dy = dy.unsqueeze(ids.rank() - 1)?.broadcast_as(shape)?.contiguous()?; // [.., G, D]
+    Ok(ops::embedding::backward(table, ids, &dy)?)
 }

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{NormKind, TransformerConfig};
+use crate::config::{Activation, NormKind, TransformerConfig};
 use crate::error::{Error, Result};
 use crate::grad::Grads;
 use crate::ops::{self, accumulation_dtype};
@@ -349,10 +349,82 @@ impl KvCache {
     }
 }
 
+/// The options of every block of a model (the config's, shared by both transformers).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockOptions {
+    pub norm: NormKind,
+    /// QK-norm ([`crate::ModelConfig::qk_norm`]).
+    pub qk_norm: bool,
+    /// The MLP's activation.
+    pub mlp: Activation,
+    /// The attention output and MLP down projections start at zero.
+    pub zero_init_proj: bool,
+}
+
+impl BlockOptions {
+    pub fn of(cfg: &crate::ModelConfig) -> Self {
+        BlockOptions { norm: cfg.norm, qk_norm: cfg.qk_norm, mlp: cfg.mlp, zero_init_proj: cfg.zero_init_proj }
+    }
+
+    /// The initial std of the projections back into the residual stream (attention output,
+    /// MLP down): 0 with `zero_init_proj`, else `std`.
+    fn proj_std(&self, std: f64) -> f64 {
+        if self.zero_init_proj {
+            0.0
+        } else {
+            std
+        }
+    }
+}
+
+/// QK-norm: each head's query and key RMS-normalised over the head dimension, times a gain
+/// of head_dim entries (one for q, one for k, shared by the heads). The fused norm op on the
+/// q and k slices of the fused qkv, seen as [N, S·H, head_dim].
+#[derive(Clone, Debug)]
+pub struct QkNorm {
+    pub(crate) q: Norm,
+    pub(crate) k: Norm,
+}
+
+impl QkNorm {
+    fn new(p: &mut Params, name: &str, head_dim: usize) -> Result<Self> {
+        Ok(QkNorm {
+            q: Norm::new(p, &format!("{name}.q_norm"), NormKind::RmsNorm, head_dim)?,
+            k: Norm::new(p, &format!("{name}.k_norm"), NormKind::RmsNorm, head_dim)?,
+        })
+    }
+
+    /// qkv [N, S, 3D] → the same with q and k normalised per head; v as it is.
+    fn forward(&self, qkv: &Tensor, heads: usize) -> Result<Tensor> {
+        let (n, s, d) = (qkv.dim(0)?, qkv.dim(1)?, qkv.dim(2)? / 3);
+        let q = self.q.fwd(&heads_of(qkv, 0, heads)?, None)?.1.reshape((n, s, d))?;
+        let k = self.k.fwd(&heads_of(qkv, 1, heads)?, None)?.1.reshape((n, s, d))?;
+        Ok(Tensor::cat(&[&q, &k, &qkv.narrow(2, 2 * d, d)?], 2)?) // [N, S, 3D]
+    }
+
+    /// d(qkv) from d(the normalised qkv) at the forward's input `qkv`, adding the gains'
+    /// gradients to `grads`.
+    fn backward(&self, qkv: &Tensor, dqkv: &Tensor, heads: usize, grads: &mut Grads) -> Result<Tensor> {
+        let (n, s, d) = (qkv.dim(0)?, qkv.dim(1)?, qkv.dim(2)? / 3);
+        let dq = self.q.bwd(&heads_of(qkv, 0, heads)?, &heads_of(dqkv, 0, heads)?, None, grads)?.reshape((n, s, d))?;
+        let dk = self.k.bwd(&heads_of(qkv, 1, heads)?, &heads_of(dqkv, 1, heads)?, None, grads)?.reshape((n, s, d))?;
+        Ok(Tensor::cat(&[&dq, &dk, &dqkv.narrow(2, 2 * d, d)?], 2)?) // [N, S, 3D]
+    }
+}
+
+/// Part `i` (0 q, 1 k, 2 v) of a fused qkv [N, S, 3D], one row per head: [N, S·H, head_dim].
+fn heads_of(qkv: &Tensor, i: usize, heads: usize) -> Result<Tensor> {
+    let (n, s, d3) = qkv.dims3()?;
+    let d = d3 / 3;
+    Ok(qkv.narrow(2, i * d, d)?.contiguous()?.reshape((n, s * heads, d / heads))?)
+}
+
 /// Multi-head causal self-attention with fused qkv projection.
 #[derive(Clone, Debug)]
 pub struct Attention {
     pub(crate) qkv: Linear,
+    /// QK-norm, when the config asks for it.
+    pub(crate) qk_norm: Option<QkNorm>,
     pub(crate) proj: Linear,
     pub(crate) heads: usize,
     /// Sliding window (positions seen, itself included); None: full causal.
@@ -360,21 +432,28 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, std: f64) -> Result<Self> {
+    fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, opts: BlockOptions, std: f64) -> Result<Self> {
         let d = cfg.width;
-        Ok(Attention {
-            qkv: Linear::new(p, &format!("{name}.qkv"), d, 3 * d, std)?,
-            proj: Linear::new(p, &format!("{name}.proj"), d, d, std)?,
-            heads: cfg.heads,
-            window: cfg.window,
-        })
+        let qkv = Linear::new(p, &format!("{name}.qkv"), d, 3 * d, std)?;
+        let qk_norm = if opts.qk_norm { Some(QkNorm::new(p, name, cfg.head_dim())?) } else { None };
+        let proj = Linear::new(p, &format!("{name}.proj"), d, d, opts.proj_std(std))?;
+        Ok(Attention { qkv, qk_norm, proj, heads: cfg.heads, window: cfg.window })
+    }
+
+    /// The fused qkv as attention reads it: with QK-norm, q and k normalised.
+    fn normed(&self, qkv: &Tensor) -> Result<Tensor> {
+        match &self.qk_norm {
+            Some(qk) => qk.forward(qkv, self.heads),
+            None => Ok(qkv.clone()),
+        }
     }
 
     /// The S new positions of x [N, S, D] after the `len` in the layer's cache buffers, into
-    /// which it writes their keys and values; row n sees no key before slot `starts[n]`.
+    /// which it writes their keys and values (normalised, with QK-norm); row n sees no key
+    /// before slot `starts[n]`.
     fn forward_cached(&self, x: &Tensor, layer: &LayerCache, len: usize, starts: &[usize]) -> Result<Tensor> {
         let (_, s, d) = x.dims3()?;
-        let qkv = self.qkv.forward(x)?; // [N, S, 3D]
+        let qkv = self.normed(&self.qkv.forward(x)?)?; // [N, S, 3D]
         ops::attention::kv_append(&qkv, &layer.k, &layer.v, len)?;
         let (k, v) = (layer.k.narrow(1, 0, len + s)?, layer.v.narrow(1, 0, len + s)?); // [N, len + S, D]
         let y = ops::attention::cached_from(&qkv.narrow(2, 0, d)?, &k, &v, self.heads, self.window, starts)?; // [N, S, D]
@@ -382,16 +461,17 @@ impl Attention {
     }
 }
 
-/// The 4× feed-forward layer with exact (erf) GELU.
+/// The 4× feed-forward layer: exact (erf) GELU, or ReLU².
 #[derive(Clone, Debug)]
 pub struct Mlp {
     pub(crate) up: Linear,
     pub(crate) down: Linear,
+    pub(crate) act: Activation,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down.forward(&ops::pointwise::gelu(&self.up.forward(x)?)?)
+        self.down.forward(&ops::pointwise::activation(&self.up.forward(x)?, self.act)?)
     }
 }
 
@@ -437,6 +517,8 @@ pub(crate) struct BlockSaved {
     x: Tensor,
     h1: Tensor,
     qkv: Tensor,
+    /// With QK-norm: qkv with q and k normalised (what attention read); else None.
+    qkv_normed: Option<Tensor>,
     y: Tensor,
     lse: Option<Tensor>,
     x1: Tensor,
@@ -450,15 +532,16 @@ pub(crate) struct BlockSaved {
 }
 
 impl Block {
-    fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, norm: NormKind, std: f64) -> Result<Self> {
+    fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, opts: BlockOptions, std: f64) -> Result<Self> {
         let d = cfg.width;
         Ok(Block {
-            attn_norm: Norm::new(p, &format!("{name}.attn_norm"), norm, d)?,
-            attn: Attention::new(p, &format!("{name}.attn"), cfg, std)?,
-            mlp_norm: Norm::new(p, &format!("{name}.mlp_norm"), norm, d)?,
+            attn_norm: Norm::new(p, &format!("{name}.attn_norm"), opts.norm, d)?,
+            attn: Attention::new(p, &format!("{name}.attn"), cfg, opts, std)?,
+            mlp_norm: Norm::new(p, &format!("{name}.mlp_norm"), opts.norm, d)?,
             mlp: Mlp {
                 up: Linear::new(p, &format!("{name}.mlp.up"), d, 4 * d, std)?,
-                down: Linear::new(p, &format!("{name}.mlp.down"), 4 * d, d, std)?,
+                down: Linear::new(p, &format!("{name}.mlp.down"), 4 * d, d, opts.proj_std(std))?,
+                act: opts.mlp,
             },
         })
     }
@@ -469,25 +552,30 @@ impl Block {
     fn forward(&self, base: &Tensor, delta: Option<&Tensor>, drop: Option<(Dropout, usize)>) -> Result<((Tensor, Tensor), BlockSaved)> {
         let (x, h1) = self.attn_norm.fwd(base, delta)?; // [N, S, D]
         let (w_qkv, qkv) = self.attn.qkv.fwd(&h1)?; // [N, S, 3D]
-        let (y, lse) = ops::attention::forward(&qkv, self.attn.heads, self.attn.window)?; // [N, S, D]
+        let qkv_normed = self.attn.qk_norm.as_ref().map(|qk| qk.forward(&qkv, self.attn.heads)).transpose()?;
+        let (y, lse) = ops::attention::forward(qkv_normed.as_ref().unwrap_or(&qkv), self.attn.heads, self.attn.window)?; // [N, S, D]
         let (w_proj, a) = self.attn.proj.fwd(&y)?;
         let (x1, h2) = self.mlp_norm.fwd(&x, Some(&dropped(a, drop, 0)?))?;
         let (w_up, u) = self.mlp.up.fwd(&h2)?; // [N, S, 4D]
-        let g = ops::pointwise::gelu(&u)?;
+        let g = ops::pointwise::activation(&u, self.mlp.act)?;
         let (w_down, m) = self.mlp.down.fwd(&g)?; // [N, S, D]
         let w = [w_qkv, w_proj, w_up, w_down];
-        Ok(((x1.clone(), dropped(m, drop, 1)?), BlockSaved { x, h1, qkv, y, lse, x1, h2, u, g, w, drop }))
+        Ok(((x1.clone(), dropped(m, drop, 1)?), BlockSaved { x, h1, qkv, qkv_normed, y, lse, x1, h2, u, g, w, drop }))
     }
 
     fn backward(&self, s: BlockSaved, dout: &Tensor, grads: &mut Grads) -> Result<Tensor> {
         let [w_qkv, w_proj, w_up, w_down] = &s.w;
         // dropout is linear and its own backward: d(branch) = dropout(d(dropped branch))
         let dg = self.mlp.down.bwd(&s.g, w_down, &dropped(dout.clone(), s.drop, 1)?, grads)?;
-        let du = ops::pointwise::gelu_backward(&s.u, &dg)?;
+        let du = ops::pointwise::activation_backward(&s.u, &dg, self.mlp.act)?;
         let dh2 = self.mlp.up.bwd(&s.h2, w_up, &du, grads)?;
         let dx1 = self.mlp_norm.bwd(&s.x1, &dh2, Some(dout), grads)?;
         let dy = self.attn.proj.bwd(&s.y, w_proj, &dropped(dx1.clone(), s.drop, 0)?, grads)?;
-        let dqkv = ops::attention::backward(&s.qkv, &s.y, s.lse.as_ref(), &dy, self.attn.heads, self.attn.window)?;
+        let dqkv = ops::attention::backward(s.qkv_normed.as_ref().unwrap_or(&s.qkv), &s.y, s.lse.as_ref(), &dy, self.attn.heads, self.attn.window)?;
+        let dqkv = match &self.attn.qk_norm {
+            Some(qk) => qk.backward(&s.qkv, &dqkv, self.attn.heads, grads)?,
+            None => dqkv,
+        };
         let dh1 = self.attn.qkv.bwd(&s.h1, w_qkv, &dqkv, grads)?;
         self.attn_norm.bwd(&s.x, &dh1, Some(&dx1), grads)
     }
@@ -522,11 +610,11 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    pub fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, norm: NormKind, std: f64) -> Result<Self> {
+    pub fn new(p: &mut Params, name: &str, cfg: &TransformerConfig, opts: BlockOptions, std: f64) -> Result<Self> {
         let blocks = (0..cfg.layers)
-            .map(|i| Block::new(p, &format!("{name}.blocks.{i}"), cfg, norm, std))
+            .map(|i| Block::new(p, &format!("{name}.blocks.{i}"), cfg, opts, std))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Transformer { blocks, norm: Norm::new(p, &format!("{name}.norm"), norm, cfg.width)? })
+        Ok(Transformer { blocks, norm: Norm::new(p, &format!("{name}.norm"), opts.norm, cfg.width)? })
     }
 
     pub fn layers(&self) -> usize {

@@ -1,4 +1,6 @@
-//! AdamW with decoupled weight decay on matrices only, and global-norm gradient clipping.
+//! AdamW with decoupled weight decay on matrices only, and global-norm gradient clipping; and
+//! Muon (orthogonalised Nesterov momentum) for the blocks' matrices with AdamW for the rest,
+//! behind [`Optimizer`], the run's optimizer.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -163,7 +165,7 @@ impl AdamW {
     }
 
     /// Each parameter's gradient, in parameter order.
-    fn gradients<'g>(&self, grads: &'g Grads) -> Result<Vec<&'g Tensor>> {
+    pub(crate) fn gradients<'g>(&self, grads: &'g Grads) -> Result<Vec<&'g Tensor>> {
         self.params
             .iter()
             .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
@@ -171,7 +173,7 @@ impl AdamW {
     }
 
     /// Applies one AdamW step to every parameter (fused, `ops::adamw::update_many`).
-    fn update(&mut self, gs: &[&Tensor], lr: f64, grad_scale: f64, clip: Option<(&Tensor, f64)>) -> Result<()> {
+    pub(crate) fn update(&mut self, gs: &[&Tensor], lr: f64, grad_scale: f64, clip: Option<(&Tensor, f64)>) -> Result<()> {
         self.t += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let bc1 = 1.0 - beta1.powi(self.t as i32);
@@ -236,5 +238,224 @@ impl AdamW {
         }
         self.t = t;
         Ok(())
+    }
+}
+
+/// Muon hyper-parameters ([`Muon`]); the learning rate follows the run's schedule, scaled so
+/// that its peak is `lr`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MuonConfig {
+    /// Peak learning rate of the matrices Muon updates: the length of each step in units of
+    /// the orthogonalised direction (whose RMS entry is about 1/√max(R, C)), so about 100
+    /// times AdamW's (modded-nanogpt: 0.05 at width 768, AdamW 0.008 for the rest).
+    pub lr: f64,
+    /// Momentum of the Nesterov buffer.
+    #[serde(default = "MuonConfig::default_momentum")]
+    pub momentum: f64,
+    /// Newton–Schulz iterations per step.
+    #[serde(default = "MuonConfig::default_ns_steps")]
+    pub ns_steps: usize,
+    /// Decoupled weight decay of those matrices: w ← w·(1 − lr·weight_decay) before the step.
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+impl MuonConfig {
+    /// modded-nanogpt's settings, at a learning rate of 0.02.
+    pub const DEFAULT: MuonConfig = MuonConfig { lr: 0.02, momentum: 0.95, ns_steps: 5, weight_decay: 0.0 };
+
+    fn default_momentum() -> f64 {
+        Self::DEFAULT.momentum
+    }
+
+    fn default_ns_steps() -> usize {
+        Self::DEFAULT.ns_steps
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let MuonConfig { lr, momentum, ns_steps, weight_decay } = *self;
+        let bad = |m: String| Err(Error::Config(m));
+        if !(lr > 0.0 && lr.is_finite()) {
+            return bad(format!("the Muon learning rate must be positive and finite, got {lr}"));
+        }
+        if !(0.0..1.0).contains(&momentum) {
+            return bad(format!("the Muon momentum must be in [0, 1), got {momentum}"));
+        }
+        if !(1..=20).contains(&ns_steps) {
+            return bad(format!("Muon's Newton–Schulz steps must be 1 to 20, got {ns_steps}"));
+        }
+        if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
+            return bad(format!("the Muon weight decay must be finite and at least 0, got {weight_decay}"));
+        }
+        Ok(())
+    }
+}
+
+/// True for the parameters Muon updates: the blocks' matrices (attention qkv and output, MLP
+/// up and down) of both transformers. Embeddings, position tables, pads, norms and gains,
+/// w_GL and the head stay with AdamW: Muon's orthogonalised steps are for hidden layers
+/// whose inputs and outputs are both dense activations.
+pub fn is_muon_param(name: &str, rank: usize) -> bool {
+    rank == 2 && name.contains(".blocks.")
+}
+
+/// Muon (modded-nanogpt's form): per matrix W with gradient G, the momentum buffer
+/// M ← β·M + (1 − β)·G, the Nesterov direction N = (1 − β)·G + β·M, then
+/// W ← W·(1 − lr·wd) − lr·√max(1, R/C)·NS(N), where NS orthogonalises
+/// ([`crate::ops::muon::newton_schulz`], in f32) and R×C is the matrix's shape. The fused
+/// qkv weight [3D, D] is three matrices (q, k and v, each orthogonalised alone, as
+/// modded-nanogpt's separate projections are).
+pub struct Muon {
+    cfg: MuonConfig,
+    params: Vec<(String, Var)>,
+    /// Per parameter, the f32 momentum buffer (the parameter's shape).
+    momenta: Vec<Tensor>,
+}
+
+impl Muon {
+    pub fn new(params: Vec<(String, Var)>, cfg: MuonConfig) -> Result<Self> {
+        cfg.validate()?;
+        let momenta = params.iter().map(|(_, p)| Ok(Tensor::zeros(p.shape(), DType::F32, p.device())?)).collect::<Result<Vec<_>>>()?;
+        Ok(Muon { cfg, params, momenta })
+    }
+
+    /// One step at learning rate `lr`, each gradient (in parameter order) multiplied by
+    /// `grad_scale` first.
+    pub fn step(&mut self, gs: &[&Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+        let MuonConfig { momentum: beta, ns_steps, weight_decay, .. } = self.cfg;
+        for (((name, p), m), g) in self.params.iter().zip(self.momenta.iter_mut()).zip(gs) {
+            let g = (g.to_dtype(DType::F32)? * grad_scale)?;
+            *m = ((&*m * beta)? + (&g * (1.0 - beta))?)?;
+            let n = ((&g * (1.0 - beta))? + (&*m * beta)?)?;
+            let (r, c) = p.dims2()?;
+            let blocks = if name.ends_with(".attn.qkv.weight") && r % 3 == 0 { 3 } else { 1 };
+            let (rb, c) = (r / blocks, c);
+            let o = crate::ops::muon::newton_schulz(&n.reshape((blocks, rb, c))?, ns_steps)?.reshape((r, c))?;
+            let scale = (rb as f64 / c as f64).max(1.0).sqrt();
+            let w = p.as_tensor().to_dtype(DType::F32)?;
+            let w = ((w * (1.0 - lr * weight_decay))? - (o * (lr * scale))?)?;
+            p.set(&w.to_dtype(p.dtype())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The run's optimizer: AdamW for every parameter, or with `muon` Muon for the blocks'
+/// matrices ([`is_muon_param`]) and AdamW for the rest. Clipping and the reported norms cover
+/// every parameter either way.
+pub struct Optimizer {
+    adamw: AdamW,
+    muon: Option<Muon>,
+    /// The schedule's peak rate: Muon's rate is `muon.lr` times the schedule's `lr / peak`.
+    peak_lr: f64,
+    /// With Muon: every parameter in name order and, per part of the model, their indices.
+    all: Vec<(String, Var)>,
+    parts: Vec<(String, Vec<usize>)>,
+}
+
+impl Optimizer {
+    /// AdamW with `adamw` for every parameter, or with `muon` as [`Optimizer`] says.
+    pub fn new(params: &BTreeMap<String, Var>, adamw: AdamWConfig, muon: Option<MuonConfig>, peak_lr: f64) -> Result<Self> {
+        let Some(muon_cfg) = muon else {
+            return Ok(Optimizer { adamw: AdamW::new(params, adamw)?, muon: None, peak_lr, all: Vec::new(), parts: Vec::new() });
+        };
+        let (matrices, rest): (BTreeMap<String, Var>, BTreeMap<String, Var>) =
+            params.iter().map(|(k, v)| (k.clone(), v.clone())).partition(|(k, v)| is_muon_param(k, v.rank()));
+        let all: Vec<(String, Var)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut by_part: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, (name, _)) in all.iter().enumerate() {
+            by_part.entry(part_of(name)).or_default().push(i);
+        }
+        let parts = by_part.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        Ok(Optimizer {
+            adamw: AdamW::new(&rest, adamw)?,
+            muon: Some(Muon::new(matrices.into_iter().collect(), muon_cfg)?),
+            peak_lr,
+            all,
+            parts,
+        })
+    }
+
+    /// [`AdamW::step_clipped_agreed`] over every parameter: AdamW's part updated on the device
+    /// before the norm is read back, then (with Muon, and a finite norm) the matrices' Muon
+    /// steps with the same clipping factor, at `muon.lr · lr / peak`.
+    pub fn step_clipped_agreed(&mut self, grads: &Grads, lr: f64, max_norm: f64, agree: impl FnOnce(Tensor) -> Result<Tensor>) -> Result<GradNorm> {
+        let Some(muon) = self.muon.as_mut() else {
+            return self.adamw.step_clipped_agreed(grads, lr, max_norm, agree);
+        };
+        let gs: Vec<&Tensor> = self
+            .all
+            .iter()
+            .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
+            .collect::<Result<_>>()?;
+        let part_sums = self
+            .parts
+            .iter()
+            .map(|(_, members)| crate::ops::adamw::sum_squares(&members.iter().map(|&i| gs[i]).collect::<Vec<_>>()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let part_sums = Tensor::stack(&part_sums, 0)?; // [parts]
+        let sumsq = agree(part_sums.sum_all()?)?;
+        let adamw_gs = self.adamw.gradients(grads)?;
+        self.adamw.update(&adamw_gs, lr, 1.0, Some((&sumsq, max_norm)))?;
+        let all = Tensor::cat(&[&sumsq.reshape(1)?, &part_sums], 0)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let total = all[0].sqrt();
+        let parts = self.parts.iter().zip(&all[1..]).map(|((name, _), s)| (name.clone(), s.sqrt())).collect();
+        if !total.is_finite() {
+            self.adamw.t -= 1;
+            return Ok(GradNorm { total, parts });
+        }
+        let scale = if max_norm > 0.0 && total > max_norm { max_norm / total } else { 1.0 };
+        let muon_gs: Vec<&Tensor> = muon
+            .params
+            .iter()
+            .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
+            .collect::<Result<_>>()?;
+        muon.step(&muon_gs, muon.cfg.lr * lr / self.peak_lr, scale)?;
+        Ok(GradNorm { total, parts })
+    }
+
+    /// [`AdamW::first_non_finite_param`] over every parameter.
+    pub fn first_non_finite_param(&self) -> Result<Option<String>> {
+        let mut named: Vec<(&str, &Tensor)> = self.adamw.params.iter().map(|(n, p)| (n.as_str(), p.as_tensor())).collect();
+        if let Some(muon) = &self.muon {
+            named.extend(muon.params.iter().map(|(n, p)| (n.as_str(), p.as_tensor())));
+        }
+        Ok(first_non_finite(&named)?.map(str::to_string))
+    }
+
+    /// AdamW's moments ([`AdamW::state_tensors`]) and Muon's momentum buffers (`muon.{param}`).
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = self.adamw.state_tensors()?;
+        if let Some(muon) = &self.muon {
+            for ((name, _), m) in muon.params.iter().zip(&muon.momenta) {
+                out.insert(format!("muon.{name}"), m.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores what [`Optimizer::state_tensors`] wrote, and the step count; a checkpoint of
+    /// the other optimizer (Muon buffers present or missing) is refused, naming the cause.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, t: u64) -> std::result::Result<(), String> {
+        let (muon_state, adamw_state): (HashMap<String, Tensor>, HashMap<String, Tensor>) =
+            tensors.iter().map(|(k, v)| (k.clone(), v.clone())).partition(|(k, _)| k.starts_with("muon."));
+        match &mut self.muon {
+            None if !muon_state.is_empty() => return Err("optimizer state holds Muon buffers, and this run trains with AdamW alone".into()),
+            None => {}
+            Some(muon) => {
+                if muon_state.len() != muon.params.len() {
+                    return Err(format!("optimizer state holds {} Muon buffers, the model needs {}", muon_state.len(), muon.params.len()));
+                }
+                for ((name, p), m) in muon.params.iter().zip(muon.momenta.iter_mut()) {
+                    let key = format!("muon.{name}");
+                    let t = muon_state.get(&key).ok_or_else(|| format!("optimizer state lacks `{key}`"))?;
+                    if t.dims() != p.dims() {
+                        return Err(format!("optimizer tensor `{key}` has shape {:?}, expected {:?}", t.dims(), p.dims()));
+                    }
+                    *m = t.to_dtype(DType::F32).and_then(|t| t.to_device(p.device())).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        self.adamw.load_state(&adamw_state, t)
     }
 }

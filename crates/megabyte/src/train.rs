@@ -1,5 +1,6 @@
-//! The training loop: AdamW, warm-up then decay, clipping, accumulation, periodic validation,
-//! atomic checkpoints and exact resume. Progress is reported through events; nothing prints.
+//! The training loop: AdamW (or Muon for the blocks' matrices), warm-up then decay, clipping,
+//! accumulation, periodic validation, atomic checkpoints and exact resume. Progress is reported
+//! through events; nothing prints.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -22,7 +23,7 @@ use crate::eval::{self, EvalSettings};
 use crate::grad::Grads;
 use crate::model::{MegaByte, TrainPass};
 use crate::nn::{Dropout, Params};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamWConfig, MuonConfig, Optimizer};
 
 /// How the learning rate falls after warm-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,19 +31,35 @@ use crate::optim::{AdamW, AdamWConfig};
 pub enum Decay {
     Cosine,
     Linear,
+    /// Warm-up, stable, decay: `lr` until the last `decay_fraction` of the run, then linear
+    /// to `min_lr` (modded-nanogpt's schedule; Hu et al. 2024, "MiniCPM"): the run spends
+    /// most of its steps at the peak rate and anneals only at the end.
+    Wsd,
 }
 
 impl Decay {
     /// Every decay, in the order they are listed to users.
-    pub const ALL: &'static [Decay] = &[Decay::Cosine, Decay::Linear];
+    pub const ALL: &'static [Decay] = &[Decay::Cosine, Decay::Linear, Decay::Wsd];
 
     /// The name users type (`--decay NAME`), as in `train.json`.
     pub fn name(self) -> &'static str {
         match self {
             Decay::Cosine => "cosine",
             Decay::Linear => "linear",
+            Decay::Wsd => "wsd",
         }
     }
+}
+
+/// The share of the run over which [`Decay::Wsd`] decays when none is given.
+pub const DEFAULT_DECAY_FRACTION: f64 = 0.2;
+
+fn default_decay_fraction() -> f64 {
+    DEFAULT_DECAY_FRACTION
+}
+
+fn is_default_decay_fraction(f: &f64) -> bool {
+    *f == DEFAULT_DECAY_FRACTION
 }
 
 /// Everything about a training run except the model's shape. Saved in every checkpoint.
@@ -58,11 +75,20 @@ pub struct TrainConfig {
     pub min_lr: f64,
     pub warmup_steps: u64,
     pub decay: Decay,
+    /// With [`Decay::Wsd`]: the last share of the run (of its progress, as the other decays
+    /// count it: steps after warm-up, or wall time) over which the rate falls to `min_lr`.
+    /// Absent from `train.json` at its default (0.2), and unused by the other decays.
+    #[serde(default = "default_decay_fraction", skip_serializing_if = "is_default_decay_fraction")]
+    pub decay_fraction: f64,
     /// Stop after this many optimizer steps…
     pub steps: Option<u64>,
     /// …or after this many minutes of wall time, whichever comes first.
     pub time_minutes: Option<f64>,
     pub adamw: AdamWConfig,
+    /// Muon for the blocks' matrices (AdamW, with `adamw`, for every other parameter); None:
+    /// AdamW for all. Absent from `train.json` when off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub muon: Option<MuonConfig>,
     /// Clip the global gradient norm to this (0: no clipping).
     pub grad_clip: f64,
     /// Validate every N steps (and at the start and the end).
@@ -141,9 +167,11 @@ impl TrainConfig {
             min_lr: lr / 10.0,
             warmup_steps: 100,
             decay: Decay::Cosine,
+            decay_fraction: DEFAULT_DECAY_FRACTION,
             steps: None,
             time_minutes: None,
             adamw: AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: 0.1 },
+            muon: None,
             grad_clip: 1.0,
             eval_every: 250,
             eval_bytes: 100_000,
@@ -165,10 +193,16 @@ impl TrainConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             return bad(format!("need 0 ≤ min_lr ≤ lr and lr > 0, both finite; got lr {} min_lr {}", self.lr, self.min_lr));
         }
+        if !(self.decay_fraction > 0.0 && self.decay_fraction <= 1.0) {
+            return bad(format!("decay_fraction must be in (0, 1] (the share of the run the wsd decay takes), got {}", self.decay_fraction));
+        }
         if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
             return bad(format!("grad_clip must be finite and at least 0 (0 = no clipping), got {}", self.grad_clip));
         }
         self.adamw.validate()?;
+        if let Some(muon) = &self.muon {
+            muon.validate()?;
+        }
         if self.steps.is_none() && self.time_minutes.is_none() {
             return bad("give a stopping rule: a number of steps, a time limit, or both".into());
         }
@@ -186,7 +220,8 @@ impl TrainConfig {
 }
 
 /// The learning rate at `step` (0-based) and run progress in [0, 1]: linear warm-up over
-/// `warmup_steps`, then cosine or linear decay from `lr` to `min_lr` as progress goes to 1.
+/// `warmup_steps`, then cosine or linear decay from `lr` to `min_lr` as progress goes to 1,
+/// or (wsd) `lr` until progress reaches 1 − `decay_fraction` and linear to `min_lr` after.
 pub fn learning_rate(cfg: &TrainConfig, step: u64, progress: f64) -> f64 {
     if step < cfg.warmup_steps {
         return cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64;
@@ -195,6 +230,7 @@ pub fn learning_rate(cfg: &TrainConfig, step: u64, progress: f64) -> f64 {
     let shape = match cfg.decay {
         Decay::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * x).cos()),
         Decay::Linear => 1.0 - x,
+        Decay::Wsd => ((1.0 - x) / cfg.decay_fraction).min(1.0),
     };
     cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
 }
@@ -381,7 +417,7 @@ pub struct StepStats {
 pub struct Trainer {
     model: MegaByte,
     params: Params,
-    opt: AdamW,
+    opt: Optimizer,
     sampler: WindowSampler,
     record: TrainRecord,
     device: Device,
@@ -405,7 +441,7 @@ impl Trainer {
         let work = Workload::Training { rows: train.batch_size.div_ceil(world), recompute: train.recompute, precision: train.precision };
         model_cfg.check_fits(work, device)?;
         let (model, params) = MegaByte::init(model_cfg, train.seed, DType::F32, device)?;
-        let opt = AdamW::new(params.vars(), train.adamw)?;
+        let opt = Optimizer::new(params.vars(), train.adamw, train.muon, train.lr)?;
         // A distinct stream for data: the weights used the seed itself.
         let sampler = WindowSampler::new(train.seed.wrapping_add(0x9E37_79B9_7F4A_7C15));
         let record = TrainRecord {
@@ -452,7 +488,7 @@ impl Trainer {
         record.train.validate()?;
         record.train.precision.check(device)?;
         record.data.check_files(&record.data_files)?;
-        let mut opt = AdamW::new(params.vars(), record.train.adamw)?;
+        let mut opt = Optimizer::new(params.vars(), record.train.adamw, record.train.muon, record.train.lr)?;
         let opt_path = dir.join(checkpoint::OPTIMIZER_FILE);
         let moments = checkpoint::load_tensors(&opt_path)?;
         opt.load_state(&moments, record.step)
@@ -461,7 +497,7 @@ impl Trainer {
         Trainer::assemble(model, params, opt, sampler, record, device)
     }
 
-    fn assemble(model: MegaByte, params: Params, opt: AdamW, sampler: WindowSampler, record: TrainRecord, device: &Device) -> Result<Self> {
+    fn assemble(model: MegaByte, params: Params, opt: Optimizer, sampler: WindowSampler, record: TrainRecord, device: &Device) -> Result<Self> {
         let model = model.with_activations(record.train.precision.dtype());
         let (cpu_workers, cpu_pool) = cpu_pool()?;
         let bucket_elems = dist::BUCKET_BYTES / 4;

@@ -19,6 +19,10 @@ fn byte_config() -> ModelConfig {
         cross_patch: false,
         zero_w_gl: false,
         patch_embed_std: None,
+        qk_norm: false,
+        mlp: megabyte::Activation::Gelu,
+        zero_init_proj: false,
+        hash_ngrams: None,
     }
 }
 

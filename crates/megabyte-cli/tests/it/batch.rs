@@ -110,6 +110,16 @@ fn batched_sequences_decode_as_alone_with_cross_patch_attention() {
     check_schedule(&f64_model(&cfg, 23), &mixed_requests(cfg.context), 150);
 }
 
+/// The recipe's model options (QK-norm: ragged caches of normalised keys; ReLU²), per patch
+/// and across patches.
+#[test]
+fn batched_sequences_decode_as_alone_with_the_recipe_options() {
+    let cfg = crate::recipe_config();
+    check_schedule(&f64_model(&cfg, 25), &mixed_requests(cfg.context), 150);
+    let cfg = crate::cross_patch_recipe_config();
+    check_schedule(&f64_model(&cfg, 26), &mixed_requests(cfg.context), 150);
+}
+
 #[test]
 fn batched_sequences_decode_as_alone_in_f32() {
     let (model, _) = MegaByte::init(&ModelConfig::preset("tiny").unwrap(), 24, DType::F32, &Device::Cpu).unwrap();

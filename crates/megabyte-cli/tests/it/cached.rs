@@ -88,6 +88,51 @@ fn decoding_past_the_context_slides_the_window() {
     check_slides(&model);
 }
 
+/// The recipe's model options (QK-norm: the cache holds the normalised keys; ReLU²) decode
+/// like the full forward, from and off patch boundaries and across slides, per patch and
+/// across patches.
+#[test]
+fn cached_decoding_with_the_recipe_options_equals_the_full_forward() {
+    let mut cfg = ModelConfig::preset("tiny").unwrap();
+    (cfg.qk_norm, cfg.mlp) = (true, megabyte::Activation::Relu2);
+    let (model, _) = MegaByte::init(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    check(&model, 0);
+    check(&model, 29);
+    let (model, _) = MegaByte::init(&cfg, 6, DType::F64, &Device::Cpu).unwrap();
+    check_slides(&model);
+    let (model, _) = MegaByte::init(&crate::cross_patch_recipe_config(), 6, DType::F64, &Device::Cpu).unwrap();
+    check_slides(&model);
+}
+
+/// Cached decoding of a model with hash n-gram embeddings is refused with a message that says
+/// what works (full forward passes score it), never decoded without them.
+#[test]
+fn cached_decoding_refuses_hash_ngrams() {
+    let (model, _) = MegaByte::init(&crate::ngram_config(), 5, DType::F32, &Device::Cpu).unwrap();
+    let err = Decoder::new(&model, &[b"abc".to_vec()], &Device::Cpu).err().expect("refused").to_string();
+    assert!(err.contains("hash n-gram") && err.contains("megabyte eval"), "{err}");
+    let mut cache = model.local_cache();
+    let context = megabyte::Tensor::zeros((1, model.config().local.width), DType::F32, &Device::Cpu).unwrap();
+    assert!(model.local_step(&context, None, &mut cache).is_err());
+}
+
+/// A run with hash n-gram embeddings trains and evaluates, skips its closing sample with a
+/// note, and `generate` and `serve` refuse its checkpoint with the reason (never a panic).
+#[test]
+fn a_hash_ngram_run_trains_and_generate_refuses_it_clearly() {
+    let dir = crate::temp_dir("hash-ngram-run");
+    let run = dir.join("run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_megabyte"))
+        .args(["train", "--hash-ngrams", "2,3", "--hash-buckets", "64", "--steps", "2", "--batch-size", "2", "--eval-bytes", "1024", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no closing sample"));
+    crate::fails_with(&["generate", "--checkpoint", run.to_str().unwrap(), "--prompt", "abc", "-n", "8"], "hash n-gram");
+    crate::fails_with(&["serve", "--checkpoint", run.to_str().unwrap(), "--port", "0"], "hash n-gram");
+}
+
 #[test]
 fn a_cache_refuses_steps_of_another_batch() {
     // Positions cached for 2 sequences cannot be continued by a step over 3: that would drop

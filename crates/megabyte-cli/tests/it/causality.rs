@@ -35,3 +35,13 @@ fn every_position_of_a_small_model_is_causal() {
     let (model, _) = MegaByte::init(&cfg, 2, megabyte::DType::F32, &megabyte::Device::Cpu).unwrap();
     check(&model, &(0..cfg.context).collect::<Vec<_>>());
 }
+
+/// Hash n-gram embeddings hash only bytes up to their own: per patch and across patches,
+/// every position stays causal.
+#[test]
+fn every_position_is_causal_with_hash_ngrams() {
+    for cfg in [crate::ngram_config(), crate::cross_patch_ngram_config()] {
+        let (model, _) = MegaByte::init(&cfg, 2, megabyte::DType::F32, &megabyte::Device::Cpu).unwrap();
+        check(&model, &(0..cfg.context).collect::<Vec<_>>());
+    }
+}

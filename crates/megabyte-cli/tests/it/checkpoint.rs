@@ -28,14 +28,17 @@ fn checkpoint_round_trip_gives_identical_logits() {
 fn resumed_training_equals_uninterrupted_training() {
     // With dropout too: each step's masks come back with the step count.
     for dropout in [0.0, 0.1] {
-        resume_equals_uninterrupted(dropout);
+        resume_equals_uninterrupted(dropout, None);
     }
+    // With Muon: its momentum buffers come back from optimizer.safetensors.
+    resume_equals_uninterrupted(0.0, Some(megabyte::optim::MuonConfig::DEFAULT));
 }
 
-fn resume_equals_uninterrupted(dropout: f64) {
+fn resume_equals_uninterrupted(dropout: f64, muon: Option<megabyte::optim::MuonConfig>) {
     let (n, k) = (6, 2);
     let (mcfg, mut tc, spec) = crate::tiny_run(n, 2, 1000);
     tc.dropout = dropout;
+    tc.muon = muon;
     let data = spec.open().unwrap();
 
     let mut straight = Trainer::new(&mcfg, tc.clone(), spec.clone(), &Device::Cpu).unwrap();
@@ -55,7 +58,7 @@ fn resume_equals_uninterrupted(dropout: f64) {
     for _ in k..n {
         resumed.train_step(&data.train).unwrap();
     }
-    assert!(crate::dist::weights(&straight) == crate::dist::weights(&resumed), "dropout {dropout}: resumed weights differ from the uninterrupted run");
+    assert!(crate::dist::weights(&straight) == crate::dist::weights(&resumed), "dropout {dropout}, muon {muon:?}: resumed weights differ from the uninterrupted run");
 }
 
 #[test]

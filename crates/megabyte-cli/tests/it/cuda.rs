@@ -184,6 +184,33 @@ fn cuda_gelu_matches_cpu() {
     }
 }
 
+#[test]
+fn cuda_relu2_matches_cpu() {
+    for dtype in DTYPES {
+        compare(
+            &[values(&[1000, 3], 8)],
+            &[],
+            dtype,
+            |xs| (pointwise::relu2(&xs[0]).unwrap(), ()),
+            |xs, _, _, dy| vec![pointwise::relu2_backward(&xs[0], dy).unwrap()],
+            "relu2",
+        );
+    }
+}
+
+/// Muon's Newton–Schulz iteration on cuBLAS equals the CPU's (f32; TF32 products, if the
+/// device uses them, stay within the tolerance), batched, wide and tall.
+#[test]
+fn cuda_newton_schulz_matches_cpu() {
+    for shape in [[3, 64, 64], [1, 256, 64], [1, 64, 256]] {
+        let g = values(&shape, 11);
+        let cpu = megabyte::ops::muon::newton_schulz(&g, 5).unwrap();
+        let on_gpu = megabyte::ops::muon::newton_schulz(&g.to_device(&gpu()).unwrap(), 5).unwrap();
+        let err = rel_err(&on_gpu, &cpu);
+        assert!(err < 1e-2, "{shape:?}: relative error {err}");
+    }
+}
+
 /// The CUDA kernel draws the CPU's mask bit for bit (same hash), with a row offset too.
 #[test]
 fn cuda_dropout_matches_cpu() {
@@ -303,6 +330,10 @@ fn model_config() -> ModelConfig {
         cross_patch: false,
         zero_w_gl: false,
         patch_embed_std: None,
+        qk_norm: false,
+        mlp: megabyte::Activation::Gelu,
+        zero_init_proj: false,
+        hash_ngrams: None,
     }
 }
 
@@ -324,7 +355,9 @@ fn cuda_model_loss_and_gradients_match_cpu() {
     let mut windowed = ModelConfig { patch_size: 1, context: 64, ..model_config() };
     windowed.local.layers = 0;
     windowed.global.window = Some(9);
-    for cfg in [model_config(), ModelConfig::preset("tiny").unwrap(), windowed] {
+    // The recipe's model options: QK-norm (the norm kernels on the q and k slices) and ReLU².
+    let recipe = ModelConfig { qk_norm: true, mlp: megabyte::Activation::Relu2, ..model_config() };
+    for cfg in [model_config(), ModelConfig::preset("tiny").unwrap(), windowed, recipe] {
         let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(cfg.context, 20 + i)).collect();
         let bytes = bytes_tensor(&rows);
         let (l_cpu, g_cpu) = loss_and_grads(&cfg, &Device::Cpu, DType::F32, &bytes);
@@ -432,6 +465,10 @@ fn decoding_config() -> ModelConfig {
         cross_patch: false,
         zero_w_gl: false,
         patch_embed_std: None,
+        qk_norm: false,
+        mlp: megabyte::Activation::Gelu,
+        zero_init_proj: false,
+        hash_ngrams: None,
     }
 }
 
@@ -559,6 +596,23 @@ fn cuda_decoder_equals_stepwise_decoding() {
     // The H200 gave 1 in 19,800: a systematic error (TF32 or bf16 in the f32 path, a walk off by
     // one) would give far more than 0.1%.
     assert!(near_ties * 1000 <= bytes, "{near_ties} near-ties in {bytes} bytes: more than 0.1%");
+}
+
+/// The decoding engine has no QK-norm or ReLU² kernels: `generate` of such a model runs the
+/// stepwise decoder, byte for byte, never the engine with the options left out.
+#[test]
+fn cuda_generate_of_the_recipe_options_is_the_stepwise_decoder() {
+    let dev = gpu();
+    for (qk_norm, mlp) in [(true, megabyte::Activation::Gelu), (false, megabyte::Activation::Relu2)] {
+        let cfg = ModelConfig { qk_norm, mlp, ..cross_patch_decoding_config() };
+        let (model, _params) = MegaByte::init(&cfg, 5, DType::F32, &dev).unwrap();
+        let prompts: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(6, 40 + i)).collect();
+        for rule in RULES {
+            let fast = generate(&model, &prompts, 40, &mut Sampler::new(rule, SEED).unwrap(), &dev, &mut |_| {}).unwrap();
+            let slow = megabyte::generate::generate_stepwise(&model, &prompts, 40, &mut Sampler::new(rule, SEED).unwrap(), &dev, &mut |_| {}).unwrap();
+            assert_eq!(fast, slow, "qk_norm {qk_norm}, {mlp:?}, {rule:?}");
+        }
+    }
 }
 
 #[test]

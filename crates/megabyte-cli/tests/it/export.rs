@@ -66,7 +66,7 @@ fn export_then_import_gives_identical_weights_and_evaluation() {
         assert_eq!(config["model_type"], "megabyte");
         assert_eq!(config["architectures"][0], "MegabyteForCausalLM");
         assert_eq!(config["megabyte_format"], 1);
-        for key in ["patch_size", "context", "norm", "tied_head", "init_std", "cross_patch", "zero_w_gl", "patch_embed_std"] {
+        for key in ["patch_size", "context", "norm", "tied_head", "init_std", "cross_patch", "zero_w_gl", "patch_embed_std", "qk_norm", "mlp", "zero_init_proj"] {
             assert!(config.get(key).is_some(), "config.json lacks `{key}`: {config}");
         }
         for part in ["global", "local"] {

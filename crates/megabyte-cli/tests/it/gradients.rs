@@ -27,7 +27,13 @@ fn reference_grads(cfg: &ModelConfig, params: &megabyte::nn::Params, x: &Tensor,
 }
 
 fn check_finite_differences(norm: NormKind, tied_head: bool) {
-    let cfg = small_config(norm, tied_head);
+    check_finite_differences_of(&small_config(norm, tied_head), 14);
+}
+
+/// The explicit backward pass of `cfg` against central differences at three entries of one
+/// parameter of every kind; at least `min_kinds` kinds.
+fn check_finite_differences_of(cfg: &ModelConfig, min_kinds: usize) {
+    let cfg = cfg.clone();
     let (model, params) = MegaByte::init(&cfg, 7, DType::F64, &Device::Cpu).unwrap();
     let rows = vec![random_bytes(cfg.context, 1), random_bytes(cfg.context, 2)];
     let x = crate::bytes_tensor(&rows);
@@ -71,7 +77,18 @@ fn check_finite_differences(norm: NormKind, tied_head: bool) {
             assert!(err < 1e-4, "{kind} ({name}[{idx}]): explicit backward {} vs finite difference {fd}", g[idx]);
         }
     }
-    assert!(kinds.len() >= 14, "only {} parameter kinds checked", kinds.len());
+    assert!(kinds.len() >= min_kinds, "only {} parameter kinds checked", kinds.len());
+}
+
+/// The recipe's options (QK-norm: its q and k gains are two more kinds), per patch and
+/// across patches.
+#[test]
+fn explicit_backward_matches_finite_differences_with_the_recipe_options() {
+    check_finite_differences_of(&crate::recipe_config(), 16);
+    check_finite_differences_of(&crate::cross_patch_recipe_config(), 16);
+    // Hash n-gram embeddings: two more tables.
+    check_finite_differences_of(&crate::ngram_config(), 18);
+    check_finite_differences_of(&crate::cross_patch_ngram_config(), 18);
 }
 
 #[test]
@@ -92,11 +109,20 @@ fn explicit_backward_matches_finite_differences_rmsnorm_untied() {
 fn explicit_backward_equals_the_reference_autograd() {
     let mut windowed = small_config(NormKind::LayerNorm, false);
     windowed.global.window = Some(2); // a sliding window of 2 patches
-    let cases = [small_config(NormKind::LayerNorm, true), small_config(NormKind::RmsNorm, false), windowed, crate::cross_patch_config()];
+    let cases = [
+        small_config(NormKind::LayerNorm, true),
+        small_config(NormKind::RmsNorm, false),
+        windowed,
+        crate::cross_patch_config(),
+        crate::recipe_config(),
+        crate::cross_patch_recipe_config(),
+        crate::ngram_config(),
+        crate::cross_patch_ngram_config(),
+    ];
     for cfg in cases {
         let (model, params) = MegaByte::init(&cfg, 9, DType::F64, &Device::Cpu).unwrap();
         for t in [cfg.context, cfg.context / 2] {
-            let what = format!("{:?} tied={} window={:?} cross_patch={} T'={t}", cfg.norm, cfg.tied_head, cfg.global.window, cfg.cross_patch);
+            let what = format!("{:?} tied={} window={:?} cross_patch={} qk_norm={} ngrams={:?} T'={t}", cfg.norm, cfg.tied_head, cfg.global.window, cfg.cross_patch, cfg.qk_norm, cfg.hash_ngrams);
             let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(t, 40 + i)).collect();
             let x = crate::bytes_tensor(&rows);
             let diff = (model.byte_losses(&x).unwrap() - reference::byte_losses(&cfg, &params, &x, None)).unwrap();
@@ -118,7 +144,7 @@ fn explicit_backward_equals_the_reference_autograd() {
 /// attention.
 #[test]
 fn recomputed_activations_give_the_same_gradients() {
-    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config()] {
+    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config(), crate::recipe_config()] {
         let (model, params) = MegaByte::init(&cfg, 11, DType::F64, &Device::Cpu).unwrap();
         for t in [cfg.context, cfg.context / 2] {
             let rows: Vec<Vec<u8>> = (0..2).map(|i| random_bytes(t, 70 + i)).collect();
@@ -196,14 +222,62 @@ fn a_zero_w_gl_grows_in_and_then_trains_the_global_model() {
     assert!(global_grad(&grads) > 0.0, "then the global model trains");
 }
 
+/// `zero_init_proj`: every block's attention output and MLP down projections start at zero
+/// and every other parameter as it would without it; each block is then the identity, so the
+/// loss does not depend on the blocks' other weights. The zero matrices get gradients at once (the blocks'
+/// other weights none), and after one optimizer step the gradient reaches every block.
+#[test]
+fn zero_init_proj_starts_the_blocks_as_the_identity_and_then_trains_them() {
+    let plain = crate::recipe_config();
+    let mut cfg = plain.clone();
+    cfg.zero_init_proj = true;
+    let (_, plain_params) = MegaByte::init(&plain, 13, DType::F64, &Device::Cpu).unwrap();
+    let (model, params) = MegaByte::init(&cfg, 13, DType::F64, &Device::Cpu).unwrap();
+    let abs_max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let is_proj = |name: &str| name.ends_with(".attn.proj.weight") || name.ends_with(".mlp.down.weight");
+    let mut zeroed = 0;
+    for (name, var) in params.vars() {
+        let (a, b) = (var.as_tensor(), plain_params.vars()[name].as_tensor());
+        if is_proj(name) {
+            assert_eq!(abs_max(a), 0.0, "{name} starts at zero");
+            assert!(abs_max(b) > 0.0);
+            zeroed += 1;
+        } else {
+            assert_eq!(crate::max_abs_diff(&a.to_dtype(DType::F32).unwrap(), &b.to_dtype(DType::F32).unwrap()), 0.0, "{name} is drawn as without zero_init_proj");
+        }
+    }
+    assert_eq!(zeroed, 2 * (cfg.global.layers + cfg.local.layers));
+    let x = crate::bytes_tensor(&(0..2).map(|i| random_bytes(cfg.context, 95 + i)).collect::<Vec<_>>());
+    // The blocks add nothing: the loss does not move with their other weights.
+    let loss = |m: &MegaByte| m.loss(&x).unwrap().to_scalar::<f64>().unwrap();
+    let before = loss(&model);
+    let qkv = params.vars()["local.blocks.0.attn.qkv.weight"].clone();
+    let w0 = qkv.as_tensor().copy().unwrap();
+    qkv.set(&(&w0 * 2.0).unwrap()).unwrap();
+    assert_eq!(loss(&model), before, "a block with zero projections is the identity");
+    qkv.set(&w0).unwrap();
+    let blocks_of = |grads: &Grads, proj: bool| {
+        params.vars().iter().filter(|(n, _)| n.contains(".blocks.") && is_proj(n) == proj).map(|(_, v)| abs_max(grads.get(v.as_tensor()).unwrap())).fold(0.0, f64::max)
+    };
+    let (_, grads) = mean_loss_and_grads(&model, &x);
+    assert_eq!(blocks_of(&grads, false), 0.0, "no gradient reaches a block's other weights through zero projections");
+    assert!(blocks_of(&grads, true) > 0.0, "the zero projections get gradients");
+    let mut opt = megabyte::optim::AdamW::new(params.vars(), megabyte::train::TrainConfig::standard(2, 1e-2).adamw).unwrap();
+    opt.step(&grads, 1e-2, 1.0).unwrap();
+    let (_, grads) = mean_loss_and_grads(&model, &x);
+    for (name, var) in params.vars().iter().filter(|(n, _)| n.contains(".blocks.")) {
+        assert!(abs_max(grads.get(var.as_tensor()).unwrap()) > 0.0, "after one step {name} trains");
+    }
+}
+
 /// With dropout the explicit backward pass still equals autograd through the reference model
 /// with the same masks, recomputation included, for the per-patch and the cross-patch local
 /// model; dropout changes the loss; and a batch split in two at row r (the second part with
 /// row offset r) is the whole batch: the same loss and gradients once summed.
 #[test]
 fn dropout_keeps_the_explicit_backward_exact_and_splits_by_rows() {
-    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config()] {
-        let what = format!("dropout, cross_patch={}", cfg.cross_patch);
+    for cfg in [small_config(NormKind::RmsNorm, false), crate::cross_patch_config(), crate::cross_patch_recipe_config(), crate::ngram_config()] {
+        let what = format!("dropout, cross_patch={} qk_norm={}", cfg.cross_patch, cfg.qk_norm);
         let (model, params) = MegaByte::init(&cfg, 17, DType::F64, &Device::Cpu).unwrap();
         let rows: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(cfg.context, 110 + i)).collect();
         let x = crate::bytes_tensor(&rows);

@@ -32,6 +32,7 @@ mod plot;
 mod reference;
 mod run_folder;
 mod sampling;
+mod schedule;
 mod serve;
 
 use std::path::PathBuf;
@@ -57,6 +58,10 @@ pub fn small_config(norm: NormKind, tied_head: bool) -> ModelConfig {
         cross_patch: false,
         zero_w_gl: false,
         patch_embed_std: None,
+        qk_norm: false,
+        mlp: megabyte::Activation::Gelu,
+        zero_init_proj: false,
+        hash_ngrams: None,
     }
 }
 
@@ -66,6 +71,36 @@ pub fn cross_patch_config() -> ModelConfig {
     let mut cfg = small_config(NormKind::LayerNorm, true);
     cfg.cross_patch = true;
     cfg.local.window = Some(3);
+    cfg
+}
+
+/// `small_config` with the model options of the modern training recipe on: QK-norm and the
+/// ReLU² MLP (with RMSNorm and an untied head).
+pub fn recipe_config() -> ModelConfig {
+    let mut cfg = small_config(NormKind::RmsNorm, false);
+    (cfg.qk_norm, cfg.mlp) = (true, megabyte::Activation::Relu2);
+    cfg
+}
+
+/// `cross_patch_config` with the recipe's model options on (as `recipe_config`).
+pub fn cross_patch_recipe_config() -> ModelConfig {
+    let mut cfg = cross_patch_config();
+    (cfg.qk_norm, cfg.mlp) = (true, megabyte::Activation::Relu2);
+    cfg
+}
+
+/// `recipe_config` with hash n-gram embeddings of 2 and 3 bytes in 7 rows each (few rows:
+/// n-grams share them), which cached decoding refuses.
+pub fn ngram_config() -> ModelConfig {
+    let mut cfg = recipe_config();
+    cfg.hash_ngrams = Some(megabyte::HashNgrams { sizes: vec![2, 3], buckets: 7 });
+    cfg
+}
+
+/// `cross_patch_recipe_config` with hash n-gram embeddings (as `ngram_config`).
+pub fn cross_patch_ngram_config() -> ModelConfig {
+    let mut cfg = cross_patch_recipe_config();
+    cfg.hash_ngrams = Some(megabyte::HashNgrams { sizes: vec![2, 3], buckets: 7 });
     cfg
 }
 

@@ -4,7 +4,7 @@
 //! product by candle's autograd (`reference::vjp`) at a random output gradient, by relative
 //! error.
 
-use megabyte::ops::{adamw, attention, cross_entropy, embedding, linear, norm, pointwise, reference};
+use megabyte::ops::{adamw, attention, cross_entropy, embedding, linear, muon, norm, pointwise, reference};
 use megabyte::{DType, Device, Tensor, Var};
 
 const DTYPES: [DType; 2] = [DType::F64, DType::F32];
@@ -223,6 +223,26 @@ fn fused_gelu_matches_composition() {
     }
 }
 
+#[test]
+fn fused_relu2_matches_composition() {
+    // An odd and an even element count, about half of them negative; the reference is
+    // max(x, 0)² spelt out.
+    for dtype in DTYPES {
+        let x = rand(&[7, 33], 9, dtype);
+        let spelt = x.maximum(0.0).unwrap().powf(2.0).unwrap();
+        assert!(rel_err(&reference::relu2(&x).unwrap(), &spelt) < tolerance(dtype).0);
+        for shape in [[7, 33], [4, 16]] {
+            check(
+                &format!("relu2 {shape:?}"),
+                &[rand(&shape, 8, dtype)],
+                |xs| (pointwise::relu2(&xs[0]).unwrap(), ()),
+                |xs, _, _, dy| vec![pointwise::relu2_backward(&xs[0], dy).unwrap()],
+                |xs| reference::relu2(&xs[0]).unwrap(),
+            );
+        }
+    }
+}
+
 /// Dropout equals x times its mask (`reference::dropout_mask`: the kept elements, scaled in
 /// x's dtype), forward and backward (its own);
 /// keeps about 1 − p of the elements; rows taken with their offset draw the whole tensor's
@@ -350,4 +370,102 @@ fn optimizer_state_holds_no_graph() {
     let grads = (out.sum_all().unwrap() + w.as_tensor().sum_all().unwrap()).unwrap().backward().unwrap();
     let g = grads.get(w.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(g.iter().all(|&x| x == 1.0), "the update must not be differentiable through w: {g:?}");
+}
+
+/// `count` orthonormal vectors of length `n` (count ≤ n), as the rows of a row-major
+/// [count, n] f64 matrix: Gram–Schmidt on deterministic pseudo-random vectors.
+fn orthonormal_rows(count: usize, n: usize, seed: u64) -> Vec<f64> {
+    let raw: Vec<f64> = crate::random_bytes(count * n, seed).iter().map(|&b| b as f64 - 127.5).collect();
+    let mut rows: Vec<Vec<f64>> = Vec::new();
+    for i in 0..count {
+        let mut v = raw[i * n..(i + 1) * n].to_vec();
+        for _ in 0..2 {
+            for r in &rows {
+                let dot: f64 = v.iter().zip(r).map(|(a, b)| a * b).sum();
+                v.iter_mut().zip(r).for_each(|(a, b)| *a -= dot * b);
+            }
+        }
+        let len = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+        rows.push(v.iter().map(|a| a / len).collect());
+    }
+    rows.concat()
+}
+
+/// Muon's Newton–Schulz iteration acts on singular values alone: for G = U·diag(s)·Vᵀ it
+/// returns U·diag(φ⁵(s/(‖s‖ + 1e-7)))·Vᵀ, φ(x) = a·x + b·x³ + c·x⁵, for wide and tall
+/// matrices (the tall one transposed inside), batched, in f64 and f32; and five steps bring
+/// every singular value of a spread spectrum into [0.6, 1.25].
+#[test]
+fn newton_schulz_maps_singular_values_through_the_quintic() {
+    let (a, b, c) = muon::NS_COEFFICIENTS;
+    let phi = |x: f64| (0..5).fold(x, |x, _| a * x + b * x.powi(3) + c * x.powi(5));
+    for dtype in DTYPES {
+        for (r, cols) in [(6usize, 10usize), (12, 5)] {
+            let k = r.min(cols);
+            let (mut g, mut want) = (Vec::new(), Vec::new());
+            for batch in 0..2u64 {
+                // s spread over two orders of magnitude
+                let s: Vec<f64> = (0..k).map(|i| 0.05 * (1.0 + i as f64).powf(2.0) * (1.0 + batch as f64)).collect();
+                let norm = s.iter().map(|x| x * x).sum::<f64>().sqrt() + 1e-7;
+                let u = orthonormal_rows(k, r, 10 + batch); // columns of U, as rows
+                let v = orthonormal_rows(k, cols, 20 + batch);
+                let compose = |d: &dyn Fn(f64) -> f64| -> Vec<f64> {
+                    let mut m = vec![0.0; r * cols];
+                    for i in 0..k {
+                        let di = d(s[i]);
+                        for row in 0..r {
+                            for col in 0..cols {
+                                m[row * cols + col] += u[i * r + row] * di * v[i * cols + col];
+                            }
+                        }
+                    }
+                    m
+                };
+                g.extend(compose(&|x| x));
+                want.extend(compose(&|x| phi(x / norm)));
+                for x in &s {
+                    let y = phi(x / norm);
+                    assert!((0.6..=1.25).contains(&y), "singular value {x} of a spread spectrum went to {y}");
+                }
+            }
+            let g = Tensor::from_vec(g, (2, r, cols), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let want = Tensor::from_vec(want, (2, r, cols), &Device::Cpu).unwrap();
+            let got = muon::newton_schulz(&g, 5).unwrap();
+            assert_eq!((got.dims(), got.dtype()), (g.dims(), dtype));
+            let err = rel_err(&got, &want);
+            let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-4 };
+            assert!(err < tolerance, "{dtype:?} [{r}, {cols}]: relative error {err}");
+        }
+    }
+}
+
+/// Two Muon steps on two matrices (a qkv of three blocks and a wide one) against the update
+/// written out: momentum M ← βM + (1 − β)·s·G, Nesterov N = (1 − β)·s·G + βM, each block
+/// orthogonalised, W ← W(1 − lr·wd) − lr·√max(1, R/C)·NS(N).
+#[test]
+fn muon_steps_match_the_update_written_out() {
+    use megabyte::optim::{Muon, MuonConfig};
+    let cfg = MuonConfig { lr: 0.05, momentum: 0.9, ns_steps: 5, weight_decay: 0.1 };
+    let shapes = [("global.blocks.0.attn.qkv.weight", (12usize, 4usize)), ("global.blocks.0.mlp.down.weight", (4, 16))];
+    let vars: Vec<(String, Var)> = shapes.iter().enumerate().map(|(i, (n, s))| (n.to_string(), Var::from_tensor(&rand(&[s.0, s.1], 60 + i as u64, DType::F32)).unwrap())).collect();
+    let mut want: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
+    let mut momenta: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().zeros_like().unwrap()).collect();
+    let mut opt = Muon::new(vars.clone(), cfg).unwrap();
+    for step in 0..2u64 {
+        let grads: Vec<Tensor> = shapes.iter().enumerate().map(|(i, (_, s))| rand(&[s.0, s.1], 70 + 2 * i as u64 + step, DType::F32)).collect();
+        let scale = 0.5;
+        opt.step(&grads.iter().collect::<Vec<_>>(), cfg.lr, scale).unwrap();
+        for (i, (name, _)) in vars.iter().enumerate() {
+            let (r, c) = shapes[i].1;
+            let g = (&grads[i] * scale).unwrap();
+            momenta[i] = ((&momenta[i] * 0.9).unwrap() + (&g * 0.1).unwrap()).unwrap();
+            let n = ((&g * 0.1).unwrap() + (&momenta[i] * 0.9).unwrap()).unwrap();
+            let blocks = if name.ends_with("qkv.weight") { 3 } else { 1 };
+            let o = muon::newton_schulz(&n.reshape((blocks, r / blocks, c)).unwrap(), 5).unwrap().reshape((r, c)).unwrap();
+            let rs = ((r / blocks) as f64 / c as f64).max(1.0).sqrt();
+            want[i] = ((&want[i] * (1.0 - 0.05 * 0.1)).unwrap() - (o * (0.05 * rs)).unwrap()).unwrap();
+            let err = rel_err(vars[i].1.as_tensor(), &want[i]);
+            assert!(err < 1e-6, "{name}, step {step}: relative error {err}");
+        }
+    }
 }

@@ -286,6 +286,10 @@ mod tests {
             cross_patch,
             zero_w_gl: false,
             patch_embed_std: None,
+            qk_norm: false,
+            mlp: crate::Activation::Gelu,
+            zero_init_proj: false,
+            hash_ngrams: None,
         }
     }
 

@@ -27,7 +27,8 @@ use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 
 /// True when the engine runs `model` on `device`: CUDA, f32 or bf16 activations with every
 /// matrix in that dtype (sampling models are converted so), f32 norm weights and pads, and
-/// head dimensions `dec_attn` is built for. Cross-patch and sliding-window models included.
+/// head dimensions `dec_attn` is built for. Cross-patch and sliding-window models included;
+/// models with QK-norm or ReLU² are not (they decode through [`super::generate_stepwise`]).
 pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
     let act = model.activation_dtype();
     let cfg = model.config();
@@ -39,7 +40,10 @@ pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
             && (t.blocks.is_empty() || head_dim_supported(width / heads.max(1)))
             && norm_ok(&t.norm)
             && t.blocks.iter().all(|b| {
-                [&b.attn.qkv.weight, &b.attn.proj.weight, &b.mlp.up.weight, &b.mlp.down.weight].iter().all(|w| is(w, act))
+                // QK-norm and ReLU² have no kernels here: such models decode stepwise.
+                b.attn.qk_norm.is_none()
+                    && b.mlp.act == crate::config::Activation::Gelu
+                    && [&b.attn.qkv.weight, &b.attn.proj.weight, &b.mlp.up.weight, &b.mlp.down.weight].iter().all(|w| is(w, act))
                     && norm_ok(&b.attn_norm)
                     && norm_ok(&b.mlp_norm)
             })
@@ -50,6 +54,7 @@ pub(super) fn supported(model: &MegaByte, device: &Device) -> bool {
         && matches!(act, DType::F32 | DType::BF16)
         && [&pe.byte_embed, &pe.pos_embed, &le.byte_embed, &le.pos_embed, &model.global_to_local.weight, &model.head_linear().weight].iter().all(|t| is(t, act))
         && is(&le.local_pad, DType::F32)
+        && cfg.hash_ngrams.is_none()
         && stack_ok(&model.global, cfg.global.heads)
         && stack_ok(&model.local, cfg.local.heads)
 }

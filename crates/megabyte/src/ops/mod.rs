@@ -3,7 +3,8 @@
 //! ([`linear`]), causal self-attention on a fused qkv projection and attention after a KV cache
 //! ([`attention`]), LayerNorm/RMSNorm with the residual add before it ([`norm`]), GELU and
 //! dropout ([`pointwise`]), softmax cross-entropy ([`cross_entropy`]), embedding lookup
-//! ([`embedding`]), and the fused AdamW update with the gradient norm for clipping ([`adamw`]).
+//! ([`embedding`]), and the fused AdamW update with the gradient norm for clipping ([`adamw`]);
+//! [`muon`] holds the Muon optimizer's Newton–Schulz orthogonalisation (matrix products only).
 //!
 //! Each replaces a chain of 5–30 small candle ops (and two to three times as many in the
 //! backward pass) by one forward and one backward kernel. On the CPU that op count, not the
@@ -39,6 +40,7 @@ pub mod cross_entropy;
 pub(crate) mod cuda;
 pub mod embedding;
 pub mod linear;
+pub mod muon;
 pub mod norm;
 pub mod pointwise;
 pub mod reference;

@@ -1,33 +1,61 @@
-//! Elementwise ops: GELU (exact, erf form) with its backward, and dropout, whose mask is a
-//! hash of (key, element index), never stored, and which is its own backward.
+//! Elementwise ops: the MLP's activation, GELU (exact, erf form) or ReLU² (relu(x)²), with its
+//! backward, and dropout, whose mask is a hash of (key, element index), never stored, and
+//! which is its own backward.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{contiguous, fused_cuda, map2, reference, CResult, Elem, CHUNK};
+use crate::config::Activation;
 
 // ---------------------------------------------------------------------------------------------
-// GELU.
+// The MLP's activation.
 
 /// GELU(x) = x·Φ(x) = ½x(1 + erf(x/√2)), elementwise.
 pub fn gelu(x: &Tensor) -> CResult<Tensor> {
-    let x = x.detach();
-    if fused_cuda(&x) && x.elem_count() % 2 == 0 {
-        return x.contiguous()?.apply_op1_no_bwd(&Gelu);
-    }
-    if !x.device().is_cpu() {
-        return x.gelu_erf();
-    }
-    x.contiguous()?.apply_op1_no_bwd(&Gelu)
+    activation(x, Activation::Gelu)
 }
 
 /// dx of [`gelu`] at x from dy.
 pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> CResult<Tensor> {
-    if (fused_cuda(x) && x.elem_count() % 2 == 0) || x.device().is_cpu() {
-        return x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &GeluBackward);
+    activation_backward(x, dy, Activation::Gelu)
+}
+
+/// ReLU²(x) = max(x, 0)², elementwise.
+pub fn relu2(x: &Tensor) -> CResult<Tensor> {
+    activation(x, Activation::Relu2)
+}
+
+/// dx of [`relu2`] at x from dy: dy·2·max(x, 0).
+pub fn relu2_backward(x: &Tensor, dy: &Tensor) -> CResult<Tensor> {
+    activation_backward(x, dy, Activation::Relu2)
+}
+
+/// `act` of x, elementwise: the fused kernel on the CPU and (even element counts) on CUDA.
+pub fn activation(x: &Tensor, act: Activation) -> CResult<Tensor> {
+    let x = x.detach();
+    if fused_cuda(&x) && x.elem_count() % 2 == 0 {
+        return x.contiguous()?.apply_op1_no_bwd(&Act(act));
     }
-    Ok(reference::vjp(&[x], dy, |t| t[0].gelu_erf())?.remove(0))
+    if !x.device().is_cpu() {
+        return match act {
+            Activation::Gelu => x.gelu_erf(),
+            Activation::Relu2 => x.relu()?.sqr(),
+        };
+    }
+    x.contiguous()?.apply_op1_no_bwd(&Act(act))
+}
+
+/// dx of [`activation`] at x from dy.
+pub fn activation_backward(x: &Tensor, dy: &Tensor, act: Activation) -> CResult<Tensor> {
+    if (fused_cuda(x) && x.elem_count() % 2 == 0) || x.device().is_cpu() {
+        return x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &ActBackward(act));
+    }
+    match act {
+        Activation::Gelu => Ok(reference::vjp(&[x], dy, |t| t[0].gelu_erf())?.remove(0)),
+        Activation::Relu2 => dy * (x.relu()? * 2.0)?,
+    }
 }
 
 /// The standard normal's CDF Φ(x) and density φ(x), as GELU and its derivative need them.
@@ -73,49 +101,78 @@ fn gelu_bwd<T: Gaussian>(x: &[T], dy: &[T]) -> Vec<T> {
     })
 }
 
-/// GELU of a contiguous x (CPU and CUDA).
-struct Gelu;
+fn relu2_fwd<T: Elem>(x: &[T]) -> Vec<T> {
+    map2(x, x, |x, _| if x > T::zero() { x * x } else { T::zero() })
+}
 
-impl CustomOp1 for Gelu {
+/// dReLU²/dx = 2·max(x, 0).
+fn relu2_bwd<T: Elem>(x: &[T], dy: &[T]) -> Vec<T> {
+    map2(x, dy, |x, g| if x > T::zero() { g * (x + x) } else { T::zero() })
+}
+
+fn act_fwd<T: Gaussian>(x: &[T], act: Activation) -> Vec<T> {
+    match act {
+        Activation::Gelu => gelu_fwd(x),
+        Activation::Relu2 => relu2_fwd(x),
+    }
+}
+
+fn act_bwd<T: Gaussian>(x: &[T], dy: &[T], act: Activation) -> Vec<T> {
+    match act {
+        Activation::Gelu => gelu_bwd(x, dy),
+        Activation::Relu2 => relu2_bwd(x, dy),
+    }
+}
+
+/// The activation of a contiguous x (CPU and CUDA).
+struct Act(Activation);
+
+impl CustomOp1 for Act {
     fn name(&self) -> &'static str {
-        "megabyte-gelu"
+        match self.0 {
+            Activation::Gelu => "megabyte-gelu",
+            Activation::Relu2 => "megabyte-relu2",
+        }
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let out = match s {
-            CpuStorage::F32(x) => CpuStorage::F32(gelu_fwd(contiguous(x, l, "gelu")?)),
-            CpuStorage::F64(x) => CpuStorage::F64(gelu_fwd(contiguous(x, l, "gelu")?)),
-            _ => candle_core::bail!("gelu: unsupported dtype {:?} on the CPU", s.dtype()),
+            CpuStorage::F32(x) => CpuStorage::F32(act_fwd(contiguous(x, l, self.name())?, self.0)),
+            CpuStorage::F64(x) => CpuStorage::F64(act_fwd(contiguous(x, l, self.name())?, self.0)),
+            _ => candle_core::bail!("{}: unsupported dtype {:?} on the CPU", self.name(), s.dtype()),
         };
         Ok((out, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
-        cuda::gelu_fwd((s, l))
+        cuda::act_fwd((s, l), self.0.name())
     }
 }
 
-/// dx of GELU from contiguous x and dy (CPU and CUDA).
-struct GeluBackward;
+/// dx of the activation from contiguous x and dy (CPU and CUDA).
+struct ActBackward(Activation);
 
-impl CustomOp2 for GeluBackward {
+impl CustomOp2 for ActBackward {
     fn name(&self) -> &'static str {
-        "megabyte-gelu-backward"
+        match self.0 {
+            Activation::Gelu => "megabyte-gelu-backward",
+            Activation::Relu2 => "megabyte-relu2-backward",
+        }
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(gelu_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?)),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(gelu_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?)),
-            _ => candle_core::bail!("gelu backward: unsupported dtype {:?} on the CPU", s1.dtype()),
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(act_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?, self.0)),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(act_bwd(contiguous(x, l1, "x")?, contiguous(g, l2, "dy")?, self.0)),
+            _ => candle_core::bail!("{}: unsupported dtype {:?} on the CPU", self.name(), s1.dtype()),
         };
         Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> CResult<(candle_core::CudaStorage, Shape)> {
-        cuda::gelu_bwd((s1, l1), (s2, l2))
+        cuda::act_bwd((s1, l1), (s2, l2), self.0.name())
     }
 }
 
@@ -228,28 +285,30 @@ mod cuda {
     use crate::ops::cuda::{alloc, contiguous_at, elementwise_blocks, launch, launch_cfg, paired, suffix};
     use crate::ops::CResult;
 
-    pub(super) fn gelu_fwd(x: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shape)> {
+    /// The activation `name` (`gelu`, `relu2`: kernels `{name}_fwd_{dtype}`) of x.
+    pub(super) fn act_fwd(x: (&CudaStorage, &Layout), name: &str) -> CResult<(CudaStorage, Shape)> {
         let dev = &x.0.device;
         let n = x.1.shape().elem_count();
-        let px = contiguous_at(x.0, x.1, "gelu x")?;
-        paired(&[px], n, x.0.dtype(), "gelu")?;
+        let px = contiguous_at(x.0, x.1, "activation x")?;
+        paired(&[px], n, x.0.dtype(), name)?;
         let (out, py) = alloc(dev, x.0.dtype(), n)?;
         let n64 = n as u64;
-        launch!(dev, format!("gelu_fwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n / 2), 1), 256, 0), px, py, n64);
+        launch!(dev, format!("{name}_fwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n / 2), 1), 256, 0), px, py, n64);
         Ok((out, x.1.shape().clone()))
     }
 
-    pub(super) fn gelu_bwd(x: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout)) -> CResult<(CudaStorage, Shape)> {
+    /// dx of the activation `name` at x from dy (kernels `{name}_bwd_{dtype}`).
+    pub(super) fn act_bwd(x: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout), name: &str) -> CResult<(CudaStorage, Shape)> {
         let dev = &x.0.device;
         let n = x.1.shape().elem_count();
-        let (px, pg) = (contiguous_at(x.0, x.1, "gelu x")?, contiguous_at(dy.0, dy.1, "gelu dy")?);
+        let (px, pg) = (contiguous_at(x.0, x.1, "activation x")?, contiguous_at(dy.0, dy.1, "activation dy")?);
         if dy.0.dtype() != x.0.dtype() || dy.1.shape().elem_count() != n {
-            candle_core::bail!("gelu backward: dy must match x");
+            candle_core::bail!("{name} backward: dy must match x");
         }
-        paired(&[px, pg], n, x.0.dtype(), "gelu backward")?;
+        paired(&[px, pg], n, x.0.dtype(), name)?;
         let (out, pdx) = alloc(dev, x.0.dtype(), n)?;
         let n64 = n as u64;
-        launch!(dev, format!("gelu_bwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n / 2), 1), 256, 0), px, pg, pdx, n64);
+        launch!(dev, format!("{name}_bwd_{}", suffix(x.0.dtype())?), launch_cfg((elementwise_blocks(n / 2), 1), 256, 0), px, pg, pdx, n64);
         Ok((out, x.1.shape().clone()))
     }
 

@@ -91,6 +91,11 @@ pub fn norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<Ten
     }
 }
 
+/// ReLU²(x) = max(x, 0)², from candle's relu and sqr.
+pub fn relu2(x: &Tensor) -> CResult<Tensor> {
+    x.relu()?.sqr()
+}
+
 /// GELU(x) = ½x(1 + erf(x/√2)), from candle's erf, whose derivative autograd takes exactly
 /// (candle's own `gelu_erf` differentiates with 1/√(2π) rounded to 6 digits).
 pub fn gelu(x: &Tensor) -> CResult<Tensor> {
