@@ -7,7 +7,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous, fused_cuda, reference, with_cpu_storage, CResult, Elem, CHUNK};
+use super::{contiguous, fused_cuda, reference, vectorised, with_cpu_storage, CResult, Elem, CHUNK};
 
 /// The norm of x [.., D] with weight w [D] and bias b [D] (LayerNorm) or none (RMSNorm).
 pub fn forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
@@ -89,6 +89,7 @@ struct RmsNorm {
 }
 
 /// Mean (0 for RMS) and 1/σ of one row.
+#[inline(always)]
 fn row_stats<T: Elem>(x: &[T], center: bool, eps: f64) -> (T, T) {
     let d = T::from(x.len()).expect("len fits");
     let mean = if center { x.iter().fold(T::zero(), |a, &b| a + b) / d } else { T::zero() };
@@ -101,13 +102,15 @@ fn norm_fwd<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     let rows = (CHUNK / d).max(1) * d;
     y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yc, xc)| {
-        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-            let (mean, rstd) = row_stats(xr, b.is_some(), eps);
-            for i in 0..d {
-                let shift = b.map_or(T::zero(), |b| b[i]);
-                yr[i] = (xr[i] - mean) * rstd * w[i] + shift;
+        vectorised(#[inline(always)] || {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                let (mean, rstd) = row_stats(xr, b.is_some(), eps);
+                for i in 0..d {
+                    let shift = b.map_or(T::zero(), |b| b[i]);
+                    yr[i] = (xr[i] - mean) * rstd * w[i] + shift;
+                }
             }
-        }
+        })
     });
     y
 }
@@ -121,7 +124,7 @@ fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], center: bool, eps: f64) -> Vec<
     let partials: Vec<(Vec<T>, Vec<T>)> = dx
         .par_chunks_mut(chunk * d)
         .enumerate()
-        .map(|(c, dxc)| {
+        .map(|(c, dxc)| vectorised(#[inline(always)] || {
             let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
             let inv_d = T::from(d).expect("d fits").recip();
             for (r, dxr) in dxc.chunks_mut(d).enumerate() {
@@ -146,7 +149,7 @@ fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], center: bool, eps: f64) -> Vec<
                 }
             }
             (dw, db)
-        })
+        }))
         .collect();
     let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
     for (pw, pb) in partials {
