@@ -135,6 +135,21 @@ fn dot<T: Elem>(a: &[T], b: &[T]) -> T {
     acc.iter().fold(tail, |s, &x| s + x)
 }
 
+/// Σ f(i) over i < n, in [`LANES`] partial sums (f indexing slices of length n, so that the
+/// loop vectorises).
+#[inline(always)]
+fn sum_by_lanes<T: Elem>(n: usize, f: impl Fn(usize) -> T) -> T {
+    let full = n / LANES * LANES;
+    let mut acc = [T::zero(); LANES];
+    for i in (0..full).step_by(LANES) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = *a + f(i + l);
+        }
+    }
+    let tail = (full..n).fold(T::zero(), |s, i| s + f(i));
+    acc.iter().fold(tail, |s, &x| s + x)
+}
+
 /// The largest element (−∞ for an empty slice), in [`LANES`] partial maxima.
 #[inline(always)]
 fn max_of<T: Elem>(a: &[T]) -> T {
