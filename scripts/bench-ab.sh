@@ -6,6 +6,10 @@
 #
 #   scripts/bench-ab.sh cpu  OLD NEW [ROUNDS] [OUT.jsonl]
 #       `tiny` at batch 4 on the CPU: training bytes/s (100 steps).
+#   scripts/bench-ab.sh cpu-peer PYTHON NEW [ROUNDS] [OUT.jsonl]
+#       The same `tiny` figure against the PyTorch peer (tools/reference/torch_peer.py, fp32,
+#       torch.compile, its AdamW and clipping) in the place of OLD: PYTHON is an interpreter
+#       with torch, e.g. .venv-test/bin/python after scripts/test.sh.
 #   scripts/bench-ab.sh cuda OLD NEW [ROUNDS] [OUT.jsonl]
 #       One GPU, bf16: the `enwik8` preset at batch 24 (training), the enwik8-10min model
 #       (configs/enwik8/xp8-g768x4-l512x11-w1024-t1024-z-pe1.json) at batch 64 (training), and
@@ -19,13 +23,13 @@ mode=${1:?usage: see the header of $0} old=${2:?OLD binary} new=${3:?NEW binary}
 rounds=${4:-3} out=${5:-/dev/null}
 tenmin=configs/enwik8/xp8-g768x4-l512x11-w1024-t1024-z-pe1.json
 case "$mode" in
-cpu) benches=("tiny-b4|--preset tiny --batch-size 4 --warmup 3 --steps 100 --gen-bytes 0") ;;
+cpu | cpu-peer) benches=("tiny-b4|--preset tiny --batch-size 4 --warmup 3 --steps 100 --gen-bytes 0") ;;
 cuda) benches=(
     "enwik8-b24|--preset enwik8 --device cuda --batch-size 24 --warmup 3 --steps 20 --gen-bytes 0"
     "enwik8-10min-b64|--config $tenmin --device cuda --batch-size 64 --warmup 3 --steps 20 --gen-bytes 0"
     "enwik8-gen|--preset enwik8 --device cuda --warmup 0 --steps 0 --gen-bytes 2048 --gen-batch 1,16"
 ) ;;
-*) echo "mode must be cpu or cuda" >&2; exit 2 ;;
+*) echo "mode must be cpu, cpu-peer or cuda" >&2; exit 2 ;;
 esac
 tmp=$(mktemp)
 for round in $(seq 1 "$rounds"); do
@@ -33,8 +37,13 @@ for round in $(seq 1 "$rounds"); do
         name=${entry%%|*} args=${entry#*|}
         for label in old new; do
             bin=$old; [ "$label" = new ] && bin=$new
-            # shellcheck disable=SC2086
-            line=$("$bin" bench $args --json)
+            if [ "$mode" = cpu-peer ] && [ "$label" = old ]; then
+                line=$("$bin" tools/reference/torch_peer.py bench --preset tiny --batch-size 4 --device cpu \
+                    --warmup 5 --steps 100 --gen-bytes 0 --autocast off)
+            else
+                # shellcheck disable=SC2086
+                line=$("$bin" bench $args --json)
+            fi
             printf '{"bench": "%s", "binary": "%s", "round": %s, "result": %s}\n' "$name" "$label" "$round" "$line" | tee -a "$tmp" >> "$out"
             echo "$name round $round $label done" >&2
         done

@@ -131,12 +131,15 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let counts = cfg.param_counts();
+    // The instruction set the CPU kernels run in (ops::vector_level), on the CPU only.
+    let cpu_vector = device.is_cpu().then(|| format!("{:?}", megabyte::ops::vector_level()).to_lowercase());
     let record = serde_json::json!({
         "preset": args.model.config.is_none().then(|| args.model.preset_name()),
         "device": args.compute.device.name(),
         "precision": format!("{:?}", trainer.record().train.precision).to_lowercase(),
         "recompute": trainer.record().train.recompute,
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu_vector": cpu_vector,
         "params": counts.total,
         "batch_size": batch_size,
         "context": cfg.context,
@@ -166,6 +169,9 @@ pub fn run(args: Args) -> Result<()> {
     println!("{:<28} {}", "model", args.model.describe());
     println!("{:<28} {:.2}M", "parameters", counts.total as f64 / 1e6);
     println!("{:<28} {}", "device", args.compute.device.name());
+    if let Some(level) = &cpu_vector {
+        println!("{:<28} {level}", "CPU kernels' vector level");
+    }
     if trained {
         println!("{:<28} {} × {} bytes", "training batch", batch_size, cfg.context);
         println!("{:<28} {:.0}", "training bytes/s", train_bytes_per_sec);

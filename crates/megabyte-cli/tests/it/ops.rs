@@ -469,3 +469,33 @@ fn muon_steps_match_the_update_written_out() {
         }
     }
 }
+
+/// The CPU kernels compiled for each vector width (`ops::vectorised`: baseline SSE2, AVX2,
+/// AVX-512, capped by `MEGABYTE_CPU_VECTOR`) train to the same bits: weights and optimizer state
+/// after a few steps of `tiny` with dropout, LayerNorm and GELU, and with QK-norm (RMS) and
+/// ReLU². Widths this CPU lacks run as its widest.
+#[test]
+fn kernels_give_the_same_bits_at_every_vector_width() {
+    let dir = crate::temp_dir("vector-widths");
+    for (name, extra) in [("gelu", &[][..]), ("relu2", &["--qk-norm", "--mlp", "relu2"][..])] {
+        let mut files: Vec<(String, Vec<u8>, Vec<u8>)> = Vec::new();
+        for level in ["baseline", "v3", "v4"] {
+            let out = dir.join(format!("{name}-{level}"));
+            let mut args = vec!["train", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--dropout", "0.1"];
+            args.extend(["--eval-every", "2", "--sample-bytes", "0", "--out", out.to_str().unwrap()]);
+            args.extend(extra);
+            let run = std::process::Command::new(env!("CARGO_BIN_EXE_megabyte"))
+                .args(&args)
+                .env("MEGABYTE_CPU_VECTOR", level)
+                .output()
+                .unwrap();
+            assert!(run.status.success(), "{level}: {}", String::from_utf8_lossy(&run.stderr));
+            let step = out.join("step-00000003");
+            files.push((level.into(), std::fs::read(step.join("model.safetensors")).unwrap(), std::fs::read(step.join("optimizer.safetensors")).unwrap()));
+        }
+        for (level, model, optimizer) in &files[1..] {
+            assert!(model == &files[0].1, "{name}: the weights trained with {level} differ from the baseline build's");
+            assert!(optimizer == &files[0].2, "{name}: the optimizer state with {level} differs from the baseline build's");
+        }
+    }
+}

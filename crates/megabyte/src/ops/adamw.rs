@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
-use super::{contiguous, filled, reference, CResult, Elem, CHUNK};
+use super::{contiguous, filled, reference, vectorised, CResult, Elem, CHUNK};
 
 /// One AdamW update of a parameter, fused: from weights w, gradient g and moments
 /// `mv` = [m | v] (f32, 2·numel) returns [w' | m' | v'] (f32, 3·numel).
@@ -109,16 +109,22 @@ fn adamw_into<W: Elem>(out: &mut [MaybeUninit<f32>], w: &[W], g: &[W], mv: &[f32
         .zip(vo.par_chunks_mut(CHUNK))
         .enumerate()
         .for_each(|(c, ((wo, mo), vo))| {
-            for i in 0..wo.len() {
-                let j = c * CHUNK + i;
-                let gi = WithDType::to_f64(g[j]) as f32 * scale;
-                let mi = b1 * m[j] + (1.0 - b1) * gi;
-                let vi = b2 * v[j] + (1.0 - b2) * gi * gi;
-                let update = (mi * inv_bc1) / ((vi * inv_bc2).sqrt() + eps);
-                wo[i].write(WithDType::to_f64(w[j]) as f32 * decay - lr * update);
-                mo[i].write(mi);
-                vo[i].write(vi);
-            }
+            // Slices of one length, so that the loop has no bounds checks and vectorises.
+            let k = wo.len();
+            let (mo, vo) = (&mut mo[..k], &mut vo[..k]);
+            let at = c * CHUNK;
+            let (w, g, m, v) = (&w[at..][..k], &g[at..][..k], &m[at..][..k], &v[at..][..k]);
+            vectorised(#[inline(always)] || {
+                for i in 0..k {
+                    let gi = WithDType::to_f64(g[i]) as f32 * scale;
+                    let mi = b1 * m[i] + (1.0 - b1) * gi;
+                    let vi = b2 * v[i] + (1.0 - b2) * gi * gi;
+                    let update = (mi * inv_bc1) / ((vi * inv_bc2).sqrt() + eps);
+                    wo[i].write(WithDType::to_f64(w[i]) as f32 * decay - lr * update);
+                    mo[i].write(mi);
+                    vo[i].write(vi);
+                }
+            })
         });
 }
 

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 #[cfg(feature = "cuda")]
 use super::fused_cuda;
-use super::{contiguous, dot, exp_shifted_sum, max_of, reference, view3, CResult, Elem, View3};
+use super::{contiguous, dot, exp_shifted_sum, max_of, reference, vectorised, view3, CResult, Elem, View3};
 
 /// Causal self-attention of one fused projection: qkv [N, S, 3D] (q, k, v as column blocks,
 /// `heads` heads as contiguous column blocks of each) → (y [N, S, D], lse). lse is the CUDA
@@ -156,6 +156,7 @@ fn attn_dims(lq: &Layout, lk: &Layout, lv: &Layout, heads: usize, window: Option
 /// (returned; hi − 1 is its own position, lo at least `first`, the row's first key), into
 /// p[lo..hi].
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n: usize, h: usize, i: usize, first: usize, p: &mut [T]) -> (usize, usize) {
     let hd = dims.hd();
     let scale = T::from(dims.scale()).expect("scale fits");
@@ -179,7 +180,7 @@ fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n
 fn attn_fwd<T: Elem>(q: &[T], k: &[T], v: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims, starts: &[usize]) -> Vec<T> {
     let (sq, d, hd) = (dims.sq, dims.d, dims.hd());
     let mut y = vec![T::zero(); dims.n * sq * d];
-    y.par_chunks_mut(sq * d).enumerate().for_each(|(n, yn)| {
+    y.par_chunks_mut(sq * d).enumerate().for_each(|(n, yn)| vectorised(#[inline(always)] || {
         let mut p = vec![T::zero(); dims.sk];
         let first = starts.get(n).copied().unwrap_or(0);
         for h in 0..dims.heads {
@@ -194,7 +195,7 @@ fn attn_fwd<T: Elem>(q: &[T], k: &[T], v: &[T], vq: View3, vk: View3, vv: View3,
                 }
             }
         }
-    });
+    }));
     y
 }
 
@@ -205,7 +206,7 @@ fn attn_bwd<T: Elem>(qkv: &[T], dy: &[T], vq: View3, vk: View3, vv: View3, dims:
     let scale = T::from(dims.scale()).expect("scale fits");
     let (q, k, v) = (qkv, qkv, qkv);
     let mut out = vec![T::zero(); n_all * s * 3 * d];
-    out.par_chunks_mut(s * 3 * d).enumerate().for_each(|(n, dn)| {
+    out.par_chunks_mut(s * 3 * d).enumerate().for_each(|(n, dn)| vectorised(#[inline(always)] || {
         let mut p = vec![T::zero(); s];
         let mut dp = vec![T::zero(); s];
         for h in 0..dims.heads {
@@ -236,7 +237,7 @@ fn attn_bwd<T: Elem>(qkv: &[T], dy: &[T], vq: View3, vk: View3, vv: View3, dims:
                 }
             }
         }
-    });
+    }));
     out
 }
 

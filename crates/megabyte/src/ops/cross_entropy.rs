@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{accumulation_dtype, contiguous, filled, fused_cuda, max_of, reference, with_cpu_storage, CResult, Elem, LANES};
+use super::{accumulation_dtype, contiguous, filled, fused_cuda, max_of, reference, vectorised, with_cpu_storage, CResult, Elem, LANES};
 
 /// Per-row cross-entropy in nats: logits [N, V], targets [N] u32 → [N] (logits' dtype, f32
 /// for bf16 logits).
@@ -45,6 +45,7 @@ pub fn backward(logits: &Tensor, targets: &Tensor, losses: &Tensor, dloss: &Tens
 struct CrossEntropy;
 
 /// log Σ exp of a row, stably.
+#[inline(always)]
 fn log_sum_exp<T: Elem>(row: &[T]) -> T {
     let max = max_of(row);
     let (chunks, rest) = row.as_chunks::<LANES>();
@@ -65,9 +66,11 @@ fn ce_fwd<T: Elem>(logits: &[T], targets: &[u32], v: usize) -> Vec<T> {
     let mut out = vec![T::zero(); targets.len()];
     out.par_chunks_mut(CE_ROWS).zip(logits.par_chunks(CE_ROWS * v)).zip(targets.par_chunks(CE_ROWS)).for_each(
         |((o, rows), t)| {
-            for ((o, row), &t) in o.iter_mut().zip(rows.chunks(v)).zip(t) {
-                *o = log_sum_exp(row) - row[t as usize];
-            }
+            vectorised(#[inline(always)] || {
+                for ((o, row), &t) in o.iter_mut().zip(rows.chunks(v)).zip(t) {
+                    *o = log_sum_exp(row) - row[t as usize];
+                }
+            })
         },
     );
     out
@@ -79,15 +82,17 @@ fn ce_bwd<T: Elem>(logits: &[T], targets: &[u32], losses: &[T], dloss: &[T], v: 
     // Every element: each row of the output is written whole from its row of logits.
     filled(logits.len(), |out| {
         out.par_chunks_mut(CE_ROWS * v).zip(logits.par_chunks(CE_ROWS * v)).enumerate().for_each(|(c, (o, rows))| {
-            for (i, (o, row)) in o.chunks_mut(v).zip(rows.chunks(v)).enumerate() {
-                let r = c * CE_ROWS + i;
-                let t = targets[r] as usize;
-                let lse = losses[r] + row[t];
-                for (oi, &l) in o.iter_mut().zip(row) {
-                    oi.write((l - lse).exp_fast() * dloss[r]);
+            vectorised(#[inline(always)] || {
+                for (i, (o, row)) in o.chunks_mut(v).zip(rows.chunks(v)).enumerate() {
+                    let r = c * CE_ROWS + i;
+                    let t = targets[r] as usize;
+                    let lse = losses[r] + row[t];
+                    for (oi, &l) in o.iter_mut().zip(row) {
+                        oi.write((l - lse).exp_fast() * dloss[r]);
+                    }
+                    o[t].write((row[t] - lse).exp_fast() * dloss[r] - dloss[r]);
                 }
-                o[t].write((row[t] - lse).exp_fast() * dloss[r] - dloss[r]);
-            }
+            })
         });
     })
 }

@@ -7,7 +7,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous, fused_cuda, reference, with_cpu_storage, CResult, Elem, CHUNK};
+use super::{contiguous, fused_cuda, reference, sum_by_lanes, vectorised, with_cpu_storage, CResult, Elem, CHUNK};
 
 /// The norm of x [.., D] with weight w [D] and bias b [D] (LayerNorm) or none (RMSNorm).
 pub fn forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
@@ -89,10 +89,11 @@ struct RmsNorm {
 }
 
 /// Mean (0 for RMS) and 1/σ of one row.
+#[inline(always)]
 fn row_stats<T: Elem>(x: &[T], center: bool, eps: f64) -> (T, T) {
     let d = T::from(x.len()).expect("len fits");
-    let mean = if center { x.iter().fold(T::zero(), |a, &b| a + b) / d } else { T::zero() };
-    let var = x.iter().fold(T::zero(), |a, &b| a + (b - mean) * (b - mean)) / d;
+    let mean = if center { sum_by_lanes(x.len(), |i| x[i]) / d } else { T::zero() };
+    let var = sum_by_lanes(x.len(), |i| (x[i] - mean) * (x[i] - mean)) / d;
     (mean, (var + T::from(eps).expect("eps fits")).sqrt().recip())
 }
 
@@ -101,13 +102,16 @@ fn norm_fwd<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     let rows = (CHUNK / d).max(1) * d;
     y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yc, xc)| {
-        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-            let (mean, rstd) = row_stats(xr, b.is_some(), eps);
-            for i in 0..d {
-                let shift = b.map_or(T::zero(), |b| b[i]);
-                yr[i] = (xr[i] - mean) * rstd * w[i] + shift;
+        vectorised(#[inline(always)] || {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                let (yr, xr) = (&mut yr[..d], &xr[..d]);
+                let (mean, rstd) = row_stats(xr, b.is_some(), eps);
+                match b {
+                    Some(b) => (0..d).for_each(|i| yr[i] = (xr[i] - mean) * rstd * w[i] + b[i]),
+                    None => (0..d).for_each(|i| yr[i] = (xr[i] - mean) * rstd * w[i]),
+                }
             }
-        }
+        })
     });
     y
 }
@@ -121,32 +125,27 @@ fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], center: bool, eps: f64) -> Vec<
     let partials: Vec<(Vec<T>, Vec<T>)> = dx
         .par_chunks_mut(chunk * d)
         .enumerate()
-        .map(|(c, dxc)| {
+        .map(|(c, dxc)| vectorised(#[inline(always)] || {
             let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
             let inv_d = T::from(d).expect("d fits").recip();
             for (r, dxr) in dxc.chunks_mut(d).enumerate() {
                 let row = c * chunk + r;
-                let (xr, dyr) = (&x[row * d..][..d], &dy[row * d..][..d]);
+                let (xr, dyr, dxr) = (&x[row * d..][..d], &dy[row * d..][..d], &mut dxr[..d]);
                 let (mean, rstd) = row_stats(xr, center, eps);
                 // dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), g = dy·w (mean(g) dropped for RMS).
-                let (mut mg, mut mgx) = (T::zero(), T::zero());
+                let mg = if center { sum_by_lanes(d, |i| dyr[i] * w[i]) * inv_d } else { T::zero() };
+                let mgx = sum_by_lanes(d, |i| dyr[i] * w[i] * ((xr[i] - mean) * rstd)) * inv_d;
                 for i in 0..d {
-                    let xh = (xr[i] - mean) * rstd;
-                    let g = dyr[i] * w[i];
-                    mg = mg + g;
-                    mgx = mgx + g * xh;
-                    dw[i] = dw[i] + dyr[i] * xh;
+                    dw[i] = dw[i] + dyr[i] * ((xr[i] - mean) * rstd);
                     db[i] = db[i] + dyr[i];
                 }
-                let mg = if center { mg * inv_d } else { T::zero() };
-                let mgx = mgx * inv_d;
                 for i in 0..d {
                     let xh = (xr[i] - mean) * rstd;
                     dxr[i] = rstd * (dyr[i] * w[i] - mg - xh * mgx);
                 }
             }
             (dw, db)
-        })
+        }))
         .collect();
     let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
     for (pw, pb) in partials {

@@ -6,7 +6,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{contiguous, fused_cuda, map2, reference, CResult, Elem, CHUNK};
+use super::{contiguous, fused_cuda, map2, reference, vectorised, CResult, Elem, CHUNK};
 use crate::config::Activation;
 
 // ---------------------------------------------------------------------------------------------
@@ -90,24 +90,24 @@ impl Gaussian for f64 {
 }
 
 fn gelu_fwd<T: Gaussian>(x: &[T]) -> Vec<T> {
-    map2(x, x, |x, _| x * x.normal_cdf_pdf().0)
+    map2(x, x, #[inline(always)] |x, _| x * x.normal_cdf_pdf().0)
 }
 
 /// dGELU/dx = Φ(x) + x·φ(x).
 fn gelu_bwd<T: Gaussian>(x: &[T], dy: &[T]) -> Vec<T> {
-    map2(x, dy, |x, g| {
+    map2(x, dy, #[inline(always)] |x, g| {
         let (cdf, pdf) = x.normal_cdf_pdf();
         g * (cdf + x * pdf)
     })
 }
 
 fn relu2_fwd<T: Elem>(x: &[T]) -> Vec<T> {
-    map2(x, x, |x, _| if x > T::zero() { x * x } else { T::zero() })
+    map2(x, x, #[inline(always)] |x, _| if x > T::zero() { x * x } else { T::zero() })
 }
 
 /// dReLU²/dx = 2·max(x, 0).
 fn relu2_bwd<T: Elem>(x: &[T], dy: &[T]) -> Vec<T> {
-    map2(x, dy, |x, g| if x > T::zero() { g * (x + x) } else { T::zero() })
+    map2(x, dy, #[inline(always)] |x, g| if x > T::zero() { g * (x + x) } else { T::zero() })
 }
 
 fn act_fwd<T: Gaussian>(x: &[T], act: Activation) -> Vec<T> {
@@ -243,11 +243,13 @@ impl Dropout {
         let mut out = vec![T::zero(); x.len()];
         out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(c, (o, x))| {
             let start = base + (c * CHUNK) as u64;
-            for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-                if keeps(self.key, start + i as u64, threshold) {
-                    *o = x * scale;
+            vectorised(#[inline(always)] || {
+                for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                    if keeps(self.key, start + i as u64, threshold) {
+                        *o = x * scale;
+                    }
                 }
-            }
+            })
         });
         out
     }
