@@ -44,7 +44,13 @@ for round in $(seq 1 "$rounds"); do
                 # shellcheck disable=SC2086
                 line=$("$bin" bench $args --json)
             fi
-            printf '{"bench": "%s", "binary": "%s", "round": %s, "result": %s}\n' "$name" "$label" "$round" "$line" | tee -a "$tmp" >> "$out"
+            if [ "$mode" = cpu-peer ] && [ "$label" = old ]; then
+                version="torch_peer.py of $(git rev-parse --short HEAD)"
+            else
+                version=$("$bin" --version)
+            fi
+            printf '{"bench": "%s", "binary": "%s", "version": "%s", "date": "%s", "round": %s, "result": %s}\n' \
+                "$name" "$label" "$version" "$(date -u +%F)" "$round" "$line" | tee -a "$tmp" >> "$out"
             echo "$name round $round $label done" >&2
         done
     done
