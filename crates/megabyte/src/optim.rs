@@ -146,12 +146,7 @@ impl AdamW {
     ) -> Result<GradNorm> {
         let gs = self.gradients(grads)?;
         // Σg² per part (f32 scalars on the device), and their sum for clipping.
-        let part_sums = self
-            .parts
-            .iter()
-            .map(|(_, members)| crate::ops::adamw::sum_squares(&members.iter().map(|&i| gs[i]).collect::<Vec<_>>()))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let part_sums = Tensor::stack(&part_sums, 0)?; // [parts]
+        let part_sums = part_sums(&self.parts, &gs)?;
         let sumsq = agree(part_sums.sum_all()?)?;
         self.update(&gs, lr, 1.0, Some((&sumsq, max_norm)))?;
         // One read back: the total, then the parts.
@@ -239,6 +234,16 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
+}
+
+/// Σg² of each part of the model (`parts`: names and the indices of their members in `gs`),
+/// f32 scalars on the device, stacked: [parts].
+fn part_sums(parts: &[(String, Vec<usize>)], gs: &[&Tensor]) -> Result<Tensor> {
+    let sums = parts
+        .iter()
+        .map(|(_, members)| crate::ops::adamw::sum_squares(&members.iter().map(|&i| gs[i]).collect::<Vec<_>>()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    Ok(Tensor::stack(&sums, 0)?)
 }
 
 /// Muon hyper-parameters ([`Muon`]); the learning rate follows the run's schedule, scaled so
@@ -388,12 +393,7 @@ impl Optimizer {
             .iter()
             .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
             .collect::<Result<_>>()?;
-        let part_sums = self
-            .parts
-            .iter()
-            .map(|(_, members)| crate::ops::adamw::sum_squares(&members.iter().map(|&i| gs[i]).collect::<Vec<_>>()))
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        let part_sums = Tensor::stack(&part_sums, 0)?; // [parts]
+        let part_sums = part_sums(&self.parts, &gs)?;
         let sumsq = agree(part_sums.sum_all()?)?;
         let adamw_gs = self.adamw.gradients(grads)?;
         self.adamw.update(&adamw_gs, lr, 1.0, Some((&sumsq, max_norm)))?;
