@@ -592,9 +592,7 @@ fn train(args: Args, dist: Option<DistEnv>, hooks: Hooks) -> Result<Option<Outco
         println!("peak GPU memory: {:.1} GiB{whose}", bytes as f64 / (1u64 << 30) as f64);
     }
     let sample_bytes = args.sample_bytes();
-    if sample_bytes > 0 && cfg.hash_ngrams.is_some() {
-        println!("no closing sample: cached decoding does not support hash n-gram embeddings yet");
-    } else if sample_bytes > 0 {
+    if sample_bytes > 0 {
         let mut sampler = Sampler::new(Sampling::TopP { p: 0.9, temperature: 0.8 }, trainer.record().train.seed)?;
         let prompt = data.valid.window(0, cfg.patch_size * 4)?;
         let sample = generate(trainer.model(), &[prompt.clone()], sample_bytes, &mut sampler, &device, &mut |_| {})?;

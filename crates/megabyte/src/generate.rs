@@ -202,23 +202,25 @@ impl<'m> Decoder<'m> {
         let complete = n / p * p;
         self.global.reset();
         self.local.reset();
-        let patches = if complete > 0 {
+        let (patches, patch_ngrams) = if complete > 0 {
             let rows: Vec<Vec<u8>> = window.iter().map(|w| w[..complete].to_vec()).collect();
-            Some(bytes_to_tensor(&rows, &self.device)?)
+            (Some(bytes_to_tensor(&rows, &self.device)?), self.ngrams(0, complete)?)
         } else {
-            None
+            (None, None)
         };
         if self.model.config().cross_patch {
-            let contexts = self.model.global_contexts(window.len(), patches.as_ref(), &mut self.global)?; // [B, complete + P, D_L]
-            self.model.local_prefill(&contexts, &bytes_to_tensor(&window, &self.device)?, &mut self.local)?;
+            let contexts = self.model.global_contexts(window.len(), patches.as_ref(), patch_ngrams.as_ref(), &mut self.global)?; // [B, complete + P, D_L]
+            let bytes = bytes_to_tensor(&window, &self.device)?;
+            self.model.local_prefill(&contexts, &bytes, self.ngrams(0, n)?.as_ref(), &mut self.local)?;
             self.context = contexts.narrow(1, complete, p)?;
             return Ok(());
         }
-        self.context = self.model.global_step(window.len(), patches.as_ref(), &mut self.global)?;
+        self.context = self.model.global_step(window.len(), patches.as_ref(), patch_ngrams.as_ref(), &mut self.global)?;
         // Local positions 0..r−1 of the partial patch; position r is computed by `logits`.
         for i in 0..(n - complete) {
             let prev = self.prev_byte(&window, complete + i, i)?;
-            self.model.local_step(&self.context_at(i)?, prev.as_ref(), &mut self.local)?;
+            let prev_ngrams = if i == 0 { None } else { self.prev_ngrams(complete + i - 1)? };
+            self.model.local_step(&self.context_at(i)?, prev.as_ref(), prev_ngrams.as_ref(), &mut self.local)?;
         }
         Ok(())
     }
@@ -230,6 +232,18 @@ impl<'m> Decoder<'m> {
         }
         let prev: Vec<u32> = window.iter().map(|w| u32::from(w[at - 1])).collect();
         Ok(Some(Tensor::from_vec(prev, window.len(), &self.device)?))
+    }
+
+    /// The hash n-gram rows [B, len, G] of window positions `from..from + len` (None without
+    /// `hash_ngrams`).
+    fn ngrams(&self, from: usize, len: usize) -> Result<Option<Tensor>> {
+        let window: Vec<&[u8]> = self.history.iter().map(|h| &h[self.window_start..]).collect();
+        self.model.ngram_ids(&window, from, len, &self.device)
+    }
+
+    /// The hash n-gram rows [B, G] of window position `at`, a local step's previous byte.
+    fn prev_ngrams(&self, at: usize) -> Result<Option<Tensor>> {
+        Ok(self.ngrams(at, 1)?.map(|t| t.squeeze(1)).transpose()?)
     }
 
     /// Bytes in the context window.
@@ -252,13 +266,13 @@ impl<'m> Decoder<'m> {
         // The local sequence's first position gets the pad: a patch's first byte, or with
         // cross-patch attention the window's.
         let first = if self.model.config().cross_patch { n == 0 } else { pos == 0 };
-        let prev = if first {
-            None
+        let (prev, prev_ngrams) = if first {
+            (None, None)
         } else {
             let last: Vec<u32> = self.history.iter().map(|h| h.last().map_or(0, |&b| u32::from(b))).collect();
-            Some(Tensor::from_vec(last, self.history.len(), &self.device)?)
+            (Some(Tensor::from_vec(last, self.history.len(), &self.device)?), self.prev_ngrams(n - 1)?)
         };
-        let logits = self.model.local_step(&self.context_at(pos)?, prev.as_ref(), &mut self.local)?;
+        let logits = self.model.local_step(&self.context_at(pos)?, prev.as_ref(), prev_ngrams.as_ref(), &mut self.local)?;
         self.awaiting_push = true;
         Ok(logits)
     }
@@ -284,7 +298,8 @@ impl<'m> Decoder<'m> {
         }
         let rows: Vec<Vec<u8>> = self.history.iter().map(|h| h[h.len() - p..].to_vec()).collect();
         let patch = bytes_to_tensor(&rows, &self.device)?; // [B, P]
-        self.context = self.model.global_step(rows.len(), Some(&patch), &mut self.global)?;
+        let ngrams = self.ngrams(self.window_len() - p, p)?;
+        self.context = self.model.global_step(rows.len(), Some(&patch), ngrams.as_ref(), &mut self.global)?;
         if !self.model.config().cross_patch {
             self.local.reset();
         }

@@ -330,13 +330,39 @@ impl MegaByte {
         ngrams.map(|ids| Ok(ids.reshape((n, s, ids.dim(2)?))?)).transpose()
     }
 
-    /// Cached decoding of a model with hash n-gram embeddings is not written yet: its steps
-    /// would need the bytes before each position, which they are not given.
-    fn check_cached_decoding(&self) -> Result<()> {
+    /// The hash n-gram rows [B, len, G] of the bytes at positions `from..from + len` of each
+    /// row of `window` (a context window's bytes from its start, at least `from + len` of
+    /// them), as the full forward pass over that window computes them; None for a model
+    /// without hash n-gram embeddings. What the cached steps take as `ngrams`.
+    pub fn ngram_ids(&self, window: &[&[u8]], from: usize, len: usize, device: &Device) -> Result<Option<Tensor>> {
+        let Some(h) = &self.cfg.hash_ngrams else { return Ok(None) };
+        if window.iter().any(|w| w.len() < from + len) {
+            return Err(Error::Input(format!("ngram_ids: positions {from}..{} past a row of the window", from + len)));
+        }
+        let g = h.sizes.len();
+        let ids: Vec<u32> = window.iter().flat_map(|w| (from..from + len).flat_map(move |t| (0..g).map(move |i| h.row(i, w, t) as u32))).collect();
+        Ok(Some(Tensor::from_vec(ids, (window.len(), len, g), device)?))
+    }
+
+    /// The cached steps' `ngrams` must be given exactly for a model with hash n-gram
+    /// embeddings ([`MegaByte::ngram_ids`]): without them its steps would decode another model.
+    fn check_ngrams(&self, ngrams: Option<&Tensor>, what: &str) -> Result<()> {
+        match (self.cfg.hash_ngrams.is_some(), ngrams.is_some()) {
+            (true, false) => Err(Error::Input(format!(
+                "{what}: this model has hash n-gram embeddings (hash_ngrams): give the bytes' rows (MegaByte::ngram_ids)"
+            ))),
+            (false, true) => Err(Error::Input(format!("{what}: hash n-gram rows given to a model without hash_ngrams"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Continuous batching (the ragged steps of `generate::Batch`, which `megabyte serve`
+    /// runs) does not take hash n-gram rows yet.
+    fn check_batched_decoding(&self) -> Result<()> {
         if self.cfg.hash_ngrams.is_some() {
             return Err(Error::Input(
-                "this model has hash n-gram embeddings (hash_ngrams), which cached decoding does not support yet: \
-                 score it with `megabyte eval` (full forward passes); generate and serve need a model without them"
+                "this model has hash n-gram embeddings (hash_ngrams), which continuous batching (megabyte serve) \
+                 does not support yet: `megabyte generate` decodes it"
                     .into(),
             ));
         }
@@ -408,25 +434,31 @@ impl MegaByte {
     ///
     /// With an empty cache, `patches` are the first patches of the sequence (`None` for none
     /// yet) and the pad is fed first. Otherwise they continue where the cache stopped.
-    /// patches: [B, m·P] u32; `batch` is B (needed when only the pad is fed).
-    pub fn global_step(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.global_forward(batch, patches, cache)?; // [B, s, P·D_G]
+    /// patches: [B, m·P] u32; `batch` is B (needed when only the pad is fed). `ngrams`: the
+    /// patches' hash n-gram rows [B, m·P, G] (models with `hash_ngrams` only; see
+    /// [`MegaByte::ngram_ids`]).
+    pub fn global_step(&self, batch: usize, patches: Option<&Tensor>, ngrams: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.global_forward(batch, patches, ngrams, cache)?; // [B, s, P·D_G]
         let s = h.dim(1)?;
         self.global_to_local(&h.narrow(1, s - 1, 1)?) // [B, P, D_L]
     }
 
     /// Like [`MegaByte::global_step`], but the local contexts of every patch fed (the pad
     /// included): [B, s·P, D_L] for s new global positions. For cross-patch prefill.
-    pub fn global_contexts(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
-        let h = self.global_forward(batch, patches, cache)?; // [B, s, P·D_G]
+    pub fn global_contexts(&self, batch: usize, patches: Option<&Tensor>, ngrams: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        let h = self.global_forward(batch, patches, ngrams, cache)?; // [B, s, P·D_G]
         let (b, s, _) = h.dims3()?;
         Ok(self.global_to_local(&h)?.reshape((b, s * self.cfg.patch_size, self.cfg.local.width))?)
     }
 
     /// The global model's outputs [B, s, P·D_G] for the s positions `patches` (and the pad,
     /// with an empty cache) add to `cache`.
-    fn global_forward(&self, batch: usize, patches: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
-        self.check_cached_decoding()?;
+    fn global_forward(&self, batch: usize, patches: Option<&Tensor>, ngrams: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        match patches {
+            Some(_) => self.check_ngrams(ngrams, "global_step")?,
+            None if ngrams.is_some() => return Err(Error::Input("global_step: hash n-gram rows given without patches".into())),
+            None => {}
+        }
         let p = self.cfg.patch_size;
         let start_pos = cache.len(); // global positions already cached
         let input = match patches {
@@ -440,7 +472,7 @@ impl MegaByte {
                         self.cfg.context
                     )));
                 }
-                let h = self.patch_embedder.forward(bytes, None, first_byte, self.act)?; // [B, m, P·D_G]
+                let h = self.patch_embedder.forward(bytes, ngrams, first_byte, self.act)?; // [B, m, P·D_G]
                 if start_pos == 0 {
                     let (b, _, w) = h.dims3()?;
                     let pad = self.patch_embedder.global_pad.to_dtype(self.act)?.reshape((1, 1, w))?.broadcast_as((b, 1, w))?;
@@ -467,9 +499,14 @@ impl MegaByte {
     /// One local position: `context` [B, D_L] is the global context of this position,
     /// `prev` [B] the previous byte (`None` at the local sequence's first position, which
     /// gets the pad). The position in the local sequence (the patch, or with cross-patch
-    /// attention the window) is the local cache's length. Returns logits [B, V].
-    pub fn local_step(&self, context: &Tensor, prev: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
-        self.check_cached_decoding()?;
+    /// attention the window) is the local cache's length. `prev_ngrams`: the previous byte's
+    /// hash n-gram rows [B, G] (with `hash_ngrams` and a previous byte). Returns logits [B, V].
+    pub fn local_step(&self, context: &Tensor, prev: Option<&Tensor>, prev_ngrams: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        if prev.is_some() {
+            self.check_ngrams(prev_ngrams, "local_step")?;
+        } else if prev_ngrams.is_some() {
+            return Err(Error::Input("local_step: hash n-gram rows given without a previous byte".into()));
+        }
         let pos = cache.len();
         if pos >= self.cfg.local_positions() {
             return Err(Error::Input("local_step: the local sequence is complete; reset the local cache".into()));
@@ -477,7 +514,7 @@ impl MegaByte {
         let b = context.dim(0)?;
         let dl = self.cfg.local.width;
         let e = match prev {
-            Some(prev) => embed(&self.local_embedder.byte_embed, prev)?.to_dtype(self.act)?, // [B, D_L]
+            Some(prev) => with_ngrams(embed(&self.local_embedder.byte_embed, prev)?, self.local_embedder.hash_embed.as_ref(), prev_ngrams)?.to_dtype(self.act)?, // [B, D_L]
             None => self.local_embedder.local_pad.to_dtype(self.act)?.reshape((1, dl))?.broadcast_as((b, dl))?,
         };
         let e = e.broadcast_add(&self.local_embedder.pos_embed.narrow(0, pos, 1)?.to_dtype(self.act)?)?;
@@ -490,7 +527,7 @@ impl MegaByte {
     /// row past its pad): one completed patch per row, patches [B, P], each continuing its own
     /// row at its own byte position. Returns the next patch's local contexts [B, P, D_L].
     pub(crate) fn global_step_rows(&self, patches: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.check_cached_decoding()?;
+        self.check_batched_decoding()?;
         let (b, p) = patches.dims2()?;
         // Row r holds the pad and the patches before this one, which starts at byte (ℓ_r − 1)·P.
         let lens = cache.row_lens(b);
@@ -507,7 +544,7 @@ impl MegaByte {
     /// (`None` at its local sequence's first position: the pad), its position the number of
     /// positions its row of `cache` holds. context: [B, D_L] → logits [B, V].
     pub(crate) fn local_step_rows(&self, context: &Tensor, prev: &[Option<u8>], cache: &mut KvCache) -> Result<Tensor> {
-        self.check_cached_decoding()?;
+        self.check_batched_decoding()?;
         let (b, dl) = context.dims2()?;
         let positions = cache.row_lens(b);
         if prev.len() != b || positions.iter().any(|&pos| pos >= self.cfg.local_positions()) {
@@ -532,9 +569,9 @@ impl MegaByte {
 
     /// Cross-patch prefill: runs the first n bytes of a window through the local model into
     /// an empty `cache`. contexts: [B, ≥ n, D_L] (from [`MegaByte::global_contexts`]), bytes
-    /// [B, n].
-    pub fn local_prefill(&self, contexts: &Tensor, bytes: &Tensor, cache: &mut KvCache) -> Result<()> {
-        self.check_cached_decoding()?;
+    /// [B, n], `ngrams` their hash n-gram rows [B, n, G] (with `hash_ngrams`).
+    pub fn local_prefill(&self, contexts: &Tensor, bytes: &Tensor, ngrams: Option<&Tensor>, cache: &mut KvCache) -> Result<()> {
+        self.check_ngrams(ngrams, "local_prefill")?;
         let (_, n) = bytes.dims2()?;
         if !self.cfg.cross_patch || cache.len() != 0 || n > self.cfg.context {
             return Err(Error::Input("local_prefill: cross-patch models only, from an empty cache, within the context".into()));
@@ -542,7 +579,7 @@ impl MegaByte {
         if n == 0 {
             return Ok(());
         }
-        let x = (contexts.narrow(1, 0, n)? + self.local_embedder.forward(bytes, None, self.act)?)?; // [B, n, D_L]
+        let x = (contexts.narrow(1, 0, n)? + self.local_embedder.forward(bytes, ngrams, self.act)?)?; // [B, n, D_L]
         self.local.forward_cached(&x, cache)?;
         Ok(())
     }

@@ -115,7 +115,11 @@ pub fn run(args: Args) -> Result<()> {
     let media = read_media(&dir)?;
     let model = megabyte::checkpoint::load_for_sampling(&dir, args.max_batch, precision, &device)?;
     if model.config().hash_ngrams.is_some() {
-        bail!("{}: the model has hash n-gram embeddings (hash_ngrams), which cached decoding does not support yet; serve a model without them", dir.display());
+        bail!(
+            "{}: the model has hash n-gram embeddings (hash_ngrams), which continuous batching does not support yet; \
+             `megabyte generate` decodes it, and serve needs a model without them",
+            dir.display()
+        );
     }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;

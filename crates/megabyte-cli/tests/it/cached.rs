@@ -104,32 +104,70 @@ fn cached_decoding_with_the_recipe_options_equals_the_full_forward() {
     check_slides(&model);
 }
 
-/// Cached decoding of a model with hash n-gram embeddings is refused with a message that says
-/// what works (full forward passes score it), never decoded without them.
+/// Hash n-gram embeddings decode like the full forward: each step gets the rows of the bytes
+/// before it as the window shows them (a window's first bytes hash with 256 before them), from
+/// and off patch boundaries and across slides, per patch and across patches (f64: a row off by
+/// one byte cannot hide in the tolerance).
 #[test]
-fn cached_decoding_refuses_hash_ngrams() {
+fn cached_decoding_with_hash_ngrams_equals_the_full_forward() {
     let (model, _) = MegaByte::init(&crate::ngram_config(), 5, DType::F32, &Device::Cpu).unwrap();
-    let err = Decoder::new(&model, &[b"abc".to_vec()], &Device::Cpu).err().expect("refused").to_string();
-    assert!(err.contains("hash n-gram") && err.contains("megabyte eval"), "{err}");
-    let mut cache = model.local_cache();
-    let context = megabyte::Tensor::zeros((1, model.config().local.width), DType::F32, &Device::Cpu).unwrap();
-    assert!(model.local_step(&context, None, &mut cache).is_err());
+    check(&model, 0);
+    check(&model, 29);
+    let (model, _) = MegaByte::init(&crate::ngram_config(), 6, DType::F64, &Device::Cpu).unwrap();
+    check_slides(&model);
+    let (model, _) = MegaByte::init(&crate::cross_patch_ngram_config(), 6, DType::F64, &Device::Cpu).unwrap();
+    check_slides(&model);
 }
 
-/// A run with hash n-gram embeddings trains and evaluates, skips its closing sample with a
-/// note, and `generate` and `serve` refuse its checkpoint with the reason (never a panic).
+/// The cached steps of a hash n-gram model refuse to run without the bytes' rows (they would
+/// decode another model), and a model without them refuses rows.
 #[test]
-fn a_hash_ngram_run_trains_and_generate_refuses_it_clearly() {
+fn cached_steps_need_hash_ngram_rows_exactly_when_the_model_has_them() {
+    let (model, _) = MegaByte::init(&crate::ngram_config(), 5, DType::F32, &Device::Cpu).unwrap();
+    let patch = bytes_tensor(&[b"abcdefgh".to_vec()]);
+    let mut cache = model.global_cache();
+    let err = model.global_step(1, Some(&patch), None, &mut cache).unwrap_err().to_string();
+    assert!(err.contains("hash n-gram") && err.contains("ngram_ids"), "{err}");
+    assert_eq!(cache.len(), 0, "the refused step changed the cache");
+    let ids = model.ngram_ids(&[b"abcdefgh".as_slice()], 0, 8, &Device::Cpu).unwrap().expect("rows");
+    assert_eq!(ids.dims(), &[1, 8, 2]);
+    model.global_step(1, Some(&patch), Some(&ids), &mut cache).unwrap();
+    let mut local = model.local_cache();
+    let context = megabyte::Tensor::zeros((1, model.config().local.width), DType::F32, &Device::Cpu).unwrap();
+    model.local_step(&context, None, None, &mut local).unwrap(); // the pad: no previous byte
+    let prev = megabyte::Tensor::new(&[7u32], &Device::Cpu).unwrap();
+    assert!(model.local_step(&context, Some(&prev), None, &mut local).is_err());
+    let (plain, _) = tiny(5);
+    let err = plain.global_step(1, Some(&patch), Some(&ids), &mut plain.global_cache()).unwrap_err().to_string();
+    assert!(err.contains("without hash_ngrams"), "{err}");
+}
+
+/// A run with hash n-gram embeddings trains, evaluates and ends with its sample; `generate`
+/// decodes its checkpoint with the seed's bytes every time, and `serve` (continuous batching)
+/// refuses it with the reason (never a panic).
+#[test]
+fn a_hash_ngram_run_trains_generates_and_serve_refuses_it_clearly() {
     let dir = crate::temp_dir("hash-ngram-run");
     let run = dir.join("run");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_megabyte"))
-        .args(["train", "--hash-ngrams", "2,3", "--hash-buckets", "64", "--steps", "2", "--batch-size", "2", "--eval-bytes", "1024", "--out"])
+        .args(["train", "--hash-ngrams", "2,3", "--hash-buckets", "64", "--steps", "2", "--batch-size", "2", "--eval-bytes", "1024"])
+        .args(["--sample-bytes", "16", "--out"])
         .arg(&run)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("no closing sample"));
-    crate::fails_with(&["generate", "--checkpoint", run.to_str().unwrap(), "--prompt", "abc", "-n", "8"], "hash n-gram");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("no closing sample"));
+    let generate = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_megabyte"))
+            .args(["generate", "--checkpoint", run.to_str().unwrap(), "--prompt", "abc", "-n", "24", "--seed", "3"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    let first = generate();
+    assert!(first.len() >= 24, "{} bytes", first.len());
+    assert_eq!(first, generate(), "the same seed gave other bytes");
     crate::fails_with(&["serve", "--checkpoint", run.to_str().unwrap(), "--port", "0"], "hash n-gram");
 }
 
@@ -139,10 +177,10 @@ fn a_cache_refuses_steps_of_another_batch() {
     // them silently.
     let (model, _) = tiny(5);
     let mut cache = model.global_cache();
-    model.global_step(2, None, &mut cache).unwrap();
+    model.global_step(2, None, None, &mut cache).unwrap();
     let p = model.config().patch_size;
     let three = crate::bytes_tensor(&vec![vec![7u8; p]; 3]);
-    let err = model.global_step(3, Some(&three), &mut cache).unwrap_err().to_string();
+    let err = model.global_step(3, Some(&three), None, &mut cache).unwrap_err().to_string();
     assert!(err.contains("reset it first"), "{err}");
     assert_eq!(cache.len(), 1, "the refused step changed the cache");
 }
