@@ -95,12 +95,18 @@ fn decoding_past_the_context_slides_the_window() {
 fn cached_decoding_with_the_recipe_options_equals_the_full_forward() {
     let mut cfg = ModelConfig::preset("tiny").unwrap();
     (cfg.qk_norm, cfg.mlp) = (true, megabyte::Activation::Relu2);
-    let (model, _) = MegaByte::init(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    check_options(&cfg, &crate::cross_patch_recipe_config());
+}
+
+/// [`check`] from and off a patch boundary (f32) and [`check_slides`] (f64) of a model with
+/// `per_patch`, then `check_slides` of one with `cross_patch`.
+fn check_options(per_patch: &ModelConfig, cross_patch: &ModelConfig) {
+    let (model, _) = MegaByte::init(per_patch, 5, DType::F32, &Device::Cpu).unwrap();
     check(&model, 0);
     check(&model, 29);
-    let (model, _) = MegaByte::init(&cfg, 6, DType::F64, &Device::Cpu).unwrap();
+    let (model, _) = MegaByte::init(per_patch, 6, DType::F64, &Device::Cpu).unwrap();
     check_slides(&model);
-    let (model, _) = MegaByte::init(&crate::cross_patch_recipe_config(), 6, DType::F64, &Device::Cpu).unwrap();
+    let (model, _) = MegaByte::init(cross_patch, 6, DType::F64, &Device::Cpu).unwrap();
     check_slides(&model);
 }
 
@@ -110,13 +116,7 @@ fn cached_decoding_with_the_recipe_options_equals_the_full_forward() {
 /// one byte cannot hide in the tolerance).
 #[test]
 fn cached_decoding_with_hash_ngrams_equals_the_full_forward() {
-    let (model, _) = MegaByte::init(&crate::ngram_config(), 5, DType::F32, &Device::Cpu).unwrap();
-    check(&model, 0);
-    check(&model, 29);
-    let (model, _) = MegaByte::init(&crate::ngram_config(), 6, DType::F64, &Device::Cpu).unwrap();
-    check_slides(&model);
-    let (model, _) = MegaByte::init(&crate::cross_patch_ngram_config(), 6, DType::F64, &Device::Cpu).unwrap();
-    check_slides(&model);
+    check_options(&crate::ngram_config(), &crate::cross_patch_ngram_config());
 }
 
 /// The cached steps of a hash n-gram model refuse to run without the bytes' rows (they would
