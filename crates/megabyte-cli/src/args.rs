@@ -78,7 +78,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub zero_init_proj: bool,
     /// Hash n-gram embeddings of these sizes (e.g. `3,4,5`) in the patch and local embedders
-    /// (`hash_ngrams` of a model config); `megabyte serve` refuses such models for now.
+    /// (`hash_ngrams` of a model config).
     #[arg(long, value_delimiter = ',', value_name = "N,N,..")]
     pub hash_ngrams: Option<Vec<usize>>,
     /// Rows of each n-gram size's table [default: the config's, else 8192].

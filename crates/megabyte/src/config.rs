@@ -165,9 +165,9 @@ pub struct ModelConfig {
     /// that byte's own embedding wherever it is used: the global model then sees, in each
     /// byte slot of a patch, the bytes before it as well. Bytes before the sequence count as
     /// a 257th value, so a window's first bytes hash as the window alone shows them.
-    /// Cached decoding gives each step the rows of the bytes before it (`MegaByte::ngram_ids`);
-    /// continuous batching (`megabyte serve`) and the CUDA decoding engine do not take them yet
-    /// (serve refuses such models, `generate` on CUDA decodes them stepwise).
+    /// Cached decoding and continuous batching give each step the rows of the bytes before it
+    /// in its window (`MegaByte::ngram_ids`); the CUDA decoding engine does not take them yet,
+    /// so `generate` on CUDA decodes such models stepwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash_ngrams: Option<HashNgrams>,
 }

@@ -38,12 +38,12 @@ impl PatchEmbedder {
 
     /// One patch per row, bytes [B, P], row r's at positions starts[r]..starts[r] + P →
     /// patch embeddings [B, 1, P·D_G] in `act` (the same values as [`PatchEmbedder::forward`]
-    /// of each row alone).
-    fn forward_rows(&self, bytes: &Tensor, starts: &[usize], act: DType) -> Result<Tensor> {
+    /// of each row alone); `ngrams`: the bytes' hash n-gram rows [B, P, G].
+    fn forward_rows(&self, bytes: &Tensor, ngrams: Option<&Tensor>, starts: &[usize], act: DType) -> Result<Tensor> {
         let (b, p) = bytes.dims2()?;
         let positions: Vec<u32> = starts.iter().flat_map(|&s| (s..s + p).map(|t| t as u32)).collect();
         let positions = Tensor::from_vec(positions, (b, p), bytes.device())?;
-        let h = embed(&self.byte_embed, bytes)?; // [B, P, D_G]
+        let h = with_ngrams(embed(&self.byte_embed, bytes)?, self.hash_embed.as_ref(), ngrams)?; // [B, P, D_G]
         let h = (h + embed(&self.pos_embed.detach(), &positions)?)?.to_dtype(act)?;
         Ok(h.reshape((b, 1, p * self.byte_embed.dim(1)?))?) // [B, 1, P·D_G]
     }
@@ -356,17 +356,18 @@ impl MegaByte {
         }
     }
 
-    /// Continuous batching (the ragged steps of `generate::Batch`, which `megabyte serve`
-    /// runs) does not take hash n-gram rows yet.
-    fn check_batched_decoding(&self) -> Result<()> {
-        if self.cfg.hash_ngrams.is_some() {
-            return Err(Error::Input(
-                "this model has hash n-gram embeddings (hash_ngrams), which continuous batching (megabyte serve) \
-                 does not support yet: `megabyte generate` decodes it"
-                    .into(),
-            ));
+    /// [`MegaByte::ngram_ids`] of one position range per row (rows at their own lengths, as
+    /// in continuous batching): row r's bytes at `from[r]..from[r] + len` of `window[r]`.
+    pub(crate) fn ngram_ids_rows(&self, window: &[&[u8]], from: &[usize], len: usize, device: &Device) -> Result<Option<Tensor>> {
+        if self.cfg.hash_ngrams.is_none() {
+            return Ok(None);
         }
-        Ok(())
+        let rows = window
+            .iter()
+            .zip(from)
+            .map(|(w, &f)| Ok(self.ngram_ids(&[w], f, len, device)?.expect("hash_ngrams")))
+            .collect::<Result<Vec<Tensor>>>()?;
+        Ok(Some(Tensor::cat(&rows, 0)?))
     }
 
     /// The local model's sequences: bytes [B, T'] as patches [B·K, P], or (cross-patch
@@ -526,8 +527,9 @@ impl MegaByte {
     /// [`MegaByte::global_step`] for a ragged batch (`cache` from `KvCache::from_rows`, every
     /// row past its pad): one completed patch per row, patches [B, P], each continuing its own
     /// row at its own byte position. Returns the next patch's local contexts [B, P, D_L].
-    pub(crate) fn global_step_rows(&self, patches: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.check_batched_decoding()?;
+    /// `ngrams`: the patches' hash n-gram rows [B, P, G] (with `hash_ngrams`).
+    pub(crate) fn global_step_rows(&self, patches: &Tensor, ngrams: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        self.check_ngrams(ngrams, "global_step_rows")?;
         let (b, p) = patches.dims2()?;
         // Row r holds the pad and the patches before this one, which starts at byte (ℓ_r − 1)·P.
         let lens = cache.row_lens(b);
@@ -535,7 +537,7 @@ impl MegaByte {
             return Err(Error::Input(format!("global_step_rows: one patch per row after the pad, within the context; rows hold {lens:?}")));
         }
         let starts: Vec<usize> = lens.iter().map(|&l| (l - 1) * p).collect();
-        let input = self.patch_embedder.forward_rows(patches, &starts, self.act)?; // [B, 1, P·D_G]
+        let input = self.patch_embedder.forward_rows(patches, ngrams, &starts, self.act)?; // [B, 1, P·D_G]
         let h = self.global.forward_cached(&input, cache)?; // [B, 1, P·D_G]
         self.global_to_local(&h)
     }
@@ -543,8 +545,10 @@ impl MegaByte {
     /// [`MegaByte::local_step`] for a ragged batch: row r's previous byte is `prev[r]`
     /// (`None` at its local sequence's first position: the pad), its position the number of
     /// positions its row of `cache` holds. context: [B, D_L] → logits [B, V].
-    pub(crate) fn local_step_rows(&self, context: &Tensor, prev: &[Option<u8>], cache: &mut KvCache) -> Result<Tensor> {
-        self.check_batched_decoding()?;
+    /// `prev_ngrams`: the previous bytes' hash n-gram rows [B, G] (with `hash_ngrams`; any
+    /// valid rows where `prev` is `None`).
+    pub(crate) fn local_step_rows(&self, context: &Tensor, prev: &[Option<u8>], prev_ngrams: Option<&Tensor>, cache: &mut KvCache) -> Result<Tensor> {
+        self.check_ngrams(prev_ngrams, "local_step_rows")?;
         let (b, dl) = context.dims2()?;
         let positions = cache.row_lens(b);
         if prev.len() != b || positions.iter().any(|&pos| pos >= self.cfg.local_positions()) {
@@ -552,7 +556,8 @@ impl MegaByte {
         }
         let device = context.device();
         let ids: Vec<u32> = prev.iter().map(|p| p.map_or(0, u32::from)).collect();
-        let e = embed(&self.local_embedder.byte_embed, &Tensor::from_vec(ids, b, device)?)?.to_dtype(self.act)?; // [B, D_L]
+        let e = embed(&self.local_embedder.byte_embed, &Tensor::from_vec(ids, b, device)?)?;
+        let e = with_ngrams(e, self.local_embedder.hash_embed.as_ref(), prev_ngrams)?.to_dtype(self.act)?; // [B, D_L]
         let e = if prev.iter().any(|p| p.is_none()) {
             let pad = self.local_embedder.local_pad.to_dtype(self.act)?.reshape((1, dl))?.broadcast_as((b, dl))?;
             let first: Vec<u8> = prev.iter().map(|p| u8::from(p.is_none())).collect();

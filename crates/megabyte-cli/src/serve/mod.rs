@@ -114,13 +114,6 @@ pub fn run(args: Args) -> Result<()> {
     let dir = megabyte::checkpoint::resolve(&args.checkpoint)?;
     let media = read_media(&dir)?;
     let model = megabyte::checkpoint::load_for_sampling(&dir, args.max_batch, precision, &device)?;
-    if model.config().hash_ngrams.is_some() {
-        bail!(
-            "{}: the model has hash n-gram embeddings (hash_ngrams), which continuous batching does not support yet; \
-             `megabyte generate` decodes it, and serve needs a model without them",
-            dir.display()
-        );
-    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let addr = format!("{}:{}", args.host, args.port);

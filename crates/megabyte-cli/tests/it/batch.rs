@@ -120,6 +120,16 @@ fn batched_sequences_decode_as_alone_with_the_recipe_options() {
     check_schedule(&f64_model(&cfg, 26), &mixed_requests(cfg.context), 150);
 }
 
+/// Hash n-gram embeddings: each row's steps get the rows of its own window's bytes, per patch
+/// and across patches.
+#[test]
+fn batched_sequences_decode_as_alone_with_hash_ngrams() {
+    let cfg = crate::ngram_config();
+    check_schedule(&f64_model(&cfg, 27), &mixed_requests(cfg.context), 150);
+    let cfg = crate::cross_patch_ngram_config();
+    check_schedule(&f64_model(&cfg, 28), &mixed_requests(cfg.context), 150);
+}
+
 #[test]
 fn batched_sequences_decode_as_alone_in_f32() {
     let (model, _) = MegaByte::init(&ModelConfig::preset("tiny").unwrap(), 24, DType::F32, &Device::Cpu).unwrap();

@@ -405,3 +405,27 @@ fn a_run_trained_with_a_media_record_shows_it_in_models() {
     crate::fails_with(&["train", "--out", s(&dir.join("bad")), "--steps", "1", "--image", "6x6x1", "--block", "4"], "multiple");
     assert!(!dir.join("bad").exists());
 }
+
+/// A model with hash n-gram embeddings is served with `megabyte generate`'s bytes, also for a
+/// prompt past the context (the window slides and each row's steps hash its own window).
+#[test]
+fn a_hash_ngram_model_serves_the_bytes_generate_gives() {
+    let run = temp_dir("serve-ngram-run").join("run");
+    let (ok, stderr) = megabyte(&[
+        "train", "--out", s(&run), "--hash-ngrams", "2,3", "--hash-buckets", "64", "--steps", "3", "--batch-size", "2",
+        "--sample-bytes", "0", "--eval-every", "1000",
+    ]);
+    assert!(ok, "{stderr}");
+    let server = Server::start(&run, &[]);
+    for (prompt, n) in [("The history of ".to_string(), 40), ("x".repeat(300), 24)] {
+        let out = Command::new(env!("CARGO_BIN_EXE_megabyte"))
+            .args(["generate", "--checkpoint", s(&run), "--prompt", &prompt, "-n", &n.to_string(), "--sampling", "greedy"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut want = out.stdout;
+        assert_eq!(want.pop(), Some(b'\n'));
+        let (bytes, _, _) = complete(&server, json!({"prompt": prompt, "max_tokens": n, "temperature": 0}));
+        assert_eq!(bytes, want, "prompt of {} bytes", prompt.len());
+    }
+}

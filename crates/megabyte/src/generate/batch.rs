@@ -202,7 +202,12 @@ impl<'m> Batch<'m> {
                 }
             })
             .collect();
-        self.model.local_step_rows(&context, &prev, &mut self.local)
+        // Hash n-gram rows of each previous byte; a row with none (the pad) hashes its empty
+        // window's position 0 as if a byte were there, a value the pad replaces.
+        let windows: Vec<&[u8]> = self.rows.iter().map(|r| if r.window.is_empty() { &[0u8][..] } else { &r.window[..] }).collect();
+        let last: Vec<usize> = windows.iter().map(|w| w.len() - 1).collect();
+        let prev_ngrams = self.model.ngram_ids_rows(&windows, &last, 1, &self.device)?.map(|t| t.squeeze(1)).transpose()?;
+        self.model.local_step_rows(&context, &prev, prev_ngrams.as_ref(), &mut self.local)
     }
 
     /// Samples every row's byte from its logits (one read-back), appends them, and at a patch
@@ -248,7 +253,10 @@ impl<'m> Batch<'m> {
         if !self.rows.is_empty() {
             let last: Vec<Vec<u8>> = self.rows.iter().map(|r| r.window[r.window.len() - p..].to_vec()).collect();
             let patches = bytes_to_tensor(&last, &self.device)?; // [rows, P]
-            self.context = Some(self.model.global_step_rows(&patches, &mut self.global)?);
+            let windows: Vec<&[u8]> = self.rows.iter().map(|r| &r.window[..]).collect();
+            let from: Vec<usize> = windows.iter().map(|w| w.len() - p).collect();
+            let ngrams = self.model.ngram_ids_rows(&windows, &from, p, &self.device)?;
+            self.context = Some(self.model.global_step_rows(&patches, ngrams.as_ref(), &mut self.global)?);
         }
         if sliding.is_empty() {
             return Ok(());
