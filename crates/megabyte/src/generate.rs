@@ -237,6 +237,9 @@ impl<'m> Decoder<'m> {
     /// The hash n-gram rows [B, len, G] of window positions `from..from + len` (None without
     /// `hash_ngrams`).
     fn ngrams(&self, from: usize, len: usize) -> Result<Option<Tensor>> {
+        if self.model.config().hash_ngrams.is_none() {
+            return Ok(None); // nothing to gather for each byte
+        }
         let window: Vec<&[u8]> = self.history.iter().map(|h| &h[self.window_start..]).collect();
         self.model.ngram_ids(&window, from, len, &self.device)
     }

@@ -311,17 +311,13 @@ impl MegaByte {
     /// The hash n-gram rows [B, T', G] of bytes [B, T'] (`hash_ngrams`; None without), each
     /// row hashed as it alone shows its bytes. Computed on the host.
     fn ngram_rows(&self, bytes: &Tensor) -> Result<Option<Tensor>> {
-        let Some(h) = &self.cfg.hash_ngrams else { return Ok(None) };
-        let (b, t) = bytes.dims2()?;
-        let g = h.sizes.len();
-        let mut ids = Vec::with_capacity(b * t * g);
-        for row in bytes.to_vec2::<u32>()? {
-            let row: Vec<u8> = row.iter().map(|&x| x as u8).collect();
-            for pos in 0..t {
-                ids.extend((0..g).map(|i| h.row(i, &row, pos) as u32));
-            }
+        if self.cfg.hash_ngrams.is_none() {
+            return Ok(None);
         }
-        Ok(Some(Tensor::from_vec(ids, (b, t, g), bytes.device())?))
+        let t = bytes.dim(1)?;
+        let rows: Vec<Vec<u8>> = bytes.to_vec2::<u32>()?.into_iter().map(|r| r.into_iter().map(|x| x as u8).collect()).collect();
+        let window: Vec<&[u8]> = rows.iter().map(Vec::as_slice).collect();
+        self.ngram_ids(&window, 0, t, bytes.device())
     }
 
     /// [`MegaByte::ngram_rows`] laid out as the local sequences `local_bytes` [N, S]: [N, S, G].
@@ -335,13 +331,7 @@ impl MegaByte {
     /// them), as the full forward pass over that window computes them; None for a model
     /// without hash n-gram embeddings. What the cached steps take as `ngrams`.
     pub fn ngram_ids(&self, window: &[&[u8]], from: usize, len: usize, device: &Device) -> Result<Option<Tensor>> {
-        let Some(h) = &self.cfg.hash_ngrams else { return Ok(None) };
-        if window.iter().any(|w| w.len() < from + len) {
-            return Err(Error::Input(format!("ngram_ids: positions {from}..{} past a row of the window", from + len)));
-        }
-        let g = h.sizes.len();
-        let ids: Vec<u32> = window.iter().flat_map(|w| (from..from + len).flat_map(move |t| (0..g).map(move |i| h.row(i, w, t) as u32))).collect();
-        Ok(Some(Tensor::from_vec(ids, (window.len(), len, g), device)?))
+        self.ngram_ids_rows(window, &vec![from; window.len()], len, device)
     }
 
     /// The cached steps' `ngrams` must be given exactly for a model with hash n-gram
@@ -359,15 +349,17 @@ impl MegaByte {
     /// [`MegaByte::ngram_ids`] of one position range per row (rows at their own lengths, as
     /// in continuous batching): row r's bytes at `from[r]..from[r] + len` of `window[r]`.
     pub(crate) fn ngram_ids_rows(&self, window: &[&[u8]], from: &[usize], len: usize, device: &Device) -> Result<Option<Tensor>> {
-        if self.cfg.hash_ngrams.is_none() {
-            return Ok(None);
+        let Some(h) = &self.cfg.hash_ngrams else { return Ok(None) };
+        if window.len() != from.len() || window.iter().zip(from).any(|(w, &f)| w.len() < f + len) {
+            return Err(Error::Input(format!("ngram_ids: {len} positions past a row of the window")));
         }
-        let rows = window
+        let g = h.sizes.len();
+        let ids: Vec<u32> = window
             .iter()
             .zip(from)
-            .map(|(w, &f)| Ok(self.ngram_ids(&[w], f, len, device)?.expect("hash_ngrams")))
-            .collect::<Result<Vec<Tensor>>>()?;
-        Ok(Some(Tensor::cat(&rows, 0)?))
+            .flat_map(|(w, &f)| (f..f + len).flat_map(move |t| (0..g).map(move |i| h.row(i, w, t) as u32)))
+            .collect();
+        Ok(Some(Tensor::from_vec(ids, (window.len(), len, g), device)?))
     }
 
     /// The local model's sequences: bytes [B, T'] as patches [B·K, P], or (cross-patch

@@ -106,11 +106,7 @@ impl AdamW {
             .iter()
             .map(|(_, p)| Ok(Tensor::zeros(2 * p.elem_count(), DType::F32, p.device())?))
             .collect::<Result<Vec<_>>>()?;
-        let mut by_part: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (i, (name, _)) in params.iter().enumerate() {
-            by_part.entry(part_of(name)).or_default().push(i);
-        }
-        let parts: Vec<(String, Vec<usize>)> = by_part.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let parts = parts_of(&params);
         Ok(AdamW { cfg, params, moments, t: 0, parts })
     }
 
@@ -161,10 +157,7 @@ impl AdamW {
 
     /// Each parameter's gradient, in parameter order.
     pub(crate) fn gradients<'g>(&self, grads: &'g Grads) -> Result<Vec<&'g Tensor>> {
-        self.params
-            .iter()
-            .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
-            .collect()
+        gradients_of(&self.params, grads)
     }
 
     /// Applies one AdamW step to every parameter (fused, `ops::adamw::update_many`).
@@ -234,6 +227,24 @@ impl AdamW {
         self.t = t;
         Ok(())
     }
+}
+
+/// The model's parts ([`part_of`]) and the indices of their members in `params`, in name
+/// order.
+fn parts_of(params: &[(String, Var)]) -> Vec<(String, Vec<usize>)> {
+    let mut by_part: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, (name, _)) in params.iter().enumerate() {
+        by_part.entry(part_of(name)).or_default().push(i);
+    }
+    by_part.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// The gradient of each of `params` in `grads`, in their order; a missing one is an error.
+fn gradients_of<'g>(params: &[(String, Var)], grads: &'g Grads) -> Result<Vec<&'g Tensor>> {
+    params
+        .iter()
+        .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
+        .collect()
 }
 
 /// Σg² of each part of the model (`parts`: names and the indices of their members in `gs`),
@@ -367,11 +378,7 @@ impl Optimizer {
         let (matrices, rest): (BTreeMap<String, Var>, BTreeMap<String, Var>) =
             params.iter().map(|(k, v)| (k.clone(), v.clone())).partition(|(k, v)| is_muon_param(k, v.rank()));
         let all: Vec<(String, Var)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let mut by_part: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (i, (name, _)) in all.iter().enumerate() {
-            by_part.entry(part_of(name)).or_default().push(i);
-        }
-        let parts = by_part.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let parts = parts_of(&all);
         Ok(Optimizer {
             adamw: AdamW::new(&rest, adamw)?,
             muon: Some(Muon::new(matrices.into_iter().collect(), muon_cfg)?),
@@ -388,11 +395,7 @@ impl Optimizer {
         let Some(muon) = self.muon.as_mut() else {
             return self.adamw.step_clipped_agreed(grads, lr, max_norm, agree);
         };
-        let gs: Vec<&Tensor> = self
-            .all
-            .iter()
-            .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
-            .collect::<Result<_>>()?;
+        let gs = gradients_of(&self.all, grads)?;
         let part_sums = part_sums(&self.parts, &gs)?;
         let sumsq = agree(part_sums.sum_all()?)?;
         let adamw_gs = self.adamw.gradients(grads)?;
@@ -405,11 +408,7 @@ impl Optimizer {
             return Ok(GradNorm { total, parts });
         }
         let scale = if max_norm > 0.0 && total > max_norm { max_norm / total } else { 1.0 };
-        let muon_gs: Vec<&Tensor> = muon
-            .params
-            .iter()
-            .map(|(name, p)| grads.get(p.as_tensor()).ok_or_else(|| Error::Input(format!("no gradient reached parameter `{name}`"))))
-            .collect::<Result<_>>()?;
+        let muon_gs = gradients_of(&muon.params, grads)?;
         muon.step(&muon_gs, muon.cfg.lr * lr / self.peak_lr, scale)?;
         Ok(GradNorm { total, parts })
     }

@@ -202,12 +202,31 @@ impl<'m> Batch<'m> {
                 }
             })
             .collect();
-        // Hash n-gram rows of each previous byte; a row with none (the pad) hashes its empty
-        // window's position 0 as if a byte were there, a value the pad replaces.
+        let prev_ngrams = self.prev_ngrams()?;
+        self.model.local_step_rows(&context, &prev, prev_ngrams.as_ref(), &mut self.local)
+    }
+
+    /// Hash n-gram rows [rows, len, G] of each row's last `len` bytes (None without
+    /// `hash_ngrams`).
+    fn ngram_rows(&self, len: usize) -> Result<Option<Tensor>> {
+        if self.model.config().hash_ngrams.is_none() {
+            return Ok(None);
+        }
+        let windows: Vec<&[u8]> = self.rows.iter().map(|r| &r.window[..]).collect();
+        let from: Vec<usize> = windows.iter().map(|w| w.len() - len).collect();
+        self.model.ngram_ids_rows(&windows, &from, len, &self.device)
+    }
+
+    /// Hash n-gram rows [rows, G] of each row's previous byte (None without `hash_ngrams`). A
+    /// row with none (its pad position) hashes an empty window as if one byte were there: a
+    /// value the pad replaces.
+    fn prev_ngrams(&self) -> Result<Option<Tensor>> {
+        if self.model.config().hash_ngrams.is_none() {
+            return Ok(None);
+        }
         let windows: Vec<&[u8]> = self.rows.iter().map(|r| if r.window.is_empty() { &[0u8][..] } else { &r.window[..] }).collect();
         let last: Vec<usize> = windows.iter().map(|w| w.len() - 1).collect();
-        let prev_ngrams = self.model.ngram_ids_rows(&windows, &last, 1, &self.device)?.map(|t| t.squeeze(1)).transpose()?;
-        self.model.local_step_rows(&context, &prev, prev_ngrams.as_ref(), &mut self.local)
+        Ok(self.model.ngram_ids_rows(&windows, &last, 1, &self.device)?.map(|t| t.squeeze(1)).transpose()?)
     }
 
     /// Samples every row's byte from its logits (one read-back), appends them, and at a patch
@@ -253,9 +272,7 @@ impl<'m> Batch<'m> {
         if !self.rows.is_empty() {
             let last: Vec<Vec<u8>> = self.rows.iter().map(|r| r.window[r.window.len() - p..].to_vec()).collect();
             let patches = bytes_to_tensor(&last, &self.device)?; // [rows, P]
-            let windows: Vec<&[u8]> = self.rows.iter().map(|r| &r.window[..]).collect();
-            let from: Vec<usize> = windows.iter().map(|w| w.len() - p).collect();
-            let ngrams = self.model.ngram_ids_rows(&windows, &from, p, &self.device)?;
+            let ngrams = self.ngram_rows(p)?;
             self.context = Some(self.model.global_step_rows(&patches, ngrams.as_ref(), &mut self.global)?);
         }
         if sliding.is_empty() {
