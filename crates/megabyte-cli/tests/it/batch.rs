@@ -114,20 +114,21 @@ fn batched_sequences_decode_as_alone_with_cross_patch_attention() {
 /// and across patches.
 #[test]
 fn batched_sequences_decode_as_alone_with_the_recipe_options() {
-    let cfg = crate::recipe_config();
-    check_schedule(&f64_model(&cfg, 25), &mixed_requests(cfg.context), 150);
-    let cfg = crate::cross_patch_recipe_config();
-    check_schedule(&f64_model(&cfg, 26), &mixed_requests(cfg.context), 150);
+    check_per_patch_and_cross_patch(&crate::recipe_config(), &crate::cross_patch_recipe_config(), 25);
+}
+
+/// [`check_schedule`] of the mixed requests for an f64 model of each config (seeds `seed`
+/// and `seed + 1`).
+fn check_per_patch_and_cross_patch(per_patch: &ModelConfig, cross_patch: &ModelConfig, seed: u64) {
+    check_schedule(&f64_model(per_patch, seed), &mixed_requests(per_patch.context), 150);
+    check_schedule(&f64_model(cross_patch, seed + 1), &mixed_requests(cross_patch.context), 150);
 }
 
 /// Hash n-gram embeddings: each row's steps get the rows of its own window's bytes, per patch
 /// and across patches.
 #[test]
 fn batched_sequences_decode_as_alone_with_hash_ngrams() {
-    let cfg = crate::ngram_config();
-    check_schedule(&f64_model(&cfg, 27), &mixed_requests(cfg.context), 150);
-    let cfg = crate::cross_patch_ngram_config();
-    check_schedule(&f64_model(&cfg, 28), &mixed_requests(cfg.context), 150);
+    check_per_patch_and_cross_patch(&crate::ngram_config(), &crate::cross_patch_ngram_config(), 27);
 }
 
 #[test]
