@@ -30,7 +30,7 @@ impl Grads {
     pub fn add(&mut self, param: &Tensor, g: Tensor) -> Result<()> {
         let g = g.to_dtype(param.dtype())?.reshape(param.shape())?;
         let sum = match self.map.remove(&param.id()) {
-            Some(acc) => (acc + g)?,
+            Some(acc) => crate::ops::pointwise::add(&acc, &g)?,
             None => g,
         };
         self.map.insert(param.id(), sum);
@@ -45,7 +45,7 @@ impl Grads {
     pub fn merge(&mut self, other: Grads) -> Result<()> {
         for (id, g) in other.map {
             let sum = match self.map.remove(&id) {
-                Some(acc) => (acc + g)?,
+                Some(acc) => crate::ops::pointwise::add(&acc, &g)?,
                 None => g,
             };
             self.map.insert(id, sum);

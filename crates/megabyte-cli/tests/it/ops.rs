@@ -184,6 +184,16 @@ fn fused_norms_match_composition() {
                 assert_eq!(crate::max_abs_diff(&sum.to_dtype(DType::F32).unwrap(), &want.to_dtype(DType::F32).unwrap()), 0.0, "{what}: x + a");
                 let err = rel_err(&y, &reference::norm(&want, &w, bias.then_some(&b), EPS).unwrap());
                 assert!(err < tolerance(dtype).0, "{what} {dtype:?}: add_forward relative error {err}");
+                // The fused passes are the unfused ones bit for bit: the add before the norm,
+                // and the residual gradient added to dx inside the backward kernel.
+                let same = |a: &Tensor, b: &Tensor| a.flatten_all().unwrap().to_vec1::<f64>().unwrap() == b.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let unfused = norm::forward(&want, &w, bias.then_some(&b), EPS).unwrap();
+                assert!(same(&f64s(&y), &f64s(&unfused)), "{what} {dtype:?}: add_forward's norm is not norm::forward of the sum");
+                let (dy, dres) = (rand(&shape, seed + 4, dtype), rand(&shape, seed + 5, dtype));
+                let (fused, ..) = norm::backward(&x, &w, bias.then_some(&b), &dy, Some(&dres), EPS).unwrap();
+                let (dx, ..) = norm::backward(&x, &w, bias.then_some(&b), &dy, None, EPS).unwrap();
+                assert!(same(&f64s(&fused), &f64s(&(dx + &dres).unwrap())), "{what} {dtype:?}: dx with dres is not dx + dres");
             }
         }
     }
@@ -496,6 +506,20 @@ fn kernels_give_the_same_bits_at_every_vector_width() {
         for (level, model, optimizer) in &files[1..] {
             assert!(model == &files[0].1, "{name}: the weights trained with {level} differ from the baseline build's");
             assert!(optimizer == &files[0].2, "{name}: the optimizer state with {level} differs from the baseline build's");
+        }
+    }
+}
+
+/// The gradient sum (`pointwise::add`, a kernel of its own on the CPU) is candle's a + b, bit
+/// for bit, at sizes on both sides of candle's parallel threshold (64K elements).
+#[test]
+fn fused_add_is_the_plain_sum() {
+    for dtype in DTYPES {
+        for (shape, seed) in [(vec![3, 7], 31), (vec![300, 257], 32)] {
+            let (a, b) = (rand(&shape, seed, dtype), rand(&shape, seed + 1, dtype));
+            let got = pointwise::add(&a, &b).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let want = (&a + &b).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            assert!(got == want, "{dtype:?} {shape:?}: the sums differ");
         }
     }
 }

@@ -180,23 +180,33 @@ fn attn_probs<T: Elem>(q: &[T], k: &[T], vq: View3, vk: View3, dims: AttnDims, n
 fn attn_fwd<T: Elem>(q: &[T], k: &[T], v: &[T], vq: View3, vk: View3, vv: View3, dims: AttnDims, starts: &[usize]) -> Vec<T> {
     let (sq, d, hd) = (dims.sq, dims.d, dims.hd());
     let mut y = vec![T::zero(); dims.n * sq * d];
-    y.par_chunks_mut(sq * d).enumerate().for_each(|(n, yn)| vectorised(#[inline(always)] || {
+    let per = seqs_per_task(dims.n);
+    y.par_chunks_mut(per * sq * d).enumerate().for_each(|(c, yc)| vectorised(#[inline(always)] || {
         let mut p = vec![T::zero(); dims.sk];
-        let first = starts.get(n).copied().unwrap_or(0);
-        for h in 0..dims.heads {
-            for i in 0..sq {
-                let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, first, &mut p);
-                let yi = &mut yn[i * d + h * hd..][..hd];
-                for (j, &pj) in p.iter().enumerate().take(hi).skip(lo) {
-                    let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
-                    for (o, &x) in yi.iter_mut().zip(vj) {
-                        *o = *o + pj * x;
+        for (r, yn) in yc.chunks_mut(sq * d).enumerate() {
+            let n = c * per + r;
+            let first = starts.get(n).copied().unwrap_or(0);
+            for h in 0..dims.heads {
+                for i in 0..sq {
+                    let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, first, &mut p);
+                    let yi = &mut yn[i * d + h * hd..][..hd];
+                    for (j, &pj) in p.iter().enumerate().take(hi).skip(lo) {
+                        let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
+                        for (o, &x) in yi.iter_mut().zip(vj) {
+                            *o = *o + pj * x;
+                        }
                     }
                 }
             }
         }
     }));
     y
+}
+
+/// Sequences per parallel task of the CPU attention kernels: a few tasks per thread, so that
+/// the local model's many short sequences (P positions each) are not one task apiece.
+fn seqs_per_task(n: usize) -> usize {
+    n.div_ceil(rayon::current_num_threads().max(1) * 4).max(1)
 }
 
 /// d(qkv) [N, S, 3D] (contiguous) of self-attention from dy [N, S, D] contiguous.
@@ -206,33 +216,37 @@ fn attn_bwd<T: Elem>(qkv: &[T], dy: &[T], vq: View3, vk: View3, vv: View3, dims:
     let scale = T::from(dims.scale()).expect("scale fits");
     let (q, k, v) = (qkv, qkv, qkv);
     let mut out = vec![T::zero(); n_all * s * 3 * d];
-    out.par_chunks_mut(s * 3 * d).enumerate().for_each(|(n, dn)| vectorised(#[inline(always)] || {
+    let per = seqs_per_task(n_all);
+    out.par_chunks_mut(per * s * 3 * d).enumerate().for_each(|(c, dc)| vectorised(#[inline(always)] || {
         let mut p = vec![T::zero(); s];
         let mut dp = vec![T::zero(); s];
-        for h in 0..dims.heads {
-            for i in 0..s {
-                let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, 0, &mut p);
-                let dyi = &dy[(n * s + i) * d + h * hd..][..hd];
-                // dP_ij = dy_i · v_j, and Σ_j P_ij dP_ij = dy_i · y_i.
-                let mut row = T::zero();
-                for j in lo..hi {
-                    let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
-                    dp[j] = dot(dyi, vj);
-                    row = row + p[j] * dp[j];
-                }
-                let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
-                for j in lo..hi {
-                    let ds = p[j] * (dp[j] - row) * scale; // dScore_ij
-                    let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
-                    // Row r of dn holds [dq_r | dk_r | dv_r].
-                    for (o, &x) in dn[i * 3 * d + h * hd..][..hd].iter_mut().zip(kj) {
-                        *o = *o + ds * x;
+        for (r, dn) in dc.chunks_mut(s * 3 * d).enumerate() {
+            let n = c * per + r;
+            for h in 0..dims.heads {
+                for i in 0..s {
+                    let (lo, hi) = attn_probs(q, k, vq, vk, dims, n, h, i, 0, &mut p);
+                    let dyi = &dy[(n * s + i) * d + h * hd..][..hd];
+                    // dP_ij = dy_i · v_j, and Σ_j P_ij dP_ij = dy_i · y_i.
+                    let mut row = T::zero();
+                    for j in lo..hi {
+                        let vj = &v[vv.offset + n * vv.sn + j * vv.ss + h * hd..][..hd];
+                        dp[j] = dot(dyi, vj);
+                        row = row + p[j] * dp[j];
                     }
-                    for (o, &x) in dn[j * 3 * d + d + h * hd..][..hd].iter_mut().zip(qi) {
-                        *o = *o + ds * x;
-                    }
-                    for (o, &x) in dn[j * 3 * d + 2 * d + h * hd..][..hd].iter_mut().zip(dyi) {
-                        *o = *o + p[j] * x;
+                    let qi = &q[vq.offset + n * vq.sn + i * vq.ss + h * hd..][..hd];
+                    for j in lo..hi {
+                        let ds = p[j] * (dp[j] - row) * scale; // dScore_ij
+                        let kj = &k[vk.offset + n * vk.sn + j * vk.ss + h * hd..][..hd];
+                        // Row r of dn holds [dq_r | dk_r | dv_r].
+                        for (o, &x) in dn[i * 3 * d + h * hd..][..hd].iter_mut().zip(kj) {
+                            *o = *o + ds * x;
+                        }
+                        for (o, &x) in dn[j * 3 * d + d + h * hd..][..hd].iter_mut().zip(qi) {
+                            *o = *o + ds * x;
+                        }
+                        for (o, &x) in dn[j * 3 * d + 2 * d + h * hd..][..hd].iter_mut().zip(dyi) {
+                            *o = *o + p[j] * x;
+                        }
                     }
                 }
             }

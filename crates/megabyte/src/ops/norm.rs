@@ -4,10 +4,12 @@
 //! f32, and the kernels move element pairs (even widths; odd widths run the plain composition).
 
 use candle_core::backend::BackendStorage;
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous, fused_cuda, reference, sum_by_lanes, vectorised, with_cpu_storage, CResult, Elem, CHUNK};
+use super::{contiguous, filled, fused_cuda, reference, sum_by_lanes, vectorised, with_cpu_storage, CResult, Elem, CHUNK};
 
 /// The norm of x [.., D] with weight w [D] and bias b [D] (LayerNorm) or none (RMSNorm).
 pub fn forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
@@ -31,12 +33,20 @@ pub fn forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<
     }
 }
 
-/// (x + a, norm(x + a)): the residual add and the norm after it, in one pass on CUDA.
+/// (x + a, norm(x + a)): the residual add and the norm after it, in one pass.
 pub fn add_forward(x: &Tensor, a: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     if fused_cuda(x) && x.dim(D::Minus1)? % 2 == 0 {
         let f32 = |t: &Tensor| t.detach().to_dtype(candle_core::DType::F32);
         return cuda::add_norm_fwd(&x.detach(), &a.detach(), &f32(w)?, b.map(f32).transpose()?.as_ref(), eps);
+    }
+    if x.device().is_cpu() && x.dims() == a.dims() && x.dim(D::Minus1)? == w.elem_count() {
+        // One pass: each row's sum is still in cache when its norm reads it.
+        let (x, a) = (x.detach().contiguous()?, a.detach().contiguous()?);
+        let n = x.elem_count();
+        let op = AddNorm { eps, b: b.map(|b| b.detach()) };
+        let all = x.apply_op3_no_bwd(&a, &w.detach(), &op)?;
+        return Ok((all.narrow(0, 0, n)?.reshape(x.shape())?, all.narrow(0, n, n)?.reshape(x.shape())?));
     }
     let sum = (x.detach() + a.detach())?;
     let y = forward(&sum, w, b, eps)?;
@@ -44,7 +54,7 @@ pub fn add_forward(x: &Tensor, a: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: 
 }
 
 /// (dx + dres, dw, db) of [`forward`] at x: `dres` is the residual stream's gradient, added to
-/// dx (in the kernel on CUDA); db only with a bias.
+/// dx in the kernel; db only with a bias.
 pub fn backward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor, dres: Option<&Tensor>, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     if fused_cuda(x) && x.dim(D::Minus1)? % 2 == 0 {
@@ -52,9 +62,10 @@ pub fn backward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor, dres: O
         let (dx, dw, db) = cuda::norm_bwd(&x.contiguous()?, &w32, &dy.contiguous()?, dres, b.is_some(), eps)?;
         return Ok((dx, dw.to_dtype(w.dtype())?, db.map(|d| d.to_dtype(w.dtype())).transpose()?));
     }
-    let (dx, dw, db) = if x.device().is_cpu() {
-        cpu_grads(x, w, dy, b.is_some(), eps)?
-    } else {
+    if x.device().is_cpu() {
+        return cpu_grads(x, w, dy, dres, b.is_some(), eps);
+    }
+    let (dx, dw, db) = {
         // On CUDA only here for odd widths (the kernels move two elements at a time) and
         // dtypes without kernels.
         let mut inputs = vec![x, w];
@@ -97,32 +108,72 @@ fn row_stats<T: Elem>(x: &[T], center: bool, eps: f64) -> (T, T) {
     (mean, (var + T::from(eps).expect("eps fits")).sqrt().recip())
 }
 
-fn norm_fwd<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64) -> Vec<T> {
+/// y = norm(x) of one row into `y` (every element written).
+#[inline(always)]
+fn norm_row<T: Elem>(x: &[T], y: &mut [MaybeUninit<T>], w: &[T], b: Option<&[T]>, eps: f64) {
     let d = w.len();
-    let mut y = vec![T::zero(); x.len()];
-    let rows = (CHUNK / d).max(1) * d;
-    y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yc, xc)| {
-        vectorised(#[inline(always)] || {
-            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-                let (yr, xr) = (&mut yr[..d], &xr[..d]);
-                let (mean, rstd) = row_stats(xr, b.is_some(), eps);
-                match b {
-                    Some(b) => (0..d).for_each(|i| yr[i] = (xr[i] - mean) * rstd * w[i] + b[i]),
-                    None => (0..d).for_each(|i| yr[i] = (xr[i] - mean) * rstd * w[i]),
-                }
-            }
-        })
-    });
-    y
+    let (x, y) = (&x[..d], &mut y[..d]);
+    let (mean, rstd) = row_stats(x, b.is_some(), eps);
+    match b {
+        Some(b) => (0..d).for_each(|i| {
+            y[i].write((x[i] - mean) * rstd * w[i] + b[i]);
+        }),
+        None => (0..d).for_each(|i| {
+            y[i].write((x[i] - mean) * rstd * w[i]);
+        }),
+    }
 }
 
-/// [dx | dw | db] (db only with a bias).
-fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], center: bool, eps: f64) -> Vec<T> {
+fn norm_fwd<T: Elem>(x: &[T], w: &[T], b: Option<&[T]>, eps: f64) -> Vec<T> {
     let d = w.len();
-    let rows = x.len() / d;
-    let mut dx = vec![T::zero(); x.len()];
+    let rows = (CHUNK / d).max(1) * d;
+    // Every element: the rows of y pair with those of x, which has its length.
+    filled(x.len(), |y| {
+        y.par_chunks_mut(rows).zip(x.par_chunks(rows)).for_each(|(yc, xc)| {
+            vectorised(#[inline(always)] || {
+                for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                    norm_row(xr, yr, w, b, eps);
+                }
+            })
+        })
+    })
+}
+
+/// [x + a | norm(x + a)] for x, a [rows, d]: the residual sum and its norm, row by row.
+fn add_norm_fwd<T: Elem>(x: &[T], a: &[T], w: &[T], b: Option<&[T]>, eps: f64) -> Vec<T> {
+    let (n, d) = (x.len(), w.len());
+    assert_eq!(a.len(), n);
+    let rows = (CHUNK / d).max(1) * d;
+    // Every element: the rows of both halves pair with those of x and a, which have n each.
+    filled(2 * n, |out| {
+        let (sum, y) = out.split_at_mut(n);
+        sum.par_chunks_mut(rows).zip(y.par_chunks_mut(rows)).zip(x.par_chunks(rows).zip(a.par_chunks(rows))).for_each(
+            |((sc, yc), (xc, ac))| {
+                vectorised(#[inline(always)] || {
+                    for (((sr, yr), xr), ar) in sc.chunks_mut(d).zip(yc.chunks_mut(d)).zip(xc.chunks(d)).zip(ac.chunks(d)) {
+                        let (sr, xr, ar) = (&mut sr[..d], &xr[..d], &ar[..d]);
+                        for i in 0..d {
+                            sr[i].write(xr[i] + ar[i]);
+                        }
+                        // SAFETY: the loop above wrote all d elements of the row.
+                        let sr = unsafe { &*(sr as *const [MaybeUninit<T>] as *const [T]) };
+                        norm_row(sr, yr, w, b, eps);
+                    }
+                })
+            },
+        )
+    })
+}
+
+/// [dx (+ dres) | dw | db] (db only with a bias).
+fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], dres: Option<&[T]>, center: bool, eps: f64) -> Vec<T> {
+    let d = w.len();
+    let n = x.len();
+    let rows = n / d;
     let chunk = rows.div_ceil(rayon::current_num_threads().max(1) * 4).max(1);
-    let partials: Vec<(Vec<T>, Vec<T>)> = dx
+    let mut out = Vec::with_capacity(n + 2 * d);
+    // Every element of dx: its chunks of rows cover all n.
+    let partials: Vec<(Vec<T>, Vec<T>)> = out.spare_capacity_mut()[..n]
         .par_chunks_mut(chunk * d)
         .enumerate()
         .map(|(c, dxc)| vectorised(#[inline(always)] || {
@@ -139,14 +190,26 @@ fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], center: bool, eps: f64) -> Vec<
                     dw[i] = dw[i] + dyr[i] * ((xr[i] - mean) * rstd);
                     db[i] = db[i] + dyr[i];
                 }
-                for i in 0..d {
-                    let xh = (xr[i] - mean) * rstd;
-                    dxr[i] = rstd * (dyr[i] * w[i] - mg - xh * mgx);
+                let dx_at = |i: usize| rstd * (dyr[i] * w[i] - mg - (xr[i] - mean) * rstd * mgx);
+                match dres {
+                    Some(res) => {
+                        let res = &res[row * d..][..d];
+                        for i in 0..d {
+                            dxr[i].write(dx_at(i) + res[i]);
+                        }
+                    }
+                    None => {
+                        for i in 0..d {
+                            dxr[i].write(dx_at(i));
+                        }
+                    }
                 }
             }
             (dw, db)
         }))
         .collect();
+    // SAFETY: the chunks above wrote all n elements of dx.
+    unsafe { out.set_len(n) };
     let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
     for (pw, pb) in partials {
         for i in 0..d {
@@ -154,11 +217,11 @@ fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], center: bool, eps: f64) -> Vec<
             db[i] = db[i] + pb[i];
         }
     }
-    dx.extend(dw);
+    out.extend(dw);
     if center {
-        dx.extend(db);
+        out.extend(db);
     }
-    dx
+    out
 }
 
 fn norm_cpu_fwd(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<(&CpuStorage, &Layout)>, eps: f64) -> CResult<(CpuStorage, Shape)> {
@@ -185,15 +248,57 @@ fn norm_cpu_fwd(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<
     Ok((out, shape))
 }
 
-/// Runs the CPU backward kernel and splits its output into (dx, dw, db).
-fn cpu_grads(x: &Tensor, w: &Tensor, grad: &Tensor, center: bool, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+/// Runs the CPU backward kernel and splits its output into (dx + dres, dw, db).
+fn cpu_grads(x: &Tensor, w: &Tensor, grad: &Tensor, dres: Option<&Tensor>, center: bool, eps: f64) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
     let x = x.contiguous()?;
-    let all = x.apply_op2_no_bwd(w, &NormBackward { center, eps, dy: grad.contiguous()? })?;
+    let dres = dres.map(|r| if r.dims() == x.dims() { r.contiguous() } else { candle_core::bail!("norm backward: residual gradient {:?} for x {:?}", r.dims(), x.dims()) }).transpose()?;
+    let all = x.apply_op2_no_bwd(w, &NormBackward { center, eps, dy: grad.contiguous()?, dres })?;
     let (n, d) = (x.elem_count(), w.elem_count());
     let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
     let dw = all.narrow(0, n, d)?;
     let db = if center { Some(all.narrow(0, n + d, d)?) } else { None };
     Ok((dx, dw, db))
+}
+
+/// [x + a | norm(x + a)] flat, from x and a [.., D] and w [D] (the bias, for LayerNorm, held
+/// here: an op takes three tensors at most). CPU only.
+struct AddNorm {
+    eps: f64,
+    b: Option<Tensor>,
+}
+
+impl CustomOp3 for AddNorm {
+    fn name(&self) -> &'static str {
+        "megabyte-add-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let n = l1.shape().elem_count();
+        let run = |bias: Option<(&CpuStorage, &Layout)>| -> CResult<CpuStorage> {
+            Ok(match (s1, s2, s3, bias.map(|b| b.0)) {
+                (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(w), None) => {
+                    CpuStorage::F32(add_norm_fwd(contiguous(x, l1, "x")?, contiguous(a, l2, "a")?, contiguous(w, l3, "w")?, None, self.eps))
+                }
+                (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(w), Some(CpuStorage::F32(b))) => CpuStorage::F32(add_norm_fwd(
+                    contiguous(x, l1, "x")?, contiguous(a, l2, "a")?, contiguous(w, l3, "w")?,
+                    Some(contiguous(b, bias.expect("some").1, "bias")?), self.eps,
+                )),
+                (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(w), None) => {
+                    CpuStorage::F64(add_norm_fwd(contiguous(x, l1, "x")?, contiguous(a, l2, "a")?, contiguous(w, l3, "w")?, None, self.eps))
+                }
+                (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(w), Some(CpuStorage::F64(b))) => CpuStorage::F64(add_norm_fwd(
+                    contiguous(x, l1, "x")?, contiguous(a, l2, "a")?, contiguous(w, l3, "w")?,
+                    Some(contiguous(b, bias.expect("some").1, "bias")?), self.eps,
+                )),
+                _ => candle_core::bail!("add_norm: dtypes disagree or are unsupported ({:?}) on the CPU", s1.dtype()),
+            })
+        };
+        let out = match &self.b {
+            Some(b) => with_cpu_storage(b, |sb, lb| run(Some((sb, lb))))?,
+            None => run(None)?,
+        };
+        Ok((out, Shape::from(2 * n)))
+    }
 }
 
 impl CustomOp3 for Norm {
@@ -234,11 +339,12 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// [dx | dw | db] of a norm from x, w and dy (CPU).
+/// [dx + dres | dw | db] of a norm from x, w, dy and the residual stream's gradient (CPU).
 struct NormBackward {
     center: bool,
     eps: f64,
     dy: Tensor,
+    dres: Option<Tensor>,
 }
 
 impl CustomOp2 for NormBackward {
@@ -247,28 +353,34 @@ impl CustomOp2 for NormBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        with_cpu_storage(&self.dy, |sdy, ldy| {
-            let d = l2.shape().elem_count();
-            let n = l1.shape().elem_count();
-            let out = match (s1, s2, sdy) {
-                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => CpuStorage::F32(norm_bwd(
-                    contiguous(x, l1, "x")?,
-                    contiguous(w, l2, "w")?,
-                    contiguous(dy, ldy, "dy")?,
-                    self.center,
-                    self.eps,
-                )),
-                (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => CpuStorage::F64(norm_bwd(
-                    contiguous(x, l1, "x")?,
-                    contiguous(w, l2, "w")?,
-                    contiguous(dy, ldy, "dy")?,
-                    self.center,
-                    self.eps,
-                )),
+        let d = l2.shape().elem_count();
+        let n = l1.shape().elem_count();
+        let run = |sdy: &CpuStorage, ldy: &Layout, res: Option<(&CpuStorage, &Layout)>| -> CResult<CpuStorage> {
+            Ok(match (s1, s2, sdy, res.map(|r| r.0)) {
+                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy), res_s) => {
+                    let res = match res_s {
+                        Some(CpuStorage::F32(r)) => Some(contiguous(r, res.expect("some").1, "dres")?),
+                        Some(_) => candle_core::bail!("norm backward: dtypes disagree"),
+                        None => None,
+                    };
+                    CpuStorage::F32(norm_bwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, contiguous(dy, ldy, "dy")?, res, self.center, self.eps))
+                }
+                (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy), res_s) => {
+                    let res = match res_s {
+                        Some(CpuStorage::F64(r)) => Some(contiguous(r, res.expect("some").1, "dres")?),
+                        Some(_) => candle_core::bail!("norm backward: dtypes disagree"),
+                        None => None,
+                    };
+                    CpuStorage::F64(norm_bwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, contiguous(dy, ldy, "dy")?, res, self.center, self.eps))
+                }
                 _ => candle_core::bail!("norm backward: unsupported dtype {:?} on the CPU", s1.dtype()),
-            };
-            Ok((out, Shape::from(n + d * if self.center { 2 } else { 1 })))
-        })
+            })
+        };
+        let out = with_cpu_storage(&self.dy, |sdy, ldy| match &self.dres {
+            Some(r) => with_cpu_storage(r, |sr, lr| run(sdy, ldy, Some((sr, lr)))),
+            None => run(sdy, ldy, None),
+        })?;
+        Ok((out, Shape::from(n + d * if self.center { 2 } else { 1 })))
     }
 }
 

@@ -1,6 +1,6 @@
 //! Elementwise ops: the MLP's activation, GELU (exact, erf form) or ReLU² (relu(x)²), with its
-//! backward, and dropout, whose mask is a hash of (key, element index), never stored, and
-//! which is its own backward.
+//! backward; dropout, whose mask is a hash of (key, element index), never stored, and which is
+//! its own backward; and the sum of two gradients.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
@@ -8,6 +8,37 @@ use rayon::prelude::*;
 
 use super::{contiguous, fused_cuda, map2, reference, vectorised, CResult, Elem, CHUNK};
 use crate::config::Activation;
+
+// ---------------------------------------------------------------------------------------------
+// Sums.
+
+/// a + b for tensors of one shape and dtype (gradient sums). On the CPU a kernel in the calling
+/// rayon pool: candle's own parallel add hands tensors of 64K elements or more to threads of
+/// its own, which then spin beside the training pool's (on two cores, a stolen core).
+pub fn add(a: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    if a.device().is_cpu() && a.dims() == b.dims() && a.dtype() == b.dtype() {
+        return a.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Add);
+    }
+    a + b
+}
+
+/// a + b of contiguous tensors (CPU).
+struct Add;
+
+impl CustomOp2 for Add {
+    fn name(&self) -> &'static str {
+        "megabyte-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(map2(contiguous(a, l1, "a")?, contiguous(b, l2, "b")?, |a, b| a + b)),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(map2(contiguous(a, l1, "a")?, contiguous(b, l2, "b")?, |a, b| a + b)),
+            _ => candle_core::bail!("add: unsupported dtypes {:?}, {:?} on the CPU", s1.dtype(), s2.dtype()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // The MLP's activation.
