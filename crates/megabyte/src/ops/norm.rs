@@ -178,19 +178,25 @@ fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], dres: Option<&[T]>, center: boo
         .enumerate()
         .map(|(c, dxc)| vectorised(#[inline(always)] || {
             let (mut dw, mut db) = (vec![T::zero(); d], vec![T::zero(); d]);
+            // The row's x̂ and g = dy·w, each computed once.
+            let (mut xh, mut g) = (vec![T::zero(); d], vec![T::zero(); d]);
             let inv_d = T::from(d).expect("d fits").recip();
             for (r, dxr) in dxc.chunks_mut(d).enumerate() {
                 let row = c * chunk + r;
                 let (xr, dyr, dxr) = (&x[row * d..][..d], &dy[row * d..][..d], &mut dxr[..d]);
                 let (mean, rstd) = row_stats(xr, center, eps);
-                // dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), g = dy·w (mean(g) dropped for RMS).
-                let mg = if center { sum_by_lanes(d, |i| dyr[i] * w[i]) * inv_d } else { T::zero() };
-                let mgx = sum_by_lanes(d, |i| dyr[i] * w[i] * ((xr[i] - mean) * rstd)) * inv_d;
                 for i in 0..d {
-                    dw[i] = dw[i] + dyr[i] * ((xr[i] - mean) * rstd);
+                    xh[i] = (xr[i] - mean) * rstd;
+                    g[i] = dyr[i] * w[i];
+                }
+                // dx = rstd·(g − mean(g) − x̂·mean(g·x̂)) (mean(g) dropped for RMS).
+                let mg = if center { sum_by_lanes(d, |i| g[i]) * inv_d } else { T::zero() };
+                let mgx = sum_by_lanes(d, |i| g[i] * xh[i]) * inv_d;
+                for i in 0..d {
+                    dw[i] = dw[i] + dyr[i] * xh[i];
                     db[i] = db[i] + dyr[i];
                 }
-                let dx_at = |i: usize| rstd * (dyr[i] * w[i] - mg - (xr[i] - mean) * rstd * mgx);
+                let dx_at = |i: usize| rstd * (g[i] - mg - xh[i] * mgx);
                 match dres {
                     Some(res) => {
                         let res = &res[row * d..][..d];
