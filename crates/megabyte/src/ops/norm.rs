@@ -266,6 +266,11 @@ fn cpu_grads(x: &Tensor, w: &Tensor, grad: &Tensor, dres: Option<&Tensor>, cente
     Ok((dx, dw, db))
 }
 
+/// A contiguous CPU storage's elements as T (an error for another dtype).
+fn typed_slice<'a, T: Elem>((s, l): (&'a CpuStorage, &Layout), what: &str) -> CResult<&'a [T]> {
+    contiguous(s.as_slice::<T>()?, l, what)
+}
+
 /// [x + a | norm(x + a)] flat, from x and a [.., D] and w [D] (the bias, for LayerNorm, held
 /// here: an op takes three tensors at most). CPU only.
 struct AddNorm {
@@ -280,23 +285,15 @@ impl CustomOp3 for AddNorm {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> CResult<(CpuStorage, Shape)> {
         let n = l1.shape().elem_count();
-        let run = |bias: Option<(&CpuStorage, &Layout)>| -> CResult<CpuStorage> {
-            Ok(match (s1, s2, s3, bias.map(|b| b.0)) {
-                (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(w), None) => {
-                    CpuStorage::F32(add_norm_fwd(contiguous(x, l1, "x")?, contiguous(a, l2, "a")?, contiguous(w, l3, "w")?, None, self.eps))
-                }
-                (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(w), Some(CpuStorage::F32(b))) => CpuStorage::F32(add_norm_fwd(
-                    contiguous(x, l1, "x")?, contiguous(a, l2, "a")?, contiguous(w, l3, "w")?,
-                    Some(contiguous(b, bias.expect("some").1, "bias")?), self.eps,
-                )),
-                (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(w), None) => {
-                    CpuStorage::F64(add_norm_fwd(contiguous(x, l1, "x")?, contiguous(a, l2, "a")?, contiguous(w, l3, "w")?, None, self.eps))
-                }
-                (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(w), Some(CpuStorage::F64(b))) => CpuStorage::F64(add_norm_fwd(
-                    contiguous(x, l1, "x")?, contiguous(a, l2, "a")?, contiguous(w, l3, "w")?,
-                    Some(contiguous(b, bias.expect("some").1, "bias")?), self.eps,
-                )),
-                _ => candle_core::bail!("add_norm: dtypes disagree or are unsupported ({:?}) on the CPU", s1.dtype()),
+        fn typed<T: Elem>(eps: f64, x: (&CpuStorage, &Layout), a: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<(&CpuStorage, &Layout)>) -> CResult<Vec<T>> {
+            let b = b.map(|b| typed_slice(b, "bias")).transpose()?;
+            Ok(add_norm_fwd(typed_slice(x, "x")?, typed_slice(a, "a")?, typed_slice(w, "w")?, b, eps))
+        }
+        let run = |b: Option<(&CpuStorage, &Layout)>| -> CResult<CpuStorage> {
+            Ok(match s1 {
+                CpuStorage::F32(_) => CpuStorage::F32(typed(self.eps, (s1, l1), (s2, l2), (s3, l3), b)?),
+                CpuStorage::F64(_) => CpuStorage::F64(typed(self.eps, (s1, l1), (s2, l2), (s3, l3), b)?),
+                _ => candle_core::bail!("add_norm: unsupported dtype {:?} on the CPU", s1.dtype()),
             })
         };
         let out = match &self.b {
@@ -361,30 +358,20 @@ impl CustomOp2 for NormBackward {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let d = l2.shape().elem_count();
         let n = l1.shape().elem_count();
-        let run = |sdy: &CpuStorage, ldy: &Layout, res: Option<(&CpuStorage, &Layout)>| -> CResult<CpuStorage> {
-            Ok(match (s1, s2, sdy, res.map(|r| r.0)) {
-                (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy), res_s) => {
-                    let res = match res_s {
-                        Some(CpuStorage::F32(r)) => Some(contiguous(r, res.expect("some").1, "dres")?),
-                        Some(_) => candle_core::bail!("norm backward: dtypes disagree"),
-                        None => None,
-                    };
-                    CpuStorage::F32(norm_bwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, contiguous(dy, ldy, "dy")?, res, self.center, self.eps))
-                }
-                (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy), res_s) => {
-                    let res = match res_s {
-                        Some(CpuStorage::F64(r)) => Some(contiguous(r, res.expect("some").1, "dres")?),
-                        Some(_) => candle_core::bail!("norm backward: dtypes disagree"),
-                        None => None,
-                    };
-                    CpuStorage::F64(norm_bwd(contiguous(x, l1, "x")?, contiguous(w, l2, "w")?, contiguous(dy, ldy, "dy")?, res, self.center, self.eps))
-                }
+        fn typed<T: Elem>(op: &NormBackward, x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), dy: (&CpuStorage, &Layout), res: Option<(&CpuStorage, &Layout)>) -> CResult<Vec<T>> {
+            let res = res.map(|r| typed_slice(r, "dres")).transpose()?;
+            Ok(norm_bwd(typed_slice(x, "x")?, typed_slice(w, "w")?, typed_slice(dy, "dy")?, res, op.center, op.eps))
+        }
+        let run = |dy: (&CpuStorage, &Layout), res: Option<(&CpuStorage, &Layout)>| -> CResult<CpuStorage> {
+            Ok(match s1 {
+                CpuStorage::F32(_) => CpuStorage::F32(typed(self, (s1, l1), (s2, l2), dy, res)?),
+                CpuStorage::F64(_) => CpuStorage::F64(typed(self, (s1, l1), (s2, l2), dy, res)?),
                 _ => candle_core::bail!("norm backward: unsupported dtype {:?} on the CPU", s1.dtype()),
             })
         };
         let out = with_cpu_storage(&self.dy, |sdy, ldy| match &self.dres {
-            Some(r) => with_cpu_storage(r, |sr, lr| run(sdy, ldy, Some((sr, lr)))),
-            None => run(sdy, ldy, None),
+            Some(r) => with_cpu_storage(r, |sr, lr| run((sdy, ldy), Some((sr, lr)))),
+            None => run((sdy, ldy), None),
         })?;
         Ok((out, Shape::from(n + d * if self.center { 2 } else { 1 })))
     }
