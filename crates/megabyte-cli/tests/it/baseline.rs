@@ -54,6 +54,17 @@ fn byte_transformer_is_causal_and_decodes_like_the_full_forward() {
     }
 }
 
+/// The byte transformer takes the training recipe's model options as MEGABYTE does (the
+/// baseline of a recipe comparison gets the same recipe): QK-norm, ReLU², RMSNorm and hash
+/// n-gram embeddings, causal and decoded like the full forward.
+#[test]
+fn byte_transformer_with_the_recipe_options_is_causal_and_decodes_like_the_full_forward() {
+    let mut cfg = byte_config();
+    (cfg.qk_norm, cfg.mlp, cfg.norm) = (true, megabyte::Activation::Relu2, NormKind::RmsNorm);
+    cfg.hash_ngrams = Some(megabyte::HashNgrams { sizes: vec![2, 3], buckets: 7 });
+    check_decoding(&cfg);
+}
+
 fn check_decoding(cfg: &ModelConfig) {
     let cfg = cfg.clone();
     let (model, _params) = MegaByte::init(&cfg, 7, DType::F32, &Device::Cpu).unwrap();
