@@ -318,6 +318,11 @@ fn contiguous<'a, T>(s: &'a [T], layout: &Layout, what: &str) -> CResult<&'a [T]
     }
 }
 
+/// A contiguous CPU storage's elements as T (an error for another dtype).
+fn typed_slice<'a, T: Elem>((s, l): (&'a CpuStorage, &Layout), what: &str) -> CResult<&'a [T]> {
+    contiguous(s.as_slice::<T>()?, l, what)
+}
+
 /// Runs `f` on a CPU tensor's storage, borrowed under its read lock (no copy).
 fn with_cpu_storage<R>(t: &Tensor, f: impl FnOnce(&CpuStorage, &Layout) -> CResult<R>) -> CResult<R> {
     let (s, l) = t.storage_and_layout();

@@ -3,13 +3,13 @@
 //! Statistics are kept in f32 (or f64) whatever the activations' dtype; on CUDA the weights are
 //! f32, and the kernels move element pairs (even widths; odd widths run the plain composition).
 
-use candle_core::backend::BackendStorage;
 use std::mem::MaybeUninit;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::{contiguous, filled, fused_cuda, reference, sum_by_lanes, vectorised, with_cpu_storage, CResult, Elem, CHUNK};
+use super::{filled, fused_cuda, reference, sum_by_lanes, typed_slice, vectorised, with_cpu_storage, CResult, Elem, CHUNK};
 
 /// The norm of x [.., D] with weight w [D] and bias b [D] (LayerNorm) or none (RMSNorm).
 pub fn forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64) -> CResult<Tensor> {
@@ -231,27 +231,16 @@ fn norm_bwd<T: Elem>(x: &[T], w: &[T], dy: &[T], dres: Option<&[T]>, center: boo
 }
 
 fn norm_cpu_fwd(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<(&CpuStorage, &Layout)>, eps: f64) -> CResult<(CpuStorage, Shape)> {
-    let shape = x.1.shape().clone();
-    let out = match (x.0, w.0, b.map(|b| b.0)) {
-        (CpuStorage::F32(xs), CpuStorage::F32(ws), bias) => {
-            let bias = match bias {
-                Some(CpuStorage::F32(bs)) => Some(contiguous(bs, b.expect("some").1, "norm bias")?),
-                Some(_) => candle_core::bail!("norm: dtype mismatch"),
-                None => None,
-            };
-            CpuStorage::F32(norm_fwd(contiguous(xs, x.1, "norm x")?, contiguous(ws, w.1, "norm weight")?, bias, eps))
-        }
-        (CpuStorage::F64(xs), CpuStorage::F64(ws), bias) => {
-            let bias = match bias {
-                Some(CpuStorage::F64(bs)) => Some(contiguous(bs, b.expect("some").1, "norm bias")?),
-                Some(_) => candle_core::bail!("norm: dtype mismatch"),
-                None => None,
-            };
-            CpuStorage::F64(norm_fwd(contiguous(xs, x.1, "norm x")?, contiguous(ws, w.1, "norm weight")?, bias, eps))
-        }
+    fn typed<T: Elem>(x: (&CpuStorage, &Layout), w: (&CpuStorage, &Layout), b: Option<(&CpuStorage, &Layout)>, eps: f64) -> CResult<Vec<T>> {
+        let b = b.map(|b| typed_slice(b, "norm bias")).transpose()?;
+        Ok(norm_fwd(typed_slice(x, "norm x")?, typed_slice(w, "norm weight")?, b, eps))
+    }
+    let out = match x.0 {
+        CpuStorage::F32(_) => CpuStorage::F32(typed(x, w, b, eps)?),
+        CpuStorage::F64(_) => CpuStorage::F64(typed(x, w, b, eps)?),
         _ => candle_core::bail!("norm: unsupported dtype {:?} on the CPU", x.0.dtype()),
     };
-    Ok((out, shape))
+    Ok((out, x.1.shape().clone()))
 }
 
 /// Runs the CPU backward kernel and splits its output into (dx + dres, dw, db).
@@ -264,11 +253,6 @@ fn cpu_grads(x: &Tensor, w: &Tensor, grad: &Tensor, dres: Option<&Tensor>, cente
     let dw = all.narrow(0, n, d)?;
     let db = if center { Some(all.narrow(0, n + d, d)?) } else { None };
     Ok((dx, dw, db))
-}
-
-/// A contiguous CPU storage's elements as T (an error for another dtype).
-fn typed_slice<'a, T: Elem>((s, l): (&'a CpuStorage, &Layout), what: &str) -> CResult<&'a [T]> {
-    contiguous(s.as_slice::<T>()?, l, what)
 }
 
 /// [x + a | norm(x + a)] flat, from x and a [.., D] and w [D] (the bias, for LayerNorm, held
